@@ -1,0 +1,35 @@
+"""Shared command-line front for the entry points: `--config recipe.yaml key=value ...`.
+
+User errors (bad config, bad data folder, unreadable checkpoint) print one line and exit 2,
+instead of a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from mae_et.checkpoint import CheckpointError
+from mae_et.config import ConfigError
+from mae_et.data import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def parse_args(argv: Sequence[str] | None, description: str, default_config: str | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Overrides are dotted keys, e.g. data.root=/data/imagenet train.epochs=5 curriculum.schedule=et",
+    )
+    parser.add_argument("--config", default=default_config, help=f"recipe YAML (default: {default_config})")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser.parse_args(argv)
+
+
+def run_user_command(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

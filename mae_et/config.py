@@ -1,0 +1,396 @@
+"""Typed, validated configuration: YAML recipes + dotted command-line overrides.
+
+A recipe is a YAML file whose keys mirror the dataclasses below. It may start with
+`_base_: other.yaml` (a path relative to the recipe) to inherit and override another recipe.
+Overrides come from the command line as `section.key=value`; values are parsed as YAML, so
+`train.epochs=5`, `optim.clip_grad=null` and `data.scale=[0.2,1.0]` all do what they look like.
+
+Every mistake fails here, in one line, before any training starts: an unknown key names the
+closest valid one, a value of the wrong type names the expected type, and `validate_pretrain`
+checks the cross-field rules (sizes vs patch size, curriculum vs crop size, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from mae_et import curriculum as curriculum_lib
+from mae_et.frequency import FREQUENCY_MODES
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class ModelConfig:
+    size: str = "base"  # micro | tiny | small | base | large | huge
+    patch_size: int = 16
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    norm_pix_loss: bool = True
+    mask_ratio: float = 0.75
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None  # an ImageFolder: class sub-folders of images
+    split: str = "train"  # sub-folder of root to pretrain on when it exists; "" = root itself
+    crop_size: int = 224  # RandomResizedCrop output side: the full curriculum size
+    scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    strict: bool = False  # true: the first unreadable file is an error instead of a counted skip
+    num_workers: int = 8
+    pin_memory: bool = True
+
+
+@dataclass
+class CurriculumConfig:
+    schedule: str = "none"  # none | et | etpp | custom (then `stages` is required)
+    stages: Optional[list[dict[str, Any]]] = None  # [{size: 160, fraction: 0.6}, ...] replaces the preset
+    budget: Optional[str] = None  # epochs | compute; default: the preset's (et: epochs, etpp: compute)
+    mode: str = "fft"  # fft (EfficientTrain) | resize (EfficientTrain++)
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 1.5e-4  # lr = blr * global_batch / 256
+    lr: Optional[float] = None  # absolute lr; overrides blr when set
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 40.0  # in budget units: epochs (epochs budget) or full-size-epoch compute
+    clip_grad: Optional[float] = None  # max global grad norm; null = no clipping
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 800.0  # the budget: epochs, or full-size-epoch equivalents for a compute budget
+    batch_size: int = 64  # per device, per micro-step
+    accum_steps: int = 1  # micro-steps per optimizer step
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-reproducible CPU tests
+    max_steps: Optional[int] = None  # stop (with a checkpoint) after this optimizer step; resume later
+    log_every: int = 50  # optimizer steps between logged metrics (also when non-finite losses are checked)
+    max_consecutive_nonfinite: int = 5  # skipped updates in a row before the run stops
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: float = 10.0
+    every_steps: Optional[int] = None  # overrides every_epochs when set
+    keep_last: int = 3
+    resume: bool = True  # relaunching the same command resumes from the latest checkpoint
+
+
+@dataclass
+class TrackingConfig:
+    wandb: str = "auto"  # auto (online when logged in, else offline) | online | offline | off
+    project: str = "mae_et"
+    recon_every_epochs: float = 20.0  # reconstruction grid cadence; 0 = only at the end
+    recon_images: int = 8
+
+
+@dataclass
+class PretrainConfig:
+    name: str = ""  # run name; default: the recipe file name
+    output_dir: str = "runs"  # the run folder is output_dir/name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_yaml_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe, following `_base_` links (child keys override the base, recursively)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass --config configs/pretrain/<recipe>.yaml")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    return merge_dicts(load_yaml_recipe(path.parent / base), data)
+
+
+def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['train.epochs=5', 'data.root=/x'] -> {'train': {'epochs': 5}, 'data': {'root': '/x'}}."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.epochs=5)")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        keys = dotted.strip().split(".")
+        node = nested
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' sets a key below a value")
+        node[keys[-1]] = value
+    return nested
+
+
+T = typing.TypeVar("T")
+
+
+def build_config(cls: type[T], data: dict[str, Any]) -> T:
+    """Build dataclass `cls` from a nested dict, checking every key and value type."""
+    return _build(cls, data, prefix="")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        keys.append(dotted)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], dotted + "."))
+    return keys
+
+
+def _unknown_key_error(cls: type, dotted: str, root_cls: type | None = None) -> ConfigError:
+    valid = _all_keys(root_cls or cls)
+    close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{dotted}'{hint}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, root_cls: type | None = None) -> Any:
+    root_cls = root_cls or cls
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            # name the whole dotted path ('trian.epochs', not 'trian') so the suggestion is precise
+            while isinstance(value, dict) and len(value) == 1:
+                (sub, value), = value.items()
+                key = f"{key}.{sub}"
+            raise _unknown_key_error(cls, f"{prefix}{key}", root_cls)
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.", root_cls)
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, dotted: str) -> Any:
+    """Check `value` against a type hint; convert the harmless cases (int -> float, list -> tuple)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, dotted)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"'{dotted}' got {value!r}: {'; '.join(errors)}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{dotted}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{dotted}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{dotted}' must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{dotted}' must be a string, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"'{dotted}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{dotted}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{dotted}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{dotted}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{dotted}' must be a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"'{dotted}': unsupported type {hint}")  # a schema bug, not a user error
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML, JSON and trackers."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
+    """Recipe file + overrides -> a validated PretrainConfig (name defaults to the recipe's file name)."""
+    data = load_yaml_recipe(path) if path is not None else {}
+    data = merge_dicts(data, parse_overrides(overrides or []))
+    cfg = build_config(PretrainConfig, data)
+    if not cfg.name:
+        cfg.name = Path(path).stem if path is not None else "pretrain"
+    validate_pretrain(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+WANDB_MODES = ("auto", "online", "offline", "off")
+
+
+def curriculum_stages(cfg: PretrainConfig) -> tuple[list[curriculum_lib.Stage], str]:
+    """The resolved stage list and budget of a config (preset, or the explicit `stages`)."""
+    c = cfg.curriculum
+    full, patch = cfg.data.crop_size, cfg.model.patch_size
+    if c.stages is not None:
+        stages = []
+        for i, s in enumerate(c.stages):
+            if not isinstance(s, dict) or set(s) != {"size", "fraction"}:
+                raise ConfigError(f"curriculum.stages[{i}] must be {{size: int, fraction: float}}, got {s!r}")
+            stages.append(curriculum_lib.Stage(size=int(s["size"]), fraction=float(s["fraction"])))
+    elif c.schedule == "custom":
+        raise ConfigError("curriculum.schedule=custom needs curriculum.stages: [{size: 160, fraction: 0.6}, ...]")
+    else:
+        stages = curriculum_lib.preset_stages(c.schedule, full, patch)
+    budget = c.budget or curriculum_lib.default_budget(c.schedule if c.schedule != "custom" else "none")
+    return stages, budget
+
+
+def validate_pretrain(cfg: PretrainConfig) -> None:
+    """Cross-field checks; raises ConfigError with one clear line."""
+    from mae_et.model import MODEL_SIZES  # local: keeps `config` importable without building models
+
+    m, d, c, o, t = cfg.model, cfg.data, cfg.curriculum, cfg.optim, cfg.train
+    if m.size not in MODEL_SIZES:
+        raise ConfigError(f"model.size '{m.size}' is unknown; choose one of {', '.join(MODEL_SIZES)}")
+    if not 0.0 < m.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
+    if m.patch_size < 1 or d.crop_size % m.patch_size != 0:
+        raise ConfigError(
+            f"data.crop_size {d.crop_size} is not a multiple of model.patch_size {m.patch_size}; "
+            f"use e.g. data.crop_size={max(1, round(d.crop_size / m.patch_size)) * m.patch_size}"
+        )
+    if d.root is None or not str(d.root).strip():
+        raise ConfigError(
+            "data.root is missing: pass data.root=/path/to/imagefolder (class sub-folders of images, "
+            "optionally under train/); with a network, torchvision.datasets.Imagenette(root, split='train', "
+            "size='320px', download=True) fetches a copy"
+        )
+    if not Path(d.root).is_dir():
+        raise ConfigError(f"data.root '{d.root}' is not a folder; pass data.root=/path/to/imagefolder")
+    lo, hi = d.scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"data.scale must satisfy 0 < min <= max <= 1, got {list(d.scale)}")
+    if c.schedule not in (*curriculum_lib.PRESETS, "custom"):
+        raise ConfigError(f"curriculum.schedule '{c.schedule}' is unknown; choose one of {', '.join(curriculum_lib.PRESETS)}, custom")
+    if c.budget is not None and c.budget not in curriculum_lib.BUDGETS:
+        raise ConfigError(f"curriculum.budget '{c.budget}' is unknown; choose one of {', '.join(curriculum_lib.BUDGETS)}")
+    if c.mode not in FREQUENCY_MODES:
+        raise ConfigError(f"curriculum.mode '{c.mode}' is unknown; choose one of {', '.join(FREQUENCY_MODES)}")
+    stages, _ = curriculum_stages(cfg)
+    try:
+        curriculum_lib.validate_stages(stages, d.crop_size, m.patch_size)
+    except ValueError as e:
+        raise ConfigError(f"curriculum: {e}") from None
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision '{t.precision}' is unknown; choose one of {', '.join(PRECISIONS)}")
+    for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.accum_steps", t.accum_steps),
+                       ("train.log_every", t.log_every), ("train.max_consecutive_nonfinite", t.max_consecutive_nonfinite),
+                       ("checkpoint.keep_last", cfg.checkpoint.keep_last)):
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"train.max_steps must be positive or null, got {t.max_steps}")
+    if o.warmup_epochs < 0 or o.warmup_epochs > t.epochs:
+        raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={t.epochs}], got {o.warmup_epochs}")
+    if o.clip_grad is not None and o.clip_grad <= 0:
+        raise ConfigError(f"optim.clip_grad must be positive or null, got {o.clip_grad}")
+    if cfg.tracking.wandb not in WANDB_MODES:
+        raise ConfigError(f"tracking.wandb '{cfg.tracking.wandb}' is unknown; choose one of {', '.join(WANDB_MODES)}")
+    if cfg.checkpoint.every_steps is not None and cfg.checkpoint.every_steps <= 0:
+        raise ConfigError(f"checkpoint.every_steps must be positive or null, got {cfg.checkpoint.every_steps}")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name '{cfg.name}' must be a non-empty folder name without '/'")

@@ -1,0 +1,528 @@
+"""Data path for MAE pretraining: ImageFolder scanning, reproducible random crops, step sampling.
+
+The loader yields uint8 crops only; normalisation (and the frequency curriculum) run later on the
+device, batched, where they are cheap. Every random choice is a pure function of
+(seed, position in the stream): a run killed at micro-step s and restarted with
+``start_micro_step=s`` sees exactly the same batches, with any number of DataLoader workers, and no
+RNG state has to be checkpointed.
+
+Stream layout (see ``StepSampler``)::
+
+    epoch e      = permutation of range(N) seeded by (seed, e), truncated to a multiple of B*W
+    micro-step m = slice [m*B*W, (m+1)*B*W) of epoch e;  rank r takes [r*B, (r+1)*B) of that slice
+    key          = (image index, sample seed);  sample seed = hash(seed, e, position in epoch)
+
+``PretrainDataset[key]`` turns a key into a crop: the sample seed drives the crop box and the flip.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import InterpolationMode
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_MASK63 = (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
+
+
+class DataError(ValueError):
+    """A data problem the user must fix; the message is one line naming the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: str
+    reason: str  # e.g. "zero-byte file", "not an image extension", "cannot decode: <PIL error>"
+
+
+@dataclass
+class ImageFolderIndex:
+    root: str
+    classes: list[str]  # sorted class-folder names; label = position in this list
+    samples: list[tuple[str, int]]  # (path, class index), sorted by path
+    skipped: list[SkippedFile]  # found at scan time (decode failures are found later, per worker)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _mix64(*values: int) -> int:
+    """Deterministic 63-bit hash of a tuple of ints (splitmix64 finaliser, chained).
+
+    Used instead of a linear formula such as ``seed * K + epoch * M + pos`` because linear formulas
+    collide once a dataset has more than M images (ImageNet has 1.28M), and the result must fit
+    ``torch.Generator.manual_seed``.
+    """
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h = h ^ (h >> 31)
+    return h & _MASK63
+
+
+# Domain tags keep the three seed families (epoch permutation, sample, replacement) independent.
+_TAG_EPOCH = 1
+_TAG_SAMPLE = 2
+_TAG_RETRY = 3
+
+
+def epoch_permutation_seed(seed: int, epoch: int) -> int:
+    return _mix64(_TAG_EPOCH, seed, epoch)
+
+
+def sample_seed_for(seed: int, epoch: int, position: int) -> int:
+    return _mix64(_TAG_SAMPLE, seed, epoch, position)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scanning
+# ----------------------------------------------------------------------------------------------
+
+
+_QUIET_REASONS = ("hidden file", "hidden folder", "not inside a class folder")
+
+
+def _has_image_extension(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_image_folder(root: str | Path, strict: bool = False) -> ImageFolderIndex:
+    """Index an ImageFolder tree (``root/<class>/**/<image>``) without decoding anything.
+
+    Sub-folders of ``root`` are classes (hidden ones ignored). Inside a class folder, files are found
+    recursively; hidden files and folders, non-image extensions and zero-byte files are skipped and
+    recorded in ``skipped``. With ``strict=True`` a non-image or zero-byte file inside a class folder
+    raises ``DataError`` (hidden files and files directly in ``root`` are never errors: they are OS or
+    bookkeeping clutter, not broken samples).
+    """
+    root_str = os.fspath(root)
+    if not os.path.exists(root_str):
+        raise DataError(
+            f"data root '{root_str}' does not exist; "
+            "pass data.root=/path/to/imagefolder (a folder of class sub-folders)"
+        )
+    if not os.path.isdir(root_str):
+        raise DataError(
+            f"data root '{root_str}' is a file, not a folder; "
+            "pass data.root=/path/to/imagefolder (a folder of class sub-folders)"
+        )
+
+    skipped: list[SkippedFile] = []
+    class_dirs: list[tuple[str, str]] = []  # (class name, path)
+    with os.scandir(root_str) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.startswith("."):
+            if not entry.is_dir():
+                skipped.append(SkippedFile(entry.path, "hidden file"))
+            continue  # hidden folders (.git, .cache, ...) are not classes
+        if entry.is_dir():
+            class_dirs.append((entry.name, entry.path))
+        else:
+            skipped.append(SkippedFile(entry.path, "not inside a class folder"))
+
+    if not class_dirs:
+        raise DataError(
+            f"data root '{root_str}' has no class sub-folders; expected the ImageFolder layout "
+            f"'{root_str}/<class>/<image>.JPEG' (pass data.root=/path/to/imagefolder)"
+        )
+
+    classes = [name for name, _ in class_dirs]
+    samples: list[tuple[str, int]] = []
+    empty_classes: list[str] = []
+    for label, (name, class_path) in enumerate(class_dirs):
+        n_before = len(samples)
+        _scan_class_dir(class_path, label, strict, samples, skipped, visited=set())
+        if len(samples) == n_before:
+            empty_classes.append(name)
+
+    # Hidden clutter (.DS_Store, .ipynb_checkpoints) and root-level files get one summary warning.
+    quiet_skips = sum(1 for s in skipped if s.reason in _QUIET_REASONS)
+    if quiet_skips:
+        warnings.warn(
+            f"skipped {quiet_skips} hidden files/folders or files outside class folders under "
+            f"'{root_str}' (see ImageFolderIndex.skipped)",
+            stacklevel=2,
+        )
+    if not samples:
+        raise DataError(
+            f"data root '{root_str}' has {len(classes)} class folders but no valid image files "
+            f"(extensions {', '.join(IMAGE_EXTENSIONS)}); expected '{root_str}/<class>/<image>.JPEG'"
+        )
+    if empty_classes:
+        # Kept as classes (labels stay tied to the folder listing) but almost surely a mistake.
+        warnings.warn(f"class folders with no images under '{root_str}': {', '.join(empty_classes)}", stacklevel=2)
+    samples.sort(key=lambda s: s[0])
+    return ImageFolderIndex(root=root_str, classes=classes, samples=samples, skipped=skipped)
+
+
+def _scan_class_dir(
+    folder: str,
+    label: int,
+    strict: bool,
+    samples: list[tuple[str, int]],
+    skipped: list[SkippedFile],
+    visited: set[str],
+) -> None:
+    # Symlinked folders are followed (like torchvision's ImageFolder); `visited` stops link cycles.
+    real = os.path.realpath(folder)
+    if real in visited:
+        return
+    visited.add(real)
+    with os.scandir(folder) as it:
+        # Sorted so that warnings and the strict-mode error are the same on every filesystem.
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.startswith("."):
+            reason = "hidden folder" if entry.is_dir() else "hidden file"
+            skipped.append(SkippedFile(entry.path, reason))
+            continue
+        if entry.is_dir():
+            _scan_class_dir(entry.path, label, strict, samples, skipped, visited)
+            continue
+        if not _has_image_extension(entry.name):
+            _bad_scan_file(entry.path, "not an image extension", strict, skipped)
+            continue
+        # stat() only for image-named files: one syscall each, no decoding.
+        if entry.stat().st_size == 0:
+            _bad_scan_file(entry.path, "zero-byte file", strict, skipped)
+            continue
+        samples.append((entry.path, label))
+
+
+def _bad_scan_file(path: str, reason: str, strict: bool, skipped: list[SkippedFile]) -> None:
+    if strict:
+        raise DataError(f"bad file '{path}' ({reason}); set data.strict=false to skip bad files instead")
+    warnings.warn(f"skipping '{path}': {reason}", stacklevel=2)
+    skipped.append(SkippedFile(path, reason))
+
+
+# ----------------------------------------------------------------------------------------------
+# Crops
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_crop_params(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box sampling, drawn from ``generator``. Returns (top, left, h, w).
+
+    Same algorithm as torchvision: up to 10 tries of an area in ``scale * area`` and a log-uniform
+    aspect ratio in ``ratio``; if no try fits, the largest centred box whose aspect ratio is clamped
+    to ``ratio``.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_lo, log_hi, generator=generator).item())
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+
+    # Fallback: whole image, narrowed along one side so its aspect ratio lies inside `ratio`.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------------
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. 16-bit greyscale is rescaled, because PIL's convert clips it at 255."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.int64)  # (H, W)
+        if arr.max(initial=0) > 255:
+            arr = arr >> 8  # assume a 16-bit range
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open and fully decode an image file as RGB; raises on corrupt or truncated files."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        # Full decode now (not lazily later): with PIL's default LOAD_TRUNCATED_IMAGES=False a
+        # truncated file raises here, inside the failure handling of __getitem__.
+        img.load()
+        return _to_rgb(img)
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Map-style dataset keyed by ``(sample index, sample seed)`` -> uint8 random-resized crop.
+
+    Unreadable files: the sample is replaced by the next index (with a seed derived from the
+    original one) and the failed path is reported in ``"bad_files"``. Each bad file is decoded,
+    warned about and reported only ONCE PER WORKER PROCESS (``_known_bad`` lives in the dataset copy
+    each worker holds), so a training loop summing ``bad_files`` counts distinct files per worker:
+    with W workers a bad file is counted at most W times, and never again after that.
+    """
+
+    def __init__(
+        self,
+        index: ImageFolderIndex,
+        crop_size: int,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        strict: bool = False,
+        max_consecutive_failures: int = 50,
+    ) -> None:
+        if not index.samples:
+            raise DataError(f"data root '{index.root}' has no images; check data.root")
+        if crop_size <= 0:
+            raise ValueError(f"crop_size must be positive, got {crop_size}")
+        if max_consecutive_failures < 1:
+            raise ValueError(f"max_consecutive_failures must be >= 1, got {max_consecutive_failures}")
+        self.index = index
+        self.crop_size = crop_size
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.hflip = hflip
+        self.strict = strict
+        self.max_consecutive_failures = max_consecutive_failures
+        self._known_bad: set[str] = set()  # per process: each worker has its own copy
+
+    def __len__(self) -> int:
+        return len(self.index.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        if not isinstance(key, tuple) or len(key) != 2:
+            raise TypeError(f"PretrainDataset keys are (sample index, sample seed) tuples, got {key!r}")
+        index, sample_seed = int(key[0]), int(key[1])
+        n = len(self.index.samples)
+        newly_bad: list[str] = []
+        first_failed_path = ""
+        for attempt in range(self.max_consecutive_failures):
+            i = (index + attempt) % n
+            # Replacements get a fresh seed so that they are not a copy of another key's crop.
+            seed = sample_seed if attempt == 0 else _mix64(_TAG_RETRY, sample_seed, attempt)
+            path, label = self.index.samples[i]
+            if path not in self._known_bad:
+                try:
+                    img = load_rgb(path)
+                except Exception as e:  # noqa: BLE001 - PIL plugins raise many types (OSError, SyntaxError, struct.error, ...)
+                    if self.strict:
+                        raise DataError(
+                            f"cannot decode '{path}': {type(e).__name__}: {e}; "
+                            "set data.strict=false to skip bad files instead"
+                        ) from e
+                    warnings.warn(f"cannot decode '{path}' ({type(e).__name__}: {e}); using the next image instead")
+                    self._known_bad.add(path)
+                    newly_bad.append(path)
+                else:
+                    image = self._crop(img, seed)  # (3, S, S) uint8
+                    return {"image": image, "label": label, "bad_files": tuple(newly_bad)}
+            first_failed_path = first_failed_path or path
+        raise DataError(
+            f"{self.max_consecutive_failures} consecutive unreadable files starting at "
+            f"'{first_failed_path}'; is data.root the right folder?"
+        )
+
+    def _crop(self, img: Image.Image, seed: int) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        width, height = img.size
+        top, left, h, w = sample_crop_params(height, width, self.scale, self.ratio, g)
+        # Crop + resize on the PIL image (fast C path, antialiased) and convert only the small result.
+        img = TF.resized_crop(
+            img, top, left, h, w, [self.crop_size, self.crop_size],
+            interpolation=InterpolationMode.BICUBIC, antialias=True,
+        )
+        image = TF.pil_to_tensor(img)  # (3, S, S) uint8
+        if self.hflip and torch.rand(1, generator=g).item() < 0.5:
+            image = image.flip(-1)
+        return image.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler
+# ----------------------------------------------------------------------------------------------
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Stream of ``(index, sample_seed)`` keys for one rank, in micro-batch order.
+
+    Global micro-step ``g`` lies in epoch ``g // micro_steps_per_epoch``. Within an epoch (a seeded
+    permutation, truncated so every rank gets the same number of micro-batches), global micro-step
+    ``m`` is the slice ``[m*B*W, (m+1)*B*W)`` and rank ``r`` takes ``[r*B, (r+1)*B)`` of it. The
+    stream is endless unless ``num_micro_steps`` is given; ``start_micro_step`` jumps straight there.
+    """
+
+    def __init__(
+        self,
+        dataset_len: int,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_micro_step: int = 0,
+        num_micro_steps: int | None = None,
+    ) -> None:
+        if micro_batch < 1 or world_size < 1:
+            raise ValueError(f"micro_batch and world_size must be >= 1, got {micro_batch}, {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, {world_size})")
+        if start_micro_step < 0 or (num_micro_steps is not None and num_micro_steps < 0):
+            raise ValueError("start_micro_step and num_micro_steps must be >= 0")
+        global_batch = micro_batch * world_size
+        if dataset_len // global_batch == 0:
+            raise DataError(
+                f"dataset of {dataset_len} images is smaller than one global batch of {global_batch}; "
+                "lower train.batch_size"
+            )
+        self.dataset_len = dataset_len
+        self.micro_batch = micro_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.start_micro_step = start_micro_step
+        self.num_micro_steps = num_micro_steps
+
+    @property
+    def micro_steps_per_epoch(self) -> int:
+        return self.dataset_len // (self.micro_batch * self.world_size)
+
+    def epoch_permutation(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(epoch_permutation_seed(self.seed, epoch))
+        return torch.randperm(self.dataset_len, generator=g)  # (dataset_len,) int64
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        steps_per_epoch = self.micro_steps_per_epoch
+        global_batch = self.micro_batch * self.world_size
+        step = self.start_micro_step
+        end = None if self.num_micro_steps is None else self.start_micro_step + self.num_micro_steps
+        epoch, perm = -1, []
+        while end is None or step < end:
+            e, m = divmod(step, steps_per_epoch)
+            if e != epoch:
+                epoch, perm = e, self.epoch_permutation(e).tolist()
+            start = m * global_batch + self.rank * self.micro_batch
+            for pos in range(start, start + self.micro_batch):
+                yield perm[pos], sample_seed_for(self.seed, epoch, pos)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.num_micro_steps is None:
+            raise TypeError("StepSampler is endless (num_micro_steps=None) and has no length")
+        return self.num_micro_steps * self.micro_batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching and loader
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainBatch:
+    images: Tensor  # (N, 3, S, S) uint8
+    labels: Tensor  # (N,) int64
+    bad_files: tuple[str, ...]  # files first found unreadable while building this batch (per worker)
+
+    def pin_memory(self) -> PretrainBatch:
+        # Called by the DataLoader's pin-memory thread; it does not know this dataclass otherwise.
+        return PretrainBatch(self.images.pin_memory(), self.labels.pin_memory(), self.bad_files)
+
+
+def collate_pretrain(items: list[dict]) -> PretrainBatch:
+    images = torch.stack([item["image"] for item in items])  # (N, 3, S, S) uint8
+    labels = torch.tensor([item["label"] for item in items], dtype=torch.int64)  # (N,)
+    bad_files = tuple(path for item in items for path in item["bad_files"])
+    return PretrainBatch(images=images, labels=labels, bad_files=bad_files)
+
+
+def build_pretrain_loader(
+    dataset: PretrainDataset,
+    micro_batch: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_micro_step: int = 0,
+    num_micro_steps: int | None = None,
+    num_workers: int = 4,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    sampler = StepSampler(
+        len(dataset), micro_batch, rank, world_size, seed,
+        start_micro_step=start_micro_step, num_micro_steps=num_micro_steps,
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=micro_batch,
+        sampler=sampler,
+        collate_fn=collate_pretrain,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        drop_last=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Device-side normalisation
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_affine(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    # (x/255 - mean)/std == x * scale + shift. Built once per device: creating a tensor from Python
+    # numbers on an accelerator is a blocking host->device copy, so it must not happen every step.
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
+    return scale.view(1, -1, 1, 1).to(device), shift.view(1, -1, 1, 1).to(device)  # (1, C, 1, 1) each
+
+
+def normalize_on_device(
+    images_uint8: Tensor,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """uint8 (N, C, S, S) -> ``dtype`` (N, C, S, S), ``(x/255 - mean)/std``, on the images' device."""
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+        raise ValueError(f"expected uint8 (N, C, S, S) images, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+    if images_uint8.shape[1] != len(mean) or len(mean) != len(std):
+        raise ValueError(f"{images_uint8.shape[1]} channels but mean/std have {len(mean)}/{len(std)} entries")
+    scale, shift = _channel_affine(tuple(map(float, mean)), tuple(map(float, std)), images_uint8.device)
+    # Affine in float32 even for bf16 outputs: bf16 would round the scale itself by up to 0.4%.
+    out = images_uint8.to(torch.float32) * scale + shift  # (N, C, S, S) float32
+    return out.to(dtype)

@@ -1,0 +1,403 @@
+"""The pretraining loop.
+
+Data flows one way: config -> dataset (uint8 crops) -> curriculum (input size B for this step,
+low-frequency crop on the device) -> model (patchify, mask, encode, decode, loss) -> optimizer
+step under Accelerate -> tracker / checkpoint.
+
+Every random choice is a pure function of (seed, step, micro-step, rank): the data stream
+(`StepSampler`), the crops (per-sample seeds) and the mask noise. So resuming needs only the
+weights, the optimizer, the scaler and the step, and a resumed run ends with the same weights
+as an uninterrupted one.
+
+Inside the step nothing waits on the host: masking is a gather, the optimizer is fused AdamW,
+and a non-finite update is skipped on the device (fused AdamW's `found_inf`). The host reads
+device values only every `train.log_every` steps and at checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+
+from mae_et import checkpoint as ckpt_lib
+from mae_et.config import ConfigError, PretrainConfig, config_to_dict, curriculum_stages, flatten_dict
+from mae_et.curriculum import CurriculumPlan, plan_curriculum, relative_compute
+from mae_et.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PretrainDataset,
+    build_pretrain_loader,
+    normalize_on_device,
+    scan_image_folder,
+)
+from mae_et.frequency import low_frequency_crop
+from mae_et.model import MaskedAutoencoderViT, mae_vit
+from mae_et.optim import build_adamw, lr_at, scaled_lr, set_lr
+from mae_et.tracking import RunTracker, resolve_wandb_mode
+from mae_et.visualize import reconstruction_grid, save_png
+
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+RECON_SEED = 1234  # fixed images and masks, so reconstruction grids compare across steps
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    step: int  # optimizer steps done
+    checkpoint: Path | None  # the last checkpoint written or resumed from
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def build_accelerator(cfg: PretrainConfig, use_wandb: bool) -> Accelerator:
+    cpu = not torch.cuda.is_available()
+    if cpu and cfg.train.precision == "fp16":
+        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu` start a real gloo
+    # process group; without it each rank would silently train alone.
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=MIXED_PRECISION[cfg.train.precision],
+        gradient_accumulation_steps=cfg.train.accum_steps,
+        log_with="wandb" if use_wandb else None,
+    )
+
+
+def prepare_run_dir(cfg: PretrainConfig, accelerator: Accelerator) -> Path:
+    """Create the run folder and prove it is writable now, not at the first save (main rank writes)."""
+    run_dir = cfg.run_dir
+    error = [None]
+    if accelerator.is_main_process:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write_probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            error[0] = f"output folder '{run_dir}' is not writable ({type(e).__name__}: {e}); pass output_dir=/a/writable/folder"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)  # every rank fails the same way, none hangs
+    if error[0]:
+        raise ConfigError(error[0])
+    return run_dir
+
+
+def pretrain_data_dir(cfg: PretrainConfig) -> Path:
+    root = Path(cfg.data.root)
+    return root / cfg.data.split if cfg.data.split and (root / cfg.data.split).is_dir() else root
+
+
+def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
+    m = cfg.model
+    return mae_vit(
+        m.size,
+        patch_size=m.patch_size,
+        img_size=cfg.data.crop_size,
+        decoder_embed_dim=m.decoder_embed_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_num_heads=m.decoder_num_heads,
+        norm_pix_loss=m.norm_pix_loss,
+    )
+
+
+def mask_noise(seed: int, step: int, micro: int, rank: int, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(N, L) uniform noise deciding the mask (lowest kept), a pure function of its position."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + step * 9_176 + micro * 131 + rank) % (2**63))
+    return torch.rand(shape, generator=gen, device=device)
+
+
+def steps_every(epochs: float, steps_per_epoch: int) -> int:
+    return max(1, round(epochs * steps_per_epoch))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def pretrain(cfg: PretrainConfig) -> PretrainResult:
+    wandb_mode = resolve_wandb_mode(cfg.tracking.wandb)
+    accelerator = build_accelerator(cfg, use_wandb=wandb_mode is not None)
+    run_dir = prepare_run_dir(cfg, accelerator)
+    main = accelerator.is_main_process
+    device = accelerator.device
+    set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
+    say = accelerator.print
+
+    # --- data: scan once per rank (directory listing only), shard by Accelerate's rank and count
+    with warnings.catch_warnings():
+        if not main:  # scan-time warnings once, from the main rank
+            warnings.simplefilter("ignore")
+        index = scan_image_folder(pretrain_data_dir(cfg), strict=cfg.data.strict)
+    dataset = PretrainDataset(index, crop_size=cfg.data.crop_size, scale=cfg.data.scale, hflip=cfg.data.hflip, strict=cfg.data.strict)
+    world, rank, accum, micro_batch = accelerator.num_processes, accelerator.process_index, cfg.train.accum_steps, cfg.train.batch_size
+    global_batch = micro_batch * world * accum
+    micro_per_epoch = len(dataset) // (micro_batch * world)
+    steps_per_epoch = micro_per_epoch // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"{len(dataset)} images make no full optimizer step of global batch {global_batch} "
+            f"(train.batch_size x processes x train.accum_steps); lower train.batch_size or train.accum_steps"
+        )
+
+    # --- curriculum plan and learning rate
+    stages, budget = curriculum_stages(cfg)
+    plan: CurriculumPlan = plan_curriculum(stages, budget, cfg.train.epochs, steps_per_epoch, cfg.data.crop_size)
+    base_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.blr, global_batch)
+    warmup = cfg.optim.warmup_epochs / cfg.train.epochs  # in budget progress
+    end_step = min(plan.total_steps, cfg.train.max_steps or plan.total_steps)
+    ckpt_every = cfg.checkpoint.every_steps or steps_every(cfg.checkpoint.every_epochs, steps_per_epoch)
+    recon_every = steps_every(cfg.tracking.recon_every_epochs, steps_per_epoch) if cfg.tracking.recon_every_epochs > 0 else None
+
+    # --- model and optimizer
+    model = build_model(cfg)
+    optimizer = build_adamw(model, base_lr, cfg.optim.weight_decay, cfg.optim.betas)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model: MaskedAutoencoderViT = accelerator.unwrap_model(model)
+    raw_optimizer: torch.optim.Optimizer = optimizer.optimizer
+    # fused AdamW skips its update on the device when found_inf != 0; fp16's GradScaler does its own
+    skip_on_device = accelerator.scaler is None and raw_optimizer.defaults.get("fused", False)
+
+    # --- resume
+    step, counters, elapsed_before = 0, {"nonfinite_skipped": 0, "bad_files": 0}, 0.0
+    resumed_from = None
+    if cfg.checkpoint.resume:
+        found = ckpt_lib.load_latest_checkpoint(run_dir / "checkpoints")
+        if found is not None:
+            raw_model.load_state_dict(found.model_state, strict=True)
+            optimizer.load_state_dict(found.training_state["optimizer"])
+            if accelerator.scaler is not None and found.training_state.get("scaler"):
+                accelerator.scaler.load_state_dict(found.training_state["scaler"])
+            step = int(found.training_state["step"])
+            counters.update(found.training_state.get("counters", {}))
+            elapsed_before = float(found.training_state.get("elapsed_seconds", 0.0))
+            torch.set_rng_state(found.training_state["rng"]["torch_cpu"])
+            resumed_from = found.path
+            warn_config_changes(found.path, cfg, say)
+            say(f"resumed from {found.path} at step {step}")
+
+    config_dict = config_to_dict(cfg)
+    config_yaml = yaml.safe_dump(config_dict, sort_keys=False)
+    if main:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    tracker = RunTracker(accelerator, run_dir, cfg.tracking.project, cfg.name, flatten_dict(config_dict), wandb_mode,
+                         resume_step=step if resumed_from else None)
+    if main:
+        describe_run(cfg, plan, budget, stages, len(dataset), len(index.skipped), global_batch, base_lr, world, say)
+
+    # --- the loop
+    loader = build_pretrain_loader(
+        dataset, micro_batch=micro_batch, rank=rank, world_size=world, seed=cfg.train.seed,
+        start_micro_step=step * accum, num_micro_steps=max(0, end_step - step) * accum,
+        num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
+    )
+    batches = iter(loader)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+    patch, mask_ratio = cfg.model.patch_size, cfg.model.mask_ratio
+    nonfinite_total = torch.zeros((), device=device)  # device counters: read only at log time
+    consecutive = torch.zeros((), device=device)
+    window_loss = torch.zeros((), device=device)
+    window_finite = torch.zeros((), device=device)
+    grad_norm = torch.zeros((), device=device)
+    bad_files: set[str] = set()
+    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    run_start = time.perf_counter()
+    last_metrics: dict[str, Any] = {}
+    last_ckpt = resumed_from
+    model.train()
+
+    while step < end_step:
+        stage = plan.stage_at_step(step)
+        lr = lr_at(plan.progress_at_step(step), base_lr, cfg.optim.min_lr, warmup)
+        set_lr(optimizer, lr)
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            window_wait += time.perf_counter() - t0
+            bad_files.update(batch.bad_files)
+            images = normalize_on_device(batch.images.to(device, non_blocking=True), mean, std)  # (n, 3, S, S)
+            images = low_frequency_crop(images, stage.size, cfg.curriculum.mode)  # (n, 3, B, B): what the model sees
+            num_patches = (stage.size // patch) ** 2
+            noise = mask_noise(cfg.train.seed, step, micro, rank, (images.shape[0], num_patches), device)  # (n, L)
+            with accelerator.accumulate(model):
+                out = model(images, mask_ratio=mask_ratio, noise=noise)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients:
+                    # grads are all-reduced here, so the norm (and the skip decision) agree on every rank
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or math.inf)
+                    nonfinite = ~torch.isfinite(grad_norm)
+                    if skip_on_device:
+                        raw_optimizer.found_inf = nonfinite.float()
+                    elif accelerator.scaler is None and nonfinite.item():  # non-fused fallback: host check
+                        optimizer.zero_grad(set_to_none=True)
+                    nonfinite_total += nonfinite
+                    consecutive = torch.where(nonfinite, consecutive + 1, torch.zeros_like(consecutive))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss = out.loss.detach()
+            finite = torch.isfinite(loss)
+            window_loss += torch.where(finite, loss, torch.zeros_like(loss))
+            window_finite += finite
+        if skip_on_device:
+            raw_optimizer.found_inf = None
+        step += 1
+        window_steps += 1
+
+        at_end = step == end_step
+        if step % cfg.train.log_every == 0 or at_end:
+            now = time.perf_counter()
+            loss_mean = accelerator.reduce(window_loss, "sum") / accelerator.reduce(window_finite, "sum").clamp(min=1)
+            n_bad = int(accelerator.reduce(torch.tensor(float(len(bad_files)), device=device), "sum").item())
+            last_metrics = {
+                "loss": loss_mean.item(),
+                "lr": lr,
+                "size": stage.size,
+                "stage": stage.index,
+                "epoch": plan.epoch_at_step(step),
+                "progress": plan.progress_at_step(step) if step < plan.total_steps else 1.0,
+                "grad_norm": float(grad_norm),
+                "images_per_sec": window_steps * global_batch / (now - window_start),
+                "data_wait_frac": window_wait / (now - window_start),
+                "nonfinite_skipped": counters["nonfinite_skipped"] + int(nonfinite_total.item()),
+                "data_skipped_files": len(index.skipped) + counters["bad_files"] + n_bad,
+                "elapsed_s": elapsed_before + now - run_start,
+            }
+            tracker.log(last_metrics, step)
+            if main:
+                say(format_log_line(step, end_step, last_metrics))
+            window_loss.zero_(); window_finite.zero_()
+            window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+            if int(consecutive.item()) >= cfg.train.max_consecutive_nonfinite:
+                tracker.close()
+                raise NonFiniteLossError(
+                    f"stopped at step {step}: {int(consecutive.item())} non-finite losses in a row "
+                    f"(limit train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); those updates were skipped "
+                    f"and the last good checkpoint ({last_ckpt or 'none yet'}) is untouched. Lower optim.blr, set "
+                    f"optim.clip_grad, or use train.precision=bf16/fp32."
+                )
+
+        if recon_every is not None and (step % recon_every == 0 or at_end):
+            log_reconstructions(raw_model, dataset, cfg, stage.size, run_dir, tracker, step, mean, std, device, main)
+
+        if step % ckpt_every == 0 or at_end:
+            training_state = {
+                "optimizer": optimizer.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "step": step,
+                "counters": {
+                    "nonfinite_skipped": counters["nonfinite_skipped"] + int(nonfinite_total.item()),
+                    "bad_files": counters["bad_files"] + len(bad_files),
+                },
+                "elapsed_seconds": elapsed_before + time.perf_counter() - run_start,
+                # all training randomness derives from (seed, step, micro-step, rank); the global
+                # state is kept for completeness
+                "rng": {"seed": cfg.train.seed, "torch_cpu": torch.get_rng_state()},
+            }
+            meta = {
+                "step": step, "total_steps": plan.total_steps, "epoch": plan.epoch_at_step(step),
+                "stage": stage.index, "size": stage.size, "progress": plan.progress_at_step(min(step, plan.total_steps)),
+                "world_size": world, "global_batch": global_batch,
+                "complete": step >= plan.total_steps,
+            }
+            if at_end:
+                meta["rank_weight_checksums"] = rank_weight_checksums(raw_model, accelerator)
+            model_state = accelerator.get_state_dict(model)
+            if main:
+                last_ckpt = ckpt_lib.save_checkpoint(run_dir / "checkpoints", step, model_state, training_state, config_yaml, meta,
+                                                     keep_last=cfg.checkpoint.keep_last)
+            accelerator.wait_for_everyone()
+            last_ckpt = broadcast_path(last_ckpt, accelerator)
+
+    tracker.close()
+    if main:
+        say_where(run_dir, last_ckpt, tracker, step, plan.total_steps, say)
+    return PretrainResult(run_dir=run_dir, step=step, checkpoint=last_ckpt, last_metrics=last_metrics)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def rank_weight_checksums(model: torch.nn.Module, accelerator: Accelerator) -> list[float]:
+    """One checksum of the weights per rank: DDP ranks must agree exactly."""
+    with torch.no_grad():
+        total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for i, p in enumerate(model.parameters()):
+            total += (p.double() * (1.0 + (i % 7) * 0.01)).sum()  # position-weighted, so a swap shows
+    return [float(x) for x in accelerator.gather(total.reshape(1)).cpu()]
+
+
+def broadcast_path(path: Path | None, accelerator: Accelerator) -> Path | None:
+    if accelerator.num_processes == 1:
+        return path
+    box = [str(path) if path else None]
+    broadcast_object_list(box)
+    return Path(box[0]) if box[0] else None
+
+
+def log_reconstructions(model, dataset, cfg, size, run_dir, tracker, step, mean, std, device, main) -> None:
+    """A grid (original | masked | reconstruction | reconstruction + visible) of fixed images at size B."""
+    if not main:
+        return
+    n = min(cfg.tracking.recon_images, len(dataset))
+    picks = [dataset[(i * (len(dataset) // n), RECON_SEED)]["image"] for i in range(n)]
+    images = normalize_on_device(torch.stack(picks).to(device), mean, std)  # (n, 3, S, S)
+    images = low_frequency_crop(images, size, cfg.curriculum.mode)  # (n, 3, B, B)
+    gen = torch.Generator(device=device).manual_seed(RECON_SEED)
+    noise = torch.rand((n, (size // cfg.model.patch_size) ** 2), generator=gen, device=device)  # (n, L)
+    grid = reconstruction_grid(model, images, IMAGENET_MEAN, IMAGENET_STD, mask_ratio=cfg.model.mask_ratio, noise=noise)
+    out_dir = run_dir / "reconstructions"
+    out_dir.mkdir(exist_ok=True)
+    save_png(grid, out_dir / f"step_{step:08d}.png")
+    tracker.log_image("reconstructions", grid, step)
+
+
+def warn_config_changes(ckpt_path: Path, cfg: PretrainConfig, say) -> None:
+    saved_file = ckpt_path / ckpt_lib.CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    saved = flatten_dict(yaml.safe_load(saved_file.read_text()) or {})
+    now = flatten_dict(config_to_dict(cfg))
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        warnings.warn(
+            "resuming with a config that differs from the checkpoint's in: "
+            + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed)
+            + "; the schedule is recomputed from the new values",
+            stacklevel=2,
+        )
+
+
+def describe_run(cfg, plan, budget, stages, n_images, n_skipped, global_batch, base_lr, world, say) -> None:
+    say(f"run {cfg.name}: {n_images} images ({n_skipped} skipped at scan), {world} process(es), global batch {global_batch}, lr {base_lr:.3g}")
+    say(f"curriculum '{cfg.curriculum.schedule}' ({cfg.curriculum.mode}), budget in {budget}: {plan.total_steps} steps, "
+        f"relative compute {relative_compute(stages, budget, cfg.data.crop_size):.3f} of {cfg.train.epochs:g} full-size epochs")
+    for s in plan.summary():
+        say("  stage " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+
+
+def format_log_line(step: int, end_step: int, m: dict[str, Any]) -> str:
+    return (f"step {step}/{end_step}  epoch {m['epoch']:.2f}  B {m['size']}  loss {m['loss']:.4f}  lr {m['lr']:.3g}  "
+            f"{m['images_per_sec']:.0f} img/s  data-wait {100 * m['data_wait_frac']:.0f}%")
+
+
+def say_where(run_dir: Path, ckpt: Path | None, tracker: RunTracker, step: int, total: int, say) -> None:
+    state = "finished" if step >= total else f"stopped at step {step} of {total} (relaunch the same command to resume)"
+    say(f"{state}. checkpoint: {ckpt}; metrics: {run_dir / 'metrics.jsonl'}")
+    if tracker.wandb_dir is not None:
+        say(f"W&B ({tracker.wandb_mode}) files: {tracker.wandb_dir}" + ("  (upload with: wandb sync <that folder>/offline-run-*)" if tracker.wandb_mode == "offline" else ""))

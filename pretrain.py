@@ -1,0 +1,22 @@
+"""Pretrain an MAE ViT, with or without the EfficientTrain frequency curriculum.
+
+    accelerate launch pretrain.py --config configs/pretrain/<recipe>.yaml data.root=/path/to/imagefolder [key=value ...]
+
+Relaunching the same command resumes from the run's latest checkpoint. The logic lives in
+`mae_et.engine`; this file only parses the command line.
+"""
+
+from mae_et.cli import parse_args, run_user_command
+from mae_et.config import load_pretrain_config
+from mae_et.engine import pretrain
+
+DEFAULT_RECIPE = "configs/pretrain/mae_vit-tiny-p16_et_100e_quickstart.yaml"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv, "MAE pretraining with the EfficientTrain frequency curriculum", DEFAULT_RECIPE)
+    run_user_command(lambda: pretrain(load_pretrain_config(args.config, args.overrides)))
+
+
+if __name__ == "__main__":
+    main()
