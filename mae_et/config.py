@@ -156,7 +156,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.epochs=5)")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw) if raw.strip() else ""  # `key=` is the empty string; `key=null` is None
         keys = dotted.strip().split(".")
         node = nested
         for key in keys[:-1]:

@@ -207,8 +207,6 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
     )
     batches = iter(loader)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
     patch, mask_ratio = cfg.model.patch_size, cfg.model.mask_ratio
     nonfinite_total = torch.zeros((), device=device)  # device counters: read only at log time
     consecutive = torch.zeros((), device=device)
@@ -231,7 +229,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
             batch = next(batches)
             window_wait += time.perf_counter() - t0
             bad_files.update(batch.bad_files)
-            images = normalize_on_device(batch.images.to(device, non_blocking=True), mean, std)  # (n, 3, S, S)
+            images = normalize_on_device(batch.images.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)  # (n, 3, S, S)
             images = low_frequency_crop(images, stage.size, cfg.curriculum.mode)  # (n, 3, B, B): what the model sees
             num_patches = (stage.size // patch) ** 2
             noise = mask_noise(cfg.train.seed, step, micro, rank, (images.shape[0], num_patches), device)  # (n, L)
@@ -293,7 +291,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                 )
 
         if recon_every is not None and (step % recon_every == 0 or at_end):
-            log_reconstructions(raw_model, dataset, cfg, stage.size, run_dir, tracker, step, mean, std, device, main)
+            log_reconstructions(raw_model, dataset, cfg, stage.size, run_dir, tracker, step, device, main)
 
         if step % ckpt_every == 0 or at_end:
             training_state = {
@@ -350,13 +348,13 @@ def broadcast_path(path: Path | None, accelerator: Accelerator) -> Path | None:
     return Path(box[0]) if box[0] else None
 
 
-def log_reconstructions(model, dataset, cfg, size, run_dir, tracker, step, mean, std, device, main) -> None:
+def log_reconstructions(model, dataset, cfg, size, run_dir, tracker, step, device, main) -> None:
     """A grid (original | masked | reconstruction | reconstruction + visible) of fixed images at size B."""
     if not main:
         return
     n = min(cfg.tracking.recon_images, len(dataset))
     picks = [dataset[(i * (len(dataset) // n), RECON_SEED)]["image"] for i in range(n)]
-    images = normalize_on_device(torch.stack(picks).to(device), mean, std)  # (n, 3, S, S)
+    images = normalize_on_device(torch.stack(picks).to(device), IMAGENET_MEAN, IMAGENET_STD)  # (n, 3, S, S)
     images = low_frequency_crop(images, size, cfg.curriculum.mode)  # (n, 3, B, B)
     gen = torch.Generator(device=device).manual_seed(RECON_SEED)
     noise = torch.rand((n, (size // cfg.model.patch_size) ** 2), generator=gen, device=device)  # (n, L)
@@ -373,7 +371,8 @@ def warn_config_changes(ckpt_path: Path, cfg: PretrainConfig, say) -> None:
         return
     saved = flatten_dict(yaml.safe_load(saved_file.read_text()) or {})
     now = flatten_dict(config_to_dict(cfg))
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    ignored = {"train.max_steps", "checkpoint.resume"}  # stopping early and resuming are what resume is for
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ignored)
     if changed:
         warnings.warn(
             "resuming with a config that differs from the checkpoint's in: "
@@ -388,7 +387,7 @@ def describe_run(cfg, plan, budget, stages, n_images, n_skipped, global_batch, b
     say(f"curriculum '{cfg.curriculum.schedule}' ({cfg.curriculum.mode}), budget in {budget}: {plan.total_steps} steps, "
         f"relative compute {relative_compute(stages, budget, cfg.data.crop_size):.3f} of {cfg.train.epochs:g} full-size epochs")
     for s in plan.summary():
-        say("  stage " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+        say("  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
 
 
 def format_log_line(step: int, end_step: int, m: dict[str, Any]) -> str:

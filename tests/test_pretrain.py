@@ -1,0 +1,249 @@
+"""End-to-end pretraining on the real mini data set: curriculum, resume, DDP, bad files, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from mae_et import checkpoint as ck
+from mae_et.config import ConfigError, load_pretrain_config
+from mae_et.engine import NonFiniteLossError, build_model, pretrain
+from mae_et.model import MaskedAutoencoderViT
+
+from conftest import CPU_RECIPE, REPO
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator (precision and tracker may differ)."""
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def cfg_for(tmp_path, data_root, *overrides):
+    return load_pretrain_config(CPU_RECIPE, [f"data.root={data_root}", f"output_dir={tmp_path}", *overrides])
+
+
+def cli(*args, timeout=300, check=True, env=None):
+    """Run the real entry point, as a user would."""
+    cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ck.list_checkpoints(run_dir / "checkpoints")[-1] / ck.MODEL_FILE))
+
+
+def assert_same_weights(a: dict, b: dict, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
+
+
+def test_tiny_run_end_to_end_with_the_et_curriculum(tmp_path, mini_root):
+    result = pretrain(cfg_for(tmp_path, mini_root, "train.epochs=3", "checkpoint.keep_last=5"))
+    run_dir = result.run_dir
+    records = metrics(run_dir)
+    # the curriculum really ran: B = 32 / 40 / 48 in that order, ending at full size
+    sizes = [r["size"] for r in records]
+    assert sizes == sorted(sizes) and {32, 40, 48} <= set(sizes) and sizes[-1] == 48
+    for key in ("loss", "lr", "size", "images_per_sec", "data_wait_frac", "epoch", "nonfinite_skipped", "data_skipped_files"):
+        assert key in records[0], key
+    assert all(0.0 <= r["data_wait_frac"] <= 1.0 and r["images_per_sec"] > 0 for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]  # it learns
+    assert records[-1]["epoch"] == pytest.approx(3.0)
+    # the resolved config, periodic + final checkpoints, and reconstruction grids
+    assert (run_dir / "config.yaml").is_file()
+    ckpts = ck.list_checkpoints(run_dir / "checkpoints")
+    assert [int(p.name[5:]) for p in ckpts] == [15, 30, 45]  # every epoch of 15 steps
+    meta = json.loads((ckpts[-1] / "meta.json").read_text())
+    assert meta["complete"] and meta["size"] == 48 and meta["step"] == 45
+    assert sorted(p.name for p in (run_dir / "reconstructions").iterdir()) == ["step_00000030.png", "step_00000045.png"]
+    # the checkpoint holds the full MAE (decoder included) under the reference names
+    cfg = load_pretrain_config(CPU_RECIPE, [f"data.root={mini_root}"])
+    model = build_model(cfg)
+    model.load_state_dict(final_weights(run_dir), strict=True)
+    assert any(k.startswith("decoder_blocks.") for k in final_weights(run_dir))
+    state = torch.load(ckpts[-1] / ck.STATE_FILE, weights_only=False)
+    assert {"optimizer", "scaler", "step", "counters", "rng", "elapsed_seconds"} <= set(state)
+
+
+def test_relaunch_resumes_and_ends_with_the_same_weights(tmp_path, mini_root):
+    """A run of 2N steps == a run stopped at N (max_steps), then relaunched with the same command."""
+    common = ["train.epochs=2", "train.deterministic=true", "checkpoint.every_steps=100", "train.accum_steps=2", "train.batch_size=8"]
+    straight = pretrain(cfg_for(tmp_path / "a", mini_root, *common))
+    AcceleratorState._reset_state(True)
+    first = pretrain(cfg_for(tmp_path / "b", mini_root, *common, "train.max_steps=13"))
+    assert first.step == 13 and [p.name for p in ck.list_checkpoints(first.run_dir / "checkpoints")] == ["step_00000013"]
+    AcceleratorState._reset_state(True)
+    resumed = pretrain(cfg_for(tmp_path / "b", mini_root, *common))
+    assert resumed.step == straight.step == 30
+    assert_same_weights(final_weights(straight.run_dir), final_weights(resumed.run_dir))
+    steps = [r["step"] for r in metrics(resumed.run_dir)]
+    assert steps == sorted(set(steps))  # the resumed run continued the metrics file, no duplicates
+
+
+def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_root):
+    """SIGKILL the real CLI mid-run (possibly mid-save), relaunch the same command, compare."""
+    args = [f"data.root={mini_root}", "train.epochs=3", "train.deterministic=true", "checkpoint.every_steps=5", "tracking.recon_every_epochs=0"]
+    cli(*args, f"output_dir={tmp_path / 'straight'}")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args, f"output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_root = out / CPU_RECIPE.stem / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(ck.list_checkpoints(ckpt_root)) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = ck.list_checkpoints(ckpt_root)[-1].name
+    assert killed_at != "step_00000045", "the run finished before the kill; the test proves nothing"
+    relaunched = cli(*args, f"output_dir={out}")
+    assert "resumed from" in relaunched.stdout
+    assert_same_weights(final_weights(tmp_path / "straight" / CPU_RECIPE.stem), final_weights(out / CPU_RECIPE.stem))
+
+
+def test_two_process_ddp_ranks_agree_and_only_rank0_writes(tmp_path, mini_root):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE),
+           f"data.root={mini_root}", f"output_dir={tmp_path}", "train.epochs=2", "train.batch_size=8"]
+    env = {**os.environ, "MASTER_PORT": "29517"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 process(es)" in proc.stdout
+    run_dir = tmp_path / CPU_RECIPE.stem
+    final = ck.list_checkpoints(run_dir / "checkpoints")[-1]
+    meta = json.loads((final / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["global_batch"] == 16
+    sums = meta["rank_weight_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    # rank 0 alone writes: one record per step, one of each file, nothing else in the run folder
+    steps = [r["step"] for r in metrics(run_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == meta["step"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "reconstructions"]
+    assert sorted(p.name for p in final.iterdir()) == sorted([ck.MODEL_FILE, ck.STATE_FILE, ck.CONFIG_FILE, ck.META_FILE])
+
+
+def make_bad_folder(src: Path, dst: Path) -> int:
+    """A copy of 4 classes with broken files added; returns how many bad files it holds."""
+    for cls in sorted(p for p in src.iterdir())[:4]:
+        shutil.copytree(cls, dst / cls.name)
+    first = dst / sorted(p.name for p in dst.iterdir())[0]
+    real = next(first.glob("*.JPEG")).read_bytes()
+    (first / "zero.JPEG").write_bytes(b"")
+    (first / "notes.txt").write_text("not an image")
+    (first / "truncated.JPEG").write_bytes(real[: len(real) // 3])
+    (first / "fake.jpg").write_text("this is text with an image extension")
+    return 4
+
+
+def test_bad_files_are_skipped_named_and_counted(tmp_path, mini_root):
+    data = tmp_path / "data"
+    n_bad = make_bad_folder(mini_root / "train", data)
+    with pytest.warns(UserWarning) as caught:
+        result = pretrain(cfg_for(tmp_path, data, "train.epochs=6", "tracking.recon_every_epochs=0"))
+    named = " ".join(str(w.message) for w in caught)
+    for name in ("zero.JPEG", "notes.txt", "truncated.JPEG", "fake.jpg"):
+        assert name in named
+    assert metrics(result.run_dir)[-1]["data_skipped_files"] == n_bad
+
+
+def test_strict_data_turns_the_first_bad_file_into_an_error(tmp_path, mini_root):
+    data = tmp_path / "data"
+    make_bad_folder(mini_root / "train", data)
+    proc = cli(f"data.root={data}", "data.strict=true", f"output_dir={tmp_path}", check=False)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and ("zero.JPEG" in proc.stderr or "notes.txt" in proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, mini_root, monkeypatch):
+    calls = {"n": 0}
+    real_loss = MaskedAutoencoderViT.forward_loss
+
+    def nan_from_step_8(self, imgs, pred, mask):
+        calls["n"] += 1
+        loss = real_loss(self, imgs, pred, mask)
+        return loss * float("nan") if calls["n"] > 7 else loss
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", nan_from_step_8)
+    cfg = cfg_for(tmp_path, mini_root, "checkpoint.every_steps=6", "train.log_every=1", "train.max_consecutive_nonfinite=3",
+                  "tracking.recon_every_epochs=0")
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row") as info:
+        pretrain(cfg)
+    run_dir = cfg.run_dir
+    assert "step_00000006" in str(info.value)
+    good = ck.list_checkpoints(run_dir / "checkpoints")
+    assert [p.name for p in good] == ["step_00000006"]  # the last good checkpoint, nothing written after
+    records = metrics(run_dir)
+    assert [r["nonfinite_skipped"] for r in records][-4:] == [0, 1, 2, 3]
+    assert all(r["loss"] == r["loss"] for r in records)  # logged loss stays finite: NaNs are excluded
+
+
+def test_nonfinite_update_leaves_weights_and_optimizer_untouched(tmp_path, mini_root, monkeypatch):
+    """The skipped update changes nothing: stop right after it and compare with the step before."""
+    calls = {"n": 0}
+    real_loss = MaskedAutoencoderViT.forward_loss
+
+    def nan_at_step_3(self, imgs, pred, mask):
+        calls["n"] += 1
+        loss = real_loss(self, imgs, pred, mask)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    common = ["checkpoint.every_steps=1", "checkpoint.keep_last=10", "tracking.recon_every_epochs=0", "train.deterministic=true"]
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", nan_at_step_3)
+    result = pretrain(cfg_for(tmp_path, mini_root, *common, "train.max_steps=3"))
+    before = ck.load_checkpoint(result.run_dir / "checkpoints" / "step_00000002")
+    after = ck.load_checkpoint(result.run_dir / "checkpoints" / "step_00000003")
+    assert_same_weights(before.model_state, after.model_state, atol=0)
+    for a, b in zip(before.training_state["optimizer"]["state"].values(), after.training_state["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["step"], b["step"])
+    assert after.training_state["counters"]["nonfinite_skipped"] == 1
+
+
+def test_unwritable_output_folder_fails_at_start(tmp_path, mini_root):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = cli(f"data.root={mini_root}", f"output_dir={blocker}/runs", check=False)
+    assert proc.returncode == 2
+    assert "not writable" in proc.stderr and "output_dir=" in proc.stderr
+    assert "step " not in proc.stdout  # nothing trained
+
+
+def test_missing_data_root_is_one_clear_line(tmp_path):
+    proc = cli(f"output_dir={tmp_path}", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data.root is missing" in lines[0]
+
+
+def test_wandb_offline_run_and_reconstructions(tmp_path, mini_root):
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_DISABLE_CODE="true")  # no login, no netrc: auto must pick offline
+    proc = cli(f"data.root={mini_root}", f"output_dir={tmp_path}", "tracking.wandb=auto", "train.epochs=2", env=env)
+    run_dir = tmp_path / CPU_RECIPE.stem
+    assert "W&B (offline)" in proc.stdout
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert list(offline[0].glob("files/media/images/reconstructions_*.png"))  # the grid went to W&B too
+    assert (run_dir / "wandb_id.txt").is_file() and (run_dir / "metrics.jsonl").is_file()
