@@ -98,7 +98,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    wandb: str = "auto"  # auto (online when logged in, else offline) | online | offline | off
+    wandb: Union[str, bool] = "auto"  # auto (online when logged in, else offline) | online | offline | off (YAML reads off as false)
     project: str = "mae_et"
     recon_every_epochs: float = 20.0  # reconstruction grid cadence; 0 = only at the end
     recon_images: int = 8
@@ -388,6 +388,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={t.epochs}], got {o.warmup_epochs}")
     if o.clip_grad is not None and o.clip_grad <= 0:
         raise ConfigError(f"optim.clip_grad must be positive or null, got {o.clip_grad}")
+    if isinstance(cfg.tracking.wandb, bool):  # YAML 1.1: `off`/`no` -> False, `on`/`yes` -> True
+        cfg.tracking.wandb = "auto" if cfg.tracking.wandb else "off"
     if cfg.tracking.wandb not in WANDB_MODES:
         raise ConfigError(f"tracking.wandb '{cfg.tracking.wandb}' is unknown; choose one of {', '.join(WANDB_MODES)}")
     if cfg.checkpoint.every_steps is not None and cfg.checkpoint.every_steps <= 0:

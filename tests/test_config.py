@@ -69,7 +69,7 @@ def test_scientific_notation_without_dot_is_a_number(mini_root):
         ("model.mask_ratio=1.0", r"model.mask_ratio must be in \(0, 1\)"),
         ("model.mask_ratio=0", r"model.mask_ratio must be in \(0, 1\)"),
         ("data.crop_size=36", "data.crop_size 36 is not a multiple of model.patch_size 8"),
-        ("curriculum.stages=[{size: 48, fraction: 1.0}]", "above the crop size"),
+        ("curriculum.stages=[{size: 56, fraction: 1.0}]", "above the crop size"),
         ("curriculum.stages=[{size: 20, fraction: 1.0}]", "multiple of the patch size"),
         ("curriculum.stages=[{size: 16, fraction: 0.5}]", "sum"),
         ("curriculum.schedule=fancy", "curriculum.schedule 'fancy' is unknown"),
@@ -107,3 +107,8 @@ def test_saved_config_round_trips(tmp_path, mini_root):
 
 def test_parse_overrides_nests_dotted_keys():
     assert parse_overrides(["a.b.c=1", "a.d=x", "e=[1, 2]"]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": [1, 2]}
+
+
+@pytest.mark.parametrize("value, expected", [("off", "off"), ("false", "off"), ("offline", "offline"), ("auto", "auto")])
+def test_wandb_switch_accepts_yaml_booleans(mini_root, value, expected):
+    assert load(mini_root, f"tracking.wandb={value}").tracking.wandb == expected
