@@ -13,8 +13,9 @@ from typing import Callable, Sequence
 from mae_et.checkpoint import CheckpointError
 from mae_et.config import ConfigError
 from mae_et.data import DataError
+from mae_et.vit import LoadError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, LoadError)
 
 
 def parse_args(argv: Sequence[str] | None, description: str, default_config: str | None) -> argparse.Namespace:

@@ -83,6 +83,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-reproducible CPU tests
+    compile: str = "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune: one graph per input size
     max_steps: Optional[int] = None  # stop (with a checkpoint) after this optimizer step; resume later
     log_every: int = 50  # optimizer steps between logged metrics (also when non-finite losses are checked)
     max_consecutive_nonfinite: int = 5  # skipped updates in a row before the run stops
@@ -318,6 +319,7 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = 
 # ----------------------------------------------------------------------------- validation
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WANDB_MODES = ("auto", "online", "offline", "off")
 
 
@@ -375,6 +377,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         curriculum_lib.validate_stages(stages, d.crop_size, m.patch_size)
     except ValueError as e:
         raise ConfigError(f"curriculum: {e}") from None
+    if t.compile not in COMPILE_MODES:
+        raise ConfigError(f"train.compile '{t.compile}' is unknown; choose one of {', '.join(COMPILE_MODES)}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision '{t.precision}' is unknown; choose one of {', '.join(PRECISIONS)}")
     for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.accum_steps", t.accum_steps),

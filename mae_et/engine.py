@@ -16,7 +16,6 @@ device values only every `train.log_every` steps and at checkpoints.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from contextlib import nullcontext
@@ -43,6 +42,7 @@ from mae_et.data import (
 from mae_et.frequency import low_frequency_crop
 from mae_et.model import MaskedAutoencoderViT, mae_vit
 from mae_et.optim import build_adamw, lr_at, scaled_lr, set_lr
+from mae_et.step import TrainStep
 from mae_et.tracking import RunTracker, resolve_wandb_mode
 from mae_et.visualize import reconstruction_grid, save_png
 
@@ -169,9 +169,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     optimizer = build_adamw(model, base_lr, cfg.optim.weight_decay, cfg.optim.betas)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model: MaskedAutoencoderViT = accelerator.unwrap_model(model)
-    raw_optimizer: torch.optim.Optimizer = optimizer.optimizer
-    # fused AdamW skips its update on the device when found_inf != 0; fp16's GradScaler does its own
-    skip_on_device = accelerator.scaler is None and raw_optimizer.defaults.get("fused", False)
+    train_step = TrainStep(accelerator, model, optimizer, cfg.model.mask_ratio, cfg.curriculum.mode, cfg.optim.clip_grad,
+                           compile_mode=cfg.train.compile, sizes=tuple(sorted({s.size for s in plan.stages})))
 
     # --- resume
     step, counters, elapsed_before = 0, {"nonfinite_skipped": 0, "bad_files": 0}, 0.0
@@ -207,7 +206,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
     )
     batches = iter(loader)
-    patch, mask_ratio = cfg.model.patch_size, cfg.model.mask_ratio
+    patch = cfg.model.patch_size
     nonfinite_total = torch.zeros((), device=device)  # device counters: read only at log time
     consecutive = torch.zeros((), device=device)
     window_loss = torch.zeros((), device=device)
@@ -229,31 +228,16 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
             batch = next(batches)
             window_wait += time.perf_counter() - t0
             bad_files.update(batch.bad_files)
-            images = normalize_on_device(batch.images.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)  # (n, 3, S, S)
-            images = low_frequency_crop(images, stage.size, cfg.curriculum.mode)  # (n, 3, B, B): what the model sees
             num_patches = (stage.size // patch) ** 2
-            noise = mask_noise(cfg.train.seed, step, micro, rank, (images.shape[0], num_patches), device)  # (n, L)
-            with accelerator.accumulate(model):
-                out = model(images, mask_ratio=mask_ratio, noise=noise)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    # grads are all-reduced here, so the norm (and the skip decision) agree on every rank
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or math.inf)
-                    nonfinite = ~torch.isfinite(grad_norm)
-                    if skip_on_device:
-                        raw_optimizer.found_inf = nonfinite.float()
-                    elif accelerator.scaler is None and nonfinite.item():  # non-fused fallback: host check
-                        optimizer.zero_grad(set_to_none=True)
-                    nonfinite_total += nonfinite
-                    consecutive = torch.where(nonfinite, consecutive + 1, torch.zeros_like(consecutive))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss = out.loss.detach()
-            finite = torch.isfinite(loss)
-            window_loss += torch.where(finite, loss, torch.zeros_like(loss))
+            noise = mask_noise(cfg.train.seed, step, micro, rank, (batch.images.shape[0], num_patches), device)  # (n, L)
+            result = train_step(batch.images.to(device, non_blocking=True), stage.size, noise)
+            if result.nonfinite is not None:
+                grad_norm = result.grad_norm
+                nonfinite_total += result.nonfinite
+                consecutive = torch.where(result.nonfinite, consecutive + 1, torch.zeros_like(consecutive))
+            finite = torch.isfinite(result.loss)
+            window_loss += torch.where(finite, result.loss, torch.zeros_like(result.loss))
             window_finite += finite
-        if skip_on_device:
-            raw_optimizer.found_inf = None
         step += 1
         window_steps += 1
 

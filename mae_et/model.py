@@ -182,6 +182,16 @@ class MaskedAutoencoderViT(nn.Module):
             self._pos_cache[key] = table
         return table
 
+    def cache_pos_embed(self, img_sizes) -> None:
+        """Fill the sin-cos cache for these input sizes before `torch.compile` traces the model.
+
+        A graph traced on a cache miss differs from one traced on a hit, so a size first met
+        inside a compiled step would compile twice; filling the cache first gives one graph per size.
+        """
+        for size in img_sizes:
+            self._pos_embed("enc", size // self.patch_size)
+            self._pos_embed("dec", size // self.patch_size)
+
     def _check_imgs(self, imgs: torch.Tensor) -> int:
         """Validate (N, C, B, B) and return the grid side B // p (shape-only, no host sync)."""
         if imgs.ndim != 4:
