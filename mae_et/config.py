@@ -103,6 +103,9 @@ class TrackingConfig:
     project: str = "mae_et"
     recon_every_epochs: float = 20.0  # reconstruction grid cadence; 0 = only at the end
     recon_images: int = 8
+    knn_every_epochs: float = 0.0  # online kNN monitor (k=20, T=0.07, cosine); 0 = off
+    knn_split: str = "val"  # labelled held-out split under data.root; the pretraining split is the bank
+    knn_batch_size: int = 64
 
 
 @dataclass
@@ -392,6 +395,13 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={t.epochs}], got {o.warmup_epochs}")
     if o.clip_grad is not None and o.clip_grad <= 0:
         raise ConfigError(f"optim.clip_grad must be positive or null, got {o.clip_grad}")
+    if cfg.tracking.knn_every_epochs < 0:
+        raise ConfigError(f"tracking.knn_every_epochs must be >= 0 (0 = off), got {cfg.tracking.knn_every_epochs}")
+    if cfg.tracking.knn_every_epochs > 0 and not (Path(d.root) / cfg.tracking.knn_split).is_dir():
+        raise ConfigError(
+            f"the kNN monitor needs a labelled split '{Path(d.root) / cfg.tracking.knn_split}'; set tracking.knn_split=<folder "
+            f"under data.root> or tracking.knn_every_epochs=0"
+        )
     if isinstance(cfg.tracking.wandb, bool):  # YAML 1.1: `off`/`no` -> False, `on`/`yes` -> True
         cfg.tracking.wandb = "auto" if cfg.tracking.wandb else "off"
     if cfg.tracking.wandb not in WANDB_MODES:

@@ -40,6 +40,7 @@ from mae_et.data import (
     scan_image_folder,
 )
 from mae_et.frequency import low_frequency_crop
+from mae_et.knn import knn_evaluate
 from mae_et.model import MaskedAutoencoderViT, mae_vit
 from mae_et.optim import build_adamw, lr_at, scaled_lr, set_lr
 from mae_et.step import TrainStep
@@ -163,6 +164,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     end_step = min(plan.total_steps, cfg.train.max_steps or plan.total_steps)
     ckpt_every = cfg.checkpoint.every_steps or steps_every(cfg.checkpoint.every_epochs, steps_per_epoch)
     recon_every = steps_every(cfg.tracking.recon_every_epochs, steps_per_epoch) if cfg.tracking.recon_every_epochs > 0 else None
+    knn_every = steps_every(cfg.tracking.knn_every_epochs, steps_per_epoch) if cfg.tracking.knn_every_epochs > 0 else None
 
     # --- model and optimizer
     model = build_model(cfg)
@@ -242,7 +244,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         window_steps += 1
 
         at_end = step == end_step
-        if step % cfg.train.log_every == 0 or at_end:
+        knn = run_knn_monitor(raw_model, cfg, accelerator) if knn_every and (step % knn_every == 0 or at_end) else {}
+        if step % cfg.train.log_every == 0 or at_end or knn:
             now = time.perf_counter()
             loss_mean = accelerator.reduce(window_loss, "sum") / accelerator.reduce(window_finite, "sum").clamp(min=1)
             n_bad = int(accelerator.reduce(torch.tensor(float(len(bad_files)), device=device), "sum").item())
@@ -259,10 +262,13 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                 "nonfinite_skipped": counters["nonfinite_skipped"] + int(nonfinite_total.item()),
                 "data_skipped_files": len(index.skipped) + counters["bad_files"] + n_bad,
                 "elapsed_s": elapsed_before + now - run_start,
+                **knn,
             }
             tracker.log(last_metrics, step)
             if main:
                 say(format_log_line(step, end_step, last_metrics))
+                if knn:
+                    say(f"step {step}: kNN top-1 " + ", ".join(f"{k[9:]} {v:.1f}%" for k, v in knn.items()))
             window_loss.zero_(); window_finite.zero_()
             window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
             if int(consecutive.item()) >= cfg.train.max_consecutive_nonfinite:
@@ -330,6 +336,19 @@ def broadcast_path(path: Path | None, accelerator: Accelerator) -> Path | None:
     box = [str(path) if path else None]
     broadcast_object_list(box)
     return Path(box[0]) if box[0] else None
+
+
+def run_knn_monitor(model: MaskedAutoencoderViT, cfg: PretrainConfig, accelerator: Accelerator) -> dict[str, float]:
+    """Weighted kNN of the unmasked encoder, on the main rank (the others wait): {"knn_top1_cls": .., ...}."""
+    box: list[Any] = [None]
+    if accelerator.is_main_process:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unreadable files were already reported by the training loader
+            box[0] = knn_evaluate(model, pretrain_data_dir(cfg), Path(cfg.data.root) / cfg.tracking.knn_split, cfg.data.crop_size,
+                                  batch_size=cfg.tracking.knn_batch_size, num_workers=cfg.data.num_workers, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box)
+    return box[0]
 
 
 def log_reconstructions(model, dataset, cfg, size, run_dir, tracker, step, device, main) -> None:

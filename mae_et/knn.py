@@ -259,6 +259,7 @@ def extract_features(
     return feats[pool], labels
 
 
+@torch.no_grad()
 def knn_evaluate(
     model: nn.Module,
     train_root: str | Path,

@@ -60,7 +60,7 @@ def assert_same_weights(a: dict, b: dict, atol=1e-6):
 
 
 def test_tiny_run_end_to_end_with_the_et_curriculum(tmp_path, mini_root):
-    result = pretrain(cfg_for(tmp_path, mini_root, "train.epochs=3", "checkpoint.keep_last=5"))
+    result = pretrain(cfg_for(tmp_path, mini_root, "train.epochs=3", "checkpoint.keep_last=5", "tracking.knn_every_epochs=2"))
     run_dir = result.run_dir
     records = metrics(run_dir)
     # the curriculum really ran: B = 32 / 40 / 48 in that order, ending at full size
@@ -71,6 +71,10 @@ def test_tiny_run_end_to_end_with_the_et_curriculum(tmp_path, mini_root):
     assert all(0.0 <= r["data_wait_frac"] <= 1.0 and r["images_per_sec"] > 0 for r in records)
     assert records[-1]["loss"] < records[0]["loss"]  # it learns
     assert records[-1]["epoch"] == pytest.approx(3.0)
+    # the online kNN monitor ran at epoch 2 and at the end, on the held-out val split
+    knn_steps = [r["step"] for r in records if "knn_top1_cls" in r]
+    assert knn_steps == [30, 45]
+    assert all(0.0 <= r["knn_top1_cls"] <= 100.0 and 0.0 <= r["knn_top1_mean"] <= 100.0 for r in records if "knn_top1_cls" in r)
     # the resolved config, periodic + final checkpoints, and reconstruction grids
     assert (run_dir / "config.yaml").is_file()
     ckpts = ck.list_checkpoints(run_dir / "checkpoints")
