@@ -326,10 +326,8 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-auto
 WANDB_MODES = ("auto", "online", "offline", "off")
 
 
-def curriculum_stages(cfg: PretrainConfig) -> tuple[list[curriculum_lib.Stage], str]:
-    """The resolved stage list and budget of a config (preset, or the explicit `stages`)."""
-    c = cfg.curriculum
-    full, patch = cfg.data.crop_size, cfg.model.patch_size
+def resolve_curriculum(c: CurriculumConfig, full_size: int, patch_size: int) -> tuple[list[curriculum_lib.Stage], str]:
+    """The checked stage list and budget of a curriculum section (a preset, or the explicit `stages`)."""
     if c.stages is not None:
         stages = []
         for i, s in enumerate(c.stages):
@@ -339,9 +337,20 @@ def curriculum_stages(cfg: PretrainConfig) -> tuple[list[curriculum_lib.Stage], 
     elif c.schedule == "custom":
         raise ConfigError("curriculum.schedule=custom needs curriculum.stages: [{size: 160, fraction: 0.6}, ...]")
     else:
-        stages = curriculum_lib.preset_stages(c.schedule, full, patch)
+        try:
+            stages = curriculum_lib.preset_stages(c.schedule, full_size, patch_size)
+        except ValueError as e:
+            raise ConfigError(f"curriculum: {e}") from None
+    try:
+        curriculum_lib.validate_stages(stages, full_size, patch_size)
+    except ValueError as e:
+        raise ConfigError(f"curriculum: {e}") from None
     budget = c.budget or curriculum_lib.default_budget(c.schedule if c.schedule != "custom" else "none")
     return stages, budget
+
+
+def curriculum_stages(cfg: PretrainConfig) -> tuple[list[curriculum_lib.Stage], str]:
+    return resolve_curriculum(cfg.curriculum, cfg.data.crop_size, cfg.model.patch_size)
 
 
 def validate_pretrain(cfg: PretrainConfig) -> None:
@@ -375,11 +384,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         raise ConfigError(f"curriculum.budget '{c.budget}' is unknown; choose one of {', '.join(curriculum_lib.BUDGETS)}")
     if c.mode not in FREQUENCY_MODES:
         raise ConfigError(f"curriculum.mode '{c.mode}' is unknown; choose one of {', '.join(FREQUENCY_MODES)}")
-    stages, _ = curriculum_stages(cfg)
-    try:
-        curriculum_lib.validate_stages(stages, d.crop_size, m.patch_size)
-    except ValueError as e:
-        raise ConfigError(f"curriculum: {e}") from None
+    curriculum_stages(cfg)  # raises on a bad stage list
     if t.compile not in COMPILE_MODES:
         raise ConfigError(f"train.compile '{t.compile}' is unknown; choose one of {', '.join(COMPILE_MODES)}")
     if t.precision not in PRECISIONS:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -34,6 +33,7 @@ from mae_et.curriculum import CurriculumPlan, plan_curriculum, relative_compute
 from mae_et.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PretrainBatch,
     PretrainDataset,
     build_pretrain_loader,
     normalize_on_device,
@@ -66,22 +66,23 @@ class PretrainResult:
 # ----------------------------------------------------------------------------- set-up
 
 
-def build_accelerator(cfg: PretrainConfig, use_wandb: bool) -> Accelerator:
+def build_accelerator(precision: str, accum_steps: int, use_wandb: bool) -> Accelerator:
     cpu = not torch.cuda.is_available()
-    if cpu and cfg.train.precision == "fp16":
+    if cpu and precision == "fp16":
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
     # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu` start a real gloo
     # process group; without it each rank would silently train alone.
     return Accelerator(
         cpu=cpu,
-        mixed_precision=MIXED_PRECISION[cfg.train.precision],
-        gradient_accumulation_steps=cfg.train.accum_steps,
+        mixed_precision=MIXED_PRECISION[precision],
+        gradient_accumulation_steps=accum_steps,
         log_with="wandb" if use_wandb else None,
     )
 
 
-def prepare_run_dir(cfg: PretrainConfig, accelerator: Accelerator) -> Path:
-    """Create the run folder and prove it is writable now, not at the first save (main rank writes)."""
+def prepare_run_dir(cfg, accelerator: Accelerator) -> Path:
+    """`cfg`: any run config with `run_dir` (pretraining, fine-tuning, linear probe)."""
+    # create the run folder and prove it is writable now, not at the first save (main rank writes)
     run_dir = cfg.run_dir
     error = [None]
     if accelerator.is_main_process:
@@ -117,6 +118,17 @@ def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
     )
 
 
+def open_batches(cfg: PretrainConfig, dataset: PretrainDataset, rank: int, world: int, start_micro_step: int,
+                 num_micro_steps: int, device: torch.device) -> Iterator[PretrainBatch]:
+    """The stream of micro-batches (uint8 crops) of this rank, from `start_micro_step` on."""
+    loader = build_pretrain_loader(
+        dataset, micro_batch=cfg.train.batch_size, rank=rank, world_size=world, seed=cfg.train.seed,
+        start_micro_step=start_micro_step, num_micro_steps=num_micro_steps,
+        num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
+    )
+    return iter(loader)
+
+
 def mask_noise(seed: int, step: int, micro: int, rank: int, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     """(N, L) uniform noise deciding the mask (lowest kept), a pure function of its position."""
     gen = torch.Generator(device=device)
@@ -133,7 +145,7 @@ def steps_every(epochs: float, steps_per_epoch: int) -> int:
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     wandb_mode = resolve_wandb_mode(cfg.tracking.wandb)
-    accelerator = build_accelerator(cfg, use_wandb=wandb_mode is not None)
+    accelerator = build_accelerator(cfg.train.precision, cfg.train.accum_steps, use_wandb=wandb_mode is not None)
     run_dir = prepare_run_dir(cfg, accelerator)
     main = accelerator.is_main_process
     device = accelerator.device
@@ -202,12 +214,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         describe_run(cfg, plan, budget, stages, len(dataset), len(index.skipped), global_batch, base_lr, world, say)
 
     # --- the loop
-    loader = build_pretrain_loader(
-        dataset, micro_batch=micro_batch, rank=rank, world_size=world, seed=cfg.train.seed,
-        start_micro_step=step * accum, num_micro_steps=max(0, end_step - step) * accum,
-        num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
-    )
-    batches = iter(loader)
+    batches = open_batches(cfg, dataset, rank, world, start_micro_step=step * accum,
+                           num_micro_steps=max(0, end_step - step) * accum, device=device)
     patch = cfg.model.patch_size
     nonfinite_total = torch.zeros((), device=device)  # device counters: read only at log time
     consecutive = torch.zeros((), device=device)
@@ -368,7 +376,7 @@ def log_reconstructions(model, dataset, cfg, size, run_dir, tracker, step, devic
     tracker.log_image("reconstructions", grid, step)
 
 
-def warn_config_changes(ckpt_path: Path, cfg: PretrainConfig, say) -> None:
+def warn_config_changes(ckpt_path: Path, cfg, say) -> None:
     saved_file = ckpt_path / ckpt_lib.CONFIG_FILE
     if not saved_file.is_file():
         return

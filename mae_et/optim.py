@@ -38,5 +38,6 @@ def lr_at(progress: float, base_lr: float, min_lr: float, warmup: float) -> floa
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Each group gets lr x its `lr_scale` (layer-wise decay in fine-tuning; 1 when absent)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

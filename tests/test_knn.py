@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,21 +16,7 @@ from mae_et.knn import build_eval_loader, extract_features, knn_accuracy, knn_cl
 from mae_et.model import mae_vit
 from mae_et.vit import load_pretrained_vit
 
-from conftest import CPU_RECIPE, REPO
 
-
-@pytest.fixture(scope="session")
-def micro_run(tmp_path_factory, mini_root) -> Path:
-    """Run folder of a real (1 epoch) pretraining of the micro recipe (shared with test_vit_export.py)."""
-    out = tmp_path_factory.getbasetemp() / "micro_pretrain"
-    run = out / CPU_RECIPE.stem
-    if not list_checkpoints(run / "checkpoints"):
-        cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE),
-               f"data.root={mini_root}", f"output_dir={out}", "train.epochs=1"]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list_checkpoints(run / "checkpoints"), f"pretraining left no checkpoint in {run}"
-    return run
 
 
 def unit(angle_cos: float, sign: float = 1.0) -> list[float]:

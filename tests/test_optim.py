@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
-import torch
 
 from mae_et.curriculum import plan_curriculum, preset_stages
 from mae_et.model import mae_vit

@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from mae_et import checkpoint as ck
-from mae_et.config import ConfigError, load_pretrain_config
+from mae_et.config import load_pretrain_config
 from mae_et.engine import NonFiniteLossError, build_model, pretrain
 from mae_et.model import MaskedAutoencoderViT
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,30 +26,12 @@ from mae_et.vit import (
     timm_model_name,
 )
 
-from conftest import CPU_RECIPE, REPO
+
 
 MICRO = EncoderSpec(size="micro", patch_size=8, img_size=48)  # the CPU recipe's encoder
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def micro_run(tmp_path_factory, mini_root) -> Path:
-    """Run folder of a real (1 epoch) pretraining of the micro recipe.
-
-    Kept under a fixed name in the session's base temp folder so that test_knn.py, which has the
-    same fixture, reuses it instead of pretraining a second time.
-    """
-    out = tmp_path_factory.getbasetemp() / "micro_pretrain"
-    run = out / CPU_RECIPE.stem
-    if not list_checkpoints(run / "checkpoints"):
-        cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE),
-               f"data.root={mini_root}", f"output_dir={out}", "train.epochs=1"]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list_checkpoints(run / "checkpoints"), f"pretraining left no checkpoint in {run}"
-    return run
-
-
 def micro_mae_from_run(run: Path) -> torch.nn.Module:
     """Our MAE with the run's latest weights, built from the run's own config."""
     ckpt = list_checkpoints(run / "checkpoints")[-1]

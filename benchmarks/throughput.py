@@ -1,0 +1,200 @@
+"""Training-step and end-to-end throughput of MAE at every curriculum size, on this machine.
+
+    python benchmarks/throughput.py                       # GPU: ViT-B/16 batch 256 at B = 224..96, ViT-L/16 batch 128 at 224
+    python benchmarks/throughput.py --data /data/imagenette --pipeline memory   # + end-to-end img/s from real JPEGs
+    python benchmarks/throughput.py --smoke               # CPU: a micro model, seconds (run by the test suite)
+
+For each row (model, batch, B) it reports: step img/s with the input already on the device (the
+same `TrainStep` the training loop runs: normalise, low-frequency crop, masked forward/backward,
+fused AdamW), step time, peak device memory, FLOPs per image and MFU against `--peak-tflops`; with
+`--data`, also end-to-end img/s through the configured data pipeline and its data-wait fraction.
+Results go to stdout as a Markdown table and to a JSON file (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mae_et.config import load_pretrain_config  # noqa: E402
+from mae_et.data import PretrainDataset, scan_image_folder  # noqa: E402
+from mae_et.engine import MIXED_PRECISION, build_model, mask_noise, open_batches  # noqa: E402
+from mae_et.flops import mae_train_flops_per_image  # noqa: E402
+from mae_et.optim import build_adamw  # noqa: E402
+from mae_et.step import TrainStep  # noqa: E402
+
+GPU_ROWS = "base:256:224,192,160,128,96 large:128:224"
+SMOKE_ROWS = "micro:8:48,40,32"
+# bf16 dense matmul measured on one H100 80GB (shared/DESIGN.md): MFU is against what the chip really does
+DEFAULT_PEAK_TFLOPS = 785.0
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    size: int
+    step_img_s: float
+    step_ms: float
+    flops_per_image: float
+    mfu: float
+    peak_mem_gib: float | None
+    e2e_img_s: float | None = None
+    e2e_data_wait: float | None = None
+
+
+def parse_rows(text: str) -> list[tuple[str, int, list[int]]]:
+    rows = []
+    for item in text.split():
+        model, batch, sizes = item.split(":")
+        rows.append((model, int(batch), [int(s) for s in sizes.split(",")]))
+    return rows
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_row(cfg, model_size: str, batch: int, sizes: list[int], steps: int, warmup: int, peak_tflops: float,
+              data_root: str | None) -> list[Row]:
+    AcceleratorState._reset_state(True)
+    cfg.model.size, cfg.train.batch_size = model_size, batch
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=MIXED_PRECISION[cfg.train.precision])
+    device = accelerator.device
+    model = build_model(cfg)
+    optimizer = build_adamw(model, 1e-4, cfg.optim.weight_decay, cfg.optim.betas)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = TrainStep(accelerator, model, optimizer, cfg.model.mask_ratio, cfg.curriculum.mode, cfg.optim.clip_grad,
+                     compile_mode=cfg.train.compile, sizes=tuple(sizes))
+    crop = cfg.data.crop_size
+    images = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=device)  # (n, 3, S, S) on the device
+    dataset = None
+    if data_root is not None:
+        dataset = PretrainDataset(scan_image_folder(data_root), crop_size=crop, scale=cfg.data.scale, hflip=cfg.data.hflip)
+    rows = []
+    for size in sizes:
+        noise = mask_noise(0, 0, 0, 0, (batch, (size // cfg.model.patch_size) ** 2), device)  # (n, L)
+        for _ in range(warmup):  # compiles the graph of this size, warms the allocator
+            step(images, size, noise)
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(images, size, noise)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        img_s = steps * batch / seconds
+        flops = mae_train_flops_per_image(model_size, size, cfg.model.patch_size, cfg.model.decoder_embed_dim,
+                                          cfg.model.decoder_depth, cfg.model.mask_ratio)
+        row = Row(model_size, batch, size, img_s, 1000 * seconds / steps, flops, flops * img_s / (peak_tflops * 1e12),
+                  torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+        if dataset is not None:
+            row.e2e_img_s, row.e2e_data_wait = end_to_end(cfg, dataset, step, size, steps, warmup, device)
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
+def end_to_end(cfg, dataset, step, size, steps, warmup, device) -> tuple[float, float]:
+    """img/s and data-wait fraction with real images through the configured pipeline."""
+    batches = open_batches(cfg, dataset, rank=0, world=1, start_micro_step=0, num_micro_steps=steps + warmup, device=device)
+    for _ in range(warmup):
+        batch = next(batches)
+        step(batch.images.to(device, non_blocking=True), size,
+             mask_noise(0, 0, 0, 0, (batch.images.shape[0], (size // cfg.model.patch_size) ** 2), device))
+    sync(device)
+    wait, t0 = 0.0, time.perf_counter()
+    for i in range(steps):
+        t = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t
+        step(batch.images.to(device, non_blocking=True), size,
+             mask_noise(0, i, 0, 0, (batch.images.shape[0], (size // cfg.model.patch_size) ** 2), device))
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return steps * cfg.train.batch_size / seconds, wait / seconds
+
+
+def format_row(r: Row) -> str:
+    mem = f"{r.peak_mem_gib:.1f}" if r.peak_mem_gib is not None else "-"
+    e2e = f"{r.e2e_img_s:,.0f} ({100 * r.e2e_data_wait:.0f}% wait)" if r.e2e_img_s is not None else "-"
+    return (f"| {r.model} | {r.batch} | {r.size} | {r.step_img_s:,.0f} | {r.step_ms:.1f} | {r.flops_per_image / 1e9:.1f} | "
+            f"{100 * r.mfu:.1f}% | {mem} | {e2e} |")
+
+
+TABLE_HEAD = ("| model | batch | B | step img/s | step ms | GFLOP/img | MFU | peak GiB | end-to-end img/s |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs/pretrain/mae_vit-base-p16_baseline_800e_imagenet.yaml"),
+                        help="recipe giving the decoder, patch, crop size, precision and pipeline")
+    parser.add_argument("--rows", default=None, help=f"model:batch:sizes ... (GPU default '{GPU_ROWS}')")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--compile", default="default", help="train.compile mode (none | default | reduce-overhead | ...)")
+    parser.add_argument("--precision", default=None, help="bf16 | fp16 | fp32 (default: the recipe's; fp32 on CPU)")
+    parser.add_argument("--data", default=None, help="ImageFolder for end-to-end figures (its train/ split when present)")
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS)
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run: micro model, few steps, eager")
+    parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/throughput_<device>.json)")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    overrides = [f"train.compile={args.compile}"]
+    if args.smoke or not cuda:
+        overrides = ["model.patch_size=8", "data.crop_size=48", "model.decoder_embed_dim=32", "model.decoder_depth=1",
+                     "model.decoder_num_heads=2", "train.compile=none", "train.precision=fp32"]
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+    if args.precision:
+        overrides.append(f"train.precision={args.precision}")
+    if args.num_workers is not None:
+        overrides.append(f"data.num_workers={args.num_workers}")
+    data_root = None
+    if args.data:
+        data_root = str(Path(args.data) / "train") if (Path(args.data) / "train").is_dir() else args.data
+    cfg = load_pretrain_config(args.config, [f"data.root={args.data or REPO}", *overrides])
+    rows_spec = parse_rows(args.rows or (GPU_ROWS if cuda and not args.smoke else SMOKE_ROWS))
+
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    print(f"device: {device_name}; torch {torch.__version__}; precision {cfg.train.precision}; compile {cfg.train.compile}")
+    print(TABLE_HEAD)
+    rows = []
+    for model_size, batch, sizes in rows_spec:
+        rows += bench_row(cfg, model_size, batch, sizes, args.steps, args.warmup, args.peak_tflops, data_root)
+    # the curriculum's promise: how much faster each smaller B steps than full size, for the same model and batch
+    for r in rows:
+        full = next((x for x in rows if x.model == r.model and x.batch == r.batch and x.size == cfg.data.crop_size), None)
+        if full is not None:
+            print(f"{r.model} B={r.size}: {r.step_img_s / full.step_img_s:.2f}x the full-size step")
+    result = {
+        "device": device_name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "precision": cfg.train.precision, "compile": cfg.train.compile, "pipeline": "loader",
+        "peak_tflops": args.peak_tflops, "steps": args.steps, "rows": [asdict(r) for r in rows],
+    }
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"throughput_{'cuda' if cuda else 'cpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""FLOP accounting and the throughput benchmark's CPU smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from mae_et.flops import mae_train_flops_per_image
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("size, gflop", [(224, 58.7), (192, 42.9), (160, 29.7), (128, 19.1), (96, 11.0)])
+def test_vit_base_train_flops_match_the_design_table(size, gflop):
+    # shared/DESIGN.md: ViT-B MAE train FLOPs per image at each curriculum size
+    assert mae_train_flops_per_image("base", size) / 1e9 == pytest.approx(gflop, abs=0.06)
+
+
+def test_smaller_inputs_cost_fewer_flops_roughly_with_the_area():
+    full = mae_train_flops_per_image("base", 224)
+    ratio = full / mae_train_flops_per_image("base", 96)
+    assert 4.5 < ratio < (224 / 96) ** 2  # attention makes it a bit less than the area ratio
+
+
+def test_throughput_smoke_run_writes_the_table(tmp_path, mini_root):
+    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    sys.modules["throughput"] = throughput  # its dataclasses look their module up
+    spec.loader.exec_module(throughput)
+    out = tmp_path / "tp.json"
+    result = throughput.main(["--smoke", "--data", str(mini_root), "--num-workers", "0", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert [r["size"] for r in saved["rows"]] == [48, 40, 32]
+    for r in saved["rows"]:
+        assert r["step_img_s"] > 0 and r["e2e_img_s"] > 0 and 0 <= r["e2e_data_wait"] <= 1
+        assert r["flops_per_image"] > 0 and r["mfu"] > 0
