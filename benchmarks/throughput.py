@@ -30,8 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mae_et.config import load_pretrain_config  # noqa: E402
-from mae_et.data import PretrainDataset, scan_image_folder  # noqa: E402
-from mae_et.engine import MIXED_PRECISION, build_model, mask_noise, open_batches  # noqa: E402
+from mae_et.engine import MIXED_PRECISION, build_model, mask_noise, open_batches, open_data  # noqa: E402
 from mae_et.flops import mae_train_flops_per_image  # noqa: E402
 from mae_et.optim import build_adamw  # noqa: E402
 from mae_et.step import TrainStep  # noqa: E402
@@ -82,9 +81,7 @@ def bench_row(cfg, model_size: str, batch: int, sizes: list[int], steps: int, wa
                      compile_mode=cfg.train.compile, sizes=tuple(sizes))
     crop = cfg.data.crop_size
     images = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=device)  # (n, 3, S, S) on the device
-    dataset = None
-    if data_root is not None:
-        dataset = PretrainDataset(scan_image_folder(data_root), crop_size=crop, scale=cfg.data.scale, hflip=cfg.data.hflip)
+    data = open_data(cfg, main=True, device=device) if data_root is not None else None
     rows = []
     for size in sizes:
         noise = mask_noise(0, 0, 0, 0, (batch, (size // cfg.model.patch_size) ** 2), device)  # (n, L)
@@ -103,16 +100,16 @@ def bench_row(cfg, model_size: str, batch: int, sizes: list[int], steps: int, wa
                                           cfg.model.decoder_depth, cfg.model.mask_ratio)
         row = Row(model_size, batch, size, img_s, 1000 * seconds / steps, flops, flops * img_s / (peak_tflops * 1e12),
                   torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
-        if dataset is not None:
-            row.e2e_img_s, row.e2e_data_wait = end_to_end(cfg, dataset, step, size, steps, warmup, device)
+        if data is not None:
+            row.e2e_img_s, row.e2e_data_wait = end_to_end(cfg, data, step, size, steps, warmup, device)
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
 
 
-def end_to_end(cfg, dataset, step, size, steps, warmup, device) -> tuple[float, float]:
+def end_to_end(cfg, data, step, size, steps, warmup, device) -> tuple[float, float]:
     """img/s and data-wait fraction with real images through the configured pipeline."""
-    batches = open_batches(cfg, dataset, rank=0, world=1, start_micro_step=0, num_micro_steps=steps + warmup, device=device)
+    batches = open_batches(cfg, data, rank=0, world=1, start_micro_step=0, num_micro_steps=steps + warmup, device=device)
     for _ in range(warmup):
         batch = next(batches)
         step(batch.images.to(device, non_blocking=True), size,
@@ -152,6 +149,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--precision", default=None, help="bf16 | fp16 | fp32 (default: the recipe's; fp32 on CPU)")
     parser.add_argument("--data", default=None, help="ImageFolder for end-to-end figures (its train/ split when present)")
     parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--pipeline", default=None, help="data.pipeline for end-to-end: loader | memory | device_decode")
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS)
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run: micro model, few steps, eager")
     parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/throughput_<device>.json)")
@@ -167,10 +165,10 @@ def main(argv=None) -> dict:
         overrides.append(f"train.precision={args.precision}")
     if args.num_workers is not None:
         overrides.append(f"data.num_workers={args.num_workers}")
-    data_root = None
-    if args.data:
-        data_root = str(Path(args.data) / "train") if (Path(args.data) / "train").is_dir() else args.data
-    cfg = load_pretrain_config(args.config, [f"data.root={args.data or REPO}", *overrides])
+    if args.pipeline:
+        overrides.append(f"data.pipeline={args.pipeline}")
+    data_root = args.data  # its train/ split when present (engine.pretrain_data_dir)
+    cfg = load_pretrain_config(args.config, [f"data.root={args.data or REPO}", "data.source=imagefolder", *overrides])
     rows_spec = parse_rows(args.rows or (GPU_ROWS if cuda and not args.smoke else SMOKE_ROWS))
 
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
@@ -186,7 +184,7 @@ def main(argv=None) -> dict:
             print(f"{r.model} B={r.size}: {r.step_img_s / full.step_img_s:.2f}x the full-size step")
     result = {
         "device": device_name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-        "precision": cfg.train.precision, "compile": cfg.train.compile, "pipeline": "loader",
+        "precision": cfg.train.precision, "compile": cfg.train.compile, "pipeline": cfg.data.pipeline if data_root else None,
         "peak_tflops": args.peak_tflops, "steps": args.steps, "rows": [asdict(r) for r in rows],
     }
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"throughput_{'cuda' if cuda else 'cpu'}.json"

@@ -46,6 +46,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    source: str = "imagefolder"  # imagefolder | fractal (generated, no files) | auto (fractal unless a root is given)
     root: Optional[str] = None  # an ImageFolder: class sub-folders of images
     split: str = "train"  # sub-folder of root to pretrain on when it exists; "" = root itself
     crop_size: int = 224  # RandomResizedCrop output side: the full curriculum size
@@ -54,6 +55,13 @@ class DataConfig:
     strict: bool = False  # true: the first unreadable file is an error instead of a counted skip
     num_workers: int = 8
     pin_memory: bool = True
+    # how images reach the model: loader (PIL decode + crop in workers: portable), memory (decode once,
+    # keep uint8 images on the device, crop on the device), device_decode (JPEG decode + crop on the device)
+    pipeline: str = "loader"
+    memory_size: Optional[int] = None  # memory pipeline: stored side (default crop_size * 256/224)
+    memory_on_device: bool = True  # memory pipeline: keep the store on the GPU (false: pinned CPU memory)
+    fractal_classes: int = 10  # data.source=fractal: K classes, each one iterated function system
+    fractal_images_per_class: int = 500  # one "epoch" of fresh renders
 
 
 @dataclass
@@ -322,6 +330,8 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = 
 # ----------------------------------------------------------------------------- validation
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+DATA_SOURCES = ("imagefolder", "fractal", "auto")
+PIPELINES = ("loader", "memory", "device_decode")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WANDB_MODES = ("auto", "online", "offline", "off")
 
@@ -367,13 +377,25 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
             f"data.crop_size {d.crop_size} is not a multiple of model.patch_size {m.patch_size}; "
             f"use e.g. data.crop_size={max(1, round(d.crop_size / m.patch_size)) * m.patch_size}"
         )
-    if d.root is None or not str(d.root).strip():
+    if d.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source '{d.source}' is unknown; choose one of {', '.join(DATA_SOURCES)}")
+    if d.pipeline not in PIPELINES:
+        raise ConfigError(f"data.pipeline '{d.pipeline}' is unknown; choose one of {', '.join(PIPELINES)}")
+    if d.memory_size is not None and d.memory_size < d.crop_size:
+        raise ConfigError(f"data.memory_size {d.memory_size} is below data.crop_size {d.crop_size}; use null for the default")
+    if d.source == "auto":  # resolved once, here: the saved config says what really ran
+        d.source = "imagefolder" if d.root else "fractal"
+    if d.source == "fractal":
+        if d.fractal_classes < 2 or d.fractal_images_per_class < 1:
+            raise ConfigError(f"data.fractal_classes must be >= 2 and data.fractal_images_per_class >= 1, got "
+                              f"{d.fractal_classes}, {d.fractal_images_per_class}")
+    elif d.root is None or not str(d.root).strip():
         raise ConfigError(
             "data.root is missing: pass data.root=/path/to/imagefolder (class sub-folders of images, "
             "optionally under train/); with a network, torchvision.datasets.Imagenette(root, split='train', "
             "size='320px', download=True) fetches a copy"
         )
-    if not Path(d.root).is_dir():
+    elif not Path(d.root).is_dir():
         raise ConfigError(f"data.root '{d.root}' is not a folder; pass data.root=/path/to/imagefolder")
     lo, hi = d.scale
     if not 0.0 < lo <= hi <= 1.0:
@@ -402,7 +424,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         raise ConfigError(f"optim.clip_grad must be positive or null, got {o.clip_grad}")
     if cfg.tracking.knn_every_epochs < 0:
         raise ConfigError(f"tracking.knn_every_epochs must be >= 0 (0 = off), got {cfg.tracking.knn_every_epochs}")
-    if cfg.tracking.knn_every_epochs > 0 and not (Path(d.root) / cfg.tracking.knn_split).is_dir():
+    if cfg.tracking.knn_every_epochs > 0 and d.source == "imagefolder" and not (Path(d.root) / cfg.tracking.knn_split).is_dir():
         raise ConfigError(
             f"the kNN monitor needs a labelled split '{Path(d.root) / cfg.tracking.knn_split}'; set tracking.knn_split=<folder "
             f"under data.root> or tracking.knn_every_epochs=0"

@@ -26,6 +26,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mae_et import checkpoint as ckpt_lib
 from mae_et.config import ConfigError, PretrainConfig, config_to_dict, curriculum_stages, flatten_dict
@@ -40,7 +41,9 @@ from mae_et.data import (
     scan_image_folder,
 )
 from mae_et.frequency import low_frequency_crop
-from mae_et.knn import knn_evaluate
+from mae_et.fractal import FractalBatchSource, FractalDataset
+from mae_et.gpu_data import DeviceDecodeBatchSource, InMemoryImages, MemoryBatchSource
+from mae_et.knn import knn_evaluate, knn_evaluate_loaders
 from mae_et.model import MaskedAutoencoderViT, mae_vit
 from mae_et.optim import build_adamw, lr_at, scaled_lr, set_lr
 from mae_et.step import TrainStep
@@ -118,14 +121,56 @@ def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
     )
 
 
-def open_batches(cfg: PretrainConfig, dataset: PretrainDataset, rank: int, world: int, start_micro_step: int,
+@dataclass
+class DataSource:
+    """The pretraining images as opened: the dataset (also the source of the fixed reconstruction
+    images), how many images the stream draws from, and what was skipped while opening."""
+
+    dataset: Dataset  # PretrainDataset or FractalDataset
+    num_images: int
+    skipped: list
+    index: Any = None  # ImageFolderIndex for folder sources
+    store: InMemoryImages | None = None  # data.pipeline=memory
+
+
+def open_data(cfg: PretrainConfig, main: bool, device: torch.device) -> DataSource:
+    d = cfg.data
+    if d.source == "fractal":
+        dataset = FractalDataset(d.fractal_classes, d.fractal_images_per_class, d.crop_size, seed=cfg.train.seed, split="train")
+        return DataSource(dataset, len(dataset), [])
+    with warnings.catch_warnings():
+        if not main:  # scan-time warnings once, from the main rank
+            warnings.simplefilter("ignore")
+        index = scan_image_folder(pretrain_data_dir(cfg), strict=d.strict)  # a directory listing: no decoding
+    dataset = PretrainDataset(index, crop_size=d.crop_size, scale=d.scale, hflip=d.hflip, strict=d.strict)
+    if d.pipeline != "memory":
+        return DataSource(dataset, len(dataset), list(index.skipped), index=index)
+    store_size = d.memory_size or round(d.crop_size * 256 / 224)
+    on_device = d.memory_on_device and device.type == "cuda"
+    with warnings.catch_warnings():
+        if not main:
+            warnings.simplefilter("ignore")
+        store = InMemoryImages(index, store_size, device if on_device else "cpu", strict=d.strict,
+                               num_workers=d.num_workers, pin_memory=device.type == "cuda" and not on_device)
+    return DataSource(dataset, len(store), list(index.skipped) + list(store.skipped), index=index, store=store)
+
+
+def open_batches(cfg: PretrainConfig, data: DataSource, rank: int, world: int, start_micro_step: int,
                  num_micro_steps: int, device: torch.device) -> Iterator[PretrainBatch]:
     """The stream of micro-batches (uint8 crops) of this rank, from `start_micro_step` on."""
-    loader = build_pretrain_loader(
-        dataset, micro_batch=cfg.train.batch_size, rank=rank, world_size=world, seed=cfg.train.seed,
-        start_micro_step=start_micro_step, num_micro_steps=num_micro_steps,
-        num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
-    )
+    d, batch, seed = cfg.data, cfg.train.batch_size, cfg.train.seed
+    stream = dict(start_micro_step=start_micro_step, num_micro_steps=num_micro_steps)
+    if isinstance(data.dataset, FractalDataset):
+        if device.type == "cuda":  # render batched on the GPU, not in workers
+            return FractalBatchSource(data.dataset, batch, rank, world, seed, device, **stream)
+    elif d.pipeline == "memory":
+        return MemoryBatchSource(data.store, batch, rank, world, seed, d.crop_size, scale=d.scale, hflip=d.hflip,
+                                 device=device, **stream)
+    elif d.pipeline == "device_decode":
+        return DeviceDecodeBatchSource(data.index, batch, rank, world, seed, d.crop_size, device, scale=d.scale,
+                                       hflip=d.hflip, strict=d.strict, num_workers=d.num_workers, **stream)
+    loader = build_pretrain_loader(data.dataset, micro_batch=batch, rank=rank, world_size=world, seed=seed,
+                                   num_workers=d.num_workers, pin_memory=d.pin_memory and device.type == "cuda", **stream)
     return iter(loader)
 
 
@@ -152,19 +197,16 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
     say = accelerator.print
 
-    # --- data: scan once per rank (directory listing only), shard by Accelerate's rank and count
-    with warnings.catch_warnings():
-        if not main:  # scan-time warnings once, from the main rank
-            warnings.simplefilter("ignore")
-        index = scan_image_folder(pretrain_data_dir(cfg), strict=cfg.data.strict)
-    dataset = PretrainDataset(index, crop_size=cfg.data.crop_size, scale=cfg.data.scale, hflip=cfg.data.hflip, strict=cfg.data.strict)
+    # --- data: the image source, sharded by Accelerate's rank and count
+    data = open_data(cfg, main, device)
+    dataset, skipped_at_open = data.dataset, data.skipped
     world, rank, accum, micro_batch = accelerator.num_processes, accelerator.process_index, cfg.train.accum_steps, cfg.train.batch_size
     global_batch = micro_batch * world * accum
-    micro_per_epoch = len(dataset) // (micro_batch * world)
+    micro_per_epoch = data.num_images // (micro_batch * world)
     steps_per_epoch = micro_per_epoch // accum
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"{len(dataset)} images make no full optimizer step of global batch {global_batch} "
+            f"{data.num_images} images make no full optimizer step of global batch {global_batch} "
             f"(train.batch_size x processes x train.accum_steps); lower train.batch_size or train.accum_steps"
         )
 
@@ -211,10 +253,10 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     tracker = RunTracker(accelerator, run_dir, cfg.tracking.project, cfg.name, flatten_dict(config_dict), wandb_mode,
                          resume_step=step if resumed_from else None)
     if main:
-        describe_run(cfg, plan, budget, stages, len(dataset), len(index.skipped), global_batch, base_lr, world, say)
+        describe_run(cfg, plan, budget, stages, data.num_images, len(skipped_at_open), global_batch, base_lr, world, say)
 
     # --- the loop
-    batches = open_batches(cfg, dataset, rank, world, start_micro_step=step * accum,
+    batches = open_batches(cfg, data, rank, world, start_micro_step=step * accum,
                            num_micro_steps=max(0, end_step - step) * accum, device=device)
     patch = cfg.model.patch_size
     nonfinite_total = torch.zeros((), device=device)  # device counters: read only at log time
@@ -268,7 +310,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                 "images_per_sec": window_steps * global_batch / (now - window_start),
                 "data_wait_frac": window_wait / (now - window_start),
                 "nonfinite_skipped": counters["nonfinite_skipped"] + int(nonfinite_total.item()),
-                "data_skipped_files": len(index.skipped) + counters["bad_files"] + n_bad,
+                "data_skipped_files": len(skipped_at_open) + counters["bad_files"] + n_bad,
                 "elapsed_s": elapsed_before + now - run_start,
                 **knn,
             }
@@ -349,7 +391,10 @@ def broadcast_path(path: Path | None, accelerator: Accelerator) -> Path | None:
 def run_knn_monitor(model: MaskedAutoencoderViT, cfg: PretrainConfig, accelerator: Accelerator) -> dict[str, float]:
     """Weighted kNN of the unmasked encoder, on the main rank (the others wait): {"knn_top1_cls": .., ...}."""
     box: list[Any] = [None]
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and cfg.data.source == "fractal":
+        train, val = fractal_knn_loaders(cfg)
+        box[0] = knn_evaluate_loaders(model, train, val, cfg.data.fractal_classes, device=accelerator.device)
+    elif accelerator.is_main_process:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unreadable files were already reported by the training loader
             box[0] = knn_evaluate(model, pretrain_data_dir(cfg), Path(cfg.data.root) / cfg.tracking.knn_split, cfg.data.crop_size,
@@ -357,6 +402,27 @@ def run_knn_monitor(model: MaskedAutoencoderViT, cfg: PretrainConfig, accelerato
     if accelerator.num_processes > 1:
         broadcast_object_list(box)
     return box[0]
+
+
+FRACTAL_KNN_BANK_PER_CLASS = 50  # fixed renders of the training systems: the kNN bank
+FRACTAL_KNN_VAL_PER_CLASS = 20  # the held-out split: the same systems, renders never trained on
+
+
+def fractal_knn_loaders(cfg: PretrainConfig) -> tuple[DataLoader, DataLoader]:
+    """Labelled loaders of fixed fractal renders, normalised like the training input: (bank, held-out)."""
+    d = cfg.data
+    bank = FractalDataset(d.fractal_classes, d.fractal_images_per_class, d.crop_size, seed=cfg.train.seed, split="train")
+    val = FractalDataset(d.fractal_classes, FRACTAL_KNN_VAL_PER_CLASS, d.crop_size, seed=cfg.train.seed, split="val")
+    n_bank = d.fractal_classes * min(FRACTAL_KNN_BANK_PER_CLASS, d.fractal_images_per_class)  # index i is class i % K
+
+    def collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.stack([item["image"] for item in items])  # (B, 3, S, S) uint8
+        return normalize_on_device(images, IMAGENET_MEAN, IMAGENET_STD), torch.tensor([item["label"] for item in items])
+
+    def loader(dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=cfg.tracking.knn_batch_size, num_workers=d.num_workers, collate_fn=collate)
+
+    return loader(Subset(bank, range(n_bank))), loader(val)
 
 
 def log_reconstructions(model, dataset, cfg, size, run_dir, tracker, step, device, main) -> None:

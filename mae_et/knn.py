@@ -280,14 +280,31 @@ def knn_evaluate(
     train_loader = build_eval_loader(train_root, img_size, batch_size, num_workers)
     classes = train_loader.dataset.classes
     val_loader = build_eval_loader(val_root, img_size, batch_size, num_workers, classes=classes)
+    return knn_evaluate_loaders(model, train_loader, val_loader, len(classes), k, temperature, pools, device,
+                                names=(str(train_root), str(val_root)))
+
+
+@torch.no_grad()
+def knn_evaluate_loaders(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    pools: Sequence[str] = ("cls", "mean"),
+    device: str | torch.device | None = None,
+    names: tuple[str, str] = ("train", "val"),
+) -> dict[str, float]:
+    """`knn_evaluate` on any two loaders of (normalised images (B, 3, S, S), labels (B,)): e.g. generated fractals."""
     train_feats, train_labels = _extract_pools(model, train_loader, device, pools)
     val_feats, val_labels = _extract_pools(model, val_loader, device, pools)
-    for root, labels in ((train_root, train_labels), (val_root, val_labels)):
+    for name, labels in zip(names, (train_labels, val_labels)):
         if labels.numel() == 0:
-            raise DataError(f"no readable images in '{root}'; check the data folder")
+            raise DataError(f"no readable images in '{name}'; check the data folder")
     return {
         f"knn_top1_{pool}": knn_accuracy(
-            train_feats[pool], train_labels, val_feats[pool], val_labels, len(classes), k=k, temperature=temperature
+            train_feats[pool], train_labels, val_feats[pool], val_labels, num_classes, k=k, temperature=temperature
         )
         for pool in pools
     }

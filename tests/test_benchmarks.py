@@ -25,16 +25,17 @@ def test_smaller_inputs_cost_fewer_flops_roughly_with_the_area():
     assert 4.5 < ratio < (224 / 96) ** 2  # attention makes it a bit less than the area ratio
 
 
-def test_throughput_smoke_run_writes_the_table(tmp_path, mini_root):
+@pytest.mark.parametrize("pipeline", ["loader", "memory"])
+def test_throughput_smoke_run_writes_the_table(tmp_path, mini_root, pipeline):
     spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
     throughput = importlib.util.module_from_spec(spec)
     sys.modules["throughput"] = throughput  # its dataclasses look their module up
     spec.loader.exec_module(throughput)
     out = tmp_path / "tp.json"
-    result = throughput.main(["--smoke", "--data", str(mini_root), "--num-workers", "0", "--out", str(out)])
+    result = throughput.main(["--smoke", "--data", str(mini_root), "--num-workers", "0", "--pipeline", pipeline, "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
-    assert [r["size"] for r in saved["rows"]] == [48, 40, 32]
+    assert [r["size"] for r in saved["rows"]] == [48, 40, 32] and saved["pipeline"] == pipeline
     for r in saved["rows"]:
         assert r["step_img_s"] > 0 and r["e2e_img_s"] > 0 and 0 <= r["e2e_data_wait"] <= 1
         assert r["flops_per_image"] > 0 and r["mfu"] > 0
