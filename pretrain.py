@@ -10,7 +10,7 @@ from mae_et.cli import parse_args, run_user_command
 from mae_et.config import load_pretrain_config
 from mae_et.engine import pretrain
 
-DEFAULT_RECIPE = "configs/pretrain/mae_vit-tiny-p16_et_100e_quickstart.yaml"
+DEFAULT_RECIPE = "configs/pretrain/mae_vit-tiny-p8_et_20e_fractal.yaml"
 
 
 def main(argv=None) -> None:
