@@ -251,3 +251,27 @@ def test_wandb_offline_run_and_reconstructions(tmp_path, mini_root):
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
     assert list(offline[0].glob("files/media/images/reconstructions_*.png"))  # the grid went to W&B too
     assert (run_dir / "wandb_id.txt").is_file() and (run_dir / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize("pipeline", ["memory", "device_decode"])
+def test_fast_data_pipelines_train_and_resume_exactly(tmp_path, mini_root, pipeline):
+    """The on-device data paths run the same loop, learn, and resume to the same weights."""
+    common = ["train.epochs=2", "train.deterministic=true", f"data.pipeline={pipeline}", "tracking.recon_every_epochs=0",
+              "checkpoint.every_steps=100"]
+    straight = pretrain(cfg_for(tmp_path / "a", mini_root, *common))
+    records = metrics(straight.run_dir)
+    assert records[-1]["loss"] < records[0]["loss"] and records[-1]["size"] == 48
+    AcceleratorState._reset_state(True)
+    pretrain(cfg_for(tmp_path / "b", mini_root, *common, "train.max_steps=11"))
+    AcceleratorState._reset_state(True)
+    resumed = pretrain(cfg_for(tmp_path / "b", mini_root, *common))
+    assert resumed.step == straight.step == 30
+    assert_same_weights(final_weights(straight.run_dir), final_weights(resumed.run_dir))
+
+
+def test_memory_pipeline_skips_and_counts_bad_files(tmp_path, mini_root):
+    data = tmp_path / "data"
+    n_bad = make_bad_folder(mini_root / "train", data)
+    with pytest.warns(UserWarning):
+        result = pretrain(cfg_for(tmp_path, data, "train.epochs=1", "data.pipeline=memory", "tracking.recon_every_epochs=0"))
+    assert metrics(result.run_dir)[-1]["data_skipped_files"] == n_bad
