@@ -336,6 +336,16 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-auto
 WANDB_MODES = ("auto", "online", "offline", "off")
 
 
+def check_curriculum_names(c: CurriculumConfig) -> None:
+    """The schedule, budget and mode names of a curriculum section (its sizes need the crop and patch)."""
+    if c.schedule not in (*curriculum_lib.PRESETS, "custom"):
+        raise ConfigError(f"curriculum.schedule '{c.schedule}' is unknown; choose one of {', '.join(curriculum_lib.PRESETS)}, custom")
+    if c.budget is not None and c.budget not in curriculum_lib.BUDGETS:
+        raise ConfigError(f"curriculum.budget '{c.budget}' is unknown; choose one of {', '.join(curriculum_lib.BUDGETS)}")
+    if c.mode not in FREQUENCY_MODES:
+        raise ConfigError(f"curriculum.mode '{c.mode}' is unknown; choose one of {', '.join(FREQUENCY_MODES)}")
+
+
 def resolve_curriculum(c: CurriculumConfig, full_size: int, patch_size: int) -> tuple[list[curriculum_lib.Stage], str]:
     """The checked stage list and budget of a curriculum section (a preset, or the explicit `stages`)."""
     if c.stages is not None:
@@ -400,12 +410,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     lo, hi = d.scale
     if not 0.0 < lo <= hi <= 1.0:
         raise ConfigError(f"data.scale must satisfy 0 < min <= max <= 1, got {list(d.scale)}")
-    if c.schedule not in (*curriculum_lib.PRESETS, "custom"):
-        raise ConfigError(f"curriculum.schedule '{c.schedule}' is unknown; choose one of {', '.join(curriculum_lib.PRESETS)}, custom")
-    if c.budget is not None and c.budget not in curriculum_lib.BUDGETS:
-        raise ConfigError(f"curriculum.budget '{c.budget}' is unknown; choose one of {', '.join(curriculum_lib.BUDGETS)}")
-    if c.mode not in FREQUENCY_MODES:
-        raise ConfigError(f"curriculum.mode '{c.mode}' is unknown; choose one of {', '.join(FREQUENCY_MODES)}")
+    check_curriculum_names(c)
     curriculum_stages(cfg)  # raises on a bad stage list
     if t.compile not in COMPILE_MODES:
         raise ConfigError(f"train.compile '{t.compile}' is unknown; choose one of {', '.join(COMPILE_MODES)}")

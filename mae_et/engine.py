@@ -230,28 +230,14 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
     # --- resume
     step, counters, elapsed_before = 0, {"nonfinite_skipped": 0, "bad_files": 0}, 0.0
-    resumed_from = None
-    if cfg.checkpoint.resume:
-        found = ckpt_lib.load_latest_checkpoint(run_dir / "checkpoints")
-        if found is not None:
-            raw_model.load_state_dict(found.model_state, strict=True)
-            optimizer.load_state_dict(found.training_state["optimizer"])
-            if accelerator.scaler is not None and found.training_state.get("scaler"):
-                accelerator.scaler.load_state_dict(found.training_state["scaler"])
-            step = int(found.training_state["step"])
-            counters.update(found.training_state.get("counters", {}))
-            elapsed_before = float(found.training_state.get("elapsed_seconds", 0.0))
-            torch.set_rng_state(found.training_state["rng"]["torch_cpu"])
-            resumed_from = found.path
-            warn_config_changes(found.path, cfg, say)
-            say(f"resumed from {found.path} at step {step}")
-
-    config_dict = config_to_dict(cfg)
-    config_yaml = yaml.safe_dump(config_dict, sort_keys=False)
-    if main:
-        (run_dir / "config.yaml").write_text(config_yaml)
-    tracker = RunTracker(accelerator, run_dir, cfg.tracking.project, cfg.name, flatten_dict(config_dict), wandb_mode,
-                         resume_step=step if resumed_from else None)
+    found = resume_latest(cfg, run_dir, raw_model, optimizer, accelerator)
+    resumed_from = found.path if found is not None else None
+    if found is not None:
+        step = int(found.training_state["step"])
+        counters.update(found.training_state.get("counters", {}))
+        elapsed_before = float(found.training_state.get("elapsed_seconds", 0.0))
+        torch.set_rng_state(found.training_state["rng"]["torch_cpu"])
+    tracker, config_yaml = start_tracking(cfg, accelerator, run_dir, wandb_mode, resume_step=step if found else None)
     if main:
         describe_run(cfg, plan, budget, stages, data.num_images, len(skipped_at_open), global_batch, base_lr, world, say)
 
@@ -368,7 +354,34 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     return PretrainResult(run_dir=run_dir, step=step, checkpoint=last_ckpt, last_metrics=last_metrics)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- helpers (also used by the eval engines)
+
+
+def resume_latest(cfg, run_dir: Path, raw_model: torch.nn.Module, optimizer, accelerator: Accelerator) -> ckpt_lib.Checkpoint | None:
+    """Load the run's latest checkpoint into the model, optimizer and grad scaler (when `checkpoint.resume`)."""
+    if not cfg.checkpoint.resume:
+        return None
+    found = ckpt_lib.load_latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        return None
+    raw_model.load_state_dict(found.model_state, strict=True)
+    optimizer.load_state_dict(found.training_state["optimizer"])
+    if accelerator.scaler is not None and found.training_state.get("scaler"):
+        accelerator.scaler.load_state_dict(found.training_state["scaler"])
+    warn_config_changes(found.path, cfg)
+    accelerator.print(f"resumed from {found.path} at step {found.training_state['step']}")
+    return found
+
+
+def start_tracking(cfg, accelerator: Accelerator, run_dir: Path, wandb_mode: str | None, resume_step: int | None) -> tuple[RunTracker, str]:
+    """Save the resolved config in the run folder and open the tracker; returns it and the config as YAML."""
+    config_dict = config_to_dict(cfg)
+    config_yaml = yaml.safe_dump(config_dict, sort_keys=False)
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    tracker = RunTracker(accelerator, run_dir, cfg.tracking.project, cfg.name, flatten_dict(config_dict), wandb_mode,
+                         resume_step=resume_step)
+    return tracker, config_yaml
 
 
 def rank_weight_checksums(model: torch.nn.Module, accelerator: Accelerator) -> list[float]:
@@ -442,7 +455,7 @@ def log_reconstructions(model, dataset, cfg, size, run_dir, tracker, step, devic
     tracker.log_image("reconstructions", grid, step)
 
 
-def warn_config_changes(ckpt_path: Path, cfg, say) -> None:
+def warn_config_changes(ckpt_path: Path, cfg) -> None:
     saved_file = ckpt_path / ckpt_lib.CONFIG_FILE
     if not saved_file.is_file():
         return

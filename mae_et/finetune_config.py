@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from mae_et import curriculum as curriculum_lib
 from mae_et.config import (
     PRECISIONS,
     WANDB_MODES,
@@ -21,11 +20,11 @@ from mae_et.config import (
     ConfigError,
     CurriculumConfig,
     build_config,
+    check_curriculum_names,
     load_yaml_recipe,
     merge_dicts,
     parse_overrides,
 )
-from mae_et.frequency import FREQUENCY_MODES
 
 GLOBAL_POOLS = ("avg", "token")  # avg: mean of patch tokens + fc_norm (MAE fine-tuning); token: cls after the final norm
 PROBE_MODES = ("online", "cached")
@@ -279,12 +278,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         target = randaug_magnitude(a.auto_augment)  # raises when there is no RandAugment to ramp
         if not 0.0 <= a.randaug_ramp_start <= target:
             raise ConfigError(f"augment.randaug_ramp_start must be in [0, {target:g}] (the recipe's magnitude), got {a.randaug_ramp_start}")
-    if c.schedule not in (*curriculum_lib.PRESETS, "custom"):
-        raise ConfigError(f"curriculum.schedule '{c.schedule}' is unknown; choose one of {', '.join(curriculum_lib.PRESETS)}, custom")
-    if c.budget is not None and c.budget not in curriculum_lib.BUDGETS:
-        raise ConfigError(f"curriculum.budget '{c.budget}' is unknown; choose one of {', '.join(curriculum_lib.BUDGETS)}")
-    if c.mode not in FREQUENCY_MODES:
-        raise ConfigError(f"curriculum.mode '{c.mode}' is unknown; choose one of {', '.join(FREQUENCY_MODES)}")
+    check_curriculum_names(c)
 
 
 def validate_linprobe(cfg: LinprobeConfig) -> None:

@@ -34,7 +34,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from timm.data import Mixup
@@ -51,15 +50,15 @@ from mae_et.classification_data import (
     shard_loader,
     split_dir,
 )
-from mae_et.config import ConfigError, config_to_dict, flatten_dict
+from mae_et.config import ConfigError, resolve_curriculum
 from mae_et.curriculum import CurriculumPlan, plan_curriculum, relative_compute
-from mae_et.engine import NonFiniteLossError, broadcast_path, build_accelerator, prepare_run_dir, steps_every, warn_config_changes
-from mae_et.config import resolve_curriculum
+from mae_et.engine import (NonFiniteLossError, broadcast_path, build_accelerator, prepare_run_dir, resume_latest, start_tracking,
+                           steps_every)
 from mae_et.finetune_config import FinetuneConfig, randaug_magnitude, with_randaug_magnitude
 from mae_et.frequency import low_frequency_crop
 from mae_et.knn import build_eval_loader
 from mae_et.optim import lr_at, scaled_lr, set_lr
-from mae_et.tracking import RunTracker, resolve_wandb_mode
+from mae_et.tracking import resolve_wandb_mode
 from mae_et.vit import load_pretrained_vit
 
 BEST_DIR = "best"
@@ -246,32 +245,20 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
 
     # --- resume
     step, resumed_from, elapsed_before, saved_best, last_eval = 0, None, 0.0, None, {}
-    if cfg.checkpoint.resume:
-        found = ckpt_lib.load_latest_checkpoint(run_dir / "checkpoints")
-        if found is not None:
-            raw_model.load_state_dict(found.model_state, strict=True)
-            optimizer.load_state_dict(found.training_state["optimizer"])
-            if accelerator.scaler is not None and found.training_state.get("scaler"):
-                accelerator.scaler.load_state_dict(found.training_state["scaler"])
-            step = int(found.training_state["step"])
-            elapsed_before = float(found.training_state.get("elapsed_seconds", 0.0))
-            saved_best = found.training_state.get("best") or None
-            last_eval = dict(found.meta.get("last_eval") or {})  # so a relaunch after the end still reports it
-            resumed_from = found.path
-            warn_config_changes(found.path, cfg, say)
-            say(f"resumed from {found.path} at step {step}")
+    found = resume_latest(cfg, run_dir, raw_model, optimizer, accelerator)
+    if found is not None:
+        step = int(found.training_state["step"])
+        elapsed_before = float(found.training_state.get("elapsed_seconds", 0.0))
+        saved_best = found.training_state.get("best") or None
+        last_eval = dict(found.meta.get("last_eval") or {})  # so a relaunch after the end still reports it
+        resumed_from = found.path
     if main and resumed_from is None and (run_dir / BEST_DIR).exists():
         shutil.rmtree(run_dir / BEST_DIR)  # a fresh run: an older run's best is not this run's
     accelerator.wait_for_everyone()
     # RUN/best/ may be newer than the checkpoint resumed from (a kill between the two saves): it wins
     best = (read_best(run_dir) or saved_best) if resumed_from is not None else None
 
-    config_dict = config_to_dict(cfg)
-    config_yaml = yaml.safe_dump(config_dict, sort_keys=False)
-    if main:
-        (run_dir / "config.yaml").write_text(config_yaml)
-    tracker = RunTracker(accelerator, run_dir, cfg.tracking.project, cfg.name, flatten_dict(config_dict), wandb_mode,
-                         resume_step=step if resumed_from else None)
+    tracker, config_yaml = start_tracking(cfg, accelerator, run_dir, wandb_mode, resume_step=step if resumed_from else None)
     if main:
         say(f"fine-tune {cfg.name}: {cfg.model.checkpoint} ({spec.size}/{spec.patch_size}, pretrained at {spec.img_size} px) "
             f"at {cfg.data.img_size} px, {num_classes} classes, {len(index.samples)} training images, {world} process(es), "

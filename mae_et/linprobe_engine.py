@@ -31,7 +31,6 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from safetensors import safe_open
@@ -48,16 +47,16 @@ from mae_et.classification_data import (
     shard_range,
     split_dir,
 )
-from mae_et.config import ConfigError, config_to_dict, flatten_dict
+from mae_et.config import ConfigError
 from mae_et.data import epoch_permutation_seed
-from mae_et.engine import NonFiniteLossError, broadcast_path, prepare_run_dir, steps_every, warn_config_changes
+from mae_et.engine import NonFiniteLossError, broadcast_path, prepare_run_dir, resume_latest, start_tracking, steps_every
 from mae_et.finetune_config import LinprobeConfig
 from mae_et.engine import build_accelerator
 from mae_et.finetune_engine import RESULT_FILE, evaluate_classifier, write_json_atomic
 from mae_et.knn import build_eval_loader, extract_features
 from mae_et.lars import LARS
 from mae_et.optim import lr_at, scaled_lr, set_lr
-from mae_et.tracking import RunTracker, resolve_wandb_mode
+from mae_et.tracking import resolve_wandb_mode
 from mae_et.vit import encoder_features, load_pretrained_vit
 
 HEAD_INIT_STD = 0.01  # MAE linear probe
@@ -383,23 +382,12 @@ def linprobe(cfg: LinprobeConfig) -> LinprobeResult:
 
     # --- resume
     step, resumed_from, best = 0, None, None
-    if cfg.checkpoint.resume:
-        found = ckpt_lib.load_latest_checkpoint(run_dir / "checkpoints")
-        if found is not None:
-            raw_head.load_state_dict(found.model_state, strict=True)
-            optimizer.load_state_dict(found.training_state["optimizer"])
-            step = int(found.training_state["step"])
-            best = found.training_state.get("best") or None
-            resumed_from = found.path
-            warn_config_changes(found.path, cfg, say)
-            say(f"resumed from {found.path} at step {step}")
-
-    config_dict = config_to_dict(cfg)
-    config_yaml = yaml.safe_dump(config_dict, sort_keys=False)
-    if main:
-        (run_dir / "config.yaml").write_text(config_yaml)
-    tracker = RunTracker(accelerator, run_dir, cfg.tracking.project, cfg.name, flatten_dict(config_dict), wandb_mode,
-                         resume_step=step if resumed_from else None)
+    found = resume_latest(cfg, run_dir, raw_head, optimizer, accelerator)
+    if found is not None:
+        step = int(found.training_state["step"])
+        best = found.training_state.get("best") or None
+        resumed_from = found.path
+    tracker, config_yaml = start_tracking(cfg, accelerator, run_dir, wandb_mode, resume_step=step if resumed_from else None)
     say(f"linear probe {cfg.name} ({cfg.linprobe.mode}): {cfg.model.checkpoint} ({spec.size}/{spec.patch_size}) at "
         f"{cfg.data.img_size} px, {cfg.linprobe.pool} features (D={dim}), {num_classes} classes, {len(index.samples)} training "
         f"images, global batch {global_batch}, lr {base_lr:.3g}, {total_steps} steps in {cfg.train.epochs} epochs")
