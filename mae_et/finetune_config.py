@@ -64,7 +64,9 @@ class EvalTrackingConfig:
 @dataclass
 class FinetuneAugmentConfig:
     # timm's create_transform(is_training=True): RandomResizedCrop + flip + RandAugment + RandomErasing
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    # mmax9: with Pillow >= 13 a jittered magnitude of 10 makes PosterizeIncreasing ask for 0 bits, which
+    # Pillow rejects (a crash a few times in 10,000 images); capping at 9 keeps every op valid
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1-mmax9"
     randaug_ramp_start: Optional[float] = None  # EfficientTrain: RandAugment magnitude grows linearly from this to the recipe's m
     scale: tuple[float, float] = (0.08, 1.0)
     color_jitter: Optional[float] = 0.4  # ignored by timm while auto_augment is set (as in the MAE recipe)

@@ -248,3 +248,20 @@ def test_missing_or_truncated_checkpoint(pretrained, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "unreadable" in err
+
+
+def test_default_randaugment_never_asks_for_an_invalid_op():
+    """Every op of the recipe's RandAugment at its largest magnitude runs (posterize with 0 bits crashed Pillow 13)."""
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    policy = load_finetune_config(FT_RECIPE, [f"model.checkpoint={REPO}", f"data.root={MINI}"]).augment.auto_augment
+    for recipe in (REPO / "configs" / "finetune").glob("*.yaml"):
+        text = recipe.read_text()
+        assert "auto_augment" not in text or "mmax9" in text, recipe.name
+    ra = rand_augment_transform(policy, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    image = Image.new("RGB", (32, 32), (120, 60, 200))
+    for op in ra.ops:
+        top = op.magnitude_max if op.magnitude_max is not None else 10.0  # timm clips jittered magnitudes to 10
+        op.prob, op.magnitude_std, op.magnitude = 1.0, 0.0, top
+        op(image)  # raises on an invalid op
