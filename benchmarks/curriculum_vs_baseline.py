@@ -535,7 +535,9 @@ def main(argv=None) -> dict[str, Any]:
               f"(~{flops / rate:.0f} s at {100 * study.assumed_mfu:.0f}% of {study.peak_tflops:g} TFLOP/s)")
 
     warmup_s = None
-    if base_cfg.train.compile != "none":
+    # in-process, the first run would also pay this process's one-time costs (lazy kernels, allocator,
+    # thread pools): the throwaway steps take them for every run, compiled or not
+    if base_cfg.train.compile != "none" or launch == "inprocess":
         t0 = time.perf_counter()
         if launch == "subprocess":
             cmd = [sys.executable, str(Path(__file__).resolve()), "--study", str(study.path), "--data", str(data_root),
@@ -546,7 +548,7 @@ def main(argv=None) -> dict[str, Any]:
         else:
             warm_compile(study, data_root, out)
         warmup_s = time.perf_counter() - t0
-        print(f"compile warm-up: {warmup_s:.0f}s (not part of any run)")
+        print(f"warm-up (compile and first-use costs): {warmup_s:.0f}s (not part of any run)")
 
     # --- pretraining: per seed baseline, et, etpp_half, then the baseline with et's wall time
     results: dict[str, dict[str, dict]] = {run: {} for run in RUNS}
