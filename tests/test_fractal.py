@@ -53,6 +53,9 @@ def assert_well_formed(image: torch.Tensor, size: int) -> None:
     # Every drawn pixel is far from the background in every channel (the colour gap).
     gap = int(fractal.COLOR_GAP * 255) - 1
     assert bool((diff[:, drawn] >= gap).all())
+    # A dark background and a bright foreground, never the other way round.
+    assert bool((bg <= round(fractal.BACKGROUND_MAX * 255)).all())
+    assert bool((image[:, drawn].long() >= round((fractal.BACKGROUND_MAX + fractal.COLOR_GAP) * 255)).all())
     # Normalised points stay inside the canvas minus its margin: the border is background only.
     border = int(fractal.MARGIN * size)
     if border > 0:
@@ -264,6 +267,27 @@ def test_classes_are_distinguishable_with_trivial_features() -> None:
     dist = torch.cdist(posed.flatten(0, 1), x_train).view(len(x_val), 8, len(x_train)).amin(1)  # (n, n_train)
     knn_acc = float((y_train[dist.argmin(1)] == y_val).float().mean())
     assert knn_acc > 6 * chance, f"1-NN accuracy {knn_acc:.2f}"
+
+
+def test_classes_are_distinguishable_in_colour_as_the_encoder_sees_them() -> None:
+    # The kNN monitor's view: normalised RGB renders, colours included (per-sample colour is nuisance
+    # to the class). Weighted kNN (k=20, T=0.07) on 16x16 thumbnails of 32 px renders: measured 88-98%
+    # over dataset seeds 0-9 (98% at seed 0); the former colouring (channels in [0, 0.3] against
+    # [0.5, 1], light/dark polarity drawn per sample), with which short MAE runs stayed at chance,
+    # gave 52-75%.
+    from mae_et.data import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device
+    from mae_et.knn import knn_accuracy
+
+    num_classes = 10
+    train = FractalDataset(num_classes, samples_per_class=20, size=32, seed=0)
+    val = FractalDataset(num_classes, samples_per_class=10, size=32, seed=0, split="val")
+
+    def thumbnails(ds: FractalDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        images = normalize_on_device(torch.stack([ds[i]["image"] for i in range(len(ds))]), IMAGENET_MEAN, IMAGENET_STD)
+        return F.adaptive_avg_pool2d(images, 16).flatten(1), torch.arange(len(ds)) % num_classes  # (n, 768), (n,)
+
+    acc = knn_accuracy(*thumbnails(train), *thumbnails(val), num_classes)
+    assert acc >= 80.0, f"colour thumbnails' kNN accuracy {acc:.1f}%"
 
 
 def test_point_count_rule() -> None:
