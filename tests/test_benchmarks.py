@@ -39,3 +39,11 @@ def test_throughput_smoke_run_writes_the_table(tmp_path, mini_root, pipeline):
     for r in saved["rows"]:
         assert r["step_img_s"] > 0 and r["e2e_img_s"] > 0 and 0 <= r["e2e_data_wait"] <= 1
         assert r["flops_per_image"] > 0 and r["mfu"] > 0
+
+
+def test_fractal_speed_smoke():
+    spec = importlib.util.spec_from_file_location("fractal_speed", REPO / "benchmarks" / "fractal_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--sizes", "32", "--batch", "4", "--seconds", "0.2", "--device", "cpu"])
+    assert [r["size"] for r in rows] == [32] and rows[0]["single_cpu"] > 0 and rows[0]["batched"] > 0
