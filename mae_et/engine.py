@@ -341,12 +341,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
             }
             if at_end:
                 meta["rank_weight_checksums"] = rank_weight_checksums(raw_model, accelerator)
-            model_state = accelerator.get_state_dict(model)
-            if main:
-                last_ckpt = ckpt_lib.save_checkpoint(run_dir / "checkpoints", step, model_state, training_state, config_yaml, meta,
-                                                     keep_last=cfg.checkpoint.keep_last)
-            accelerator.wait_for_everyone()
-            last_ckpt = broadcast_path(last_ckpt, accelerator)
+            last_ckpt = save_checkpoint_on_main(accelerator, run_dir, step, model, training_state, config_yaml, meta,
+                                                cfg.checkpoint.keep_last)
 
     tracker.close()
     if main:
@@ -391,6 +387,17 @@ def rank_weight_checksums(model: torch.nn.Module, accelerator: Accelerator) -> l
         for i, p in enumerate(model.parameters()):
             total += (p.double() * (1.0 + (i % 7) * 0.01)).sum()  # position-weighted, so a swap shows
     return [float(x) for x in accelerator.gather(total.reshape(1)).cpu()]
+
+
+def save_checkpoint_on_main(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Module, training_state: dict,
+                            config_yaml: str, meta: dict, keep_last: int) -> Path:
+    """The main rank writes RUN/checkpoints/step_N atomically; every rank waits and gets its path."""
+    model_state = accelerator.get_state_dict(model)  # a collective under some sharding schemes: every rank calls it
+    path = None
+    if accelerator.is_main_process:
+        path = ckpt_lib.save_checkpoint(run_dir / "checkpoints", step, model_state, training_state, config_yaml, meta, keep_last)
+    accelerator.wait_for_everyone()
+    return broadcast_path(path, accelerator)
 
 
 def broadcast_path(path: Path | None, accelerator: Accelerator) -> Path | None:

@@ -52,8 +52,8 @@ from mae_et.classification_data import (
 )
 from mae_et.config import ConfigError, resolve_curriculum
 from mae_et.curriculum import CurriculumPlan, plan_curriculum, relative_compute
-from mae_et.engine import (NonFiniteLossError, broadcast_path, build_accelerator, prepare_run_dir, resume_latest, start_tracking,
-                           steps_every)
+from mae_et.engine import (NonFiniteLossError, build_accelerator, prepare_run_dir, resume_latest,
+                           save_checkpoint_on_main, start_tracking, steps_every)
 from mae_et.finetune_config import FinetuneConfig, randaug_magnitude, with_randaug_magnitude
 from mae_et.frequency import low_frequency_crop
 from mae_et.knn import build_eval_loader
@@ -365,12 +365,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 meta = {"step": step, "total_steps": plan.total_steps, "epoch": plan.epoch_at_step(step), "stage": stage.index,
                         "size": stage.size, "world_size": world, "global_batch": global_batch,
                         "complete": step >= plan.total_steps, "last_eval": last_eval}
-                model_state = accelerator.get_state_dict(model)
-                if main:
-                    last_ckpt = ckpt_lib.save_checkpoint(run_dir / "checkpoints", step, model_state, training_state, config_yaml, meta,
-                                                         keep_last=cfg.checkpoint.keep_last)
-                accelerator.wait_for_everyone()
-                last_ckpt = broadcast_path(last_ckpt, accelerator)
+                last_ckpt = save_checkpoint_on_main(accelerator, run_dir, step, model, training_state, config_yaml, meta,
+                                                    cfg.checkpoint.keep_last)
 
     tracker.close()
     done = step >= plan.total_steps

@@ -37,7 +37,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mae_et import checkpoint as ckpt_lib
 from mae_et.classification_data import (
     SeededClassificationDataset,
     build_train_loader,
@@ -49,7 +48,8 @@ from mae_et.classification_data import (
 )
 from mae_et.config import ConfigError
 from mae_et.data import epoch_permutation_seed
-from mae_et.engine import NonFiniteLossError, broadcast_path, prepare_run_dir, resume_latest, start_tracking, steps_every
+from mae_et.engine import (NonFiniteLossError, prepare_run_dir, resume_latest, save_checkpoint_on_main,
+                           start_tracking, steps_every)
 from mae_et.finetune_config import LinprobeConfig
 from mae_et.engine import build_accelerator
 from mae_et.finetune_engine import RESULT_FILE, evaluate_classifier, write_json_atomic
@@ -418,12 +418,8 @@ def linprobe(cfg: LinprobeConfig) -> LinprobeResult:
             training_state = {"optimizer": optimizer.state_dict(), "step": done, "best": state["best"]}
             meta = {"step": done, "total_steps": total_steps, "epoch": done / steps_per_epoch, "global_batch": global_batch,
                     "world_size": world, "complete": done >= total_steps, "last_eval": state.get("last_eval")}
-            head_state = accelerator.get_state_dict(head)
-            if main:
-                state["last_ckpt"] = ckpt_lib.save_checkpoint(run_dir / "checkpoints", done, head_state, training_state,
-                                                              config_yaml, meta, keep_last=cfg.checkpoint.keep_last)
-            accelerator.wait_for_everyone()
-            state["last_ckpt"] = broadcast_path(state["last_ckpt"], accelerator)
+            state["last_ckpt"] = save_checkpoint_on_main(accelerator, run_dir, done, head, training_state, config_yaml, meta,
+                                                         cfg.checkpoint.keep_last)
 
     schedule = ProbeSchedule(step, end_step, total_steps, steps_per_epoch, base_lr, cfg.optim.min_lr,
                              cfg.optim.warmup_epochs / cfg.train.epochs)

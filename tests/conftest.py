@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from accelerate.state import AcceleratorState
 
 from mae_et.checkpoint import list_checkpoints
 
@@ -40,3 +42,14 @@ def micro_run(tmp_path_factory, mini_root) -> Path:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert list_checkpoints(run / "checkpoints"), f"pretraining left no checkpoint in {run}"
     return run
+
+
+@pytest.fixture
+def one_thread_fresh_accelerate():
+    """One intra-op thread (see ONE_THREAD_ENV) and a fresh Accelerate state around an in-process run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+    torch.set_num_threads(threads)

@@ -43,13 +43,8 @@ def pretrained(micro_run) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def one_thread_fresh_accelerate():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)  # each in-process run builds its own Accelerator
+def _one_thread(one_thread_fresh_accelerate):
     yield
-    AcceleratorState._reset_state(True)
-    torch.set_num_threads(threads)
 
 
 def cfg_for(out: Path, checkpoint: Path, *overrides: str, root: Path = MINI):

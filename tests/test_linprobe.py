@@ -33,13 +33,8 @@ def pretrained(micro_run) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def one_thread_fresh_accelerate():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_finetune.ONE_THREAD_ENV
-    AcceleratorState._reset_state(True)
+def _one_thread(one_thread_fresh_accelerate):
     yield
-    AcceleratorState._reset_state(True)
-    torch.set_num_threads(threads)
 
 
 def cfg_for(out: Path, checkpoint: Path, *overrides: str, root: Path = MINI):
