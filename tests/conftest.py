@@ -53,3 +53,9 @@ def one_thread_fresh_accelerate():
     yield
     AcceleratorState._reset_state(True)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def pretrained(micro_run) -> Path:
+    """The tiny pretrained checkpoint the evaluation tests start from (an alias of micro_run)."""
+    return micro_run

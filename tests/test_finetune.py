@@ -29,17 +29,9 @@ from mae_et.finetune_engine import (
 from mae_et.optim import set_lr
 from mae_et.vit import EncoderSpec, LoadError, build_vit
 
-from conftest import ONE_THREAD_ENV
-
-REPO = Path(__file__).resolve().parents[1]
-MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-mini"
+from conftest import MINI, ONE_THREAD_ENV, REPO
 PRETRAIN_RECIPE = "configs/pretrain/mae_vit-micro-p8_et_cpu-test.yaml"
 FT_RECIPE = REPO / "configs" / "finetune" / "vit-micro-p8_mae_cpu-test.yaml"
-
-
-@pytest.fixture(scope="session")
-def pretrained(micro_run) -> Path:
-    return micro_run
 
 
 @pytest.fixture(autouse=True)

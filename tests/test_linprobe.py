@@ -27,11 +27,6 @@ from test_finetune import MINI, REPO, load_entry_point, metrics
 LP_RECIPE = REPO / "configs" / "linprobe" / "vit-micro-p8_mae_cpu-test.yaml"
 
 
-@pytest.fixture(scope="session")
-def pretrained(micro_run) -> Path:
-    return micro_run
-
-
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread_fresh_accelerate):
     yield
