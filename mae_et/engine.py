@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -118,6 +119,7 @@ def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
         decoder_depth=m.decoder_depth,
         decoder_num_heads=m.decoder_num_heads,
         norm_pix_loss=m.norm_pix_loss,
+        pos_embed=m.pos_embed,
     )
 
 
@@ -181,6 +183,51 @@ def mask_noise(seed: int, step: int, micro: int, rank: int, shape: tuple[int, in
     return torch.rand(shape, generator=gen, device=device)
 
 
+class LoopClock:
+    """Wall and process CPU seconds of the training loop, and the bookkeeping share of each.
+
+    CPU time is `time.process_time()`: user + system of every thread of this process (not of loader
+    worker processes). On a shared machine it moves far less than wall time when other work runs beside
+    the job. `overhead()` marks checkpoint writes, reconstruction grids and the kNN monitor; training time
+    is the total less that share. Totals carry across resumes through the checkpoint (`state`/`restore`).
+    """
+
+    KEYS = ("elapsed_seconds", "cpu_seconds", "overhead_seconds", "overhead_cpu_seconds")
+
+    def __init__(self) -> None:
+        self.before = dict.fromkeys(self.KEYS, 0.0)  # totals of earlier launches of this run
+        self.overhead_wall = self.overhead_cpu = 0.0  # this launch
+        self.wall0 = self.cpu0 = None
+
+    def restore(self, training_state: dict) -> None:
+        self.before = {k: float(training_state.get(k, 0.0)) for k in self.KEYS}
+
+    def start(self) -> None:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    @contextmanager
+    def overhead(self):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.overhead_wall += time.perf_counter() - wall
+            self.overhead_cpu += time.process_time() - cpu
+
+    def state(self) -> dict[str, float]:
+        b = self.before
+        return {"elapsed_seconds": b["elapsed_seconds"] + time.perf_counter() - self.wall0,
+                "cpu_seconds": b["cpu_seconds"] + time.process_time() - self.cpu0,
+                "overhead_seconds": b["overhead_seconds"] + self.overhead_wall,
+                "overhead_cpu_seconds": b["overhead_cpu_seconds"] + self.overhead_cpu}
+
+    def read(self) -> dict[str, float]:
+        """The metrics.jsonl fields: elapsed_s / cpu_s (the whole loop) and their bookkeeping share."""
+        s = self.state()
+        return {"elapsed_s": s["elapsed_seconds"], "cpu_s": s["cpu_seconds"],
+                "overhead_s": s["overhead_seconds"], "overhead_cpu_s": s["overhead_cpu_seconds"]}
+
+
 def steps_every(epochs: float, steps_per_epoch: int) -> int:
     return max(1, round(epochs * steps_per_epoch))
 
@@ -229,13 +276,17 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                            compile_mode=cfg.train.compile, sizes=tuple(sorted({s.size for s in plan.stages})))
 
     # --- resume
-    step, counters, elapsed_before = 0, {"nonfinite_skipped": 0, "bad_files": 0}, 0.0
+    step, counters = 0, {"nonfinite_skipped": 0, "bad_files": 0}
+    # time of the loop so far: wall and process CPU (user + system, every thread of this process), each
+    # with the share spent on bookkeeping (checkpoints, reconstruction grids, the kNN monitor) beside it,
+    # so a study can read training time alone; carried across resumes by the checkpoint
+    clock = LoopClock()
     found = resume_latest(cfg, run_dir, raw_model, optimizer, accelerator)
     resumed_from = found.path if found is not None else None
     if found is not None:
         step = int(found.training_state["step"])
         counters.update(found.training_state.get("counters", {}))
-        elapsed_before = float(found.training_state.get("elapsed_seconds", 0.0))
+        clock.restore(found.training_state)
         torch.set_rng_state(found.training_state["rng"]["torch_cpu"])
     tracker, config_yaml = start_tracking(cfg, accelerator, run_dir, wandb_mode, resume_step=step if found else None)
     if main:
@@ -252,7 +303,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     grad_norm = torch.zeros((), device=device)
     bad_files: set[str] = set()
     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-    run_start = time.perf_counter()
+    clock.start()
     last_metrics: dict[str, Any] = {}
     last_ckpt = resumed_from
     model.train()
@@ -280,7 +331,10 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         window_steps += 1
 
         at_end = step == end_step
-        knn = run_knn_monitor(raw_model, cfg, accelerator) if knn_every and (step % knn_every == 0 or at_end) else {}
+        knn = {}
+        if knn_every and (step % knn_every == 0 or at_end):
+            with clock.overhead():
+                knn = run_knn_monitor(raw_model, cfg, accelerator)
         if step % cfg.train.log_every == 0 or at_end or knn:
             now = time.perf_counter()
             loss_mean = accelerator.reduce(window_loss, "sum") / accelerator.reduce(window_finite, "sum").clamp(min=1)
@@ -297,7 +351,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                 "data_wait_frac": window_wait / (now - window_start),
                 "nonfinite_skipped": counters["nonfinite_skipped"] + int(nonfinite_total.item()),
                 "data_skipped_files": len(skipped_at_open) + counters["bad_files"] + n_bad,
-                "elapsed_s": elapsed_before + now - run_start,
+                **clock.read(),
                 **knn,
             }
             tracker.log(last_metrics, step)
@@ -317,32 +371,34 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                 )
 
         if recon_every is not None and (step % recon_every == 0 or at_end):
-            log_reconstructions(raw_model, dataset, cfg, stage.size, run_dir, tracker, step, device, main)
+            with clock.overhead():
+                log_reconstructions(raw_model, dataset, cfg, stage.size, run_dir, tracker, step, device, main)
 
         if step % ckpt_every == 0 or at_end:
-            training_state = {
-                "optimizer": optimizer.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "step": step,
-                "counters": {
-                    "nonfinite_skipped": counters["nonfinite_skipped"] + int(nonfinite_total.item()),
-                    "bad_files": counters["bad_files"] + len(bad_files),
-                },
-                "elapsed_seconds": elapsed_before + time.perf_counter() - run_start,
-                # all training randomness derives from (seed, step, micro-step, rank); the global
-                # state is kept for completeness
-                "rng": {"seed": cfg.train.seed, "torch_cpu": torch.get_rng_state()},
-            }
-            meta = {
-                "step": step, "total_steps": plan.total_steps, "epoch": plan.epoch_at_step(step),
-                "stage": stage.index, "size": stage.size, "progress": plan.progress_at_step(min(step, plan.total_steps)),
-                "world_size": world, "global_batch": global_batch,
-                "complete": step >= plan.total_steps,
-            }
-            if at_end:
-                meta["rank_weight_checksums"] = rank_weight_checksums(raw_model, accelerator)
-            last_ckpt = save_checkpoint_on_main(accelerator, run_dir, step, model, training_state, config_yaml, meta,
-                                                cfg.checkpoint.keep_last)
+            with clock.overhead():
+                training_state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                    "step": step,
+                    "counters": {
+                        "nonfinite_skipped": counters["nonfinite_skipped"] + int(nonfinite_total.item()),
+                        "bad_files": counters["bad_files"] + len(bad_files),
+                    },
+                    **clock.state(),
+                    # all training randomness derives from (seed, step, micro-step, rank); the global
+                    # state is kept for completeness
+                    "rng": {"seed": cfg.train.seed, "torch_cpu": torch.get_rng_state()},
+                }
+                meta = {
+                    "step": step, "total_steps": plan.total_steps, "epoch": plan.epoch_at_step(step),
+                    "stage": stage.index, "size": stage.size, "progress": plan.progress_at_step(min(step, plan.total_steps)),
+                    "world_size": world, "global_batch": global_batch,
+                    "complete": step >= plan.total_steps,
+                }
+                if at_end:
+                    meta["rank_weight_checksums"] = rank_weight_checksums(raw_model, accelerator)
+                last_ckpt = save_checkpoint_on_main(accelerator, run_dir, step, model, training_state, config_yaml, meta,
+                                                    cfg.checkpoint.keep_last)
 
     tracker.close()
     if main:

@@ -88,7 +88,15 @@ def test_tiny_run_end_to_end_with_the_et_curriculum(tmp_path, mini_root):
     model.load_state_dict(final_weights(run_dir), strict=True)
     assert any(k.startswith("decoder_blocks.") for k in final_weights(run_dir))
     state = torch.load(ckpts[-1] / ck.STATE_FILE, weights_only=False)
-    assert {"optimizer", "scaler", "step", "counters", "rng", "elapsed_seconds"} <= set(state)
+    assert {"optimizer", "scaler", "step", "counters", "rng", "elapsed_seconds", "cpu_seconds", "overhead_seconds",
+            "overhead_cpu_seconds"} <= set(state)
+    # the loop's clocks: wall and process CPU, each with the bookkeeping share (checkpoints, grids, kNN) beside it
+    for a, b in zip(records, records[1:]):
+        assert b["elapsed_s"] > a["elapsed_s"] and b["cpu_s"] > a["cpu_s"]
+        assert b["overhead_s"] >= a["overhead_s"] and b["overhead_cpu_s"] >= a["overhead_cpu_s"]
+    last = records[-1]
+    assert 0 < last["overhead_s"] < last["elapsed_s"] and 0 < last["overhead_cpu_s"] < last["cpu_s"]
+    assert last["cpu_s"] <= 1.05 * torch.get_num_threads() * last["elapsed_s"] + 0.5  # CPU time of this process only
 
 
 def test_relaunch_resumes_and_ends_with_the_same_weights(tmp_path, mini_root):
@@ -102,8 +110,11 @@ def test_relaunch_resumes_and_ends_with_the_same_weights(tmp_path, mini_root):
     resumed = pretrain(cfg_for(tmp_path / "b", mini_root, *common))
     assert resumed.step == straight.step == 30
     assert_same_weights(final_weights(straight.run_dir), final_weights(resumed.run_dir))
-    steps = [r["step"] for r in metrics(resumed.run_dir)]
+    records = metrics(resumed.run_dir)
+    steps = [r["step"] for r in records]
     assert steps == sorted(set(steps))  # the resumed run continued the metrics file, no duplicates
+    # the clocks carried over from the checkpoint: they go on rising across the relaunch
+    assert all(b["elapsed_s"] > a["elapsed_s"] and b["cpu_s"] > a["cpu_s"] for a, b in zip(records, records[1:]))
 
 
 def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_root):
