@@ -42,6 +42,9 @@ class ModelConfig:
     decoder_num_heads: int = 16
     norm_pix_loss: bool = True
     mask_ratio: float = 0.75
+    # sin-cos positions at a reduced input size B: grid (0..g-1, the reference: a location's code changes from
+    # stage to stage) | extent (spread over the full crop's grid: fractional positions, as EfficientTrain's ViT)
+    pos_embed: str = "grid"
 
 
 @dataclass
@@ -70,6 +73,9 @@ class CurriculumConfig:
     stages: Optional[list[dict[str, Any]]] = None  # [{size: 160, fraction: 0.6}, ...] replaces the preset
     budget: Optional[str] = None  # epochs | compute; default: the preset's (et: epochs, etpp: compute)
     mode: str = "fft"  # fft (EfficientTrain) | resize (EfficientTrain++)
+    # a floor on every stage's B (a multiple of the patch): e.g. 32 lifts etpp's 24-px stage at a 64 crop (a 3x3 grid
+    # with 2 visible patches) to a 4x4 grid; the stage keeps its share of the budget. null: no floor
+    min_size: Optional[int] = None
 
 
 @dataclass
@@ -361,6 +367,11 @@ def resolve_curriculum(c: CurriculumConfig, full_size: int, patch_size: int) -> 
             stages = curriculum_lib.preset_stages(c.schedule, full_size, patch_size)
         except ValueError as e:
             raise ConfigError(f"curriculum: {e}") from None
+    if c.min_size is not None:
+        if c.min_size % patch_size != 0 or not patch_size <= c.min_size <= full_size:
+            raise ConfigError(f"curriculum.min_size {c.min_size} must be a multiple of the patch size {patch_size} "
+                              f"between {patch_size} and the crop size {full_size}")
+        stages = [curriculum_lib.Stage(size=max(s.size, c.min_size), fraction=s.fraction) for s in stages]
     try:
         curriculum_lib.validate_stages(stages, full_size, patch_size)
     except ValueError as e:
@@ -382,6 +393,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         raise ConfigError(f"model.size '{m.size}' is unknown; choose one of {', '.join(MODEL_SIZES)}")
     if not 0.0 < m.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
+    if m.pos_embed not in ("grid", "extent"):
+        raise ConfigError(f"model.pos_embed '{m.pos_embed}' is unknown; choose grid (the reference) or extent")
     if m.patch_size < 1 or d.crop_size % m.patch_size != 0:
         raise ConfigError(
             f"data.crop_size {d.crop_size} is not a multiple of model.patch_size {m.patch_size}; "

@@ -38,6 +38,8 @@ MODEL_SIZES: dict[str, dict] = {
     "huge": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
 }
 
+POS_EMBED_MODES = ("grid", "extent")
+
 # Reference eps for the norm-pix target; visualize.py reuses it to invert the normalisation.
 NORM_PIX_EPS = 1e-6
 
@@ -56,17 +58,25 @@ def _1d_sincos(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D)
 
 
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = True, extent: int | None = None) -> torch.Tensor:
     """Reference MAE 2-D sin-cos table, returned as float32 of shape (1 + g*g, D) (or (g*g, D)).
 
     Computed in float64 with the reference's quirks (meshgrid with w first, the first half of
     the dims from grid[0]) so it matches the ``pos_embed`` buffers stored in official checkpoints.
+
+    Positions are 0..g-1 (the reference). With ``extent`` = G, the g positions span the same image
+    extent as a G-patch grid instead: patch i's centre sits at (i + 0.5) * G / g - 0.5 in full-grid
+    units, so an image location keeps (nearly) its code when the input shrinks to g < G patches per
+    side (what resizing the table does in EfficientTrain's ViT code and in MAE's interpolate_pos_embed).
+    At g == G both are the same table.
     """
     if embed_dim % 4 != 0:
         raise ValueError(f"2-D sin-cos needs embed_dim divisible by 4, got {embed_dim}")
     g = int(grid_size)
     grid_h = torch.arange(g, dtype=torch.float64)  # (g,)
-    grid_w = torch.arange(g, dtype=torch.float64)  # (g,)
+    if extent is not None and extent != g:
+        grid_h = (grid_h + 0.5) * (extent / g) - 0.5  # (g,) fractional positions on the full grid
+    grid_w = grid_h.clone()  # (g,)
     # numpy's meshgrid(grid_w, grid_h) ('xy' indexing) puts w first: grid[0][i, j] = w_j.
     gw, gh = torch.meshgrid(grid_w, grid_h, indexing="xy")  # (g, g) each
     grid = torch.stack([gw, gh], dim=0).reshape(2, 1, g, g)  # (2, 1, g, g)
@@ -105,10 +115,16 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
+        pos_embed: str = "grid",
     ) -> None:
         super().__init__()
         if img_size % patch_size != 0:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        if pos_embed not in POS_EMBED_MODES:
+            raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBED_MODES)}, got {pos_embed!r}")
+        # grid: positions 0..g-1 at every input size (the reference); extent: positions spread over the
+        # img_size grid, so a smaller input B (g < G patches) keeps each location's code (fractional positions)
+        self.pos_embed_mode = pos_embed
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -177,7 +193,8 @@ class MaskedAutoencoderViT(nn.Module):
         key = (which, grid, device, dtype)
         table = self._pos_cache.get(key)
         if table is None:
-            table = get_2d_sincos_pos_embed(dim, grid, cls_token=True).to(device=device, dtype=dtype)
+            extent = self.img_size // self.patch_size if self.pos_embed_mode == "extent" else None
+            table = get_2d_sincos_pos_embed(dim, grid, cls_token=True, extent=extent).to(device=device, dtype=dtype)
             table = table.unsqueeze(0)  # (1, 1+g*g, dim)
             self._pos_cache[key] = table
         return table

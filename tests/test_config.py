@@ -75,6 +75,9 @@ def test_scientific_notation_without_dot_is_a_number(mini_root):
         ("curriculum.mode=wavelet", "curriculum.mode 'wavelet' is unknown"),
         ("train.precision=fp8", "train.precision 'fp8' is unknown"),
         ("model.size=gigantic", "model.size 'gigantic' is unknown"),
+        ("model.pos_embed=learned", "model.pos_embed 'learned' is unknown; choose grid"),
+        ("curriculum.min_size=20", "curriculum.min_size 20 must be a multiple of the patch size 8"),
+        ("curriculum.min_size=64", "curriculum.min_size 64 must be .* between 8 and the crop size 48"),
         ("optim.warmup_epochs=99", "optim.warmup_epochs must be in"),
         ("data.root=/no/such/folder", "data.root '/no/such/folder' is not a folder"),
         ("trainepochs", "not of the form section.key=value"),
@@ -84,6 +87,16 @@ def test_invalid_values_fail_with_one_clear_line(mini_root, override, message):
     with pytest.raises(ConfigError, match=message) as info:
         load(mini_root, override)
     assert "\n" not in str(info.value)
+
+
+def test_min_size_lifts_the_small_stages_and_keeps_their_share(mini_root):
+    from mae_et.config import curriculum_stages
+
+    plain, _ = curriculum_stages(load(mini_root, "curriculum.schedule=etpp"))
+    floored, budget = curriculum_stages(load(mini_root, "curriculum.schedule=etpp", "curriculum.min_size=32"))
+    assert budget == "compute" and min(s.size for s in plain) == 24
+    assert [s.size for s in floored] == [max(s.size, 32) for s in plain]
+    assert [s.fraction for s in floored] == [s.fraction for s in plain]
 
 
 def test_missing_data_root_says_what_to_pass():

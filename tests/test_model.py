@@ -295,6 +295,35 @@ def test_sincos_matches_numpy_reference(dim, grid):
     assert no_cls.equal(ours[1:])
 
 
+def test_extent_positions_span_the_full_image_at_a_reduced_size():
+    """pos_embed=extent: at B < crop the g patch centres sit at fractional positions of the full G-grid, so a
+    location keeps its code across curriculum stages; at full size the table is the reference's."""
+    dim, G = 32, 8
+    assert torch.equal(get_2d_sincos_pos_embed(dim, G, extent=G), get_2d_sincos_pos_embed(dim, G))
+    g = 4  # half the side: patch i covers full-grid patches 2i and 2i+1, centre 2i + 0.5
+    extent = get_2d_sincos_pos_embed(dim, g, extent=G)[1:]  # (g*g, D)
+    grid = get_2d_sincos_pos_embed(dim, g)[1:]
+    assert not torch.allclose(extent, grid)
+    # row-major (h, w): token h*g + w; the first half of the dims encodes w, the second half h (reference quirk)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    for h, w in ((0, 0), (1, 3), (3, 2)):
+        pw, ph = 2 * w + 0.5, 2 * h + 0.5
+        expect = torch.cat([torch.sin(pw * omega), torch.cos(pw * omega), torch.sin(ph * omega), torch.cos(ph * omega)])
+        assert torch.allclose(extent[h * g + w].double(), expect, atol=1e-6)
+    # the model uses it at reduced sizes only
+    grid_model = MaskedAutoencoderViT(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                                      decoder_depth=1, decoder_num_heads=2)
+    extent_model = MaskedAutoencoderViT(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                                        decoder_depth=1, decoder_num_heads=2, pos_embed="extent")
+    assert torch.equal(grid_model._pos_embed("enc", 8), extent_model._pos_embed("enc", 8))
+    assert not torch.equal(grid_model._pos_embed("enc", 4), extent_model._pos_embed("enc", 4))
+    assert torch.allclose(extent_model._pos_embed("enc", 4)[0, 1:], extent)
+    out = extent_model(torch.randn(2, 3, 32, 32), mask_ratio=0.75)
+    assert out.pred.shape == (2, 16, 8 * 8 * 3) and torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="pos_embed must be one of grid, extent"):
+        MaskedAutoencoderViT(img_size=64, patch_size=8, pos_embed="learned")
+
+
 def test_pos_embed_is_cached_and_not_a_parameter():
     model = micro()
     assert not any("pos" in n for n, _ in model.named_parameters())
