@@ -1,49 +1,57 @@
-"""The claim, measured: MAE with the EfficientTrain curriculum vs plain MAE, in wall time and accuracy.
+"""The claim, measured: MAE with the EfficientTrain curriculum vs plain MAE, in time and accuracy.
 
-    python benchmarks/curriculum_vs_baseline.py --study configs/study/imagenette_vit-s16_200e.yaml \
+    python benchmarks/curriculum_vs_baseline.py --study configs/study/<name>.yaml \
         [--data /data/imagenette] [--out DIR] [--seeds 0 1] [--launch auto|subprocess|inprocess]
 
-One model size and one schedule length E (the study config, `configs/study/*.yaml`); four runs, each
-with every seed:
+One model size and one schedule length E (the study config, `configs/study/*.yaml`); per seed, four
+pretraining runs and one floor:
   baseline             plain MAE, E epochs
   et                   the `et` curriculum, E epochs
   etpp_half            the `etpp` curriculum, a compute budget of E/2 full-size-epoch equivalents
-  baseline_equal_time  plain MAE given et's wall time: a full run of E' = E * wall(et) / wall(baseline)
+  baseline_equal_time  plain MAE given et's time: a full run of E' = E * time(et) / time(baseline)
                        epochs of the same seed (rounded to a whole step), its warmup + cosine schedule
                        ending at E', not a truncated E-epoch run
+  untrained            the same encoder at E = 0: the baseline's initial weights (same seed), the floor
+                       every trained encoder must clear
 Every run warms up over the same share (`warmup_fraction`) of its own budget. Each encoder is then
 evaluated the same way on the validation split: weighted kNN (cls and mean features), the linear probe
 on cached features (the loop of `linprobe.mode=cached`), and a short fine-tune.
 
-Wall time is the training time the engine measures itself (`elapsed_s` of the last metrics.jsonl
-record: the loop only, after data and model set-up, before the final checkpoint write); `process_s`
-is the whole launch (interpreter start, data decode, model build, final checkpoint). Nothing inside
-the timed loop but training: periodic checkpoints, reconstruction grids, the kNN monitor and W&B are
-switched off for every run. With `train.compile` on, one throwaway step per curriculum size of every
-run first fills a study-local inductor cache, so no run is charged for a compile that an earlier run
-happened to pay (each run still traces its own graphs, as any real run would). `steady_s` is for
-reading a short study only: each stage at the median rate of its logged windows, leaving out its first
-window (where a new size is traced); the verdicts use the measured wall time.
+Time. Each run's training time is read from the engine's own clock (metrics.jsonl): the loop only, less
+its bookkeeping (checkpoint writes, and the grids / kNN monitor, which the study switches off). Two
+clocks, per run and per curriculum stage: wall seconds and process CPU seconds (user + system of every
+thread). On a shared machine CPU time moves far less than wall time when other work runs beside a study;
+`verdict_clock` in the study config says which clock the speed-ups of the verdicts (and the equal-time
+budget) use, and both are reported. Speed-ups are computed within one seed (same machine, same hour),
+then averaged over seeds. Evaluation stages get wall and CPU seconds too.
 
-Over seeds: mean, half-range ((max - min) / 2: "within the baseline's seed spread" means at or above
-its worst seed) and the sample std. Fine-tune top-1 is the last epoch's (no selection on val).
+Sessions end. A study killed at any point resumes when the same command runs again: finished runs and
+evaluations are read back from `state.json` (when their settings still match), a half-finished
+pretraining resumes from its last checkpoint (`checkpoint_every_epochs`) with its clocks carried over,
+and a half-finished fine-tune resumes from its own. Every run records the machine it ran on; the report
+says when a seed's runs, or the seeds, ran on different machines.
 
 Launch: `subprocess` (the default on a GPU) runs each pretraining as `python pretrain.py ...` in a
-fresh process: runs cannot leak memory, compiled graphs or Accelerate state into each other.
-`inprocess` (the default on a CPU, where importing torch costs more than a tiny run) calls
-`mae_et.engine.pretrain` in this process with Accelerate's state reset. Evaluation always runs in this
-process, after all pretraining, so this process leaves the GPU alone while runs are timed.
+fresh process; `inprocess` (the default on a CPU, where importing torch costs more than a tiny run) calls
+`mae_et.engine.pretrain` in this process with Accelerate's state reset. With `train.compile` on, one
+throwaway step per curriculum size of every run first fills a study-local inductor cache, so no run pays a
+compile that another run found cached.
 
-Output under `--out` (default runs/study/<study name>/): results.json (every per-run, per-seed number,
-mean and spread over seeds, speed-ups, verdicts, device and date), table.md, accuracy_vs_wall_time.png;
-results_partial.json (rewritten after every run: what a study cut off by a time limit leaves);
-runs/ (pretraining run folders), eval/ (fine-tune folders), logs/.
+Over seeds: mean, half-range ((max - min) / 2: "within the baseline's seed spread" means at or above its
+worst seed) and the sample std. Fine-tune top-1 is the last epoch's (no selection on val).
+
+Output under `--out` (default runs/study/<study name>/; with --publish the report files are also copied to
+benchmarks/results/<study name>/, which is committed): state.json (every finished run and evaluation;
+rewritten after each), results.json (everything: per run and seed, mean and spread, speed-ups on both
+clocks, verdicts, machines, date), table.md, accuracy_vs_time.png; runs/ (pretraining run folders),
+eval/ (fine-tune folders), logs/.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -53,7 +61,7 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,12 +69,13 @@ from typing import Any
 import torch
 import yaml
 from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mae_et.checkpoint import META_FILE, list_checkpoints  # noqa: E402
-from mae_et.config import ConfigError, curriculum_stages, load_pretrain_config  # noqa: E402
+from mae_et.checkpoint import META_FILE, list_checkpoints, save_checkpoint  # noqa: E402
+from mae_et.config import ConfigError, config_to_dict, curriculum_stages, load_pretrain_config  # noqa: E402
 from mae_et.curriculum import plan_curriculum  # noqa: E402
 from mae_et.data import scan_image_folder  # noqa: E402
 from mae_et.engine import build_accelerator, build_model, mask_noise, pretrain  # noqa: E402
@@ -80,12 +89,18 @@ from mae_et.step import TrainStep  # noqa: E402
 from mae_et.tracking import METRICS_FILE  # noqa: E402
 from mae_et.vit import load_pretrained_vit, pool_tokens  # noqa: E402
 
-RUNS = ("baseline", "et", "etpp_half", "baseline_equal_time")
-EQUAL_TIME = "equal_time"  # the budget of the run that gets et's wall time
+RUNS = ("baseline", "et", "etpp_half", "baseline_equal_time")  # the pretraining runs of a study config
+UNTRAINED = "untrained"  # E = 0: the floor
+ROWS = (*RUNS, UNTRAINED)  # rows of the table
+EQUAL_TIME = "equal_time"  # the budget of the run that gets et's time
+CLOCKS = ("wall", "cpu")
 ACCURACY_KEYS = ("knn_top1_cls", "knn_top1_mean", "linear_top1", "finetune_top1")
-SUMMARY_KEYS = ("epochs", "steps", "wall_s", "steady_s", "process_s", "s_per_epoch", "images_per_sec", "final_loss", "pflop",
-                *ACCURACY_KEYS, "finetune_best_top1")
-NEVER = 10**9  # checkpoint.every_steps: only the final checkpoint, written after the timed loop
+TIME_KEYS = ("wall_s", "cpu_s")
+SUMMARY_KEYS = ("epochs", "steps", *TIME_KEYS, "steady_s", "process_s", "s_per_epoch", "images_per_sec", "final_loss",
+                "pflop", *ACCURACY_KEYS, "finetune_best_top1")
+NEVER = 10**9  # checkpoint.every_steps: no periodic checkpoint
+STATE_FILE = "state.json"
+EVAL_ONLY_POLL_S = 30  # --poll-seconds
 
 
 class StudyError(RuntimeError):
@@ -102,6 +117,15 @@ class RunSpec:
 
 
 @dataclass
+class Ablation:
+    """A variant of some curriculum runs, measured against the same seed's baseline (e.g. another position
+    embedding, warm-up or stage floor): row `<run>+<name>` per listed run."""
+    runs: list[str]
+    overrides: list[str]
+    warmup_fraction: float | None  # None: the study's
+
+
+@dataclass
 class Study:
     name: str
     path: Path
@@ -110,13 +134,17 @@ class Study:
     recipe: Path  # the pretraining base recipe
     epochs: float  # E
     warmup_fraction: float
+    checkpoint_every_epochs: float | None  # periodic checkpoints, so a killed run resumes (None: only the final one)
+    verdict_clock: str  # wall | cpu: the clock of the verdicts' speed-ups and of the equal-time budget
+    threads: int | None  # intra-op CPU threads of every run and evaluation (None: torch's default)
     overrides: list[str]  # pretraining overrides shared by every run
     runs: dict[str, RunSpec]
     eval: dict[str, Any]
     finetune_recipe: Path
     finetune_overrides: list[str]
     reference: dict[str, Any]
-    targets: dict[str, float]
+    targets: dict[str, Any]
+    ablations: dict[str, Ablation]
     peak_tflops: float
     assumed_mfu: float
     raw: dict[str, Any]
@@ -141,15 +169,33 @@ def load_study(path: str | Path) -> Study:
         for name, spec in runs.items():
             if spec.budget != EQUAL_TIME and not (isinstance(spec.budget, (int, float)) and spec.budget > 0):
                 raise StudyError(f"{path}: runs.{name}.budget must be a positive multiple of E or '{EQUAL_TIME}'")
+        clock = raw.get("verdict_clock", "wall")
+        if clock not in CLOCKS:
+            raise StudyError(f"{path}: verdict_clock must be one of {', '.join(CLOCKS)}; got {clock!r}")
+        targets = raw["targets"]
+        unknown = [k for k in targets.get("accuracy_keys", ACCURACY_KEYS) if k not in ACCURACY_KEYS]
+        if unknown:
+            raise StudyError(f"{path}: targets.accuracy_keys {unknown} unknown; choose from {', '.join(ACCURACY_KEYS)}")
+        every = pre.get("checkpoint_every_epochs")
+        ablations = {}
+        for name, spec in (raw.get("ablations") or {}).items():
+            bad = [r for r in spec["runs"] if r not in RUNS or runs[r].budget == EQUAL_TIME]
+            if bad or "+" in name:
+                raise StudyError(f"{path}: ablations.{name}: runs {bad} are not pretraining runs with a budget (or the "
+                                 f"name has a '+'); choose from {', '.join(r for r in RUNS if runs[r].budget != EQUAL_TIME)}")
+            ablations[name] = Ablation(list(spec["runs"]), dotted(spec.get("overrides")),
+                                       float(spec["warmup_fraction"]) if spec.get("warmup_fraction") is not None else None)
         return Study(
             name=raw["name"], path=path,
             # relative data roots are the repository's (e.g. .data/imagenette, ../shared/data/...)
             data_root=REPO / raw["data_root"] if raw.get("data_root") else None,
             seeds=[int(s) for s in raw["seeds"]],
             recipe=path.parent / pre["recipe"], epochs=float(pre["epochs"]), warmup_fraction=float(pre["warmup_fraction"]),
+            checkpoint_every_epochs=float(every) if every else None, verdict_clock=clock,
+            threads=int(raw["threads"]) if raw.get("threads") else None,
             overrides=dotted(pre.get("overrides")), runs=runs, eval=ev,
             finetune_recipe=path.parent / ev["finetune"]["recipe"], finetune_overrides=dotted(ev["finetune"].get("overrides")),
-            reference=raw["reference"], targets=raw["targets"],
+            reference=raw["reference"], targets=targets, ablations=ablations,
             peak_tflops=float(raw["flops"]["peak_tflops"]), assumed_mfu=float(raw["flops"]["assumed_mfu"]), raw=raw,
         )
     except KeyError as e:
@@ -160,15 +206,28 @@ def run_name(run: str, seed: int) -> str:
     return f"{run}_seed{seed}"
 
 
-def pretrain_overrides(study: Study, run: str, seed: int, epochs: float, data_root: Path, out: Path) -> list[str]:
-    """Every override of one pretraining: the study's, the run's, then what the study fixes for all."""
+def split_row(row: str) -> tuple[str, str | None]:
+    """'et+pos_extent' -> ('et', 'pos_extent'); 'et' -> ('et', None)."""
+    run, _, ablation = row.partition("+")
+    return run, ablation or None
+
+
+def pretrain_overrides(study: Study, row: str, seed: int, epochs: float, data_root: Path, out: Path) -> list[str]:
+    """Every override of one pretraining: the study's, the run's (then an ablation's, for a row 'run+ablation'),
+    then what the study fixes for all. `untrained` takes the baseline's (its encoder is the baseline's at step 0)."""
+    run, ablation = split_row(row)
+    spec = study.ablations[ablation] if ablation else None
+    warmup = spec.warmup_fraction if spec and spec.warmup_fraction is not None else study.warmup_fraction
+    every = (f"checkpoint.every_epochs={study.checkpoint_every_epochs!r}" if study.checkpoint_every_epochs
+             else f"checkpoint.every_steps={NEVER}")
     return [
-        *study.overrides, *study.runs[run].overrides,
+        *study.overrides, *study.runs["baseline" if run == UNTRAINED else run].overrides, *(spec.overrides if spec else []),
         f"data.root={json.dumps(str(data_root))}", f"output_dir={json.dumps(str(out / 'runs'))}",
-        f"name={run_name(run, seed)}", f"train.seed={seed}", f"train.epochs={epochs!r}",
-        f"optim.warmup_epochs={study.warmup_fraction * epochs!r}",
-        # the timed loop holds training only: the one checkpoint is written after it, no grids, no kNN, no W&B
-        f"checkpoint.every_steps={NEVER}", "checkpoint.resume=false", "tracking.recon_every_epochs=0",
+        f"name={run_name(row, seed)}", f"train.seed={seed}", f"train.epochs={epochs!r}",
+        f"optim.warmup_epochs={warmup * epochs!r}",
+        # a killed run resumes from its last checkpoint; the engine's clock leaves checkpoint writes out of the
+        # training time. No grids, no kNN monitor, no W&B.
+        every, "checkpoint.resume=true", "checkpoint.keep_last=1", "tracking.recon_every_epochs=0",
         "tracking.knn_every_epochs=0", 'tracking.wandb="off"',
     ]
 
@@ -194,14 +253,66 @@ def train_flops(cfg, stages: list[tuple[int, int]]) -> float:
                                                            m.mask_ratio) for size, steps in stages)
 
 
+# ----------------------------------------------------------------------------- machine and clocks
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU ({model}, {os.cpu_count()} cores)"
+
+
+def machine() -> dict[str, Any]:
+    """Where a run ran: the device, and the host (a resumed study may continue on another one)."""
+    return {"device": device_name(), "host": platform.node(), "torch": torch.__version__}
+
+
+class Stopwatch:
+    """Wall and process CPU seconds of a block: `with Stopwatch() as sw: ...; sw.wall, sw.cpu`."""
+
+    def __enter__(self) -> "Stopwatch":
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
+
+    def as_dict(self) -> dict[str, float]:
+        return {"wall_s": self.wall, "cpu_s": self.cpu}
+
+
+def training_clock(record: dict[str, Any]) -> tuple[float, float]:
+    """(wall, CPU) seconds of training up to a metrics.jsonl record: the loop less its bookkeeping."""
+    return (record["elapsed_s"] - record.get("overhead_s", 0.0),
+            record.get("cpu_s", math.nan) - record.get("overhead_cpu_s", 0.0))
+
+
 # ----------------------------------------------------------------------------- pretraining
 
 
+def clear_if_config_changed(run_dir: Path, cfg) -> None:
+    """A run folder left by a different config (an edited study) starts over instead of resuming."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        now = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        if yaml.safe_load(saved.read_text()) != now:
+            print(f"  {run_dir.name}: its saved config differs from this study's; starting it over", flush=True)
+            shutil.rmtree(run_dir)
+
+
 def launch_pretrain(cfg_recipe: Path, overrides: list[str], log_path: Path, launch: str, env: dict) -> float:
-    """One pretraining run, to its end; returns the wall time of the whole launch (s)."""
+    """One pretraining run, to its end (resuming when its folder has a checkpoint); returns the launch's wall time (s)."""
     t0 = time.perf_counter()
     if launch == "subprocess":
-        with open(log_path, "w") as log:
+        with open(log_path, "a") as log:
             proc = subprocess.run(pretrain_command(cfg_recipe, overrides), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                   env=env)
         if proc.returncode != 0:
@@ -209,7 +320,7 @@ def launch_pretrain(cfg_recipe: Path, overrides: list[str], log_path: Path, laun
             raise StudyError(f"pretraining failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     else:
         AcceleratorState._reset_state(True)  # each run builds its own Accelerator
-        with open(log_path, "w") as log, redirect_stdout(log):
+        with open(log_path, "a") as log, redirect_stdout(log):
             pretrain(load_pretrain_config(cfg_recipe, overrides))
     return time.perf_counter() - t0
 
@@ -226,21 +337,24 @@ def read_pretrain_run(run_dir: Path, cfg, process_s: float) -> dict[str, Any]:
     # time per curriculum stage: each logged window (train.log_every steps) counts for the stage of its last
     # step, so a window that straddles a stage change (at most log_every steps) goes to the later stage
     per_size: dict[int, dict[str, Any]] = {}
-    prev_step, prev_t = 0, 0.0
+    prev_step, prev_wall, prev_cpu = 0, 0.0, 0.0
     for r in records:
-        s = per_size.setdefault(r["size"], {"size": r["size"], "steps": 0, "seconds": 0.0, "windows": []})
+        wall, cpu = training_clock(r)
+        s = per_size.setdefault(r["size"], {"size": r["size"], "steps": 0, "seconds": 0.0, "cpu_seconds": 0.0, "windows": []})
         s["steps"] += r["step"] - prev_step
-        s["seconds"] += r["elapsed_s"] - prev_t
+        s["seconds"] += wall - prev_wall
+        s["cpu_seconds"] += cpu - prev_cpu
         s["windows"].append(r["images_per_sec"])
-        prev_step, prev_t = r["step"], r["elapsed_s"]
+        prev_step, prev_wall, prev_cpu = r["step"], wall, cpu
     for s in per_size.values():
         windows = s.pop("windows")
         s["images_per_sec"] = s["steps"] * global_batch / s["seconds"]
+        s["images_per_cpu_sec"] = s["steps"] * global_batch / s["cpu_seconds"]
         # a stage's first window holds its one-time start (tracing the graph of a new size, first allocations):
         # the median of the others is the stage's steady rate, for a wall time without those starts
         s["steady_images_per_sec"] = statistics.median(windows[1:] or windows)
     stages = sorted(per_size.values(), key=lambda s: s["size"])
-    wall = records[-1]["elapsed_s"]
+    wall, cpu = training_clock(records[-1])
     epochs_seen = steps / steps_per_epoch  # epochs of images (a compute budget runs more than its E)
     plan = planned_stages(cfg, steps_per_epoch)
     if sum(n for _, n in plan) != steps:
@@ -249,17 +363,31 @@ def read_pretrain_run(run_dir: Path, cfg, process_s: float) -> dict[str, Any]:
     return {
         "run_dir": str(run_dir), "schedule": cfg.curriculum.schedule, "epochs": cfg.train.epochs,
         "steps": steps, "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "epochs_of_images": epochs_seen,
-        "wall_s": wall, "process_s": process_s, "s_per_epoch": wall / epochs_seen,
+        "wall_s": wall, "cpu_s": cpu, "process_s": process_s, "s_per_epoch": wall / epochs_seen,
         "images_per_sec": steps * global_batch / wall,
         "steady_s": sum(s["steps"] * global_batch / s["steady_images_per_sec"] for s in stages), "stages": stages,
         "final_loss": records[-1]["loss"], "pflop": flops / 1e15, "achieved_tflops": flops / wall / 1e12,
     }
 
 
-def equal_time_budget(epochs: float, et_wall: float, baseline_wall: float, steps_per_epoch: int) -> tuple[float, int]:
-    """E' = E * wall(et) / wall(baseline), rounded to a whole step (half up, as the curriculum planner)."""
-    steps = max(1, math.floor(epochs * et_wall / baseline_wall * steps_per_epoch + 0.5))
+def equal_time_budget(epochs: float, et_time: float, baseline_time: float, steps_per_epoch: int) -> tuple[float, int]:
+    """E' = E * time(et) / time(baseline), rounded to a whole step (half up, as the curriculum planner)."""
+    steps = max(1, math.floor(epochs * et_time / baseline_time * steps_per_epoch + 0.5))
     return steps / steps_per_epoch, steps
+
+
+def save_untrained_encoder(study: Study, seed: int, data_root: Path, out: Path) -> Path:
+    """The E = 0 row: the baseline's initial weights (the engine seeds the same way before building the model),
+    saved as a finished run folder, so every evaluation reads it like any pretrained encoder."""
+    cfg = load_pretrain_config(study.recipe, pretrain_overrides(study, UNTRAINED, seed, study.epochs, data_root, out))
+    set_seed(seed, deterministic=cfg.train.deterministic)
+    model = build_model(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    (cfg.run_dir / "config.yaml").write_text(config_yaml)
+    save_checkpoint(cfg.run_dir / "checkpoints", 0, model.state_dict(), {"step": 0}, config_yaml,
+                    {"step": 0, "total_steps": 0, "epoch": 0.0, "complete": True, "untrained": True}, keep_last=1)
+    return cfg.run_dir
 
 
 def warm_compile(study: Study, data_root: Path, out: Path) -> None:
@@ -312,49 +440,74 @@ def split_features(model, loader, device) -> tuple[dict[str, torch.Tensor], torc
     return {p: torch.cat(f) for p, f in feats.items()}, torch.cat(labels)
 
 
-def evaluate_encoder(study: Study, run_dir: Path, data_root: Path, img_size: int, seed: int, out: Path,
-                     log_path: Path) -> dict[str, float]:
-    """kNN (cls, mean), the cached-feature linear probe and the short fine-tune of one pretrained encoder."""
-    ev, knn, probe = study.eval, study.eval["knn"], study.eval["linprobe"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    workers = int(ev["num_workers"])
-
-    # one pass of centre crops per split serves the kNN and the probe (the features linprobe.mode=cached uses)
+def encoder_features(run_dir: Path, data_root: Path, img_size: int, batch_size: int, workers: int, device,
+                     splits: tuple[str, ...] = ("train", "val")) -> tuple[dict, list[str]]:
+    """Centre-crop features of each split of `data_root` (what the kNN and the cached probe use):
+    ({split: ({"cls": (N, D), "mean": (N, D)}, labels (N,))}, class names)."""
     model, _ = load_pretrained_vit(run_dir)
     model.to(device)
-    train = build_eval_loader(data_root / "train", img_size, int(knn["batch_size"]), workers)
-    classes = train.dataset.classes
-    val = build_eval_loader(data_root / "val", img_size, int(knn["batch_size"]), workers, classes=classes)
-    train_x, train_y = split_features(model, train, device)
-    val_x, val_y = split_features(model, val, device)
-    del model
-    result = {f"knn_top1_{pool}": knn_accuracy(train_x[pool], train_y, val_x[pool], val_y, len(classes),
-                                               k=int(knn["k"]), temperature=float(knn["temperature"]))
-              for pool in ("cls", "mean")}
+    classes, features = None, {}
+    for split in splits:
+        loader = build_eval_loader(data_root / split, img_size, batch_size, workers, classes=classes)
+        classes = loader.dataset.classes
+        features[split] = split_features(model, loader, device)
+    return features, classes
 
-    AcceleratorState._reset_state(True)
-    history = fit_probe_on_features(
-        train_x["cls"], train_y, val_x["cls"], val_y, len(classes), epochs=int(probe["epochs"]),
-        global_batch=int(probe["batch_size"]), blr=float(probe["blr"]), warmup_epochs=float(probe["warmup_epochs"]),
-        min_lr=float(probe.get("min_lr", 0.0)), weight_decay=float(probe.get("weight_decay", 0.0)),
-        momentum=float(probe.get("momentum", 0.9)), seed=seed)
-    result["linear_top1"] = history[-1]["top1"]
 
-    AcceleratorState._reset_state(True)
+def probe_settings(probe: dict[str, Any]) -> dict[str, Any]:
+    """The study's linprobe section as fit_probe_on_features arguments."""
+    return dict(epochs=int(probe["epochs"]), global_batch=int(probe["batch_size"]), blr=float(probe["blr"]),
+                warmup_epochs=float(probe["warmup_epochs"]), min_lr=float(probe.get("min_lr", 0.0)),
+                weight_decay=float(probe.get("weight_decay", 0.0)), momentum=float(probe.get("momentum", 0.9)))
+
+
+def run_finetune(study: Study, run_dir: Path, data_root: Path, img_size: int, seed: int, out: Path, log_path: Path,
+                 extra: list[str] = ()) -> dict[str, float]:
+    """The study's fine-tune of one encoder; resumes a half-finished one of the same config."""
     name = f"{run_dir.name}_finetune"
-    shutil.rmtree(out / "eval" / name, ignore_errors=True)  # a fresh fine-tune, never a resumed one
     cfg = load_finetune_config(study.finetune_recipe, [
         *study.finetune_overrides, f"model.checkpoint={json.dumps(str(run_dir))}", f"data.root={json.dumps(str(data_root))}",
-        f"data.img_size={img_size}", f"data.num_workers={workers}", f"output_dir={json.dumps(str(out / 'eval'))}",
-        f"name={name}", f"train.seed={seed}", 'tracking.wandb="off"', "checkpoint.resume=false",
-        f"checkpoint.every_steps={NEVER}",
+        f"data.img_size={img_size}", f"data.num_workers={int(study.eval['num_workers'])}",
+        f"output_dir={json.dumps(str(out / 'eval'))}", f"name={name}", f"train.seed={seed}", 'tracking.wandb="off"',
+        "checkpoint.resume=true", "checkpoint.every_epochs=1", "checkpoint.keep_last=1", *extra,
     ])
-    with open(log_path, "w") as log, redirect_stdout(log):
+    clear_if_config_changed(cfg.run_dir, cfg)
+    AcceleratorState._reset_state(True)
+    with open(log_path, "a") as log, redirect_stdout(log):
         ft = finetune(cfg)
     AcceleratorState._reset_state(True)
-    result["finetune_top1"] = ft.last_eval["top1"]  # the last epoch: no selection on the validation split
-    result["finetune_best_top1"] = ft.best["top1"]
-    return result
+    # the last epoch: no selection on the validation split
+    return {"finetune_top1": ft.last_eval["top1"], "finetune_best_top1": ft.best["top1"]}
+
+
+def evaluate_encoder(study: Study, run_dir: Path, data_root: Path, img_size: int, seed: int, out: Path,
+                     log_path: Path) -> dict[str, Any]:
+    """kNN (cls, mean), the cached-feature linear probe and the short fine-tune of one encoder, each stage timed."""
+    ev, knn = study.eval, study.eval["knn"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seconds: dict[str, dict[str, float]] = {}
+
+    # one pass of centre crops per split serves the kNN and the probe (the features linprobe.mode=cached uses)
+    with Stopwatch() as sw:
+        features, classes = encoder_features(run_dir, data_root, img_size, int(knn["batch_size"]), int(ev["num_workers"]),
+                                             device)
+        (train_x, train_y), (val_x, val_y) = features["train"], features["val"]
+        result: dict[str, Any] = {
+            f"knn_top1_{pool}": knn_accuracy(train_x[pool], train_y, val_x[pool], val_y, len(classes), k=int(knn["k"]),
+                                             temperature=float(knn["temperature"])) for pool in ("cls", "mean")}
+    seconds["features_knn"] = sw.as_dict()
+
+    with Stopwatch() as sw:
+        AcceleratorState._reset_state(True)
+        history = fit_probe_on_features(train_x["cls"], train_y, val_x["cls"], val_y, len(classes), seed=seed,
+                                        **probe_settings(ev["linprobe"]))
+        result["linear_top1"] = history[-1]["top1"]
+    seconds["linear_probe"] = sw.as_dict()
+
+    with Stopwatch() as sw:
+        result.update(run_finetune(study, run_dir, data_root, img_size, seed, out, log_path))
+    seconds["finetune"] = sw.as_dict()
+    return {**result, "eval_seconds": seconds}
 
 
 # ----------------------------------------------------------------------------- summary, verdicts, report
@@ -367,8 +520,37 @@ def spread(values: list[float]) -> dict[str, Any]:
 
 
 def summarise(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over seeds of every number the seeds all have (the untrained row has no loss)."""
     seeds = sorted(per_seed, key=int)
-    return {key: spread([per_seed[s][key] for s in seeds]) for key in SUMMARY_KEYS}
+    keys = [k for k in SUMMARY_KEYS if all(isinstance(per_seed[s].get(k), (int, float)) for s in seeds)]
+    return {key: spread([per_seed[s][key] for s in seeds]) for key in keys}
+
+
+def speedups(results: dict[str, dict[str, dict]], runs=RUNS) -> dict[str, dict[str, Any]]:
+    """{run: {clock: spread of baseline time / run time}}, each ratio within one seed (one machine, one hour)."""
+    out: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        seeds = sorted(results[run], key=int)
+        out[run] = {clock: spread([results["baseline"][s][f"{clock}_s"] / results[run][s][f"{clock}_s"] for s in seeds])
+                    for clock in CLOCKS}
+    return out
+
+
+def machines_note(results: dict[str, dict[str, dict]]) -> dict[str, Any]:
+    """Which machine each seed ran on; a seed spread over several machines, or seeds on different ones, are named."""
+    by_seed: dict[str, set] = {}
+    for run in results:
+        for seed, r in results[run].items():
+            if "machine" in r:
+                by_seed.setdefault(seed, set()).add((r["machine"]["device"], r["machine"]["host"]))
+    notes = [f"seed {s}'s runs ran on {len(m)} machines ({'; '.join(f'{d} on {h}' for d, h in sorted(m))}): its speed-ups "
+             "mix machines" for s, m in sorted(by_seed.items()) if len(m) > 1]
+    distinct = {m for ms in by_seed.values() for m in ms}
+    if len(by_seed) > 1 and len(distinct) > 1 and not notes:
+        notes.append("the seeds ran on different machines (" + "; ".join(
+            f"seed {s}: {d} on {h}" for s, ms in sorted(by_seed.items()) for d, h in sorted(ms)) + "): each speed-up is "
+            "within one seed, the times are not comparable across seeds")
+    return {"by_seed": {s: [{"device": d, "host": h} for d, h in sorted(m)] for s, m in by_seed.items()}, "notes": notes}
 
 
 def reference_check(study: Study, cfg, device_name: str, baseline_s_per_epoch: float) -> dict[str, Any]:
@@ -387,30 +569,48 @@ def reference_check(study: Study, cfg, device_name: str, baseline_s_per_epoch: f
     return {**out, "verdict": "PASS" if ratio <= 1.0 else "FAIL", "ratio": ratio}
 
 
-def verdicts(study: Study, summary: dict[str, dict], speedups: dict[str, float], reference: dict) -> dict[str, Any]:
-    t, base = study.targets, summary["baseline"]
+def verdicts(targets: dict[str, Any], clock: str, summary: dict[str, dict], speedup: dict[str, dict],
+             reference: dict) -> dict[str, Any]:
+    """Each target of the study against the summary: pure arithmetic on the numbers given (tested on made-up ones).
+
+    et: speed-up >= targets.et_speedup, and every accuracy in targets.accuracy_keys at or above the baseline's worst
+    seed (mean - half-range); etpp_half: speed-up >= targets.etpp_speedup, each accuracy at most targets.etpp_max_drop
+    points below the baseline's mean; equal time: et's linear probe above the equal-time baseline's; floor: every
+    trained encoder at least targets.min_gain_over_untrained points above the untrained one on every accuracy.
+    """
+    base = summary["baseline"]
+    keys = list(targets.get("accuracy_keys", ACCURACY_KEYS))
 
     def accuracy(run: str, allowed_drop: dict[str, float]) -> dict[str, Any]:
         return {k: {"run": summary[run][k]["mean"], "baseline": base[k]["mean"], "allowed_drop": allowed_drop[k],
-                    "ok": summary[run][k]["mean"] >= base[k]["mean"] - allowed_drop[k]} for k in ACCURACY_KEYS}
+                    "ok": summary[run][k]["mean"] >= base[k]["mean"] - allowed_drop[k]} for k in keys}
 
-    # et: within the baseline's seed range (mean - half-range) or above; etpp_half: within a fixed number of points
-    et_acc = accuracy("et", {k: base[k]["half_range"] for k in ACCURACY_KEYS})
-    etpp_acc = accuracy("etpp_half", {k: float(t["etpp_max_drop"]) for k in ACCURACY_KEYS})
+    et_acc = accuracy("et", {k: base[k]["half_range"] for k in keys})
+    etpp_acc = accuracy("etpp_half", {k: float(targets["etpp_max_drop"]) for k in keys})
+    et_speed, etpp_speed = speedup["et"][clock]["mean"], speedup["etpp_half"][clock]["mean"]
     et_lin, eq_lin = summary["et"]["linear_top1"]["mean"], summary["baseline_equal_time"]["linear_top1"]["mean"]
-    return {
-        "et": {"speedup": speedups["et"], "target_speedup": t["et_speedup"], "accuracy": et_acc,
-               "pass": speedups["et"] >= t["et_speedup"] and all(a["ok"] for a in et_acc.values())},
-        "etpp_half": {"speedup": speedups["etpp_half"], "target_speedup": t["etpp_speedup"], "accuracy": etpp_acc,
-                      "pass": speedups["etpp_half"] >= t["etpp_speedup"] and all(a["ok"] for a in etpp_acc.values())},
+    out = {
+        "clock": clock,
+        "et": {"speedup": et_speed, "target_speedup": targets["et_speedup"], "accuracy": et_acc,
+               "pass": et_speed >= targets["et_speedup"] and all(a["ok"] for a in et_acc.values())},
+        "etpp_half": {"speedup": etpp_speed, "target_speedup": targets["etpp_speedup"], "accuracy": etpp_acc,
+                      "pass": etpp_speed >= targets["etpp_speedup"] and all(a["ok"] for a in etpp_acc.values())},
         "equal_time": {"et_linear_top1": et_lin, "baseline_equal_time_linear_top1": eq_lin,
-                       "wall_ratio": summary["baseline_equal_time"]["wall_s"]["mean"] / summary["et"]["wall_s"]["mean"],
+                       "time_ratio": summary["baseline_equal_time"][f"{clock}_s"]["mean"] / summary["et"][f"{clock}_s"]["mean"],
                        "pass": et_lin > eq_lin},
         "reference": reference,
     }
+    if UNTRAINED in summary:
+        margin = float(targets.get("min_gain_over_untrained", 0.0))
+        floor = {run: {k: {"run": summary[run][k]["mean"], "untrained": summary[UNTRAINED][k]["mean"],
+                           "ok": summary[run][k]["mean"] >= summary[UNTRAINED][k]["mean"] + margin} for k in ACCURACY_KEYS}
+                 for run in RUNS}
+        out["floor"] = {"margin": margin, "runs": floor,
+                        "pass": all(a["ok"] for per_run in floor.values() for a in per_run.values())}
+    return out
 
 
-def verdict_lines(v: dict[str, Any], study: Study) -> list[str]:
+def verdict_lines(v: dict[str, Any], targets: dict[str, Any]) -> list[str]:
     def word(ok: bool) -> str:
         return "PASS" if ok else "FAIL"
 
@@ -418,74 +618,191 @@ def verdict_lines(v: dict[str, Any], study: Study) -> list[str]:
         return "; ".join(f"{k} {x['run']:.2f} vs {x['baseline']:.2f} (-{x['allowed_drop']:.2f} allowed) "
                          f"{'ok' if x['ok'] else 'below'}" for k, x in a.items())
 
-    et, pp, eq, ref = v["et"], v["etpp_half"], v["equal_time"], v["reference"]
+    et, pp, eq, ref, clock = v["et"], v["etpp_half"], v["equal_time"], v["reference"], v["clock"]
     ref_detail = (f"ours {ref['ours_s_per_epoch']:.2f} s/epoch vs reference {ref['reference_s_per_epoch']} s/epoch"
                   + (f" ({'; '.join(ref['differs'])})" if ref["differs"] else f" (x{ref['ratio']:.2f})"))
-    return [
-        f"verdict et (>= {et['target_speedup']}x less wall time, accuracy within the baseline's seed range or above): "
+    lines = [
+        f"verdict et (>= {et['target_speedup']}x less {clock} time, accuracy within the baseline's seed range or above): "
         f"{word(et['pass'])} - speed-up {et['speedup']:.2f}x; {acc(et['accuracy'])}",
-        f"verdict etpp_half (>= {pp['target_speedup']}x less wall time, accuracy within {study.targets['etpp_max_drop']} point): "
+        f"verdict etpp_half (>= {pp['target_speedup']}x less {clock} time, accuracy within {targets['etpp_max_drop']} point): "
         f"{word(pp['pass'])} - speed-up {pp['speedup']:.2f}x; {acc(pp['accuracy'])}",
-        f"verdict equal wall time (curriculum ahead on linear probe): {word(eq['pass'])} - et {eq['et_linear_top1']:.2f} vs "
-        f"baseline_equal_time {eq['baseline_equal_time_linear_top1']:.2f} (its wall time {eq['wall_ratio']:.2f}x et's)",
-        f"verdict baseline s/epoch vs reference: {ref['verdict']} - {ref_detail}",
+        f"verdict equal {clock} time (curriculum ahead on linear probe): {word(eq['pass'])} - et {eq['et_linear_top1']:.2f} vs "
+        f"baseline_equal_time {eq['baseline_equal_time_linear_top1']:.2f} (its {clock} time {eq['time_ratio']:.2f}x et's)",
     ]
+    if "floor" in v:
+        below = [f"{run} {k} {a['run']:.2f} vs {a['untrained']:.2f}" for run, per_run in v["floor"]["runs"].items()
+                 for k, a in per_run.items() if not a["ok"]]
+        lines.append(f"verdict trained vs untrained (every accuracy >= untrained + {v['floor']['margin']:g} points): "
+                     f"{word(v['floor']['pass'])}" + (f" - below: {'; '.join(below)}" if below else ""))
+    lines.append(f"verdict baseline s/epoch vs reference: {ref['verdict']} - {ref_detail}")
+    return lines
 
 
-def markdown_table(summary: dict[str, dict], speedups: dict[str, float], seeds: list[int]) -> str:
-    def cell(stat: dict, digits: int) -> str:
-        return f"{stat['mean']:.{digits}f} ± {stat['half_range']:.{digits}f}"
+def markdown_table(summary: dict[str, dict], speedup: dict[str, dict], seeds: list[int], rows=ROWS) -> str:
+    def cell(stat: dict | None, digits: int) -> str:
+        return "-" if stat is None else f"{stat['mean']:.{digits}f} ± {stat['half_range']:.{digits}f}"
 
-    lines = [f"mean ± half-range over seeds {', '.join(map(str, seeds))}; speed-up = baseline wall time / run wall time",
+    def ratio(run: str, clock: str) -> str:
+        return cell(speedup[run][clock], 2) + "x" if run in speedup else "-"
+
+    lines = [f"mean ± half-range over seeds {', '.join(map(str, seeds))}; speed-up = baseline time / run time within each "
+             "seed; times are the training loop's (wall, and process CPU = user + system)",
              "",
-             "| run | epochs | steps | wall s | speed-up | process s | img/s | final loss | kNN cls | kNN mean | linear | fine-tune |",
+             "| run | epochs | steps | wall s | CPU s | speed-up (wall) | speed-up (CPU) | final loss | kNN cls | kNN mean | "
+             "linear | fine-tune |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for run in RUNS:
+    for run in [r for r in rows if r in summary]:
         s = summary[run]
-        lines.append(f"| {run} | {cell(s['epochs'], 2)} | {cell(s['steps'], 0)} | {cell(s['wall_s'], 2)} | {speedups[run]:.2f}x | "
-                     f"{cell(s['process_s'], 1)} | {cell(s['images_per_sec'], 0)} | {cell(s['final_loss'], 4)} | "
+        lines.append(f"| {run} | {cell(s['epochs'], 2)} | {cell(s['steps'], 0)} | {cell(s['wall_s'], 1)} | "
+                     f"{cell(s['cpu_s'], 1)} | {ratio(run, 'wall')} | {ratio(run, 'cpu')} | {cell(s.get('final_loss'), 4)} | "
                      f"{cell(s['knn_top1_cls'], 2)} | {cell(s['knn_top1_mean'], 2)} | {cell(s['linear_top1'], 2)} | "
                      f"{cell(s['finetune_top1'], 2)} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, dict], summary: dict[str, dict], path: Path, title: str) -> None:
+def stage_rates(results: dict[str, dict[str, dict]], cfg, clock: str) -> list[dict[str, Any]]:
+    """Per input size B, over every run and seed that trained at it: images per second on the clock, against the
+    full size's, beside the ratio of FLOPs per image. Where the measured gain falls short of the FLOP ratio, the
+    small sizes run less efficiently on this device (launch overhead, small matrices): the diagnosis of a speed-up
+    below plan, measured rather than assumed."""
+    m, key = cfg.model, "seconds" if clock == "wall" else "cpu_seconds"
+    totals: dict[int, list[float]] = {}
+    for row, seeds in results.items():
+        for r in seeds.values():
+            for st in r.get("stages", []):
+                t = totals.setdefault(st["size"], [0.0, 0.0])
+                t[0] += st["steps"] * r["global_batch"]
+                t[1] += st[key]
+    if not totals:
+        return []
+    flops = {b: mae_train_flops_per_image(m.size, b, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio)
+             for b in totals}
+    full = max(totals)
+    rate = {b: n / t for b, (n, t) in totals.items()}
+    return [{"size": b, "images": totals[b][0], "seconds": totals[b][1], "images_per_s": rate[b],
+             "gain": rate[b] / rate[full], "flop_ratio": flops[full] / flops[b], "efficiency": rate[b] / rate[full] /
+             (flops[full] / flops[b]), "gflop_per_image": flops[b] / 1e9} for b in sorted(totals)]
+
+
+def stage_rate_table(rates: list[dict[str, Any]], clock: str) -> str:
+    lines = [f"per input size B, all runs and seeds ({clock} clock): measured speed vs the FLOP ratio",
+             "", "| B | GFLOP / image | images | img / s | gain vs full size | FLOP ratio | gain / FLOP ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rates:
+        lines.append(f"| {r['size']} | {r['gflop_per_image']:.3f} | {r['images']:.0f} | {r['images_per_s']:.1f} | "
+                     f"{r['gain']:.2f}x | {r['flop_ratio']:.2f}x | {r['efficiency']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, dict], summary: dict[str, dict], clock: str, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in zip(axes, ("knn_top1_cls", "linear_top1"), ("kNN top-1, cls, k=20", "linear probe top-1")):
+    panels = (("knn_top1_cls", "kNN top-1, cls, k=20"), ("linear_top1", "linear probe top-1"),
+              ("finetune_top1", "fine-tune top-1"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    time_key = f"{clock}_s"
+    for ax, (key, label) in zip(axes, panels):
         for i, run in enumerate(RUNS):
-            color = f"C{i}"
-            seeds = results[run]
-            ax.scatter([seeds[s]["wall_s"] for s in seeds], [seeds[s][key] for s in seeds], color=color, alpha=0.35, s=18)
-            w, a = summary[run]["wall_s"], summary[run][key]
-            ax.errorbar(w["mean"], a["mean"], xerr=w["half_range"], yerr=a["half_range"], fmt="o", color=color,
+            color, seeds = f"C{i}", results[run]
+            ax.scatter([seeds[s][time_key] for s in seeds], [seeds[s][key] for s in seeds], color=color, alpha=0.35, s=18)
+            t, a = summary[run][time_key], summary[run][key]
+            ax.errorbar(t["mean"], a["mean"], xerr=t["half_range"], yerr=a["half_range"], fmt="o", color=color,
                         capsize=3, label=run)
-        ax.set_xlabel("pretraining wall time (s)")
+        if UNTRAINED in summary:  # the floor: the same encoder at E = 0
+            ax.axhline(summary[UNTRAINED][key]["mean"], color="gray", linestyle="--", label="untrained (E = 0)")
+        ax.set_xlabel(f"pretraining {'CPU' if clock == 'cpu' else 'wall'} time (s)")
         ax.set_ylabel(f"{label} (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title}: accuracy vs pretraining wall time (seeds: light dots; mean ± half-range)")
+    fig.suptitle(f"{title}: accuracy vs pretraining {clock} time (seeds: light dots; mean ± half-range)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the study state (resume)
+
+
+def canonical(key: Any) -> Any:
+    """A settings key with every list of override strings sorted: the order they were written in is no setting."""
+    if isinstance(key, dict):
+        return {k: canonical(v) for k, v in key.items()}
+    if isinstance(key, list) and all(isinstance(x, str) for x in key):
+        return sorted(key)
+    return key
+
+
+class StudyState:
+    """state.json: every finished pretraining and evaluation, keyed by the settings that produced it, so a
+    relaunch redoes nothing that still holds and everything whose settings changed.
+
+    Several study processes may share one state (e.g. one per seed, each on its own core): every change is
+    a read-modify-write of the file under an exclusive lock, written atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock_path = path.with_suffix(".lock")
+        self.data = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        data.setdefault("runs", {})
+        data.setdefault("launches", {})
+        return data
+
+    @contextmanager
+    def _locked(self):
+        with open(self.lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.data = self._read()  # what the other processes wrote meanwhile
+            yield self.data
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.data, indent=2))
+            os.replace(tmp, self.path)  # a kill mid-write leaves the previous state
+
+    def get(self, run: str, seed: int, kind: str, key: Any) -> dict | None:
+        entry = self.data["runs"].get(run, {}).get(str(seed), {}).get(kind)
+        return entry["value"] if entry and canonical(entry["key"]) == canonical(key) else None
+
+    def reload(self) -> None:
+        self.data = self._read()
+
+    def key_of(self, run: str, seed: int, kind: str) -> Any:
+        return self.data["runs"][run][str(seed)][kind]["key"]
+
+    def put(self, run: str, seed: int, kind: str, key: Any, value: dict) -> None:
+        with self._locked() as data:
+            data["runs"].setdefault(run, {}).setdefault(str(seed), {})[kind] = {"key": key, "value": value}
+
+    def count_launch(self, name: str) -> int:
+        with self._locked() as data:
+            n = data["launches"][name] = data["launches"].get(name, 0) + 1
+        return n
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def save_partial(out: Path, results: dict, equal_time: dict) -> None:
-    """The numbers so far, after every run and evaluation: what a study cut off by a time limit leaves."""
-    (out / "results_partial.json").write_text(json.dumps({"runs": results, "equal_time": equal_time}, indent=2))
+def repo_relative(path: Path) -> str:
+    """A path inside the repository as relative to it (the same on every checkout), any other as given."""
+    path = Path(path)
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+def settings_key(overrides: list[str]) -> list[str]:
+    """The overrides that decide a run's numbers: the output folder does not, and the data root is kept relative
+    to the repository, so a study resumed from another checkout path still finds its finished runs."""
+    key = []
+    for o in overrides:
+        if o.startswith("output_dir="):
+            continue
+        if o.startswith("data.root="):
+            o = f"data.root={repo_relative(json.loads(o.split('=', 1)[1]))}"
+        key.append(o)
+    return key
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -497,24 +814,48 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--launch", choices=("auto", "subprocess", "inprocess"), default="auto",
                         help="pretraining runs as `python pretrain.py` subprocesses or in this process "
                              "(auto: subprocess with a GPU, in-process without)")
+    parser.add_argument("--pretrain-only", action="store_true",
+                        help="run (or resume) the pretraining runs of every seed and stop before evaluating (e.g. to settle "
+                             "the evaluation protocol on the baseline encoder meanwhile)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="pretrain nothing: evaluate each run as soon as another study process (--pretrain-only) has "
+                             "pretrained it, waiting for the rest; the two share state.json, so evaluation runs beside "
+                             "pretraining, e.g. one process per core")
+    parser.add_argument("--poll-seconds", type=float, default=EVAL_ONLY_POLL_S, help=argparse.SUPPRESS)
+    parser.add_argument("--ablations", nargs="*", default=[],
+                        help="ablations of the study config to add (rows '<run>+<name>', each pretrained and evaluated "
+                             "after the main runs of each seed); 'all' for every one")
+    parser.add_argument("--publish", action="store_true",
+                        help="also copy results.json, table.md and the plot to benchmarks/results/<study name>/ (committed)")
     parser.add_argument("--warm-compile", action="store_true", help=argparse.SUPPRESS)  # the warm-up's own process
     args = parser.parse_args(argv)
+    if args.eval_only and args.pretrain_only:
+        raise StudyError("--eval-only and --pretrain-only exclude each other: run one process with each")
 
     study = load_study(args.study)
     data_root = Path(args.data) if args.data else study.data_root
     if data_root is None or not (data_root / "train").is_dir() or not (data_root / "val").is_dir():
-        raise StudyError(f"data root '{data_root}' needs train/ and val/ class folders; pass --data /path/to/imagenette")
+        raise StudyError(f"data root '{data_root}' needs train/ and val/ class folders; pass --data /path/to/imagenette "
+                         "(for the full Imagenette: ../shared/data/README.md)")
     data_root = data_root.resolve()
     out = Path(args.out).resolve() if args.out else REPO / "runs" / "study" / study.name
     if args.warm_compile:
         warm_compile(study, data_root, out)
         return {}
     seeds = args.seeds if args.seeds is not None else study.seeds
+    if args.ablations == ["all"]:
+        args.ablations = list(study.ablations)
+    unknown = [a for a in args.ablations if a not in study.ablations]
+    if unknown:
+        raise StudyError(f"ablations {unknown} are not in {study.path.name}; it has: {', '.join(study.ablations) or 'none'}")
     launch = args.launch if args.launch != "auto" else ("subprocess" if torch.cuda.is_available() else "inprocess")
     for sub in ("runs", "eval", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     # a study-local inductor cache: filled by the warm-up below, shared by every run of this study
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(out / "inductor_cache")}
+    if study.threads:  # this process (in-process runs, evaluation) and every launched run
+        torch.set_num_threads(study.threads)
+        env["OMP_NUM_THREADS"] = str(study.threads)
 
     # every config checked before anything runs (the equal-time run's epochs are known only later)
     cfgs = {run: load_pretrain_config(study.recipe, pretrain_overrides(
@@ -524,10 +865,12 @@ def main(argv=None) -> dict[str, Any]:
     num_images = len(scan_image_folder(data_root / "train").samples)
     planned_spe = num_images // (base_cfg.train.batch_size * base_cfg.train.accum_steps)
     rate = study.peak_tflops * study.assumed_mfu * 1e12
+    state = StudyState(out / STATE_FILE)
     print(f"study {study.name}: {base_cfg.model.size}/{base_cfg.model.patch_size} (decoder {base_cfg.model.decoder_embed_dim} x "
           f"{base_cfg.model.decoder_depth}) at {base_cfg.data.crop_size} px, E = {study.epochs:g}, batch "
           f"{base_cfg.train.batch_size * base_cfg.train.accum_steps}, {base_cfg.train.precision}, compile {base_cfg.train.compile}, "
-          f"{num_images} training images, seeds {seeds}, launch {launch}; out {out}")
+          f"{num_images} training images, seeds {seeds}, launch {launch}, verdicts on {study.verdict_clock} time; out {out}"
+          + (" (resuming: finished runs and evaluations are read back)" if state.data["runs"] else ""))
     for run in RUNS[:3]:
         stages = planned_stages(cfgs[run], planned_spe)
         flops = train_flops(cfgs[run], stages)
@@ -537,7 +880,7 @@ def main(argv=None) -> dict[str, Any]:
     warmup_s = None
     # in-process, the first run would also pay this process's one-time costs (lazy kernels, allocator,
     # thread pools): the throwaway steps take them for every run, compiled or not
-    if base_cfg.train.compile != "none" or launch == "inprocess":
+    if (base_cfg.train.compile != "none" or launch == "inprocess") and not args.eval_only:
         t0 = time.perf_counter()
         if launch == "subprocess":
             cmd = [sys.executable, str(Path(__file__).resolve()), "--study", str(study.path), "--data", str(data_root),
@@ -550,74 +893,149 @@ def main(argv=None) -> dict[str, Any]:
         warmup_s = time.perf_counter() - t0
         print(f"warm-up (compile and first-use costs): {warmup_s:.0f}s (not part of any run)")
 
-    # --- pretraining: per seed baseline, et, etpp_half, then the baseline with et's wall time
-    results: dict[str, dict[str, dict]] = {run: {} for run in RUNS}
+    ablation_rows = [f"{run}+{name}" for name in args.ablations for run in study.ablations[name].runs]
+    rows = (*ROWS, *ablation_rows)
+    results: dict[str, dict[str, dict]] = {row: {} for row in rows}
     commands: dict[str, list[str]] = {}
     equal_time: dict[str, dict] = {}
-    for seed in seeds:
-        for run in RUNS:
-            spec = study.runs[run]
-            if spec.budget == EQUAL_TIME:
-                et, base = results["et"][str(seed)], results["baseline"][str(seed)]
-                epochs, steps = equal_time_budget(study.epochs, et["wall_s"], base["wall_s"], base["steps_per_epoch"])
-                equal_time[str(seed)] = {"et_wall_s": et["wall_s"], "baseline_wall_s": base["wall_s"],
-                                         "ratio": et["wall_s"] / base["wall_s"], "steps_per_epoch": base["steps_per_epoch"],
-                                         "epochs": epochs, "steps": steps}
-            else:
-                epochs = study.epochs * spec.budget
-            overrides = pretrain_overrides(study, run, seed, epochs, data_root, out)
-            cfg = load_pretrain_config(study.recipe, overrides)
-            shutil.rmtree(cfg.run_dir, ignore_errors=True)  # every number comes from this invocation's run
-            commands[run_name(run, seed)] = pretrain_command(study.recipe, overrides)
-            log = out / "logs" / f"{run_name(run, seed)}.pretrain.log"
-            process_s = launch_pretrain(study.recipe, overrides, log, launch, env)
-            r = results[run][str(seed)] = {"seed": seed, **read_pretrain_run(cfg.run_dir, cfg, process_s)}
-            save_partial(out, results, equal_time)
-            print(f"pretrained {run} seed {seed}: {r['epochs']:.4g} epochs, {r['steps']} steps, {r['wall_s']:.1f}s training "
-                  f"({r['process_s']:.1f}s launch), {r['images_per_sec']:.0f} img/s, final loss {r['final_loss']:.4f}")
-            print("  per stage: " + ", ".join(f"B {st['size']}: {st['steps']} steps in {st['seconds']:.1f}s "
-                                              f"({st['steady_images_per_sec']:.0f} img/s steady)" for st in r["stages"]), flush=True)
+    eval_settings = {"eval": study.eval, "finetune_recipe": repo_relative(study.finetune_recipe)}
+    clock = study.verdict_clock
 
-    # --- evaluation of every encoder, the same way
-    for seed in seeds:
+    def pretrain_row(row: str, seed: int, epochs: float, read_only: bool = False) -> bool:
+        """Pretrain one row of one seed (or read it back from the state), into results; read_only: only read back."""
+        overrides = pretrain_overrides(study, row, seed, epochs, data_root, out)
+        commands[run_name(row, seed)] = pretrain_command(study.recipe, overrides)
+        key = settings_key(overrides)
+        r = state.get(row, seed, "pretrain", key)
+        if r is not None and Path(r["run_dir"]).is_dir():
+            if str(seed) not in results[row]:  # (a waiting --eval-only pass keeps what it already evaluated)
+                print(f"pretrained {row} seed {seed}: read back ({r['wall_s']:.1f}s wall, {r['cpu_s']:.1f}s CPU)", flush=True)
+                results[row][str(seed)] = r
+            return True
+        if read_only:
+            return False
+        cfg = load_pretrain_config(study.recipe, overrides)
+        clear_if_config_changed(cfg.run_dir, cfg)
+        launches = state.count_launch(run_name(row, seed))
+        process_s = launch_pretrain(study.recipe, overrides, out / "logs" / f"{run_name(row, seed)}.pretrain.log", launch, env)
+        r = {"seed": seed, "machine": machine(), "launches": launches, **read_pretrain_run(cfg.run_dir, cfg, process_s)}
+        state.put(row, seed, "pretrain", key, r)
+        results[row][str(seed)] = r
+        print(f"pretrained {row} seed {seed}: {r['epochs']:.4g} epochs, {r['steps']} steps, {r['wall_s']:.1f}s wall, "
+              f"{r['cpu_s']:.1f}s CPU training ({r['process_s']:.1f}s launch{', resumed' if launches > 1 else ''}), "
+              f"{r['images_per_sec']:.0f} img/s, final loss {r['final_loss']:.4f}")
+        print("  per stage: " + ", ".join(f"B {st['size']}: {st['steps']} steps in {st['seconds']:.1f}s wall / "
+                                          f"{st['cpu_seconds']:.1f}s CPU" for st in r["stages"]), flush=True)
+        return True
+
+    def evaluate_row(row: str, seed: int) -> None:
+        """Evaluate one row's encoder (or read it back), into results."""
+        r = results[row][str(seed)]
+        if "knn_top1_cls" in r:
+            return  # done in an earlier pass of this process
+        key = {"encoder": state.key_of(row, seed, "pretrain"), **eval_settings}
+        ev = state.get(row, seed, "eval", key)
+        if ev is None:
+            ev = {"eval_machine": machine(), **evaluate_encoder(study, Path(r["run_dir"]), data_root, base_cfg.data.crop_size,
+                                                                seed, out, out / "logs" / f"{run_name(row, seed)}.finetune.log")}
+            state.put(row, seed, "eval", key, ev)
+        r.update(ev)
+        print(f"evaluated {row} seed {seed}: kNN cls {r['knn_top1_cls']:.2f} mean {r['knn_top1_mean']:.2f}, "
+              f"linear {r['linear_top1']:.2f}, fine-tune {r['finetune_top1']:.2f} ("
+              + ", ".join(f"{stage} {t['wall_s']:.0f}s wall / {t['cpu_s']:.0f}s CPU" for stage, t in ev["eval_seconds"].items())
+              + ")", flush=True)
+
+    def pretrain_runs(seed: int, read_only: bool) -> list[str]:
+        """The four pretraining runs of a seed (read_only: those finished), in order; the equal-time run's budget
+        comes from et's and the baseline's time on the verdict clock."""
+        done = []
         for run in RUNS:
-            r = results[run][str(seed)]
-            r.update(evaluate_encoder(study, Path(r["run_dir"]), data_root, base_cfg.data.crop_size, seed, out,
-                                      out / "logs" / f"{run_name(run, seed)}.finetune.log"))
-            save_partial(out, results, equal_time)
-            print(f"evaluated {run} seed {seed}: kNN cls {r['knn_top1_cls']:.2f} mean {r['knn_top1_mean']:.2f}, "
-                  f"linear {r['linear_top1']:.2f}, fine-tune {r['finetune_top1']:.2f}", flush=True)
+            if study.runs[run].budget == EQUAL_TIME:
+                if not {"et", "baseline"} <= set(done):
+                    continue
+                et, base = results["et"][str(seed)], results["baseline"][str(seed)]
+                epochs, steps = equal_time_budget(study.epochs, et[f"{clock}_s"], base[f"{clock}_s"], base["steps_per_epoch"])
+                equal_time[str(seed)] = {"clock": clock, "et_s": et[f"{clock}_s"], "baseline_s": base[f"{clock}_s"],
+                                         "ratio": et[f"{clock}_s"] / base[f"{clock}_s"],
+                                         "steps_per_epoch": base["steps_per_epoch"], "epochs": epochs, "steps": steps}
+            else:
+                epochs = study.epochs * study.runs[run].budget
+            if pretrain_row(run, seed, epochs, read_only):
+                done.append(run)
+        return done
+
+    for seed in seeds:
+        while True:
+            # --- pretraining: baseline, et, etpp_half, then the baseline with et's time (on the verdict clock)
+            ready = pretrain_runs(seed, read_only=args.eval_only)
+            if args.pretrain_only:
+                break
+            # --- the floor: the baseline's encoder at step 0
+            if str(seed) not in results[UNTRAINED]:
+                untrained_key = settings_key(pretrain_overrides(study, UNTRAINED, seed, study.epochs, data_root, out))
+                r = state.get(UNTRAINED, seed, "pretrain", untrained_key)
+                if r is None or not Path(r["run_dir"]).is_dir():
+                    r = {"seed": seed, "machine": machine(), "epochs": 0.0, "steps": 0, "wall_s": 0.0, "cpu_s": 0.0,
+                         "run_dir": str(save_untrained_encoder(study, seed, data_root, out))}
+                    state.put(UNTRAINED, seed, "pretrain", untrained_key, r)
+                results[UNTRAINED][str(seed)] = r
+            # --- evaluation of every encoder, the same way (--eval-only: each as soon as another process pretrained it)
+            for row in (*ready, UNTRAINED):
+                evaluate_row(row, seed)
+            if len(ready) == len(RUNS):
+                break
+            print(f"seed {seed}: waiting for {', '.join(r for r in RUNS if r not in ready)} to be pretrained "
+                  f"(another process); checking every {args.poll_seconds:g}s", flush=True)
+            time.sleep(args.poll_seconds)
+            state.reload()
+        # --- then the ablations asked for, each pretrained and evaluated
+        for row in ablation_rows:
+            if pretrain_row(row, seed, study.epochs * study.runs[split_row(row)[0]].budget, read_only=args.eval_only):
+                evaluate_row(row, seed)
+            elif not args.pretrain_only:
+                raise StudyError(f"{row} seed {seed} is not pretrained yet; run the study without --eval-only")
+
+    if args.pretrain_only:
+        print(f"pretraining done for seeds {seeds}; {out / STATE_FILE} holds it. Run without --pretrain-only to evaluate.")
+        return {"runs": results, "equal_time": equal_time}
 
     # --- summary
-    summary = {run: summarise(results[run]) for run in RUNS}
-    base_wall = summary["baseline"]["wall_s"]["mean"]
-    speedups = {run: base_wall / summary[run]["wall_s"]["mean"] for run in RUNS}
-    steady_speedups = {run: summary["baseline"]["steady_s"]["mean"] / summary[run]["steady_s"]["mean"] for run in RUNS}
+    summary = {row: summarise(results[row]) for row in rows}
+    speedup = speedups(results, [*RUNS, *ablation_rows])
     device = device_name()
     reference = reference_check(study, base_cfg, device, summary["baseline"]["s_per_epoch"]["mean"])
-    v = verdicts(study, summary, speedups, reference)
-    table = markdown_table(summary, speedups, seeds)
-    lines = verdict_lines(v, study)
+    v = verdicts(study.targets, clock, summary, speedup, reference)
+    machines = machines_note(results)
+    table = markdown_table(summary, speedup, seeds, rows)
+    rates = stage_rates(results, base_cfg, clock)
+    table += "\n" + stage_rate_table(rates, clock)
+    lines = verdict_lines(v, study.targets) + [f"note: {n}" for n in machines["notes"]]
     result = {
-        "study": study.name, "study_config": str(study.path), "settings": study.raw, "device": device,
+        "study": study.name, "study_config": repo_relative(study.path), "settings": study.raw, "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
         "launch": launch, "data_root": str(data_root), "num_train_images": num_images, "seeds": seeds,
-        "compile_warmup_s": warmup_s, "runs": results, "summary": summary, "speedups": speedups,
-        "steady_speedups": steady_speedups, "equal_time": equal_time, "verdicts": v, "commands": commands,
+        "verdict_clock": clock, "compile_warmup_s": warmup_s, "runs": results, "summary": summary, "speedups": speedup,
+        "equal_time": equal_time, "verdicts": v, "machines": machines, "stage_rates": rates, "commands": commands,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     verdict_list = "\n".join(f"- {line}" for line in lines)
     (out / "table.md").write_text(f"# {study.name} ({device}, {result['date']})\n\n{table}\n{verdict_list}\n")
-    plot(results, summary, out / "accuracy_vs_wall_time.png", study.name)
+    plot(results, summary, clock, out / "accuracy_vs_time.png", study.name)
 
     print()
     print(table)
-    print("speed-ups (baseline wall time / run wall time): " + ", ".join(f"{run} {speedups[run]:.2f}x" for run in RUNS))
-    print("steady-state speed-ups (each stage at its median rate, without its first logged window): "
-          + ", ".join(f"{run} {steady_speedups[run]:.2f}x" for run in RUNS))
+    for c in CLOCKS:
+        print(f"speed-ups ({c} time, baseline / run, within each seed): "
+              + ", ".join(f"{run} {speedup[run][c]['mean']:.2f}x" for run in RUNS))
     for line in lines:
         print(line)
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'accuracy_vs_wall_time.png'}")
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'accuracy_vs_time.png'}")
+    if args.publish:
+        published = REPO / "benchmarks" / "results" / study.name
+        published.mkdir(parents=True, exist_ok=True)
+        for name in ("results.json", "table.md", "accuracy_vs_time.png"):
+            shutil.copy2(out / name, published / name)
+        print(f"published to {published}")
     return result
 
 

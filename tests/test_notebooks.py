@@ -93,7 +93,30 @@ def test_notebook_runs_top_to_bottom(name, min_figures, notebook_env):
     assert png_count(nb) >= min_figures
 
 
-def test_compare_runs_plots_knn_and_a_benchmark_json(tmp_path, tiny_runs, notebook_env):
+def made_up_study(folder: Path) -> Path:
+    """A study results.json in the layout benchmarks/curriculum_vs_baseline.py writes, with made-up numbers."""
+    keys = ("wall_s", "cpu_s", "knn_top1_cls", "knn_top1_mean", "linear_top1", "finetune_top1")
+    per_seed = {  # run -> one row of keys per seed (seeds 0 and 1)
+        "baseline": [(10.0, 19.0, 30.0, 28.0, 35.0, 40.0), (11.0, 20.0, 32.0, 29.0, 36.0, 42.0)],
+        "et": [(7.0, 13.0, 31.0, 27.0, 36.0, 41.0), (7.5, 14.0, 33.0, 30.0, 37.0, 41.5)],
+        "etpp_half": [(5.0, 9.0, 29.0, 26.0, 34.0, 39.0), (5.2, 9.5, 30.0, 27.0, 35.0, 39.5)],
+        "baseline_equal_time": [(7.2, 13.5, 28.0, 26.0, 33.0, 38.0), (7.4, 13.8, 29.0, 27.0, 34.0, 38.5)],
+        "untrained": [(0.0, 0.0, 20.0, 18.0, 22.0, 25.0), (0.0, 0.0, 21.0, 19.0, 23.0, 26.0)],
+    }
+    runs = {run: {str(seed): {"seed": seed, "run_dir": f"runs/{run}_seed{seed}", "stages": [{"size": 48, "steps": 3}],
+                              **dict(zip(keys, row))} for seed, row in enumerate(rows)}
+            for run, rows in per_seed.items()}
+    summary = {run: {key: {"mean": (rows[0][i] + rows[1][i]) / 2, "half_range": abs(rows[0][i] - rows[1][i]) / 2,
+                           "std": abs(rows[0][i] - rows[1][i]) / 2 ** 0.5, "values": [rows[0][i], rows[1][i]]}
+                     for i, key in enumerate(keys)}
+               for run, rows in per_seed.items()}
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"study": "made_up", "device": "CPU (test)", "date": "2025-01-01T00:00:00+00:00",
+                                                      "seeds": [0, 1], "runs": runs, "summary": summary}))
+    return folder
+
+
+def test_compare_runs_plots_knn_and_a_study(tmp_path, tiny_runs, notebook_env):
     # kNN accuracy as the engine will log it: extra keys starting with "knn", on lines of their own
     runs = []
     for name, run in tiny_runs.items():
@@ -103,13 +126,17 @@ def test_compare_runs_plots_knn_and_a_benchmark_json(tmp_path, tiny_runs, notebo
         with open(copy / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": last["step"], "epoch": last["epoch"], "elapsed_s": last["elapsed_s"], "knn_top1_cls": 12.5}) + "\n")
         runs.append(str(copy))
-    bench = tmp_path / "curriculum_vs_baseline.json"
-    bench.write_text(json.dumps({"runs": [{"name": "baseline", "wall_s": 10.0, "final_loss": 0.5},
-                                          {"name": "et", "wall_s": 7.0, "final_loss": 0.52}]}))
-    env = {**notebook_env, "MAE_ET_RUNS": os.pathsep.join(runs), "MAE_ET_BENCHMARK": str(bench)}
+    study = made_up_study(tmp_path / "study" / "made_up")
+    env = {**notebook_env, "MAE_ET_RUNS": os.pathsep.join(runs), "MAE_ET_STUDY": str(study)}  # the folder of results.json
     nb = execute("03_compare_runs.ipynb", env)
-    assert str(bench) in printed(nb) and "no kNN metrics" not in printed(nb)
-    assert png_count(nb) == 3  # the curves, the kNN accuracy, the benchmark bars
+    text = printed(nb)
+    assert not [o for o in outputs(nb) if o.output_type == "error"]
+    assert "no kNN metrics" not in text and "no study results" not in text
+    # the study was found through MAE_ET_STUDY and plotted: four runs as points against CPU time, the untrained floor
+    assert f"study: {study / 'results.json'}" in text
+    assert (f"study 'made_up' from {study / 'results.json'}: plotted baseline, et, etpp_half, baseline_equal_time "
+            "against cpu_s; floor (dashed): untrained; panels: knn_top1_cls, linear_top1, finetune_top1") in text, text
+    assert png_count(nb) == 3  # the curves, the kNN accuracy, the study
 
 
 def test_missing_checkpoint_names_the_variable_and_the_command(tmp_path, notebook_env):
