@@ -2,13 +2,18 @@
 
     python benchmarks/throughput.py                       # GPU: ViT-B/16 batch 256 at B = 224..96, ViT-L/16 batch 128 at 224
     python benchmarks/throughput.py --data /data/imagenette --pipeline memory   # + end-to-end img/s from real JPEGs
-    python benchmarks/throughput.py --smoke               # CPU: a micro model, seconds (run by the test suite)
+    python benchmarks/throughput.py --smoke               # a micro model, seconds, on any device (run by the test suite)
+    python benchmarks/throughput.py --rows "tiny:8:64" --compile none --precision fp32   # CPU: exactly this model and size
 
 For each row (model, batch, B) it reports: step img/s with the input already on the device (the
 same `TrainStep` the training loop runs: normalise, low-frequency crop, masked forward/backward,
 fused AdamW), step time, peak device memory, FLOPs per image and MFU against `--peak-tflops`; with
 `--data`, also end-to-end img/s through the configured data pipeline and its data-wait fraction.
 Results go to stdout as a Markdown table and to a JSON file (`--out`).
+
+It measures the models, batches and sizes it is given, on whatever device is there: only `--smoke`
+shrinks them (a micro model, patch 8, 48-px crops, eager fp32). The timing pieces (`fresh_accelerator`,
+`build_train_step`, `time_calls`, `step_flops`, `end_to_end`) are shared with `benchmarks/gpu_check.py`.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class Row:
     peak_mem_gib: float | None
     e2e_img_s: float | None = None
     e2e_data_wait: float | None = None
+    params: int | None = None  # of the model measured: proof of which one it was
 
 
 def parse_rows(text: str) -> list[tuple[str, int, list[int]]]:
@@ -68,38 +74,84 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_row(cfg, model_size: str, batch: int, sizes: list[int], steps: int, warmup: int, peak_tflops: float,
-              data_root: str | None) -> list[Row]:
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def fresh_accelerator(precision: str) -> Accelerator:
+    """A new Accelerate state with this precision (bf16 autocast through Accelerate, as in training)."""
     AcceleratorState._reset_state(True)
-    cfg.model.size, cfg.train.batch_size = model_size, batch
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=MIXED_PRECISION[cfg.train.precision])
-    device = accelerator.device
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=MIXED_PRECISION[precision])
+
+
+def build_train_step(cfg, accelerator: Accelerator, sizes: list[int], compile_mode: str | None = None,
+                     compile_backend: str = "inductor") -> TrainStep:
+    """The training loop's own step (fused AdamW, grad norm, device-side skip) for cfg.model at cfg.train.batch_size."""
     model = build_model(cfg)
     optimizer = build_adamw(model, 1e-4, cfg.optim.weight_decay, cfg.optim.betas)
     model, optimizer = accelerator.prepare(model, optimizer)
-    step = TrainStep(accelerator, model, optimizer, cfg.model.mask_ratio, cfg.curriculum.mode, cfg.optim.clip_grad,
-                     compile_mode=cfg.train.compile, sizes=tuple(sizes))
+    return TrainStep(accelerator, model, optimizer, cfg.model.mask_ratio, cfg.curriculum.mode, cfg.optim.clip_grad,
+                     compile_mode=compile_mode or cfg.train.compile, sizes=tuple(sizes), compile_backend=compile_backend)
+
+
+@dataclass
+class Timing:
+    seconds_per_step: float
+    first_call_s: float  # the first warm-up call alone: compilation lands here
+    peak_mem_gib: float | None  # CUDA only: peak allocated during the timed steps, less `base_bytes`
+
+
+def time_calls(run, steps: int, warmup: int, device: torch.device, base_bytes: int = 0) -> Timing:
+    """Time `run()` (one training step) `steps` times after `warmup` calls (at least one), synchronising the device."""
+    sync(device)
+    t0 = time.perf_counter()
+    run()  # compiles the graph of this size, warms the allocator and the kernels' heuristics
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        run()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        run()
+    sync(device)
+    seconds = (time.perf_counter() - t0) / steps
+    peak = (torch.cuda.max_memory_allocated(device) - base_bytes) / 2**30 if device.type == "cuda" else None
+    return Timing(seconds, first, peak)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Trainable parameters (fixed sin-cos tables left out, which some implementations keep as parameters)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def step_flops(cfg, model_size: str, size: int) -> float:
+    """Training FLOPs per image at input size B (matrix multiplies only)."""
+    m = cfg.model
+    return mae_train_flops_per_image(model_size, size, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio)
+
+
+def bench_row(cfg, model_size: str, batch: int, sizes: list[int], steps: int, warmup: int, peak_tflops: float,
+              data_root: str | None) -> list[Row]:
+    cfg.model.size, cfg.train.batch_size = model_size, batch
+    accelerator = fresh_accelerator(cfg.train.precision)
+    device = accelerator.device
+    step = build_train_step(cfg, accelerator, sizes)
     crop = cfg.data.crop_size
     images = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=device)  # (n, 3, S, S) on the device
     data = open_data(cfg, main=True, device=device) if data_root is not None else None
     rows = []
     for size in sizes:
         noise = mask_noise(0, 0, 0, 0, (batch, (size // cfg.model.patch_size) ** 2), device)  # (n, L)
-        for _ in range(warmup):  # compiles the graph of this size, warms the allocator
-            step(images, size, noise)
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step(images, size, noise)
-        sync(device)
-        seconds = time.perf_counter() - t0
-        img_s = steps * batch / seconds
-        flops = mae_train_flops_per_image(model_size, size, cfg.model.patch_size, cfg.model.decoder_embed_dim,
-                                          cfg.model.decoder_depth, cfg.model.mask_ratio)
-        row = Row(model_size, batch, size, img_s, 1000 * seconds / steps, flops, flops * img_s / (peak_tflops * 1e12),
-                  torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+        timing = time_calls(lambda: step(images, size, noise), steps, max(warmup, 1), device)
+        img_s = batch / timing.seconds_per_step
+        flops = step_flops(cfg, model_size, size)
+        row = Row(model_size, batch, size, img_s, 1000 * timing.seconds_per_step, flops,
+                  flops * img_s / (peak_tflops * 1e12), timing.peak_mem_gib, params=count_params(step.model))
         if data is not None:
             row.e2e_img_s, row.e2e_data_wait = end_to_end(cfg, data, step, size, steps, warmup, device)
         rows.append(row)
@@ -146,18 +198,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--compile", default="default", help="train.compile mode (none | default | reduce-overhead | ...)")
-    parser.add_argument("--precision", default=None, help="bf16 | fp16 | fp32 (default: the recipe's; fp32 on CPU)")
+    parser.add_argument("--precision", default=None, help="bf16 | fp16 | fp32 (default: the recipe's; fp32 under --smoke)")
     parser.add_argument("--data", default=None, help="ImageFolder for end-to-end figures (its train/ split when present)")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--pipeline", default=None, help="data.pipeline for end-to-end: loader | memory | device_decode")
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS)
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU run: micro model, few steps, eager")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny run on any device: micro model, few steps, eager fp32 (the only option that shrinks)")
     parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/throughput_<device>.json)")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
     overrides = [f"train.compile={args.compile}"]
-    if args.smoke or not cuda:
+    if args.smoke:
         overrides = ["model.patch_size=8", "data.crop_size=48", "model.decoder_embed_dim=32", "model.decoder_depth=1",
                      "model.decoder_num_heads=2", "train.compile=none", "train.precision=fp32"]
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
@@ -169,10 +222,12 @@ def main(argv=None) -> dict:
         overrides.append(f"data.pipeline={args.pipeline}")
     data_root = args.data  # its train/ split when present (engine.pretrain_data_dir)
     cfg = load_pretrain_config(args.config, [f"data.root={args.data or REPO}", "data.source=imagefolder", *overrides])
-    rows_spec = parse_rows(args.rows or (GPU_ROWS if cuda and not args.smoke else SMOKE_ROWS))
+    rows_spec = parse_rows(args.rows or (SMOKE_ROWS if args.smoke else GPU_ROWS))
+    if not cuda and not args.smoke and args.rows is None:
+        print("no CUDA: measuring the GPU rows on the CPU as asked (slow); --rows or --smoke for less")
 
-    device_name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
-    print(f"device: {device_name}; torch {torch.__version__}; precision {cfg.train.precision}; compile {cfg.train.compile}")
+    name = device_name()
+    print(f"device: {name}; torch {torch.__version__}; precision {cfg.train.precision}; compile {cfg.train.compile}")
     print(TABLE_HEAD)
     rows = []
     for model_size, batch, sizes in rows_spec:
@@ -183,7 +238,7 @@ def main(argv=None) -> dict:
         if full is not None:
             print(f"{r.model} B={r.size}: {r.step_img_s / full.step_img_s:.2f}x the full-size step")
     result = {
-        "device": device_name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "precision": cfg.train.precision, "compile": cfg.train.compile, "pipeline": cfg.data.pipeline if data_root else None,
         "peak_tflops": args.peak_tflops, "steps": args.steps, "rows": [asdict(r) for r in rows],
     }

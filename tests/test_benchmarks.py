@@ -1,4 +1,4 @@
-"""FLOP accounting and the throughput benchmark's CPU smoke run."""
+"""FLOP accounting, the throughput benchmark's CPU smoke run, and its honesty: it measures what it is given."""
 
 from __future__ import annotations
 
@@ -8,9 +8,19 @@ import sys
 
 import pytest
 
+from mae_et.config import load_pretrain_config
+from mae_et.engine import build_model
 from mae_et.flops import mae_train_flops_per_image
 
 from conftest import REPO
+
+
+def load_throughput():
+    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    sys.modules["throughput"] = throughput  # its dataclasses look their module up
+    spec.loader.exec_module(throughput)
+    return throughput
 
 
 @pytest.mark.parametrize("size, gflop", [(224, 58.7), (192, 42.9), (160, 29.7), (128, 19.1), (96, 11.0)])
@@ -27,18 +37,32 @@ def test_smaller_inputs_cost_fewer_flops_roughly_with_the_area():
 
 @pytest.mark.parametrize("pipeline", ["loader", "memory"])
 def test_throughput_smoke_run_writes_the_table(tmp_path, mini_root, pipeline):
-    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
-    throughput = importlib.util.module_from_spec(spec)
-    sys.modules["throughput"] = throughput  # its dataclasses look their module up
-    spec.loader.exec_module(throughput)
+    throughput = load_throughput()
     out = tmp_path / "tp.json"
     result = throughput.main(["--smoke", "--data", str(mini_root), "--num-workers", "0", "--pipeline", pipeline, "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
     assert [r["size"] for r in saved["rows"]] == [48, 40, 32] and saved["pipeline"] == pipeline
+    # --smoke is what shrinks: the micro model at patch 8, eager fp32
+    assert {r["model"] for r in saved["rows"]} == {"micro"} and saved["precision"] == "fp32" and saved["compile"] == "none"
+    assert saved["rows"][0]["flops_per_image"] == mae_train_flops_per_image("micro", 48, 8, 32, 1)
     for r in saved["rows"]:
         assert r["step_img_s"] > 0 and r["e2e_img_s"] > 0 and 0 <= r["e2e_data_wait"] <= 1
         assert r["flops_per_image"] > 0 and r["mfu"] > 0
+
+
+def test_throughput_measures_the_requested_model_on_cpu(tmp_path, one_thread_fresh_accelerate):
+    # no CUDA here, and no --smoke: the model asked for is the model measured (ViT-Ti/16, the recipe's decoder)
+    throughput = load_throughput()
+    result = throughput.main(["--rows", "tiny:2:32", "--compile", "none", "--precision", "fp32", "--steps", "1",
+                              "--warmup", "0", "--out", str(tmp_path / "tp.json")])
+    [row] = result["rows"]
+    assert (row["model"], row["batch"], row["size"]) == ("tiny", 2, 32) and row["step_img_s"] > 0
+    recipe = REPO / "configs/pretrain/mae_vit-base-p16_baseline_800e_imagenet.yaml"
+    tiny = build_model(load_pretrain_config(recipe, ["data.root=.", "model.size=tiny"]))
+    assert row["params"] == sum(p.numel() for p in tiny.parameters() if p.requires_grad)
+    assert row["flops_per_image"] == mae_train_flops_per_image("tiny", 32)  # patch 16, decoder 512 x 8: not shrunk
+    assert result["precision"] == "fp32" and result["compile"] == "none"
 
 
 def test_fractal_speed_smoke():
