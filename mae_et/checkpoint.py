@@ -10,12 +10,18 @@ A folder counts as a checkpoint only when it is named `step_*` and holds meta.js
 folder gets that name only by an atomic rename after everything inside was fsynced; so a kill
 at any moment leaves the latest complete checkpoint readable. Stale temporary folders from a
 killed save are removed at the next save.
+
+No file is loaded with pickle's full power: training_state.pt is read with
+``torch.load(weights_only=True)`` (tensors, numbers, strings and plain containers only), so a
+Python object planted in a shared run folder is refused with a `RefusedFileError` instead of run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -35,6 +41,60 @@ META_FILE = "meta.json"
 
 class CheckpointError(RuntimeError):
     """An unreadable or unsuitable checkpoint, with a message naming the file and the fix."""
+
+
+class RefusedFileError(CheckpointError):
+    """A torch file holding pickled Python objects beyond plain data; it was not loaded (nothing in it ran)."""
+
+
+# What torch's weights-only unpickler names when it stops at something it will not build:
+# "Unsupported global: GLOBAL posix.system ...", "... unsupported GLOBAL x.y whose module ...",
+# "Can only create new object for ... but got <class 'x.Y'>", "Can only build ... but got <class 'x.Y'>".
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_REFUSED_OBJECT = re.compile(r"Can only (?:create new object|build)\b.*?but got (?:<class '([\w.]+)'>|([\w.]+))")
+
+
+def refused_global(error: BaseException) -> str | None:
+    """The global (function or class) a weights-only torch.load refused, or None when it refused none."""
+    text = str(error)
+    m = _REFUSED_GLOBAL.search(text)
+    if m:
+        return m.group(1).rstrip(".")
+    m = _REFUSED_OBJECT.search(text)
+    return (m.group(1) or m.group(2)).rstrip(".") if m else None
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """The one line of torch's long weights-only message that says what went wrong."""
+    text = str(error)
+    m = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    if m:
+        return m.group(1).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation", "(1)", "(2)"))]
+    return (useful or lines or [type(error).__name__])[0]
+
+
+def torch_load_plain(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, fix: str,
+                     allowed_globals: tuple[type, ...] = ()) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and plain containers only.
+
+    ``allowed_globals`` adds harmless types a known file format holds (argparse.Namespace in
+    official MAE checkpoints) for this call only. A file that holds any other Python object raises
+    `RefusedFileError`, one line naming the file, the refused global and ``fix``; nothing in it
+    runs. Other failures (a truncated or foreign file) propagate as torch raised them, except a
+    malformed pickle, which becomes a short ``pickle.UnpicklingError``.
+    """
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        name = refused_global(e)
+        if name is None:  # not a refused object: a corrupt or foreign pickle
+            raise pickle.UnpicklingError(_unpickler_reason(e)) from None
+        raise RefusedFileError(
+            f"file '{os.fspath(path)}' refused: it holds Python objects that could run code when loaded ({name}); {fix}"
+        ) from None
 
 
 @dataclass
@@ -104,22 +164,38 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+# What to do about a refused training_state.pt: this project never writes one that holds objects.
+_REFUSED_STATE_FIX = ("mae_et writes only tensors, numbers and dicts there, so the file was not written by a run; "
+                      "delete that checkpoint folder to resume from an earlier one")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """One checkpoint folder. A training_state.pt holding Python objects raises `RefusedFileError`."""
     path = Path(path)
     try:
         meta = json.loads((path / META_FILE).read_text())
         model_state = load_file(str(path / MODEL_FILE), device=str(map_location))
-        training_state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=False)
+        training_state = torch_load_plain(path / STATE_FILE, map_location, fix=_REFUSED_STATE_FIX)
+    except RefusedFileError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
-        raise CheckpointError(f"checkpoint '{path}' is unreadable ({type(e).__name__}: {e}); delete that folder to use an earlier one") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"checkpoint '{path}' is unreadable ({type(e).__name__}: {reason}); delete that folder to use an earlier one") from e
     return Checkpoint(path=path, model_state=model_state, training_state=training_state, meta=meta)
 
 
 def load_latest_checkpoint(root: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint | None:
-    """The newest readable checkpoint; an unreadable one is reported and the previous one used."""
+    """The newest readable checkpoint; an unreadable one is reported and the previous one used.
+
+    A refused one (a training_state.pt holding Python objects, which this project never writes)
+    stops the resume with `RefusedFileError` instead: the run folder was tampered with, and
+    silently training on from an older checkpoint of it would hide that.
+    """
     for path in reversed(list_checkpoints(root)):
         try:
             return load_checkpoint(path, map_location)
+        except RefusedFileError:
+            raise
         except CheckpointError as e:
             warnings.warn(f"{e}; trying the previous checkpoint", stacklevel=2)
     return None

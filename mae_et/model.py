@@ -366,9 +366,22 @@ def _fmt_shape(shape: torch.Size | tuple) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
+_REFUSED_OFFICIAL_FIX = ("the official release files hold only tensors, numbers and an argparse.Namespace; "
+                        "re-download it, or re-save its state_dict as .safetensors or a plain tensor dict")
+
+
 def _as_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        # Imported here to keep this loader's changes local. weights_only: nothing in a downloaded
+        # file may run; official training checkpoints also pickle their argparse.Namespace.
+        import argparse
+
+        from mae_et.checkpoint import RefusedFileError, torch_load_plain
+
+        try:
+            checkpoint = torch_load_plain(checkpoint, "cpu", fix=_REFUSED_OFFICIAL_FIX, allowed_globals=(argparse.Namespace,))
+        except RefusedFileError as e:
+            raise ValueError(str(e)) from None
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint must be a path or a state dict, got {type(checkpoint).__name__}")
     # Official .pth files wrap the weights as {"model": sd, ...}; accept a bare sd too.
@@ -403,6 +416,8 @@ def load_official_mae_checkpoint(
     ``pos_embed``/``decoder_pos_embed`` are verified against our sin-cos and dropped. Any key or
     shape mismatch raises a ValueError listing all of them, so a partial load never goes unnoticed.
     With ``encoder_only=True`` only the encoder is loaded (strictly) and the decoder is left as is.
+    A file is read with ``weights_only=True``: one holding Python objects other than tensors, plain
+    data and an ``argparse.Namespace`` is refused with a one-line ValueError, and nothing in it runs.
     """
     sd = _as_state_dict(checkpoint)
     for name in _FIXED_POS_KEYS:

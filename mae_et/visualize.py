@@ -141,7 +141,7 @@ def load_mae(checkpoint_or_run: str | os.PathLike) -> tuple[MaskedAutoencoderViT
     try:
         cfg = build_config(PretrainConfig, yaml.safe_load((folder / ckpt_lib.CONFIG_FILE).read_text()) or {})
     except (ConfigError, yaml.YAMLError) as e:
-        raise ckpt_lib.CheckpointError(f"checkpoint '{folder}': unusable {ckpt_lib.CONFIG_FILE} ({e})") from e
+        raise ckpt_lib.CheckpointError(f"checkpoint '{folder}': unusable {ckpt_lib.CONFIG_FILE} ({_one_line(e)})") from e
     try:
         state = load_file(str(folder / ckpt_lib.MODEL_FILE), device="cpu")
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file means the same to the user
@@ -158,6 +158,16 @@ def load_mae(checkpoint_or_run: str | os.PathLike) -> tuple[MaskedAutoencoderViT
             f"missing {_few(missing)}, unexpected {_few(unexpected)}"
         )
     return model.eval(), cfg
+
+
+def _one_line(e: BaseException) -> str:
+    """A YAML error's first line (its problem, e.g. a refused python/object tag) and where; others as they are."""
+    text = str(e).strip()
+    if not isinstance(e, yaml.YAMLError) or not text:
+        return text
+    mark = getattr(e, "problem_mark", None)
+    first = text.splitlines()[0]
+    return f"{first}, line {mark.line + 1}" if mark is not None else first
 
 
 def _few(names: Sequence[str], shown: int = 3) -> str:

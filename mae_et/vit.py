@@ -31,7 +31,7 @@ from timm.layers import LayerNorm, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from mae_et.checkpoint import CONFIG_FILE, MODEL_FILE, list_checkpoints
+from mae_et.checkpoint import CONFIG_FILE, MODEL_FILE, RefusedFileError, list_checkpoints, torch_load_plain
 from mae_et.model import MODEL_SIZES, get_2d_sincos_pos_embed
 
 __all__ = [
@@ -257,13 +257,18 @@ def _load_mae_et_checkpoint(ckpt_dir: Path) -> tuple[dict[str, Tensor], EncoderS
     except Exception as e:  # noqa: BLE001 - missing file, bad YAML, missing keys: one answer
         raise LoadError(
             f"'{config_file}' does not give model.size, model.patch_size and data.crop_size "
-            f"({type(e).__name__}: {e}); the checkpoint folder needs the config.yaml it was saved with"
+            f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); "  # YAML errors run over several lines
+            "the checkpoint folder needs the config.yaml it was saved with"
         ) from None
     try:
         _check_spec(spec)
     except ValueError as e:
         raise LoadError(f"'{config_file}': {e}") from None
     return mae_to_timm_state_dict(_strip_wrappers(state), spec), spec
+
+
+_REFUSED_PICKLE_FIX = ("model weights need only tensors (official MAE files add an argparse.Namespace); "
+                       "re-save its state_dict as .safetensors or a plain tensor dict")
 
 
 def _read_weights_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -279,8 +284,9 @@ def _read_weights_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         # weights_only: never run pickled code from a downloaded file. Official MAE training
         # checkpoints also carry their argparse.Namespace, which is allowed explicitly.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load_plain(path, "cpu", fix=_REFUSED_PICKLE_FIX, allowed_globals=(argparse.Namespace,))
+    except RefusedFileError as e:
+        raise LoadError(str(e)) from None
     except Exception as e:  # noqa: BLE001
         raise _unreadable(path, e, fix) from None
     if not isinstance(obj, Mapping):

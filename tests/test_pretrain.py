@@ -87,7 +87,7 @@ def test_tiny_run_end_to_end_with_the_et_curriculum(tmp_path, mini_root):
     model = build_model(cfg)
     model.load_state_dict(final_weights(run_dir), strict=True)
     assert any(k.startswith("decoder_blocks.") for k in final_weights(run_dir))
-    state = torch.load(ckpts[-1] / ck.STATE_FILE, weights_only=False)
+    state = torch.load(ckpts[-1] / ck.STATE_FILE, weights_only=True)
     assert {"optimizer", "scaler", "step", "counters", "rng", "elapsed_seconds", "cpu_seconds", "overhead_seconds",
             "overhead_cpu_seconds"} <= set(state)
     # the loop's clocks: wall and process CPU, each with the bookkeeping share (checkpoints, grids, kNN) beside it
