@@ -40,8 +40,9 @@ compile that another run found cached.
 Over seeds: mean, half-range ((max - min) / 2: "within the baseline's seed spread" means at or above its
 worst seed) and the sample std. Fine-tune top-1 is the last epoch's (no selection on val).
 
-Output under `--out` (default runs/study/<study name>/; with --publish the report files are also copied to
-benchmarks/results/<study name>/, which is committed): state.json (every finished run and evaluation;
+Output under `--out` (default runs/study/<study name>/; with --publish the report files and state.json are also
+copied to benchmarks/results/<study name>/, which is committed, and a study whose out folder has no state.json
+starts from that published one: a later session on a new checkout reads the evaluated seeds back): state.json (every finished run and evaluation;
 rewritten after each), results.json (everything: per run and seed, mean and spread, speed-ups on both
 clocks, verdicts, machines, date), table.md, accuracy_vs_time.png; runs/ (pretraining run folders),
 eval/ (fine-tune folders), logs/.
@@ -623,9 +624,9 @@ def verdict_lines(v: dict[str, Any], targets: dict[str, Any]) -> list[str]:
                   + (f" ({'; '.join(ref['differs'])})" if ref["differs"] else f" (x{ref['ratio']:.2f})"))
     lines = [
         f"verdict et (>= {et['target_speedup']}x less {clock} time, accuracy within the baseline's seed range or above): "
-        f"{word(et['pass'])} - speed-up {et['speedup']:.2f}x; {acc(et['accuracy'])}",
+        f"{word(et['pass'])} - speed-up {et['speedup']:.3f}x; {acc(et['accuracy'])}",
         f"verdict etpp_half (>= {pp['target_speedup']}x less {clock} time, accuracy within {targets['etpp_max_drop']} point): "
-        f"{word(pp['pass'])} - speed-up {pp['speedup']:.2f}x; {acc(pp['accuracy'])}",
+        f"{word(pp['pass'])} - speed-up {pp['speedup']:.3f}x; {acc(pp['accuracy'])}",
         f"verdict equal {clock} time (curriculum ahead on linear probe): {word(eq['pass'])} - et {eq['et_linear_top1']:.2f} vs "
         f"baseline_equal_time {eq['baseline_equal_time_linear_top1']:.2f} (its {clock} time {eq['time_ratio']:.2f}x et's)",
     ]
@@ -865,6 +866,11 @@ def main(argv=None) -> dict[str, Any]:
     num_images = len(scan_image_folder(data_root / "train").samples)
     planned_spe = num_images // (base_cfg.train.batch_size * base_cfg.train.accum_steps)
     rate = study.peak_tflops * study.assumed_mfu * 1e12
+    published = REPO / "benchmarks" / "results" / study.name
+    if not (out / STATE_FILE).is_file() and (published / STATE_FILE).is_file():
+        # a new checkout: start from the published state, so finished (and evaluated) seeds are read back, not rerun
+        shutil.copy2(published / STATE_FILE, out / STATE_FILE)
+        print(f"starting from the published state {published / STATE_FILE}")
     state = StudyState(out / STATE_FILE)
     print(f"study {study.name}: {base_cfg.model.size}/{base_cfg.model.patch_size} (decoder {base_cfg.model.decoder_embed_dim} x "
           f"{base_cfg.model.decoder_depth}) at {base_cfg.data.crop_size} px, E = {study.epochs:g}, batch "
@@ -907,7 +913,9 @@ def main(argv=None) -> dict[str, Any]:
         commands[run_name(row, seed)] = pretrain_command(study.recipe, overrides)
         key = settings_key(overrides)
         r = state.get(row, seed, "pretrain", key)
-        if r is not None and Path(r["run_dir"]).is_dir():
+        # a finished run is read back; its folder is needed only while its evaluation is still to do
+        evaluated = state.get(row, seed, "eval", {"encoder": key, **eval_settings}) is not None
+        if r is not None and (evaluated or Path(r["run_dir"]).is_dir()):
             if str(seed) not in results[row]:  # (a waiting --eval-only pass keeps what it already evaluated)
                 print(f"pretrained {row} seed {seed}: read back ({r['wall_s']:.1f}s wall, {r['cpu_s']:.1f}s CPU)", flush=True)
                 results[row][str(seed)] = r
@@ -974,7 +982,8 @@ def main(argv=None) -> dict[str, Any]:
             if str(seed) not in results[UNTRAINED]:
                 untrained_key = settings_key(pretrain_overrides(study, UNTRAINED, seed, study.epochs, data_root, out))
                 r = state.get(UNTRAINED, seed, "pretrain", untrained_key)
-                if r is None or not Path(r["run_dir"]).is_dir():
+                evaluated = state.get(UNTRAINED, seed, "eval", {"encoder": untrained_key, **eval_settings}) is not None
+                if r is None or not (evaluated or Path(r["run_dir"]).is_dir()):
                     r = {"seed": seed, "machine": machine(), "epochs": 0.0, "steps": 0, "wall_s": 0.0, "cpu_s": 0.0,
                          "run_dir": str(save_untrained_encoder(study, seed, data_root, out))}
                     state.put(UNTRAINED, seed, "pretrain", untrained_key, r)
@@ -1031,9 +1040,8 @@ def main(argv=None) -> dict[str, Any]:
         print(line)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'accuracy_vs_time.png'}")
     if args.publish:
-        published = REPO / "benchmarks" / "results" / study.name
         published.mkdir(parents=True, exist_ok=True)
-        for name in ("results.json", "table.md", "accuracy_vs_time.png"):
+        for name in ("results.json", "table.md", "accuracy_vs_time.png", STATE_FILE):
             shutil.copy2(out / name, published / name)
         print(f"published to {published}")
     return result

@@ -445,3 +445,23 @@ def test_evaluation_beside_pretraining_in_two_processes(tmp_path):
     assert all(state["launches"][f"{run}_seed0"] == 1 for run in RUNS)  # each pretrained once, by one process
     for run in RUNS:
         assert result["runs"][run]["0"]["wall_s"] == state["runs"][run]["0"]["pretrain"]["value"]["wall_s"]
+
+
+def test_evaluated_runs_read_back_without_their_folders(study, tmp_path):
+    """A new checkout has the (published) state.json but none of the run folders: every run that was already
+    evaluated is read back, nothing is retrained; the report is the same."""
+    result, finished, _ = study
+    out = tmp_path / "study"
+    out.mkdir()
+    state = json.loads((finished / "state.json").read_text())  # what --publish commits ...
+    for per_seed in state["runs"].values():
+        for entry in per_seed.values():  # ... on a machine where the run folders are gone
+            entry["pretrain"]["value"]["run_dir"] = str(tmp_path / "gone" / Path(entry["pretrain"]["value"]["run_dir"]).name)
+    (out / "state.json").write_text(json.dumps(state))
+    again, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "1"])
+    read_back = [line for line in printed.splitlines() if line.startswith("pretrained ") and "read back" in line]
+    assert len(read_back) == len(RUNS) * len(SEEDS)
+    assert not (out / "runs").exists() or not any((out / "runs").iterdir())  # nothing trained, no untrained saved
+    for run in ROWS:
+        for seed in SEEDS:
+            assert again["runs"][run][seed]["linear_top1"] == result["runs"][run][seed]["linear_top1"]
