@@ -209,7 +209,7 @@ def test_a_killed_study_resumes_its_half_finished_run(tmp_path):
     script = load_script()
     study = script.load_study(STUDY)
     out = tmp_path / "study"
-    overrides = script.pretrain_overrides(study, "baseline", 0, study.epochs, MINI, out)
+    overrides = script.pretrain_overrides(study, "baseline", 0, study.epochs, MINI.resolve(), out)  # the study resolves --data
     # the kill: the baseline stops at step 20 of 30 with a checkpoint (train.max_steps does what a time limit does)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
