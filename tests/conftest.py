@@ -18,6 +18,18 @@ MINI = REPO.parent / "shared" / "data" / "imagenette-mini"
 CPU_RECIPE = REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml"
 
 
+def load_benchmark(name: str):
+    """A fresh import of benchmarks/<name>.py (not a package), registered under its name: its dataclasses look
+    their module up."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def mini_root() -> Path:
     if not MINI.is_dir():

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
@@ -12,15 +10,11 @@ from mae_et.config import load_pretrain_config
 from mae_et.engine import build_model
 from mae_et.flops import mae_train_flops_per_image
 
-from conftest import REPO
+from conftest import REPO, load_benchmark
 
 
 def load_throughput():
-    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
-    throughput = importlib.util.module_from_spec(spec)
-    sys.modules["throughput"] = throughput  # its dataclasses look their module up
-    spec.loader.exec_module(throughput)
-    return throughput
+    return load_benchmark("throughput")
 
 
 @pytest.mark.parametrize("size, gflop", [(224, 58.7), (192, 42.9), (160, 29.7), (128, 19.1), (96, 11.0)])
@@ -66,8 +60,6 @@ def test_throughput_measures_the_requested_model_on_cpu(tmp_path, one_thread_fre
 
 
 def test_fractal_speed_smoke():
-    spec = importlib.util.spec_from_file_location("fractal_speed", REPO / "benchmarks" / "fractal_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("fractal_speed")
     rows = module.main(["--sizes", "32", "--batch", "4", "--seconds", "0.2", "--device", "cpu"])
     assert [r["size"] for r in rows] == [32] and rows[0]["single_cpu"] > 0 and rows[0]["batched"] > 0

@@ -5,7 +5,6 @@ values it comes from); a study that resumes after a kill; and the verdict arithm
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -20,7 +19,7 @@ import torch
 import yaml
 from accelerate.state import AcceleratorState
 
-from conftest import MINI, REPO
+from conftest import MINI, REPO, load_benchmark
 
 STUDY = REPO / "configs" / "study" / "mini_cpu-smoke.yaml"
 RUNS = ("baseline", "et", "etpp_half", "baseline_equal_time")
@@ -30,11 +29,7 @@ ACCURACY_KEYS = ("knn_top1_cls", "knn_top1_mean", "linear_top1", "finetune_top1"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("curriculum_vs_baseline", REPO / "benchmarks" / "curriculum_vs_baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["curriculum_vs_baseline"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("curriculum_vs_baseline")
 
 
 def run_study(argv: list[str]) -> tuple[dict, str]:

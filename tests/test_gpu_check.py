@@ -17,15 +17,11 @@ from accelerate.state import AcceleratorState
 
 from mae_et.data import scan_image_folder
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 def has_transformers() -> bool:
