@@ -297,7 +297,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                            num_micro_steps=max(0, end_step - step) * accum, device=device)
     patch = cfg.model.patch_size
     nonfinite_total = torch.zeros((), device=device)  # device counters: read only at log time
-    consecutive = torch.zeros((), device=device)
+    consecutive = torch.zeros((), device=device)  # the current streak of skipped updates
+    longest_streak = torch.zeros((), device=device)  # the longest streak since the last check: a streak that ends
+    # between two log steps still stops the run at the next one, without a host sync in the step
     window_loss = torch.zeros((), device=device)
     window_finite = torch.zeros((), device=device)
     grad_norm = torch.zeros((), device=device)
@@ -324,6 +326,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                 grad_norm = result.grad_norm
                 nonfinite_total += result.nonfinite
                 consecutive = torch.where(result.nonfinite, consecutive + 1, torch.zeros_like(consecutive))
+                longest_streak = torch.maximum(longest_streak, consecutive)
             finite = torch.isfinite(result.loss)
             window_loss += torch.where(finite, result.loss, torch.zeros_like(result.loss))
             window_finite += finite
@@ -361,14 +364,19 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                     say(f"step {step}: kNN top-1 " + ", ".join(f"{k[9:]} {v:.1f}%" for k, v in knn.items()))
             window_loss.zero_(); window_finite.zero_()
             window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-            if int(consecutive.item()) >= cfg.train.max_consecutive_nonfinite:
+
+        if step % cfg.train.log_every == 0 or at_end or knn or step % ckpt_every == 0:
+            # the longest streak since the last check (one host read, at log or checkpoint steps only)
+            streak = int(longest_streak.item())
+            if streak >= cfg.train.max_consecutive_nonfinite:
                 tracker.close()
                 raise NonFiniteLossError(
-                    f"stopped at step {step}: {int(consecutive.item())} non-finite losses in a row "
+                    f"stopped at step {step}: {streak} non-finite losses in a row "
                     f"(limit train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); those updates were skipped "
                     f"and the last good checkpoint ({last_ckpt or 'none yet'}) is untouched. Lower optim.blr, set "
                     f"optim.clip_grad, or use train.precision=bf16/fp32."
                 )
+            longest_streak.copy_(consecutive)
 
         if recon_every is not None and (step % recon_every == 0 or at_end):
             with clock.overhead():

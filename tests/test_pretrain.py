@@ -214,6 +214,45 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, mini_ro
     assert all(r["loss"] == r["loss"] for r in records)  # logged loss stays finite: NaNs are excluded
 
 
+def nan_on_calls(calls_with_nan: set[int]):
+    """A forward_loss that returns NaN on the given (1-based) calls: one call per micro-step here."""
+    calls = {"n": 0}
+    real_loss = MaskedAutoencoderViT.forward_loss
+
+    def loss(self, imgs, pred, mask):
+        calls["n"] += 1
+        value = real_loss(self, imgs, pred, mask)
+        return value * float("nan") if calls["n"] in calls_with_nan else value
+
+    return loss
+
+
+@pytest.mark.parametrize("streak, stops", [(3, True), (2, False)])
+def test_a_streak_that_ends_between_log_steps_still_stops_the_run(tmp_path, mini_root, monkeypatch, streak, stops):
+    """Steps 3.. are skipped `streak` times in a row, then train again; the log step is 10. The run stops at step
+    10 when the streak reached the limit (3), though the streak ended at step 5, and runs on when it did not."""
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", nan_on_calls(set(range(3, 3 + streak))))
+    cfg = cfg_for(tmp_path, mini_root, "train.log_every=10", "checkpoint.every_steps=100", "train.max_steps=12",
+                  "train.max_consecutive_nonfinite=3", "tracking.recon_every_epochs=0")
+    if stops:
+        with pytest.raises(NonFiniteLossError, match="stopped at step 10: 3 non-finite losses in a row"):
+            pretrain(cfg)
+        assert ck.list_checkpoints(cfg.run_dir / "checkpoints") == []  # nothing written after the streak
+    else:
+        result = pretrain(cfg)
+        assert result.step == 12 and result.last_metrics["nonfinite_skipped"] == 2
+
+
+def test_a_streak_is_checked_before_a_checkpoint_is_written(tmp_path, mini_root, monkeypatch):
+    """A checkpoint step between two log steps checks the streak first: no checkpoint of skipped updates."""
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", nan_on_calls({3, 4, 5}))
+    cfg = cfg_for(tmp_path, mini_root, "train.log_every=50", "checkpoint.every_steps=2", "checkpoint.keep_last=10",
+                  "train.max_consecutive_nonfinite=3", "tracking.recon_every_epochs=0")
+    with pytest.raises(NonFiniteLossError, match="stopped at step 6: 3 non-finite losses in a row"):
+        pretrain(cfg)
+    assert [p.name for p in ck.list_checkpoints(cfg.run_dir / "checkpoints")] == ["step_00000002", "step_00000004"]
+
+
 def test_nonfinite_update_leaves_weights_and_optimizer_untouched(tmp_path, mini_root, monkeypatch):
     """The skipped update changes nothing: stop right after it and compare with the step before."""
     calls = {"n": 0}
