@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mae_et.notices import RunWarning
+
 CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 MODEL_FILE = "model.safetensors"
@@ -197,5 +199,5 @@ def load_latest_checkpoint(root: str | Path, map_location: str | torch.device = 
         except RefusedFileError:
             raise
         except CheckpointError as e:
-            warnings.warn(f"{e}; trying the previous checkpoint", stacklevel=2)
+            warnings.warn(f"{e}; trying the previous checkpoint", RunWarning, stacklevel=2)
     return None

@@ -37,6 +37,7 @@ from mae_et.data import (
     load_rgb,
     scan_image_folder,
 )
+from mae_et.notices import DataWarning
 
 _SEED_MASK = (1 << 32) - 1  # numpy seeds are 32-bit
 
@@ -112,7 +113,7 @@ class SeededClassificationDataset(torch.utils.data.Dataset):
             try:
                 img = load_rgb(path)
             except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-                warnings.warn(f"cannot decode '{path}' ({type(e).__name__}: {e}); using the next image instead")
+                warnings.warn(f"cannot decode '{path}' ({type(e).__name__}: {e}); using the next image instead", DataWarning)
                 self._known_bad.add(path)
                 continue
             with seeded_rng(seed + attempt):

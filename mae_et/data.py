@@ -32,6 +32,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
+from mae_et.notices import DataWarning
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,7 +65,7 @@ class ImageFolderIndex:
 # ----------------------------------------------------------------------------------------------
 
 
-def _mix64(*values: int) -> int:
+def mix64(*values: int) -> int:
     """Deterministic 63-bit hash of a tuple of ints (splitmix64 finaliser, chained).
 
     Used instead of a linear formula such as ``seed * K + epoch * M + pos`` because linear formulas
@@ -87,11 +89,11 @@ _TAG_RETRY = 3
 
 
 def epoch_permutation_seed(seed: int, epoch: int) -> int:
-    return _mix64(_TAG_EPOCH, seed, epoch)
+    return mix64(_TAG_EPOCH, seed, epoch)
 
 
 def sample_seed_for(seed: int, epoch: int, position: int) -> int:
-    return _mix64(_TAG_SAMPLE, seed, epoch, position)
+    return mix64(_TAG_SAMPLE, seed, epoch, position)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +164,7 @@ def scan_image_folder(root: str | Path, strict: bool = False) -> ImageFolderInde
         warnings.warn(
             f"skipped {quiet_skips} hidden files/folders or files outside class folders under "
             f"'{root_str}' (see ImageFolderIndex.skipped)",
-            stacklevel=2,
+            DataWarning, stacklevel=2,
         )
     if not samples:
         raise DataError(
@@ -171,7 +173,7 @@ def scan_image_folder(root: str | Path, strict: bool = False) -> ImageFolderInde
         )
     if empty_classes:
         # Kept as classes (labels stay tied to the folder listing) but almost surely a mistake.
-        warnings.warn(f"class folders with no images under '{root_str}': {', '.join(empty_classes)}", stacklevel=2)
+        warnings.warn(f"class folders with no images under '{root_str}': {', '.join(empty_classes)}", DataWarning, stacklevel=2)
     samples.sort(key=lambda s: s[0])
     return ImageFolderIndex(root=root_str, classes=classes, samples=samples, skipped=skipped)
 
@@ -213,7 +215,7 @@ def _scan_class_dir(
 def _bad_scan_file(path: str, reason: str, strict: bool, skipped: list[SkippedFile]) -> None:
     if strict:
         raise DataError(f"bad file '{path}' ({reason}); set data.strict=false to skip bad files instead")
-    warnings.warn(f"skipping '{path}': {reason}", stacklevel=2)
+    warnings.warn(f"skipping '{path}': {reason}", DataWarning, stacklevel=2)
     skipped.append(SkippedFile(path, reason))
 
 
@@ -333,7 +335,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         for attempt in range(self.max_consecutive_failures):
             i = (index + attempt) % n
             # Replacements get a fresh seed so that they are not a copy of another key's crop.
-            seed = sample_seed if attempt == 0 else _mix64(_TAG_RETRY, sample_seed, attempt)
+            seed = sample_seed if attempt == 0 else mix64(_TAG_RETRY, sample_seed, attempt)
             path, label = self.index.samples[i]
             if path not in self._known_bad:
                 try:
@@ -344,7 +346,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                             f"cannot decode '{path}': {type(e).__name__}: {e}; "
                             "set data.strict=false to skip bad files instead"
                         ) from e
-                    warnings.warn(f"cannot decode '{path}' ({type(e).__name__}: {e}); using the next image instead")
+                    warnings.warn(f"cannot decode '{path}' ({type(e).__name__}: {e}); using the next image instead", DataWarning)
                     self._known_bad.add(path)
                     newly_bad.append(path)
                 else:

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from mae_et import checkpoint as ckpt_lib
@@ -38,6 +38,7 @@ from mae_et.data import (
     PretrainBatch,
     PretrainDataset,
     build_pretrain_loader,
+    mix64,
     normalize_on_device,
     scan_image_folder,
 )
@@ -46,6 +47,7 @@ from mae_et.fractal import FractalBatchSource, FractalDataset
 from mae_et.gpu_data import DeviceDecodeBatchSource, InMemoryImages, MemoryBatchSource
 from mae_et.knn import knn_evaluate, knn_evaluate_loaders
 from mae_et.model import MaskedAutoencoderViT, mae_vit
+from mae_et.notices import RunWarning
 from mae_et.optim import build_adamw, lr_at, scaled_lr, set_lr
 from mae_et.step import TrainStep
 from mae_et.tracking import RunTracker, resolve_wandb_mode
@@ -176,10 +178,20 @@ def open_batches(cfg: PretrainConfig, data: DataSource, rank: int, world: int, s
     return iter(loader)
 
 
+def distinct_bad_files(accelerator: Accelerator, this_rank: set[str], known: set[str]) -> set[str]:
+    """The union of every rank's unreadable files with those known from earlier launches (a collective:
+    every rank calls it at the same step)."""
+    return known | set(gather_object(sorted(this_rank)))
+
+
+_TAG_MASK = 201  # a seed family of its own (data.py and fractal.py hold the others)
+
+
 def mask_noise(seed: int, step: int, micro: int, rank: int, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     """(N, L) uniform noise deciding the mask (lowest kept), a pure function of its position."""
     gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + step * 9_176 + micro * 131 + rank) % (2**63))
+    # a hash, not a linear formula: seed*K + step*M + micro*R + rank repeats as soon as rank >= R
+    gen.manual_seed(mix64(_TAG_MASK, seed, step, micro, rank))
     return torch.rand(shape, generator=gen, device=device)
 
 
@@ -276,7 +288,10 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                            compile_mode=cfg.train.compile, sizes=tuple(sorted({s.size for s in plan.stages})))
 
     # --- resume
-    step, counters = 0, {"nonfinite_skipped": 0, "bad_files": 0}
+    step, counters = 0, {"nonfinite_skipped": 0}
+    # unreadable files met while training, by name, over every rank and every earlier launch of this run:
+    # a file met by two ranks, or met again after a resume, counts once
+    known_bad_files: set[str] = set()
     # time of the loop so far: wall and process CPU (user + system, every thread of this process), each
     # with the share spent on bookkeeping (checkpoints, reconstruction grids, the kNN monitor) beside it,
     # so a study can read training time alone; carried across resumes by the checkpoint
@@ -285,7 +300,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     resumed_from = found.path if found is not None else None
     if found is not None:
         step = int(found.training_state["step"])
-        counters.update(found.training_state.get("counters", {}))
+        counters["nonfinite_skipped"] = found.training_state.get("counters", {}).get("nonfinite_skipped", 0)
+        known_bad_files = set(found.training_state.get("bad_files", []))
         clock.restore(found.training_state)
         torch.set_rng_state(found.training_state["rng"]["torch_cpu"])
     tracker, config_yaml = start_tracking(cfg, accelerator, run_dir, wandb_mode, resume_step=step if found else None)
@@ -341,7 +357,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         if step % cfg.train.log_every == 0 or at_end or knn:
             now = time.perf_counter()
             loss_mean = accelerator.reduce(window_loss, "sum") / accelerator.reduce(window_finite, "sum").clamp(min=1)
-            n_bad = int(accelerator.reduce(torch.tensor(float(len(bad_files)), device=device), "sum").item())
+            known_bad_files = distinct_bad_files(accelerator, bad_files, known_bad_files)
             last_metrics = {
                 "loss": loss_mean.item(),
                 "lr": lr,
@@ -353,7 +369,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                 "images_per_sec": window_steps * global_batch / (now - window_start),
                 "data_wait_frac": window_wait / (now - window_start),
                 "nonfinite_skipped": counters["nonfinite_skipped"] + int(nonfinite_total.item()),
-                "data_skipped_files": len(skipped_at_open) + counters["bad_files"] + n_bad,
+                "data_skipped_files": len(skipped_at_open) + len(known_bad_files),
                 **clock.read(),
                 **knn,
             }
@@ -384,14 +400,13 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
         if step % ckpt_every == 0 or at_end:
             with clock.overhead():
+                known_bad_files = distinct_bad_files(accelerator, bad_files, known_bad_files)
                 training_state = {
                     "optimizer": optimizer.state_dict(),
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                     "step": step,
-                    "counters": {
-                        "nonfinite_skipped": counters["nonfinite_skipped"] + int(nonfinite_total.item()),
-                        "bad_files": counters["bad_files"] + len(bad_files),
-                    },
+                    "counters": {"nonfinite_skipped": counters["nonfinite_skipped"] + int(nonfinite_total.item())},
+                    "bad_files": sorted(known_bad_files),  # names (str): distinct over ranks and launches
                     **clock.state(),
                     # all training randomness derives from (seed, step, micro-step, rank); the global
                     # state is kept for completeness
@@ -539,7 +554,7 @@ def warn_config_changes(ckpt_path: Path, cfg) -> None:
             "resuming with a config that differs from the checkpoint's in: "
             + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed)
             + "; the schedule is recomputed from the new values",
-            stacklevel=2,
+            RunWarning, stacklevel=2,
         )
 
 

@@ -23,7 +23,7 @@ Degenerate systems (the filter in ``sample_system``)
     A draw is kept only if its reference render, 64x64 without jitter and with ``FILTER_POINTS``
     points, covers at least ``FILTER_COVERAGE`` of the pixels and the point cloud's bounding box
     has a short/long side ratio of at least ``MIN_ASPECT`` (rules out lines and isolated points).
-    Otherwise the next seed of the sequence ``_mix64(tag, system_seed, attempt)`` is drawn, so the
+    Otherwise the next seed of the sequence ``mix64(tag, system_seed, attempt)`` is drawn, so the
     result is still a pure function of the seed. ``FILTER_COVERAGE`` (7%) is above ``MIN_COVERAGE``
     (3%, the floor aimed at for every jittered 64x64 render; measured, not proved) to leave room
     for the jitter's down-scaling and for the different point stream of each render.
@@ -84,7 +84,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .data import _mix64
+from .data import mix64
 
 # --- system sampling ------------------------------------------------------------------------------
 MIN_MAPS, MAX_MAPS = 2, 4
@@ -125,7 +125,7 @@ FILTER_COVERAGE = MIN_COVERAGE / (
     JITTER_SCALE[0] / (math.cos(JITTER_ROTATION) + math.sin(JITTER_ROTATION))
 ) ** 2
 
-# Domain tags for _mix64: independent seed families.
+# Domain tags for mix64: independent seed families.
 _TAG_SYSTEM = 101
 _TAG_STREAM = 102
 _TAG_STYLE = 103
@@ -220,7 +220,7 @@ def _filter_stats(system: IFSSystem, seed: int) -> tuple[float, float]:
 def sample_system(system_seed: int) -> IFSSystem:
     """A random contractive IFS, a pure function of ``system_seed``; degenerate draws are re-drawn."""
     for attempt in range(MAX_ATTEMPTS):
-        seed = _mix64(_TAG_SYSTEM, system_seed, attempt)
+        seed = mix64(_TAG_SYSTEM, system_seed, attempt)
         system = _draw_system(seed)
         coverage, aspect = _filter_stats(system, seed)
         if coverage >= FILTER_COVERAGE and aspect >= MIN_ASPECT:
@@ -251,7 +251,7 @@ def _hash32(x: Tensor) -> Tensor:
 
 def _stream_keys(tag: int, seeds: list[int], device: torch.device) -> Tensor:
     """Per-sample 32-bit keys of one random stream (``tag``) from 63-bit seeds. Returns (N,) int64."""
-    keys = [_mix64(tag, s) & _MASK32 for s in seeds]
+    keys = [mix64(tag, s) & _MASK32 for s in seeds]
     return torch.tensor(keys, dtype=torch.int64, device=device)
 
 
@@ -561,7 +561,7 @@ class FractalDataset(torch.utils.data.Dataset):
         if label not in self._systems:
             if not 0 <= label < self.num_classes:
                 raise IndexError(f"class {label} outside [0, {self.num_classes})")
-            self._systems[label] = sample_system(_mix64(_TAG_DATASET_SYSTEM, self.seed, label))
+            self._systems[label] = sample_system(mix64(_TAG_DATASET_SYSTEM, self.seed, label))
         return self._systems[label]
 
     def render_seed(self, key: int | tuple[int, int]) -> tuple[int, int]:
@@ -569,11 +569,11 @@ class FractalDataset(torch.utils.data.Dataset):
         split = _SPLITS[self.split]
         if isinstance(key, tuple):
             index, sample_seed = int(key[0]), int(key[1])
-            seed = _mix64(_TAG_DATASET_SAMPLE, self.seed, split, index, sample_seed)
+            seed = mix64(_TAG_DATASET_SAMPLE, self.seed, split, index, sample_seed)
         else:
             index = int(key)
             # One value fewer in the hash chain than the tuple case: a separate seed family.
-            seed = _mix64(_TAG_DATASET_SAMPLE, self.seed, split, index)
+            seed = mix64(_TAG_DATASET_SAMPLE, self.seed, split, index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} outside a FractalDataset of {len(self)} samples")
         return index % self.num_classes, seed

@@ -39,9 +39,10 @@ from mae_et.data import (
     PretrainBatch,
     SkippedFile,
     StepSampler,
-    _mix64,
+    mix64,
     load_rgb,
 )
+from mae_et.notices import DataWarning
 
 _TRIES = 10  # RandomResizedCrop's number of box proposals per sample
 _TAG_STEP_AUG = 4  # seed family of the per-micro-step crop/flip generator (1-3 are used in mae_et.data)
@@ -51,7 +52,7 @@ _MAX_CONSECUTIVE_FAILURES = 50  # as PretrainDataset: this many unreadable files
 
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
     """Seed of the crop/flip generator of one (global micro-step, rank): a pure function of position."""
-    return _mix64(_TAG_STEP_AUG, seed, micro_step, rank)
+    return mix64(_TAG_STEP_AUG, seed, micro_step, rank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ class InMemoryImages:
                 if image is None:
                     if strict:
                         raise DataError(f"bad file '{paths[i]}' ({error}); set data.strict=false to skip bad files instead")
-                    warnings.warn(f"skipping '{paths[i]}': {error}", stacklevel=2)
+                    warnings.warn(f"skipping '{paths[i]}': {error}", DataWarning, stacklevel=2)
                     self.skipped.append(SkippedFile(paths[i], error))
                 else:
                     good.append(image)
@@ -737,6 +738,6 @@ class DeviceDecodeBatchSource:
             return
         if self.strict:
             raise DataError(f"cannot decode '{path}' ({error}); set data.strict=false to skip bad files instead")
-        warnings.warn(f"cannot decode '{path}' ({error}); using the next image instead", stacklevel=3)
+        warnings.warn(f"cannot decode '{path}' ({error}); using the next image instead", DataWarning, stacklevel=3)
         self._known_bad.add(path)
         bad.append(path)

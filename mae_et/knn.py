@@ -26,6 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from mae_et.checkpoint import CheckpointError
 from mae_et.data import IMAGENET_MEAN, IMAGENET_STD, DataError, ImageFolderIndex, load_rgb, scan_image_folder
+from mae_et.notices import DataWarning
 from mae_et.vit import FEATURE_POOLS, LoadError, load_pretrained_vit, pool_tokens
 
 __all__ = [
@@ -145,7 +146,7 @@ class EvalImageFolder(Dataset):
         try:
             img = load_rgb(path)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-            warnings.warn(f"cannot decode '{path}' ({type(e).__name__}: {e}); skipping it")
+            warnings.warn(f"cannot decode '{path}' ({type(e).__name__}: {e}); skipping it", DataWarning)
             return None
         img = TF.resize(img, [self.resize_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
         img = TF.center_crop(img, [self.img_size, self.img_size])

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mae_et.notices import RunWarning
+
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"
 
@@ -39,7 +41,7 @@ def resolve_wandb_mode(setting: str) -> str | None:
     try:
         import wandb  # noqa: F401
     except ImportError:
-        warnings.warn("wandb is not installed: tracking goes to metrics.jsonl only (pip install wandb)", stacklevel=2)
+        warnings.warn("wandb is not installed: tracking goes to metrics.jsonl only (pip install wandb)", RunWarning, stacklevel=2)
         return None
     if setting == "auto":
         env = os.environ.get("WANDB_MODE")

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -137,29 +138,48 @@ def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_
     assert_same_weights(final_weights(tmp_path / "straight" / CPU_RECIPE.stem), final_weights(out / CPU_RECIPE.stem))
 
 
+def free_port() -> int:
+    """A port no one listens on now (no fixed port: two suites on one machine must not collide)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_process_ddp_ranks_agree_and_only_rank0_writes(tmp_path, mini_root):
+    """Two real processes. The data holds files that fail to decode, met by both ranks over the epochs:
+    each counts once."""
+    data = tmp_path / "data"
+    n_bad = make_bad_folder(mini_root / "train", data, undecodable_copies=6)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE),
-           f"data.root={mini_root}", f"output_dir={tmp_path}", "train.epochs=2", "train.batch_size=8"]
-    env = {**os.environ, "MASTER_PORT": "29517"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE),
+           f"data.root={data}", f"output_dir={tmp_path / 'out'}", "train.epochs=3", "train.batch_size=8"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 process(es)" in proc.stdout
-    run_dir = tmp_path / CPU_RECIPE.stem
+    run_dir = tmp_path / "out" / CPU_RECIPE.stem
     final = ck.list_checkpoints(run_dir / "checkpoints")[-1]
     meta = json.loads((final / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["global_batch"] == 16
     sums = meta["rank_weight_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
     # rank 0 alone writes: one record per step, one of each file, nothing else in the run folder
-    steps = [r["step"] for r in metrics(run_dir)]
+    records = metrics(run_dir)
+    steps = [r["step"] for r in records]
     assert steps == sorted(set(steps)) and steps[-1] == meta["step"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "reconstructions"]
     assert sorted(p.name for p in final.iterdir()) == sorted([ck.MODEL_FILE, ck.STATE_FILE, ck.CONFIG_FILE, ck.META_FILE])
+    # every bad file counted once, though the 8 undecodable ones were met by both ranks (each rank warns on its own)
+    met = [line.split("'")[1] for line in proc.stderr.splitlines() if line.startswith("warning: cannot decode '")]
+    warned = set(met)
+    assert len(warned) == n_bad - 2 and len(met) > len(warned)  # some file was met by both ranks: the test can fail
+    assert records[-1]["data_skipped_files"] == n_bad
+    assert sorted(torch.load(final / ck.STATE_FILE, weights_only=True)["bad_files"]) == sorted(warned)
 
 
-def make_bad_folder(src: Path, dst: Path) -> int:
-    """A copy of 4 classes with broken files added; returns how many bad files it holds."""
+def make_bad_folder(src: Path, dst: Path, undecodable_copies: int = 0) -> int:
+    """A copy of 4 classes with broken files added; returns how many bad files it holds. Two are skipped
+    at the scan (empty, not an image name), the others fail when decoded: 2 + `undecodable_copies`."""
     for cls in sorted(p for p in src.iterdir())[:4]:
         shutil.copytree(cls, dst / cls.name)
     first = dst / sorted(p.name for p in dst.iterdir())[0]
@@ -168,7 +188,9 @@ def make_bad_folder(src: Path, dst: Path) -> int:
     (first / "notes.txt").write_text("not an image")
     (first / "truncated.JPEG").write_bytes(real[: len(real) // 3])
     (first / "fake.jpg").write_text("this is text with an image extension")
-    return 4
+    for k in range(undecodable_copies):
+        (first / f"fake_{k}.jpg").write_text(f"text number {k} with an image extension")
+    return 4 + undecodable_copies
 
 
 def test_bad_files_are_skipped_named_and_counted(tmp_path, mini_root):
@@ -180,6 +202,32 @@ def test_bad_files_are_skipped_named_and_counted(tmp_path, mini_root):
     for name in ("zero.JPEG", "notes.txt", "truncated.JPEG", "fake.jpg"):
         assert name in named
     assert metrics(result.run_dir)[-1]["data_skipped_files"] == n_bad
+
+
+def test_bad_files_met_again_after_a_resume_count_once(tmp_path, mini_root):
+    """The undecodable files are met in every epoch; a run stopped after epoch 1 and relaunched meets them again."""
+    data = tmp_path / "data"
+    n_bad = make_bad_folder(mini_root / "train", data)
+    common = ["train.epochs=4", "tracking.recon_every_epochs=0", "checkpoint.every_epochs=1"]
+    with pytest.warns(UserWarning):
+        first = pretrain(cfg_for(tmp_path, data, *common, "train.max_steps=8"))
+    assert metrics(first.run_dir)[-1]["data_skipped_files"] == n_bad
+    AcceleratorState._reset_state(True)
+    with pytest.warns(UserWarning, match="cannot decode"):  # the relaunch meets them again (and says so)
+        resumed = pretrain(cfg_for(tmp_path, data, *common))
+    assert resumed.step > 8 and metrics(resumed.run_dir)[-1]["data_skipped_files"] == n_bad
+
+
+def test_a_skipped_file_is_one_readable_line(tmp_path, mini_root):
+    """What a user sees on stderr: one line per file (which, why), not the source line of a warnings.warn call."""
+    data = tmp_path / "data"
+    make_bad_folder(mini_root / "train", data)
+    proc = cli(f"data.root={data}", f"output_dir={tmp_path}", "train.max_steps=4", "tracking.recon_every_epochs=0")
+    lines = [line for line in proc.stderr.splitlines() if "zero.JPEG" in line or "notes.txt" in line or ".jpg" in line
+             or "truncated" in line or "warn" in line.lower()]
+    assert lines and all(line.startswith("warning: ") for line in lines), proc.stderr
+    assert "warning: skipping '" in proc.stderr and "zero-byte file" in proc.stderr
+    assert "warnings.warn" not in proc.stderr and "UserWarning" not in proc.stderr
 
 
 def test_strict_data_turns_the_first_bad_file_into_an_error(tmp_path, mini_root):

@@ -84,3 +84,16 @@ def test_nonfinite_grads_skip_the_update_on_the_device():
         assert torch.equal(v, before[k]), k
     for (i, s_after), (_, s_before) in zip(step.raw_optimizer.state_dict()["state"].items(), opt_before["state"].items()):
         assert torch.equal(s_after["exp_avg"], s_before["exp_avg"]) and torch.equal(s_after["step"], s_before["step"])
+
+
+def test_mask_noise_is_a_pure_function_distinct_for_every_rank_and_micro_step():
+    """Seeded by a hash of (seed, step, micro-step, rank): no two of 512 ranks x 4 micro-steps share a mask, where
+    the old linear seed (... + micro * 131 + rank) gave micro 1 / rank 0 the mask of micro 0 / rank 131."""
+    from mae_et.engine import mask_noise
+
+    cpu = torch.device("cpu")
+    assert torch.equal(mask_noise(3, 7, 1, 5, (2, 16), cpu), mask_noise(3, 7, 1, 5, (2, 16), cpu))
+    assert not torch.equal(mask_noise(0, 0, 1, 0, (2, 16), cpu), mask_noise(0, 0, 0, 131, (2, 16), cpu))
+    firsts = {tuple(mask_noise(0, 10, micro, rank, (1, 4), cpu)[0].tolist()) for micro in range(4) for rank in range(512)}
+    assert len(firsts) == 4 * 512
+    assert not torch.equal(mask_noise(0, 1, 0, 0, (2, 16), cpu), mask_noise(1, 1, 0, 0, (2, 16), cpu))
