@@ -439,6 +439,7 @@ def resume_latest(cfg, run_dir: Path, raw_model: torch.nn.Module, optimizer, acc
     found = ckpt_lib.load_latest_checkpoint(run_dir / "checkpoints")
     if found is None:
         return None
+    require_same_model(found.path, found.model_state, raw_model, cfg)
     raw_model.load_state_dict(found.model_state, strict=True)
     optimizer.load_state_dict(found.training_state["optimizer"])
     if accelerator.scaler is not None and found.training_state.get("scaler"):
@@ -541,18 +542,46 @@ def log_reconstructions(model, dataset, cfg, size, run_dir, tracker, step, devic
     tracker.log_image("reconstructions", grid, step)
 
 
-def warn_config_changes(ckpt_path: Path, cfg) -> None:
+def require_same_model(ckpt_path: Path, saved_state: dict, raw_model: torch.nn.Module, cfg) -> None:
+    """Resume only into the model that wrote the checkpoint: otherwise one line naming the weights and config
+    keys that differ, and the two ways on (instead of load_state_dict's traceback)."""
+    now_state = raw_model.state_dict()
+    differ = [f"{k} {list(saved_state[k].shape)} -> {list(now_state[k].shape)}"
+              for k in sorted(set(saved_state) & set(now_state)) if saved_state[k].shape != now_state[k].shape]
+    missing, unexpected = sorted(set(now_state) - set(saved_state)), sorted(set(saved_state) - set(now_state))
+    if not (differ or missing or unexpected):
+        return
+    parts = []
+    for label, keys in (("shapes", differ), ("not in the checkpoint", missing), ("only in the checkpoint", unexpected)):
+        if keys:
+            parts.append(f"{label}: " + ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else ""))
+    changed = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in config_changes(ckpt_path, cfg).items() if k.startswith("model.")]
+    because = f" (config: {', '.join(changed)})" if changed else ""
+    raise ckpt_lib.CheckpointError(
+        f"cannot resume from {ckpt_path}: the model differs from the one that wrote it{because}; "
+        + "; ".join(parts)
+        + f". Set a new output_dir (now {cfg.output_dir}) to start a new run, or checkpoint.resume=false to start "
+        "over in this folder (its checkpoints will be replaced)"
+    )
+
+
+def config_changes(ckpt_path: Path, cfg) -> dict[str, tuple[Any, Any]]:
+    """Flattened keys whose value differs between the checkpoint's saved config and `cfg`: (saved, now)."""
     saved_file = ckpt_path / ckpt_lib.CONFIG_FILE
     if not saved_file.is_file():
-        return
+        return {}
     saved = flatten_dict(yaml.safe_load(saved_file.read_text()) or {})
     now = flatten_dict(config_to_dict(cfg))
+    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+
+
+def warn_config_changes(ckpt_path: Path, cfg) -> None:
     ignored = {"train.max_steps", "checkpoint.resume"}  # stopping early and resuming are what resume is for
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ignored)
+    changed = {k: v for k, v in config_changes(ckpt_path, cfg).items() if k not in ignored}
     if changed:
         warnings.warn(
             "resuming with a config that differs from the checkpoint's in: "
-            + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed)
+            + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in changed.items())
             + "; the schedule is recomputed from the new values",
             RunWarning, stacklevel=2,
         )

@@ -373,3 +373,20 @@ def test_memory_pipeline_skips_and_counts_bad_files(tmp_path, mini_root):
     with pytest.warns(UserWarning):
         result = pretrain(cfg_for(tmp_path, data, "train.epochs=1", "data.pipeline=memory", "tracking.recon_every_epochs=0"))
     assert metrics(result.run_dir)[-1]["data_skipped_files"] == n_bad
+
+
+@pytest.mark.parametrize("change", ["model.size=tiny", "model.decoder_embed_dim=48"])
+def test_resume_with_a_changed_model_is_one_line_not_a_traceback(tmp_path, mini_root, change):
+    args = [f"data.root={mini_root}", f"output_dir={tmp_path}", "train.max_steps=2", "tracking.recon_every_epochs=0",
+            "checkpoint.every_steps=2"]
+    cli(*args)
+    proc = cli(*args, change, "train.max_steps=4", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    key = change.split("=")[0]
+    assert "cannot resume from" in line and "step_00000002" in line and key in line
+    assert "shapes: " in line and "->" in line  # the weights that differ, with both shapes
+    assert "new output_dir" in line and "checkpoint.resume=false" in line
+    # nothing was lost: the checkpoint is still there, and the same command without the change resumes from it
+    assert [p.name for p in ck.list_checkpoints(tmp_path / CPU_RECIPE.stem / "checkpoints")] == ["step_00000002"]
+    assert "resumed from" in cli(*args[:-2], "checkpoint.every_steps=2", "train.max_steps=4").stdout
