@@ -11,6 +11,11 @@ folder gets that name only by an atomic rename after everything inside was fsync
 at any moment leaves the latest complete checkpoint readable. Stale temporary folders from a
 killed save are removed at the next save.
 
+Saving a step that already exists (a run stopped by max_steps and relaunched with the same limit)
+cannot rename over a folder, so it goes in two renames: `step_N` -> `step_N.prev`, then the new
+folder -> `step_N`. `step_N.prev` is a complete checkpoint of step N too, listed while `step_N` is
+absent; so a kill between the two renames loses nothing, and the next save puts it back or drops it.
+
 No file is loaded with pickle's full power: training_state.pt is read with
 ``torch.load(weights_only=True)`` (tensors, numbers, strings and plain containers only), so a
 Python object planted in a shared run folder is refused with a `RefusedFileError` instead of run.
@@ -35,6 +40,8 @@ from mae_et.notices import RunWarning
 
 CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+PREV_SUFFIX = ".prev"  # the replaced copy of a step saved again, kept until its successor is in place
+_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)(?:{re.escape(PREV_SUFFIX)})?")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.yaml"
@@ -133,6 +140,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
+    _settle_replaced(root)
     final = root / checkpoint_name(step)
     tmp = root / f"{TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
     tmp.mkdir()
@@ -144,11 +152,13 @@ def save_checkpoint(
     for f in tmp.iterdir():
         _fsync_path(f)
     _fsync_path(tmp)
-    if final.exists():  # the same step saved again (e.g. max_steps reached twice): replace it
-        old = root / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
+    if final.exists():  # the same step saved again (e.g. max_steps reached twice): replace it, never lacking it
+        replaced = final.with_name(final.name + PREV_SUFFIX)
+        os.replace(final, replaced)
+        _fsync_path(root)  # from here a kill leaves step_N.prev, which counts as step N
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync_path(root)
+        shutil.rmtree(replaced, ignore_errors=True)
     else:
         os.replace(tmp, final)
     _fsync_path(root)
@@ -157,13 +167,32 @@ def save_checkpoint(
     return final
 
 
+def _settle_replaced(root: Path) -> None:
+    """After a kill during a re-save: drop `step_N.prev` when `step_N` is in place, else put it back as `step_N`."""
+    for replaced in root.glob(f"{CHECKPOINT_PREFIX}*{PREV_SUFFIX}"):
+        final = replaced.with_name(replaced.name[: -len(PREV_SUFFIX)])
+        if (final / META_FILE).is_file():
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            if final.exists():
+                shutil.rmtree(final, ignore_errors=True)
+            os.replace(replaced, final)
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / META_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    by_step: dict[int, Path] = {}
+    for p in root.iterdir():
+        m = _CHECKPOINT_NAME.fullmatch(p.name)
+        if m is None or not p.is_dir() or not (p / META_FILE).is_file():
+            continue
+        step = int(m.group(1))
+        if step not in by_step or by_step[step].name.endswith(PREV_SUFFIX):  # step_N wins over step_N.prev
+            by_step[step] = p
+    return [by_step[step] for step in sorted(by_step)]
 
 
 # What to do about a refused training_state.pt: this project never writes one that holds objects.
