@@ -7,9 +7,15 @@ Relaunching the same command resumes from the run's latest checkpoint; the best 
 is kept in RUN/best/. The logic lives in `mae_et.finetune_engine`; this file only parses the command line.
 """
 
-from mae_et.cli import parse_args, run_user_command
-from mae_et.finetune_config import load_finetune_config
-from mae_et.finetune_engine import finetune
+import sys
+from pathlib import Path
+
+# run from anywhere as `python /path/to/finetune/<script>.py`: the checkout's mae_et, as pretrain.py gets it by sitting beside it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mae_et.cli import parse_args, run_user_command  # noqa: E402
+from mae_et.finetune_config import load_finetune_config  # noqa: E402
+from mae_et.finetune_engine import finetune  # noqa: E402
 
 DEFAULT_RECIPE = "configs/finetune/vit-base-p16_mae_100e_imagenet.yaml"
 

@@ -8,9 +8,15 @@ faster, the mode the benchmarks use. The final accuracies are written to RUN/res
 The logic lives in `mae_et.linprobe_engine`; this file only parses the command line.
 """
 
-from mae_et.cli import parse_args, run_user_command
-from mae_et.finetune_config import load_linprobe_config
-from mae_et.linprobe_engine import linprobe
+import sys
+from pathlib import Path
+
+# run from anywhere as `python /path/to/finetune/<script>.py`: the checkout's mae_et, as pretrain.py gets it by sitting beside it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mae_et.cli import parse_args, run_user_command  # noqa: E402
+from mae_et.finetune_config import load_linprobe_config  # noqa: E402
+from mae_et.linprobe_engine import linprobe  # noqa: E402
 
 DEFAULT_RECIPE = "configs/linprobe/vit-base-p16_mae_90e_imagenet.yaml"
 

@@ -142,11 +142,31 @@ class PretrainConfig:
 # ----------------------------------------------------------------------------- loading
 
 
+# The source checkout this package runs from: its configs/ folder holds the recipes. An installed copy
+# (not editable) has no configs/ beside it.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe path as given (absolute, or relative to the working directory), else relative to the
+    checkout (so `python /path/to/pretrain.py` finds `configs/...` from any directory)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    in_checkout = SOURCE_ROOT / path
+    if not path.is_absolute() and in_checkout.is_file():
+        return in_checkout
+    if (SOURCE_ROOT / "configs").is_dir():
+        raise ConfigError(f"config file '{path}' does not exist (here or in {SOURCE_ROOT / 'configs'}); "
+                          f"pass --config configs/pretrain/<recipe>.yaml")
+    raise ConfigError(f"config file '{path}' does not exist, and this mae_et (installed at {SOURCE_ROOT / 'mae_et'}) "
+                      "has no recipes beside it: they live in the configs/ folder of the source checkout; pass "
+                      "--config /path/to/checkout/configs/<stage>/<recipe>.yaml, or install it with pip install -e <checkout>")
+
+
 def load_yaml_recipe(path: str | Path) -> dict[str, Any]:
     """Read a recipe, following `_base_` links (child keys override the base, recursively)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass --config configs/pretrain/<recipe>.yaml")
+    path = find_recipe(path)
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
