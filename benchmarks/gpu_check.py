@@ -73,7 +73,9 @@ from throughput import (  # noqa: E402
     count_params,
     device_name,
     end_to_end,
+    COMPUTE_DTYPES,
     fresh_accelerator,
+    matmul_tflops,
     step_flops,
     sync,
     time_calls,
@@ -246,21 +248,6 @@ def owned_bytes(model: torch.nn.Module, optimizer) -> int:
 
 
 # ----------------------------------------------------------------------------- env
-
-
-def matmul_tflops(device: torch.device, n: int) -> float:
-    """Dense matmul rate on random data (bf16 on CUDA, fp32 on CPU): what the chip really does."""
-    cuda = device.type == "cuda"
-    dtype, reps = (torch.bfloat16, 50) if cuda else (torch.float32, 10)  # 50 x 8192^3: about 70 ms, clocks up
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))  # (n, n) each
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 def package_version(name: str) -> str | None:
@@ -828,7 +815,11 @@ def main(argv=None) -> dict:
               "compile_backend": plan.compile_backend, "plan": plan.__dict__}
     report = Report(Path(args.out), args.budget_s, header, t0=T0 if argv is None else None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report.data["matmul_tflops"] = matmul_tflops(device, plan.matmul_n if device.type == "cuda" else min(plan.matmul_n, 1024))
+    # in the dtype its step rows compute in (bf16 on a GPU): an fp32 row is not measured against a bf16 peak
+    peak_dtype = COMPUTE_DTYPES[load_pretrain_config(plan.config, base_overrides).train.precision]
+    report.data["matmul_dtype"] = str(peak_dtype)[6:]
+    report.data["matmul_tflops"] = matmul_tflops(device, plan.matmul_n if device.type == "cuda" else min(plan.matmul_n, 1024),
+                                                 peak_dtype)
     report.data["peak_tflops"] = args.peak_tflops or report.data["matmul_tflops"]
     print(f"{report.data['device']}; torch {report.data['torch']}; transformers {report.data['transformers']}; "
           f"matmul {report.data['matmul_tflops']:.1f} TFLOP/s; budget {args.budget_s:.0f} s", flush=True)

@@ -42,8 +42,9 @@ from mae_et.step import TrainStep  # noqa: E402
 
 GPU_ROWS = "base:256:224,192,160,128,96 large:128:224"
 SMOKE_ROWS = "micro:8:48,40,32"
-# bf16 dense matmul measured on one H100 80GB (shared/DESIGN.md): MFU is against what the chip really does
-DEFAULT_PEAK_TFLOPS = 785.0
+# MFU's denominator, unless --peak-tflops: a dense matmul measured here in the dtype the step computes in, so an
+# fp32 run is not divided by a bf16 peak (on an H100, bf16 785 TFLOP/s against fp32 ~50: a 15x error)
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -135,6 +136,25 @@ def step_flops(cfg, model_size: str, size: int) -> float:
     return mae_train_flops_per_image(model_size, size, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio)
 
 
+def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype) -> float:
+    """Dense (n, n) @ (n, n) matmul rate on random data in `dtype`: what the chip really does in that dtype."""
+    reps = 50 if device.type == "cuda" else 10  # 50 x 8192^3 bf16 on a GPU: about 70 ms, clocks up
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))  # (n, n) each
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def mfu(flops_per_image: float, img_s: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: the FLOP/s the step's images need over the peak."""
+    return flops_per_image * img_s / (peak_tflops * 1e12)
+
+
 def bench_row(cfg, model_size: str, batch: int, sizes: list[int], steps: int, warmup: int, peak_tflops: float,
               data_root: str | None) -> list[Row]:
     cfg.model.size, cfg.train.batch_size = model_size, batch
@@ -151,7 +171,7 @@ def bench_row(cfg, model_size: str, batch: int, sizes: list[int], steps: int, wa
         img_s = batch / timing.seconds_per_step
         flops = step_flops(cfg, model_size, size)
         row = Row(model_size, batch, size, img_s, 1000 * timing.seconds_per_step, flops,
-                  flops * img_s / (peak_tflops * 1e12), timing.peak_mem_gib, params=count_params(step.model))
+                  mfu(flops, img_s, peak_tflops), timing.peak_mem_gib, params=count_params(step.model))
         if data is not None:
             row.e2e_img_s, row.e2e_data_wait = end_to_end(cfg, data, step, size, steps, warmup, device)
         rows.append(row)
@@ -202,7 +222,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default=None, help="ImageFolder for end-to-end figures (its train/ split when present)")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--pipeline", default=None, help="data.pipeline for end-to-end: loader | memory | device_decode")
-    parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="MFU denominator in TFLOP/s (default: a matmul measured here in the run's compute dtype)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny run on any device: micro model, few steps, eager fp32 (the only option that shrinks)")
     parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/throughput_<device>.json)")
@@ -228,6 +249,11 @@ def main(argv=None) -> dict:
 
     name = device_name()
     print(f"device: {name}; torch {torch.__version__}; precision {cfg.train.precision}; compile {cfg.train.compile}")
+    peak_dtype = COMPUTE_DTYPES[cfg.train.precision]
+    if args.peak_tflops is None:
+        device = torch.device("cuda" if cuda else "cpu")
+        args.peak_tflops = matmul_tflops(device, 8192 if cuda else (256 if args.smoke else 1024), peak_dtype)
+        print(f"MFU against a {str(peak_dtype)[6:]} matmul measured here: {args.peak_tflops:.4g} TFLOP/s")
     print(TABLE_HEAD)
     rows = []
     for model_size, batch, sizes in rows_spec:
@@ -240,7 +266,7 @@ def main(argv=None) -> dict:
     result = {
         "device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "precision": cfg.train.precision, "compile": cfg.train.compile, "pipeline": cfg.data.pipeline if data_root else None,
-        "peak_tflops": args.peak_tflops, "steps": args.steps, "rows": [asdict(r) for r in rows],
+        "peak_tflops": args.peak_tflops, "peak_dtype": str(peak_dtype)[6:], "steps": args.steps, "rows": [asdict(r) for r in rows],
     }
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"throughput_{'cuda' if cuda else 'cpu'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,35 @@ def test_throughput_smoke_run_writes_the_table(tmp_path, mini_root, pipeline):
     for r in saved["rows"]:
         assert r["step_img_s"] > 0 and r["e2e_img_s"] > 0 and 0 <= r["e2e_data_wait"] <= 1
         assert r["flops_per_image"] > 0 and r["mfu"] > 0
+        # MFU is the FLOP/s the step's images need over the peak of the dtype it ran in
+        assert r["mfu"] == pytest.approx(r["flops_per_image"] * r["step_img_s"] / (saved["peak_tflops"] * 1e12), rel=1e-9)
+    assert saved["peak_dtype"] == "float32"  # an fp32 run: measured against an fp32 matmul, not a bf16 peak
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_mfu_denominator_is_measured_in_the_runs_compute_dtype(tmp_path, monkeypatch, one_thread_fresh_accelerate,
+                                                               precision, dtype):
+    throughput = load_throughput()
+    asked = []
+
+    def fake_matmul_tflops(device, n, dtype):
+        asked.append(dtype)
+        return 2.0  # TFLOP/s
+
+    monkeypatch.setattr(throughput, "matmul_tflops", fake_matmul_tflops)
+    result = throughput.main(["--rows", "micro:2:32", "--compile", "none", "--precision", precision, "--steps", "1",
+                              "--warmup", "0", "--config", str(REPO / "configs/pretrain/mae_vit-micro-p8_et_cpu-test.yaml"),
+                              "--out", str(tmp_path / "tp.json")])
+    assert [str(d) for d in asked] == [f"torch.{dtype}"] and result["peak_dtype"] == dtype and result["peak_tflops"] == 2.0
+    [row] = result["rows"]
+    assert row["mfu"] == pytest.approx(row["flops_per_image"] * row["step_img_s"] / 2e12)
+    # and a peak given on the command line is used as given, with nothing measured
+    asked.clear()
+    given = throughput.main(["--rows", "micro:2:32", "--compile", "none", "--precision", precision, "--steps", "1",
+                             "--warmup", "0", "--peak-tflops", "4", "--config",
+                             str(REPO / "configs/pretrain/mae_vit-micro-p8_et_cpu-test.yaml"), "--out", str(tmp_path / "b.json")])
+    assert asked == [] and given["rows"][0]["mfu"] == pytest.approx(
+        given["rows"][0]["flops_per_image"] * given["rows"][0]["step_img_s"] / 4e12)
 
 
 def test_throughput_measures_the_requested_model_on_cpu(tmp_path, one_thread_fresh_accelerate):
