@@ -99,6 +99,15 @@ def test_cached_resume_reuses_features(pretrained, tmp_path):
     assert [h["epoch"] for h in second.history] == [2, 3, 4]  # epoch 1 ended before the stop
     steps = [r["step"] for r in metrics(second.run_dir) if "loss" in r]
     assert steps == sorted(set(steps))
+    # and it ends where an uninterrupted run ends: the same head weights, the same accuracies
+    AcceleratorState._reset_state(True)
+    straight = linprobe(cfg_for(tmp_path / "straight", pretrained, "train.epochs=4"))
+    final = ck.load_checkpoint(ck.list_checkpoints(second.run_dir / "checkpoints")[-1]).model_state
+    expected = ck.load_checkpoint(ck.list_checkpoints(straight.run_dir / "checkpoints")[-1]).model_state
+    assert final.keys() == expected.keys() and len(final) > 0
+    for k in final:
+        torch.testing.assert_close(final[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert second.history == straight.history[1:]
 
 
 def test_online_mode_clamps_batch_and_resumes(pretrained, tmp_path, capsys):
