@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -77,7 +79,8 @@ def test_sigkill_while_the_same_step_is_saved_again_loses_nothing(tmp_path, keep
 
     save(tmp_path, 4, value=0.5, keep_last=keep_last)
     save(tmp_path, 5, value=1.0, keep_last=keep_last)
-    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(tmp_path)], capture_output=True, text=True)
+    repo = Path(__file__).resolve().parents[1]  # the checkout under test, importable from its root
+    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(tmp_path)], cwd=repo, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr  # it died in the window
     assert (tmp_path / ("step_00000005" + ck.PREV_SUFFIX)).is_dir() and not (tmp_path / "step_00000005").exists()
     # step 5 is still there, as it was before the re-save

@@ -12,7 +12,9 @@ from PIL import Image
 
 from mae_et.frequency import FREQUENCY_MODES, low_frequency_crop
 
-IMAGENETTE = "/work/shared/data/imagenette-mini/train"
+from conftest import MINI
+
+IMAGENETTE = MINI / "train"  # ../shared beside the checkout, wherever that is
 
 
 def _cosine(n: int, kx: int, ky: int, amp: float = 1.0, offset: float = 0.0) -> torch.Tensor:
@@ -26,7 +28,7 @@ def _real_images(n: int = 6, side: int = 224) -> torch.Tensor:
     """(n, 3, side, side) float32 in [0, 1]: the first JPEG of the first n classes."""
     classes = sorted(glob.glob(f"{IMAGENETTE}/*/"))
     if len(classes) < n:
-        pytest.skip("imagenette-mini not available")
+        pytest.fail(f"test data missing: {IMAGENETTE} (the shared/ folder must sit beside the repository)")
     imgs = []
     for cls in classes[:n]:
         path = sorted(glob.glob(f"{cls}*"))[0]

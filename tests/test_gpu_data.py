@@ -439,3 +439,47 @@ def test_memory_and_device_decode_paths_agree_exactly(train_index: ImageFolderIn
         assert torch.equal(a.labels, b.labels)
         diff = (a.images.int() - b.images.int()).abs()  # (16, 3, 112, 112)
         assert diff.max() <= 1 and diff.float().mean() < 0.01
+
+
+def _jpeg_that_fails_in_decoding(real: bytes) -> bytes:
+    """A real JPEG's headers up to its frame header (8-bit, 3 components: the header check passes), then a
+    scan of garbage: the device decoder and PIL both fail on it."""
+    pos = 2
+    while real[pos + 1] not in (0xC0, 0xC1, 0xC2):  # walk the marker segments to the frame header
+        pos += 2 + ((real[pos + 2] << 8) | real[pos + 3])
+    frame_end = pos + 2 + ((real[pos + 2] << 8) | real[pos + 3])
+    return real[:frame_end] + b"\xff\xda\x00\x08" + b"\x07" * 300 + b"\xff\xd9"
+
+
+def test_device_decode_batched_failure_retries_file_by_file(tmp_path: Path, monkeypatch) -> None:
+    """One file that passes the header check and fails to decode makes the batched call fail; the retry one by
+    one decodes the others on the device and the bad one goes to the CPU decoder, fails there too, is reported."""
+    import mae_et.gpu_data as gpu_data
+
+    (c0,) = _copy_classes(tmp_path, 1, 5)
+    bad = c0 / "headers_fine_scan_broken.JPEG"
+    bad.write_bytes(_jpeg_that_fails_in_decoding(sorted(c0.glob("n*.JPEG"))[0].read_bytes()))
+    assert jpeg_device_decodable(bad.read_bytes())
+    calls = []
+    real_decode = gpu_data.decode_jpeg
+
+    def spy(data, *args, **kwargs):
+        batched = isinstance(data, list)
+        try:
+            out = real_decode(data, *args, **kwargs)
+        except RuntimeError:
+            calls.append(("batch" if batched else "one", "failed"))
+            raise
+        calls.append(("batch" if batched else "one", "ok"))
+        return out
+
+    monkeypatch.setattr(gpu_data, "decode_jpeg", spy)
+    index = scan_image_folder(tmp_path)
+    src = DeviceDecodeBatchSource(index, micro_batch=6, rank=0, world_size=1, seed=0, crop_size=32, device="cpu",
+                                  num_micro_steps=1, num_workers=0)
+    with pytest.warns(UserWarning, match="headers_fine_scan_broken.JPEG"):
+        [batch] = list(src)
+    assert calls[0] == ("batch", "failed")  # the all-or-nothing call met the bad file
+    assert sorted(calls[1:7]) == [("one", "failed")] + [("one", "ok")] * 5  # then one by one: five decoded on the device
+    assert [Path(p).name for p in batch.bad_files] == [bad.name]
+    assert batch.images.shape == (6, 3, 32, 32)  # its slot was filled by a replacement

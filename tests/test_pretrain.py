@@ -138,6 +138,61 @@ def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_
     assert_same_weights(final_weights(tmp_path / "straight" / CPU_RECIPE.stem), final_weights(out / CPU_RECIPE.stem))
 
 
+# Runs pretrain.py with its checkpoint writer patched to SIGKILL the process at one point inside the second save.
+KILL_INSIDE_A_SAVE = """
+import os, runpy, signal, sys
+from pathlib import Path
+from mae_et import checkpoint as ck
+where, saves = sys.argv[1], [0]
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+real_save, real_save_file, real_fsync, real_replace = ck.save_checkpoint, ck.save_file, ck._fsync_path, ck.os.replace
+def save_checkpoint(*a, **k):
+    saves[0] += 1
+    return real_save(*a, **k)
+def save_file(*a, **k):  # the first file of the folder
+    real_save_file(*a, **k)
+    if where == "model_written" and saves[0] == 2:
+        die()
+def fsync(path):  # the folder itself is fsynced last, once every file in it is
+    real_fsync(path)
+    if where == "files_synced" and saves[0] == 2 and Path(path).name.startswith(ck.TMP_PREFIX):
+        die()
+def replace(src, dst):
+    real_replace(src, dst)
+    if where == "renamed" and saves[0] == 2 and Path(dst).name.startswith(ck.CHECKPOINT_PREFIX):
+        die()
+ck.save_checkpoint, ck.save_file, ck._fsync_path, ck.os.replace = save_checkpoint, save_file, fsync, replace
+sys.argv = [sys.argv[2], *sys.argv[3:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("where", ["model_written", "files_synced", "renamed"])
+def test_sigkill_inside_a_checkpoint_write_then_relaunch_gives_the_same_weights(tmp_path, mini_root, where):
+    """Killed at a known point inside the second save: half a folder written, every file written but the folder
+    not yet renamed, renamed but older ones not yet pruned. The relaunch resumes and ends as an unkilled run."""
+    args = [f"data.root={mini_root}", "train.epochs=2", "train.deterministic=true", "checkpoint.every_steps=5",
+            "checkpoint.keep_last=1", "tracking.recon_every_epochs=0"]
+    cli(*args, f"output_dir={tmp_path / 'straight'}")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-c", KILL_INSIDE_A_SAVE, where, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args,
+           f"output_dir={out}"]
+    killed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stdout + killed.stderr  # it died inside the save
+    ckpt_root = out / CPU_RECIPE.stem / "checkpoints"
+    half_written = [p.name for p in ckpt_root.iterdir() if p.name.startswith(ck.TMP_PREFIX)]
+    listed = [p.name for p in ck.list_checkpoints(ckpt_root)]
+    if where == "renamed":
+        assert listed == ["step_00000005", "step_00000010"] and not half_written  # keep_last=1 had not pruned yet
+    else:
+        assert listed == ["step_00000005"] and len(half_written) == 1  # the half-written one is invisible
+    relaunched = cli(*args, f"output_dir={out}")
+    assert f"resumed from {ckpt_root / listed[-1]}" in relaunched.stdout
+    assert_same_weights(final_weights(tmp_path / "straight" / CPU_RECIPE.stem), final_weights(out / CPU_RECIPE.stem))
+    assert not [p for p in ckpt_root.iterdir() if p.name.startswith(ck.TMP_PREFIX)]  # cleaned up by the relaunch
+
+
 def free_port() -> int:
     """A port no one listens on now (no fixed port: two suites on one machine must not collide)."""
     with socket.socket() as sock:
