@@ -3,12 +3,12 @@
     accelerate launch pretrain.py --config configs/pretrain/<recipe>.yaml data.root=/path/to/imagefolder [key=value ...]
 
 Relaunching the same command resumes from the run's latest checkpoint. The logic lives in
-`mae_et.engine`; this file only parses the command line.
+`mae_et.train.pretrain`; this file only parses the command line.
 """
 
 from mae_et.cli import parse_args, run_user_command
-from mae_et.config import load_pretrain_config
-from mae_et.engine import pretrain
+from mae_et.train.config import load_pretrain_config
+from mae_et.train.pretrain import pretrain
 
 DEFAULT_RECIPE = "configs/pretrain/mae_vit-tiny-p8_et_20e_fractal.yaml"
 

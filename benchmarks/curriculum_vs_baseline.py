@@ -33,7 +33,7 @@ says when a seed's runs, or the seeds, ran on different machines.
 
 Launch: `subprocess` (the default on a GPU) runs each pretraining as `python pretrain.py ...` in a
 fresh process; `inprocess` (the default on a CPU, where importing torch costs more than a tiny run) calls
-`mae_et.engine.pretrain` in this process with Accelerate's state reset. With `train.compile` on, one
+`mae_et.train.pretrain.pretrain` in this process with Accelerate's state reset. With `train.compile` on, one
 throwaway step per curriculum size of every run first fills a study-local inductor cache, so no run pays a
 compile that another run found cached.
 
@@ -76,19 +76,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mae_et.checkpoint import META_FILE, list_checkpoints, save_checkpoint  # noqa: E402
-from mae_et.config import ConfigError, config_to_dict, curriculum_stages, load_pretrain_config  # noqa: E402
-from mae_et.curriculum import plan_curriculum  # noqa: E402
-from mae_et.data import scan_image_folder  # noqa: E402
-from mae_et.engine import build_accelerator, build_model, mask_noise, pretrain  # noqa: E402
-from mae_et.finetune_config import load_finetune_config  # noqa: E402
-from mae_et.finetune_engine import finetune  # noqa: E402
-from mae_et.flops import mae_train_flops_per_image  # noqa: E402
-from mae_et.knn import build_eval_loader, knn_accuracy  # noqa: E402
-from mae_et.linprobe_engine import fit_probe_on_features  # noqa: E402
-from mae_et.optim import build_adamw  # noqa: E402
-from mae_et.step import TrainStep  # noqa: E402
-from mae_et.tracking import METRICS_FILE  # noqa: E402
-from mae_et.vit import load_pretrained_vit, pool_tokens  # noqa: E402
+from mae_et.recipes import ConfigError, config_to_dict  # noqa: E402
+from mae_et.train.config import curriculum_stages, load_pretrain_config  # noqa: E402
+from mae_et.curriculum.schedules import plan_curriculum  # noqa: E402
+from mae_et.data.folder import scan_image_folder  # noqa: E402
+from mae_et.train.pretrain import build_model, mask_noise, pretrain  # noqa: E402
+from mae_et.train.run import build_accelerator  # noqa: E402
+from mae_et.evaluate.config import load_finetune_config  # noqa: E402
+from mae_et.evaluate.finetune import finetune  # noqa: E402
+from mae_et.models.flops import mae_train_flops_per_image  # noqa: E402
+from mae_et.data.labelled import build_eval_loader  # noqa: E402
+from mae_et.train.monitors import knn_accuracy  # noqa: E402
+from mae_et.evaluate.linprobe import fit_probe_on_features  # noqa: E402
+from mae_et.train.optim import build_adamw  # noqa: E402
+from mae_et.train.step import TrainStep  # noqa: E402
+from mae_et.train.tracking import METRICS_FILE  # noqa: E402
+from mae_et.models.vit import load_pretrained_vit, pool_tokens  # noqa: E402
 
 RUNS = ("baseline", "et", "etpp_half", "baseline_equal_time")  # the pretraining runs of a study config
 UNTRAINED = "untrained"  # E = 0: the floor

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mae_et.fractal import FractalDataset, render_fractal, render_fractal_batch  # noqa: E402
+from mae_et.data.fractal import FractalDataset, render_fractal, render_fractal_batch  # noqa: E402
 
 
 def rate(fn, images_per_call: int, seconds: float, device: torch.device) -> float:

@@ -19,11 +19,11 @@ when it would not fit, keeping a reserve for the sections after it):
 
   env   device, torch, transformers; the bf16 matmul rate (8192^3, random data): the MFU denominator
   a+b   train step img/s with the input already on the device, batch 256, bf16 autocast via Accelerate,
-        fused AdamW: ours (`mae_et.step.TrainStep`, what the training loop runs) and Hugging Face's
+        fused AdamW: ours (`mae_et.train.step.TrainStep`, what the training loop runs) and Hugging Face's
         `ViTMAEForPreTraining` (sdpa, `interpolate_pos_encoding=True` below 224) for ViT-B/16 at
         B = 224/192/160/128/96 and ViT-L/16 batch 128 at 224, eager; then ours under `torch.compile`,
         sizes in order of value, compile seconds reported apart, within `--compile-cap-s`.
-        Peak memory (the row's own: weights, optimizer state, activations) and MFU (`mae_et.flops`).
+        Peak memory (the row's own: weights, optimizer state, activations) and MFU (`mae_et.models.flops`).
   c     end to end: img/s and data-wait fraction through data.pipeline=memory and device_decode at
         B = 224 and 96 (the fastest step measured at that B), beside that step's figure
   d     the fractal renderer, batched on the device
@@ -77,18 +77,18 @@ from throughput import (  # noqa: E402
     fresh_accelerator,
     matmul_tflops,
     step_flops,
-    sync,
     time_calls,
 )
 
-from mae_et.config import curriculum_stages, load_pretrain_config  # noqa: E402
-from mae_et.curriculum import plan_curriculum  # noqa: E402
-from mae_et.data import scan_image_folder  # noqa: E402
-from mae_et.engine import mask_noise, open_data, pretrain, pretrain_data_dir  # noqa: E402
-from mae_et.fractal import FractalDataset, render_fractal_batch  # noqa: E402
-from mae_et.model import MODEL_SIZES  # noqa: E402
-from mae_et.optim import build_adamw  # noqa: E402
-from mae_et.step import TrainStep  # noqa: E402
+from mae_et.train.config import curriculum_stages, load_pretrain_config  # noqa: E402
+from mae_et.curriculum.schedules import plan_curriculum  # noqa: E402
+from mae_et.data.folder import scan_image_folder  # noqa: E402
+from mae_et.data.sources import data_dir, open_source  # noqa: E402
+from mae_et.train.pretrain import mask_noise, pretrain  # noqa: E402
+from mae_et.data.fractal import FractalDataset, render_fractal_batch  # noqa: E402
+from mae_et.models.mae import MODEL_SIZES  # noqa: E402
+from mae_et.train.optim import build_adamw  # noqa: E402
+from mae_et.train.step import TrainStep  # noqa: E402
 
 TRAVEL_DATA = REPO / ".data" / "imagenette-travel"
 
@@ -531,7 +531,7 @@ def end_to_end_rows(report: Report, plan: Plan, bench: StepBench, data_root: Pat
 def e2e_pipeline(report: Report, plan: Plan, cfg, ours: OurModel, device: torch.device) -> None:
     """Real JPEGs through cfg.data.pipeline into our fastest step at each B: img/s, data-wait share, x the step."""
     t0 = time.perf_counter()
-    data = open_data(cfg, main=True, device=device)  # memory: every image decoded once, here (open_s)
+    data = open_source(cfg.data, cfg.train.seed, main=True, device=device)  # memory: every image decoded once, here (open_s)
     open_s = time.perf_counter() - t0
     for size in plan.e2e_sizes:
         step, step_row = best_step(report, ours, size)
@@ -576,7 +576,7 @@ def probe_overrides(plan: Plan, base_overrides: list[str], data_root: Path, out:
 
 def planned_flops_ratio(cfg) -> float:
     """FLOPs of the run's curriculum over the same steps at full size (what the wall ratio should approach)."""
-    images = len(scan_image_folder(pretrain_data_dir(cfg)).samples)
+    images = len(scan_image_folder(data_dir(cfg.data)).samples)
     stages, budget = curriculum_stages(cfg)
     plan = plan_curriculum(stages, budget, cfg.train.epochs, images // cfg.train.batch_size, cfg.data.crop_size)
     full = step_flops(cfg, cfg.model.size, cfg.data.crop_size)
@@ -587,7 +587,7 @@ def planned_flops_ratio(cfg) -> float:
 def probe_run(plan: Plan, base_overrides: list[str], data_root: Path, tmp: Path, name: str, schedule: str) -> dict:
     overrides = probe_overrides(plan, base_overrides, data_root, tmp, name, schedule)
     cfg = load_pretrain_config(plan.config, overrides)
-    steps_per_epoch = len(scan_image_folder(pretrain_data_dir(cfg)).samples) // cfg.train.batch_size
+    steps_per_epoch = len(scan_image_folder(data_dir(cfg.data)).samples) // cfg.train.batch_size
     cfg.train.log_every = max(1, round(plan.probe_epochs * steps_per_epoch / 10))  # about ten points per curve
     AcceleratorState._reset_state(True)
     result = pretrain(cfg)

@@ -31,9 +31,9 @@ from accelerate.state import AcceleratorState
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curriculum_vs_baseline as study_lib  # noqa: E402
 
-from mae_et.data import scan_image_folder  # noqa: E402
-from mae_et.knn import knn_accuracy  # noqa: E402
-from mae_et.linprobe_engine import fit_probe_on_features  # noqa: E402
+from mae_et.data.folder import scan_image_folder  # noqa: E402
+from mae_et.train.monitors import knn_accuracy  # noqa: E402
+from mae_et.evaluate.linprobe import fit_probe_on_features  # noqa: E402
 
 
 def make_holdout(train_dir: Path, fraction: float, seed: int, out: Path) -> Path:

@@ -34,11 +34,13 @@ from accelerate.state import AcceleratorState
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mae_et.config import load_pretrain_config  # noqa: E402
-from mae_et.engine import MIXED_PRECISION, build_model, mask_noise, open_batches, open_data  # noqa: E402
-from mae_et.flops import mae_train_flops_per_image  # noqa: E402
-from mae_et.optim import build_adamw  # noqa: E402
-from mae_et.step import TrainStep  # noqa: E402
+from mae_et.train.config import load_pretrain_config  # noqa: E402
+from mae_et.data.sources import open_source  # noqa: E402
+from mae_et.train.pretrain import build_model, mask_noise  # noqa: E402
+from mae_et.train.run import MIXED_PRECISION  # noqa: E402
+from mae_et.models.flops import mae_train_flops_per_image  # noqa: E402
+from mae_et.train.optim import build_adamw  # noqa: E402
+from mae_et.train.step import TrainStep  # noqa: E402
 
 GPU_ROWS = "base:256:224,192,160,128,96 large:128:224"
 SMOKE_ROWS = "micro:8:48,40,32"
@@ -163,7 +165,7 @@ def bench_row(cfg, model_size: str, batch: int, sizes: list[int], steps: int, wa
     step = build_train_step(cfg, accelerator, sizes)
     crop = cfg.data.crop_size
     images = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=device)  # (n, 3, S, S) on the device
-    data = open_data(cfg, main=True, device=device) if data_root is not None else None
+    data = open_source(cfg.data, cfg.train.seed, main=True, device=device) if data_root is not None else None
     rows = []
     for size in sizes:
         noise = mask_noise(0, 0, 0, 0, (batch, (size // cfg.model.patch_size) ** 2), device)  # (n, L)
@@ -181,7 +183,7 @@ def bench_row(cfg, model_size: str, batch: int, sizes: list[int], steps: int, wa
 
 def end_to_end(cfg, data, step, size, steps, warmup, device) -> tuple[float, float]:
     """img/s and data-wait fraction with real images through the configured pipeline."""
-    batches = open_batches(cfg, data, rank=0, world=1, start_micro_step=0, num_micro_steps=steps + warmup, device=device)
+    batches = data.batches(0, 1, cfg.train.batch_size, start_micro_step=0, num_micro_steps=steps + warmup)
     for _ in range(warmup):
         batch = next(batches)
         step(batch.images.to(device, non_blocking=True), size,
@@ -241,7 +243,7 @@ def main(argv=None) -> dict:
         overrides.append(f"data.num_workers={args.num_workers}")
     if args.pipeline:
         overrides.append(f"data.pipeline={args.pipeline}")
-    data_root = args.data  # its train/ split when present (engine.pretrain_data_dir)
+    data_root = args.data  # its train/ split when present (mae_et.data.sources.data_dir)
     cfg = load_pretrain_config(args.config, [f"data.root={args.data or REPO}", "data.source=imagefolder", *overrides])
     rows_spec = parse_rows(args.rows or (SMOKE_ROWS if args.smoke else GPU_ROWS))
     if not cuda and not args.smoke and args.rows is None:

@@ -4,7 +4,7 @@
         model.checkpoint=runs/<pretraining run> data.root=/path/to/dataset [key=value ...]
 
 Relaunching the same command resumes from the run's latest checkpoint; the best epoch (val top-1)
-is kept in RUN/best/. The logic lives in `mae_et.finetune_engine`; this file only parses the command line.
+is kept in RUN/best/. The logic lives in `mae_et.evaluate.finetune`; this file only parses the command line.
 """
 
 import sys
@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae_et.cli import parse_args, run_user_command  # noqa: E402
-from mae_et.finetune_config import load_finetune_config  # noqa: E402
-from mae_et.finetune_engine import finetune  # noqa: E402
+from mae_et.evaluate.config import load_finetune_config  # noqa: E402
+from mae_et.evaluate.finetune import finetune  # noqa: E402
 
 DEFAULT_RECIPE = "configs/finetune/vit-base-p16_mae_100e_imagenet.yaml"
 

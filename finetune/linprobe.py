@@ -5,7 +5,7 @@
 
 `linprobe.mode=cached` extracts the features once (centre crops) and trains the head on them: much
 faster, the mode the benchmarks use. The final accuracies are written to RUN/result.json.
-The logic lives in `mae_et.linprobe_engine`; this file only parses the command line.
+The logic lives in `mae_et.evaluate.linprobe`; this file only parses the command line.
 """
 
 import sys
@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae_et.cli import parse_args, run_user_command  # noqa: E402
-from mae_et.finetune_config import load_linprobe_config  # noqa: E402
-from mae_et.linprobe_engine import linprobe  # noqa: E402
+from mae_et.evaluate.config import load_linprobe_config  # noqa: E402
+from mae_et.evaluate.linprobe import linprobe  # noqa: E402
 
 DEFAULT_RECIPE = "configs/linprobe/vit-base-p16_mae_90e_imagenet.yaml"
 

@@ -11,9 +11,9 @@ import sys
 from typing import Callable, Sequence
 
 from mae_et.checkpoint import CheckpointError
-from mae_et.config import ConfigError
-from mae_et.data import DataError
-from mae_et.vit import LoadError
+from mae_et.data.folder import DataError
+from mae_et.models.vit import LoadError
+from mae_et.recipes import ConfigError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, LoadError)
 

@@ -1,4 +1,10 @@
-"""Warnings a person can read: one line that says what and why, not the source line of the call.
+"""What a person sees besides the log lines: warnings they can read, and progress on long work.
+
+Progress (`progress`): a tqdm bar on a terminal, a plain line at every tenth of the work in a log file, on
+the main process only; used by the decode-once store, feature extraction (kNN, cached probe), the fine-tune
+and probe epochs and the pretraining loop.
+
+Warnings: one line that says what and why, not the source line of the call.
 
 Python prints a warning as `file.py:347: UserWarning: <message>` followed by the source line of the
 `warnings.warn(...)` call, which tells a user nothing. Our warnings are of the categories below, and
@@ -9,6 +15,8 @@ ordinary warnings: filters, `-W error` and `pytest.warns` see them as usual.
 
 from __future__ import annotations
 
+import sys
+import time
 import warnings
 
 
@@ -36,3 +44,49 @@ def one_line_warnings() -> None:
 
     format_warning.mae_et_one_line = True
     warnings.formatwarning = format_warning
+
+
+class _PlainLines:
+    """Progress as a plain line at every tenth of the work (for logs, pipes and files, where a bar's carriage
+    returns would pile up), with the same `update` / `close` / iteration as a tqdm bar."""
+
+    def __init__(self, iterable, total: int | None, initial: int, desc: str, unit: str) -> None:
+        self.iterable, self.total, self.n, self.desc, self.unit = iterable, total, initial, desc, unit
+        self.t0 = time.perf_counter()
+        self.next_tenth = (10 * initial // total + 1) if total else 11
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.total and 10 * self.n >= self.next_tenth * self.total:
+            self.next_tenth = 10 * self.n // self.total + 1
+            seconds = time.perf_counter() - self.t0
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%, {seconds:.0f}s)",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _Silent(_PlainLines):
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+
+def progress(iterable=None, *, total: int | None = None, initial: int = 0, desc: str = "", unit: str = "it",
+             enabled: bool = True):
+    """A tqdm bar on a terminal; plain lines at every tenth when stderr is not one; nothing when not `enabled`
+    (ranks other than the main one)."""
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    if not enabled:
+        return _Silent(iterable, total, initial, desc, unit)
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm  # installed with timm's dependencies
+
+        return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+    return _PlainLines(iterable, total, initial, desc, unit)

@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import pytest
-
-from mae_et import config as config_lib
-from mae_et.config import ConfigError, load_pretrain_config
-
 from conftest import REPO
+
+from mae_et import recipes
+from mae_et.recipes import ConfigError
+from mae_et.train.config import load_pretrain_config
 
 
 def run_from(cwd, script, *args, timeout=300):
@@ -49,7 +49,7 @@ def test_a_missing_recipe_names_where_it_looked(tmp_path, monkeypatch):
 def test_an_installed_copy_without_recipes_says_where_they_are(tmp_path, monkeypatch):
     """A non-editable install has no configs/ beside the package: the error says so and what to pass."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(config_lib, "SOURCE_ROOT", tmp_path / "site-packages")
+    monkeypatch.setattr(recipes, "SOURCE_ROOT", tmp_path / "site-packages")
     with pytest.raises(ConfigError) as info:
         load_pretrain_config("configs/pretrain/mae_vit-tiny-p8_et_20e_fractal.yaml")
     message = str(info.value)

@@ -23,18 +23,16 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from accelerate.state import AcceleratorState
+from conftest import CPU_RECIPE, ONE_THREAD_ENV, REPO, in_process_run
 
 from mae_et import checkpoint as ck
-from mae_et.config import load_pretrain_config
-from mae_et.engine import pretrain
-from mae_et.finetune_engine import layer_decay_param_groups
-from mae_et.lars import LARS
-from mae_et.model import get_2d_sincos_pos_embed, load_official_mae_checkpoint, mae_vit
-from mae_et.visualize import main as visualize_main
-from mae_et.vit import EncoderSpec, LoadError, build_vit, load_encoder_state, load_pretrained_vit
-
-from conftest import CPU_RECIPE, ONE_THREAD_ENV, REPO
+from mae_et.evaluate.finetune import layer_decay_param_groups
+from mae_et.evaluate.lars import LARS
+from mae_et.evaluate.visualize import main as visualize_main
+from mae_et.models.mae import get_2d_sincos_pos_embed, load_official_mae_checkpoint, mae_vit
+from mae_et.models.vit import EncoderSpec, LoadError, build_vit, load_encoder_state, load_pretrained_vit
+from mae_et.train.config import load_pretrain_config
+from mae_et.train.pretrain import pretrain
 
 MICRO = EncoderSpec(size="micro", patch_size=8, img_size=48)  # the CPU recipe's encoder
 HOWS = ("open", "system")  # two payloads: a builtin that creates a file, and a shell command
@@ -77,16 +75,10 @@ def official_sd(mae: torch.nn.Module) -> dict[str, torch.Tensor]:
 def tiny_run(tmp_path_factory, mini_root) -> Path:
     """A real pretraining run stopped after 2 steps, a checkpoint at each (in-process, a few seconds)."""
     out = tmp_path_factory.mktemp("no_code_run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    try:
+    with in_process_run():
         cfg = load_pretrain_config(CPU_RECIPE, [f"data.root={mini_root}", f"output_dir={out}", "train.epochs=1",
                                                 "train.max_steps=2", "checkpoint.every_steps=1", "checkpoint.keep_last=3"])
         run = pretrain(cfg).run_dir
-    finally:
-        AcceleratorState._reset_state(True)
-        torch.set_num_threads(threads)
     assert [p.name for p in ck.list_checkpoints(run / "checkpoints")] == ["step_00000001", "step_00000002"]
     return run
 
@@ -273,19 +265,13 @@ def test_pretraining_resume_refuses_a_poisoned_run(tiny_run, tmp_path, mini_root
     marker = tmp_path / "PWNED"
     run, state_file = poisoned_copy(tiny_run, tmp_path / "run", marker)
     before = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    try:
+    with in_process_run():
         cfg = load_pretrain_config(CPU_RECIPE, [f"data.root={mini_root}", f"output_dir={run.parent}", f"name={run.name}",
                                                 "train.epochs=1", "train.max_steps=3", "checkpoint.every_steps=1",
                                                 "checkpoint.keep_last=3"])
         assert cfg.run_dir == run
         with pytest.raises(ck.RefusedFileError) as info:
             pretrain(cfg)
-    finally:
-        AcceleratorState._reset_state(True)
-        torch.set_num_threads(threads)
     assert not marker.exists()
     assert_refused(str(info.value), state_file)
     assert [p.name for p in ck.list_checkpoints(run / "checkpoints")] == ["step_00000001", "step_00000002"]
@@ -299,11 +285,11 @@ def two_images(mini_root: Path) -> list[str]:
 
 
 def test_visualize_cli_reads_no_pickle_from_a_poisoned_run(tiny_run, tmp_path, mini_root):
-    """`python -m mae_et.visualize RUN`: the planted training_state.pt is never unpickled."""
+    """`python -m mae_et.evaluate.visualize RUN`: the planted training_state.pt is never unpickled."""
     marker = tmp_path / "PWNED"
     run, _ = poisoned_copy(tiny_run, tmp_path / "run", marker, "system")
     out = tmp_path / "grid.png"
-    proc = subprocess.run([sys.executable, "-m", "mae_et.visualize", str(run), *two_images(mini_root), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "mae_et.evaluate.visualize", str(run), *two_images(mini_root), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_THREAD_ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.is_file() and not marker.exists()

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from accelerate.state import AcceleratorState
+from conftest import CPU_RECIPE, REPO, in_process_run
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from mae_et.config import load_pretrain_config
-from mae_et.engine import pretrain
-
-from conftest import CPU_RECIPE, REPO
+from mae_et.train.config import load_pretrain_config
+from mae_et.train.pretrain import pretrain
 
 NOTEBOOKS = REPO / "notebooks"
 NAMES = ("01_frequency_curriculum.ipynb", "02_reconstructions.ipynb", "03_compare_runs.ipynb")
@@ -26,12 +24,9 @@ CELL_TIMEOUT_S = 120
 def train(output_dir: Path, data_root: Path, *overrides: str) -> Path:
     """What `python pretrain.py --config <CPU recipe> data.root=.. output_dir=.. train.epochs=2 ..` does, in-process
     (the interpreter is already warm: much faster than a subprocess on a busy CPU)."""
-    AcceleratorState._reset_state(True)  # each run builds its own Accelerator
-    try:
+    with in_process_run():
         cfg = load_pretrain_config(CPU_RECIPE, [f"data.root={data_root}", f"output_dir={output_dir}", "train.epochs=2", *overrides])
         return pretrain(cfg).run_dir
-    finally:
-        AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(scope="session")

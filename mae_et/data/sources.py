@@ -1,0 +1,177 @@
+"""Where pretraining images come from: one small protocol, four sources, chosen by name from the config.
+
+    source = open_source(cfg.data, seed, main, device)   # once per process: scan, decode-once store, ...
+    batches = source.batches(rank, world, micro_batch, start_micro_step, num_micro_steps)
+    next(batches)  # PretrainBatch: uint8 crops (n, 3, S, S), labels (n,), names of files that failed to decode
+
+Every source gives a rank the same deterministic stream, a pure function of (seed, micro-step, rank), so a
+run resumes from any micro-step and the ranks never share an image. What else a source holds:
+    dataset      a map-style view of the same images (the fixed reconstruction images come from it)
+    num_images   how many images an epoch draws from
+    skipped      files skipped while opening (named, with the reason)
+
+The four (`data.pipeline`, or `data.source: fractal`):
+    loader         PIL decode + random-resized crop in DataLoader workers: portable, the default
+    memory         every image decoded once into a store (uint8, short side `data.memory_size`), cropped
+                   batched on the device
+    device_decode  JPEG bytes read by workers, decoded on the device (nvjpeg), cropped batched there
+    fractal        iterated-function-system renders, generated per (class, index, seed): no files at all
+
+The config sections are read by attribute (`data.crop_size`, ...): this module imports no config class.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+from torch.utils.data import Dataset
+
+from mae_et.data.folder import (
+    ImageFolderIndex,
+    PretrainBatch,
+    PretrainDataset,
+    build_pretrain_loader,
+    scan_image_folder,
+)
+from mae_et.data.fractal import FractalBatchSource, FractalDataset
+from mae_et.data.on_device import DeviceDecodeBatchSource, InMemoryImages, MemoryBatchSource
+
+
+class PretrainSource(Protocol):
+    dataset: Dataset
+    num_images: int
+    skipped: list
+
+    def batches(self, rank: int, world: int, micro_batch: int, start_micro_step: int,
+                num_micro_steps: int) -> Iterator[PretrainBatch]: ...
+
+
+def data_dir(d) -> Path:
+    """`data.root`, or its `data.split` sub-folder (train/) when there is one."""
+    root = Path(d.root)
+    return root / d.split if d.split and (root / d.split).is_dir() else root
+
+
+def _scan(d, main: bool) -> ImageFolderIndex:
+    with warnings.catch_warnings():
+        if not main:  # scan-time warnings once, from the main rank
+            warnings.simplefilter("ignore")
+        return scan_image_folder(data_dir(d), strict=d.strict)  # a directory listing: no decoding
+
+
+@dataclass
+class FolderSource:
+    """data.pipeline=loader: PIL decode and crop in DataLoader workers (pinned CPU batches)."""
+
+    d: Any
+    seed: int
+    device: torch.device
+    index: ImageFolderIndex
+    dataset: PretrainDataset
+
+    @classmethod
+    def open(cls, d, seed: int, main: bool, device: torch.device) -> FolderSource:
+        index = _scan(d, main)
+        return cls(d, seed, device, index, PretrainDataset(index, crop_size=d.crop_size, scale=d.scale, hflip=d.hflip,
+                                                           strict=d.strict))
+
+    @property
+    def num_images(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def skipped(self) -> list:
+        return list(self.index.skipped)
+
+    def batches(self, rank, world, micro_batch, start_micro_step, num_micro_steps) -> Iterator[PretrainBatch]:
+        return iter(build_pretrain_loader(
+            self.dataset, micro_batch=micro_batch, rank=rank, world_size=world, seed=self.seed,
+            num_workers=self.d.num_workers, pin_memory=self.d.pin_memory and self.device.type == "cuda",
+            start_micro_step=start_micro_step, num_micro_steps=num_micro_steps))
+
+
+@dataclass
+class MemorySource(FolderSource):
+    """data.pipeline=memory: decoded once (short side `data.memory_size`, on the GPU when it fits), cropped there."""
+
+    store: InMemoryImages | None = None
+
+    @classmethod
+    def open(cls, d, seed: int, main: bool, device: torch.device) -> MemorySource:
+        folder = FolderSource.open(d, seed, main, device)
+        on_device = d.memory_on_device and device.type == "cuda"
+        with warnings.catch_warnings():
+            if not main:
+                warnings.simplefilter("ignore")
+            store = InMemoryImages(folder.index, d.memory_size or round(d.crop_size * 256 / 224),
+                                   device if on_device else "cpu", strict=d.strict, num_workers=d.num_workers,
+                                   pin_memory=device.type == "cuda" and not on_device, progress=main)
+        return cls(d, seed, device, folder.index, folder.dataset, store)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.store)
+
+    @property
+    def skipped(self) -> list:
+        return list(self.index.skipped) + list(self.store.skipped)
+
+    def batches(self, rank, world, micro_batch, start_micro_step, num_micro_steps) -> Iterator[PretrainBatch]:
+        return MemoryBatchSource(self.store, micro_batch, rank, world, self.seed, self.d.crop_size, scale=self.d.scale,
+                                 hflip=self.d.hflip, device=self.device, start_micro_step=start_micro_step,
+                                 num_micro_steps=num_micro_steps)
+
+
+@dataclass
+class DeviceDecodeSource(FolderSource):
+    """data.pipeline=device_decode: workers read bytes, the device decodes (CPU fallback per file) and crops."""
+
+    def batches(self, rank, world, micro_batch, start_micro_step, num_micro_steps) -> Iterator[PretrainBatch]:
+        return DeviceDecodeBatchSource(self.index, micro_batch, rank, world, self.seed, self.d.crop_size, self.device,
+                                       scale=self.d.scale, hflip=self.d.hflip, strict=self.d.strict,
+                                       num_workers=self.d.num_workers, start_micro_step=start_micro_step,
+                                       num_micro_steps=num_micro_steps)
+
+
+@dataclass
+class FractalSource:
+    """data.source=fractal: renders, batched on the GPU when there is one, else in DataLoader workers."""
+
+    d: Any
+    seed: int
+    device: torch.device
+    dataset: FractalDataset
+    skipped: list = field(default_factory=list)  # nothing to skip: no files
+
+    @classmethod
+    def open(cls, d, seed: int, main: bool, device: torch.device) -> FractalSource:
+        return cls(d, seed, device, FractalDataset(d.fractal_classes, d.fractal_images_per_class, d.crop_size, seed=seed,
+                                                   split="train"))
+
+    @property
+    def num_images(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, rank, world, micro_batch, start_micro_step, num_micro_steps) -> Iterator[PretrainBatch]:
+        stream = dict(start_micro_step=start_micro_step, num_micro_steps=num_micro_steps)
+        if self.device.type == "cuda":
+            return FractalBatchSource(self.dataset, micro_batch, rank, world, self.seed, self.device, **stream)
+        return iter(build_pretrain_loader(self.dataset, micro_batch=micro_batch, rank=rank, world_size=world,
+                                          seed=self.seed, num_workers=self.d.num_workers, pin_memory=False, **stream))
+
+
+SOURCES: dict[str, type] = {"loader": FolderSource, "memory": MemorySource, "device_decode": DeviceDecodeSource,
+                            "fractal": FractalSource}
+
+
+def source_name(d) -> str:
+    """The source a data section asks for: `fractal` (data.source), else its `data.pipeline`."""
+    return "fractal" if d.source == "fractal" else d.pipeline
+
+
+def open_source(d, seed: int, main: bool, device: torch.device) -> PretrainSource:
+    return SOURCES[source_name(d)].open(d, seed, main, device)

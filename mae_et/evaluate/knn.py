@@ -1,0 +1,79 @@
+"""Weighted kNN top-1 of any checkpoint's encoder on a labelled ImageFolder (train/ is the bank, val/ is scored).
+
+    python -m mae_et.evaluate.knn RUN_OR_CHECKPOINT --data /path/to/imagenet [--k 20 --temperature 0.07]
+
+The classifier (each val image votes over its k most cosine-similar train images, weighted by exp(sim / T),
+Wu et al. 2018 as in DINO) is the pretraining loop's monitor, `mae_et.train.monitors.knn_evaluate`: the same
+numbers a run logs, for any run folder, checkpoint folder, official MAE .pth or timm state dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from mae_et.checkpoint import CheckpointError
+from mae_et.data.folder import DataError
+from mae_et.models.vit import LoadError, load_pretrained_vit
+from mae_et.train.monitors import knn_evaluate
+
+__all__ = ["main"]
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+def _split_dir(root: Path, split: str, flag: str) -> Path:
+    path = root / split if split else root
+    if not path.is_dir():
+        raise DataError(f"split folder '{path}' does not exist; fix --data or {flag} (ImageFolder layout ROOT/SPLIT/<class>/<image>)")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mae_et.evaluate.knn",
+        description="Weighted kNN top-1 (k=20, T=0.07) of a pretrained encoder's cls and mean-pooled features",
+    )
+    parser.add_argument("checkpoint", help="run folder, checkpoint folder, official MAE .pth or timm state dict")
+    parser.add_argument("--data", required=True, help="ImageFolder root holding the train and val splits")
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--val-split", default="val")
+    parser.add_argument("--img-size", type=int, default=None, help="default: the size the encoder was pretrained at")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="also write the accuracies to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        root = Path(args.data)
+        train_root = _split_dir(root, args.train_split, "--train-split")
+        val_root = _split_dir(root, args.val_split, "--val-split")
+        model, spec = load_pretrained_vit(args.checkpoint, img_size=args.img_size)
+        img_size = args.img_size or spec.img_size
+        model.to(args.device)
+        results = knn_evaluate(
+            model, train_root, val_root, img_size, batch_size=args.batch_size, num_workers=args.num_workers,
+            k=args.k, temperature=args.temperature, device=args.device,
+        )
+    except (LoadError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for key, value in results.items():
+        print(f"{key}: {value:.2f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**results, "checkpoint": str(args.checkpoint), "img_size": img_size,
+                                               "k": args.k, "temperature": args.temperature}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""Linear probing of a frozen pretrained encoder (the MAE protocol), online or on cached features.
+
+The head is BatchNorm1d(D, affine=False, eps=1e-6) + Linear(D, C) on the encoder's cls token (after
+the final norm), trained with LARS at lr = blr * global_batch / 256, per-step warmup + cosine.
+The global batch is the reference's 16384 clamped to the training-set size (a smaller data set
+would otherwise have no full step).
+
+Two ways to feed it, behind one `ProbeData` interface so the loop is shared:
+- online (reference): every step encodes freshly augmented images (RandomResizedCrop + flip);
+  the stream is `mae_et.data.folder.StepSampler`'s, augmentations seeded per sample, so resume is exact.
+- cached (fast; the benchmarks' mode): train and val features of centre crops are extracted once
+  (each process encodes a contiguous shard, then all-gather), kept on the device, and saved to
+  RUN/features/ so a relaunch skips the extraction. The cache carries a fingerprint of the encoder
+  weights and the data; a mismatch re-extracts. ImageNet-1k ViT-B features take ~4 GB per process.
+
+DDP: the head is wrapped by Accelerate (gradients averaged); every process takes its own slice of
+each global batch; evaluation runs on disjoint shards with counts summed over processes; only
+the main process writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast, set_seed
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mae_et.data.folder import epoch_permutation_seed
+from mae_et.data.labelled import (
+    SeededClassificationDataset,
+    build_eval_loader,
+    build_train_loader,
+    linprobe_train_transform,
+    scan_train_split,
+    shard_loader,
+    shard_range,
+    split_dir,
+)
+from mae_et.evaluate.config import LinprobeConfig
+from mae_et.evaluate.finetune import RESULT_FILE, evaluate_classifier, write_json_atomic
+from mae_et.evaluate.lars import LARS
+from mae_et.models.vit import encoder_features, load_pretrained_vit
+from mae_et.recipes import ConfigError
+from mae_et.train.monitors import extract_features
+from mae_et.train.optim import lr_at, scaled_lr, set_lr
+from mae_et.train.run import Run, steps_every
+
+HEAD_INIT_STD = 0.01  # MAE linear probe
+FEATURES_DIR = "features"
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ProbeHead(nn.Module):
+    """BatchNorm without affine (a per-feature whitening the probe cannot abuse) + a linear classifier."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.fc = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=HEAD_INIT_STD)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.fc(self.bn(features))  # (N, D) -> (N, C)
+
+
+# ----------------------------------------------------------------------------- batch sources
+
+
+class ProbeData(Protocol):
+    def start(self, step: int, end_step: int) -> None:
+        """Prepare to serve optimizer steps [step, end_step)."""
+
+    def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """This process's (features (n, D) float32, labels (n,)) of optimizer step `step`, on the device."""
+
+    def val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """This process's disjoint shard of the validation set as (features, labels) batches."""
+
+
+class CachedFeatures:
+    """Features held on the device; step s of epoch e takes slice s of a (seed, e) permutation."""
+
+    def __init__(self, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, global_batch: int,
+                 rank: int, world_size: int, seed: int, eval_chunk: int = 4096) -> None:
+        if global_batch % world_size or global_batch > train_x.shape[0]:
+            raise ValueError(f"global batch {global_batch} must divide among {world_size} processes and fit {train_x.shape[0]} samples")
+        self.train_x, self.train_y, self.val_x, self.val_y = train_x, train_y, val_x, val_y
+        self.global_batch, self.local_batch = global_batch, global_batch // world_size
+        self.rank, self.world_size, self.seed, self.eval_chunk = rank, world_size, seed, eval_chunk
+        self.steps_per_epoch = train_x.shape[0] // global_batch  # the tail of each permutation is dropped
+        self._perm: tuple[int, Tensor] | None = None
+
+    def start(self, step: int, end_step: int) -> None:
+        pass
+
+    def _permutation(self, epoch: int) -> Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(epoch_permutation_seed(self.seed, epoch))  # same on every process
+            self._perm = (epoch, torch.randperm(self.train_x.shape[0], generator=g).to(self.train_x.device))
+        return self._perm[1]
+
+    def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        epoch, j = divmod(step, self.steps_per_epoch)
+        start = j * self.global_batch + self.rank * self.local_batch
+        idx = self._permutation(epoch)[start:start + self.local_batch]  # (n,)
+        return self.train_x[idx].float(), self.train_y[idx]
+
+    def val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        shard = shard_range(self.val_x.shape[0], self.rank, self.world_size)
+        for s in range(shard.start, shard.stop, self.eval_chunk):
+            e = min(s + self.eval_chunk, shard.stop)
+            yield self.val_x[s:e].float(), self.val_y[s:e]
+
+
+class OnlineImages:
+    """Augmented images encoded by the frozen encoder at every step (the reference protocol)."""
+
+    def __init__(self, encode: Callable[[Tensor], Tensor], dataset: SeededClassificationDataset, val_loader,
+                 local_batch: int, rank: int, world_size: int, seed: int, num_workers: int, pin_memory: bool, device) -> None:
+        self.encode, self.dataset, self.val_loader = encode, dataset, val_loader
+        self.local_batch, self.rank, self.world_size, self.seed = local_batch, rank, world_size, seed
+        self.num_workers, self.pin_memory, self.device = num_workers, pin_memory, device
+        self.steps_per_epoch = len(dataset) // (local_batch * world_size)
+        self._batches: Iterator | None = None
+
+    def start(self, step: int, end_step: int) -> None:
+        loader = build_train_loader(self.dataset, self.local_batch, self.rank, self.world_size, self.seed,
+                                    start_micro_step=step, num_micro_steps=max(0, end_step - step),
+                                    num_workers=self.num_workers, pin_memory=self.pin_memory)
+        self._batches = iter(loader)
+
+    def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        images, labels = next(self._batches)
+        images = images.to(self.device, non_blocking=True)  # (n, 3, S, S)
+        return self.encode(images), labels.to(self.device, non_blocking=True)
+
+    def val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in self.val_loader:
+            if labels.numel() == 0:
+                continue
+            yield self.encode(images.to(self.device, non_blocking=True)), labels.to(self.device)
+
+
+def make_encode(encoder: nn.Module, pool: str, chunk: int, precision: str, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """images (n, 3, S, S) -> features (n, D) float32 of the frozen encoder, `chunk` images per forward."""
+    dtype = _AUTOCAST.get(precision)
+
+    @torch.no_grad()
+    def encode(images: Tensor) -> Tensor:
+        outs = []
+        for part in images.split(chunk):
+            with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
+                outs.append(encoder_features(encoder, part, pool).float())  # (c, D)
+        return torch.cat(outs)  # (n, D)
+
+    return encode
+
+
+# ----------------------------------------------------------------------------- the shared loop
+
+
+@dataclass
+class ProbeSchedule:
+    start_step: int
+    end_step: int  # where this launch stops (max_steps or the end)
+    total_steps: int
+    steps_per_epoch: int
+    base_lr: float
+    min_lr: float
+    warmup: float  # fraction of total_steps
+
+
+def run_probe(head: nn.Module, optimizer: torch.optim.Optimizer, data: ProbeData, accelerator: Accelerator,
+              schedule: ProbeSchedule, eval_head: nn.Module | None = None,
+              after_step: Callable[[int, Tensor, float, dict | None], None] | None = None) -> list[dict]:
+    """Train the head over [start_step, end_step); evaluate after every epoch. Returns the epoch evaluations.
+
+    `after_step(step_done, loss, lr, eval_or_None)` is where the engine logs and checkpoints.
+    `eval_head` is the unwrapped head (DDP's forward must run the same number of times on each process).
+    """
+    eval_head = eval_head or head
+    history: list[dict] = []
+    data.start(schedule.start_step, schedule.end_step)
+    head.train()
+    for step in range(schedule.start_step, schedule.end_step):
+        lr = lr_at(step / schedule.total_steps, schedule.base_lr, schedule.min_lr, schedule.warmup)
+        set_lr(optimizer, lr)
+        features, labels = data.train_batch(step)  # (n, D), (n,)
+        loss = F.cross_entropy(head(features), labels)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        done = step + 1
+        ev = None
+        if done % schedule.steps_per_epoch == 0 or done == schedule.total_steps:
+            if accelerator.num_processes > 1:
+                # DDP gives every process rank 0's BatchNorm statistics before each forward, and each then
+                # updates its own copy: share rank 0's again so every shard is evaluated with one head
+                for buffer in eval_head.buffers():
+                    broadcast(buffer, from_process=0)
+            ev = {**evaluate_classifier(eval_head, data.val_batches(), accelerator), "epoch": math.ceil(done / schedule.steps_per_epoch)}
+            history.append(ev)
+        if after_step is not None:
+            after_step(done, loss.detach(), lr, ev)
+    return history
+
+
+def fit_probe_on_features(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num_classes: int, *,
+                          epochs: int = 90, global_batch: int = 16384, blr: float = 0.1, warmup_epochs: float = 10.0,
+                          min_lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, seed: int = 0,
+                          accelerator: Accelerator | None = None) -> list[dict]:
+    """The cached probe on given features (no images, no run folder): per-epoch top-1/top-5 history.
+
+    For quick experiments and tests; `linprobe()` runs the same loop with tracking and checkpoints.
+    """
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    global_batch = clamp_global_batch(global_batch, train_x.shape[0], accelerator.num_processes)
+    set_seed(seed)
+    data = CachedFeatures(train_x.to(device), train_y.to(device), val_x.to(device), val_y.to(device), global_batch,
+                          accelerator.process_index, accelerator.num_processes, seed)
+    head = ProbeHead(train_x.shape[1], num_classes)
+    optimizer = LARS(head.parameters(), lr=0.0, weight_decay=weight_decay, momentum=momentum)
+    head, optimizer = accelerator.prepare(head, optimizer)
+    total = epochs * data.steps_per_epoch
+    schedule = ProbeSchedule(0, total, total, data.steps_per_epoch, scaled_lr(blr, global_batch), min_lr, warmup_epochs / epochs)
+    return run_probe(head, optimizer, data, accelerator, schedule, eval_head=accelerator.unwrap_model(head))
+
+
+def clamp_global_batch(requested: int, num_train: int, world_size: int) -> int:
+    """min(requested, training-set size), rounded down to a multiple of the process count."""
+    batch = min(requested, num_train) // world_size * world_size
+    if batch // world_size < 2:
+        raise ConfigError(
+            f"{num_train} training images give {batch // world_size} per process per step; BatchNorm needs >= 2: "
+            "use fewer processes or more data"
+        )
+    return batch
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+
+def gather_in_order(x: Tensor, accelerator: Accelerator) -> Tensor:
+    """All processes' contiguous shards (rank order) -> the whole tensor on every process, no padding left."""
+    if accelerator.num_processes == 1:
+        return x
+    device = accelerator.device
+    x = x.to(device)
+    counts = accelerator.gather(torch.tensor([x.shape[0]], device=device)).tolist()
+    padded = accelerator.pad_across_processes(x, dim=0)  # (max, ...)
+    allx = accelerator.gather(padded)  # (world * max, ...)
+    width = padded.shape[0]
+    return torch.cat([allx[r * width:r * width + n] for r, n in enumerate(counts)])
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A hash of the encoder weights: a cache made with other weights is never reused."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_split_features(name: str, loader, encoder: nn.Module, cfg: LinprobeConfig, fingerprint: str,
+                          run_dir: Path, accelerator: Accelerator) -> tuple[Tensor, Tensor]:
+    """Features + labels of a whole split on every process: from RUN/features/<name>.safetensors when
+    it matches, else extracted (sharded over processes) and saved atomically by the main process."""
+    files = loader.dataset.index.samples
+    key = {"weights": fingerprint, "img_size": str(cfg.data.img_size), "pool": cfg.linprobe.pool,
+           "precision": cfg.train.precision, "num_images": str(len(files)),
+           "files": hashlib.sha256("\n".join(p for p, _ in files).encode()).hexdigest()[:16]}
+    path = run_dir / FEATURES_DIR / f"{name}.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            if all(meta.get(k) == v for k, v in key.items()):
+                saved = load_file(str(path), device=str(accelerator.device))
+                return saved["features"], saved["labels"]
+        except Exception:  # noqa: BLE001 - an unreadable cache is only a cache: extract again
+            pass
+    dtype = _AUTOCAST.get(cfg.train.precision)
+    shard = shard_loader(loader, accelerator.process_index, accelerator.num_processes)
+    with torch.autocast(accelerator.device.type, dtype=dtype) if dtype is not None else nullcontext():
+        feats, labels = extract_features(encoder, shard, accelerator.device, pool=cfg.linprobe.pool,
+                                        desc=f"probe features: {name}" if accelerator.is_main_process else None)  # (n, D), (n,) CPU
+    feats, labels = gather_in_order(feats.to(accelerator.device), accelerator), gather_in_order(labels.to(accelerator.device), accelerator)
+    if accelerator.is_main_process:
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"features": feats.contiguous().cpu(), "labels": labels.contiguous().cpu()}, str(tmp), metadata=key)
+        tmp.replace(path)
+    return feats, labels
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class LinprobeResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    history: list[dict] = field(default_factory=list)  # this launch's epoch evaluations
+    result: dict[str, Any] | None = None  # RUN/result.json when finished
+
+
+def linprobe(cfg: LinprobeConfig) -> LinprobeResult:
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    # the head trains in fp32; train.precision is the frozen encoder's autocast only
+    run = Run(cfg, precision="fp32", accum_steps=1)  # accelerator, run folder, resume, tracking, checkpoints (mae_et.train.run)
+    accelerator, run_dir = run.accelerator, run.run_dir
+    main, device, say = run.main, run.device, run.say
+    world, rank = run.world, run.rank
+    set_seed(cfg.train.seed)
+    t_start = time.perf_counter()
+
+    # --- data checks before any model is built
+    index = scan_train_split(cfg.data.root, cfg.data.train_split)
+    num_classes = len(index.classes)
+    global_batch = clamp_global_batch(cfg.train.batch_size, len(index.samples), world)
+    if global_batch < cfg.train.batch_size:
+        say(f"global batch {cfg.train.batch_size} clamped to {global_batch} ({len(index.samples)} training images, "
+            f"{world} process(es)); the lr follows: blr x {global_batch}/256")
+    eval_bs = cfg.linprobe.encoder_batch
+    # checks that the val split has exactly the training classes, before the encoder is loaded
+    val_full = build_eval_loader(split_dir(cfg.data.root, cfg.data.val_split, "data.val_split"), cfg.data.img_size,
+                                 eval_bs, cfg.data.num_workers, classes=index.classes)
+
+    # --- frozen encoder
+    encoder, spec = load_pretrained_vit(cfg.model.checkpoint, num_classes=0, img_size=cfg.data.img_size, global_pool="token")
+    encoder.requires_grad_(False)
+    encoder.eval().to(device)
+    dim = encoder.embed_dim
+
+    if cfg.linprobe.mode == "cached":
+        fingerprint = weights_fingerprint(encoder)
+        train_root = split_dir(cfg.data.root, cfg.data.train_split, "data.train_split")
+        train_eval = build_eval_loader(train_root, cfg.data.img_size, eval_bs, cfg.data.num_workers, classes=index.classes)
+        t0 = time.perf_counter()
+        train_x, train_y = cached_split_features("train", train_eval, encoder, cfg, fingerprint, run_dir, accelerator)
+        val_x, val_y = cached_split_features("val", val_full, encoder, cfg, fingerprint, run_dir, accelerator)
+        say(f"features: train {tuple(train_x.shape)}, val {tuple(val_x.shape)} in {time.perf_counter() - t0:.1f}s")
+        # an unreadable training image is dropped at extraction: the clamp follows the features
+        global_batch = clamp_global_batch(global_batch, train_x.shape[0], world)
+        data: ProbeData = CachedFeatures(train_x, train_y, val_x, val_y, global_batch, rank, world, cfg.train.seed)
+        del encoder  # not needed any more: free its memory for the features
+    else:
+        encode = make_encode(encoder, cfg.linprobe.pool, cfg.linprobe.encoder_batch, cfg.train.precision, device)
+        dataset = SeededClassificationDataset(index, linprobe_train_transform(cfg.data.img_size, cfg.augment.scale, cfg.augment.hflip))
+        val_loader = shard_loader(val_full, rank, world)
+        data = OnlineImages(encode, dataset, val_loader, global_batch // world, rank, world, cfg.train.seed,
+                            cfg.data.num_workers, cfg.data.pin_memory and device.type == "cuda", device)
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = cfg.train.epochs * steps_per_epoch
+    end_step = min(total_steps, cfg.train.max_steps or total_steps)
+    base_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.blr, global_batch)
+    ckpt_every = cfg.checkpoint.every_steps or steps_every(cfg.checkpoint.every_epochs, steps_per_epoch)
+
+    head = ProbeHead(dim, num_classes)
+    optimizer = LARS(head.parameters(), lr=base_lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
+    head, optimizer = accelerator.prepare(head, optimizer)
+    raw_head: ProbeHead = accelerator.unwrap_model(head)
+
+    # --- resume
+    step, best = 0, None
+    found = run.resume(raw_head, optimizer)
+    if found is not None:
+        step = int(found.training_state["step"])
+        best = found.training_state.get("best") or None
+    say(f"linear probe {cfg.name} ({cfg.linprobe.mode}): {cfg.model.checkpoint} ({spec.size}/{spec.patch_size}) at "
+        f"{cfg.data.img_size} px, {cfg.linprobe.pool} features (D={dim}), {num_classes} classes, {len(index.samples)} training "
+        f"images, global batch {global_batch}, lr {base_lr:.3g}, {total_steps} steps in {cfg.train.epochs} epochs")
+
+    state = {"best": best, "window": torch.zeros((), device=device), "n": 0}
+
+    def after_step(done: int, loss: Tensor, lr: float, ev: dict | None) -> None:
+        bar.update(1)
+        state["window"] += loss
+        state["n"] += 1
+        if done % cfg.train.log_every == 0 or done == end_step or ev is not None:
+            loss_mean = (accelerator.reduce(state["window"], "sum") / (state["n"] * world)).item()
+            run.log(done, {"loss": loss_mean, "lr": lr, "epoch": done / steps_per_epoch, **run.clock.read()})
+            state["window"].zero_()
+            state["n"] = 0
+            if not math.isfinite(loss_mean):
+                run.stop_nonfinite(f"the probe's loss is {loss_mean} at step {done}", "Lower optim.blr")
+        if ev is not None:
+            b = state["best"]
+            if b is None or ev["top1"] > b["top1"]:
+                state["best"] = b = {"top1": ev["top1"], "top5": ev["top5"], "epoch": ev["epoch"], "step": done}
+            run.log(done, {**ev, "best_top1": b["top1"], "best_epoch": b["epoch"]},
+                    f"epoch {ev['epoch']}/{cfg.train.epochs}  loss {loss_mean:.4f}  top-1 {ev['top1']:.2f}  "
+                    f"top-5 {ev['top5']:.2f}  (best {b['top1']:.2f} at epoch {b['epoch']})")
+            state["last_eval"] = ev
+        if done % ckpt_every == 0 or done == end_step:
+            training_state = {"optimizer": optimizer.state_dict(), "step": done, "best": state["best"]}
+            meta = {"step": done, "total_steps": total_steps, "epoch": done / steps_per_epoch, "global_batch": global_batch,
+                    "world_size": world, "complete": done >= total_steps, "last_eval": state.get("last_eval")}
+            run.checkpoint(done, head, training_state, meta)
+
+    schedule = ProbeSchedule(step, end_step, total_steps, steps_per_epoch, base_lr, cfg.optim.min_lr,
+                             cfg.optim.warmup_epochs / cfg.train.epochs)
+    run.clock.start()
+    bar = run.progress(end_step, step, f"linear probe {cfg.name}")
+    history = run_probe(head, optimizer, data, accelerator, schedule, eval_head=raw_head, after_step=after_step)
+    run.close()
+
+    result = None
+    if end_step >= total_steps:
+        final = state.get("last_eval") or (history[-1] if history else None)
+        if final is None:  # relaunched after the end: evaluate the saved head once more
+            final = {**evaluate_classifier(raw_head, data.val_batches(), accelerator), "epoch": cfg.train.epochs}
+        result = {"task": "linprobe", "mode": cfg.linprobe.mode, "checkpoint": str(cfg.model.checkpoint),
+                  "encoder": spec.__dict__, "img_size": cfg.data.img_size, "pool": cfg.linprobe.pool,
+                  "num_classes": num_classes, "epochs": cfg.train.epochs, "steps": total_steps,
+                  "global_batch": global_batch, "global_batch_requested": cfg.train.batch_size, "lr": base_lr,
+                  "top1": final["top1"], "top5": final["top5"], "final": final, "best": state["best"],
+                  "seconds": time.perf_counter() - t_start}
+        if main:
+            write_json_atomic(run_dir / RESULT_FILE, result)
+            say(f"finished: top-1 {final['top1']:.2f}, top-5 {final['top5']:.2f}; result: {run_dir / RESULT_FILE}")
+    elif main:
+        say(f"stopped at step {end_step} of {total_steps} (relaunch the same command to resume); checkpoint: {run.last_checkpoint}")
+    return LinprobeResult(run_dir=run_dir, step=end_step, checkpoint=run.last_checkpoint, history=history, result=result)

@@ -1,0 +1,208 @@
+"""Reconstruction figures for a MAE: original | masked | reconstruction | reconstruction + visible.
+
+From the command line, for a run folder (its latest checkpoint) or one checkpoint folder:
+
+    python -m mae_et.evaluate.visualize runs/NAME img1.jpg folder/ --out grid.png [--size B] [--mask-ratio 0.75]
+
+The grid itself is the one the pretraining loop logs (`mae_et.train.monitors.reconstruction_grid`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torchvision.transforms.v2.functional as TF
+import yaml
+from safetensors.torch import load_file
+from torchvision.transforms import InterpolationMode
+
+from mae_et import checkpoint as ckpt_lib
+from mae_et.curriculum.frequency import FREQUENCY_MODES, low_frequency_crop
+from mae_et.data.folder import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, load_rgb, normalize_on_device
+from mae_et.models.mae import MaskedAutoencoderViT
+from mae_et.recipes import ConfigError, build_config
+from mae_et.train.config import PretrainConfig
+from mae_et.train.monitors import reconstruction_grid, save_png
+from mae_et.train.pretrain import build_model
+
+__all__ = ["find_images", "load_image_batch", "load_mae", "main", "resolve_checkpoint"]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from: a checkpoint folder, a run folder (its latest), RUN/checkpoints, or a model.safetensors."""
+    path = Path(path)
+    if path.is_file() and path.name == ckpt_lib.MODEL_FILE:
+        path = path.parent
+    if not path.exists():
+        raise ckpt_lib.CheckpointError(f"'{path}' does not exist; pass a run folder (runs/NAME) or one of its checkpoints/step_* folders")
+    if (path / ckpt_lib.META_FILE).is_file():
+        return path
+    # A run folder holds checkpoints/; accept that folder itself too.
+    for root in (path / "checkpoints", path):
+        found = ckpt_lib.list_checkpoints(root)
+        if found:
+            return found[-1]
+    raise ckpt_lib.CheckpointError(
+        f"'{path}' is not a checkpoint: expected a run folder with checkpoints/step_*/ or a step_* folder "
+        f"holding {ckpt_lib.META_FILE}, {ckpt_lib.CONFIG_FILE} and {ckpt_lib.MODEL_FILE}"
+    )
+
+
+def load_mae(checkpoint_or_run: str | os.PathLike) -> tuple[MaskedAutoencoderViT, PretrainConfig]:
+    """The full MAE (encoder + decoder) of a checkpoint, in eval mode on the CPU, and its config.
+
+    A run folder gives its latest checkpoint. Only the weights and config.yaml are read (not the
+    optimizer state), and the weights must match the config's model exactly (strict load).
+    """
+    # Imported here: engine imports this module for the training-time grids.
+
+    folder = resolve_checkpoint(checkpoint_or_run)
+    for name in (ckpt_lib.CONFIG_FILE, ckpt_lib.MODEL_FILE):
+        if not (folder / name).is_file():
+            raise ckpt_lib.CheckpointError(f"checkpoint '{folder}' has no {name}; it was not written by pretrain.py")
+    try:
+        cfg = build_config(PretrainConfig, yaml.safe_load((folder / ckpt_lib.CONFIG_FILE).read_text()) or {})
+    except (ConfigError, yaml.YAMLError) as e:
+        raise ckpt_lib.CheckpointError(f"checkpoint '{folder}': unusable {ckpt_lib.CONFIG_FILE} ({_one_line(e)})") from e
+    try:
+        state = load_file(str(folder / ckpt_lib.MODEL_FILE), device="cpu")
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file means the same to the user
+        raise ckpt_lib.CheckpointError(f"checkpoint '{folder}': unreadable {ckpt_lib.MODEL_FILE} ({type(e).__name__}: {e})") from e
+    model = build_model(cfg)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)  # names checked below, in one line
+    except RuntimeError as e:  # shape mismatches: torch lists each on its own line, keep one
+        raise ckpt_lib.CheckpointError(f"checkpoint '{folder}' does not match its config's model: {str(e).strip().splitlines()[-1].strip()}") from e
+    if missing or unexpected:
+        # Our own one-line message rather than torch's multi-line strict error.
+        raise ckpt_lib.CheckpointError(
+            f"checkpoint '{folder}' does not match its config's model: "
+            f"missing {_few(missing)}, unexpected {_few(unexpected)}"
+        )
+    return model.eval(), cfg
+
+
+def _one_line(e: BaseException) -> str:
+    """A YAML error's first line (its problem, e.g. a refused python/object tag) and where; others as they are."""
+    text = str(e).strip()
+    if not isinstance(e, yaml.YAMLError) or not text:
+        return text
+    mark = getattr(e, "problem_mark", None)
+    first = text.splitlines()[0]
+    return f"{first}, line {mark.line + 1}" if mark is not None else first
+
+
+def _few(names: Sequence[str], shown: int = 3) -> str:
+    if not names:
+        return "none"
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files from files and folders (folders searched recursively, sorted, hidden entries skipped)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            inside = sorted(
+                f for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+            if not inside:
+                raise DataError(f"folder '{p}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            found.extend(inside)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise DataError(f"image '{p}' does not exist")
+    return found
+
+
+def load_image_batch(
+    paths: Sequence[str | os.PathLike],
+    crop_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Float (N, 3, S, S), S = crop_size: shorter side resized to S, centre crop, normalised."""
+    crops = []
+    for path in paths:
+        try:
+            img = load_rgb(os.fspath(path))
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from e
+        # The evaluation view of the whole image (no random crop), at the size the model was trained at.
+        img = TF.resize(img, crop_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        img = TF.center_crop(img, [crop_size, crop_size])
+        crops.append(TF.pil_to_tensor(img))  # (3, S, S) uint8
+    return normalize_on_device(torch.stack(crops), tuple(mean), tuple(std))  # (N, 3, S, S)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints the usage too; keep user errors to one line
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _OneLineParser(
+        prog="python -m mae_et.evaluate.visualize",
+        description="Reconstruction grid of a pretrained MAE: original | masked | reconstruction | reconstruction + visible.",
+    )
+    parser.add_argument("checkpoint", help="run folder (latest checkpoint) or a checkpoints/step_* folder")
+    parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--size", type=int, default=None, help="input side B after the low-frequency crop (default: the full crop size)")
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches removed (default 0.75)")
+    parser.add_argument("--mode", choices=FREQUENCY_MODES, default=None,
+                        help="low-frequency crop: fft (ET) or resize (ET++); default: the one the checkpoint was trained with")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random mask")
+    parser.add_argument("--max-images", type=int, default=16, help="use at most this many images (default 16)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse_args(argv)
+    try:
+        if not 0.0 < args.mask_ratio < 1.0:
+            raise ConfigError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+        if args.max_images < 1:
+            raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
+        model, cfg = load_mae(args.checkpoint)
+        full, patch = cfg.data.crop_size, model.patch_size
+        size = full if args.size is None else args.size
+        if not (patch <= size <= full and size % patch == 0):
+            raise ConfigError(f"--size {size} must be a multiple of the patch size {patch} between {patch} and the crop size {full}")
+        paths = find_images(args.images)
+        if len(paths) > args.max_images:
+            print(f"using the first {args.max_images} of {len(paths)} images (--max-images)", file=sys.stderr)
+            paths = paths[: args.max_images]
+        imgs = load_image_batch(paths, full)  # (N, 3, S, S)
+        imgs = low_frequency_crop(imgs, size, args.mode or cfg.curriculum.mode)  # (N, 3, B, B)
+        gen = torch.Generator().manual_seed(args.seed)
+        noise = torch.rand((len(paths), (size // patch) ** 2), generator=gen)  # (N, L): the same mask for the same seed
+        grid = reconstruction_grid(model, imgs, IMAGENET_MEAN, IMAGENET_STD, mask_ratio=args.mask_ratio, noise=noise)
+        try:
+            save_png(grid, args.out)
+        except OSError as e:  # an unwritable --out is the user's to fix, not a bug
+            raise DataError(f"cannot write '{args.out}' ({type(e).__name__}: {e.strerror or e})") from e
+    except (ckpt_lib.CheckpointError, ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {args.out}: {len(paths)} images at B={size}, mask ratio {args.mask_ratio}")
+
+
+if __name__ == "__main__":
+    main()

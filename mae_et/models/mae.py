@@ -1,0 +1,453 @@
+"""Masked-autoencoder ViT (He et al. 2021) built from timm blocks.
+
+Parameter names match facebookresearch/mae ``models_mae.py`` exactly, so the official
+checkpoints load with strict key matching. Unlike the reference, the fixed 2-D sin-cos
+position embeddings are not stored as parameters: they are generated for whatever grid the
+input has (EfficientTrain feeds several resolutions) and cached per (grid, device, dtype).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+__all__ = [
+    "MODEL_SIZES",
+    "MAEOutput",
+    "MaskedAutoencoderViT",
+    "get_2d_sincos_pos_embed",
+    "load_official_mae_checkpoint",
+    "mae_vit",
+]
+
+# Encoder sizes; the decoder defaults (512 wide, 8 deep, 16 heads) are those of the paper.
+MODEL_SIZES: dict[str, dict] = {
+    "micro": dict(embed_dim=64, depth=2, num_heads=2),  # CPU tests only
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
+}
+
+POS_EMBED_MODES = ("grid", "extent")
+
+# Reference eps for the norm-pix target; visualize.py reuses it to invert the normalisation.
+NORM_PIX_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------------------
+# Fixed 2-D sin-cos position embedding
+# --------------------------------------------------------------------------------------
+def _1d_sincos(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """pos (M,) float64 -> (M, embed_dim) float64: [sin(pos*omega), cos(pos*omega)]."""
+    if embed_dim % 2 != 0:
+        raise ValueError(f"1-D sin-cos needs an even dim, got {embed_dim}")
+    half = embed_dim // 2
+    omega = torch.arange(half, dtype=torch.float64) / (embed_dim / 2.0)  # (D/2,)
+    omega = 1.0 / 10000**omega  # (D/2,)
+    out = torch.outer(pos.reshape(-1), omega)  # (M, D/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = True, extent: int | None = None) -> torch.Tensor:
+    """Reference MAE 2-D sin-cos table, returned as float32 of shape (1 + g*g, D) (or (g*g, D)).
+
+    Computed in float64 with the reference's quirks (meshgrid with w first, the first half of
+    the dims from grid[0]) so it matches the ``pos_embed`` buffers stored in official checkpoints.
+
+    Positions are 0..g-1 (the reference). With ``extent`` = G, the g positions span the same image
+    extent as a G-patch grid instead: patch i's centre sits at (i + 0.5) * G / g - 0.5 in full-grid
+    units, so an image location keeps (nearly) its code when the input shrinks to g < G patches per
+    side (what resizing the table does in EfficientTrain's ViT code and in MAE's interpolate_pos_embed).
+    At g == G both are the same table.
+    """
+    if embed_dim % 4 != 0:
+        raise ValueError(f"2-D sin-cos needs embed_dim divisible by 4, got {embed_dim}")
+    g = int(grid_size)
+    grid_h = torch.arange(g, dtype=torch.float64)  # (g,)
+    if extent is not None and extent != g:
+        grid_h = (grid_h + 0.5) * (extent / g) - 0.5  # (g,) fractional positions on the full grid
+    grid_w = grid_h.clone()  # (g,)
+    # numpy's meshgrid(grid_w, grid_h) ('xy' indexing) puts w first: grid[0][i, j] = w_j.
+    gw, gh = torch.meshgrid(grid_w, grid_h, indexing="xy")  # (g, g) each
+    grid = torch.stack([gw, gh], dim=0).reshape(2, 1, g, g)  # (2, 1, g, g)
+    emb_h = _1d_sincos(embed_dim // 2, grid[0])  # (g*g, D/2)
+    emb_w = _1d_sincos(embed_dim // 2, grid[1])  # (g*g, D/2)
+    emb = torch.cat([emb_h, emb_w], dim=1)  # (g*g, D)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), emb], dim=0)  # (1+g*g, D)
+    return emb.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------
+@dataclass
+class MAEOutput:
+    loss: torch.Tensor  # () scalar
+    pred: torch.Tensor  # (N, L, p*p*C)
+    mask: torch.Tensor  # (N, L), 1 = masked/removed, 0 = kept
+    ids_restore: torch.Tensor  # (N, L)
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE with a ViT encoder and a light ViT decoder; works at any square size divisible by p."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = False,
+        pos_embed: str = "grid",
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size != 0:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        if pos_embed not in POS_EMBED_MODES:
+            raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBED_MODES)}, got {pos_embed!r}")
+        # grid: positions 0..g-1 at every input size (the reference); extent: positions spread over the
+        # img_size grid, so a smaller input B (g < G patches) keeps each location's code (fractional positions)
+        self.pos_embed_mode = pos_embed
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.decoder_embed_dim = decoder_embed_dim
+        self.norm_pix_loss = norm_pix_loss
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+        # ---- encoder ----
+        # strict_img_size=False: img_size is only the default, any multiple of p is accepted.
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))  # (1, 1, D)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+        )
+        self.norm = norm_layer(embed_dim)
+
+        # ---- decoder ----
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))  # (1, 1, Dd)
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(decoder_depth)
+            ]
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans, bias=True)
+
+        # Plain dict, not buffers: the tables are derived data and must stay out of the state dict.
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+
+        self.initialize_weights()
+
+    # ---------------------------------------------------------------- init
+    def initialize_weights(self) -> None:
+        # Conv weight treated like a Linear over the flattened patch, as in the reference.
+        w = self.patch_embed.proj.weight.data  # (D, C, p, p)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "mask_token"}
+
+    # ---------------------------------------------------------------- helpers
+    def _pos_embed(self, which: str, grid: int) -> torch.Tensor:
+        """Cached sin-cos table (1, 1+g*g, D or Dd) on the parameters' device and dtype.
+
+        The parameters' dtype (not the activations') is used so that under autocast the
+        addition promotes like the reference's float32 ``pos_embed`` parameter does.
+        """
+        dim = self.embed_dim if which == "enc" else self.decoder_embed_dim
+        device, dtype = self.cls_token.device, self.cls_token.dtype
+        key = (which, grid, device, dtype)
+        table = self._pos_cache.get(key)
+        if table is None:
+            extent = self.img_size // self.patch_size if self.pos_embed_mode == "extent" else None
+            table = get_2d_sincos_pos_embed(dim, grid, cls_token=True, extent=extent).to(device=device, dtype=dtype)
+            table = table.unsqueeze(0)  # (1, 1+g*g, dim)
+            self._pos_cache[key] = table
+        return table
+
+    def cache_pos_embed(self, img_sizes) -> None:
+        """Fill the sin-cos cache for these input sizes before `torch.compile` traces the model.
+
+        A graph traced on a cache miss differs from one traced on a hit, so a size first met
+        inside a compiled step would compile twice; filling the cache first gives one graph per size.
+        """
+        for size in img_sizes:
+            self._pos_embed("enc", size // self.patch_size)
+            self._pos_embed("dec", size // self.patch_size)
+
+    def _check_imgs(self, imgs: torch.Tensor) -> int:
+        """Validate (N, C, B, B) and return the grid side B // p (shape-only, no host sync)."""
+        if imgs.ndim != 4:
+            raise ValueError(f"expected imgs of shape (N, C, H, W), got {tuple(imgs.shape)}")
+        h, w = imgs.shape[2], imgs.shape[3]
+        p = self.patch_size
+        if h != w or h % p != 0:
+            raise ValueError(
+                f"input size {h}x{w} is not square with a side that is a multiple of patch_size {p}"
+            )
+        return h // p
+
+    @staticmethod
+    def _check_mask_ratio(mask_ratio: float) -> None:
+        if not (0.0 < mask_ratio < 1.0):
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+
+    # ---------------------------------------------------------------- patchify
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C), reference ordering (row-major patches, channels last)."""
+        p = self.patch_size
+        return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)  # (N, L, p*p*C)
+
+    def unpatchify(self, x: torch.Tensor, grid: int | None = None) -> torch.Tensor:
+        """(N, L, p*p*C) -> (N, C, g*p, g*p); the grid side is inferred from L when not given."""
+        p = self.patch_size
+        num_patches = x.shape[1]
+        g = math.isqrt(num_patches) if grid is None else grid
+        if g * g != num_patches:
+            raise ValueError(f"cannot unpatchify L={num_patches} into a square grid of side {g}")
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=g, w=g, p=p, q=p)  # (N, C, H, W)
+
+    # ---------------------------------------------------------------- masking
+    def random_masking(
+        self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample shuffle by argsort of noise; the len_keep lowest-noise tokens are kept."""
+        n, num_patches, d = x.shape  # (N, L, D)
+        len_keep = int(num_patches * (1 - mask_ratio))
+        if noise is None:
+            noise = torch.rand(n, num_patches, device=x.device)  # (N, L) in [0, 1)
+        ids_shuffle = torch.argsort(noise, dim=1)  # (N, L) ascending: small noise first = kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)  # (N, L)
+        ids_keep = ids_shuffle[:, :len_keep]  # (N, len_keep)
+        x_kept = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).expand(-1, -1, d))  # (N, len_keep, D)
+        # Mask in shuffled order (0 for the kept prefix), then put it back in patch order.
+        mask = torch.ones(n, num_patches, device=x.device)  # (N, L)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, dim=1, index=ids_restore)  # (N, L)
+        return x_kept, mask, ids_restore
+
+    # ---------------------------------------------------------------- encoder / decoder
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grid = self._check_imgs(imgs)
+        pos = self._pos_embed("enc", grid)  # (1, 1+L, D)
+        x = self.patch_embed(imgs)  # (N, L, D)
+        x = x + pos[:, 1:, :]  # (N, L, D)
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # (N, len_keep, D)
+        cls = self.cls_token + pos[:, :1, :]  # (1, 1, D)
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)  # (N, 1+len_keep, D)
+        for blk in self.blocks:
+            x = blk(x)  # (N, 1+len_keep, D)
+        x = self.norm(x)  # (N, 1+len_keep, D)
+        return x, mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        num_patches = ids_restore.shape[1]
+        grid = math.isqrt(num_patches)
+        x = self.decoder_embed(latent)  # (N, 1+len_keep, Dd)
+        n, _, dd = x.shape
+        mask_tokens = self.mask_token.expand(n, num_patches + 1 - x.shape[1], -1)  # (N, L-len_keep, Dd)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # (N, L, Dd), shuffled order
+        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, dd))  # (N, L, Dd)
+        x = torch.cat([x[:, :1, :], x_], dim=1)  # (N, 1+L, Dd)
+        x = x + self._pos_embed("dec", grid)  # (N, 1+L, Dd)
+        for blk in self.decoder_blocks:
+            x = blk(x)  # (N, 1+L, Dd)
+        x = self.decoder_norm(x)  # (N, 1+L, Dd)
+        x = self.decoder_pred(x)  # (N, 1+L, p*p*C)
+        return x[:, 1:, :]  # (N, L, p*p*C)
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over masked patches only, always in float32."""
+        # Autocast off so sub/pow/mean/var are not run in half precision.
+        with torch.autocast(device_type=imgs.device.type, enabled=False):
+            target = self.patchify(imgs.float())  # (N, L, p*p*C)
+            if self.norm_pix_loss:
+                mean = target.mean(dim=-1, keepdim=True)  # (N, L, 1)
+                var = target.var(dim=-1, keepdim=True)  # (N, L, 1), unbiased like the reference
+                target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5  # (N, L, p*p*C)
+            loss = (pred.float() - target) ** 2  # (N, L, p*p*C)
+            loss = loss.mean(dim=-1)  # (N, L)
+            mask = mask.float()  # (N, L)
+            return (loss * mask).sum() / mask.sum()  # ()
+
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+    ) -> MAEOutput:
+        self._check_mask_ratio(mask_ratio)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)  # (N, 1+len_keep, D)
+        pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
+        loss = self.forward_loss(imgs, pred, mask)  # ()
+        return MAEOutput(loss=loss, pred=pred, mask=mask, ids_restore=ids_restore)
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Encoder on all patches in patch order (never masked): (N, 1+L, D) after the final norm."""
+        grid = self._check_imgs(imgs)
+        pos = self._pos_embed("enc", grid)  # (1, 1+L, D)
+        x = self.patch_embed(imgs) + pos[:, 1:, :]  # (N, L, D)
+        cls = self.cls_token + pos[:, :1, :]  # (1, 1, D)
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)  # (N, 1+L, D)
+        for blk in self.blocks:
+            x = blk(x)  # (N, 1+L, D)
+        return self.norm(x)  # (N, 1+L, D)
+
+
+def mae_vit(size: str, patch_size: int | None = None, **kwargs: Any) -> MaskedAutoencoderViT:
+    """Build a MAE from ``MODEL_SIZES[size]``; ``patch_size`` and kwargs override the preset."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; valid sizes: {sorted(MODEL_SIZES)}")
+    cfg = dict(MODEL_SIZES[size])
+    if patch_size is not None:
+        cfg["patch_size"] = patch_size
+    cfg.update(kwargs)
+    return MaskedAutoencoderViT(**cfg)
+
+
+# --------------------------------------------------------------------------------------
+# Official checkpoint loading
+# --------------------------------------------------------------------------------------
+_FIXED_POS_KEYS = ("pos_embed", "decoder_pos_embed")
+_NO_DECODER_MSG = (
+    "this checkpoint has no decoder (encoder-only release); "
+    "use the mae_visualize_* checkpoints or pass encoder_only=True"
+)
+
+
+def _is_decoder_key(name: str) -> bool:
+    # mask_token is only used by the decoder, so an encoder-only release does not carry it.
+    return name.startswith("decoder_") or name == "mask_token"
+
+
+def _fmt_shape(shape: torch.Size | tuple) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+_REFUSED_OFFICIAL_FIX = ("the official release files hold only tensors, numbers and an argparse.Namespace; "
+                        "re-download it, or re-save its state_dict as .safetensors or a plain tensor dict")
+
+
+def _as_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    if isinstance(checkpoint, (str, os.PathLike)):
+        # Imported here to keep this loader's changes local. weights_only: nothing in a downloaded
+        # file may run; official training checkpoints also pickle their argparse.Namespace.
+        import argparse
+
+        from mae_et.checkpoint import RefusedFileError, torch_load_plain
+
+        try:
+            checkpoint = torch_load_plain(checkpoint, "cpu", fix=_REFUSED_OFFICIAL_FIX, allowed_globals=(argparse.Namespace,))
+        except RefusedFileError as e:
+            raise ValueError(str(e)) from None
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"checkpoint must be a path or a state dict, got {type(checkpoint).__name__}")
+    # Official .pth files wrap the weights as {"model": sd, ...}; accept a bare sd too.
+    if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
+        checkpoint = checkpoint["model"]
+    return dict(checkpoint)
+
+
+def _check_fixed_pos_embed(name: str, value: torch.Tensor) -> None:
+    """The stored table must be the reference sin-cos for its own grid; anything else is rejected."""
+    if value.ndim != 3 or value.shape[0] != 1:
+        raise ValueError(f"{name}: expected shape (1, 1+L, D), got {_fmt_shape(value.shape)}")
+    num_patches, dim = value.shape[1] - 1, value.shape[2]
+    g = math.isqrt(num_patches)
+    if g * g != num_patches:
+        raise ValueError(f"{name}: {num_patches} patches do not form a square grid")
+    expected = get_2d_sincos_pos_embed(dim, g, cls_token=True).unsqueeze(0)  # (1, 1+L, D)
+    if not torch.allclose(value.detach().float().cpu(), expected, atol=1e-5, rtol=0.0):
+        raise ValueError(
+            f"{name} in the checkpoint is not the fixed 2-D sin-cos table for a {g}x{g} grid; "
+            "this model only supports fixed sin-cos position embeddings"
+        )
+
+
+def load_official_mae_checkpoint(
+    model: MaskedAutoencoderViT,
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    encoder_only: bool = False,
+) -> None:
+    """Load a facebookresearch/mae checkpoint (path, {"model": sd} or bare sd) with strict checks.
+
+    ``pos_embed``/``decoder_pos_embed`` are verified against our sin-cos and dropped. Any key or
+    shape mismatch raises a ValueError listing all of them, so a partial load never goes unnoticed.
+    With ``encoder_only=True`` only the encoder is loaded (strictly) and the decoder is left as is.
+    A file is read with ``weights_only=True``: one holding Python objects other than tensors, plain
+    data and an ``argparse.Namespace`` is refused with a one-line ValueError, and nothing in it runs.
+    """
+    sd = _as_state_dict(checkpoint)
+    for name in _FIXED_POS_KEYS:
+        if name in sd:
+            _check_fixed_pos_embed(name, sd.pop(name))
+
+    model_sd = model.state_dict()
+    if encoder_only:
+        sd = {k: v for k, v in sd.items() if not _is_decoder_key(k)}
+        model_sd = {k: v for k, v in model_sd.items() if not _is_decoder_key(k)}
+
+    missing = sorted(set(model_sd) - set(sd))
+    unexpected = sorted(set(sd) - set(model_sd))
+    mismatched = sorted(
+        f"{k}: checkpoint {_fmt_shape(sd[k].shape)} vs model {_fmt_shape(model_sd[k].shape)}"
+        for k in set(sd) & set(model_sd)
+        if tuple(sd[k].shape) != tuple(model_sd[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        lines = ["checkpoint does not match the model:"]
+        has_decoder = any(_is_decoder_key(k) for k in sd)
+        if not encoder_only and not has_decoder:
+            lines.insert(0, _NO_DECODER_MSG)
+            # The decoder keys are missing by construction; summarise them, list the rest.
+            n_dec = sum(_is_decoder_key(k) for k in missing)
+            missing = [k for k in missing if not _is_decoder_key(k)]
+            lines.append(f"missing decoder keys: all {n_dec} of them")
+        if missing:
+            lines.append("missing keys: " + ", ".join(missing))
+        if unexpected:
+            lines.append("unexpected keys: " + ", ".join(unexpected))
+        if mismatched:
+            lines.append("shape mismatches: " + "; ".join(mismatched))
+        raise ValueError("\n".join(lines))
+
+    result = model.load_state_dict(sd, strict=not encoder_only)
+    if encoder_only:
+        # Belt and braces: with strict=False only decoder keys may have been skipped.
+        leftover = [k for k in result.missing_keys if not _is_decoder_key(k)] + list(result.unexpected_keys)
+        if leftover:
+            raise ValueError(f"encoder-only load left keys unmatched: {leftover}")

@@ -1,0 +1,460 @@
+"""The one encoder type of every downstream use (fine-tune, linear probe, kNN, export): timm's ViT.
+
+MAE pretraining and timm's ``VisionTransformer`` use the same timm ``Block``, so the encoder
+parameter names are already identical (``cls_token``, ``patch_embed.proj.*``, ``blocks.*``,
+``norm.*``). What differs: our MAE does not store ``pos_embed`` (it is the fixed 2-D sin-cos table,
+generated per grid), and a pretraining checkpoint also holds the decoder. ``mae_to_timm_state_dict``
+bridges that; ``load_pretrained_vit`` loads any supported checkpoint strictly, so a wrong file never
+gives a silently half-initialised encoder.
+
+Supported checkpoints (``load_encoder_state``):
+    * our run folder (latest checkpoint) or one checkpoint folder ``RUN/checkpoints/step_*``
+    * an official facebookresearch/mae ``.pth`` (``{"model": sd}``, reference names, has ``pos_embed``)
+    * a timm-named ViT state dict (``.safetensors`` / ``.pth`` / ``.bin``), e.g. from ``mae_et.evaluate.export``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+from timm.layers import LayerNorm, resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from mae_et.checkpoint import CONFIG_FILE, MODEL_FILE, RefusedFileError, list_checkpoints, torch_load_plain
+from mae_et.models.mae import MODEL_SIZES, get_2d_sincos_pos_embed
+
+__all__ = [
+    "EncoderSpec",
+    "LoadError",
+    "build_vit",
+    "encoder_features",
+    "infer_spec",
+    "load_encoder_state",
+    "load_pretrained_vit",
+    "mae_to_timm_state_dict",
+    "pool_tokens",
+    "timm_model_name",
+]
+
+GLOBAL_POOLS = ("token", "avg")
+FEATURE_POOLS = ("cls", "mean")
+
+# safetensors metadata keys written by mae_et.evaluate.export (values are strings, as safetensors requires).
+META_SIZE = "mae_et.size"
+META_PATCH = "mae_et.patch_size"
+META_IMG = "mae_et.img_size"
+
+# (size, patch) -> the timm architecture with exactly our MODEL_SIZES dims (checked in the tests).
+_TIMM_NAMES: dict[tuple[str, int], str] = {
+    ("tiny", 16): "vit_tiny_patch16_224",
+    ("small", 16): "vit_small_patch16_224",
+    ("small", 8): "vit_small_patch8_224",
+    ("base", 16): "vit_base_patch16_224",
+    ("base", 8): "vit_base_patch8_224",
+    ("large", 16): "vit_large_patch16_224",
+    ("huge", 14): "vit_huge_patch14_224",
+}
+
+# Wrappers that training frameworks put in front of parameter names (DDP, torch.compile).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be loaded into the requested ViT; the message names keys and shapes."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What is needed to rebuild the encoder."""
+
+    size: str  # a key of mae_et.models.mae.MODEL_SIZES
+    patch_size: int
+    img_size: int  # the size it was trained at (pos-embed grid side = img_size // patch_size)
+
+
+# --------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------
+def _check_spec(spec: EncoderSpec) -> None:
+    if spec.size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {spec.size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    if spec.patch_size < 1 or spec.img_size % spec.patch_size != 0:
+        raise ValueError(
+            f"img_size {spec.img_size} is not a multiple of patch_size {spec.patch_size}; "
+            f"use e.g. {max(1, round(spec.img_size / max(spec.patch_size, 1))) * spec.patch_size}"
+        )
+
+
+def build_vit(
+    spec: EncoderSpec,
+    num_classes: int = 0,
+    img_size: int | None = None,
+    global_pool: str = "token",
+    drop_path_rate: float = 0.0,
+) -> VisionTransformer:
+    """A randomly initialised timm ViT with the encoder architecture of ``spec``.
+
+    ``global_pool="avg"`` is the MAE fine-tune recipe: mean of the patch tokens, then ``fc_norm``
+    (timm then replaces the final ``norm`` by an Identity). ``dynamic_img_size=True`` lets any input
+    side that is a multiple of the patch through (timm resamples ``pos_embed`` on the fly).
+    """
+    size = spec.img_size if img_size is None else int(img_size)
+    _check_spec(EncoderSpec(spec.size, spec.patch_size, size))
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool {global_pool!r} is unknown; choose one of {', '.join(GLOBAL_POOLS)}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 (0 = no head), got {num_classes}")
+    dims = MODEL_SIZES[spec.size]
+    return VisionTransformer(
+        img_size=size,
+        patch_size=spec.patch_size,
+        num_classes=num_classes,
+        global_pool=global_pool,
+        embed_dim=dims["embed_dim"],
+        depth=dims["depth"],
+        num_heads=dims["num_heads"],
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        class_token=True,
+        # timm's default is already eps 1e-6; explicit so that a changed default cannot drift from MAE.
+        norm_layer=partial(LayerNorm, eps=1e-6),
+        dynamic_img_size=True,
+        drop_path_rate=drop_path_rate,
+    )
+
+
+def timm_model_name(spec: EncoderSpec) -> str | None:
+    """The timm registry name of this architecture ("vit_base_patch16_224"), or None when timm has none.
+
+    The name fixes the architecture only; a spec trained at another size loads with
+    ``timm.create_model(name, img_size=spec.img_size, ...)``.
+    """
+    return _TIMM_NAMES.get((spec.size, spec.patch_size))
+
+
+# --------------------------------------------------------------------------------------
+# State-dict conversion
+# --------------------------------------------------------------------------------------
+def _is_decoder_key(name: str) -> bool:
+    return name.startswith("decoder_") or name == "mask_token"
+
+
+def _fmt_shape(shape: torch.Size | tuple) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def mae_to_timm_state_dict(mae_state: Mapping[str, Tensor], spec: EncoderSpec | None) -> dict[str, Tensor]:
+    """Our / official MAE names -> timm ViT encoder names.
+
+    The decoder and ``mask_token`` are dropped. Our checkpoints store no ``pos_embed`` (it is the
+    fixed sin-cos table), so it is generated for ``spec.img_size``; an official checkpoint's own
+    ``pos_embed`` is kept (it is the same table for its grid). ``spec`` may be None only then.
+    """
+    out = {k: v for k, v in mae_state.items() if not _is_decoder_key(k)}
+    if "pos_embed" not in out:
+        if spec is None:
+            raise LoadError(
+                "this MAE state dict has no pos_embed and its training size is unknown; "
+                "load its checkpoint folder (with config.yaml) instead of the bare weights"
+            )
+        _check_spec(spec)
+        if "patch_embed.proj.weight" not in out:
+            raise LoadError("this state dict holds no ViT encoder (no patch_embed.proj.weight)")
+        dim = out["patch_embed.proj.weight"].shape[0]
+        grid = spec.img_size // spec.patch_size
+        # Match dtype of the weights so a bf16 checkpoint stays homogeneous.
+        table = get_2d_sincos_pos_embed(dim, grid, cls_token=True).unsqueeze(0)  # (1, 1+L, D)
+        out["pos_embed"] = table.to(out["patch_embed.proj.weight"].dtype)
+    return out
+
+
+def infer_spec(state: Mapping[str, Tensor]) -> EncoderSpec:
+    """Spec from the shapes of a timm-named encoder state dict (embed dim + depth -> size)."""
+    w = state.get("patch_embed.proj.weight")
+    pos = state.get("pos_embed")
+    if w is None or w.ndim != 4 or pos is None or pos.ndim != 3:
+        raise LoadError(
+            "cannot infer the encoder architecture: patch_embed.proj.weight (D, C, p, p) and "
+            "pos_embed (1, 1+L, D) are needed; pass spec=EncoderSpec(size, patch_size, img_size)"
+        )
+    dim, patch = int(w.shape[0]), int(w.shape[-1])
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    matches = [name for name, d in MODEL_SIZES.items() if d["embed_dim"] == dim and d["depth"] == depth]
+    if not matches:
+        known = ", ".join(f"{n}: {d['embed_dim']}x{d['depth']}" for n, d in MODEL_SIZES.items())
+        raise LoadError(
+            f"embed dim {dim} and depth {depth} match no model size (width x depth: {known}); "
+            "pass spec=EncoderSpec(size, patch_size, img_size) if the checkpoint is of a known size"
+        )
+    num_patches = int(pos.shape[1]) - 1  # minus the cls token
+    grid = math.isqrt(max(num_patches, 0))
+    if grid * grid != num_patches:
+        raise LoadError(f"pos_embed {_fmt_shape(pos.shape)} does not hold 1 cls + a square grid of patches")
+    return EncoderSpec(size=matches[0], patch_size=patch, img_size=grid * patch)
+
+
+# --------------------------------------------------------------------------------------
+# Reading checkpoints
+# --------------------------------------------------------------------------------------
+def _unreadable(path: Path, e: BaseException, fix: str) -> LoadError:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return LoadError(f"checkpoint '{path}' is unreadable ({type(e).__name__}: {first_line}); {fix}")
+
+
+def _strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _resolve_checkpoint_dir(path: Path) -> Path:
+    """A checkpoint folder itself, or the latest checkpoint of a run folder."""
+    if (path / MODEL_FILE).is_file():
+        return path
+    ckpt_root = path / "checkpoints"
+    if ckpt_root.is_dir():
+        found = list_checkpoints(ckpt_root)
+        if not found:
+            raise LoadError(f"run folder '{path}' has no complete checkpoint under checkpoints/; train longer or pass another run")
+        return found[-1]
+    runs = sorted(p.name for p in path.iterdir() if (p / "checkpoints").is_dir()) if path.is_dir() else []
+    if runs:
+        raise LoadError(f"'{path}' holds run folders, not one run; pass one of: {', '.join(str(path / r) for r in runs)}")
+    raise LoadError(
+        f"folder '{path}' is neither a run folder (with checkpoints/) nor a checkpoint folder (with {MODEL_FILE})"
+    )
+
+
+def _load_mae_et_checkpoint(ckpt_dir: Path) -> tuple[dict[str, Tensor], EncoderSpec]:
+    model_file = ckpt_dir / MODEL_FILE
+    try:
+        state = load_file(str(model_file), device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors/OS errors all mean "this file is broken"
+        raise _unreadable(model_file, e, "delete that checkpoint folder to use an earlier one, or pass another checkpoint") from None
+    config_file = ckpt_dir / CONFIG_FILE
+    try:
+        cfg = yaml.safe_load(config_file.read_text())
+        spec = EncoderSpec(
+            size=str(cfg["model"]["size"]),
+            patch_size=int(cfg["model"]["patch_size"]),
+            img_size=int(cfg["data"]["crop_size"]),
+        )
+    except Exception as e:  # noqa: BLE001 - missing file, bad YAML, missing keys: one answer
+        raise LoadError(
+            f"'{config_file}' does not give model.size, model.patch_size and data.crop_size "
+            f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); "  # YAML errors run over several lines
+            "the checkpoint folder needs the config.yaml it was saved with"
+        ) from None
+    try:
+        _check_spec(spec)
+    except ValueError as e:
+        raise LoadError(f"'{config_file}': {e}") from None
+    return mae_to_timm_state_dict(_strip_wrappers(state), spec), spec
+
+
+_REFUSED_PICKLE_FIX = ("model weights need only tensors (official MAE files add an argparse.Namespace); "
+                       "re-save its state_dict as .safetensors or a plain tensor dict")
+
+
+def _read_weights_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(state or wrapper dict, safetensors metadata) of a .safetensors or a torch pickle."""
+    fix = "re-download or re-export it"
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except Exception as e:  # noqa: BLE001
+            raise _unreadable(path, e, fix) from None
+    try:
+        # weights_only: never run pickled code from a downloaded file. Official MAE training
+        # checkpoints also carry their argparse.Namespace, which is allowed explicitly.
+        obj = torch_load_plain(path, "cpu", fix=_REFUSED_PICKLE_FIX, allowed_globals=(argparse.Namespace,))
+    except RefusedFileError as e:
+        raise LoadError(str(e)) from None
+    except Exception as e:  # noqa: BLE001
+        raise _unreadable(path, e, fix) from None
+    if not isinstance(obj, Mapping):
+        raise LoadError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict; pass a file saved from model.state_dict()")
+    return dict(obj), {}
+
+
+def load_encoder_state(path: str | Path) -> tuple[dict[str, Tensor], EncoderSpec | None, str]:
+    """Any supported checkpoint -> (timm-named encoder state dict, spec when known, source kind).
+
+    The kind is "mae_et" (our run / checkpoint folder), "official" (facebookresearch/mae names,
+    ``{"model": sd}`` wrapper or decoder keys) or "timm" (a timm ViT state dict). Classifier heads
+    are dropped: the encoder is what is transferred. Every failure is a one-message ``LoadError``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(
+            f"checkpoint '{path}' does not exist; pass a run folder, a checkpoint folder (step_*), "
+            "an official MAE .pth or a timm .safetensors/.pth"
+        )
+    if path.is_dir() or (path.name == MODEL_FILE and (path.parent / CONFIG_FILE).is_file()):
+        ckpt_dir = _resolve_checkpoint_dir(path if path.is_dir() else path.parent)
+        state, spec = _load_mae_et_checkpoint(ckpt_dir)
+        kind = "mae_et"
+    else:
+        raw, meta = _read_weights_file(path)
+        wrapped = isinstance(raw.get("model"), Mapping)
+        # Official files wrap the weights as {"model": sd, ...}; other trainers use "state_dict".
+        if wrapped:
+            raw = dict(raw["model"])
+        elif isinstance(raw.get("state_dict"), Mapping):
+            raw = dict(raw["state_dict"])
+        raw = _strip_wrappers(raw)
+        not_tensors = sorted(k for k, v in raw.items() if not isinstance(v, Tensor))
+        if not_tensors:
+            raise LoadError(
+                f"checkpoint '{path}' is not a plain state dict (non-tensor entries: {', '.join(not_tensors[:8])}); "
+                "pass a file of model weights"
+            )
+        spec = None
+        if META_SIZE in meta:  # our own export
+            try:
+                spec = EncoderSpec(meta[META_SIZE], int(meta[META_PATCH]), int(meta[META_IMG]))
+            except (KeyError, ValueError) as e:
+                raise LoadError(f"checkpoint '{path}' has broken mae_et metadata ({e}); re-export it") from None
+        kind = "official" if wrapped or any(_is_decoder_key(k) for k in raw) else "timm"
+        try:
+            state = mae_to_timm_state_dict(raw, spec) if kind == "official" else raw
+        except LoadError as e:
+            raise LoadError(f"checkpoint '{path}': {e}") from None
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    if "patch_embed.proj.weight" not in state:
+        sample = ", ".join(sorted(state)[:6]) or "none"
+        raise LoadError(
+            f"checkpoint '{path}' holds no ViT encoder (no patch_embed.proj.weight; keys start with: {sample}); "
+            "pass a pretraining run, an MAE .pth or a timm ViT state dict"
+        )
+    return state, spec, kind
+
+
+# --------------------------------------------------------------------------------------
+# Loading into a timm ViT
+# --------------------------------------------------------------------------------------
+def _grid_of(pos_embed: Tensor) -> int | None:
+    """Grid side of a (1, 1+g*g, D) table, None when it is not one."""
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+        return None
+    g = math.isqrt(max(int(pos_embed.shape[1]) - 1, 0))
+    return g if g * g == pos_embed.shape[1] - 1 else None
+
+
+def _check_against_model(
+    state: Mapping[str, Tensor], model: VisionTransformer, where: str
+) -> None:
+    """Raise LoadError unless every encoder key matches; only new-head keys may be missing."""
+    model_state = model.state_dict()
+    may_be_missing = {k for k in model_state if k.startswith("head.") or k.startswith("fc_norm.")}
+    # With global_pool="avg" timm swaps the final norm for fc_norm (MAE fine-tune recipe): the
+    # pretrained norm.* has no place in the model and is dropped, as the reference does.
+    may_be_unexpected = {"norm.weight", "norm.bias"} if isinstance(model.norm, nn.Identity) else set()
+    missing = sorted(set(model_state) - set(state) - may_be_missing)
+    unexpected = sorted(set(state) - set(model_state) - may_be_unexpected)
+    mismatched = sorted(
+        f"{k}: checkpoint {_fmt_shape(state[k].shape)} vs model {_fmt_shape(model_state[k].shape)}"
+        for k in set(state) & set(model_state)
+        if tuple(state[k].shape) != tuple(model_state[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint '{where}' does not match the ViT it is loaded into:"]
+        if missing:
+            lines.append("missing keys: " + ", ".join(missing))
+        if unexpected:
+            lines.append("unexpected keys: " + ", ".join(unexpected))
+        if mismatched:
+            lines.append("shape mismatches: " + "; ".join(mismatched))
+        lines.append("pass the matching spec=EncoderSpec(size, patch_size, img_size) or the right checkpoint")
+        raise LoadError("\n".join(lines))
+
+
+def load_pretrained_vit(
+    path: str | Path,
+    num_classes: int = 0,
+    img_size: int | None = None,
+    global_pool: str = "token",
+    drop_path_rate: float = 0.0,
+    spec: EncoderSpec | None = None,
+) -> tuple[VisionTransformer, EncoderSpec]:
+    """Build a timm ViT and load a pretrained encoder into it strictly.
+
+    Only the new head (and ``fc_norm`` for ``global_pool="avg"``) may be missing from the
+    checkpoint. ``img_size`` other than the checkpoint's resamples ``pos_embed`` (bicubic, cls
+    token kept). Returns the model and the CHECKPOINT's spec (the size it was pretrained at).
+    """
+    state, found_spec, _ = load_encoder_state(path)
+    spec = spec or found_spec or infer_spec(state)
+    try:
+        model = build_vit(spec, num_classes=num_classes, img_size=img_size, global_pool=global_pool, drop_path_rate=drop_path_rate)
+    except ValueError as e:
+        raise LoadError(f"cannot build the ViT for '{path}': {e}") from None
+
+    pos = state.get("pos_embed")
+    target = model.pos_embed  # (1, 1+G*G, D)
+    if pos is not None and tuple(pos.shape) != tuple(target.shape):
+        old_grid, new_grid = _grid_of(pos), _grid_of(target)
+        # Only the token count may differ; another width is a real mismatch reported below.
+        if old_grid is not None and new_grid is not None and pos.shape[2] == target.shape[2]:
+            state = dict(state)
+            state["pos_embed"] = resample_abs_pos_embed(
+                pos.float(), new_size=[new_grid, new_grid], old_size=[old_grid, old_grid], num_prefix_tokens=1
+            ).to(pos.dtype)  # (1, 1+G*G, D)
+
+    _check_against_model(state, model, str(path))
+    if isinstance(model.norm, nn.Identity):
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    result = model.load_state_dict(state, strict=False)
+    # Belt and braces: the check above already guarantees this.
+    leftover = [k for k in result.missing_keys if not k.startswith(("head.", "fc_norm."))] + list(result.unexpected_keys)
+    if leftover:
+        raise LoadError(f"checkpoint '{path}' left keys unmatched: {', '.join(leftover)}")
+    return model, spec
+
+
+def pool_tokens(model: nn.Module, tokens: Tensor, pool: str = "cls") -> Tensor:
+    """(N, 1+L, D) tokens of ``model.forward_features`` -> (N, D) features, as ``encoder_features``.
+
+    Separate so that one encoder pass can be pooled several ways (kNN reports cls and mean).
+    """
+    if pool not in FEATURE_POOLS:
+        raise ValueError(f"pool {pool!r} is unknown; choose one of {', '.join(FEATURE_POOLS)}")
+    num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+    if pool == "cls":
+        feats = tokens[:, 0]  # (N, D)
+    else:
+        feats = tokens[:, num_prefix:].mean(dim=1)  # (N, D)
+    if isinstance(model, VisionTransformer) and isinstance(model.norm, nn.Identity):
+        feats = model.fc_norm(feats)  # (N, D)
+    return feats
+
+
+def encoder_features(model: nn.Module, images: Tensor, pool: str = "cls") -> Tensor:
+    """Unmasked encoder features (N, D): the cls token, or the mean of the patch tokens.
+
+    Works with a timm ViT and with our ``MaskedAutoencoderViT`` (both ``forward_features`` return
+    (N, 1+L, D) after the final norm), so the pretraining loop can monitor without converting.
+    For a timm ViT built with ``global_pool="avg"`` the final norm is its ``fc_norm`` (applied
+    after pooling, as in its own head), so the features are always normalised ones.
+    """
+    if pool not in FEATURE_POOLS:  # before the (costly) forward
+        raise ValueError(f"pool {pool!r} is unknown; choose one of {', '.join(FEATURE_POOLS)}")
+    tokens = model.forward_features(images)  # (N, 1+L, D)
+    return pool_tokens(model, tokens, pool)  # (N, D)

@@ -1,0 +1,230 @@
+"""Recipes: YAML files with `_base_` inheritance, dotted command-line overrides, and typed dataclasses built from them.
+
+The machinery every stage's configuration uses (pretraining in `mae_et.train.config`, fine-tuning and the
+linear probe in `mae_et.evaluate.config`); it knows no schema of its own.
+
+A recipe is a YAML file whose keys mirror a config dataclass. It may start with `_base_: other.yaml` (a path
+relative to the recipe) to inherit and override another recipe. Overrides come from the command line as
+`section.key=value`; values are parsed as YAML, so `train.epochs=5`, `optim.clip_grad=null` and
+`data.scale=[0.2,1.0]` all do what they look like. Every mistake fails in one line: an unknown key names the
+closest valid one ("did you mean"), a value of the wrong type names the expected type.
+
+Written by hand, not OmegaConf structured configs: see docs/libraries.md for the comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+# The source checkout this package runs from: its configs/ folder holds the recipes. An installed copy
+# (not editable) has no configs/ beside it.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # mae_et/recipes.py -> the checkout
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe path as given (absolute, or relative to the working directory), else relative to the
+    checkout (so `python /path/to/pretrain.py` finds `configs/...` from any directory)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    in_checkout = SOURCE_ROOT / path
+    if not path.is_absolute() and in_checkout.is_file():
+        return in_checkout
+    if (SOURCE_ROOT / "configs").is_dir():
+        raise ConfigError(f"config file '{path}' does not exist (here or in {SOURCE_ROOT / 'configs'}); "
+                          f"pass --config configs/pretrain/<recipe>.yaml")
+    raise ConfigError(f"config file '{path}' does not exist, and this mae_et (installed at {SOURCE_ROOT / 'mae_et'}) "
+                      "has no recipes beside it: they live in the configs/ folder of the source checkout; pass "
+                      "--config /path/to/checkout/configs/<stage>/<recipe>.yaml, or install it with pip install -e <checkout>")
+
+
+def load_yaml_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe, following `_base_` links (child keys override the base, recursively)."""
+    path = find_recipe(path)
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    return merge_dicts(load_yaml_recipe(path.parent / base), data)
+
+
+def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['train.epochs=5', 'data.root=/x'] -> {'train': {'epochs': 5}, 'data': {'root': '/x'}}."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.epochs=5)")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""  # `key=` is the empty string; `key=null` is None
+        keys = dotted.strip().split(".")
+        node = nested
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' sets a key below a value")
+        node[keys[-1]] = value
+    return nested
+
+
+T = typing.TypeVar("T")
+
+
+def build_config(cls: type[T], data: dict[str, Any]) -> T:
+    """Build dataclass `cls` from a nested dict, checking every key and value type."""
+    return _build(cls, data, prefix="")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        keys.append(dotted)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], dotted + "."))
+    return keys
+
+
+def _unknown_key_error(cls: type, dotted: str, root_cls: type | None = None) -> ConfigError:
+    valid = _all_keys(root_cls or cls)
+    close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{dotted}'{hint}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, root_cls: type | None = None) -> Any:
+    root_cls = root_cls or cls
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            # name the whole dotted path ('trian.epochs', not 'trian') so the suggestion is precise
+            while isinstance(value, dict) and len(value) == 1:
+                (sub, value), = value.items()
+                key = f"{key}.{sub}"
+            raise _unknown_key_error(cls, f"{prefix}{key}", root_cls)
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.", root_cls)
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, dotted: str) -> Any:
+    """Check `value` against a type hint; convert the harmless cases (int -> float, list -> tuple)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, dotted)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"'{dotted}' got {value!r}: {'; '.join(errors)}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{dotted}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{dotted}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{dotted}' must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{dotted}' must be a string, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"'{dotted}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{dotted}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{dotted}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{dotted}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{dotted}' must be a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"'{dotted}': unsupported type {hint}")  # a schema bug, not a user error
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML, JSON and trackers."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+

@@ -1,0 +1,334 @@
+"""The pretraining loop: MAE with (or without) the EfficientTrain frequency curriculum.
+
+Data flows one way: config -> image source (uint8 crops, `mae_et.data.sources`) -> curriculum (input size B
+for this step, low-frequency crop on the device) -> model (patchify, mask, encode, decode, loss) -> optimizer
+step under Accelerate -> tracker / checkpoint (`mae_et.train.run`).
+
+Every random choice is a pure function of (seed, step, micro-step, rank): the data stream, the crops
+(per-sample seeds) and the mask noise. So resuming needs only the weights, the optimizer, the scaler and the
+step, and a resumed run ends with the same weights as an uninterrupted one.
+
+Inside the step nothing waits on the host: masking is a gather, the optimizer is fused AdamW, and a non-finite
+update is skipped on the device (fused AdamW's `found_inf`). The host reads the device counters
+(`LoopCounters`) only at log and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+
+from mae_et.curriculum.schedules import CurriculumPlan, plan_curriculum, relative_compute
+from mae_et.data.folder import PretrainBatch, mix64
+from mae_et.data.sources import open_source
+from mae_et.models.mae import MaskedAutoencoderViT, mae_vit
+from mae_et.recipes import ConfigError
+from mae_et.train.config import PretrainConfig, curriculum_stages
+from mae_et.train.monitors import log_reconstructions, run_knn_monitor
+from mae_et.train.optim import build_adamw, lr_at, scaled_lr, set_lr
+from mae_et.train.run import Run, format_log_line, steps_every
+from mae_et.train.step import MicroStepResult, TrainStep
+from mae_et.train.tracking import RunTracker
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    step: int  # optimizer steps done
+    checkpoint: Path | None  # the last checkpoint written or resumed from
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Schedule:
+    """The run's plan in optimizer steps: curriculum stages, learning rate, and what is due when."""
+
+    plan: CurriculumPlan
+    base_lr: float
+    warmup: float  # in budget progress
+    min_lr: float
+    end_step: int  # the plan's end, or train.max_steps
+    steps_per_epoch: int
+    global_batch: int
+    log_every: int
+    ckpt_every: int
+    recon_every: int | None
+    knn_every: int | None
+
+    def lr(self, step: int) -> float:
+        return lr_at(self.plan.progress_at_step(step), self.base_lr, self.min_lr, self.warmup)
+
+    def due(self, step: int, every: int | None) -> bool:
+        return every is not None and (step % every == 0 or step == self.end_step)
+
+
+def plan_run(cfg: PretrainConfig, num_images: int, world: int) -> Schedule:
+    accum, micro_batch = cfg.train.accum_steps, cfg.train.batch_size
+    global_batch = micro_batch * world * accum
+    steps_per_epoch = num_images // (micro_batch * world) // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"{num_images} images make no full optimizer step of global batch {global_batch} "
+            f"(train.batch_size x processes x train.accum_steps); lower train.batch_size or train.accum_steps"
+        )
+    stages, budget = curriculum_stages(cfg)
+    plan = plan_curriculum(stages, budget, cfg.train.epochs, steps_per_epoch, cfg.data.crop_size)
+    t = cfg.tracking
+
+    def every(epochs: float) -> int | None:
+        return steps_every(epochs, steps_per_epoch) if epochs > 0 else None
+
+    return Schedule(
+        plan=plan, base_lr=cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.blr, global_batch),
+        warmup=cfg.optim.warmup_epochs / cfg.train.epochs, min_lr=cfg.optim.min_lr,
+        end_step=min(plan.total_steps, cfg.train.max_steps or plan.total_steps), steps_per_epoch=steps_per_epoch,
+        global_batch=global_batch, log_every=cfg.train.log_every,
+        ckpt_every=cfg.checkpoint.every_steps or steps_every(cfg.checkpoint.every_epochs, steps_per_epoch),
+        recon_every=every(t.recon_every_epochs), knn_every=every(t.knn_every_epochs))
+
+
+class LoopCounters:
+    """The loop's running numbers. Those of the step stay on the device (read at log and checkpoint steps only):
+    the loss of the log window, skipped (non-finite) updates, the streak of them in a row and the longest
+    streak since the last check, so a streak that ended between two checks still counts. Unreadable files are
+    kept by name, so a file met by two ranks, or again after a resume, counts once."""
+
+    def __init__(self, device: torch.device, found) -> None:
+        zero = lambda: torch.zeros((), device=device)  # noqa: E731
+        self.window_loss, self.window_finite, self.grad_norm = zero(), zero(), zero()
+        self.nonfinite, self.streak, self.longest_streak = zero(), zero(), zero()
+        state = found.training_state if found is not None else {}
+        self.nonfinite_before = int(state.get("counters", {}).get("nonfinite_skipped", 0))
+        self.known_bad: set[str] = set(state.get("bad_files", []))  # every rank, every earlier launch
+        self.bad_here: set[str] = set()  # this rank, this launch
+        self.window_start, self.window_wait, self.window_steps = time.perf_counter(), 0.0, 0
+
+    def next_batch(self, batches: Iterator[PretrainBatch]) -> PretrainBatch:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        self.window_wait += time.perf_counter() - t0
+        self.bad_here.update(batch.bad_files)
+        return batch
+
+    def add(self, result: MicroStepResult) -> None:
+        if result.nonfinite is not None:  # an optimizer-step boundary
+            self.grad_norm = result.grad_norm
+            self.nonfinite += result.nonfinite
+            self.streak = torch.where(result.nonfinite, self.streak + 1, torch.zeros_like(self.streak))
+            self.longest_streak = torch.maximum(self.longest_streak, self.streak)
+        finite = torch.isfinite(result.loss)
+        self.window_loss += torch.where(finite, result.loss, torch.zeros_like(result.loss))
+        self.window_finite += finite
+
+    def skipped_updates(self) -> int:
+        return self.nonfinite_before + int(self.nonfinite.item())
+
+    def distinct_bad_files(self, accelerator: Accelerator) -> set[str]:
+        """A collective: every rank calls it at the same step."""
+        self.known_bad |= set(gather_object(sorted(self.bad_here)))
+        return self.known_bad
+
+    def read_window(self, accelerator: Accelerator, global_batch: int) -> dict[str, float]:
+        """Loss, speed and data wait of the window since the last log step; starts the next window."""
+        now = time.perf_counter()
+        loss = accelerator.reduce(self.window_loss, "sum") / accelerator.reduce(self.window_finite, "sum").clamp(min=1)
+        out = {"loss": loss.item(), "grad_norm": float(self.grad_norm),
+               "images_per_sec": self.window_steps * global_batch / (now - self.window_start),
+               "data_wait_frac": self.window_wait / (now - self.window_start)}
+        self.window_loss.zero_(); self.window_finite.zero_()
+        self.window_start, self.window_wait, self.window_steps = time.perf_counter(), 0.0, 0
+        return out
+
+    def streak_since_last_check(self) -> int:
+        longest = int(self.longest_streak.item())
+        self.longest_streak.copy_(self.streak)
+        return longest
+
+
+def pretrain(cfg: PretrainConfig) -> PretrainResult:
+    run = Run(cfg)
+    set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
+    data = open_source(cfg.data, cfg.train.seed, run.main, run.device)  # the source the config names
+    sched = plan_run(cfg, data.num_images, run.world)
+    model, optimizer, train_step = build_training(cfg, sched, run.accelerator)
+    raw_model: MaskedAutoencoderViT = run.accelerator.unwrap_model(model)
+    found = run.resume(raw_model, optimizer)
+    step = int(found.training_state["step"]) if found is not None else 0
+    if found is not None:
+        torch.set_rng_state(found.training_state["rng"]["torch_cpu"])
+    counters = LoopCounters(run.device, found)
+    if run.main:
+        describe_run(cfg, sched, data.num_images, len(data.skipped), run.world, run.say)
+    untrained = untrained_knn(found, raw_model, cfg, sched, run)  # the floor every later kNN stands beside
+
+    accum, patch, last_metrics = cfg.train.accum_steps, cfg.model.patch_size, {}
+    batches = data.batches(run.rank, run.world, cfg.train.batch_size, start_micro_step=step * accum,
+                           num_micro_steps=max(0, sched.end_step - step) * accum)
+    run.clock.start()
+    bar = run.progress(sched.end_step, step, f"pretrain {cfg.name}")
+    model.train()
+    while step < sched.end_step:
+        stage = sched.plan.stage_at_step(step)
+        set_lr(optimizer, sched.lr(step))
+        for micro in range(accum):
+            batch = counters.next_batch(batches)
+            noise = mask_noise(cfg.train.seed, step, micro, run.rank, (len(batch.images), (stage.size // patch) ** 2),
+                               run.device)  # (n, L)
+            counters.add(train_step(batch.images.to(run.device, non_blocking=True), stage.size, noise))
+        step += 1
+        counters.window_steps += 1
+        bar.update(1)
+        knn = {}
+        if sched.due(step, sched.knn_every):
+            with run.clock.overhead():
+                knn = run_knn_monitor(raw_model, cfg, run.accelerator)
+        if sched.due(step, sched.log_every) or knn:
+            last_metrics = {**counters.read_window(run.accelerator, sched.global_batch), **step_metrics(sched, step, stage),
+                            "nonfinite_skipped": counters.skipped_updates(),
+                            "data_skipped_files": len(data.skipped) + len(counters.distinct_bad_files(run.accelerator)),
+                            **run.clock.read(), **knn, **({f"untrained_{k}": v for k, v in untrained.items()} if knn else {})}
+            run.log(step, last_metrics, format_log_line(step, sched.end_step, last_metrics))
+            if knn:
+                run.say(f"step {step}: kNN top-1 {knn_line(knn, untrained)}")
+        if sched.due(step, sched.log_every) or knn or sched.due(step, sched.ckpt_every):
+            streak = counters.streak_since_last_check()  # checked before any checkpoint of skipped updates
+            if streak >= cfg.train.max_consecutive_nonfinite:
+                run.stop_nonfinite(f"stopped at step {step}: {streak} non-finite losses in a row (limit "
+                                   f"train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); those updates "
+                                   "were skipped", "Lower optim.blr, set optim.clip_grad, or use train.precision=bf16/fp32.")
+        if sched.due(step, sched.recon_every):
+            with run.clock.overhead():
+                log_reconstructions(raw_model, data.dataset, cfg, stage.size, run.run_dir, run.tracker, step, run.device,
+                                    run.main)
+        if sched.due(step, sched.ckpt_every):
+            state, meta = checkpoint_contents(cfg, sched, step, stage, optimizer, counters, run, raw_model, untrained)
+            run.checkpoint(step, model, state, meta)
+    run.close()
+    if run.main:
+        say_where(run.run_dir, run.last_checkpoint, run.tracker, step, sched.plan.total_steps, run.say)
+    return PretrainResult(run_dir=run.run_dir, step=step, checkpoint=run.last_checkpoint, last_metrics=last_metrics)
+
+
+# ----------------------------------------------------------------------------- the loop's pieces
+
+
+def build_training(cfg: PretrainConfig, sched: Schedule, accelerator: Accelerator):
+    """The MAE, fused AdamW and the train step (one compiled graph per curriculum size when asked), prepared."""
+    model = build_model(cfg)
+    optimizer = build_adamw(model, sched.base_lr, cfg.optim.weight_decay, cfg.optim.betas)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train_step = TrainStep(accelerator, model, optimizer, cfg.model.mask_ratio, cfg.curriculum.mode, cfg.optim.clip_grad,
+                           compile_mode=cfg.train.compile, sizes=tuple(sorted({s.size for s in sched.plan.stages})))
+    return model, optimizer, train_step
+
+
+def untrained_knn(found, raw_model: MaskedAutoencoderViT, cfg: PretrainConfig, sched: Schedule, run: Run) -> dict[str, float]:
+    """With the kNN monitor on, the same kNN of the encoder before any update (a fresh run measures it at step 0;
+    a resumed one reads it from its checkpoint), so every kNN the run reports stands beside what MAE added:
+    a random-init ViT already scores far above chance."""
+    if sched.knn_every is None:
+        return {}
+    if found is not None:
+        return dict(found.training_state.get("knn_untrained") or {})
+    untrained = run_knn_monitor(raw_model, cfg, run.accelerator)  # before the loop's clocks start: not training time
+    run.say("step 0 (untrained encoder): kNN top-1 " + ", ".join(f"{k[9:]} {v:.1f}%" for k, v in untrained.items()))
+    return untrained
+
+
+def knn_line(knn: dict[str, float], untrained: dict[str, float]) -> str:
+    """'cls 50.5% (untrained 39.0%), mean 32.5% (untrained 28.0%)'."""
+    return ", ".join(f"{k[9:]} {v:.1f}%" + (f" (untrained {untrained[k]:.1f}%)" if k in untrained else "")
+                     for k, v in knn.items())
+
+
+def step_metrics(sched: Schedule, step: int, stage) -> dict[str, Any]:
+    plan = sched.plan
+    return {"lr": sched.lr(step - 1), "size": stage.size, "stage": stage.index, "epoch": plan.epoch_at_step(step),
+            "progress": plan.progress_at_step(step) if step < plan.total_steps else 1.0}
+
+
+def checkpoint_contents(cfg, sched: Schedule, step: int, stage, optimizer, counters: LoopCounters, run: Run,
+                        raw_model: torch.nn.Module, untrained: dict[str, float]):
+    """(training_state, meta) of a checkpoint at `step`; the run adds its clocks to the state."""
+    accelerator = run.accelerator
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        "step": step,
+        "counters": {"nonfinite_skipped": counters.skipped_updates()},
+        "bad_files": sorted(counters.distinct_bad_files(accelerator)),  # names: distinct over ranks and launches
+        # all training randomness derives from (seed, step, micro-step, rank); the global state is kept for completeness
+        "rng": {"seed": cfg.train.seed, "torch_cpu": torch.get_rng_state()},
+        "knn_untrained": untrained,
+    }
+    plan = sched.plan
+    meta = {"step": step, "total_steps": plan.total_steps, "epoch": plan.epoch_at_step(step), "stage": stage.index,
+            "size": stage.size, "progress": plan.progress_at_step(min(step, plan.total_steps)),
+            "world_size": run.world, "global_batch": sched.global_batch, "complete": step >= plan.total_steps}
+    if step == sched.end_step:
+        meta["rank_weight_checksums"] = rank_weight_checksums(raw_model, accelerator)
+    return state, meta
+
+
+def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
+    m = cfg.model
+    return mae_vit(
+        m.size,
+        patch_size=m.patch_size,
+        img_size=cfg.data.crop_size,
+        decoder_embed_dim=m.decoder_embed_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_num_heads=m.decoder_num_heads,
+        norm_pix_loss=m.norm_pix_loss,
+        pos_embed=m.pos_embed,
+    )
+
+
+_TAG_MASK = 201  # a seed family of its own (data.py and fractal.py hold the others)
+
+
+def mask_noise(seed: int, step: int, micro: int, rank: int, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(N, L) uniform noise deciding the mask (lowest kept), a pure function of its position."""
+    gen = torch.Generator(device=device)
+    # a hash, not a linear formula: seed*K + step*M + micro*R + rank repeats as soon as rank >= R
+    gen.manual_seed(mix64(_TAG_MASK, seed, step, micro, rank))
+    return torch.rand(shape, generator=gen, device=device)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def rank_weight_checksums(model: torch.nn.Module, accelerator: Accelerator) -> list[float]:
+    """One checksum of the weights per rank: DDP ranks must agree exactly."""
+    with torch.no_grad():
+        total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for i, p in enumerate(model.parameters()):
+            total += (p.double() * (1.0 + (i % 7) * 0.01)).sum()  # position-weighted, so a swap shows
+    return [float(x) for x in accelerator.gather(total.reshape(1)).cpu()]
+
+
+
+
+
+
+def describe_run(cfg: PretrainConfig, sched: Schedule, n_images: int, n_skipped: int, world: int, say) -> None:
+    stages, budget = curriculum_stages(cfg)
+    say(f"run {cfg.name}: {n_images} images ({n_skipped} skipped at scan), {world} process(es), global batch "
+        f"{sched.global_batch}, lr {sched.base_lr:.3g}")
+    say(f"curriculum '{cfg.curriculum.schedule}' ({cfg.curriculum.mode}), budget in {budget}: {sched.plan.total_steps} steps, "
+        f"relative compute {relative_compute(stages, budget, cfg.data.crop_size):.3f} of {cfg.train.epochs:g} full-size epochs")
+    for s in sched.plan.summary():
+        say("  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+
+
+def say_where(run_dir: Path, ckpt: Path | None, tracker: RunTracker, step: int, total: int, say) -> None:
+    state = "finished" if step >= total else f"stopped at step {step} of {total} (relaunch the same command to resume)"
+    say(f"{state}. checkpoint: {ckpt}; metrics: {run_dir / 'metrics.jsonl'}")
+    if tracker.wandb_dir is not None:
+        say(f"W&B ({tracker.wandb_mode}) files: {tracker.wandb_dir}" + ("  (upload with: wandb sync <that folder>/offline-run-*)" if tracker.wandb_mode == "offline" else ""))

@@ -1,0 +1,289 @@
+"""What every run needs around its loop, for the three engines (pretraining, fine-tuning, linear probe).
+
+    run = Run(cfg)                                  # accelerator (devices, precision, DDP), writable run folder
+    found = run.resume(raw_model, optimizer)        # latest checkpoint (if any) -> weights, optimizer, scaler, clocks
+    run.clock.start(); bar = run.progress(total, done, desc)   # a tqdm bar (main rank), lines in a log file
+    ...the method's loop...
+        run.log(step, metrics, line)                # tracker (metrics.jsonl + W&B) and, on the main rank, one line
+        run.checkpoint(step, model, state, meta)    # atomic RUN/checkpoints/step_N, written by the main rank
+    run.close()
+
+A checkpoint is the resume point of every engine: weights (safetensors), optimizer and scaler state, the step and
+the loop's clocks (wall and process-CPU seconds, with the bookkeeping share apart), the resolved config and a
+meta.json. Resuming checks the model first: a changed model stops with one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from mae_et import checkpoint as ckpt_lib
+from mae_et.notices import RunWarning, progress
+from mae_et.recipes import ConfigError, config_to_dict, flatten_dict
+from mae_et.train.tracking import RunTracker, resolve_wandb_mode
+
+
+class Run:
+    """One run of any stage: see the module docstring. `cfg` is any run config with `train`, `tracking`,
+    `checkpoint`, `name` and `run_dir` (pretraining, fine-tuning, linear probe)."""
+
+    def __init__(self, cfg, precision: str | None = None, accum_steps: int | None = None) -> None:
+        self.cfg = cfg
+        self.wandb_mode = resolve_wandb_mode(cfg.tracking.wandb)
+        self.accelerator = build_accelerator(precision or cfg.train.precision,
+                                             accum_steps or getattr(cfg.train, "accum_steps", 1),
+                                             use_wandb=self.wandb_mode is not None)
+        self.run_dir = prepare_run_dir(cfg, self.accelerator)
+        self.main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.bar = None  # the loop's progress bar, once `progress` opened it
+        self.clock = LoopClock()
+        self.tracker: RunTracker | None = None
+        self.config_yaml = ""
+        self.last_checkpoint: Path | None = None
+
+    def resume(self, raw_model: torch.nn.Module, optimizer) -> ckpt_lib.Checkpoint | None:
+        """The latest checkpoint (when `checkpoint.resume`) into the model, optimizer, scaler and clocks; then
+        the config is saved in the run folder and the tracker opened (continuing the same W&B run)."""
+        found = resume_latest(self.cfg, self.run_dir, raw_model, optimizer, self.accelerator)
+        if found is not None:
+            self.clock.restore(found.training_state)
+            self.last_checkpoint = found.path
+        resume_step = int(found.training_state["step"]) if found is not None else None
+        self.tracker, self.config_yaml = start_tracking(self.cfg, self.accelerator, self.run_dir, self.wandb_mode, resume_step)
+        return found
+
+    def say(self, line: str) -> None:
+        """One line on the main rank (above the progress bar when there is one)."""
+        if not self.main:
+            return
+        if self.bar is not None and hasattr(self.bar, "write"):  # a tqdm bar on a terminal
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def progress(self, total: int, initial: int, desc: str):
+        """The loop's bar over its optimizer steps: main rank only; plain lines when stderr is not a terminal."""
+        self.bar = progress(total=total, initial=initial, desc=desc, unit="step", enabled=self.main)
+        return self.bar
+
+    def log(self, step: int, metrics: dict[str, Any], line: str | None = None) -> None:
+        self.tracker.log(metrics, step)
+        if line is not None:
+            self.say(line)
+
+    def checkpoint(self, step: int, model: torch.nn.Module, training_state: dict, meta: dict) -> Path:
+        """RUN/checkpoints/step_N with the loop's clocks added; its time counts as bookkeeping, not training."""
+        with self.clock.overhead():
+            self.last_checkpoint = save_checkpoint_on_main(
+                self.accelerator, self.run_dir, step, model, {**training_state, **self.clock.state()}, self.config_yaml,
+                meta, self.cfg.checkpoint.keep_last)
+        return self.last_checkpoint
+
+    def stop_nonfinite(self, problem: str, fix: str) -> NoReturn:
+        self.close()
+        raise NonFiniteLossError(f"{problem}; the last good checkpoint ({self.last_checkpoint or 'none yet'}) is untouched. {fix}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; the last good checkpoint is left as it was."""
+
+
+def build_accelerator(precision: str, accum_steps: int, use_wandb: bool) -> Accelerator:
+    cpu = not torch.cuda.is_available()
+    if cpu and precision == "fp16":
+        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu` start a real gloo
+    # process group; without it each rank would silently train alone.
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=MIXED_PRECISION[precision],
+        gradient_accumulation_steps=accum_steps,
+        log_with="wandb" if use_wandb else None,
+    )
+
+
+def prepare_run_dir(cfg, accelerator: Accelerator) -> Path:
+    """`cfg`: any run config with `run_dir` (pretraining, fine-tuning, linear probe)."""
+    # create the run folder and prove it is writable now, not at the first save (main rank writes)
+    run_dir = cfg.run_dir
+    error = [None]
+    if accelerator.is_main_process:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write_probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            error[0] = f"output folder '{run_dir}' is not writable ({type(e).__name__}: {e}); pass output_dir=/a/writable/folder"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)  # every rank fails the same way, none hangs
+    if error[0]:
+        raise ConfigError(error[0])
+    return run_dir
+
+
+class LoopClock:
+    """Wall and process CPU seconds of the training loop, and the bookkeeping share of each.
+
+    CPU time is `time.process_time()`: user + system of every thread of this process (not of loader
+    worker processes). On a shared machine it moves far less than wall time when other work runs beside
+    the job. `overhead()` marks checkpoint writes, reconstruction grids and the kNN monitor; training time
+    is the total less that share. Totals carry across resumes through the checkpoint (`state`/`restore`).
+    """
+
+    KEYS = ("elapsed_seconds", "cpu_seconds", "overhead_seconds", "overhead_cpu_seconds")
+
+    def __init__(self) -> None:
+        self.before = dict.fromkeys(self.KEYS, 0.0)  # totals of earlier launches of this run
+        self.overhead_wall = self.overhead_cpu = 0.0  # this launch
+        self.wall0 = self.cpu0 = None
+
+    def restore(self, training_state: dict) -> None:
+        self.before = {k: float(training_state.get(k, 0.0)) for k in self.KEYS}
+
+    def start(self) -> None:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    @contextmanager
+    def overhead(self):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.overhead_wall += time.perf_counter() - wall
+            self.overhead_cpu += time.process_time() - cpu
+
+    def state(self) -> dict[str, float]:
+        b = self.before
+        return {"elapsed_seconds": b["elapsed_seconds"] + time.perf_counter() - self.wall0,
+                "cpu_seconds": b["cpu_seconds"] + time.process_time() - self.cpu0,
+                "overhead_seconds": b["overhead_seconds"] + self.overhead_wall,
+                "overhead_cpu_seconds": b["overhead_cpu_seconds"] + self.overhead_cpu}
+
+    def read(self) -> dict[str, float]:
+        """The metrics.jsonl fields: elapsed_s / cpu_s (the whole loop) and their bookkeeping share."""
+        s = self.state()
+        return {"elapsed_s": s["elapsed_seconds"], "cpu_s": s["cpu_seconds"],
+                "overhead_s": s["overhead_seconds"], "overhead_cpu_s": s["overhead_cpu_seconds"]}
+
+
+def steps_every(epochs: float, steps_per_epoch: int) -> int:
+    return max(1, round(epochs * steps_per_epoch))
+
+
+def resume_latest(cfg, run_dir: Path, raw_model: torch.nn.Module, optimizer, accelerator: Accelerator) -> ckpt_lib.Checkpoint | None:
+    """Load the run's latest checkpoint into the model, optimizer and grad scaler (when `checkpoint.resume`)."""
+    if not cfg.checkpoint.resume:
+        return None
+    found = ckpt_lib.load_latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        return None
+    require_same_model(found.path, found.model_state, raw_model, cfg)
+    raw_model.load_state_dict(found.model_state, strict=True)
+    optimizer.load_state_dict(found.training_state["optimizer"])
+    if accelerator.scaler is not None and found.training_state.get("scaler"):
+        accelerator.scaler.load_state_dict(found.training_state["scaler"])
+    warn_config_changes(found.path, cfg)
+    accelerator.print(f"resumed from {found.path} at step {found.training_state['step']}")
+    return found
+
+
+def require_same_model(ckpt_path: Path, saved_state: dict, raw_model: torch.nn.Module, cfg) -> None:
+    """Resume only into the model that wrote the checkpoint: otherwise one line naming the weights and config
+    keys that differ, and the two ways on (instead of load_state_dict's traceback)."""
+    now_state = raw_model.state_dict()
+    differ = [f"{k} {list(saved_state[k].shape)} -> {list(now_state[k].shape)}"
+              for k in sorted(set(saved_state) & set(now_state)) if saved_state[k].shape != now_state[k].shape]
+    missing, unexpected = sorted(set(now_state) - set(saved_state)), sorted(set(saved_state) - set(now_state))
+    if not (differ or missing or unexpected):
+        return
+    parts = []
+    for label, keys in (("shapes", differ), ("not in the checkpoint", missing), ("only in the checkpoint", unexpected)):
+        if keys:
+            parts.append(f"{label}: " + ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else ""))
+    changed = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in config_changes(ckpt_path, cfg).items() if k.startswith("model.")]
+    because = f" (config: {', '.join(changed)})" if changed else ""
+    raise ckpt_lib.CheckpointError(
+        f"cannot resume from {ckpt_path}: the model differs from the one that wrote it{because}; "
+        + "; ".join(parts)
+        + f". Set a new output_dir (now {cfg.output_dir}) to start a new run, or checkpoint.resume=false to start "
+        "over in this folder (its checkpoints will be replaced)"
+    )
+
+
+def config_changes(ckpt_path: Path, cfg) -> dict[str, tuple[Any, Any]]:
+    """Flattened keys whose value differs between the checkpoint's saved config and `cfg`: (saved, now)."""
+    saved_file = ckpt_path / ckpt_lib.CONFIG_FILE
+    if not saved_file.is_file():
+        return {}
+    saved = flatten_dict(yaml.safe_load(saved_file.read_text()) or {})
+    now = flatten_dict(config_to_dict(cfg))
+    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+
+
+def warn_config_changes(ckpt_path: Path, cfg) -> None:
+    ignored = {"train.max_steps", "checkpoint.resume"}  # stopping early and resuming are what resume is for
+    changed = {k: v for k, v in config_changes(ckpt_path, cfg).items() if k not in ignored}
+    if changed:
+        warnings.warn(
+            "resuming with a config that differs from the checkpoint's in: "
+            + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in changed.items())
+            + "; the schedule is recomputed from the new values",
+            RunWarning, stacklevel=2,
+        )
+
+
+def start_tracking(cfg, accelerator: Accelerator, run_dir: Path, wandb_mode: str | None, resume_step: int | None) -> tuple[RunTracker, str]:
+    """Save the resolved config in the run folder and open the tracker; returns it and the config as YAML."""
+    config_dict = config_to_dict(cfg)
+    config_yaml = yaml.safe_dump(config_dict, sort_keys=False)
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    tracker = RunTracker(accelerator, run_dir, cfg.tracking.project, cfg.name, flatten_dict(config_dict), wandb_mode,
+                         resume_step=resume_step)
+    return tracker, config_yaml
+
+
+def save_checkpoint_on_main(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Module, training_state: dict,
+                            config_yaml: str, meta: dict, keep_last: int) -> Path:
+    """The main rank writes RUN/checkpoints/step_N atomically; every rank waits and gets its path."""
+    model_state = accelerator.get_state_dict(model)  # a collective under some sharding schemes: every rank calls it
+    path = None
+    if accelerator.is_main_process:
+        path = ckpt_lib.save_checkpoint(run_dir / "checkpoints", step, model_state, training_state, config_yaml, meta, keep_last)
+    accelerator.wait_for_everyone()
+    return broadcast_path(path, accelerator)
+
+
+def broadcast_path(path: Path | None, accelerator: Accelerator) -> Path | None:
+    if accelerator.num_processes == 1:
+        return path
+    box = [str(path) if path else None]
+    broadcast_object_list(box)
+    return Path(box[0]) if box[0] else None
+
+
+def format_log_line(step: int, end_step: int, m: dict[str, Any]) -> str:
+    return (f"step {step}/{end_step}  epoch {m['epoch']:.2f}  B {m['size']}  loss {m['loss']:.4f}  lr {m['lr']:.3g}  "
+            f"{m['images_per_sec']:.0f} img/s  data-wait {100 * m['data_wait_frac']:.0f}%")

@@ -1,0 +1,80 @@
+"""One MAE training micro-step under Accelerate, shared by the training loop and the benchmarks.
+
+uint8 crops (n, 3, S, S) -> normalise -> low-frequency crop to B -> model (mask, encode, decode,
+loss) -> backward -> on the last micro-step of an optimizer step: global grad norm (clipping when
+asked), a device-side non-finite check, fused AdamW update.
+
+Nothing here waits on the host. A non-finite update is skipped *on the device*: fused AdamW reads
+`found_inf` and leaves the weights, moments and step count untouched when it is non-zero. Under
+fp16, Accelerate's GradScaler does the same job itself.
+
+`compile` wraps the model with `torch.compile(dynamic=False)`: one graph per input size B, so a
+curriculum of k sizes compiles k graphs, at the first step of each stage, and never inside one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from mae_et.curriculum.frequency import low_frequency_crop
+from mae_et.data.folder import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device
+
+
+@dataclass
+class MicroStepResult:
+    loss: torch.Tensor  # () detached, may be non-finite
+    nonfinite: torch.Tensor | None  # () bool, on optimizer-step boundaries only
+    grad_norm: torch.Tensor | None  # () global grad norm before clipping, same boundaries
+
+
+class TrainStep:
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer, mask_ratio: float,
+                 frequency_mode: str, clip_grad: float | None, compile_mode: str = "none", sizes: tuple[int, ...] = (),
+                 compile_backend: str = "inductor"):
+        self.accelerator = accelerator
+        self.model = model  # as prepared by Accelerate (DDP-wrapped when distributed)
+        self.optimizer = optimizer
+        self.raw_optimizer = optimizer.optimizer
+        self.mask_ratio = mask_ratio
+        self.frequency_mode = frequency_mode
+        self.max_norm = clip_grad or math.inf
+        self.compile_mode = compile_mode
+        if compile_mode == "none":
+            self.forward = model
+        else:
+            accelerator.unwrap_model(model).cache_pos_embed(sizes)  # every curriculum size: one graph each
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+            kwargs = {} if compile_mode == "default" else {"mode": compile_mode}
+            self.forward = torch.compile(model, dynamic=False, backend=compile_backend, **kwargs)
+        # fused AdamW skips on the device; fp16's GradScaler handles its own skipping
+        self.skip_on_device = accelerator.scaler is None and self.raw_optimizer.defaults.get("fused", False)
+
+    def __call__(self, images_uint8: torch.Tensor, size: int, noise: torch.Tensor) -> MicroStepResult:
+        """images_uint8: (n, 3, S, S) on the device; size: B; noise: (n, (B/p)^2)."""
+        accelerator = self.accelerator
+        images = normalize_on_device(images_uint8, IMAGENET_MEAN, IMAGENET_STD)  # (n, 3, S, S) float32
+        images = low_frequency_crop(images, size, self.frequency_mode)  # (n, 3, B, B): what the model sees
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may overwrite the last one's outputs
+        nonfinite = grad_norm = None
+        with accelerator.accumulate(self.model):
+            out = self.forward(images, mask_ratio=self.mask_ratio, noise=noise)
+            loss = out.loss.detach().clone()  # clone: a CUDA-graph output is overwritten by the next replay
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients:
+                # grads are all-reduced by now, so the norm and the skip decision agree on every rank
+                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm)
+                nonfinite = ~torch.isfinite(grad_norm)
+                if self.skip_on_device:
+                    self.raw_optimizer.found_inf = nonfinite.float()
+                elif accelerator.scaler is None and nonfinite.item():  # non-fused fallback: one host check
+                    self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.skip_on_device:
+                self.raw_optimizer.found_inf = None
+        return MicroStepResult(loss=loss, nonfinite=nonfinite, grad_norm=grad_norm)

@@ -1,0 +1,461 @@
+"""The curriculum-vs-baseline study: end to end on the mini data set (the CPU smoke study: four runs and the
+untrained floor x two seeds, pretrained, evaluated, summarised, every number checked against the per-seed
+values it comes from); a study that resumes after a kill; and the verdict arithmetic on made-up summaries."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import MINI, REPO, load_benchmark, reset_accelerate
+
+STUDY = REPO / "configs" / "study" / "mini_cpu-smoke.yaml"
+RUNS = ("baseline", "et", "etpp_half", "baseline_equal_time")
+ROWS = (*RUNS, "untrained")
+SEEDS = ("0", "1")
+ACCURACY_KEYS = ("knn_top1_cls", "knn_top1_mean", "linear_top1", "finetune_top1", "finetune_best_top1")
+
+
+def load_script():
+    return load_benchmark("curriculum_vs_baseline")
+
+
+def run_study(argv: list[str]) -> tuple[dict, str]:
+    """The study script's main() in this process, one thread (tiny ops on a shared 2-core machine), stdout captured."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            returned = load_script().main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        reset_accelerate()
+    return returned, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """One real run of the smoke study, in this process (importing torch again would cost more than the runs)."""
+    if not MINI.is_dir():
+        pytest.fail(f"test data missing: {MINI}")
+    out = tmp_path_factory.mktemp("study")
+    returned, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "1"])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(returned))
+    return saved, out, printed
+
+
+def test_every_run_and_seed_has_every_metric_in_range(study):
+    result, _, _ = study
+    assert set(result["runs"]) == set(ROWS) and result["seeds"] == [0, 1]
+    assert result["device"] and result["date"][:4].isdigit() and result["launch"] == "inprocess"
+    assert result["verdict_clock"] == "wall"
+    for run in ROWS:
+        assert set(result["runs"][run]) == set(SEEDS), run
+        for seed in SEEDS:
+            r = result["runs"][run][seed]
+            assert r["seed"] == int(seed) and r["machine"]["device"] == result["device"]
+            for key in ACCURACY_KEYS:
+                assert 0.0 <= r[key] <= 100.0, (run, seed, key)
+            # every evaluation stage timed on both clocks
+            assert set(r["eval_seconds"]) == {"features_knn", "linear_probe", "finetune"}
+            assert all(t["wall_s"] > 0 and t["cpu_s"] > 0 for t in r["eval_seconds"].values())
+    for run in RUNS:
+        for seed in SEEDS:
+            r = result["runs"][run][seed]
+            assert math.isfinite(r["final_loss"]) and r["final_loss"] > 0
+            assert 0 < r["wall_s"] <= r["process_s"]  # the timed loop lies inside the launch
+            assert r["cpu_s"] > 0 and r["launches"] == 1
+            assert 0 < r["steady_s"] and r["s_per_epoch"] == pytest.approx(r["wall_s"] / (r["steps"] / r["steps_per_epoch"]))
+            assert r["images_per_sec"] == pytest.approx(r["steps"] * r["global_batch"] / r["wall_s"])
+            assert r["pflop"] > 0 and r["steps_per_epoch"] == 240 // 16
+            # time per stage, on both clocks: the logged windows add up to the run's training time and steps
+            assert sum(s["seconds"] for s in r["stages"]) == pytest.approx(r["wall_s"])
+            assert sum(s["cpu_seconds"] for s in r["stages"]) == pytest.approx(r["cpu_s"])
+            assert sum(s["steps"] for s in r["stages"]) == r["steps"]
+            # the training clock leaves the checkpoint writes out: the metrics' last record minus its bookkeeping share
+            last = json.loads((Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
+            assert last["overhead_s"] > 0 and r["wall_s"] == pytest.approx(last["elapsed_s"] - last["overhead_s"])
+            assert r["cpu_s"] == pytest.approx(last["cpu_s"] - last["overhead_cpu_s"])
+            # the run really ran with the study's settings (its saved config)
+            cfg = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+            assert cfg["train"]["seed"] == int(seed) and cfg["train"]["epochs"] == pytest.approx(r["epochs"])
+            assert cfg["model"]["size"] == "micro" and cfg["data"]["pipeline"] == "memory"
+    sizes = {run: [s["size"] for s in result["runs"][run]["0"]["stages"]] for run in RUNS}
+    assert sizes["baseline"] == sizes["baseline_equal_time"] == [48]
+    assert sizes["et"] == [32, 40, 48] and sizes["etpp_half"] == [24, 32, 40, 48]
+    for seed in SEEDS:
+        assert result["runs"]["baseline"][seed]["epochs"] == result["runs"]["et"][seed]["epochs"] == 2.0
+        assert result["runs"]["etpp_half"][seed]["epochs"] == 1.0  # a compute budget of E/2 ...
+        assert result["runs"]["etpp_half"][seed]["steps"] > 15  # ... runs more than E/2 epochs of smaller images
+        untrained = result["runs"]["untrained"][seed]
+        assert (untrained["epochs"], untrained["steps"], untrained["wall_s"], untrained["cpu_s"]) == (0.0, 0, 0.0, 0.0)
+
+
+def test_untrained_row_is_the_baselines_initial_encoder(study):
+    """E = 0 is the baseline's step-0 weights: same seed, same model; a different seed gives different weights."""
+    from safetensors.torch import load_file
+
+    result, _, _ = study
+    from mae_et.checkpoint import MODEL_FILE, list_checkpoints
+
+    weights = {seed: load_file(str(list_checkpoints(Path(result["runs"]["untrained"][seed]["run_dir"]) / "checkpoints")[-1]
+                                   / MODEL_FILE)) for seed in SEEDS}
+    torch.manual_seed(0)
+    from accelerate.utils import set_seed
+
+    from mae_et.train.config import load_pretrain_config
+    from mae_et.train.pretrain import build_model
+
+    cfg = load_pretrain_config(Path(result["runs"]["baseline"]["0"]["run_dir"]) / "config.yaml", [])
+    set_seed(0)
+    expected = build_model(cfg).state_dict()
+    assert all(torch.equal(weights["0"][k], expected[k]) for k in expected)
+    assert not torch.equal(weights["0"]["blocks.0.attn.qkv.weight"], weights["1"]["blocks.0.attn.qkv.weight"])
+
+
+def test_mean_and_spread_are_those_of_the_seeds(study):
+    result, _, _ = study
+    for run in ROWS:
+        for key, stat in result["summary"][run].items():
+            values = [result["runs"][run][seed][key] for seed in SEEDS]
+            assert stat["values"] == values
+            assert stat["mean"] == pytest.approx(sum(values) / 2)
+            assert stat["half_range"] == pytest.approx(abs(values[0] - values[1]) / 2)
+            assert stat["std"] == pytest.approx(statistics.stdev(values))
+    assert "final_loss" not in result["summary"]["untrained"]  # nothing was trained
+    for run in RUNS:
+        for clock in ("wall", "cpu"):
+            # speed-ups are taken within each seed, then averaged
+            per_seed = [result["runs"]["baseline"][s][f"{clock}_s"] / result["runs"][run][s][f"{clock}_s"] for s in SEEDS]
+            assert result["speedups"][run][clock]["values"] == pytest.approx(per_seed)
+            assert result["speedups"][run][clock]["mean"] == pytest.approx(sum(per_seed) / 2)
+
+
+def test_equal_time_baseline_gets_et_time_of_its_seed(study):
+    result, _, _ = study
+    E = 2.0
+    for seed in SEEDS:
+        et, base = result["runs"]["et"][seed], result["runs"]["baseline"][seed]
+        eq, run = result["equal_time"][seed], result["runs"]["baseline_equal_time"][seed]
+        assert eq["clock"] == "wall" and eq["et_s"] == et["wall_s"] and eq["baseline_s"] == base["wall_s"]
+        spe = base["steps_per_epoch"]
+        steps = max(1, math.floor(E * et["wall_s"] / base["wall_s"] * spe + 0.5))  # E' rounded to a whole step
+        assert eq["steps"] == steps == run["steps"]
+        assert eq["epochs"] == pytest.approx(steps / spe) and run["epochs"] == pytest.approx(steps / spe)
+        # a full E'-epoch run: its warmup + cosine schedule ends at E', the last lr is near zero
+        records = [json.loads(x) for x in (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["progress"] == 1.0 and records[-1]["lr"] < 0.05 * max(r["lr"] for r in records)
+
+
+def test_table_plot_and_verdicts(study):
+    result, out, printed = study
+    table = (out / "table.md").read_text()
+    for run in ROWS:
+        assert f"| {run} |" in table and f"| {run} |" in printed
+    assert (out / "accuracy_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    verdicts = [line for line in printed.splitlines() if line.startswith("verdict ")]
+    assert len(verdicts) == 5 and "speed-ups (cpu time, baseline / run, within each seed)" in printed
+    assert all(any(w in line for w in ("PASS", "FAIL", "n/a")) for line in verdicts)
+    v = result["verdicts"]
+    assert v["reference"]["verdict"] == "n/a"  # a micro model on a CPU is not the reference's ViT-B on an H100
+    assert set(v["floor"]["runs"]) == set(RUNS)
+    # the per-size speed table: every trained image counted once, at its size; the full size is the unit
+    rates = result["stage_rates"]
+    assert [r["size"] for r in rates] == [24, 32, 40, 48] and rates[-1]["gain"] == pytest.approx(1.0)
+    trained = sum(r["steps"] * r["global_batch"] for run in RUNS for r in result["runs"][run].values())
+    assert sum(r["images"] for r in rates) == trained
+    assert all(r["flop_ratio"] > 1.0 for r in rates[:-1]) and "| B | GFLOP / image |" in table
+
+
+def test_a_rerun_reads_everything_back(study):
+    """The same command again redoes nothing: every run and evaluation comes back from state.json unchanged."""
+    result, out, _ = study
+    state_before = (out / "state.json").read_text()
+    again, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "1"])
+    read_back = [line for line in printed.splitlines() if line.startswith("pretrained ") and "read back" in line]
+    assert len(read_back) == len(RUNS) * len(SEEDS) and "evaluated baseline seed 0" in printed
+    assert json.loads((out / "state.json").read_text()) == json.loads(state_before)
+    for run in ROWS:
+        for seed in SEEDS:
+            for key in ("wall_s", "cpu_s", *ACCURACY_KEYS):
+                assert again["runs"][run][seed][key] == result["runs"][run][seed][key]
+
+
+def test_a_killed_study_resumes_its_half_finished_run(tmp_path):
+    """A pretraining cut off mid-run (as by a session's end) resumes from its checkpoint inside the study, its clock
+    carried over, and the study ends with one results.json; nothing finished is redone."""
+    from mae_et.train.config import load_pretrain_config
+    from mae_et.train.pretrain import pretrain
+
+    script = load_script()
+    study = script.load_study(STUDY)
+    out = tmp_path / "study"
+    overrides = script.pretrain_overrides(study, "baseline", 0, study.epochs, MINI.resolve(), out)  # the study resolves --data
+    # the kill: the baseline stops at step 20 of 30 with a checkpoint (train.max_steps does what a time limit does)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            reset_accelerate()
+            pretrain(load_pretrain_config(study.recipe, [*overrides, "checkpoint.every_steps=10", "train.max_steps=20"]))
+    finally:
+        torch.set_num_threads(threads)
+        reset_accelerate()
+    cut = [json.loads(x) for x in (out / "runs" / "baseline_seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert cut[-1]["step"] == 20
+    # checkpoint.every_steps / max_steps differ from the study's config: the study would start that run over, so
+    # write the study's own config in its place (what a run killed under the study leaves)
+    from mae_et.recipes import config_to_dict
+
+    (out / "runs" / "baseline_seed0" / "config.yaml").write_text(
+        yaml.safe_dump(config_to_dict(load_pretrain_config(study.recipe, overrides)), sort_keys=False))
+    result, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0"])
+    log = (out / "logs" / "baseline_seed0.pretrain.log").read_text()
+    assert "resumed from" in log and "step_00000020" in log
+    base = result["runs"]["baseline"]["0"]
+    assert base["steps"] == 30
+    records = [json.loads(x) for x in (Path(base["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 30 and records[-1]["elapsed_s"] > cut[-1]["elapsed_s"]  # the clock went on
+    assert (out / "results.json").is_file() and set(result["runs"]) == set(ROWS)
+
+
+def test_changed_eval_settings_redo_only_the_evaluations(study, tmp_path):
+    result, finished, _ = study
+    out = tmp_path / "study"
+    shutil.copytree(finished, out)  # the module's study stays as it was for the other tests
+    edited = yaml.safe_load(STUDY.read_text())
+    edited["eval"]["linprobe"]["epochs"] = 3
+    edited["pretrain"]["recipe"] = str(STUDY.parent / edited["pretrain"]["recipe"])
+    edited["eval"]["finetune"]["recipe"] = str(STUDY.parent / edited["eval"]["finetune"]["recipe"])
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(edited))
+    again, printed = run_study(["--study", str(path), "--data", str(MINI), "--out", str(out), "--seeds", "0"])
+    read_back = [line for line in printed.splitlines() if line.startswith("pretrained ") and "read back" in line]
+    assert len(read_back) == len(RUNS)  # no pretraining redone
+    assert "evaluated baseline seed 0" in printed
+    assert (Path(again["runs"]["baseline"]["0"]["run_dir"]) / "metrics.jsonl").is_file()
+
+
+def test_subprocess_launch_runs_the_same_config(tmp_path):
+    """The GPU launch (`python pretrain.py --config ... overrides`) parses to the config the in-process launch uses."""
+    script = load_script()
+    from mae_et.cli import parse_args
+    from mae_et.recipes import config_to_dict
+    from mae_et.train.config import load_pretrain_config
+
+    study = script.load_study(STUDY)
+    overrides = script.pretrain_overrides(study, "etpp_half", 1, 1.0, MINI, tmp_path)
+    cmd = script.pretrain_command(study.recipe, overrides)
+    assert Path(cmd[1]) == REPO / "pretrain.py"
+    args = parse_args(cmd[2:], "", None)
+    cfg = load_pretrain_config(args.config, args.overrides)
+    assert config_to_dict(cfg) == config_to_dict(load_pretrain_config(study.recipe, overrides))
+    assert (cfg.curriculum.schedule, cfg.curriculum.budget, cfg.train.seed, cfg.train.epochs) == ("etpp", "compute", 1, 1.0)
+    assert cfg.data.root == str(MINI) and cfg.tracking.wandb == "off" and cfg.checkpoint.resume
+
+
+# ----------------------------------------------------------------------------- verdicts on made-up summaries
+
+
+def made_up(values: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
+    """{run: {key: [per-seed values]}} -> the summary layout (mean / half_range / std / values)."""
+    script = load_script()
+    return {run: {key: script.spread(v) for key, v in keys.items()} for run, keys in values.items()}
+
+
+def summary_with(et_knn: list[float], et_time: list[float], etpp_knn: list[float], etpp_time: list[float],
+                 eq_linear: float, untrained_knn: float = 20.0) -> tuple[dict, dict]:
+    base = {"knn_top1_cls": [50.0, 54.0], "knn_top1_mean": [50.0, 54.0], "linear_top1": [60.0, 62.0],
+            "finetune_top1": [70.0, 70.0], "cpu_s": [100.0, 100.0], "wall_s": [100.0, 100.0]}
+
+    def run(knn, time, linear=(61.0, 61.0)):
+        return {**base, "knn_top1_cls": knn, "knn_top1_mean": knn, "linear_top1": list(linear), "cpu_s": time, "wall_s": time}
+
+    values = {"baseline": base, "et": run(et_knn, et_time), "etpp_half": run(etpp_knn, etpp_time),
+              "baseline_equal_time": run([50.0, 50.0], et_time, (eq_linear, eq_linear)),
+              "untrained": {k: [untrained_knn, untrained_knn] for k in ("knn_top1_cls", "knn_top1_mean", "linear_top1",
+                                                                          "finetune_top1")}}
+    summary = made_up(values)
+    speedup = {run: {clock: load_script().spread([100.0 / t for t in values[run][f"{clock}_s"]]) for clock in ("wall", "cpu")}
+               for run in RUNS}
+    return summary, speedup
+
+
+TARGETS = {"et_speedup": 1.4, "etpp_speedup": 2.0, "etpp_max_drop": 1.0,
+           "accuracy_keys": ["knn_top1_cls", "knn_top1_mean", "linear_top1"], "min_gain_over_untrained": 5.0}
+REFERENCE = {"verdict": "n/a", "ours_s_per_epoch": 1.0, "reference_s_per_epoch": 6.6, "differs": ["model tiny vs base"],
+             "ratio": None}
+
+
+def test_verdicts_pass_when_every_target_holds():
+    script = load_script()
+    # et: 1.5x, kNN 50 and 54 -> mean 52, at the baseline's worst seed (52 - 2 = 50); etpp: 2.5x, 1 point below
+    summary, speedup = summary_with([50.0, 54.0], [66.7, 66.7], [51.0, 51.0], [40.0, 40.0], eq_linear=60.0)
+    v = script.verdicts(TARGETS, "cpu", summary, speedup, REFERENCE)
+    assert v["et"]["pass"] and v["etpp_half"]["pass"] and v["equal_time"]["pass"] and v["floor"]["pass"]
+    lines = script.verdict_lines(v, TARGETS)
+    assert sum("PASS" in line for line in lines) == 4
+
+
+@pytest.mark.parametrize("case, failing", [
+    ("et too slow", "et"),
+    ("et below the baseline's worst seed", "et"),
+    ("etpp too slow", "etpp_half"),
+    ("etpp more than a point below", "etpp_half"),
+    ("equal time not ahead", "equal_time"),
+    ("a trained run near the untrained floor", "floor"),
+])
+def test_verdicts_fail_on_each_missed_target(case, failing):
+    script = load_script()
+    args = dict(et_knn=[50.0, 54.0], et_time=[66.7, 66.7], etpp_knn=[51.0, 51.0], etpp_time=[40.0, 40.0], eq_linear=60.0)
+    if case == "et too slow":
+        args["et_time"] = [75.0, 75.0]  # 1.33x < 1.4x
+    elif case == "et below the baseline's worst seed":
+        args["et_knn"] = [49.0, 50.9]  # mean 49.95 < 50
+    elif case == "etpp too slow":
+        args["etpp_time"] = [55.0, 55.0]  # 1.82x
+    elif case == "etpp more than a point below":
+        args["etpp_knn"] = [50.9, 50.9]  # 1.1 below the baseline's mean 52
+    elif case == "equal time not ahead":
+        args["eq_linear"] = 61.0  # et's linear is 61: a tie is not ahead
+    else:
+        args["untrained_knn"] = 46.0  # the equal-time run's kNN 50 < 46 + 5 points
+    summary, speedup = summary_with(**args)
+    v = script.verdicts(TARGETS, "cpu", summary, speedup, REFERENCE)
+    verdict = {"et": v["et"], "etpp_half": v["etpp_half"], "equal_time": v["equal_time"], "floor": v["floor"]}
+    assert [name for name, x in verdict.items() if not x["pass"]] == [failing]
+    line = next(x for x in script.verdict_lines(v, TARGETS) if "FAIL" in x)
+    assert "FAIL" in line
+
+
+def test_verdicts_use_the_configured_clock():
+    script = load_script()
+    summary, speedup = summary_with([50.0, 54.0], [66.7, 66.7], [51.0, 51.0], [40.0, 40.0], eq_linear=60.0)
+    speedup["et"]["wall"] = script.spread([1.2, 1.2])  # a loaded machine: wall time says 1.2x, CPU time 1.5x
+    assert script.verdicts(TARGETS, "cpu", summary, speedup, REFERENCE)["et"]["pass"]
+    assert not script.verdicts(TARGETS, "wall", summary, speedup, REFERENCE)["et"]["pass"]
+
+
+def test_reference_check_passes_and_fails_only_when_everything_matches():
+    script = load_script()
+    study = script.load_study(REPO / "configs" / "study" / "imagenette_vit-s16_200e.yaml")
+    ref = study.reference
+
+    class Cfg:  # the reference's own settings
+        class model:
+            size, patch_size, decoder_embed_dim, decoder_depth = ref["model"], ref["patch_size"], ref["decoder_embed_dim"], ref["decoder_depth"]
+
+        class train:
+            batch_size, accum_steps = ref["batch_size"], 1
+
+        class data:
+            crop_size = ref["crop_size"]
+
+    assert script.reference_check(study, Cfg, "NVIDIA H100 80GB HBM3", 6.0)["verdict"] == "PASS"
+    assert script.reference_check(study, Cfg, "NVIDIA H100 80GB HBM3", 7.0)["verdict"] == "FAIL"
+    other = script.reference_check(study, Cfg, "NVIDIA H200", 6.0)
+    assert other["verdict"] == "n/a" and any("device" in d for d in other["differs"])
+
+
+def test_machines_note_names_mixed_machines():
+    script = load_script()
+    m1, m2 = {"device": "CPU (A, 2 cores)", "host": "h1"}, {"device": "CPU (B, 2 cores)", "host": "h2"}
+    same = {"baseline": {"0": {"machine": m1}, "1": {"machine": m1}}}
+    assert script.machines_note(same)["notes"] == []
+    across = {"baseline": {"0": {"machine": m1}, "1": {"machine": m2}}}
+    assert "the seeds ran on different machines" in script.machines_note(across)["notes"][0]
+    within = {"baseline": {"0": {"machine": m1}}, "et": {"0": {"machine": m2}}}
+    assert "seed 0's runs ran on 2 machines" in script.machines_note(within)["notes"][0]
+
+
+def test_ablation_rows_run_after_the_main_rows_against_the_same_baseline(study, tmp_path):
+    """--ablations adds rows '<run>+<name>': pretrained with the ablation's settings, evaluated the same way, their
+    speed-up taken against the same seed's baseline; the main rows are read back, not redone."""
+    result, finished, _ = study
+    out = tmp_path / "study"
+    shutil.copytree(finished, out)
+    again, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0",
+                                "--ablations", "floor32", "warmup20"])
+    read_back = [line for line in printed.splitlines() if line.startswith("pretrained ") and "read back" in line]
+    assert len(read_back) == len(RUNS)
+    rows = {"etpp_half+floor32", "etpp_half+warmup20"}
+    assert rows <= set(again["runs"]) and rows <= set(again["summary"]) and rows <= set(again["speedups"])
+    floor = again["runs"]["etpp_half+floor32"]["0"]
+    assert [s["size"] for s in floor["stages"]] == [32, 40, 48]  # 24 lifted to 32
+    cfg = yaml.safe_load((Path(floor["run_dir"]) / "config.yaml").read_text())
+    assert cfg["curriculum"]["min_size"] == 32 and cfg["curriculum"]["schedule"] == "etpp"
+    warm = yaml.safe_load((Path(again["runs"]["etpp_half+warmup20"]["0"]["run_dir"]) / "config.yaml").read_text())
+    assert warm["optim"]["warmup_epochs"] == pytest.approx(0.2 * 1.0)  # 20% of its E/2 = 1 epoch budget
+    base = again["runs"]["baseline"]["0"]
+    assert again["speedups"]["etpp_half+floor32"]["cpu"]["values"] == [pytest.approx(base["cpu_s"] / floor["cpu_s"])]
+    for key in ("knn_top1_cls", "linear_top1", "finetune_top1"):
+        assert 0.0 <= floor[key] <= 100.0
+    assert "| etpp_half+floor32 |" in (out / "table.md").read_text()
+    script = load_script()
+    with pytest.raises(script.StudyError, match="ablations \\['nope'\\] are not in"):
+        script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--ablations", "nope"])
+
+
+def test_evaluation_beside_pretraining_in_two_processes(tmp_path):
+    """--eval-only (its own process, started first) waits for the runs that --pretrain-only trains, evaluates each
+    as it lands in the shared state.json, and writes the one results.json; nothing is trained twice."""
+    import subprocess
+
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "curriculum_vs_baseline.py"), "--study", str(STUDY), "--data", str(MINI),
+           "--out", str(out), "--seeds", "0", "--eval-only", "--poll-seconds", "1"]
+    evaluator = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        seen = []  # the evaluator's lines until it waits: it found nothing pretrained yet
+        for line in evaluator.stdout:
+            seen.append(line)
+            if "waiting for baseline, et, etpp_half, baseline_equal_time" in line:
+                break
+        assert seen and "waiting for" in seen[-1], "".join(seen)[-3000:]
+        returned, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0",
+                                       "--pretrain-only"])
+        log, _ = evaluator.communicate(timeout=600)
+    finally:
+        evaluator.kill()
+    assert evaluator.returncode == 0, log[-3000:]
+    assert "pretraining done for seeds [0]" in printed and "summary" not in returned
+    assert "evaluated untrained seed 0" in "".join(seen) and "evaluated baseline_equal_time seed 0" in log
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["runs"]) == set(ROWS)
+    state = json.loads((out / "state.json").read_text())
+    assert all(state["launches"][f"{run}_seed0"] == 1 for run in RUNS)  # each pretrained once, by one process
+    for run in RUNS:
+        assert result["runs"][run]["0"]["wall_s"] == state["runs"][run]["0"]["pretrain"]["value"]["wall_s"]
+
+
+def test_evaluated_runs_read_back_without_their_folders(study, tmp_path):
+    """A new checkout has the (published) state.json but none of the run folders: every run that was already
+    evaluated is read back, nothing is retrained; the report is the same."""
+    result, finished, _ = study
+    out = tmp_path / "study"
+    out.mkdir()
+    state = json.loads((finished / "state.json").read_text())  # what --publish commits ...
+    for per_seed in state["runs"].values():
+        for entry in per_seed.values():  # ... on a machine where the run folders are gone
+            entry["pretrain"]["value"]["run_dir"] = str(tmp_path / "gone" / Path(entry["pretrain"]["value"]["run_dir"]).name)
+    (out / "state.json").write_text(json.dumps(state))
+    again, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "1"])
+    read_back = [line for line in printed.splitlines() if line.startswith("pretrained ") and "read back" in line]
+    assert len(read_back) == len(RUNS) * len(SEEDS)
+    assert not (out / "runs").exists() or not any((out / "runs").iterdir())  # nothing trained, no untrained saved
+    for run in ROWS:
+        for seed in SEEDS:
+            assert again["runs"][run][seed]["linear_top1"] == result["runs"][run][seed]["linear_top1"]

@@ -1,0 +1,204 @@
+"""benchmarks/gpu_check.py, the one-call GPU check, dry-run on the CPU: every branch that needs no CUDA.
+
+One dry run (micro model, batch 8, B = 48 / 32, a few steps per row, the mini data) is shared by the tests
+below; it takes a few seconds on one thread.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+
+import pytest
+import torch
+from conftest import in_process_run, load_benchmark
+
+from mae_et.data.folder import scan_image_folder
+
+
+def load_gpu_check():
+    return load_benchmark("gpu_check")
+
+
+def has_transformers() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def run_check(argv: list[str]) -> dict:
+    with in_process_run():
+        return load_gpu_check().main(argv)
+
+
+@pytest.fixture(scope="module")
+def gc():
+    return load_gpu_check()
+
+
+@pytest.fixture(scope="module")
+def dry(tmp_path_factory, mini_root):
+    out = tmp_path_factory.mktemp("gpu_check")
+    t0 = time.perf_counter()
+    result = run_check(["--dry-run", "--data", str(mini_root), "--out", str(out)])
+    result["_test_wall_s"] = time.perf_counter() - t0
+    return result, out
+
+
+def step_rows(result, **match):
+    return [r for r in result["step"] if all(r[k] == v for k, v in match.items())]
+
+
+def test_dry_run_writes_the_json_and_the_markdown(dry, gc):
+    result, out = dry
+    saved = json.loads((out / "gpu_check.json").read_text())
+    assert saved["dry_run"] is True and saved["failed"] == []
+    assert saved["device"] and saved["torch"] == torch.__version__ and saved["date"]
+    assert saved["matmul_tflops"] > 0 and saved["peak_tflops"] == saved["matmul_tflops"]
+    assert saved["step"] == result["step"] and saved["probe"] == json.loads(json.dumps(result["probe"]))
+    assert 0 < saved["elapsed_s"] < saved["budget_s"]
+    md = (out / "gpu_check.md").read_text()
+    for heading in ("## Train step", "## Ours / Hugging Face", "## Each B against the full size", "## End to end",
+                    "## Fractal renderer", "## Training probe", "## Targets", "## Skipped"):
+        assert heading in md
+    # the only thing a CPU cannot measure is said so, with the reason
+    assert [s for s in saved["skipped"]] == [{"section": "step", "item": "peak memory",
+                                              "reason": "CUDA only: torch.cuda.max_memory_allocated"}]
+
+
+def test_our_step_rows_eager_and_compiled(dry, gc):
+    result, _ = dry
+    for model, batch, sizes in gc.DRY_PLAN.models:
+        for size in sizes:
+            [row] = step_rows(result, impl="ours", model=model, batch=batch, size=size, compile="none")
+            assert row["img_s"] > 0 and row["step_ms"] > 0 and row["gflop_per_image"] > 0 and row["mfu"] > 0
+            assert row["img_s"] == pytest.approx(batch / (row["step_ms"] / 1000))
+            assert row["peak_mem_gib"] is None and row["params"] > 0  # peak memory: CUDA only
+    compiled = step_rows(result, impl="ours", compile="default")
+    assert [(r["model"], r["batch"], r["size"]) for r in compiled] == [
+        (gc.DRY_PLAN.models[i][0], gc.DRY_PLAN.models[i][1], size) for i, size in gc.DRY_PLAN.compile_order]
+    for r in compiled:
+        assert r["img_s"] > 0 and r["compile_s"] >= 0 and r["first_call_s"] >= r["compile_s"]
+    # the curriculum's promise: each smaller B against our own full-size figure, same implementation
+    speedups = {(s["impl"], s["compile"], s["size"]): s["over_full_size"] for s in result["size_speedups"]}
+    full = step_rows(result, impl="ours", compile="none", size=48, batch=8)[0]["img_s"]
+    small = step_rows(result, impl="ours", compile="none", size=32, batch=8)[0]["img_s"]
+    assert speedups[("ours", "none", 32)] == pytest.approx(small / full)
+
+
+def test_hugging_face_peer_rows_or_a_skip_reason(dry, gc):
+    result, _ = dry
+    hf = step_rows(result, impl="hf")
+    if not has_transformers():
+        assert hf == [] and result["transformers"] is None
+        reasons = [s["reason"] for s in result["skipped"] if s["item"].startswith("hf ")]
+        assert len(reasons) == sum(len(sizes) for _, _, sizes in gc.DRY_PLAN.models)
+        assert all("transformers is not installed" in r for r in reasons)
+        return
+    assert result["transformers"]
+    assert [(r["model"], r["batch"], r["size"]) for r in hf] == [
+        (m, b, s) for m, b, sizes in gc.DRY_PLAN.models for s in sizes]
+    for r in hf:
+        ours = step_rows(result, impl="ours", compile="none", model=r["model"], batch=r["batch"], size=r["size"])[0]
+        assert r["img_s"] > 0 and r["attn_implementation"] == "sdpa"
+        assert r["interpolate_pos_encoding"] == (r["size"] != 48)
+        assert r["params"] == ours["params"]  # the same architecture: same trainable parameters
+        assert r["gflop_per_image"] == ours["gflop_per_image"]
+        [ratio] = [x for x in result["ratios"] if (x["model"], x["batch"], x["size"]) == (r["model"], r["batch"], r["size"])]
+        assert ratio["hf_img_s"] == r["img_s"]
+        assert ratio["ours_none_over_hf"] == pytest.approx(ours["img_s"] / r["img_s"])
+        for c in step_rows(result, impl="ours", compile="default", model=r["model"], batch=r["batch"], size=r["size"]):
+            assert ratio["ours_default_over_hf"] == pytest.approx(c["img_s"] / r["img_s"])
+    target = next(t for t in result["targets"] if t["target"].endswith("ours / HF"))
+    best = max(step_rows(result, impl="ours", model="micro", batch=8, size=48), key=lambda r: r["img_s"])
+    assert target["measured"] == pytest.approx(best["img_s"] / step_rows(result, impl="hf", batch=8, size=48)[0]["img_s"])
+
+
+def test_without_transformers_the_peer_is_skipped_with_the_reason(tmp_path, mini_root, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    result = run_check(["--dry-run", "--data", str(mini_root), "--out", str(tmp_path),
+                        "--skip", "compile", "large", "e2e", "fractal", "probe"])
+    assert result["transformers"] is None and step_rows(result, impl="hf") == [] and result["ratios"] == []
+    reasons = {s["item"]: s["reason"] for s in result["skipped"]}
+    reason = "transformers is not installed (pip install -e '.[bench]')"
+    assert reasons["hf micro b8 B=48"] == reasons["hf micro b8 B=32"] == reason
+    assert {"compiled rows", "model micro b4", "all"} <= set(reasons) and len(step_rows(result, impl="ours")) == 2
+
+
+def test_end_to_end_rows_for_both_fast_pipelines(dry, gc):
+    result, _ = dry
+    rows = result["e2e"]
+    assert [(r["pipeline"], r["size"]) for r in rows] == [(p, s) for p in ("memory", "device_decode")
+                                                          for s in gc.DRY_PLAN.e2e_sizes]
+    for r in rows:
+        assert r["img_s"] > 0 and 0 <= r["data_wait"] <= 1 and r["num_images"] == 240
+        assert r["fraction_of_step"] == pytest.approx(r["img_s"] / r["step_img_s"])
+        step = step_rows(result, impl="ours", model="micro", batch=8, size=r["size"], compile=r["compile"])[0]
+        assert r["step_img_s"] == step["img_s"]  # beside the step that ran it
+
+
+def test_fractal_rows(dry, gc):
+    result, _ = dry
+    assert [r["size"] for r in result["fractal"]] == list(gc.DRY_PLAN.fractal_sizes)
+    assert all(r["img_s"] > 0 and r["device"] == "cpu" for r in result["fractal"])
+
+
+def test_training_probe_baseline_and_et_same_images_losses_fall(dry):
+    result, _ = dry
+    probe = result["probe"]
+    base, et = probe["runs"]["baseline"], probe["runs"]["et"]
+    assert base["images"] == et["images"] == base["steps"] * base["batch"] > 0 and base["steps"] == et["steps"]
+    for run in (base, et):
+        assert run["train_s"] > 0 and run["loss_falling"] and run["last_loss"] < run["first_loss"]
+        assert all(torch.isfinite(torch.tensor(p["loss"])) for p in run["curve"])
+    assert {p["size"] for p in base["curve"]} == {48}
+    assert min(p["size"] for p in et["curve"]) < 48 and et["curve"][-1]["size"] == 48  # the curriculum ran
+    assert probe["wall_ratio"] == pytest.approx(et["train_s"] / base["train_s"])
+    assert 0.5 < probe["planned_flops_ratio"] < 1.0 and base["planned_flops_ratio"] == 1.0
+
+
+def test_targets_are_reported_not_asserted(dry):
+    result, _ = dry
+    names = [t["target"] for t in result["targets"]]
+    assert any("ours / HF" in n for n in names) and any(n.startswith("end to end") for n in names)
+    assert any("peak GiB" in n for n in names) and any("img/s" in n for n in names)
+    for t in result["targets"]:
+        assert t["goal"] and (t["met"] is None) == (t["measured"] is None)
+
+
+def test_dry_run_is_seconds(dry):
+    result, _ = dry
+    assert result["_test_wall_s"] < 120  # a few seconds on one idle thread; generous for a loaded CI machine
+
+
+def test_a_spent_budget_skips_every_section_with_its_reason(tmp_path, mini_root):
+    result = run_check(["--dry-run", "--data", str(mini_root), "--out", str(tmp_path), "--budget-s", "0"])
+    assert result["step"] == result["e2e"] == result["fractal"] == [] and result["probe"] is None
+    skipped = result["skipped"]
+    sections = {s["section"] for s in skipped}
+    assert {"step", "e2e", "fractal", "probe"} <= sections
+    allowed = ("budget", "CUDA only", "did not run", "transformers is not installed")
+    assert all(any(a in s["reason"] for a in allowed) for s in skipped)
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["skipped"] == skipped
+
+
+def test_an_item_past_its_limit_is_stopped_and_recorded(tmp_path, gc):
+    report = gc.Report(tmp_path, budget_s=60, header={"device": "cpu", "torch": "x", "transformers": None,
+                                                       "date": "today"})
+    t0 = time.perf_counter()
+    with report.guard("probe", "endless", limit_s=1.0):
+        while True:
+            time.sleep(0.02)
+    assert 0.9 < time.perf_counter() - t0 < 5
+    [failure] = report.data["failed"]
+    assert failure["section"] == "probe" and failure["error"].startswith("OutOfTime: stopped after 1 s")
+    with report.guard("probe", "broken"):
+        raise ValueError("boom")
+    assert report.data["failed"][-1]["error"] == "ValueError: boom"
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["failed"] == report.data["failed"]
+
+
+def test_jpegs_made_on_the_spot_form_an_image_folder(tmp_path, gc):
+    root = gc.make_jpeg_folder(tmp_path / "jpegs", per_class=2, side=32)
+    index = scan_image_folder(root / "train", strict=True)
+    assert len(index.samples) == 4 and not index.skipped

@@ -1,0 +1,74 @@
+"""`python -m mae_et.evaluate.visualize`: a PNG grid of the expected size from a real checkpoint, one-line user errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CPU_RECIPE, REPO, in_process_run
+from PIL import Image
+
+from mae_et import checkpoint as ck
+from mae_et.evaluate.visualize import load_mae, main
+from mae_et.train.config import load_pretrain_config
+from mae_et.train.pretrain import pretrain
+
+CROP, PATCH, PADDING = 48, 8, 2  # the CPU recipe's crop and patch; make_grid's padding
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, mini_root) -> Path:
+    """A real run stopped after one step (in-process, a few seconds): a checkpoint in our format."""
+    out = tmp_path_factory.mktemp("visualize_run")
+    with in_process_run():
+        cfg = load_pretrain_config(CPU_RECIPE, [f"data.root={mini_root}", f"output_dir={out}", "train.epochs=1", "train.max_steps=1"])
+        return pretrain(cfg).run_dir
+
+
+def visualize(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mae_et.evaluate.visualize", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def two_images(mini_root: Path) -> list[str]:
+    return [str(p) for p in sorted((mini_root / "val").rglob("*.JPEG"))[:2]]
+
+
+@pytest.mark.parametrize("size", [None, 32])
+def test_cli_writes_a_grid_of_the_expected_size(tmp_path, tiny_run, mini_root, size, capsys):
+    out = tmp_path / "grid.png"
+    # main() in-process: the same code as `python -m mae_et.evaluate.visualize`, without a second torch import
+    main([str(tiny_run), *two_images(mini_root), "--out", str(out), *([] if size is None else ["--size", str(size)])])
+    assert f"wrote {out}: 2 images" in capsys.readouterr().out
+    side = CROP if size is None else size
+    # make_grid: 4 panels a row, 2 rows, `PADDING` pixels around and between the panels
+    assert Image.open(out).size == (4 * (side + PADDING) + PADDING, 2 * (side + PADDING) + PADDING)
+
+
+def test_bad_checkpoint_path_exits_2_with_one_line(tmp_path, mini_root):
+    # a real process: the exit status and everything on stderr are what the user sees
+    proc = visualize(str(tmp_path / "nowhere"), *two_images(mini_root), "--out", str(tmp_path / "grid.png"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nowhere" in lines[0], proc.stderr
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_load_mae_takes_a_run_or_a_checkpoint_and_rejects_other_folders(tiny_run, tmp_path):
+    latest = ck.list_checkpoints(tiny_run / "checkpoints")[-1]
+    model, cfg = load_mae(tiny_run)
+    assert not model.training and cfg.data.crop_size == CROP and model.patch_size == PATCH
+    model2, _ = load_mae(latest)
+    assert all((a == b).all() for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    with pytest.raises(ck.CheckpointError, match="is not a checkpoint"):
+        load_mae(tmp_path)
+    # strict: weights that do not fit the config's model are refused, in one line
+    wrong = tmp_path / "step_00000001"
+    shutil.copytree(latest, wrong)
+    config = wrong / ck.CONFIG_FILE
+    config.write_text(config.read_text().replace("decoder_depth: 1", "decoder_depth: 2"))
+    with pytest.raises(ck.CheckpointError, match="does not match its config's model: missing decoder_blocks.1"):
+        load_mae(wrong)

@@ -1,0 +1,90 @@
+"""The package's shape: subpackages in pipeline order, imports one way (evaluate -> train -> models -> data /
+curriculum -> the shared leaves: recipes (config loading), checkpoint (the on-disk format and safe loading),
+notices (warnings)), no import circle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = REPO / "mae_et"
+# lower numbers are imported by higher ones, never the other way; data and curriculum do not import each other
+LAYERS = {"notices": 0, "recipes": 1, "checkpoint": 1, "data": 2, "curriculum": 2, "models": 3, "train": 4,
+          "evaluate": 5, "cli": 6}
+
+
+def part_of(module: str) -> str:
+    """'mae_et.train.run' -> 'train'; 'mae_et' (the package itself) -> ''."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def imports_of(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mae_et"):
+            found.add(node.module)
+            if node.module == "mae_et":  # from mae_et import x: x is a module
+                found.update(f"mae_et.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("mae_et"))
+    return found
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def all_modules() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_every_module_belongs_to_a_known_part():
+    unknown = {m for m in all_modules() if part_of(m) and part_of(m) not in LAYERS}
+    assert not unknown, f"modules outside the layout: {sorted(unknown)}"
+
+
+def test_imports_run_one_way():
+    wrong = []
+    for module, imported in all_modules().items():
+        here = part_of(module)
+        if not here:
+            continue
+        for target in imported:
+            there = part_of(target)
+            if not there or there == here:
+                continue
+            if LAYERS[there] > LAYERS[here] or (LAYERS[there] == LAYERS[here]):
+                wrong.append(f"{module} imports {target}")
+    assert not wrong, "imports against the pipeline order:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_import_circle_between_modules():
+    graph = {m: {t for t in imported if t in all_modules() and t != m} for m, imported in all_modules().items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path + [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start, [])
+            assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_folder_list_is_the_pipeline():
+    subpackages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert subpackages == ["curriculum", "data", "evaluate", "models", "train"]

@@ -1,0 +1,100 @@
+"""Atomic checkpoints: a kill during a save never leaves the latest one unreadable."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+from conftest import REPO
+
+from mae_et import checkpoint as ck
+
+
+def save(root, step, value=1.0, keep_last=3):
+    return ck.save_checkpoint(root, step, {"w": torch.full((2, 2), value)}, {"step": step}, "a: 1\n", {"step": step}, keep_last)
+
+
+def test_round_trip_and_keep_last(tmp_path):
+    for step in (1, 2, 3, 4):
+        save(tmp_path, step, value=step, keep_last=2)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    latest = ck.load_latest_checkpoint(tmp_path)
+    assert latest.meta["step"] == 4 and latest.training_state["step"] == 4
+    assert torch.equal(latest.model_state["w"], torch.full((2, 2), 4.0))
+
+
+def test_kill_during_save_keeps_previous_latest(tmp_path, monkeypatch):
+    save(tmp_path, 1)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(ck.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 2)
+    monkeypatch.undo()
+    assert any(p.name.startswith(ck.TMP_PREFIX) for p in tmp_path.iterdir())  # the half-written folder
+    latest = ck.load_latest_checkpoint(tmp_path)
+    assert latest.meta["step"] == 1  # the half-written one is invisible
+    save(tmp_path, 3)
+    assert not any(p.name.startswith(ck.TMP_PREFIX) for p in tmp_path.iterdir())  # cleaned at the next save
+
+
+def test_unreadable_latest_falls_back_with_a_warning(tmp_path):
+    save(tmp_path, 1)
+    bad = save(tmp_path, 2)
+    (bad / ck.MODEL_FILE).write_bytes(b"\x00" * 10)  # truncated by a disk problem
+    with pytest.warns(UserWarning, match="step_00000002.*unreadable"):
+        latest = ck.load_latest_checkpoint(tmp_path)
+    assert latest.meta["step"] == 1
+    with pytest.raises(ck.CheckpointError, match="unreadable"):
+        ck.load_checkpoint(bad)
+
+
+def test_resaving_the_same_step_replaces_it(tmp_path):
+    save(tmp_path, 5, value=1.0)
+    save(tmp_path, 5, value=2.0)
+    assert len(ck.list_checkpoints(tmp_path)) == 1
+    assert ck.load_latest_checkpoint(tmp_path).model_state["w"][0, 0] == 2.0
+
+
+KILL_BETWEEN_RENAMES = """
+import os, signal, sys, torch
+from mae_et import checkpoint as ck
+real_replace = os.replace
+def replace_then_die(src, dst):
+    real_replace(src, dst)
+    if str(dst).endswith(ck.PREV_SUFFIX):  # step_N is now step_N.prev and the new copy not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+ck.os.replace = replace_then_die
+ck.save_checkpoint(sys.argv[1], 5, {"w": torch.full((2, 2), 2.0)}, {"step": 5}, "a: 1\\n", {"step": 5}, 3)
+"""
+
+
+@pytest.mark.parametrize("keep_last", [1, 3])
+def test_sigkill_while_the_same_step_is_saved_again_loses_nothing(tmp_path, keep_last):
+    """A real SIGKILL in the one window of a re-save (old copy moved aside, new one not yet in place)."""
+    import subprocess
+    import sys
+
+    save(tmp_path, 4, value=0.5, keep_last=keep_last)
+    save(tmp_path, 5, value=1.0, keep_last=keep_last)
+    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr  # it died in the window
+    assert (tmp_path / ("step_00000005" + ck.PREV_SUFFIX)).is_dir() and not (tmp_path / "step_00000005").exists()
+    # step 5 is still there, as it was before the re-save
+    assert [p.name[:13] for p in ck.list_checkpoints(tmp_path)][-1] == "step_00000005"
+    latest = ck.load_latest_checkpoint(tmp_path)
+    assert latest.meta["step"] == 5 and latest.model_state["w"][0, 0] == 1.0
+    # the next save puts it back under its own name
+    save(tmp_path, 6, value=3.0, keep_last=3)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)][-2:] == ["step_00000005", "step_00000006"]
+    assert not list(tmp_path.glob("*" + ck.PREV_SUFFIX))
+
+
+def test_a_resave_in_place_drops_the_replaced_copy(tmp_path):
+    save(tmp_path, 5, value=1.0)
+    (tmp_path / "step_00000005").rename(tmp_path / ("step_00000005" + ck.PREV_SUFFIX))
+    save(tmp_path, 5, value=2.0)  # as after a kill between the renames, then a relaunch saving step 5 again
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000005"]
+    assert ck.load_latest_checkpoint(tmp_path).model_state["w"][0, 0] == 2.0
