@@ -1000,12 +1000,16 @@ def main(argv=None) -> dict[str, Any]:
                   f"(another process); checking every {args.poll_seconds:g}s", flush=True)
             time.sleep(args.poll_seconds)
             state.reload()
-        # --- then the ablations asked for, each pretrained and evaluated
+        # --- then the ablations asked for, each pretrained and evaluated (split like the runs above: --pretrain-only
+        # trains them one after another, --eval-only evaluates each as soon as the other process has trained it)
         for row in ablation_rows:
-            if pretrain_row(row, seed, study.epochs * study.runs[split_row(row)[0]].budget, read_only=args.eval_only):
+            while not pretrain_row(row, seed, study.epochs * study.runs[split_row(row)[0]].budget, read_only=args.eval_only):
+                print(f"seed {seed}: waiting for {row} to be pretrained (another process); checking every "
+                      f"{args.poll_seconds:g}s", flush=True)
+                time.sleep(args.poll_seconds)
+                state.reload()
+            if not args.pretrain_only:
                 evaluate_row(row, seed)
-            elif not args.pretrain_only:
-                raise StudyError(f"{row} seed {seed} is not pretrained yet; run the study without --eval-only")
 
     if args.pretrain_only:
         print(f"pretraining done for seeds {seeds}; {out / STATE_FILE} holds it. Run without --pretrain-only to evaluate.")

@@ -415,7 +415,7 @@ def test_evaluation_beside_pretraining_in_two_processes(tmp_path):
 
     out = tmp_path / "study"
     cmd = [sys.executable, str(REPO / "benchmarks" / "curriculum_vs_baseline.py"), "--study", str(STUDY), "--data", str(MINI),
-           "--out", str(out), "--seeds", "0", "--eval-only", "--poll-seconds", "1"]
+           "--out", str(out), "--seeds", "0", "--eval-only", "--poll-seconds", "1", "--ablations", "warmup20"]
     evaluator = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -426,17 +426,20 @@ def test_evaluation_beside_pretraining_in_two_processes(tmp_path):
                 break
         assert seen and "waiting for" in seen[-1], "".join(seen)[-3000:]
         returned, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0",
-                                       "--pretrain-only"])
+                                       "--pretrain-only", "--ablations", "warmup20"])
         log, _ = evaluator.communicate(timeout=600)
     finally:
         evaluator.kill()
     assert evaluator.returncode == 0, log[-3000:]
     assert "pretraining done for seeds [0]" in printed and "summary" not in returned
     assert "evaluated untrained seed 0" in "".join(seen) and "evaluated baseline_equal_time seed 0" in log
+    # the ablation rows are split the same way: trained by one process, evaluated by the other, none twice
+    assert "pretrained etpp_half+warmup20 seed 0" in printed and "evaluated" not in printed
+    assert "evaluated etpp_half+warmup20 seed 0" in log
     result = json.loads((out / "results.json").read_text())
-    assert set(result["runs"]) == set(ROWS)
+    assert set(result["runs"]) == {*ROWS, "etpp_half+warmup20"}
     state = json.loads((out / "state.json").read_text())
-    assert all(state["launches"][f"{run}_seed0"] == 1 for run in RUNS)  # each pretrained once, by one process
+    assert all(state["launches"][f"{run}_seed0"] == 1 for run in (*RUNS, "etpp_half+warmup20"))  # each trained once
     for run in RUNS:
         assert result["runs"][run]["0"]["wall_s"] == state["runs"][run]["0"]["pretrain"]["value"]["wall_s"]
 
