@@ -76,7 +76,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mae_et.checkpoint import META_FILE, list_checkpoints, save_checkpoint  # noqa: E402
-from mae_et.recipes import ConfigError, config_to_dict  # noqa: E402
+from mae_et.recipes import ConfigError, config_to_dict, flatten_dict  # noqa: E402
 from mae_et.train.config import curriculum_stages, load_pretrain_config  # noqa: E402
 from mae_et.curriculum.schedules import plan_curriculum  # noqa: E402
 from mae_et.data.folder import scan_image_folder  # noqa: E402
@@ -302,14 +302,26 @@ def training_clock(record: dict[str, Any]) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- pretraining
 
 
-def clear_if_config_changed(run_dir: Path, cfg) -> None:
-    """A run folder left by a different config (an edited study) starts over instead of resuming."""
+def clear_if_config_changed(run_dir: Path, cfg) -> Path | None:
+    """A run folder left by a different config (an edited study, or the same data under another path) starts over
+    instead of resuming; the old folder is moved aside, not deleted (it may hold a finished run's only
+    checkpoint), and the keys that differ are named. Returns where it went."""
     saved = run_dir / "config.yaml"
-    if saved.is_file():
-        now = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        if yaml.safe_load(saved.read_text()) != now:
-            print(f"  {run_dir.name}: its saved config differs from this study's; starting it over", flush=True)
-            shutil.rmtree(run_dir)
+    if not saved.is_file():
+        return None
+    now = flatten_dict(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
+    before = flatten_dict(yaml.safe_load(saved.read_text()) or {})
+    differ = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    if not differ:
+        return None
+    aside = next(run_dir.with_name(f"{run_dir.name}.old-{n}") for n in range(1, 10_000)
+                 if not run_dir.with_name(f"{run_dir.name}.old-{n}").exists())
+    run_dir.rename(aside)
+    print(f"  {run_dir.name}: its saved config differs from this study's in "
+          + ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in differ[:4])
+          + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+          + f"; starting it over (the old folder is kept as {aside.name})", flush=True)
+    return aside
 
 
 def launch_pretrain(cfg_recipe: Path, overrides: list[str], log_path: Path, launch: str, env: dict) -> float:

@@ -462,3 +462,29 @@ def test_evaluated_runs_read_back_without_their_folders(study, tmp_path):
     for run in ROWS:
         for seed in SEEDS:
             assert again["runs"][run][seed]["linear_top1"] == result["runs"][run][seed]["linear_top1"]
+
+
+def test_a_run_folder_of_other_settings_is_moved_aside_not_deleted(tmp_path, capsys):
+    """The same data under another path (a symlink resolved, another checkout) changes a run's settings: the study
+    starts that run over, but keeps the old folder (it may hold a finished run's only checkpoint) and says why."""
+    script = load_script()
+    from mae_et.recipes import config_to_dict
+    from mae_et.train.config import load_pretrain_config
+
+    cfg = load_pretrain_config(script.load_study(STUDY).recipe, [f"data.root={MINI}", f"output_dir={tmp_path}",
+                                                                 "name=baseline_seed0"])
+    run_dir = cfg.run_dir
+    (run_dir / "checkpoints" / "step_00000030").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000030" / "meta.json").write_text('{"complete": true}')
+    old = config_to_dict(cfg)
+    old["data"]["root"] = "/elsewhere/imagenette"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    aside = script.clear_if_config_changed(run_dir, cfg)
+    assert aside == run_dir.with_name("baseline_seed0.old-1") and not run_dir.exists()
+    assert (aside / "checkpoints" / "step_00000030" / "meta.json").is_file()  # nothing lost
+    said = capsys.readouterr().out
+    assert "data.root ('/elsewhere/imagenette' -> " in said and "kept as baseline_seed0.old-1" in said
+    # the same settings: left where it is
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    assert script.clear_if_config_changed(run_dir, cfg) is None and run_dir.is_dir()
