@@ -816,7 +816,8 @@ def main(argv=None) -> dict:
     report = Report(Path(args.out), args.budget_s, header, t0=T0 if argv is None else None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # in the dtype its step rows compute in (bf16 on a GPU): an fp32 row is not measured against a bf16 peak
-    peak_dtype = COMPUTE_DTYPES[load_pretrain_config(plan.config, base_overrides).train.precision]
+    base_cfg = load_pretrain_config(plan.config, base_overrides)
+    peak_dtype = COMPUTE_DTYPES[base_cfg.train.precision]
     report.data["matmul_dtype"] = str(peak_dtype)[6:]
     report.data["matmul_tflops"] = matmul_tflops(device, plan.matmul_n if device.type == "cuda" else min(plan.matmul_n, 1024),
                                                  peak_dtype)
@@ -825,7 +826,7 @@ def main(argv=None) -> dict:
           f"matmul {report.data['matmul_tflops']:.1f} TFLOP/s; budget {args.budget_s:.0f} s", flush=True)
     if not torch.cuda.is_available():
         report.skip("step", "peak memory", "CUDA only: torch.cuda.max_memory_allocated")
-    crop = load_pretrain_config(plan.config, base_overrides).data.crop_size
+    crop = base_cfg.data.crop_size
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         bench = StepBench(report, plan, args, base_overrides)

@@ -126,6 +126,9 @@ class LoopCounters:
         self.window_loss += torch.where(finite, result.loss, torch.zeros_like(result.loss))
         self.window_finite += finite
 
+    def end_step(self) -> None:
+        self.window_steps += 1
+
     def skipped_updates(self) -> int:
         return self.nonfinite_before + int(self.nonfinite.item())
 
@@ -182,7 +185,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                                run.device)  # (n, L)
             counters.add(train_step(batch.images.to(run.device, non_blocking=True), stage.size, noise))
         step += 1
-        counters.window_steps += 1
+        counters.end_step()
         bar.update(1)
         knn = {}
         if sched.due(step, sched.knn_every):
@@ -237,7 +240,7 @@ def untrained_knn(found, raw_model: MaskedAutoencoderViT, cfg: PretrainConfig, s
     if found is not None:
         return dict(found.training_state.get("knn_untrained") or {})
     untrained = run_knn_monitor(raw_model, cfg, run.accelerator)  # before the loop's clocks start: not training time
-    run.say("step 0 (untrained encoder): kNN top-1 " + ", ".join(f"{k[9:]} {v:.1f}%" for k, v in untrained.items()))
+    run.say(f"step 0 (untrained encoder): kNN top-1 {knn_line(untrained, {})}")
     return untrained
 
 
