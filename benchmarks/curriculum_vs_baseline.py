@@ -1,7 +1,8 @@
 """The claim, measured: MAE with the EfficientTrain curriculum vs plain MAE, in time and accuracy.
 
     python benchmarks/curriculum_vs_baseline.py --study configs/study/<name>.yaml \
-        [--data /data/imagenette] [--out DIR] [--seeds 0 1] [--launch auto|subprocess|inprocess]
+        [--data /data/imagenette] [--out DIR] [--seeds 0 1] [--launch auto|subprocess|inprocess] \
+        [--ablations all [--ablation-seeds 0]] [--pretrain-only | --eval-only] [--publish]
 
 One model size and one schedule length E (the study config, `configs/study/*.yaml`); per seed, four
 pretraining runs and one floor:
@@ -28,8 +29,13 @@ then averaged over seeds. Evaluation stages get wall and CPU seconds too.
 Sessions end. A study killed at any point resumes when the same command runs again: finished runs and
 evaluations are read back from `state.json` (when their settings still match), a half-finished
 pretraining resumes from its last checkpoint (`checkpoint_every_epochs`) with its clocks carried over,
-and a half-finished fine-tune resumes from its own. Every run records the machine it ran on; the report
-says when a seed's runs, or the seeds, ran on different machines.
+and a half-finished fine-tune resumes from its own. Every run records the machine it ran on and the commit
+that trained it; the report says when a seed's runs, or the seeds, ran on different machines, or the runs
+on different commits.
+
+Ablations (`ablations:` in the study config, `--ablations`): rows '<run>+<name>' that change one setting of
+a run; `--ablation-seeds` gives them fewer seeds than the study. They get their own table, each accuracy
+beside its difference from the same run on the same seeds.
 
 Launch: `subprocess` (the default on a GPU) runs each pretraining as `python pretrain.py ...` in a
 fresh process; `inprocess` (the default on a CPU, where importing torch costs more than a tiny run) calls
@@ -277,6 +283,17 @@ def device_name() -> str:
 def machine() -> dict[str, Any]:
     """Where a run ran: the device, and the host (a resumed study may continue on another one)."""
     return {"device": device_name(), "host": platform.node(), "torch": torch.__version__}
+
+
+def code_version() -> dict[str, Any] | None:
+    """The commit of this checkout, and whether its tracked files differ from it (numerics such as the mask
+    stream changed between commits, so a run records the code that trained it); None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 class Stopwatch:
@@ -552,6 +569,39 @@ def speedups(results: dict[str, dict[str, dict]], runs=RUNS) -> dict[str, dict[s
     return out
 
 
+def ablation_effects(results: dict[str, dict[str, dict]], ablation_rows: list[str]) -> dict[str, dict[str, Any]]:
+    """Each ablation row beside the run it changes, on the ablation's own seeds: per seed, ablation - run for
+    every accuracy and run time / ablation time on each clock, then mean and spread over those seeds (an
+    ablation measured on fewer seeds than the study is compared with the same seeds of its run, not their mean)."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in ablation_rows:
+        run, seeds = split_row(row)[0], sorted(results[row], key=int)
+        if not seeds:
+            continue
+        out[row] = {"run": run, "seeds": [int(s) for s in seeds],
+                    "minus_run": {key: spread([results[row][s][key] - results[run][s][key] for s in seeds])
+                                  for key in ACCURACY_KEYS if all(key in results[row][s] for s in seeds)},
+                    "time_ratio": {clock: spread([results[run][s][f"{clock}_s"] / results[row][s][f"{clock}_s"]
+                                                  for s in seeds]) for clock in CLOCKS}}
+    return out
+
+
+def ablation_table(summary: dict[str, dict], speedup: dict[str, dict], effects: dict[str, dict], clock: str) -> str:
+    """The ablation rows, each accuracy beside its difference from the run it changes (same seeds)."""
+    lines = [f"ablations: each value, then (ablation - its run) on the same seeds; time on the {clock} clock",
+             "", f"| row | seeds | {clock} s | speed-up vs baseline | vs its run's time | kNN cls | kNN mean | linear | "
+             "fine-tune |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row, e in effects.items():
+        s = summary[row]
+
+        def acc(key: str) -> str:
+            return f"{s[key]['mean']:.2f} ({e['minus_run'][key]['mean']:+.2f})" if key in e["minus_run"] else "-"
+        lines.append(f"| {row} | {', '.join(map(str, e['seeds']))} | {s[f'{clock}_s']['mean']:.1f} | "
+                     f"{speedup[row][clock]['mean']:.2f}x | {e['time_ratio'][clock]['mean']:.2f}x | "
+                     f"{acc('knn_top1_cls')} | {acc('knn_top1_mean')} | {acc('linear_top1')} | {acc('finetune_top1')} |")
+    return "\n".join(lines) + "\n"
+
+
 def machines_note(results: dict[str, dict[str, dict]]) -> dict[str, Any]:
     """Which machine each seed ran on; a seed spread over several machines, or seeds on different ones, are named."""
     by_seed: dict[str, set] = {}
@@ -567,6 +617,22 @@ def machines_note(results: dict[str, dict[str, dict]]) -> dict[str, Any]:
             f"seed {s}: {d} on {h}" for s, ms in sorted(by_seed.items()) for d, h in sorted(ms)) + "): each speed-up is "
             "within one seed, the times are not comparable across seeds")
     return {"by_seed": {s: [{"device": d, "host": h} for d, h in sorted(m)] for s, m in by_seed.items()}, "notes": notes}
+
+
+def code_note(results: dict[str, dict[str, dict]]) -> dict[str, Any]:
+    """Which code trained each run (runs from before this was recorded have none); more than one commit is named."""
+    by_commit: dict[str, list[str]] = {}
+    for row in results:
+        for seed, r in sorted(results[row].items()):
+            code = r.get("code")
+            if code:
+                label = code["commit"][:10] + (" with changes" if code["dirty"] else "")
+                by_commit.setdefault(label, []).append(run_name(row, int(seed)))
+    notes = []
+    if len(by_commit) > 1:
+        notes.append("the runs were trained by " + str(len(by_commit)) + " code versions (" + "; ".join(
+            f"{c}: {', '.join(names)}" for c, names in sorted(by_commit.items())) + ")")
+    return {"by_commit": by_commit, "notes": notes}
 
 
 def reference_check(study: Study, cfg, device_name: str, baseline_s_per_epoch: float) -> dict[str, Any]:
@@ -841,6 +907,9 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--ablations", nargs="*", default=[],
                         help="ablations of the study config to add (rows '<run>+<name>', each pretrained and evaluated "
                              "after the main runs of each seed); 'all' for every one")
+    parser.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
+                        help="the seeds that get the ablation rows (default: every seed); each must be one of --seeds, "
+                             "whose baseline and run the ablation is compared with")
     parser.add_argument("--publish", action="store_true",
                         help="also copy results.json, table.md and the plot to benchmarks/results/<study name>/ (committed)")
     parser.add_argument("--warm-compile", action="store_true", help=argparse.SUPPRESS)  # the warm-up's own process
@@ -864,6 +933,10 @@ def main(argv=None) -> dict[str, Any]:
     unknown = [a for a in args.ablations if a not in study.ablations]
     if unknown:
         raise StudyError(f"ablations {unknown} are not in {study.path.name}; it has: {', '.join(study.ablations) or 'none'}")
+    ablation_seeds = args.ablation_seeds if args.ablation_seeds is not None else seeds
+    if not set(ablation_seeds) <= set(seeds):
+        raise StudyError(f"--ablation-seeds {sorted(set(ablation_seeds) - set(seeds))} are not among --seeds {seeds}: an "
+                         "ablation is compared with its seed's baseline and run; add them to --seeds")
     launch = args.launch if args.launch != "auto" else ("subprocess" if torch.cuda.is_available() else "inprocess")
     for sub in ("runs", "eval", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -941,7 +1014,8 @@ def main(argv=None) -> dict[str, Any]:
         clear_if_config_changed(cfg.run_dir, cfg)
         launches = state.count_launch(run_name(row, seed))
         process_s = launch_pretrain(study.recipe, overrides, out / "logs" / f"{run_name(row, seed)}.pretrain.log", launch, env)
-        r = {"seed": seed, "machine": machine(), "launches": launches, **read_pretrain_run(cfg.run_dir, cfg, process_s)}
+        r = {"seed": seed, "machine": machine(), "code": code_version(), "launches": launches,
+             **read_pretrain_run(cfg.run_dir, cfg, process_s)}
         state.put(row, seed, "pretrain", key, r)
         results[row][str(seed)] = r
         print(f"pretrained {row} seed {seed}: {r['epochs']:.4g} epochs, {r['steps']} steps, {r['wall_s']:.1f}s wall, "
@@ -959,7 +1033,7 @@ def main(argv=None) -> dict[str, Any]:
         key = {"encoder": state.key_of(row, seed, "pretrain"), **eval_settings}
         ev = state.get(row, seed, "eval", key)
         if ev is None:
-            ev = {"eval_machine": machine(), **evaluate_encoder(study, Path(r["run_dir"]), data_root, base_cfg.data.crop_size,
+            ev = {"eval_machine": machine(), "eval_code": code_version(), **evaluate_encoder(study, Path(r["run_dir"]), data_root, base_cfg.data.crop_size,
                                                                 seed, out, out / "logs" / f"{run_name(row, seed)}.finetune.log")}
             state.put(row, seed, "eval", key, ev)
         r.update(ev)
@@ -999,7 +1073,7 @@ def main(argv=None) -> dict[str, Any]:
                 r = state.get(UNTRAINED, seed, "pretrain", untrained_key)
                 evaluated = state.get(UNTRAINED, seed, "eval", {"encoder": untrained_key, **eval_settings}) is not None
                 if r is None or not (evaluated or Path(r["run_dir"]).is_dir()):
-                    r = {"seed": seed, "machine": machine(), "epochs": 0.0, "steps": 0, "wall_s": 0.0, "cpu_s": 0.0,
+                    r = {"seed": seed, "machine": machine(), "code": code_version(), "epochs": 0.0, "steps": 0, "wall_s": 0.0, "cpu_s": 0.0,
                          "run_dir": str(save_untrained_encoder(study, seed, data_root, out))}
                     state.put(UNTRAINED, seed, "pretrain", untrained_key, r)
                 results[UNTRAINED][str(seed)] = r
@@ -1014,7 +1088,7 @@ def main(argv=None) -> dict[str, Any]:
             state.reload()
         # --- then the ablations asked for, each pretrained and evaluated (split like the runs above: --pretrain-only
         # trains them one after another, --eval-only evaluates each as soon as the other process has trained it)
-        for row in ablation_rows:
+        for row in ablation_rows if seed in ablation_seeds else ():
             while not pretrain_row(row, seed, study.epochs * study.runs[split_row(row)[0]].budget, read_only=args.eval_only):
                 print(f"seed {seed}: waiting for {row} to be pretrained (another process); checking every "
                       f"{args.poll_seconds:g}s", flush=True)
@@ -1030,20 +1104,24 @@ def main(argv=None) -> dict[str, Any]:
     # --- summary
     summary = {row: summarise(results[row]) for row in rows}
     speedup = speedups(results, [*RUNS, *ablation_rows])
+    effects = ablation_effects(results, ablation_rows)
     device = device_name()
     reference = reference_check(study, base_cfg, device, summary["baseline"]["s_per_epoch"]["mean"])
     v = verdicts(study.targets, clock, summary, speedup, reference)
-    machines = machines_note(results)
-    table = markdown_table(summary, speedup, seeds, rows)
+    machines, code = machines_note(results), code_note(results)
+    table = markdown_table(summary, speedup, seeds)
+    if effects:
+        table += "\n" + ablation_table(summary, speedup, effects, clock)
     rates = stage_rates(results, base_cfg, clock)
     table += "\n" + stage_rate_table(rates, clock)
-    lines = verdict_lines(v, study.targets) + [f"note: {n}" for n in machines["notes"]]
+    lines = verdict_lines(v, study.targets) + [f"note: {n}" for n in machines["notes"] + code["notes"]]
     result = {
         "study": study.name, "study_config": repo_relative(study.path), "settings": study.raw, "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
         "launch": launch, "data_root": str(data_root), "num_train_images": num_images, "seeds": seeds,
         "verdict_clock": clock, "compile_warmup_s": warmup_s, "runs": results, "summary": summary, "speedups": speedup,
-        "equal_time": equal_time, "verdicts": v, "machines": machines, "stage_rates": rates, "commands": commands,
+        "equal_time": equal_time, "verdicts": v, "machines": machines, "code": code, "stage_rates": rates,
+        "ablation_seeds": ablation_seeds if ablation_rows else [], "ablations": effects, "commands": commands,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     verdict_list = "\n".join(f"- {line}" for line in lines)

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -382,16 +383,35 @@ def test_machines_note_names_mixed_machines():
 
 def test_ablation_rows_run_after_the_main_rows_against_the_same_baseline(study, tmp_path):
     """--ablations adds rows '<run>+<name>': pretrained with the ablation's settings, evaluated the same way, their
-    speed-up taken against the same seed's baseline; the main rows are read back, not redone."""
+    speed-up taken against the same seed's baseline; the main rows are read back, not redone. --ablation-seeds
+    gives them fewer seeds than the study, and each is compared with its run on those seeds only."""
     result, finished, _ = study
     out = tmp_path / "study"
     shutil.copytree(finished, out)
-    again, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0",
-                                "--ablations", "floor32", "warmup20"])
+    again, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "1",
+                                "--ablations", "floor32", "warmup20", "--ablation-seeds", "0"])
     read_back = [line for line in printed.splitlines() if line.startswith("pretrained ") and "read back" in line]
-    assert len(read_back) == len(RUNS)
+    assert len(read_back) == 2 * len(RUNS)
     rows = {"etpp_half+floor32", "etpp_half+warmup20"}
     assert rows <= set(again["runs"]) and rows <= set(again["summary"]) and rows <= set(again["speedups"])
+    assert all(set(again["runs"][row]) == {"0"} for row in rows) and again["ablation_seeds"] == [0]
+    # beside its run on seed 0 only (the run's two-seed mean would mix in a seed the ablation never had)
+    for row in rows:
+        effect, abl, run = again["ablations"][row], again["runs"][row]["0"], again["runs"]["etpp_half"]["0"]
+        assert effect["run"] == "etpp_half" and effect["seeds"] == [0]
+        for key in ("knn_top1_cls", "knn_top1_mean", "linear_top1", "finetune_top1"):
+            assert effect["minus_run"][key]["values"] == [pytest.approx(abl[key] - run[key])]
+        assert effect["time_ratio"]["cpu"]["values"] == [pytest.approx(run["cpu_s"] / abl["cpu_s"])]
+    table = (out / "table.md").read_text()
+    main_table, _, ablations = table.partition("ablations: ")
+    assert "| etpp_half+floor32 |" not in main_table and "| etpp_half+floor32 | 0 |" in ablations
+    floor_knn = again["runs"]["etpp_half+floor32"]["0"]["knn_top1_cls"]
+    delta = again["ablations"]["etpp_half+floor32"]["minus_run"]["knn_top1_cls"]["mean"]
+    assert f"| {floor_knn:.2f} ({delta:+.2f}) |" in ablations
+    # every run records the commit that trained it; one commit here, so no note
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert again["runs"]["etpp_half+floor32"]["0"]["code"]["commit"] == head
+    assert again["code"]["notes"] == []
     floor = again["runs"]["etpp_half+floor32"]["0"]
     assert [s["size"] for s in floor["stages"]] == [32, 40, 48]  # 24 lifted to 32
     cfg = yaml.safe_load((Path(floor["run_dir"]) / "config.yaml").read_text())
@@ -406,13 +426,26 @@ def test_ablation_rows_run_after_the_main_rows_against_the_same_baseline(study, 
     script = load_script()
     with pytest.raises(script.StudyError, match="ablations \\['nope'\\] are not in"):
         script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--ablations", "nope"])
+    with pytest.raises(script.StudyError, match="--ablation-seeds \\[2\\] are not among --seeds"):
+        script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "1",
+                     "--ablations", "floor32", "--ablation-seeds", "2"])
+
+
+def test_code_note_names_mixed_commits():
+    script = load_script()
+    results = {"baseline": {"0": {"code": {"commit": "a" * 40, "dirty": False}}, "1": {"code": {"commit": "b" * 40,
+                                                                                             "dirty": True}}},
+               "et": {"0": {"code": {"commit": "a" * 40, "dirty": False}}, "1": {}}}  # seed 1: before it was recorded
+    note = script.code_note(results)
+    assert note["by_commit"] == {"aaaaaaaaaa": ["baseline_seed0", "et_seed0"], "bbbbbbbbbb with changes": ["baseline_seed1"]}
+    assert note["notes"] == ["the runs were trained by 2 code versions (aaaaaaaaaa: baseline_seed0, et_seed0; "
+                             "bbbbbbbbbb with changes: baseline_seed1)"]
+    assert script.code_note({"baseline": {"0": results["baseline"]["0"]}, "et": {"0": results["et"]["0"]}})["notes"] == []
 
 
 def test_evaluation_beside_pretraining_in_two_processes(tmp_path):
     """--eval-only (its own process, started first) waits for the runs that --pretrain-only trains, evaluates each
     as it lands in the shared state.json, and writes the one results.json; nothing is trained twice."""
-    import subprocess
-
     out = tmp_path / "study"
     cmd = [sys.executable, str(REPO / "benchmarks" / "curriculum_vs_baseline.py"), "--study", str(STUDY), "--data", str(MINI),
            "--out", str(out), "--seeds", "0", "--eval-only", "--poll-seconds", "1", "--ablations", "warmup20"]
