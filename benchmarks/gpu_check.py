@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import importlib.metadata
 import itertools
@@ -833,7 +834,7 @@ def main(argv=None) -> dict:
         step_section(report, plan, args, bench, crop)
         data_root = resolve_data(args, plan, Path(tmp)) if {"e2e", "probe"} - set(args.skip) else None
         report.data["data"] = str(data_root)
-        section(report, args, "e2e", lambda: end_to_end_rows(report, plan, bench, data_root))
+        section(report, args, "e2e", functools.partial(end_to_end_rows, report, plan, bench, data_root))
         bench.drop(0)
         del bench  # its Accelerator holds every model it prepared
         torch._dynamo.reset()  # and the compiled graphs theirs
