@@ -543,6 +543,33 @@ def evaluate_encoder(study: Study, run_dir: Path, data_root: Path, img_size: int
     return {**result, "eval_seconds": seconds}
 
 
+def recheck(study: Study, state: "StudyState", items: list[str], data_root: Path, img_size: int, out: Path) -> dict:
+    """Evaluate finished encoders ('<row>:<seed>') again, into <out>/recheck/, each number beside the stored one:
+    whether a stored evaluation reproduces with this code on this machine (e.g. before comparing rows evaluated by
+    different commits). Nothing in state.json changes."""
+    report = {}
+    for item in items:
+        row, _, seed = item.rpartition(":")
+        entry = state.data["runs"].get(row, {}).get(seed, {})
+        if not row or "pretrain" not in entry or "eval" not in entry:
+            raise StudyError(f"--recheck {item}: no evaluated run '{row}' seed '{seed}' in {state.path}; give "
+                             f"<row>:<seed> of one, e.g. baseline:0")
+        run_dir = Path(entry["pretrain"]["value"]["run_dir"])
+        if not (run_dir / "checkpoints").is_dir():
+            raise StudyError(f"--recheck {item}: its run folder {run_dir} is gone, so its encoder cannot be evaluated again")
+        stored = entry["eval"]["value"]
+        name = run_name(row, int(seed))
+        new = evaluate_encoder(study, run_dir, data_root, img_size, int(seed), out / "recheck",
+                               out / "logs" / f"{name}.recheck.log")
+        report[name] = {"code": code_version(), "machine": machine(), "stored": stored, "again": new,
+                        "difference": {k: new[k] - stored[k] for k in (*ACCURACY_KEYS, "finetune_best_top1") if k in stored}}
+        print(f"recheck {name}: " + ", ".join(f"{k} {stored[k]:.2f} -> {new[k]:.2f}" for k in report[name]["difference"]),
+              flush=True)
+    (out / "recheck").mkdir(parents=True, exist_ok=True)
+    (out / "recheck" / "recheck.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
 # ----------------------------------------------------------------------------- summary, verdicts, report
 
 
@@ -582,15 +609,19 @@ def ablation_effects(results: dict[str, dict[str, dict]], ablation_rows: list[st
                     "minus_run": {key: spread([results[row][s][key] - results[run][s][key] for s in seeds])
                                   for key in ACCURACY_KEYS if all(key in results[row][s] for s in seeds)},
                     "time_ratio": {clock: spread([results[run][s][f"{clock}_s"] / results[row][s][f"{clock}_s"]
-                                                  for s in seeds]) for clock in CLOCKS}}
+                                                  for s in seeds]) for clock in CLOCKS},
+                    # the plan's own ratio: an ablation trained in another session than its run carries the
+                    # machine's drift in its time ratio, not in this one
+                    "flop_ratio": spread([results[run][s]["pflop"] / results[row][s]["pflop"] for s in seeds])}
     return out
 
 
 def ablation_table(summary: dict[str, dict], speedup: dict[str, dict], effects: dict[str, dict], clock: str) -> str:
     """The ablation rows, each accuracy beside its difference from the run it changes (same seeds)."""
-    lines = [f"ablations: each value, then (ablation - its run) on the same seeds; time on the {clock} clock",
-             "", f"| row | seeds | {clock} s | speed-up vs baseline | vs its run's time | kNN cls | kNN mean | linear | "
-             "fine-tune |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"ablations: each value, then (ablation - its run) on the same seeds; time on the {clock} clock; "
+             "time ratios between runs of different sessions carry the machine's drift, the FLOP ratio is the plan's",
+             "", f"| row | seeds | {clock} s | speed-up vs baseline | its run's time / its time | its run's FLOPs / its "
+             "FLOPs | kNN cls | kNN mean | linear | fine-tune |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row, e in effects.items():
         s = summary[row]
 
@@ -598,6 +629,7 @@ def ablation_table(summary: dict[str, dict], speedup: dict[str, dict], effects: 
             return f"{s[key]['mean']:.2f} ({e['minus_run'][key]['mean']:+.2f})" if key in e["minus_run"] else "-"
         lines.append(f"| {row} | {', '.join(map(str, e['seeds']))} | {s[f'{clock}_s']['mean']:.1f} | "
                      f"{speedup[row][clock]['mean']:.2f}x | {e['time_ratio'][clock]['mean']:.2f}x | "
+                     f"{e['flop_ratio']['mean']:.3f}x | "
                      f"{acc('knn_top1_cls')} | {acc('knn_top1_mean')} | {acc('linear_top1')} | {acc('finetune_top1')} |")
     return "\n".join(lines) + "\n"
 
@@ -910,6 +942,9 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
                         help="the seeds that get the ablation rows (default: every seed); each must be one of --seeds, "
                              "whose baseline and run the ablation is compared with")
+    parser.add_argument("--recheck", nargs="+", default=None, metavar="ROW:SEED",
+                        help="evaluate these finished encoders again (into <out>/recheck/) and print each number beside "
+                             "the stored one; trains nothing, changes nothing in state.json")
     parser.add_argument("--publish", action="store_true",
                         help="also copy results.json, table.md and the plot to benchmarks/results/<study name>/ (committed)")
     parser.add_argument("--warm-compile", action="store_true", help=argparse.SUPPRESS)  # the warm-up's own process
@@ -960,6 +995,8 @@ def main(argv=None) -> dict[str, Any]:
         shutil.copy2(published / STATE_FILE, out / STATE_FILE)
         print(f"starting from the published state {published / STATE_FILE}")
     state = StudyState(out / STATE_FILE)
+    if args.recheck:
+        return recheck(study, state, args.recheck, data_root, base_cfg.data.crop_size, out)
     print(f"study {study.name}: {base_cfg.model.size}/{base_cfg.model.patch_size} (decoder {base_cfg.model.decoder_embed_dim} x "
           f"{base_cfg.model.decoder_depth}) at {base_cfg.data.crop_size} px, E = {study.epochs:g}, batch "
           f"{base_cfg.train.batch_size * base_cfg.train.accum_steps}, {base_cfg.train.precision}, compile {base_cfg.train.compile}, "

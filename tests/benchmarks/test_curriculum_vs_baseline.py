@@ -402,6 +402,10 @@ def test_ablation_rows_run_after_the_main_rows_against_the_same_baseline(study, 
         for key in ("knn_top1_cls", "knn_top1_mean", "linear_top1", "finetune_top1"):
             assert effect["minus_run"][key]["values"] == [pytest.approx(abl[key] - run[key])]
         assert effect["time_ratio"]["cpu"]["values"] == [pytest.approx(run["cpu_s"] / abl["cpu_s"])]
+        assert effect["flop_ratio"]["values"] == [pytest.approx(run["pflop"] / abl["pflop"])]
+    # warmup20 changes no shape: the same plan; floor32 trades 24-px steps for fewer 32-px ones in the same budget
+    assert again["ablations"]["etpp_half+warmup20"]["flop_ratio"]["mean"] == pytest.approx(1.0)
+    assert again["ablations"]["etpp_half+floor32"]["flop_ratio"]["mean"] != pytest.approx(1.0, abs=1e-3)
     table = (out / "table.md").read_text()
     main_table, _, ablations = table.partition("ablations: ")
     assert "| etpp_half+floor32 |" not in main_table and "| etpp_half+floor32 | 0 |" in ablations
@@ -521,3 +525,23 @@ def test_a_run_folder_of_other_settings_is_moved_aside_not_deleted(tmp_path, cap
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     assert script.clear_if_config_changed(run_dir, cfg) is None and run_dir.is_dir()
+
+
+def test_recheck_reproduces_a_stored_evaluation_and_changes_nothing(study, tmp_path):
+    """--recheck ROW:SEED evaluates a finished encoder again beside its stored numbers: with the same code on the
+    same machine every number comes back exactly; state.json is untouched; a row without an evaluation is refused."""
+    _, finished, _ = study
+    out = tmp_path / "study"
+    shutil.copytree(finished, out)
+    before = (out / "state.json").read_text()
+    report, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--recheck", "etpp_half:1"])
+    again = report["etpp_half_seed1"]
+    stored = json.loads(before)["runs"]["etpp_half"]["1"]["eval"]["value"]
+    assert again["stored"] == stored and set(again["difference"]) == {*ACCURACY_KEYS}
+    assert all(again["difference"][k] == 0.0 for k in ACCURACY_KEYS), again["difference"]
+    assert (out / "recheck" / "eval" / "etpp_half_seed1_finetune").is_dir()  # not the stored fine-tune's folder
+    assert json.loads((out / "recheck" / "recheck.json").read_text()) == json.loads(json.dumps(report))
+    assert "recheck etpp_half_seed1: knn_top1_cls" in printed and (out / "state.json").read_text() == before
+    script = load_script()
+    with pytest.raises(script.StudyError, match="no evaluated run 'et' seed '7'"):
+        script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--recheck", "et:7"])
