@@ -34,8 +34,8 @@ that trained it; the report says when a seed's runs, or the seeds, ran on differ
 on different commits.
 
 Ablations (`ablations:` in the study config, `--ablations`): rows '<run>+<name>' that change one setting of
-a run; `--ablation-seeds` gives them fewer seeds than the study. They get their own table, each accuracy
-beside its difference from the same run on the same seeds.
+a run; `--ablation-seeds` gives them fewer seeds than the study (all: '0'; per ablation: 'pos_extent=0,1').
+They get their own table, each accuracy beside its difference from the same run on the same seeds.
 
 Launch: `subprocess` (the default on a GPU) runs each pretraining as `python pretrain.py ...` in a
 fresh process; `inprocess` (the default on a CPU, where importing torch costs more than a tiny run) calls
@@ -220,6 +220,31 @@ def split_row(row: str) -> tuple[str, str | None]:
     """'et+pos_extent' -> ('et', 'pos_extent'); 'et' -> ('et', None)."""
     run, _, ablation = row.partition("+")
     return run, ablation or None
+
+
+def ablation_seed_plan(tokens: list[str], ablations: list[str], seeds: list[int]) -> dict[str, list[int]]:
+    """--ablation-seeds as {ablation: seeds}: plain seeds ('0 1') for every ablation, 'name=0,1' for one; an ablation
+    not named gets the plain seeds given, else every seed of the study."""
+    plain, named = [], {}
+    for token in tokens:
+        name, _, values = token.rpartition("=")
+        try:
+            parsed = [int(v) for v in values.split(",")]
+        except ValueError:
+            raise StudyError(f"--ablation-seeds {token}: give seeds ('0 1') or <ablation>=<seed>,<seed> "
+                             "(e.g. pos_extent=0,1)") from None
+        if not name:
+            plain.extend(parsed)
+        elif name not in ablations:
+            raise StudyError(f"--ablation-seeds {token}: '{name}' is not among --ablations ({', '.join(ablations) or 'none'})")
+        else:
+            named[name] = parsed
+    plan = {name: named.get(name, plain or list(seeds)) for name in ablations}
+    missing = sorted({s for chosen in plan.values() for s in chosen} - set(seeds))
+    if missing:
+        raise StudyError(f"--ablation-seeds {missing} are not among --seeds {seeds}: an ablation is compared with its "
+                         "seed's baseline and run; add them to --seeds")
+    return plan
 
 
 def pretrain_overrides(study: Study, row: str, seed: int, epochs: float, data_root: Path, out: Path) -> list[str]:
@@ -939,9 +964,10 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--ablations", nargs="*", default=[],
                         help="ablations of the study config to add (rows '<run>+<name>', each pretrained and evaluated "
                              "after the main runs of each seed); 'all' for every one")
-    parser.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
-                        help="the seeds that get the ablation rows (default: every seed); each must be one of --seeds, "
-                             "whose baseline and run the ablation is compared with")
+    parser.add_argument("--ablation-seeds", nargs="+", default=None, metavar="SEED|NAME=SEED,SEED",
+                        help="the seeds that get the ablation rows (default: every seed), for all ('0') or per ablation "
+                             "('pos_extent=0,1 warmup20=0'; unnamed ones get the plain seeds given, else every seed); "
+                             "each must be one of --seeds, whose baseline and run the ablation is compared with")
     parser.add_argument("--recheck", nargs="+", default=None, metavar="ROW:SEED",
                         help="evaluate these finished encoders again (into <out>/recheck/) and print each number beside "
                              "the stored one; trains nothing, changes nothing in state.json")
@@ -968,10 +994,7 @@ def main(argv=None) -> dict[str, Any]:
     unknown = [a for a in args.ablations if a not in study.ablations]
     if unknown:
         raise StudyError(f"ablations {unknown} are not in {study.path.name}; it has: {', '.join(study.ablations) or 'none'}")
-    ablation_seeds = args.ablation_seeds if args.ablation_seeds is not None else seeds
-    if not set(ablation_seeds) <= set(seeds):
-        raise StudyError(f"--ablation-seeds {sorted(set(ablation_seeds) - set(seeds))} are not among --seeds {seeds}: an "
-                         "ablation is compared with its seed's baseline and run; add them to --seeds")
+    ablation_seeds = ablation_seed_plan(args.ablation_seeds or [], args.ablations, seeds)
     launch = args.launch if args.launch != "auto" else ("subprocess" if torch.cuda.is_available() else "inprocess")
     for sub in ("runs", "eval", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -1125,7 +1148,7 @@ def main(argv=None) -> dict[str, Any]:
             state.reload()
         # --- then the ablations asked for, each pretrained and evaluated (split like the runs above: --pretrain-only
         # trains them one after another, --eval-only evaluates each as soon as the other process has trained it)
-        for row in ablation_rows if seed in ablation_seeds else ():
+        for row in [r for r in ablation_rows if seed in ablation_seeds[split_row(r)[1]]]:
             while not pretrain_row(row, seed, study.epochs * study.runs[split_row(row)[0]].budget, read_only=args.eval_only):
                 print(f"seed {seed}: waiting for {row} to be pretrained (another process); checking every "
                       f"{args.poll_seconds:g}s", flush=True)
@@ -1158,7 +1181,7 @@ def main(argv=None) -> dict[str, Any]:
         "launch": launch, "data_root": str(data_root), "num_train_images": num_images, "seeds": seeds,
         "verdict_clock": clock, "compile_warmup_s": warmup_s, "runs": results, "summary": summary, "speedups": speedup,
         "equal_time": equal_time, "verdicts": v, "machines": machines, "code": code, "stage_rates": rates,
-        "ablation_seeds": ablation_seeds if ablation_rows else [], "ablations": effects, "commands": commands,
+        "ablation_seeds": ablation_seeds, "ablations": effects, "commands": commands,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     verdict_list = "\n".join(f"- {line}" for line in lines)

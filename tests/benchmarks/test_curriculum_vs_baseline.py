@@ -394,7 +394,7 @@ def test_ablation_rows_run_after_the_main_rows_against_the_same_baseline(study, 
     assert len(read_back) == 2 * len(RUNS)
     rows = {"etpp_half+floor32", "etpp_half+warmup20"}
     assert rows <= set(again["runs"]) and rows <= set(again["summary"]) and rows <= set(again["speedups"])
-    assert all(set(again["runs"][row]) == {"0"} for row in rows) and again["ablation_seeds"] == [0]
+    assert all(set(again["runs"][row]) == {"0"} for row in rows) and again["ablation_seeds"] == {"floor32": [0], "warmup20": [0]}
     # beside its run on seed 0 only (the run's two-seed mean would mix in a seed the ablation never had)
     for row in rows:
         effect, abl, run = again["ablations"][row], again["runs"][row]["0"], again["runs"]["etpp_half"]["0"]
@@ -433,6 +433,23 @@ def test_ablation_rows_run_after_the_main_rows_against_the_same_baseline(study, 
     with pytest.raises(script.StudyError, match="--ablation-seeds \\[2\\] are not among --seeds"):
         script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "1",
                      "--ablations", "floor32", "--ablation-seeds", "2"])
+
+
+def test_ablation_seeds_for_all_or_per_ablation():
+    script = load_script()
+    plan = script.ablation_seed_plan
+    names, seeds = ["pos_extent", "warmup20", "floor32"], [0, 1]
+    assert plan([], names, seeds) == {n: [0, 1] for n in names}
+    assert plan(["0"], names, seeds) == {n: [0] for n in names}
+    assert plan(["pos_extent=0,1", "0"], names, seeds) == {"pos_extent": [0, 1], "warmup20": [0], "floor32": [0]}
+    assert plan(["warmup20=1"], names, seeds) == {"pos_extent": [0, 1], "warmup20": [1], "floor32": [0, 1]}
+    error = script.StudyError
+    with pytest.raises(error, match="'nope' is not among --ablations"):
+        plan(["nope=0"], names, seeds)
+    with pytest.raises(error, match="give seeds"):
+        plan(["warmup20=a"], names, seeds)
+    with pytest.raises(error, match="\\[2\\] are not among --seeds"):
+        plan(["floor32=0,2"], names, seeds)
 
 
 def test_code_note_names_mixed_commits():
