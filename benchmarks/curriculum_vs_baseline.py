@@ -649,13 +649,11 @@ def ablation_table(summary: dict[str, dict], speedup: dict[str, dict], effects: 
              "FLOPs | kNN cls | kNN mean | linear | fine-tune |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row, e in effects.items():
         s = summary[row]
-
-        def acc(key: str) -> str:
-            return f"{s[key]['mean']:.2f} ({e['minus_run'][key]['mean']:+.2f})" if key in e["minus_run"] else "-"
+        accuracies = [f"{s[k]['mean']:.2f} ({e['minus_run'][k]['mean']:+.2f})" if k in e["minus_run"] else "-"
+                      for k in ACCURACY_KEYS]
         lines.append(f"| {row} | {', '.join(map(str, e['seeds']))} | {s[f'{clock}_s']['mean']:.1f} | "
                      f"{speedup[row][clock]['mean']:.2f}x | {e['time_ratio'][clock]['mean']:.2f}x | "
-                     f"{e['flop_ratio']['mean']:.3f}x | "
-                     f"{acc('knn_top1_cls')} | {acc('knn_top1_mean')} | {acc('linear_top1')} | {acc('finetune_top1')} |")
+                     f"{e['flop_ratio']['mean']:.3f}x | " + " | ".join(accuracies) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -777,7 +775,7 @@ def verdict_lines(v: dict[str, Any], targets: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown_table(summary: dict[str, dict], speedup: dict[str, dict], seeds: list[int], rows=ROWS) -> str:
+def markdown_table(summary: dict[str, dict], speedup: dict[str, dict], seeds: list[int]) -> str:
     def cell(stat: dict | None, digits: int) -> str:
         return "-" if stat is None else f"{stat['mean']:.{digits}f} ± {stat['half_range']:.{digits}f}"
 
@@ -790,7 +788,7 @@ def markdown_table(summary: dict[str, dict], speedup: dict[str, dict], seeds: li
              "| run | epochs | steps | wall s | CPU s | speed-up (wall) | speed-up (CPU) | final loss | kNN cls | kNN mean | "
              "linear | fine-tune |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for run in [r for r in rows if r in summary]:
+    for run in [r for r in ROWS if r in summary]:
         s = summary[run]
         lines.append(f"| {run} | {cell(s['epochs'], 2)} | {cell(s['steps'], 0)} | {cell(s['wall_s'], 1)} | "
                      f"{cell(s['cpu_s'], 1)} | {ratio(run, 'wall')} | {ratio(run, 'cpu')} | {cell(s.get('final_loss'), 4)} | "
@@ -1093,8 +1091,9 @@ def main(argv=None) -> dict[str, Any]:
         key = {"encoder": state.key_of(row, seed, "pretrain"), **eval_settings}
         ev = state.get(row, seed, "eval", key)
         if ev is None:
-            ev = {"eval_machine": machine(), "eval_code": code_version(), **evaluate_encoder(study, Path(r["run_dir"]), data_root, base_cfg.data.crop_size,
-                                                                seed, out, out / "logs" / f"{run_name(row, seed)}.finetune.log")}
+            ev = {"eval_machine": machine(), "eval_code": code_version(),
+                  **evaluate_encoder(study, Path(r["run_dir"]), data_root, base_cfg.data.crop_size, seed, out,
+                                     out / "logs" / f"{run_name(row, seed)}.finetune.log")}
             state.put(row, seed, "eval", key, ev)
         r.update(ev)
         print(f"evaluated {row} seed {seed}: kNN cls {r['knn_top1_cls']:.2f} mean {r['knn_top1_mean']:.2f}, "
@@ -1133,8 +1132,8 @@ def main(argv=None) -> dict[str, Any]:
                 r = state.get(UNTRAINED, seed, "pretrain", untrained_key)
                 evaluated = state.get(UNTRAINED, seed, "eval", {"encoder": untrained_key, **eval_settings}) is not None
                 if r is None or not (evaluated or Path(r["run_dir"]).is_dir()):
-                    r = {"seed": seed, "machine": machine(), "code": code_version(), "epochs": 0.0, "steps": 0, "wall_s": 0.0, "cpu_s": 0.0,
-                         "run_dir": str(save_untrained_encoder(study, seed, data_root, out))}
+                    r = {"seed": seed, "machine": machine(), "code": code_version(), "epochs": 0.0, "steps": 0,
+                         "wall_s": 0.0, "cpu_s": 0.0, "run_dir": str(save_untrained_encoder(study, seed, data_root, out))}
                     state.put(UNTRAINED, seed, "pretrain", untrained_key, r)
                 results[UNTRAINED][str(seed)] = r
             # --- evaluation of every encoder, the same way (--eval-only: each as soon as another process pretrained it)
