@@ -46,6 +46,12 @@ compile that another run found cached.
 Over seeds: mean, half-range ((max - min) / 2: "within the baseline's seed spread" means at or above its
 worst seed) and the sample std. Fine-tune top-1 is the last epoch's (no selection on val).
 
+One writer per part: the pretraining part (the default, and --pretrain-only) and the evaluation part (the default,
+and --eval-only) each hold a lock in `--out` for the process's life, so a second process doing the same part stops
+in one line; a run folder is moved aside (its config changed) only under its own run lock, never while a run writes
+it. `--out` may not overlap the data. Recorded commands (`python`, paths relative to the checkout) and run folders
+(relative to the checkout when inside it) name no machine, so a published file reads the same after a rerun elsewhere.
+
 Output under `--out` (default runs/study/<study name>/; with --publish the report files and state.json are also
 copied to benchmarks/results/<study name>/, which is committed, and a study whose out folder has no state.json
 starts from that published one: a later session on a new checkout reads the evaluated seeds back): state.json (every finished run and evaluation;
@@ -82,6 +88,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mae_et.checkpoint import META_FILE, list_checkpoints, save_checkpoint  # noqa: E402
+from mae_et.files import FileError, RunFolderBusy, RunFolderLock, check_output_folder, write_text_atomic  # noqa: E402
 from mae_et.recipes import ConfigError, config_to_dict, flatten_dict  # noqa: E402
 from mae_et.train.config import curriculum_stages, load_pretrain_config  # noqa: E402
 from mae_et.curriculum.schedules import plan_curriculum  # noqa: E402
@@ -358,7 +365,8 @@ def clear_if_config_changed(run_dir: Path, cfg) -> Path | None:
         return None
     aside = next(run_dir.with_name(f"{run_dir.name}.old-{n}") for n in range(1, 10_000)
                  if not run_dir.with_name(f"{run_dir.name}.old-{n}").exists())
-    run_dir.rename(aside)
+    with run_folder_lock(run_dir):  # never move a folder a live run is writing
+        run_dir.rename(aside)
     print(f"  {run_dir.name}: its saved config differs from this study's in "
           + ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in differ[:4])
           + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
@@ -419,7 +427,7 @@ def read_pretrain_run(run_dir: Path, cfg, process_s: float) -> dict[str, Any]:
         raise StudyError(f"run {run_dir}: {steps} steps done, the plan has {sum(n for _, n in plan)}")
     flops = train_flops(cfg, plan)
     return {
-        "run_dir": str(run_dir), "schedule": cfg.curriculum.schedule, "epochs": cfg.train.epochs,
+        "run_dir": repo_relative(run_dir), "schedule": cfg.curriculum.schedule, "epochs": cfg.train.epochs,
         "steps": steps, "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "epochs_of_images": epochs_seen,
         "wall_s": wall, "cpu_s": cpu, "process_s": process_s, "s_per_epoch": wall / epochs_seen,
         "images_per_sec": steps * global_batch / wall,
@@ -442,10 +450,17 @@ def save_untrained_encoder(study: Study, seed: int, data_root: Path, out: Path) 
     model = build_model(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    (cfg.run_dir / "config.yaml").write_text(config_yaml)
-    save_checkpoint(cfg.run_dir / "checkpoints", 0, model.state_dict(), {"step": 0}, config_yaml,
-                    {"step": 0, "total_steps": 0, "epoch": 0.0, "complete": True, "untrained": True}, keep_last=1)
+    with run_folder_lock(cfg.run_dir):  # a run folder like any other: one writer
+        write_text_atomic(cfg.run_dir / "config.yaml", config_yaml)
+        save_checkpoint(cfg.run_dir / "checkpoints", 0, model.state_dict(), {"step": 0}, config_yaml,
+                        {"step": 0, "total_steps": 0, "epoch": 0.0, "complete": True, "untrained": True}, keep_last=1)
     return cfg.run_dir
+
+
+def run_folder_lock(run_dir: Path) -> RunFolderLock:
+    """The run folder's own lock (the one `pretrain`/`finetune` hold), for the study's writes into a run folder."""
+    return RunFolderLock(run_dir, ways_on="another study process is using it; wait for it to end, or give this study "
+                                          "another --out")
 
 
 def warm_compile(study: Study, data_root: Path, out: Path) -> None:
@@ -579,7 +594,7 @@ def recheck(study: Study, state: "StudyState", items: list[str], data_root: Path
         if not row or "pretrain" not in entry or "eval" not in entry:
             raise StudyError(f"--recheck {item}: no evaluated run '{row}' seed '{seed}' in {state.path}; give "
                              f"<row>:<seed> of one, e.g. baseline:0")
-        run_dir = Path(entry["pretrain"]["value"]["run_dir"])
+        run_dir = in_repo(entry["pretrain"]["value"]["run_dir"])
         if not (run_dir / "checkpoints").is_dir():
             raise StudyError(f"--recheck {item}: its run folder {run_dir} is gone, so its encoder cannot be evaluated again")
         stored = entry["eval"]["value"]
@@ -929,6 +944,48 @@ def repo_relative(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def in_repo(path: str | Path) -> Path:
+    """A path the study recorded (relative to the checkout, as `repo_relative` writes it; an absolute one as is)."""
+    return REPO / path
+
+
+def portable_command(command: list[str]) -> list[str]:
+    """A launched command as results.json records it: `python` for this interpreter and every path inside the
+    checkout relative to it, so a published file names no machine and reads the same after a rerun elsewhere."""
+    def relative(path: str) -> str:
+        return repo_relative(Path(os.path.normpath(path))) if path.startswith("/") else path
+
+    def portable(arg: str) -> str:
+        key, eq, value = arg.partition("=")
+        if not eq:
+            return relative(arg)
+        quoted = len(value) > 1 and value[0] == value[-1] == '"'  # data.root="..." (JSON-quoted)
+        plain = relative(value[1:-1] if quoted else value)
+        return f"{key}=" + (f'"{plain}"' if quoted else plain)
+
+    return ["python", *(portable(a) for a in command[1:])]
+
+
+# Study roles: the pretraining (the default, and --pretrain-only) and the evaluation (the default, and
+# --eval-only) each belong to one process at a time; a --pretrain-only and an --eval-only process share a study.
+ROLE_LOCKS = {"pretrain": ".pretrain.lock", "eval": ".eval.lock"}
+
+
+@contextmanager
+def study_roles(out: Path, roles: list[str]):
+    """Hold the study folder's lock of each role this process plays, for its whole life."""
+    held = []
+    try:
+        for role in roles:
+            held.append(RunFolderLock(out, what=f"study folder ({role})", lock_name=ROLE_LOCKS[role],
+                                      ways_on=f"another study process is doing its {role} part; wait for it to end, "
+                                              "or give this study another --out").acquire())
+        yield
+    finally:
+        for lock in held:
+            lock.release()
+
+
 def settings_key(overrides: list[str]) -> list[str]:
     """The overrides that decide a run's numbers: the output folder does not, and the data root is kept relative
     to the repository, so a study resumed from another checkout path still finds its finished runs."""
@@ -983,9 +1040,24 @@ def main(argv=None) -> dict[str, Any]:
                          "(for the full Imagenette: ../shared/data/README.md)")
     data_root = data_root.resolve()
     out = Path(args.out).resolve() if args.out else REPO / "runs" / "study" / study.name
-    if args.warm_compile:
+    try:
+        check_output_folder(out, reads=[data_root], flag="--out")
+    except FileError as e:
+        raise StudyError(str(e)) from None
+    if args.warm_compile:  # launched by a study process that holds the locks
         warm_compile(study, data_root, out)
         return {}
+    out.mkdir(parents=True, exist_ok=True)
+    roles = [] if args.recheck else ["pretrain"] if args.pretrain_only else ["eval"] if args.eval_only else ["pretrain", "eval"]
+    try:
+        with study_roles(out, roles):
+            return run_study(args, study, data_root, out)
+    except RunFolderBusy as e:
+        raise StudyError(str(e)) from None
+
+
+def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path) -> dict[str, Any]:
+    """The study, once its folder is this process's (`main` checked the arguments and took the locks)."""
     seeds = args.seeds if args.seeds is not None else study.seeds
     if args.ablations == ["all"]:
         args.ablations = list(study.ablations)
@@ -1056,12 +1128,12 @@ def main(argv=None) -> dict[str, Any]:
     def pretrain_row(row: str, seed: int, epochs: float, read_only: bool = False) -> bool:
         """Pretrain one row of one seed (or read it back from the state), into results; read_only: only read back."""
         overrides = pretrain_overrides(study, row, seed, epochs, data_root, out)
-        commands[run_name(row, seed)] = pretrain_command(study.recipe, overrides)
+        commands[run_name(row, seed)] = portable_command(pretrain_command(study.recipe, overrides))
         key = settings_key(overrides)
         r = state.get(row, seed, "pretrain", key)
         # a finished run is read back; its folder is needed only while its evaluation is still to do
         evaluated = state.get(row, seed, "eval", {"encoder": key, **eval_settings}) is not None
-        if r is not None and (evaluated or Path(r["run_dir"]).is_dir()):
+        if r is not None and (evaluated or in_repo(r["run_dir"]).is_dir()):
             if str(seed) not in results[row]:  # (a waiting --eval-only pass keeps what it already evaluated)
                 print(f"pretrained {row} seed {seed}: read back ({r['wall_s']:.1f}s wall, {r['cpu_s']:.1f}s CPU)", flush=True)
                 results[row][str(seed)] = r
@@ -1092,7 +1164,7 @@ def main(argv=None) -> dict[str, Any]:
         ev = state.get(row, seed, "eval", key)
         if ev is None:
             ev = {"eval_machine": machine(), "eval_code": code_version(),
-                  **evaluate_encoder(study, Path(r["run_dir"]), data_root, base_cfg.data.crop_size, seed, out,
+                  **evaluate_encoder(study, in_repo(r["run_dir"]), data_root, base_cfg.data.crop_size, seed, out,
                                      out / "logs" / f"{run_name(row, seed)}.finetune.log")}
             state.put(row, seed, "eval", key, ev)
         r.update(ev)
@@ -1131,9 +1203,9 @@ def main(argv=None) -> dict[str, Any]:
                 untrained_key = settings_key(pretrain_overrides(study, UNTRAINED, seed, study.epochs, data_root, out))
                 r = state.get(UNTRAINED, seed, "pretrain", untrained_key)
                 evaluated = state.get(UNTRAINED, seed, "eval", {"encoder": untrained_key, **eval_settings}) is not None
-                if r is None or not (evaluated or Path(r["run_dir"]).is_dir()):
+                if r is None or not (evaluated or in_repo(r["run_dir"]).is_dir()):
                     r = {"seed": seed, "machine": machine(), "code": code_version(), "epochs": 0.0, "steps": 0,
-                         "wall_s": 0.0, "cpu_s": 0.0, "run_dir": str(save_untrained_encoder(study, seed, data_root, out))}
+                         "wall_s": 0.0, "cpu_s": 0.0, "run_dir": repo_relative(save_untrained_encoder(study, seed, data_root, out))}
                     state.put(UNTRAINED, seed, "pretrain", untrained_key, r)
                 results[UNTRAINED][str(seed)] = r
             # --- evaluation of every encoder, the same way (--eval-only: each as soon as another process pretrained it)
@@ -1177,14 +1249,14 @@ def main(argv=None) -> dict[str, Any]:
     result = {
         "study": study.name, "study_config": repo_relative(study.path), "settings": study.raw, "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-        "launch": launch, "data_root": str(data_root), "num_train_images": num_images, "seeds": seeds,
+        "launch": launch, "data_root": repo_relative(data_root), "num_train_images": num_images, "seeds": seeds,
         "verdict_clock": clock, "compile_warmup_s": warmup_s, "runs": results, "summary": summary, "speedups": speedup,
         "equal_time": equal_time, "verdicts": v, "machines": machines, "code": code, "stage_rates": rates,
         "ablation_seeds": ablation_seeds, "ablations": effects, "commands": commands,
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(result, indent=2))
     verdict_list = "\n".join(f"- {line}" for line in lines)
-    (out / "table.md").write_text(f"# {study.name} ({device}, {result['date']})\n\n{table}\n{verdict_list}\n")
+    write_text_atomic(out / "table.md", f"# {study.name} ({device}, {result['date']})\n\n{table}\n{verdict_list}\n")
     plot(results, summary, clock, out / "accuracy_vs_time.png", study.name)
 
     print()

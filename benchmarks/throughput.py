@@ -244,7 +244,10 @@ def main(argv=None) -> dict:
     if args.pipeline:
         overrides.append(f"data.pipeline={args.pipeline}")
     data_root = args.data  # its train/ split when present (mae_et.data.sources.data_dir)
-    cfg = load_pretrain_config(args.config, [f"data.root={args.data or REPO}", "data.source=imagefolder", *overrides])
+    # the recipe's model and step, never its monitors (this script runs none); data only when --data is given
+    data = [f"data.root={args.data}", "data.source=imagefolder"] if args.data else ["data.source=fractal"]
+    cfg = load_pretrain_config(args.config, [*data, "tracking.knn_every_epochs=0", "tracking.recon_every_epochs=0",
+                                             *overrides])
     rows_spec = parse_rows(args.rows or (SMOKE_ROWS if args.smoke else GPU_ROWS))
     if not cuda and not args.smoke and args.rows is None:
         print("no CUDA: measuring the GPU rows on the CPU as asked (slow); --rows or --smoke for less")

@@ -8,8 +8,11 @@ Layout of one checkpoint, `RUN/checkpoints/step_00001234/`:
 
 A folder counts as a checkpoint only when it is named `step_*` and holds meta.json, and a
 folder gets that name only by an atomic rename after everything inside was fsynced; so a kill
-at any moment leaves the latest complete checkpoint readable. Stale temporary folders from a
-killed save are removed at the next save.
+at any moment leaves the latest complete checkpoint readable. A writer holds a lock on
+`.tmp-step_N-HOST-PID.lock` beside its temporary folder while it writes; the next save removes
+only temporary folders whose writer is gone (lock free or missing), never a live writer's. A
+write that fails (a full disk, an interrupt) removes its own temporary folder; a full disk stops
+in one line (`CheckpointWriteError`) naming the step that is still intact.
 
 Saving a step that already exists (a run stopped by max_steps and relaunched with the same limit)
 cannot rename over a folder, so it goes in two renames: `step_N` -> `step_N.prev`, then the new
@@ -28,14 +31,16 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from mae_et.files import is_disk_full, save_safetensors, try_lock
 from mae_et.notices import RunWarning
 
 CHECKPOINT_PREFIX = "step_"
@@ -50,6 +55,10 @@ META_FILE = "meta.json"
 
 class CheckpointError(RuntimeError):
     """An unreadable or unsuitable checkpoint, with a message naming the file and the fix."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (a full disk); its temporary folder is gone, earlier ones are intact."""
 
 
 class RefusedFileError(CheckpointError):
@@ -138,20 +147,60 @@ def save_checkpoint(
     """Write checkpoint `step` under `root` atomically, then keep only the newest `keep_last`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale_tmp(root)
     _settle_replaced(root)
     final = root / checkpoint_name(step)
-    tmp = root / f"{TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+    tmp = root / f"{TMP_PREFIX}{checkpoint_name(step)}-{socket.gethostname()}-{os.getpid()}"
+    writer_lock = tmp.with_name(tmp.name + _LOCK_SUFFIX)
+    fd = try_lock(writer_lock)  # held while this process writes: no other save may take the folder for stale
+    if fd is None:
+        raise CheckpointError(f"another process is writing checkpoint {tmp}; give each run its own output folder")
+    try:
+        try:
+            _write_into(tmp, model_state, training_state, config_yaml, meta)
+            _move_into_place(root, tmp, final)
+        except BaseException as e:
+            needed = sum(v.numel() * v.element_size() for v in model_state.values())
+            full = isinstance(e, Exception) and is_disk_full(e, root, needed)  # asked before the space is freed
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not full:
+                raise
+            intact = list_checkpoints(root)
+            raise CheckpointWriteError(
+                f"no space left on device while writing step {step} to {final}; "
+                + (f"step {checkpoint_step(intact[-1])} is intact ({intact[-1]})" if intact else "no earlier checkpoint exists")
+                + "; free some space (or set checkpoint.keep_last lower) and relaunch the same command to resume"
+            ) from None
+    finally:
+        writer_lock.unlink(missing_ok=True)
+        os.close(fd)
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+_LOCK_SUFFIX = ".lock"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder (`step_N` or `step_N.prev`)."""
+    return int(_CHECKPOINT_NAME.fullmatch(path.name).group(1))
+
+
+def _write_into(tmp: Path, model_state: dict[str, torch.Tensor], training_state: dict[str, Any], config_yaml: str,
+                meta: dict[str, Any]) -> None:
     tmp.mkdir()
     # safetensors wants contiguous tensors that share no memory
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+    save_safetensors({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
     torch.save(training_state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(config_yaml)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     for f in tmp.iterdir():
         _fsync_path(f)
     _fsync_path(tmp)
+
+
+def _move_into_place(root: Path, tmp: Path, final: Path) -> None:
     if final.exists():  # the same step saved again (e.g. max_steps reached twice): replace it, never lacking it
         replaced = final.with_name(final.name + PREV_SUFFIX)
         os.replace(final, replaced)
@@ -162,9 +211,23 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     _fsync_path(root)
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """Temporary folders of writers that are gone: a free writer lock, or none (a writer takes its lock before
+    it creates its folder). A live writer's lock is held, so its folder stays."""
+    for lock in root.glob(f"{TMP_PREFIX}*{_LOCK_SUFFIX}"):
+        fd = try_lock(lock)
+        if fd is None:
+            continue  # a live writer
+        try:
+            shutil.rmtree(lock.with_name(lock.name[: -len(_LOCK_SUFFIX)]), ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    for stale in root.glob(f"{TMP_PREFIX}*"):
+        if stale.is_dir() and not stale.with_name(stale.name + _LOCK_SUFFIX).exists():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _settle_replaced(root: Path) -> None:

@@ -1,7 +1,7 @@
 """What a person sees besides the log lines: warnings they can read, and progress on long work.
 
-Progress (`progress`): a tqdm bar on a terminal, a plain line at every tenth of the work in a log file, on
-the main process only; used by the decode-once store, feature extraction (kNN, cached probe), the fine-tune
+Progress (`progress`): a tqdm bar on a terminal (stderr), a plain line at every tenth of the work in a log
+file (on stdout, in order with the log lines), on the main process only; used by the decode-once store, feature extraction (kNN, cached probe), the fine-tune
 and probe epochs and the pretraining loop.
 
 Warnings: one line that says what and why, not the source line of the call.
@@ -65,8 +65,11 @@ class _PlainLines:
         if self.total and 10 * self.n >= self.next_tenth * self.total:
             self.next_tenth = 10 * self.n // self.total + 1
             seconds = time.perf_counter() - self.t0
+            # stdout, the stream the log lines go to: one stream keeps their order, and a log file that gets
+            # stdout and stderr through two descriptors (`> log 2> log`, a scheduler's --output and --error
+            # naming one file) would have one stream's lines written over the other's
             print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%, {seconds:.0f}s)",
-                  file=sys.stderr, flush=True)
+                  file=sys.stdout, flush=True)
 
     def close(self) -> None:
         pass

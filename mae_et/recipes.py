@@ -7,7 +7,12 @@ A recipe is a YAML file whose keys mirror a config dataclass. It may start with 
 relative to the recipe) to inherit and override another recipe. Overrides come from the command line as
 `section.key=value`; values are parsed as YAML, so `train.epochs=5`, `optim.clip_grad=null` and
 `data.scale=[0.2,1.0]` all do what they look like. Every mistake fails in one line: an unknown key names the
-closest valid one ("did you mean"), a value of the wrong type names the expected type.
+closest valid one ("did you mean"), a value of the wrong type names the expected type, a YAML syntax error
+names the file, line and column, a `_base_` chain that reaches itself names the cycle.
+
+The rules on a single value are declared in the schema, once, beside the field (`Annotated[float, Positive]`,
+`Annotated[str, one_of("bf16", "fp16", "fp32")]`), and checked as the config is built; a stage's validation
+holds only what no single field can say (a crop that is a multiple of the patch, warmup within the epochs).
 
 Written by hand, not OmegaConf structured configs: see docs/libraries.md for the comparison.
 """
@@ -16,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import yaml
 
@@ -50,17 +56,29 @@ def find_recipe(path: str | Path) -> Path:
                       "--config /path/to/checkout/configs/<stage>/<recipe>.yaml, or install it with pip install -e <checkout>")
 
 
-def load_yaml_recipe(path: str | Path) -> dict[str, Any]:
+def load_yaml_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe, following `_base_` links (child keys override the base, recursively)."""
     path = find_recipe(path)
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    real = path.resolve()
+    if real in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, real))
+        raise ConfigError(f"config file '{path}' inherits itself through _base_ ({cycle}); remove one of those _base_ lines")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
     base = data.pop("_base_", None)
     if base is None:
         return data
-    return merge_dicts(load_yaml_recipe(path.parent / base), data)
+    if not isinstance(base, str):
+        raise ConfigError(f"config file '{path}': _base_ must be one file name, got {base!r}")
+    return merge_dicts(load_yaml_recipe(path.parent / base, (*_chain, real)), data)
 
 
 def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +98,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.epochs=5)")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""  # `key=` is the empty string; `key=null` is None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""  # `key=` is the empty string; `key=null` is None
+        except yaml.YAMLError as e:
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({what}); quote it, e.g. "
+                              f"{dotted}='\"{raw}\"'") from None
         keys = dotted.strip().split(".")
         node = nested
         for key in keys[:-1]:
@@ -89,6 +112,53 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override '{item}' sets a key below a value")
         node[keys[-1]] = value
     return nested
+
+
+# ----------------------------------------------------------------------------- rules on one value
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A rule on one field's value, declared in the schema: `epochs: Annotated[float, Check(gt=0)]`.
+
+    Bounds (`gt`, `ge`, `lt`, `le`) also require a finite number (inf and nan pass no bound); `choices` names
+    the allowed strings. Fails in one line naming the key, the rule and the value."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    def rule(self) -> str:
+        low = f"({self.gt:g}" if self.gt is not None else f"[{self.ge:g}" if self.ge is not None else None
+        high = f"{self.lt:g})" if self.lt is not None else f"{self.le:g}]" if self.le is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>' if self.gt is not None else '>='} {low[1:]}"
+        return f"{'<' if self.lt is not None else '<='} {high[:-1]}"
+
+    def __call__(self, value: Any, dotted: str) -> None:
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ConfigError(f"{dotted} '{value}' is unknown; choose one of {', '.join(self.choices)}")
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{dotted} must be a finite number {self.rule()}, got {value}")
+        ok = ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+              and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+        if not ok:
+            raise ConfigError(f"{dotted} must be {self.rule()}, got {value}")
+
+
+def one_of(*choices: str) -> Check:
+    return Check(choices=tuple(choices))
+
+
+Positive = Check(gt=0)  # counts, sizes, rates, epochs
+NonNegative = Check(ge=0)  # shares, decays, cadences where 0 means off
+UnitInterval = Check(ge=0, le=1)  # probabilities
 
 
 T = typing.TypeVar("T")
@@ -121,7 +191,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, root_cls: type | None =
     root_cls = root_cls or cls
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # with the Annotated rules
     names = {f.name for f in dataclasses.fields(cls)}
     for key, value in data.items():
         if key not in names:
@@ -144,6 +214,12 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
     """Check `value` against a type hint; convert the harmless cases (int -> float, list -> tuple)."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is Annotated:  # a type with its rules: coerce to the type, then check each rule
+        value = _coerce(value, args[0], dotted)
+        for rule in args[1:]:
+            if isinstance(rule, Check):
+                rule(value, dotted)
+        return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -154,8 +230,8 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
             try:
                 return _coerce(value, arg, dotted)
             except ConfigError as e:
-                errors.append(str(e))
-        raise errors[0] if len(errors) == 1 else ConfigError(f"'{dotted}' got {value!r}: {'; '.join(errors)}")
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(f"'{dotted}' got {value!r}: {'; '.join(map(str, errors))}")
     if hint is Any:
         return value
     if hint is bool:

@@ -11,7 +11,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "mae_et"
 # lower numbers are imported by higher ones, never the other way; data and curriculum do not import each other
-LAYERS = {"notices": 0, "recipes": 1, "checkpoint": 1, "data": 2, "curriculum": 2, "models": 3, "train": 4,
+LAYERS = {"notices": 0, "files": 0, "recipes": 1, "checkpoint": 1, "data": 2, "curriculum": 2, "models": 3, "train": 4,
           "evaluate": 5, "cli": 6}
 
 

@@ -17,6 +17,7 @@ Stream layout (see ``StepSampler``)::
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import os
@@ -134,11 +135,15 @@ def scan_image_folder(root: str | Path, strict: bool = False) -> ImageFolderInde
     with os.scandir(root_str) as it:
         entries = sorted(it, key=lambda e: e.name)
     for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:  # a symlink loop: not a class folder
+            is_dir = False
         if entry.name.startswith("."):
-            if not entry.is_dir():
+            if not is_dir:
                 skipped.append(SkippedFile(entry.path, "hidden file"))
             continue  # hidden folders (.git, .cache, ...) are not classes
-        if entry.is_dir():
+        if is_dir:
             class_dirs.append((entry.name, entry.path))
         else:
             skipped.append(SkippedFile(entry.path, "not inside a class folder"))
@@ -195,21 +200,41 @@ def _scan_class_dir(
         # Sorted so that warnings and the strict-mode error are the same on every filesystem.
         entries = sorted(it, key=lambda e: e.name)
     for entry in entries:
-        if entry.name.startswith("."):
-            reason = "hidden folder" if entry.is_dir() else "hidden file"
-            skipped.append(SkippedFile(entry.path, reason))
+        try:
+            is_dir = entry.is_dir()
+            if not is_dir and entry.is_symlink():
+                entry.stat()  # a link must lead to a file: raises for a dangling link or a loop
+        except OSError as e:
+            _bad_scan_file(entry.path, _link_problem(e), strict, skipped)
             continue
-        if entry.is_dir():
+        if entry.name.startswith("."):
+            skipped.append(SkippedFile(entry.path, "hidden folder" if is_dir else "hidden file"))
+            continue
+        if is_dir:
             _scan_class_dir(entry.path, label, strict, samples, skipped, visited)
             continue
         if not _has_image_extension(entry.name):
             _bad_scan_file(entry.path, "not an image extension", strict, skipped)
             continue
         # stat() only for image-named files: one syscall each, no decoding.
-        if entry.stat().st_size == 0:
+        try:
+            size = entry.stat().st_size
+        except OSError as e:  # gone between the listing and now, or unreadable
+            _bad_scan_file(entry.path, _link_problem(e), strict, skipped)
+            continue
+        if size == 0:
             _bad_scan_file(entry.path, "zero-byte file", strict, skipped)
             continue
         samples.append((entry.path, label))
+
+
+def _link_problem(error: OSError) -> str:
+    """The scan's reason for a file it cannot stat: a dangling symlink, a symlink loop, or the OS's words."""
+    if error.errno == errno.ELOOP:
+        return "symlink loop"
+    if error.errno == errno.ENOENT:
+        return "dangling symlink (its target does not exist)"
+    return f"cannot be read ({error.strerror or error})"
 
 
 def _bad_scan_file(path: str, reason: str, strict: bool, skipped: list[SkippedFile]) -> None:

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mae_et.data.folder import (
+    DataError,
     ImageFolderIndex,
     PretrainBatch,
     PretrainDataset,
@@ -39,6 +40,7 @@ from mae_et.data.folder import (
 )
 from mae_et.data.fractal import FractalBatchSource, FractalDataset
 from mae_et.data.on_device import DeviceDecodeBatchSource, InMemoryImages, MemoryBatchSource
+from mae_et.notices import RunWarning
 
 
 class PretrainSource(Protocol):
@@ -50,10 +52,29 @@ class PretrainSource(Protocol):
                 num_micro_steps: int) -> Iterator[PretrainBatch]: ...
 
 
+# Sub-folders that hold held-out images: a root with one of them is a root of splits, never a training folder
+HELD_OUT_SPLITS = ("val", "validation", "valid", "test")
+
+
 def data_dir(d) -> Path:
-    """`data.root`, or its `data.split` sub-folder (train/) when there is one."""
+    """The folder to pretrain on: `data.root/data.split`; the root itself when `data.split` is empty, or when
+    the default `train` is absent from a root that is itself a folder of classes.
+
+    A split that is not there is a `DataError` naming the sub-folders that are: falling back to the root
+    would train on `train/` and `val/` as two classes, the evaluation images among them."""
     root = Path(d.root)
-    return root / d.split if d.split and (root / d.split).is_dir() else root
+    if not d.split or not root.is_dir():
+        return root  # (a missing root: the scan says so)
+    if (root / d.split).is_dir():
+        return root / d.split
+    subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    held_out = [name for name in subfolders if name.lower() in HELD_OUT_SPLITS]
+    if d.split == "train" and not held_out:
+        return root  # a plain ImageFolder of classes
+    shown = ", ".join(subfolders[:8]) + (f" and {len(subfolders) - 8} more" if len(subfolders) > 8 else "")
+    way_on = ("pass data.split=<one of them>" if held_out else
+              "pass data.split='' to pretrain on the root itself (a folder of classes), or data.split=<the folder to use>")
+    raise DataError(f"data.split '{d.split}' is not a folder under '{root}' (its sub-folders: {shown or 'none'}); {way_on}")
 
 
 def _scan(d, main: bool) -> ImageFolderIndex:
@@ -129,6 +150,14 @@ class MemorySource(FolderSource):
 @dataclass
 class DeviceDecodeSource(FolderSource):
     """data.pipeline=device_decode: workers read bytes, the device decodes (CPU fallback per file) and crops."""
+
+    @classmethod
+    def open(cls, d, seed: int, main: bool, device: torch.device) -> DeviceDecodeSource:
+        if device.type != "cuda" and main:  # said once, when the run opens its data: not silently slower
+            warnings.warn("data.pipeline=device_decode has no GPU here: JPEGs are decoded on the CPU, in the main "
+                          "process; data.pipeline=loader decodes in data.num_workers worker processes instead",
+                          RunWarning, stacklevel=2)
+        return super().open(d, seed, main, device)
 
     def batches(self, rank, world, micro_batch, start_micro_step, num_micro_steps) -> Iterator[PretrainBatch]:
         return DeviceDecodeBatchSource(self.index, micro_batch, rank, world, self.seed, self.d.crop_size, self.device,

@@ -1,6 +1,10 @@
 """Export a pretrained encoder as a timm ViT state dict (safetensors).
 
-    python -m mae_et.evaluate.export RUN_OR_CHECKPOINT out.safetensors
+    python -m mae_et.evaluate.export RUN_OR_CHECKPOINT out.safetensors [--overwrite]
+
+The output is checked before anything is read: never the input file, never inside a run's checkpoints
+(`RUN/checkpoints/`, a `step_*` folder: replacing a checkpoint's weights with the encoder alone would
+break its resume), an existing file only with `--overwrite`; it is written atomically.
 
 The file holds the encoder only (timm names, no head, contiguous tensors) and the spec
 (size, patch size, training size) in its safetensors metadata; the command prints the line that
@@ -10,13 +14,11 @@ loads it with timm.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from safetensors.torch import save_file
-
+from mae_et.files import FileError, check_output_file, save_safetensors, write_atomic
 from mae_et.models.mae import MODEL_SIZES
 from mae_et.models.vit import (
     META_IMG,
@@ -55,11 +57,13 @@ def timm_load_line(spec: EncoderSpec, file: str | Path) -> str:
     )
 
 
-def export_encoder(src: str | Path, dst: str | Path) -> Path:
-    """Write the encoder of checkpoint ``src`` to ``dst`` (.safetensors); returns ``dst``."""
-    dst = Path(dst)
-    if dst.suffix != ".safetensors":
-        raise LoadError(f"output '{dst}' must end with .safetensors; e.g. {dst.with_suffix('.safetensors')}")
+def export_encoder(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
+    """Write the encoder of checkpoint ``src`` to ``dst`` (.safetensors); returns ``dst``.
+
+    Raises `FileError` (before reading ``src``) when ``dst`` may not be written: see the module docstring."""
+    src = Path(src)
+    dst = check_output_file(dst, reads=[src] if src.is_file() else [], overwrite=overwrite, flag="output",
+                            suffix=".safetensors")
     state, spec, kind = load_encoder_state(src)
     spec = spec or infer_spec(state)
     # Prove the file will load strictly into the timm model we advertise before writing it.
@@ -73,13 +77,8 @@ def export_encoder(src: str | Path, dst: str | Path) -> Path:
         META_IMG: str(spec.img_size),
         "mae_et.source": kind,
     }
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, dst)  # a killed export never leaves a half-written file under the real name
-    finally:
-        tmp.unlink(missing_ok=True)
+    # a killed export never leaves a half-written file under the real name
+    write_atomic(dst, lambda tmp: save_safetensors(tensors, tmp, metadata=metadata))
     return dst
 
 
@@ -89,12 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Export a pretrained encoder (run folder, checkpoint folder, MAE .pth) as a timm ViT .safetensors",
     )
     parser.add_argument("src", help="run folder (latest checkpoint), checkpoint folder, official MAE .pth or timm state dict")
-    parser.add_argument("dst", help="output .safetensors file")
+    parser.add_argument("dst", help="output .safetensors file (not inside a run's checkpoints/)")
+    parser.add_argument("--overwrite", action="store_true", help="replace dst when it exists")
     args = parser.parse_args(argv)
     try:
-        out = export_encoder(args.src, args.dst)
+        out = export_encoder(args.src, args.dst, overwrite=args.overwrite)
         state_spec = load_encoder_state(out)[1]
-    except (LoadError, OSError) as e:
+    except (LoadError, FileError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     assert state_spec is not None  # written by export_encoder just above

@@ -58,7 +58,8 @@ from mae_et.models.vit import load_pretrained_vit
 from mae_et.recipes import ConfigError
 from mae_et.train.config import resolve_curriculum
 from mae_et.train.optim import lr_at, scaled_lr, set_lr
-from mae_et.train.run import Run, steps_every
+from mae_et.files import write_json_atomic
+from mae_et.train.run import Run, checkpoint_due, checkpoint_every
 
 BEST_DIR = "best"
 RESULT_FILE = "result.json"
@@ -75,14 +76,6 @@ class FinetuneResult:
 
 
 # ----------------------------------------------------------------------------- shared by the eval engines
-
-
-def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def seed_step_rngs(seed: int, step: int, micro: int, rank: int) -> None:
@@ -207,7 +200,11 @@ def load_finetune_model(cfg: FinetuneConfig, num_classes: int):
 
 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    run = Run(cfg)  # accelerator, run folder, resume, tracking, checkpoints, clocks (mae_et.train.run)
+    with Run(cfg) as run:  # accelerator, the run folder (locked), resume, tracking, checkpoints, clocks (mae_et.train.run)
+        return finetune_loop(cfg, run)
+
+
+def finetune_loop(cfg: FinetuneConfig, run: Run) -> FinetuneResult:
     accelerator, run_dir = run.accelerator, run.run_dir
     main, device, say = run.main, run.device, run.say
     set_seed(cfg.train.seed)
@@ -233,7 +230,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     end_step = min(plan.total_steps, cfg.train.max_steps or plan.total_steps)
     base_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.blr, global_batch)
     warmup = cfg.optim.warmup_epochs / cfg.train.epochs  # in budget progress
-    ckpt_every = cfg.checkpoint.every_steps or steps_every(cfg.checkpoint.every_epochs, steps_per_epoch)
+    ckpt_every = checkpoint_every(cfg, steps_per_epoch)
     optimizer = torch.optim.AdamW(layer_decay_param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay),
                                   lr=base_lr, betas=cfg.optim.betas, fused=True)  # one kernel for all groups, as in pretraining
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -349,7 +346,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                         f"epoch {epoch + 1}/{num_epochs}  top-1 {last_eval['top1']:.2f}  top-5 {last_eval['top5']:.2f}  "
                         f"val loss {last_eval['val_loss']:.4f}  (best {best['top1']:.2f} at epoch {best['epoch']})")
 
-            if step % ckpt_every == 0 or step == end_step:
+            if checkpoint_due(step, ckpt_every, end_step):
                 training_state = {
                     "optimizer": optimizer.state_dict(),
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,

@@ -10,7 +10,7 @@ numbers a run logs, for any run folder, checkpoint folder, official MAE .pth or 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +19,9 @@ import torch
 
 from mae_et.checkpoint import CheckpointError
 from mae_et.data.folder import DataError
+from mae_et.files import FileError, check_output_file, write_json_atomic
 from mae_et.models.vit import LoadError, load_pretrained_vit
+from mae_et.recipes import ConfigError
 from mae_et.train.monitors import knn_evaluate
 
 __all__ = ["main"]
@@ -33,6 +35,23 @@ def _split_dir(root: Path, split: str, flag: str) -> Path:
     if not path.is_dir():
         raise DataError(f"split folder '{path}' does not exist; fix --data or {flag} (ImageFolder layout ROOT/SPLIT/<class>/<image>)")
     return path
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every value in one line before any work (argparse checks only the types)."""
+    for flag, value in (("--k", args.k), ("--batch-size", args.batch_size), ("--img-size", args.img_size)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ConfigError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device '{args.device}' is not a device; use cpu or cuda (cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device} needs a GPU, and torch sees none here; use --device cpu")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,9 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the accuracies to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
     try:
+        check_args(args)
         root = Path(args.data)
+        if args.json:  # checked before the work, not after it
+            check_output_file(args.json, reads=[args.checkpoint, root], overwrite=args.overwrite, flag="--json",
+                              suffix=".json")
         train_root = _split_dir(root, args.train_split, "--train-split")
         val_root = _split_dir(root, args.val_split, "--val-split")
         model, spec = load_pretrained_vit(args.checkpoint, img_size=args.img_size)
@@ -63,15 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             model, train_root, val_root, img_size, batch_size=args.batch_size, num_workers=args.num_workers,
             k=args.k, temperature=args.temperature, device=args.device,
         )
-    except (LoadError, DataError, CheckpointError) as e:
+    except (LoadError, DataError, CheckpointError, ConfigError, FileError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for key, value in results.items():
         print(f"{key}: {value:.2f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**results, "checkpoint": str(args.checkpoint), "img_size": img_size,
-                                               "k": args.k, "temperature": args.temperature}, indent=2))
+        write_json_atomic(args.json, {**results, "checkpoint": str(args.checkpoint), "img_size": img_size,
+                                      "k": args.k, "temperature": args.temperature})
     return 0
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from mae_et.data.folder import epoch_permutation_seed
@@ -49,13 +49,14 @@ from mae_et.data.labelled import (
     split_dir,
 )
 from mae_et.evaluate.config import LinprobeConfig
-from mae_et.evaluate.finetune import RESULT_FILE, evaluate_classifier, write_json_atomic
+from mae_et.evaluate.finetune import RESULT_FILE, evaluate_classifier
 from mae_et.evaluate.lars import LARS
 from mae_et.models.vit import encoder_features, load_pretrained_vit
 from mae_et.recipes import ConfigError
 from mae_et.train.monitors import extract_features
 from mae_et.train.optim import lr_at, scaled_lr, set_lr
-from mae_et.train.run import Run, steps_every
+from mae_et.files import save_safetensors, write_atomic, write_json_atomic
+from mae_et.train.run import Run, checkpoint_due, checkpoint_every
 
 HEAD_INIT_STD = 0.01  # MAE linear probe
 FEATURES_DIR = "features"
@@ -302,9 +303,8 @@ def cached_split_features(name: str, loader, encoder: nn.Module, cfg: LinprobeCo
     feats, labels = gather_in_order(feats.to(accelerator.device), accelerator), gather_in_order(labels.to(accelerator.device), accelerator)
     if accelerator.is_main_process:
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"features": feats.contiguous().cpu(), "labels": labels.contiguous().cpu()}, str(tmp), metadata=key)
-        tmp.replace(path)
+        tensors = {"features": feats.contiguous().cpu(), "labels": labels.contiguous().cpu()}
+        write_atomic(path, lambda tmp: save_safetensors(tensors, tmp, metadata=key))
     return feats, labels
 
 
@@ -324,7 +324,11 @@ def linprobe(cfg: LinprobeConfig) -> LinprobeResult:
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
     # the head trains in fp32; train.precision is the frozen encoder's autocast only
-    run = Run(cfg, precision="fp32", accum_steps=1)  # accelerator, run folder, resume, tracking, checkpoints (mae_et.train.run)
+    with Run(cfg, precision="fp32", accum_steps=1) as run:  # accelerator, the run folder (locked), resume, tracking, checkpoints
+        return probe_loop(cfg, run)
+
+
+def probe_loop(cfg: LinprobeConfig, run: Run) -> LinprobeResult:
     accelerator, run_dir = run.accelerator, run.run_dir
     main, device, say = run.main, run.device, run.say
     world, rank = run.world, run.rank
@@ -371,7 +375,7 @@ def linprobe(cfg: LinprobeConfig) -> LinprobeResult:
     total_steps = cfg.train.epochs * steps_per_epoch
     end_step = min(total_steps, cfg.train.max_steps or total_steps)
     base_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.blr, global_batch)
-    ckpt_every = cfg.checkpoint.every_steps or steps_every(cfg.checkpoint.every_epochs, steps_per_epoch)
+    ckpt_every = checkpoint_every(cfg, steps_per_epoch)
 
     head = ProbeHead(dim, num_classes)
     optimizer = LARS(head.parameters(), lr=base_lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
@@ -409,7 +413,7 @@ def linprobe(cfg: LinprobeConfig) -> LinprobeResult:
                     f"epoch {ev['epoch']}/{cfg.train.epochs}  loss {loss_mean:.4f}  top-1 {ev['top1']:.2f}  "
                     f"top-5 {ev['top5']:.2f}  (best {b['top1']:.2f} at epoch {b['epoch']})")
             state["last_eval"] = ev
-        if done % ckpt_every == 0 or done == end_step:
+        if checkpoint_due(done, ckpt_every, end_step):
             training_state = {"optimizer": optimizer.state_dict(), "step": done, "best": state["best"]}
             meta = {"step": done, "total_steps": total_steps, "epoch": done / steps_per_epoch, "global_batch": global_batch,
                     "world_size": world, "complete": done >= total_steps, "last_eval": state.get("last_eval")}

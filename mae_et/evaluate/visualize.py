@@ -24,6 +24,7 @@ from torchvision.transforms import InterpolationMode
 from mae_et import checkpoint as ckpt_lib
 from mae_et.curriculum.frequency import FREQUENCY_MODES, low_frequency_crop
 from mae_et.data.folder import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, load_rgb, normalize_on_device
+from mae_et.files import FileError, check_output_file, write_atomic
 from mae_et.models.mae import MaskedAutoencoderViT
 from mae_et.recipes import ConfigError, build_config
 from mae_et.train.config import PretrainConfig
@@ -163,7 +164,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("checkpoint", help="run folder (latest checkpoint) or a checkpoints/step_* folder")
     parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--out", required=True, help="PNG file to write (not inside a run's checkpoints/ or an image folder read)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     parser.add_argument("--size", type=int, default=None, help="input side B after the low-frequency crop (default: the full crop size)")
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches removed (default 0.75)")
     parser.add_argument("--mode", choices=FREQUENCY_MODES, default=None,
@@ -180,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
         if args.max_images < 1:
             raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
+        # the output before any work: never an input, never in a checkpoint, an existing file only when asked
+        check_output_file(args.out, reads=[args.checkpoint, *args.images], overwrite=args.overwrite, flag="--out",
+                          suffix=".png")
         model, cfg = load_mae(args.checkpoint)
         full, patch = cfg.data.crop_size, model.patch_size
         size = full if args.size is None else args.size
@@ -195,10 +200,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         noise = torch.rand((len(paths), (size // patch) ** 2), generator=gen)  # (N, L): the same mask for the same seed
         grid = reconstruction_grid(model, imgs, IMAGENET_MEAN, IMAGENET_STD, mask_ratio=args.mask_ratio, noise=noise)
         try:
-            save_png(grid, args.out)
+            write_atomic(args.out, lambda tmp: save_png(grid, tmp))
         except OSError as e:  # an unwritable --out is the user's to fix, not a bug
             raise DataError(f"cannot write '{args.out}' ({type(e).__name__}: {e.strerror or e})") from e
-    except (ckpt_lib.CheckpointError, ConfigError, DataError) as e:
+    except (ckpt_lib.CheckpointError, ConfigError, DataError, FileError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {args.out}: {len(paths)} images at B={size}, mask ratio {args.mask_ratio}")

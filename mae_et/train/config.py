@@ -10,90 +10,114 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 from mae_et.curriculum import schedules as curriculum_lib
 from mae_et.curriculum.frequency import FREQUENCY_MODES
-from mae_et.recipes import ConfigError, build_config, load_yaml_recipe, merge_dicts, parse_overrides
+from mae_et.data.sources import data_dir
+from mae_et.recipes import (
+    Check,
+    ConfigError,
+    NonNegative,
+    Positive,
+    build_config,
+    load_yaml_recipe,
+    merge_dicts,
+    one_of,
+    parse_overrides,
+)
 
 # ----------------------------------------------------------------------------- schema
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+DATA_SOURCES = ("imagefolder", "fractal", "auto")
+PIPELINES = ("loader", "memory", "device_decode")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+WANDB_MODES = ("auto", "online", "offline", "off")
+
+# The rules the pretraining and evaluation schemas share (mae_et.evaluate.config uses them too)
+PositiveInt = Annotated[int, Positive]
+NonNegativeInt = Annotated[int, NonNegative]
+PositiveFloat = Annotated[float, Positive]
+NonNegativeFloat = Annotated[float, NonNegative]
+Precision = Annotated[str, one_of(*PRECISIONS)]
 
 
 @dataclass
 class ModelConfig:
     size: str = "base"  # micro | tiny | small | base | large | huge
-    patch_size: int = 16
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
+    patch_size: PositiveInt = 16
+    decoder_embed_dim: PositiveInt = 512
+    decoder_depth: PositiveInt = 8
+    decoder_num_heads: PositiveInt = 16
     norm_pix_loss: bool = True
-    mask_ratio: float = 0.75
+    mask_ratio: Annotated[float, Check(gt=0, lt=1)] = 0.75
     # sin-cos positions at a reduced input size B: grid (0..g-1, the reference: a location's code changes from
     # stage to stage) | extent (spread over the full crop's grid: fractional positions, as EfficientTrain's ViT)
-    pos_embed: str = "grid"
+    pos_embed: Annotated[str, one_of("grid", "extent")] = "grid"
 
 
 @dataclass
 class DataConfig:
-    source: str = "imagefolder"  # imagefolder | fractal (generated, no files) | auto (fractal unless a root is given)
+    source: Annotated[str, one_of(*DATA_SOURCES)] = "imagefolder"  # imagefolder | fractal (generated, no files) | auto (fractal unless a root is given)
     root: Optional[str] = None  # an ImageFolder: class sub-folders of images
     split: str = "train"  # sub-folder of root to pretrain on when it exists; "" = root itself
-    crop_size: int = 224  # RandomResizedCrop output side: the full curriculum size
+    crop_size: PositiveInt = 224  # RandomResizedCrop output side: the full curriculum size
     scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
     strict: bool = False  # true: the first unreadable file is an error instead of a counted skip
-    num_workers: int = 8
+    num_workers: NonNegativeInt = 8
     pin_memory: bool = True
     # how images reach the model: loader (PIL decode + crop in workers: portable), memory (decode once,
     # keep uint8 images on the device, crop on the device), device_decode (JPEG decode + crop on the device)
-    pipeline: str = "loader"
-    memory_size: Optional[int] = None  # memory pipeline: stored side (default crop_size * 256/224)
+    pipeline: Annotated[str, one_of(*PIPELINES)] = "loader"
+    memory_size: Optional[PositiveInt] = None  # memory pipeline: stored side (default crop_size * 256/224)
     memory_on_device: bool = True  # memory pipeline: keep the store on the GPU (false: pinned CPU memory)
-    fractal_classes: int = 10  # data.source=fractal: K classes, each one iterated function system
-    fractal_images_per_class: int = 500  # one "epoch" of fresh renders
+    fractal_classes: Annotated[int, Check(ge=2)] = 10  # data.source=fractal: K classes, each one iterated function system
+    fractal_images_per_class: PositiveInt = 500  # one "epoch" of fresh renders
 
 
 @dataclass
 class CurriculumConfig:
-    schedule: str = "none"  # none | et | etpp | custom (then `stages` is required)
+    schedule: Annotated[str, one_of(*curriculum_lib.PRESETS, "custom")] = "none"  # custom: `stages` is required
     stages: Optional[list[dict[str, Any]]] = None  # [{size: 160, fraction: 0.6}, ...] replaces the preset
-    budget: Optional[str] = None  # epochs | compute; default: the preset's (et: epochs, etpp: compute)
-    mode: str = "fft"  # fft (EfficientTrain) | resize (EfficientTrain++)
+    budget: Optional[Annotated[str, one_of(*curriculum_lib.BUDGETS)]] = None  # epochs | compute; default: the preset's (et: epochs, etpp: compute)
+    mode: Annotated[str, one_of(*FREQUENCY_MODES)] = "fft"  # fft (EfficientTrain) | resize (EfficientTrain++)
     # a floor on every stage's B (a multiple of the patch): e.g. 32 lifts etpp's 24-px stage at a 64 crop (a 3x3 grid
     # with 2 visible patches) to a 4x4 grid; the stage keeps its share of the budget. null: no floor
-    min_size: Optional[int] = None
+    min_size: Optional[PositiveInt] = None
 
 
 @dataclass
 class OptimConfig:
-    blr: float = 1.5e-4  # lr = blr * global_batch / 256
-    lr: Optional[float] = None  # absolute lr; overrides blr when set
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
+    blr: PositiveFloat = 1.5e-4  # lr = blr * global_batch / 256
+    lr: Optional[PositiveFloat] = None  # absolute lr; overrides blr when set
+    min_lr: NonNegativeFloat = 0.0
+    weight_decay: NonNegativeFloat = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_epochs: float = 40.0  # in budget units: epochs (epochs budget) or full-size-epoch compute
-    clip_grad: Optional[float] = None  # max global grad norm; null = no clipping
+    warmup_epochs: NonNegativeFloat = 40.0  # in budget units: epochs (epochs budget) or full-size-epoch compute
+    clip_grad: Optional[PositiveFloat] = None  # max global grad norm; null = no clipping
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 800.0  # the budget: epochs, or full-size-epoch equivalents for a compute budget
-    batch_size: int = 64  # per device, per micro-step
-    accum_steps: int = 1  # micro-steps per optimizer step
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    epochs: PositiveFloat = 800.0  # the budget: epochs, or full-size-epoch equivalents for a compute budget
+    batch_size: PositiveInt = 64  # per device, per micro-step
+    accum_steps: PositiveInt = 1  # micro-steps per optimizer step
+    precision: Precision = "bf16"  # bf16 | fp16 | fp32
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-reproducible CPU tests
-    compile: str = "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune: one graph per input size
-    max_steps: Optional[int] = None  # stop (with a checkpoint) after this optimizer step; resume later
-    log_every: int = 50  # optimizer steps between logged metrics (also when non-finite losses are checked)
-    max_consecutive_nonfinite: int = 5  # skipped updates in a row before the run stops
+    compile: Annotated[str, one_of(*COMPILE_MODES)] = "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune: one graph per input size
+    max_steps: Optional[PositiveInt] = None  # stop (with a checkpoint) after this optimizer step; resume later
+    log_every: PositiveInt = 50  # optimizer steps between logged metrics (also when non-finite losses are checked)
+    max_consecutive_nonfinite: PositiveInt = 5  # skipped updates in a row before the run stops
 
 
 @dataclass
 class CheckpointConfig:
-    every_epochs: float = 10.0
-    every_steps: Optional[int] = None  # overrides every_epochs when set
-    keep_last: int = 3
+    every_epochs: NonNegativeFloat = 10.0  # 0 = off: only the launch's last step (the end, or train.max_steps)
+    every_steps: Optional[PositiveInt] = None  # overrides every_epochs when set
+    keep_last: PositiveInt = 3
     resume: bool = True  # relaunching the same command resumes from the latest checkpoint
 
 
@@ -101,11 +125,11 @@ class CheckpointConfig:
 class TrackingConfig:
     wandb: Union[str, bool] = "auto"  # auto (online when logged in, else offline) | online | offline | off (YAML reads off as false)
     project: str = "mae_et"
-    recon_every_epochs: float = 20.0  # reconstruction grid cadence; 0 = only at the end
-    recon_images: int = 8
-    knn_every_epochs: float = 0.0  # online kNN monitor (k=20, T=0.07, cosine); 0 = off
+    recon_every_epochs: NonNegativeFloat = 20.0  # reconstruction grid cadence; 0 = off
+    recon_images: PositiveInt = 8
+    knn_every_epochs: NonNegativeFloat = 0.0  # online kNN monitor (k=20, T=0.07, cosine); 0 = off
     knn_split: str = "val"  # labelled held-out split under data.root; the pretraining split is the bank
-    knn_batch_size: int = 64
+    knn_batch_size: PositiveInt = 64
 
 
 @dataclass
@@ -137,22 +161,6 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = 
 
 
 # ----------------------------------------------------------------------------- validation
-
-PRECISIONS = ("bf16", "fp16", "fp32")
-DATA_SOURCES = ("imagefolder", "fractal", "auto")
-PIPELINES = ("loader", "memory", "device_decode")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-WANDB_MODES = ("auto", "online", "offline", "off")
-
-
-def check_curriculum_names(c: CurriculumConfig) -> None:
-    """The schedule, budget and mode names of a curriculum section (its sizes need the crop and patch)."""
-    if c.schedule not in (*curriculum_lib.PRESETS, "custom"):
-        raise ConfigError(f"curriculum.schedule '{c.schedule}' is unknown; choose one of {', '.join(curriculum_lib.PRESETS)}, custom")
-    if c.budget is not None and c.budget not in curriculum_lib.BUDGETS:
-        raise ConfigError(f"curriculum.budget '{c.budget}' is unknown; choose one of {', '.join(curriculum_lib.BUDGETS)}")
-    if c.mode not in FREQUENCY_MODES:
-        raise ConfigError(f"curriculum.mode '{c.mode}' is unknown; choose one of {', '.join(FREQUENCY_MODES)}")
 
 
 def resolve_curriculum(c: CurriculumConfig, full_size: int, patch_size: int) -> tuple[list[curriculum_lib.Stage], str]:
@@ -188,73 +196,87 @@ def curriculum_stages(cfg: PretrainConfig) -> tuple[list[curriculum_lib.Stage], 
 
 
 def validate_pretrain(cfg: PretrainConfig) -> None:
-    """Cross-field checks; raises ConfigError with one clear line."""
+    """What no single field can say (each field's own rule is in the schema); raises ConfigError in one line."""
     from mae_et.models.mae import MODEL_SIZES  # local: keeps `config` importable without building models
 
-    m, d, c, o, t = cfg.model, cfg.data, cfg.curriculum, cfg.optim, cfg.train
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     if m.size not in MODEL_SIZES:
         raise ConfigError(f"model.size '{m.size}' is unknown; choose one of {', '.join(MODEL_SIZES)}")
-    if not 0.0 < m.mask_ratio < 1.0:
-        raise ConfigError(f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
-    if m.pos_embed not in ("grid", "extent"):
-        raise ConfigError(f"model.pos_embed '{m.pos_embed}' is unknown; choose grid (the reference) or extent")
-    if m.patch_size < 1 or d.crop_size % m.patch_size != 0:
+    check_heads(m.size, m.decoder_embed_dim, m.decoder_num_heads, MODEL_SIZES)
+    if d.crop_size % m.patch_size != 0:
         raise ConfigError(
             f"data.crop_size {d.crop_size} is not a multiple of model.patch_size {m.patch_size}; "
             f"use e.g. data.crop_size={max(1, round(d.crop_size / m.patch_size)) * m.patch_size}"
         )
-    if d.source not in DATA_SOURCES:
-        raise ConfigError(f"data.source '{d.source}' is unknown; choose one of {', '.join(DATA_SOURCES)}")
-    if d.pipeline not in PIPELINES:
-        raise ConfigError(f"data.pipeline '{d.pipeline}' is unknown; choose one of {', '.join(PIPELINES)}")
     if d.memory_size is not None and d.memory_size < d.crop_size:
         raise ConfigError(f"data.memory_size {d.memory_size} is below data.crop_size {d.crop_size}; use null for the default")
     if d.source == "auto":  # resolved once, here: the saved config says what really ran
         d.source = "imagefolder" if d.root else "fractal"
-    if d.source == "fractal":
-        if d.fractal_classes < 2 or d.fractal_images_per_class < 1:
-            raise ConfigError(f"data.fractal_classes must be >= 2 and data.fractal_images_per_class >= 1, got "
-                              f"{d.fractal_classes}, {d.fractal_images_per_class}")
-    elif d.root is None or not str(d.root).strip():
-        raise ConfigError(
-            "data.root is missing: pass data.root=/path/to/imagefolder (class sub-folders of images, "
-            "optionally under train/); with a network, torchvision.datasets.Imagenette(root, split='train', "
-            "size='320px', download=True) fetches a copy"
-        )
-    elif not Path(d.root).is_dir():
-        raise ConfigError(f"data.root '{d.root}' is not a folder; pass data.root=/path/to/imagefolder")
-    lo, hi = d.scale
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ConfigError(f"data.scale must satisfy 0 < min <= max <= 1, got {list(d.scale)}")
-    check_curriculum_names(c)
-    curriculum_stages(cfg)  # raises on a bad stage list
-    if t.compile not in COMPILE_MODES:
-        raise ConfigError(f"train.compile '{t.compile}' is unknown; choose one of {', '.join(COMPILE_MODES)}")
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision '{t.precision}' is unknown; choose one of {', '.join(PRECISIONS)}")
-    for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.accum_steps", t.accum_steps),
-                       ("train.log_every", t.log_every), ("train.max_consecutive_nonfinite", t.max_consecutive_nonfinite),
-                       ("checkpoint.keep_last", cfg.checkpoint.keep_last)):
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    if t.max_steps is not None and t.max_steps <= 0:
-        raise ConfigError(f"train.max_steps must be positive or null, got {t.max_steps}")
-    if o.warmup_epochs < 0 or o.warmup_epochs > t.epochs:
+    if d.source == "imagefolder":
+        if d.root is None or not str(d.root).strip():
+            raise ConfigError(
+                "data.root is missing: pass data.root=/path/to/imagefolder (class sub-folders of images, "
+                "optionally under train/); with a network, torchvision.datasets.Imagenette(root, split='train', "
+                "size='320px', download=True) fetches a copy"
+            )
+        if not Path(d.root).is_dir():
+            raise ConfigError(f"data.root '{d.root}' is not a folder; pass data.root=/path/to/imagefolder")
+        data_dir(d)  # a data.split that is not there: one line now, never a run on the root with val/ as a class
+    check_scale("data.scale", d.scale)
+    stages, _ = curriculum_stages(cfg)  # raises on a bad stage list
+    check_masking(m.mask_ratio, [s.size for s in stages], m.patch_size)
+    if o.warmup_epochs > t.epochs:
         raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={t.epochs}], got {o.warmup_epochs}")
-    if o.clip_grad is not None and o.clip_grad <= 0:
-        raise ConfigError(f"optim.clip_grad must be positive or null, got {o.clip_grad}")
-    if cfg.tracking.knn_every_epochs < 0:
-        raise ConfigError(f"tracking.knn_every_epochs must be >= 0 (0 = off), got {cfg.tracking.knn_every_epochs}")
     if cfg.tracking.knn_every_epochs > 0 and d.source == "imagefolder" and not (Path(d.root) / cfg.tracking.knn_split).is_dir():
         raise ConfigError(
             f"the kNN monitor needs a labelled split '{Path(d.root) / cfg.tracking.knn_split}'; set tracking.knn_split=<folder "
             f"under data.root> or tracking.knn_every_epochs=0"
         )
-    if isinstance(cfg.tracking.wandb, bool):  # YAML 1.1: `off`/`no` -> False, `on`/`yes` -> True
-        cfg.tracking.wandb = "auto" if cfg.tracking.wandb else "off"
-    if cfg.tracking.wandb not in WANDB_MODES:
-        raise ConfigError(f"tracking.wandb '{cfg.tracking.wandb}' is unknown; choose one of {', '.join(WANDB_MODES)}")
-    if cfg.checkpoint.every_steps is not None and cfg.checkpoint.every_steps <= 0:
-        raise ConfigError(f"checkpoint.every_steps must be positive or null, got {cfg.checkpoint.every_steps}")
-    if not cfg.name or "/" in cfg.name:
-        raise ConfigError(f"name '{cfg.name}' must be a non-empty folder name without '/'")
+    check_wandb(cfg.tracking)
+    check_name(cfg.name)
+
+
+# ----------------------------------------------------------------------------- cross-field rules (shared)
+
+
+def check_heads(size: str, decoder_dim: int, decoder_heads: int, sizes: dict[str, dict]) -> None:
+    """Attention heads split the width evenly (else timm's Attention asserts mid-build)."""
+    encoder = sizes[size]
+    if encoder["embed_dim"] % encoder["num_heads"] != 0:  # a preset edited by hand
+        raise ConfigError(f"model.size '{size}': its width {encoder['embed_dim']} does not divide into "
+                          f"{encoder['num_heads']} heads")
+    if decoder_dim % decoder_heads != 0:
+        divisors = [h for h in range(1, min(decoder_dim, 32) + 1) if decoder_dim % h == 0]
+        raise ConfigError(f"model.decoder_embed_dim {decoder_dim} does not divide into model.decoder_num_heads "
+                          f"{decoder_heads} heads; use one of {', '.join(map(str, divisors[-6:]))} heads, or another width")
+
+
+def check_masking(mask_ratio: float, sizes: list[int], patch_size: int) -> None:
+    """Every input size B keeps at least one visible and one masked patch (`int(L * (1 - ratio))` are kept):
+    a grid that keeps none trains the encoder on nothing; one that masks none has no loss."""
+    for size in sorted(set(sizes)):
+        patches = (size // patch_size) ** 2
+        kept = int(patches * (1 - mask_ratio))
+        if not 1 <= kept < patches:
+            raise ConfigError(
+                f"at input size {size} ({size // patch_size}x{size // patch_size} patches of {patch_size}) model.mask_ratio "
+                f"{mask_ratio} keeps {kept} of {patches} patches visible; every size needs at least one visible and one "
+                "masked patch: raise data.crop_size (or curriculum.min_size), or lower model.patch_size or model.mask_ratio")
+
+
+def check_scale(key: str, scale: tuple[float, float]) -> None:
+    lo, hi = scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"{key} must satisfy 0 < min <= max <= 1, got {list(scale)}")
+
+
+def check_wandb(tracking) -> None:
+    if isinstance(tracking.wandb, bool):  # YAML 1.1: `off`/`no` -> False, `on`/`yes` -> True
+        tracking.wandb = "auto" if tracking.wandb else "off"
+    if tracking.wandb not in WANDB_MODES:
+        raise ConfigError(f"tracking.wandb '{tracking.wandb}' is unknown; choose one of {', '.join(WANDB_MODES)}")
+
+
+def check_name(name: str) -> None:
+    if not name or "/" in name:
+        raise ConfigError(f"name '{name}' must be a non-empty folder name without '/'")

@@ -1,12 +1,18 @@
 """What every run needs around its loop, for the three engines (pretraining, fine-tuning, linear probe).
 
-    run = Run(cfg)                                  # accelerator (devices, precision, DDP), writable run folder
+    with Run(cfg) as run:                           # accelerator (devices, precision, DDP), the run folder, locked
     found = run.resume(raw_model, optimizer)        # latest checkpoint (if any) -> weights, optimizer, scaler, clocks
     run.clock.start(); bar = run.progress(total, done, desc)   # a tqdm bar (main rank), lines in a log file
     ...the method's loop...
         run.log(step, metrics, line)                # tracker (metrics.jsonl + W&B) and, on the main rank, one line
         run.checkpoint(step, model, state, meta)    # atomic RUN/checkpoints/step_N, written by the main rank
-    run.close()
+
+One run per run folder: the main rank holds an exclusive `flock` on RUN/.run.lock for the run's whole life
+(`mae_et.files.RunFolderLock`; any end of the process, SIGKILL included, releases it), so a second launch on
+the same folder (a requeued job while the old one still runs) stops in one line before touching anything.
+Leaving the `with` block releases it; a run folder this launch created and left empty (a start that failed
+its checks) is removed. Ctrl-C becomes `RunInterrupted` (one line: the step, the last checkpoint, how to
+resume; exit 130), a non-finite stop `NonFiniteLossError` (its own line, exit 1).
 
 A checkpoint is the resume point of every engine: weights (safetensors), optimizer and scaler state, the step and
 the loop's clocks (wall and process-CPU seconds, with the bookkeeping share apart), the resolved config and a
@@ -27,6 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from mae_et import checkpoint as ckpt_lib
+from mae_et.files import LOCK_FILE, RunFolderBusy, RunFolderLock
 from mae_et.notices import RunWarning, progress
 from mae_et.recipes import ConfigError, config_to_dict, flatten_dict
 from mae_et.train.tracking import RunTracker, resolve_wandb_mode
@@ -42,13 +49,14 @@ class Run:
         self.accelerator = build_accelerator(precision or cfg.train.precision,
                                              accum_steps or getattr(cfg.train, "accum_steps", 1),
                                              use_wandb=self.wandb_mode is not None)
-        self.run_dir = prepare_run_dir(cfg, self.accelerator)
+        self.run_dir, self.lock, self._created = prepare_run_dir(cfg, self.accelerator)
         self.main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.bar = None  # the loop's progress bar, once `progress` opened it
         self.clock = LoopClock()
         self.tracker: RunTracker | None = None
+        self._tracker_closed = False
         self.config_yaml = ""
         self.last_checkpoint: Path | None = None
 
@@ -91,22 +99,80 @@ class Run:
         return self.last_checkpoint
 
     def stop_nonfinite(self, problem: str, fix: str) -> NoReturn:
-        self.close()
-        raise NonFiniteLossError(f"{problem}; the last good checkpoint ({self.last_checkpoint or 'none yet'}) is untouched. {fix}")
+        raise NonFiniteLossError(f"{problem}; the last good checkpoint ({self.last_checkpoint or 'none yet'}) is untouched. {fix}",
+                                 say=self.main)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.tracker is not None:
+        if self.tracker is not None and not self._tracker_closed:
             self.tracker.close()
+            self._tracker_closed = True
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        where = (self.bar.n, self.bar.total) if self.bar is not None else None
+        try:
+            self.close()
+        finally:
+            self._release_folder()
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            raise RunInterrupted(self._interrupted_line(where), say=self.main) from None
+
+    def _interrupted_line(self, where: tuple[int, int] | None) -> str:
+        at = f"interrupted at step {where[0]} of {where[1]}" if where else "interrupted before the first step"
+        # what a relaunch resumes from: the newest complete checkpoint on disk (an interrupt during a save may
+        # come after its rename, before this process heard it had finished)
+        on_disk = ckpt_lib.list_checkpoints(self.run_dir / "checkpoints")
+        last = on_disk[-1] if on_disk else None
+        kept = (f"the last checkpoint is {last} (step {ckpt_lib.checkpoint_step(last)})" if last is not None
+                else "no checkpoint was written yet")
+        return f"{at}; {kept}; relaunch the same command to resume"
+
+    def _release_folder(self) -> None:
+        """Drop the run lock; remove the run folder (and the parents made for it) when this launch created it
+        and left nothing in it but the lock."""
+        if self.lock is None:
+            return
+        self.lock.release()
+        self.lock = None
+        for folder in self._created:
+            try:
+                if {p.name for p in folder.iterdir()} <= {LOCK_FILE}:
+                    (folder / LOCK_FILE).unlink(missing_ok=True)
+                folder.rmdir()
+            except OSError:  # not empty: a failed start that wrote something, or a folder another run uses
+                break
 
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
-class NonFiniteLossError(RuntimeError):
+class RunStopped(Exception):
+    """A run that stopped before its end for a reason the user can act on: one line (printed by the main
+    rank only, `say`), and an exit status of its own."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, say: bool = True) -> None:
+        super().__init__(message)
+        self.say = say
+
+
+class NonFiniteLossError(RunStopped):
     """Too many non-finite losses in a row; the last good checkpoint is left as it was."""
+
+
+class RunInterrupted(RunStopped):
+    """Ctrl-C (SIGINT): the run stopped where it was; the last checkpoint resumes it."""
+
+    exit_code = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+
+
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
 def build_accelerator(precision: str, accum_steps: int, use_wandb: bool) -> Accelerator:
@@ -123,24 +189,27 @@ def build_accelerator(precision: str, accum_steps: int, use_wandb: bool) -> Acce
     )
 
 
-def prepare_run_dir(cfg, accelerator: Accelerator) -> Path:
-    """`cfg`: any run config with `run_dir` (pretraining, fine-tuning, linear probe)."""
-    # create the run folder and prove it is writable now, not at the first save (main rank writes)
+def prepare_run_dir(cfg, accelerator: Accelerator) -> tuple[Path, RunFolderLock | None, list[Path]]:
+    """Create the run folder and take its lock (main rank); every rank gets the same error, none hangs.
+
+    Returns the folder, the lock (None on other ranks) and the folders this call created, deepest first.
+    `cfg`: any run config with `run_dir` (pretraining, fine-tuning, linear probe)."""
     run_dir = cfg.run_dir
-    error = [None]
+    error, lock, created = [None], None, []
     if accelerator.is_main_process:
+        created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write_probe"
-            probe.write_text("ok")
-            probe.unlink()
+            lock = RunFolderLock(run_dir).acquire()  # writes the holder's record: proves the folder writable now
+        except RunFolderBusy as e:
+            error[0] = str(e)
         except OSError as e:
             error[0] = f"output folder '{run_dir}' is not writable ({type(e).__name__}: {e}); pass output_dir=/a/writable/folder"
     if accelerator.num_processes > 1:
-        broadcast_object_list(error)  # every rank fails the same way, none hangs
+        broadcast_object_list(error)
     if error[0]:
         raise ConfigError(error[0])
-    return run_dir
+    return run_dir, lock, created
 
 
 class LoopClock:
@@ -190,6 +259,19 @@ class LoopClock:
 
 def steps_every(epochs: float, steps_per_epoch: int) -> int:
     return max(1, round(epochs * steps_per_epoch))
+
+
+def checkpoint_every(cfg, steps_per_epoch: int) -> int | None:
+    """Optimizer steps between checkpoints: `checkpoint.every_steps`, else `checkpoint.every_epochs`; None when
+    both are 0 (off: only the last step of the launch, the end or `train.max_steps`, is saved)."""
+    c = cfg.checkpoint
+    if c.every_steps:
+        return c.every_steps
+    return steps_every(c.every_epochs, steps_per_epoch) if c.every_epochs > 0 else None
+
+
+def checkpoint_due(step: int, every: int | None, end_step: int) -> bool:
+    return step == end_step or (every is not None and step % every == 0)
 
 
 def resume_latest(cfg, run_dir: Path, raw_model: torch.nn.Module, optimizer, accelerator: Accelerator) -> ckpt_lib.Checkpoint | None:
@@ -269,19 +351,21 @@ def save_checkpoint_on_main(accelerator: Accelerator, run_dir: Path, step: int, 
                             config_yaml: str, meta: dict, keep_last: int) -> Path:
     """The main rank writes RUN/checkpoints/step_N atomically; every rank waits and gets its path."""
     model_state = accelerator.get_state_dict(model)  # a collective under some sharding schemes: every rank calls it
-    path = None
+    path, error = None, None
     if accelerator.is_main_process:
-        path = ckpt_lib.save_checkpoint(run_dir / "checkpoints", step, model_state, training_state, config_yaml, meta, keep_last)
+        try:
+            path = ckpt_lib.save_checkpoint(run_dir / "checkpoints", step, model_state, training_state, config_yaml, meta,
+                                            keep_last)
+        except ckpt_lib.CheckpointWriteError as e:  # a full disk: every rank stops with it, none waits forever
+            error = str(e)
     accelerator.wait_for_everyone()
-    return broadcast_path(path, accelerator)
-
-
-def broadcast_path(path: Path | None, accelerator: Accelerator) -> Path | None:
-    if accelerator.num_processes == 1:
-        return path
-    box = [str(path) if path else None]
-    broadcast_object_list(box)
-    return Path(box[0]) if box[0] else None
+    if accelerator.num_processes > 1:
+        box = [str(path) if path else None, error]
+        broadcast_object_list(box)
+        path, error = (Path(box[0]) if box[0] else None), box[1]
+    if error:
+        raise ckpt_lib.CheckpointWriteError(error)
+    return path
 
 
 def format_log_line(step: int, end_step: int, m: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ import time, so machines without it still train and write metrics.jsonl.
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
 import uuid
@@ -97,8 +98,9 @@ class RunTracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.is_main:
             return
-        record = {"step": step, **metrics}
-        self._file.write(json.dumps(record) + "\n")
+        # JSON has no NaN or infinity: a non-finite number (the loss of a window of skipped updates) is null
+        record = {"step": step, **{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self.wandb_mode is not None:
             self.accelerator.log(metrics, step=step)

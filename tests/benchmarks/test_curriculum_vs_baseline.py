@@ -562,3 +562,71 @@ def test_recheck_reproduces_a_stored_evaluation_and_changes_nothing(study, tmp_p
     script = load_script()
     with pytest.raises(script.StudyError, match="no evaluated run 'et' seed '7'"):
         script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--recheck", "et:7"])
+
+
+def test_a_study_role_is_one_process_at_a_time_and_out_is_checked_first(tmp_path):
+    """Two study processes doing the same part on one --out (two --pretrain-only launches) would train each run
+    twice into the same folders: the second stops in one line before any work. --out may not lie in the data."""
+    script = load_script()
+    from mae_et.files import RunFolderLock
+
+    out = tmp_path / "study"
+    out.mkdir()
+    with RunFolderLock(out, lock_name=script.ROLE_LOCKS["pretrain"]):  # another process pretraining this study
+        with pytest.raises(script.StudyError, match=r"study folder \(pretrain\) '.*' is in use by another run \(pid "
+                                                    rf"{os.getpid()} on host"):
+            script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "--pretrain-only"])
+    assert sorted(p.name for p in out.iterdir()) == [".pretrain.lock"]  # nothing was started
+    with pytest.raises(script.StudyError, match="--out '.*' overlaps '.*', which this command reads"):
+        script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(MINI / "val" / "study"), "--seeds", "0"])
+    assert not (MINI / "val" / "study").exists()
+
+
+def test_a_run_folder_in_use_is_never_moved_aside(tmp_path):
+    script = load_script()
+    from mae_et.files import RunFolderBusy, RunFolderLock
+    from mae_et.recipes import config_to_dict
+    from mae_et.train.config import load_pretrain_config
+
+    cfg = load_pretrain_config(script.load_study(STUDY).recipe, [f"data.root={MINI}", f"output_dir={tmp_path}",
+                                                                 "name=baseline_seed0"])
+    cfg.run_dir.mkdir(parents=True)
+    old = config_to_dict(cfg)
+    old["train"]["seed"] = 7
+    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    with RunFolderLock(cfg.run_dir):  # a live run is writing there
+        with pytest.raises(RunFolderBusy, match="is in use by another run"):
+            script.clear_if_config_changed(cfg.run_dir, cfg)
+    assert cfg.run_dir.is_dir() and not cfg.run_dir.with_name("baseline_seed0.old-1").exists()
+
+
+def test_recorded_commands_and_run_folders_are_relative_to_the_checkout():
+    script = load_script()
+    command = script.portable_command([sys.executable, str(REPO / "pretrain.py"), "--config",
+                                       str(REPO / "configs" / "study" / ".." / "pretrain" / "x.yaml"),
+                                       f"data.root={json.dumps(str(REPO / '.data' / 'imagenette'))}",
+                                       f"output_dir={REPO / 'runs' / 'study'}", "train.seed=0", "data.root=/data/elsewhere"])
+    assert command == ["python", "pretrain.py", "--config", "configs/pretrain/x.yaml", 'data.root=".data/imagenette"',
+                       "output_dir=runs/study", "train.seed=0", "data.root=/data/elsewhere"]
+    assert script.in_repo("runs/study/x") == REPO / "runs" / "study" / "x" and script.in_repo("/abs/x") == Path("/abs/x")
+
+
+def test_published_results_name_no_machine_paths():
+    """What --publish committed reads the same on any checkout: no interpreter or checkout path in it."""
+    found = []
+
+    def walk(x, where):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(x, str) and (str(REPO) in x or x.startswith(("/root/", "/home/", "/usr/")) or "/bin/python" in x):
+            found.append(f"{where}: {x}")
+
+    files = sorted((REPO / "benchmarks" / "results").glob("*/*.json"))
+    assert files
+    for path in files:
+        walk(json.loads(path.read_text()), path.relative_to(REPO))
+    assert not found, found[:5]

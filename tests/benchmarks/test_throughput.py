@@ -91,3 +91,14 @@ def test_fractal_speed_smoke():
     module = load_benchmark("fractal_speed")
     rows = module.main(["--sizes", "32", "--batch", "4", "--seconds", "0.2", "--device", "cpu"])
     assert [r["size"] for r in rows] == [32] and rows[0]["single_cpu"] > 0 and rows[0]["batched"] > 0
+
+
+def test_throughput_takes_any_recipe_and_checks_no_monitor_it_never_runs(tmp_path, one_thread_fresh_accelerate):
+    """The fractal recipe has a kNN monitor on a held-out split of its renders: the benchmark used to replace its
+    source by an image folder and then fail the monitor's check ('needs a labelled split')."""
+    throughput = load_throughput()
+    result = throughput.main(["--config", str(REPO / "configs/pretrain/mae_vit-tiny-p8_et_20e_fractal.yaml"), "--rows",
+                              "tiny:2:32", "--compile", "none", "--precision", "fp32", "--steps", "1", "--warmup", "0",
+                              "--out", str(tmp_path / "tp.json")])
+    [row] = result["rows"]
+    assert row["size"] == 32 and row["step_img_s"] > 0 and result["pipeline"] is None

@@ -3,12 +3,15 @@ micro-step on (the resume contract), skipped files reported."""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MINI, make_bad_folder
+from conftest import MINI, REPO, copy_mini_classes, make_bad_folder
 
+from mae_et.data.folder import DataError
 from mae_et.data.sources import SOURCES, data_dir, open_source, source_name
 
 
@@ -57,3 +60,57 @@ def test_a_source_reports_what_it_skipped(tmp_path, pipeline):
     skipped = {s.path for s in opened.skipped}
     assert len(skipped) >= 2  # the two scan-time files at least (the memory store also skips undecodable ones)
     assert len(skipped | met) == n_bad  # every bad file is either skipped at opening or reported by a batch
+
+
+@pytest.mark.parametrize("pipeline", ["loader", "memory"])
+def test_dangling_symlinks_and_link_loops_are_skipped_and_counted(tmp_path, pipeline):
+    """A class folder as it is found on a shared filesystem: a link whose target was deleted, a link to itself.
+    Each is one line of warning and one skipped file, like any unreadable file; the run starts."""
+    classes = copy_mini_classes(tmp_path / "data" / "train", n_classes=2, n_images=6)
+    (classes[0] / "gone.JPEG").symlink_to(tmp_path / "deleted.JPEG")
+    (classes[1] / "loop.JPEG").symlink_to(classes[1] / "loop.JPEG")
+    (classes[1] / "gone_notes").symlink_to(tmp_path / "nowhere")
+    with pytest.warns(UserWarning) as record:
+        opened = open_source(data_section(tmp_path / "data", pipeline), seed=0, main=True, device=torch.device("cpu"))
+    reasons = {Path(s.path).name: s.reason for s in opened.skipped}
+    assert reasons == {"gone.JPEG": "dangling symlink (its target does not exist)", "loop.JPEG": "symlink loop",
+                       "gone_notes": "dangling symlink (its target does not exist)"}
+    lines = [str(w.message) for w in record]
+    assert sum("gone.JPEG" in m and "dangling symlink" in m for m in lines) == 1
+    assert sum("loop.JPEG" in m and "symlink loop" in m for m in lines) == 1
+    assert opened.num_images == 12
+    batch = next(opened.batches(0, 1, 4, 0, 1))
+    assert batch.images.shape == (4, 3, 32, 32)
+
+
+def test_a_split_that_is_not_there_is_an_error_naming_the_ones_that_are(tmp_path):
+    """data.split=nope on a root of train/ and val/ trained on the root before, val/ as a class: a leak."""
+    with pytest.raises(DataError, match=r"data.split 'nope' is not a folder under '.*imagenette-mini' \(its sub-folders: "
+                                         r"train, val\); pass data.split=<one of them>"):
+        data_dir(SimpleNamespace(root=str(MINI), split="nope"))
+    # the default train/ absent from a root of splits (val/ only) is the same mistake
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    (tmp_path / "extra").mkdir()
+    with pytest.raises(DataError, match=r"data.split 'train' is not a folder .* \(its sub-folders: extra, val\)"):
+        data_dir(SimpleNamespace(root=str(tmp_path), split="train"))
+    # a plain folder of classes, with the default split: the root itself; an empty split: the root, always
+    assert data_dir(SimpleNamespace(root=str(MINI / "train"), split="train")) == MINI / "train"
+    assert data_dir(SimpleNamespace(root=str(MINI), split="")) == MINI
+    assert data_dir(SimpleNamespace(root=str(MINI), split="val")) == MINI / "val"
+    # and in a config: one line when it is loaded, before any work
+    from mae_et.train.config import load_pretrain_config
+
+    with pytest.raises(DataError, match="data.split 'nope' is not a folder"):
+        load_pretrain_config(REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml",
+                             [f"data.root={MINI}", "data.split=nope"])
+
+
+def test_device_decode_without_a_gpu_says_so_once():
+    with pytest.warns(UserWarning) as record:
+        opened = open_source(data_section(MINI, "device_decode"), seed=0, main=True, device=torch.device("cpu"))
+        next(opened.batches(0, 1, 4, 0, 2))
+    said = [str(w.message) for w in record if "device_decode has no GPU here" in str(w.message)]
+    assert len(said) == 1 and "data.pipeline=loader" in said[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # other ranks say nothing
+        open_source(data_section(MINI, "device_decode"), seed=0, main=False, device=torch.device("cpu"))

@@ -165,3 +165,36 @@ def test_unreadable_images_are_skipped_and_empty_loader_gives_empty_features(tmp
     assert feats.shape == (2, 64) and labels.tolist() == [0, 0]
     empty, no_labels = extract_features(vit, [], "cpu")  # e.g. a rank's empty shard
     assert empty.shape == (0, 64) and no_labels.shape == (0,)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--k", "0"], "--k must be a positive integer, got 0"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+    (["--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
+    (["--device", "cuda"], "--device cuda needs a GPU, and torch sees none here; use --device cpu"),
+])
+def test_knn_cli_values_are_checked_before_any_work(micro_run, mini_root, capsys, flags, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU this test means, on any machine
+    called = []
+    monkeypatch.setattr("mae_et.evaluate.knn.load_pretrained_vit", lambda *a, **k: called.append(1))
+    with pytest.raises(SystemExit) as e:
+        knn_main([str(micro_run), "--data", str(mini_root), *flags])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == f"error: {message}" and not called
+
+
+def test_knn_json_is_checked_before_the_work_and_never_replaced_unasked(micro_run, mini_root, tmp_path, capsys, monkeypatch):
+    called = []
+    monkeypatch.setattr("mae_et.evaluate.knn.load_pretrained_vit", lambda *a, **k: called.append(1))
+    for target, message in ((tmp_path, "is a folder"), (tmp_path / "x.txt", "must end with .json"),
+                            (list_checkpoints(micro_run / "checkpoints")[-1] / "knn.json", "which this command reads"),
+                            (mini_root / "val" / "knn.json", "lies inside")):
+        with pytest.raises(SystemExit):
+            knn_main([str(micro_run), "--data", str(mini_root), "--json", str(target)])
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --json") and message in err, err
+    existing = tmp_path / "knn.json"
+    existing.write_text("{}")
+    with pytest.raises(SystemExit):
+        knn_main([str(micro_run), "--data", str(mini_root), "--json", str(existing)])
+    assert "exists; pass --overwrite" in capsys.readouterr().err and existing.read_text() == "{}" and not called

@@ -72,3 +72,22 @@ def test_load_mae_takes_a_run_or_a_checkpoint_and_rejects_other_folders(tiny_run
     config.write_text(config.read_text().replace("decoder_depth: 1", "decoder_depth: 2"))
     with pytest.raises(ck.CheckpointError, match="does not match its config's model: missing decoder_blocks.1"):
         load_mae(wrong)
+
+
+def test_out_is_checked_before_the_work_and_never_replaced_unasked(tmp_path, tiny_run, mini_root, capsys, monkeypatch):
+    called = []
+    monkeypatch.setattr("mae_et.evaluate.visualize.load_mae", lambda *a: called.append(1))
+    ckpt = ck.list_checkpoints(tiny_run / "checkpoints")[-1]
+    existing = tmp_path / "grid.png"
+    existing.write_bytes(b"old")
+    for out, message in ((ckpt / "grid.png", "which this command reads"), (tiny_run / "checkpoints" / "g.png", "inside"),
+                         (mini_root / "val" / "grid.png", "which this command reads"), (tmp_path / "grid.jpg", "must end with .png"),
+                         (existing, "exists; pass --overwrite to replace it")):
+        with pytest.raises(SystemExit) as e:
+            main([str(tiny_run), str(mini_root / "val"), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: --out") and message in err and err.count("\n") == 1, err
+    assert not called and existing.read_bytes() == b"old"
+    monkeypatch.undo()
+    main([str(tiny_run), *two_images(mini_root), "--out", str(existing), "--overwrite"])
+    assert Image.open(existing).format == "PNG" and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -292,3 +293,38 @@ def test_export_cli_bad_input_exits_2(tmp_path, micro_run, capsys):
     assert e.value.code == 2 and ".safetensors" in capsys.readouterr().err
     assert not (tmp_path / "out.safetensors").exists()
     assert export_encoder(micro_run, tmp_path / "ok.safetensors").is_file()
+
+
+def test_export_never_overwrites_what_it_reads(tmp_path, micro_run, capsys):
+    """`export RUN RUN/checkpoints/step_N/model.safetensors` replaced the MAE weights with the encoder alone (the
+    run could no longer resume). Refused, as is the input file itself and an existing file unless --overwrite."""
+    import shutil
+    import stat
+
+    from mae_et.checkpoint import list_checkpoints
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    weights = list_checkpoints(run / "checkpoints")[-1] / "model.safetensors"
+    before = weights.read_bytes()
+    for dst, message in ((weights, "lies inside the checkpoints"), (run / "checkpoints" / "enc.safetensors", "lies inside the checkpoints")):
+        with pytest.raises(SystemExit) as e:
+            export_main([str(run), str(dst)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert weights.read_bytes() == before and not (run / "checkpoints" / "enc.safetensors").exists()
+    out = tmp_path / "enc.safetensors"
+    assert export_main([str(run), str(out)]) == 0
+    with pytest.raises(SystemExit):  # a file input as its own output
+        export_main([str(out), str(out), "--overwrite"])
+    assert "is also an input of this command" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main([str(run), str(out)])
+    assert "exists; pass --overwrite to replace it" in capsys.readouterr().err
+    old = os.umask(0o022)
+    try:
+        assert export_main([str(run), str(out), "--overwrite"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # the umask's mode, not safetensors' 0600
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

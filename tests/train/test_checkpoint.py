@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
 
 import pytest
 import torch
 from conftest import REPO
 
 from mae_et import checkpoint as ck
+from mae_et.files import try_lock
 
 
 def save(root, step, value=1.0, keep_last=3):
@@ -23,21 +26,50 @@ def test_round_trip_and_keep_last(tmp_path):
     assert torch.equal(latest.model_state["w"], torch.full((2, 2), 4.0))
 
 
-def test_kill_during_save_keeps_previous_latest(tmp_path, monkeypatch):
+def test_an_interrupted_save_keeps_the_previous_latest_and_leaves_no_temporary_folder(tmp_path, monkeypatch):
     save(tmp_path, 1)
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt("killed mid-save")
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("Ctrl-C mid-save")
 
-    monkeypatch.setattr(ck.torch, "save", killed)
+    monkeypatch.setattr(ck.torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, 2)
     monkeypatch.undo()
-    assert any(p.name.startswith(ck.TMP_PREFIX) for p in tmp_path.iterdir())  # the half-written folder
-    latest = ck.load_latest_checkpoint(tmp_path)
-    assert latest.meta["step"] == 1  # the half-written one is invisible
-    save(tmp_path, 3)
-    assert not any(p.name.startswith(ck.TMP_PREFIX) for p in tmp_path.iterdir())  # cleaned at the next save
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]  # its own temporary folder and lock removed
+    assert ck.load_latest_checkpoint(tmp_path).meta["step"] == 1
+
+
+def test_only_temporary_folders_of_writers_that_are_gone_are_removed(tmp_path):
+    """A SIGKILLed save leaves its temporary folder (and maybe its free lock file); a live writer holds its lock.
+    The next save removes the first kind only."""
+    killed_without_lock = tmp_path / ".tmp-step_00000002-host-11"
+    killed_with_lock = tmp_path / ".tmp-step_00000003-host-12"
+    live = tmp_path / ".tmp-step_00000004-host-13"
+    for folder in (killed_without_lock, killed_with_lock, live):
+        folder.mkdir(parents=True)
+        (folder / ck.MODEL_FILE).write_bytes(b"half")
+    (tmp_path / (killed_with_lock.name + ".lock")).write_text("")
+    fd = try_lock(tmp_path / (live.name + ".lock"))  # another open file: flock conflicts as another process would
+    try:
+        save(tmp_path, 5)
+        assert live.is_dir() and not killed_without_lock.exists() and not killed_with_lock.exists()
+        assert not (tmp_path / (killed_with_lock.name + ".lock")).exists()
+    finally:
+        os.close(fd)
+    save(tmp_path, 6)  # the writer is gone now
+    assert not live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000005", "step_00000006"]
+
+
+def test_weights_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = save(tmp_path, 1)
+    finally:
+        os.umask(old)
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == dict.fromkeys(
+        (ck.MODEL_FILE, ck.STATE_FILE, ck.CONFIG_FILE, ck.META_FILE), 0o640)
 
 
 def test_unreadable_latest_falls_back_with_a_warning(tmp_path):
@@ -61,6 +93,7 @@ def test_resaving_the_same_step_replaces_it(tmp_path):
 KILL_BETWEEN_RENAMES = """
 import os, signal, sys, torch
 from mae_et import checkpoint as ck
+from mae_et.files import try_lock
 real_replace = os.replace
 def replace_then_die(src, dst):
     real_replace(src, dst)

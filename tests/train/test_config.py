@@ -66,7 +66,23 @@ def test_scientific_notation_without_dot_is_a_number(mini_root):
         ("curriculum.mode=wavelet", "curriculum.mode 'wavelet' is unknown"),
         ("train.precision=fp8", "train.precision 'fp8' is unknown"),
         ("model.size=gigantic", "model.size 'gigantic' is unknown"),
-        ("model.pos_embed=learned", "model.pos_embed 'learned' is unknown; choose grid"),
+        ("model.pos_embed=learned", "model.pos_embed 'learned' is unknown; choose one of grid, extent"),
+        # each a traceback, a silent run on nothing, or a wrong message before the rules moved into the schema
+        ("optim.blr=-1e-4", r"optim.blr must be > 0, got -0.0001"),
+        ("optim.blr=.inf", r"optim.blr must be a finite number > 0, got inf"),
+        ("optim.blr=.nan", r"optim.blr must be a finite number > 0, got nan"),
+        ("optim.lr=-1", r"optim.lr must be > 0, got -1.0"),
+        ("model.patch_size=0", r"model.patch_size must be > 0, got 0"),
+        ("data.num_workers=-1", r"data.num_workers must be >= 0, got -1"),
+        ("model.decoder_num_heads=5", r"model.decoder_embed_dim 32 does not divide into model.decoder_num_heads 5 heads"),
+        ("train.epochs=.inf", r"train.epochs must be a finite number > 0, got inf"),
+        ("checkpoint.every_epochs=-1", r"checkpoint.every_epochs must be >= 0, got -1.0"),
+        ("checkpoint.every_steps=0", r"checkpoint.every_steps must be > 0, got 0"),
+        ("data.crop_size=8", r"at input size 8 \(1x1 patches of 8\) model.mask_ratio 0.75 keeps 0 of 1 patches visible"),
+        ("model.mask_ratio=0.99", r"keeps 0 of 16 patches visible"),
+        ("curriculum.budget=steps", "curriculum.budget 'steps' is unknown; choose one of epochs, compute"),
+        ("data.pipeline=gpu", "data.pipeline 'gpu' is unknown; choose one of loader, memory, device_decode"),
+        ("train.log_every=0", r"train.log_every must be > 0, got 0"),
         ("curriculum.min_size=20", "curriculum.min_size 20 must be a multiple of the patch size 8"),
         ("curriculum.min_size=64", "curriculum.min_size 64 must be .* between 8 and the crop size 48"),
         ("optim.warmup_epochs=99", "optim.warmup_epochs must be in"),
@@ -115,3 +131,59 @@ def test_parse_overrides_nests_dotted_keys():
 @pytest.mark.parametrize("value, expected", [("off", "off"), ("false", "off"), ("offline", "offline"), ("auto", "auto")])
 def test_wandb_switch_accepts_yaml_booleans(mini_root, value, expected):
     assert load(mini_root, f"tracking.wandb={value}").tracking.wandb == expected
+
+
+def test_a_recipe_with_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path, mini_root):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"_base_: {CPU_RECIPE}\ntrain:\n  epochs: [3\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=rf"config file '{bad}' is not valid YAML at line \d+, column \d+: ") as info:
+        load_pretrain_config(bad, [f"data.root={mini_root}"])
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"override 'train.epochs=\[3': the value is not valid YAML"):
+        load(mini_root, "train.epochs=[3")
+
+
+def test_a_base_chain_that_reaches_itself_names_the_cycle(tmp_path, mini_root):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\ntrain:\n  epochs: 3\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"inherits itself through _base_ \(a.yaml -> b.yaml -> a.yaml\)"):
+        load_pretrain_config(tmp_path / "a.yaml", [f"data.root={mini_root}"])
+    (tmp_path / "self.yaml").write_text("_base_: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"\(self.yaml -> self.yaml\)"):
+        load_pretrain_config(tmp_path / "self.yaml", [f"data.root={mini_root}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("augment.mixup=-0.5", r"augment.mixup must be >= 0, got -0.5"),
+    ("augment.cutmix=-1", r"augment.cutmix must be >= 0, got -1.0"),
+    ("augment.auto_augment=rand-q9", r"augment.auto_augment 'rand-q9' is not a policy timm knows"),
+    ("augment.auto_augment=trivial", r"augment.auto_augment 'trivial' is not a policy timm knows"),
+    ("optim.lr=.inf", r"optim.lr must be a finite number > 0, got inf"),
+    ("data.num_workers=-1", r"data.num_workers must be >= 0, got -1"),
+    ("train.precision=fp8", r"train.precision 'fp8' is unknown; choose one of bf16, fp16, fp32"),
+    ("checkpoint.every_epochs=-1", r"checkpoint.every_epochs must be >= 0"),
+])
+def test_evaluation_configs_share_the_schema_rules(micro_run, mini_root, override, message):
+    """The same rules, declared once, hold in the fine-tune (and probe) configs."""
+    from mae_et.evaluate.config import load_finetune_config, load_linprobe_config
+
+    common = [f"model.checkpoint={micro_run}", f"data.root={mini_root}"]
+    with pytest.raises(ConfigError, match=message):
+        load_finetune_config(REPO / "configs" / "finetune" / "vit-micro-p8_mae_cpu-test.yaml", [*common, override])
+    if not override.startswith("augment."):
+        with pytest.raises(ConfigError, match=message):
+            load_linprobe_config(None, [*common, override])
+    # and the defaults pass
+    ok = load_finetune_config(REPO / "configs" / "finetune" / "vit-micro-p8_mae_cpu-test.yaml",
+                              [*common, "augment.auto_augment=augmix-m5-w4-d2", "checkpoint.every_epochs=0"])
+    assert ok.checkpoint.every_epochs == 0
+
+
+def test_an_invalid_value_on_the_command_line_is_one_line_and_exit_2(tmp_path, mini_root):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), f"data.root={mini_root}",
+                           f"output_dir={tmp_path}", "model.patch_size=0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: model.patch_size must be > 0, got 0"
+    assert not (tmp_path / CPU_RECIPE.stem).exists()

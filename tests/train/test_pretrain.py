@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from conftest import CPU_RECIPE, REPO, make_bad_folder, reset_accelerate
 from safetensors.torch import load_file
 
 from mae_et import checkpoint as ck
+from mae_et.cli import run_user_command
 from mae_et.models.mae import MaskedAutoencoderViT
 from mae_et.train.config import load_pretrain_config
 from mae_et.train.pretrain import build_model, pretrain
@@ -110,10 +112,54 @@ def test_relaunch_resumes_and_ends_with_the_same_weights(tmp_path, mini_root):
     assert all(b["elapsed_s"] > a["elapsed_s"] and b["cpu_s"] > a["cpu_s"] for a, b in zip(records, records[1:]))
 
 
-def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_root):
-    """SIGKILL the real CLI mid-run (possibly mid-save), relaunch the same command, compare."""
-    args = [f"data.root={mini_root}", "train.epochs=3", "train.deterministic=true", "checkpoint.every_steps=5", "tracking.recon_every_epochs=0"]
-    cli(*args, f"output_dir={tmp_path / 'straight'}")
+STRAIGHT = ["train.epochs=3", "train.deterministic=true", "checkpoint.every_steps=5", "tracking.recon_every_epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, mini_root) -> Path:
+    """The run folder of one uninterrupted CLI run of STRAIGHT, shared by the tests that compare with it."""
+    out = tmp_path_factory.mktemp("straight")
+    cli(f"data.root={mini_root}", *STRAIGHT, f"output_dir={out}")
+    return out / CPU_RECIPE.stem
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """metrics.jsonl records without their clock and speed fields (which differ between any two runs)."""
+    clocks = {"elapsed_s", "cpu_s", "overhead_s", "overhead_cpu_s", "images_per_sec", "data_wait_frac"}
+    return [{k: v for k, v in r.items() if k not in clocks} for r in records]
+
+
+def test_a_second_launch_on_a_busy_run_folder_stops_and_touches_nothing(tmp_path, mini_root, straight_run):
+    """Two launches of one command at once (a requeued job while the old one runs): the second exits 2 in one
+    line naming the holder; the first ends with the weights and metrics of a lone run."""
+    args = [f"data.root={mini_root}", *STRAIGHT, f"output_dir={tmp_path}"]
+    run_dir = tmp_path / CPU_RECIPE.stem
+    first = subprocess.Popen([sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "checkpoints").is_dir():  # training, lock held
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)  # it keeps its lock, and the second launch surely meets it
+    try:
+        assert (run_dir / "checkpoints").is_dir(), "the first run never got going"
+        second = cli(*args, check=False)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, out + err
+    assert second.returncode == 2 and "step " not in second.stdout
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1, second.stderr
+    assert f"is in use by another run (pid {first.pid} on host" in lines[0] and "started " in lines[0]
+    assert "wait for it to end, or give this run another output_dir= or name=" in lines[0]
+    assert_same_weights(final_weights(straight_run), final_weights(run_dir), atol=0)
+    assert comparable(metrics(run_dir)) == comparable(metrics(straight_run))
+
+
+def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_root, straight_run):
+    """SIGKILL the real CLI mid-run (possibly mid-save), relaunch the same command, compare. The killed run's
+    lock file stays behind, and does not stop the relaunch: a SIGKILL releases the OS lock."""
+    args = [f"data.root={mini_root}", *STRAIGHT]
     out = tmp_path / "killed"
     cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args, f"output_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -125,9 +171,39 @@ def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_
     proc.wait()
     killed_at = ck.list_checkpoints(ckpt_root)[-1].name
     assert killed_at != "step_00000045", "the run finished before the kill; the test proves nothing"
+    assert (out / CPU_RECIPE.stem / ".run.lock").is_file()
     relaunched = cli(*args, f"output_dir={out}")
     assert "resumed from" in relaunched.stdout
-    assert_same_weights(final_weights(tmp_path / "straight" / CPU_RECIPE.stem), final_weights(out / CPU_RECIPE.stem))
+    assert_same_weights(final_weights(straight_run), final_weights(out / CPU_RECIPE.stem))
+
+
+def test_ctrl_c_ends_in_one_line_with_the_step_and_the_checkpoint(tmp_path, mini_root):
+    run_dir = tmp_path / CPU_RECIPE.stem
+    cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), f"data.root={mini_root}", *STRAIGHT,
+           f"output_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ck.list_checkpoints(run_dir / "checkpoints"):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    last = ck.list_checkpoints(run_dir / "checkpoints")[-1]
+    assert last.name != "step_00000045", "the run finished before Ctrl-C; the test proves nothing"
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    m = re.fullmatch(r"interrupted at step (\d+) of 45; the last checkpoint is (.+) \(step (\d+)\); "
+                     r"relaunch the same command to resume", lines[-1])
+    assert m, lines[-1]
+    assert int(m.group(3)) <= int(m.group(1)) and m.group(2) == str(last) and int(m.group(3)) == int(last.name[5:])
+
+
+def test_a_start_that_fails_its_checks_leaves_no_run_folder(tmp_path):
+    empty = tmp_path / "empty_data"
+    empty.mkdir()
+    proc = cli(f"data.root={empty}", f"output_dir={tmp_path / 'runs'}", check=False)
+    assert proc.returncode == 2 and "error:" in proc.stderr
+    assert not (tmp_path / "runs").exists()  # made for this run, left empty: removed with its parent
 
 
 # Runs pretrain.py with its checkpoint writer patched to SIGKILL the process at one point inside the second save.
@@ -138,7 +214,7 @@ from mae_et import checkpoint as ck
 where, saves = sys.argv[1], [0]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
-real_save, real_save_file, real_fsync, real_replace = ck.save_checkpoint, ck.save_file, ck._fsync_path, ck.os.replace
+real_save, real_save_file, real_fsync, real_replace = ck.save_checkpoint, ck.save_safetensors, ck._fsync_path, ck.os.replace
 def save_checkpoint(*a, **k):
     saves[0] += 1
     return real_save(*a, **k)
@@ -154,7 +230,7 @@ def replace(src, dst):
     real_replace(src, dst)
     if where == "renamed" and saves[0] == 2 and Path(dst).name.startswith(ck.CHECKPOINT_PREFIX):
         die()
-ck.save_checkpoint, ck.save_file, ck._fsync_path, ck.os.replace = save_checkpoint, save_file, fsync, replace
+ck.save_checkpoint, ck.save_safetensors, ck._fsync_path, ck.os.replace = save_checkpoint, save_file, fsync, replace
 sys.argv = [sys.argv[2], *sys.argv[3:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -173,7 +249,8 @@ def test_sigkill_inside_a_checkpoint_write_then_relaunch_gives_the_same_weights(
     killed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stdout + killed.stderr  # it died inside the save
     ckpt_root = out / CPU_RECIPE.stem / "checkpoints"
-    half_written = [p.name for p in ckpt_root.iterdir() if p.name.startswith(ck.TMP_PREFIX)]
+    # (a SIGKILL may also leave the writer's free lock file beside: not a folder, and the next save removes it)
+    half_written = [p.name for p in ckpt_root.iterdir() if p.name.startswith(ck.TMP_PREFIX) and p.is_dir()]
     listed = [p.name for p in ck.list_checkpoints(ckpt_root)]
     if where == "renamed":
         assert listed == ["step_00000005", "step_00000010"] and not half_written  # keep_last=1 had not pruned yet
@@ -214,7 +291,8 @@ def test_two_process_ddp_ranks_agree_and_only_rank0_writes(tmp_path, mini_root):
     records = metrics(run_dir)
     steps = [r["step"] for r in records]
     assert steps == sorted(set(steps)) and steps[-1] == meta["step"]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "reconstructions"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock", "checkpoints", "config.yaml", "metrics.jsonl",
+                                                         "reconstructions"]  # the lock: held by rank 0 for the job
     assert sorted(p.name for p in final.iterdir()) == sorted([ck.MODEL_FILE, ck.STATE_FILE, ck.CONFIG_FILE, ck.META_FILE])
     # every bad file counted once, though the 8 undecodable ones were met by both ranks (each rank warns on its own)
     met = [line.split("'")[1] for line in proc.stderr.splitlines() if line.startswith("warning: cannot decode '")]
@@ -270,7 +348,7 @@ def test_strict_data_turns_the_first_bad_file_into_an_error(tmp_path, mini_root)
     assert "Traceback" not in proc.stderr
 
 
-def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, mini_root, monkeypatch):
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, mini_root, monkeypatch, capsys):
     calls = {"n": 0}
     real_loss = MaskedAutoencoderViT.forward_loss
 
@@ -282,15 +360,23 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, mini_ro
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", nan_from_step_8)
     cfg = cfg_for(tmp_path, mini_root, "checkpoint.every_steps=6", "train.log_every=1", "train.max_consecutive_nonfinite=3",
                   "tracking.recon_every_epochs=0")
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row") as info:
-        pretrain(cfg)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # as the entry points run it: its own line, exit 1, no traceback
+        run_user_command(lambda: pretrain(cfg))
+    assert stop.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
     run_dir = cfg.run_dir
-    assert "step_00000006" in str(info.value)
+    assert err[-1] == (f"stopped at step 10: 3 non-finite losses in a row (limit train.max_consecutive_nonfinite=3); those "
+                       f"updates were skipped; the last good checkpoint ({run_dir / 'checkpoints' / 'step_00000006'}) is "
+                       "untouched. Lower optim.blr, set optim.clip_grad, or use train.precision=bf16/fp32.")
+    assert not any("Traceback" in line or "NonFiniteLossError" in line for line in err)
     good = ck.list_checkpoints(run_dir / "checkpoints")
     assert [p.name for p in good] == ["step_00000006"]  # the last good checkpoint, nothing written after
     records = metrics(run_dir)
     assert [r["nonfinite_skipped"] for r in records][-4:] == [0, 1, 2, 3]
-    assert all(r["loss"] == r["loss"] for r in records)  # logged loss stays finite: NaNs are excluded
+    # a window whose every loss was non-finite has no loss: null in metrics.jsonl (not 0.0); the others are means
+    assert [r["loss"] for r in records][-3:] == [None, None, None]
+    assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in records[:-3])
 
 
 def nan_on_calls(calls_with_nan: set[int]):
@@ -421,3 +507,11 @@ def test_resume_with_a_changed_model_is_one_line_not_a_traceback(tmp_path, mini_
     # nothing was lost: the checkpoint is still there, and the same command without the change resumes from it
     assert [p.name for p in ck.list_checkpoints(tmp_path / CPU_RECIPE.stem / "checkpoints")] == ["step_00000002"]
     assert "resumed from" in cli(*args[:-2], "checkpoint.every_steps=2", "train.max_steps=4").stdout
+
+
+def test_checkpoint_every_epochs_0_is_off_not_every_step(tmp_path, mini_root):
+    """0 means off, as everywhere in the config: only the launch's last step is saved (a gigabyte a step at ViT-B
+    before)."""
+    result = pretrain(cfg_for(tmp_path, mini_root, "checkpoint.every_epochs=0", "checkpoint.keep_last=100",
+                              "train.max_steps=20", "tracking.recon_every_epochs=0"))
+    assert [p.name for p in ck.list_checkpoints(result.run_dir / "checkpoints")] == ["step_00000020"]
