@@ -911,9 +911,7 @@ class StudyState:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.data = self._read()  # what the other processes wrote meanwhile
             yield self.data
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.data, indent=2))
-            os.replace(tmp, self.path)  # a kill mid-write leaves the previous state
+            write_text_atomic(self.path, json.dumps(self.data, indent=2))  # a kill mid-write leaves the previous state
 
     def get(self, run: str, seed: int, kind: str, key: Any) -> dict | None:
         entry = self.data["runs"].get(run, {}).get(str(seed), {}).get(kind)

@@ -132,17 +132,6 @@ class RunFolderLock:
         self.release()
 
 
-def is_locked(folder: str | os.PathLike) -> bool:
-    """Whether a live process holds `folder`'s run lock now (probes without keeping it)."""
-    try:
-        with RunFolderLock(folder):
-            return False
-    except RunFolderBusy:
-        return True
-    except FileNotFoundError:
-        return False
-
-
 # ----------------------------------------------------------------------------- outputs
 
 
