@@ -291,8 +291,14 @@ def planned_stages(cfg, steps_per_epoch: int) -> list[tuple[int, int]]:
 def train_flops(cfg, stages: list[tuple[int, int]]) -> float:
     m = cfg.model
     batch = cfg.train.batch_size * cfg.train.accum_steps
-    return sum(steps * batch * mae_train_flops_per_image(m.size, size, m.patch_size, m.decoder_embed_dim, m.decoder_depth,
-                                                           m.mask_ratio) for size, steps in stages)
+    return sum(steps * batch * image_flops(cfg, size) for size, steps in stages)
+
+
+def image_flops(cfg, size: int) -> float:
+    """Training FLOPs per image at input size B, with the decoder tokens the run really decodes (model.decode_fraction)."""
+    m = cfg.model
+    return mae_train_flops_per_image(m.size, size, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio,
+                                     decode_fraction=m.decode_fraction)
 
 
 # ----------------------------------------------------------------------------- machine and clocks
@@ -477,7 +483,7 @@ def warm_compile(study: Study, data_root: Path, out: Path) -> None:
         stages, _ = curriculum_stages(cfg)
         sizes = tuple(sorted({s.size for s in stages}))  # the engine's TrainStep gets the same sizes
         step = TrainStep(accelerator, model, optimizer, cfg.model.mask_ratio, cfg.curriculum.mode, cfg.optim.clip_grad,
-                         compile_mode=cfg.train.compile, sizes=sizes)
+                         compile_mode=cfg.train.compile, sizes=sizes, decode_fraction=cfg.model.decode_fraction)
         n, crop = cfg.train.batch_size, cfg.data.crop_size
         images = torch.randint(0, 256, (n, 3, crop, crop), dtype=torch.uint8, device=device)  # (n, 3, S, S)
         for size in sizes:

@@ -307,7 +307,7 @@ class OurModel:
             c = self.cfg
             self.compiled = TrainStep(accelerator, self.eager.model, self.eager.optimizer, c.model.mask_ratio,
                                       c.curriculum.mode, c.optim.clip_grad, compile_mode=mode, sizes=self.sizes,
-                                      compile_backend=backend)
+                                      compile_backend=backend, decode_fraction=c.model.decode_fraction)
         return self.compiled
 
 

@@ -96,7 +96,8 @@ def build_train_step(cfg, accelerator: Accelerator, sizes: list[int], compile_mo
     optimizer = build_adamw(model, 1e-4, cfg.optim.weight_decay, cfg.optim.betas)
     model, optimizer = accelerator.prepare(model, optimizer)
     return TrainStep(accelerator, model, optimizer, cfg.model.mask_ratio, cfg.curriculum.mode, cfg.optim.clip_grad,
-                     compile_mode=compile_mode or cfg.train.compile, sizes=tuple(sizes), compile_backend=compile_backend)
+                     compile_mode=compile_mode or cfg.train.compile, sizes=tuple(sizes), compile_backend=compile_backend,
+                     decode_fraction=cfg.model.decode_fraction)
 
 
 @dataclass
@@ -135,7 +136,8 @@ def count_params(model: torch.nn.Module) -> int:
 def step_flops(cfg, model_size: str, size: int) -> float:
     """Training FLOPs per image at input size B (matrix multiplies only)."""
     m = cfg.model
-    return mae_train_flops_per_image(model_size, size, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio)
+    return mae_train_flops_per_image(model_size, size, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio,
+                                     decode_fraction=m.decode_fraction)
 
 
 def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype) -> float:

@@ -7,7 +7,7 @@ softmax, GELU and the optimizer are left out. A training step costs 3x the forwa
 
 from __future__ import annotations
 
-from mae_et.models.mae import MODEL_SIZES
+from mae_et.models.mae import MODEL_SIZES, decoded_count
 
 
 def transformer_block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
@@ -18,11 +18,13 @@ def transformer_block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> fl
 
 
 def mae_forward_flops(img_size: int, patch_size: int, embed_dim: int, depth: int, decoder_embed_dim: int,
-                      decoder_depth: int, mask_ratio: float = 0.75, mlp_ratio: float = 4.0, in_chans: int = 3) -> float:
+                      decoder_depth: int, mask_ratio: float = 0.75, mlp_ratio: float = 4.0, in_chans: int = 3,
+                      decode_fraction: float = 1.0) -> float:
+    """decode_fraction: the share of all patches the decoder reconstructs (the model's own `decoded_count`)."""
     num_patches = (img_size // patch_size) ** 2
-    kept = int(num_patches * (1 - mask_ratio))
+    kept, decoded = decoded_count(num_patches, mask_ratio, decode_fraction)
     patch_dim = patch_size * patch_size * in_chans
-    enc_tokens, dec_tokens = 1 + kept, 1 + num_patches
+    enc_tokens, dec_tokens = 1 + kept, 1 + kept + decoded  # the decoder runs on cls + visible + reconstructed
     flops = 2 * num_patches * patch_dim * embed_dim  # patch embedding runs on every patch, before masking
     flops += depth * transformer_block_flops(enc_tokens, embed_dim, mlp_ratio)
     flops += 2 * enc_tokens * embed_dim * decoder_embed_dim  # decoder_embed
@@ -32,7 +34,8 @@ def mae_forward_flops(img_size: int, patch_size: int, embed_dim: int, depth: int
 
 
 def mae_train_flops_per_image(size: str, img_size: int, patch_size: int | None = None, decoder_embed_dim: int = 512,
-                              decoder_depth: int = 8, mask_ratio: float = 0.75) -> float:
+                              decoder_depth: int = 8, mask_ratio: float = 0.75, decode_fraction: float = 1.0) -> float:
     spec = MODEL_SIZES[size]
     patch = patch_size or spec.get("patch_size", 16)
-    return 3 * mae_forward_flops(img_size, patch, spec["embed_dim"], spec["depth"], decoder_embed_dim, decoder_depth, mask_ratio)
+    return 3 * mae_forward_flops(img_size, patch, spec["embed_dim"], spec["depth"], decoder_embed_dim, decoder_depth, mask_ratio,
+                                 decode_fraction=decode_fraction)

@@ -24,6 +24,7 @@ __all__ = [
     "MODEL_SIZES",
     "MAEOutput",
     "MaskedAutoencoderViT",
+    "decoded_count",
     "get_2d_sincos_pos_embed",
     "load_official_mae_checkpoint",
     "mae_vit",
@@ -40,6 +41,22 @@ MODEL_SIZES: dict[str, dict] = {
 }
 
 POS_EMBED_MODES = ("grid", "extent")
+
+
+def decoded_count(num_patches: int, mask_ratio: float, decode_fraction: float = 1.0) -> tuple[int, int]:
+    """(visible, reconstructed masked) patch counts of one image with L = num_patches.
+
+    visible = int(L * (1 - mask_ratio)), as the reference's len_keep. decode_fraction is the share of *all* L
+    patches the decoder reconstructs (CrossMAE's "kept mask ratio"): int(L * decode_fraction) of the masked
+    ones, at least one and at most all of them, so 1.0 (or any share >= mask_ratio) reconstructs every masked
+    patch, as MAE does. The model, the FLOP count and the study all take their token counts from here.
+    """
+    if not (0.0 < decode_fraction <= 1.0):
+        raise ValueError(f"decode_fraction must be in (0, 1], got {decode_fraction}")
+    len_keep = int(num_patches * (1 - mask_ratio))
+    masked = num_patches - len_keep
+    return len_keep, min(masked, max(1, int(num_patches * decode_fraction)))
+
 
 # Reference eps for the norm-pix target; visualize.py reuses it to invert the normalisation.
 NORM_PIX_EPS = 1e-6
@@ -95,9 +112,10 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Tr
 @dataclass
 class MAEOutput:
     loss: torch.Tensor  # () scalar
-    pred: torch.Tensor  # (N, L, p*p*C)
+    pred: torch.Tensor  # (N, L, p*p*C); under partial reconstruction, zero rows where the decoder did not run
     mask: torch.Tensor  # (N, L), 1 = masked/removed, 0 = kept
     ids_restore: torch.Tensor  # (N, L)
+    scored: torch.Tensor | None = None  # (N, L), 1 = reconstructed and in the loss; None = every masked patch
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -277,44 +295,95 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.norm(x)  # (N, 1+len_keep, D)
         return x, mask, ids_restore
 
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def forward_decoder(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor, ids_decode: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decode the visible tokens plus mask tokens; (N, L, p*p*C) in patch order, or (N, K, p*p*C).
+
+        ids_decode (N, K): the patches to decode, ascending patch indices, the visible ones among them
+        (`decode_ids`). None decodes all L patches, as the reference does.
+        """
         num_patches = ids_restore.shape[1]
         grid = math.isqrt(num_patches)
+        pos = self._pos_embed("dec", grid)  # (1, 1+L, Dd)
         x = self.decoder_embed(latent)  # (N, 1+len_keep, Dd)
         n, _, dd = x.shape
-        mask_tokens = self.mask_token.expand(n, num_patches + 1 - x.shape[1], -1)  # (N, L-len_keep, Dd)
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # (N, L, Dd), shuffled order
-        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, dd))  # (N, L, Dd)
-        x = torch.cat([x[:, :1, :], x_], dim=1)  # (N, 1+L, Dd)
-        x = x + self._pos_embed("dec", grid)  # (N, 1+L, Dd)
+        tokens = num_patches if ids_decode is None else ids_decode.shape[1]  # K: decoder patch tokens
+        mask_tokens = self.mask_token.expand(n, tokens + 1 - x.shape[1], -1)  # (N, K-len_keep, Dd)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # (N, K, Dd), shuffled order (lowest noise first)
+        if ids_decode is None:
+            x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, dd))  # (N, L, Dd)
+            x = torch.cat([x[:, :1, :], x_], dim=1)  # (N, 1+L, Dd)
+            x = x + pos  # (N, 1+L, Dd)
+        else:
+            # The first K of the shuffle, put in patch order: the argsort of their patch indices. With K = L
+            # this is ids_restore itself, so the full share gives the reference's tokens in the same order.
+            order = torch.argsort(ids_restore.argsort(dim=1)[:, :tokens], dim=1)  # (N, K)
+            x_ = torch.gather(x_, dim=1, index=order.unsqueeze(-1).expand(-1, -1, dd))  # (N, K, Dd), patch order
+            x_ = x_ + torch.gather(pos[:, 1:, :].expand(n, -1, -1), 1, ids_decode.unsqueeze(-1).expand(-1, -1, dd))
+            x = torch.cat([x[:, :1, :] + pos[:, :1, :], x_], dim=1)  # (N, 1+K, Dd)
         for blk in self.decoder_blocks:
-            x = blk(x)  # (N, 1+L, Dd)
-        x = self.decoder_norm(x)  # (N, 1+L, Dd)
-        x = self.decoder_pred(x)  # (N, 1+L, p*p*C)
-        return x[:, 1:, :]  # (N, L, p*p*C)
+            x = blk(x)  # (N, 1+K, Dd)
+        x = self.decoder_norm(x)  # (N, 1+K, Dd)
+        x = self.decoder_pred(x)  # (N, 1+K, p*p*C)
+        return x[:, 1:, :]  # (N, K, p*p*C)
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over masked patches only, always in float32."""
+    @staticmethod
+    def decode_ids(ids_restore: torch.Tensor, len_keep: int, len_decode: int) -> torch.Tensor:
+        """(N, K = len_keep + len_decode) ascending patch indices: the visible patches and the len_decode
+        masked ones of lowest noise (the next in the shuffle), so the choice is made by the mask's own noise."""
+        ids_shuffle = torch.argsort(ids_restore, dim=1)  # (N, L), the inverse permutation
+        return ids_shuffle[:, : len_keep + len_decode].sort(dim=1).values  # (N, K)
+
+    def forward_loss(
+        self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, ids_decode: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean squared error over the masked patches the decoder reconstructed, always in float32.
+
+        pred (N, L, p*p*C), or (N, K, p*p*C) at the patches ids_decode (N, K) names.
+        """
         # Autocast off so sub/pow/mean/var are not run in half precision.
         with torch.autocast(device_type=imgs.device.type, enabled=False):
             target = self.patchify(imgs.float())  # (N, L, p*p*C)
-            if self.norm_pix_loss:
-                mean = target.mean(dim=-1, keepdim=True)  # (N, L, 1)
-                var = target.var(dim=-1, keepdim=True)  # (N, L, 1), unbiased like the reference
-                target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5  # (N, L, p*p*C)
-            loss = (pred.float() - target) ** 2  # (N, L, p*p*C)
-            loss = loss.mean(dim=-1)  # (N, L)
             mask = mask.float()  # (N, L)
+            if ids_decode is not None:
+                target = torch.gather(target, 1, ids_decode.unsqueeze(-1).expand(-1, -1, target.shape[-1]))  # (N, K, ppC)
+                mask = torch.gather(mask, 1, ids_decode)  # (N, K): 0 for the visible patches among them
+            if self.norm_pix_loss:
+                mean = target.mean(dim=-1, keepdim=True)  # (N, L|K, 1)
+                var = target.var(dim=-1, keepdim=True)  # (N, L|K, 1), unbiased like the reference
+                target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5  # (N, L|K, p*p*C)
+            loss = (pred.float() - target) ** 2  # (N, L|K, p*p*C)
+            loss = loss.mean(dim=-1)  # (N, L|K)
             return (loss * mask).sum() / mask.sum()  # ()
 
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float = 0.75,
+        noise: torch.Tensor | None = None,
+        decode_fraction: float = 1.0,
     ) -> MAEOutput:
+        """decode_fraction: the share of all patches reconstructed (`decoded_count`); 1.0 = every masked one.
+
+        Training passes the run's share; reconstructions for people (monitor, visualize, notebooks) call
+        with the default, so they show every masked patch whatever share the run trained with.
+        """
         self._check_mask_ratio(mask_ratio)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)  # (N, 1+len_keep, D)
-        pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
-        loss = self.forward_loss(imgs, pred, mask)  # ()
-        return MAEOutput(loss=loss, pred=pred, mask=mask, ids_restore=ids_restore)
+        num_patches = ids_restore.shape[1]
+        len_keep, len_decode = decoded_count(num_patches, mask_ratio, decode_fraction)
+        if len_keep + len_decode == num_patches:  # every masked patch: the reference decoder, bit for bit
+            pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
+            loss = self.forward_loss(imgs, pred, mask)  # ()
+            return MAEOutput(loss=loss, pred=pred, mask=mask, ids_restore=ids_restore)
+        ids_decode = self.decode_ids(ids_restore, len_keep, len_decode)  # (N, K)
+        pred = self.forward_decoder(latent, ids_restore, ids_decode)  # (N, K, p*p*C)
+        loss = self.forward_loss(imgs, pred, mask, ids_decode)  # ()
+        index = ids_decode.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # (N, K, p*p*C)
+        pred_full = pred.new_zeros(pred.shape[0], num_patches, pred.shape[-1]).scatter(1, index, pred)  # (N, L, ppC)
+        scored = torch.zeros_like(mask).scatter(1, ids_decode, 1.0) * mask  # (N, L)
+        return MAEOutput(loss=loss, pred=pred_full, mask=mask, ids_restore=ids_restore, scored=scored)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """Encoder on all patches in patch order (never masked): (N, 1+L, D) after the final norm."""

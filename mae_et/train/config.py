@@ -55,6 +55,10 @@ class ModelConfig:
     # sin-cos positions at a reduced input size B: grid (0..g-1, the reference: a location's code changes from
     # stage to stage) | extent (spread over the full crop's grid: fractional positions, as EfficientTrain's ViT)
     pos_embed: Annotated[str, one_of("grid", "extent")] = "grid"
+    # share of ALL patches the decoder reconstructs in training (CrossMAE's "kept mask ratio"), picked among the
+    # masked ones by the mask's own noise; 1.0 (or >= mask_ratio) = every masked patch, the reference. The weights
+    # do not change, and reconstructions shown to people (monitor, visualize) always decode every masked patch.
+    decode_fraction: Annotated[float, Check(gt=0, le=1)] = 1.0
 
 
 @dataclass

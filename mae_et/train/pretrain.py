@@ -234,7 +234,8 @@ def build_training(cfg: PretrainConfig, sched: Schedule, accelerator: Accelerato
     optimizer = build_adamw(model, sched.base_lr, cfg.optim.weight_decay, cfg.optim.betas)
     model, optimizer = accelerator.prepare(model, optimizer)
     train_step = TrainStep(accelerator, model, optimizer, cfg.model.mask_ratio, cfg.curriculum.mode, cfg.optim.clip_grad,
-                           compile_mode=cfg.train.compile, sizes=tuple(sorted({s.size for s in sched.plan.stages})))
+                           compile_mode=cfg.train.compile, sizes=tuple(sorted({s.size for s in sched.plan.stages})),
+                           decode_fraction=cfg.model.decode_fraction)
     return model, optimizer, train_step
 
 

@@ -34,12 +34,13 @@ class MicroStepResult:
 class TrainStep:
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer, mask_ratio: float,
                  frequency_mode: str, clip_grad: float | None, compile_mode: str = "none", sizes: tuple[int, ...] = (),
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", decode_fraction: float = 1.0):
         self.accelerator = accelerator
         self.model = model  # as prepared by Accelerate (DDP-wrapped when distributed)
         self.optimizer = optimizer
         self.raw_optimizer = optimizer.optimizer
         self.mask_ratio = mask_ratio
+        self.decode_fraction = decode_fraction  # share of all patches the decoder reconstructs (model.decode_fraction)
         self.frequency_mode = frequency_mode
         self.max_norm = clip_grad or math.inf
         self.compile_mode = compile_mode
@@ -62,7 +63,7 @@ class TrainStep:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may overwrite the last one's outputs
         nonfinite = grad_norm = None
         with accelerator.accumulate(self.model):
-            out = self.forward(images, mask_ratio=self.mask_ratio, noise=noise)
+            out = self.forward(images, mask_ratio=self.mask_ratio, noise=noise, decode_fraction=self.decode_fraction)
             loss = out.loss.detach().clone()  # clone: a CUDA-graph output is overwritten by the next replay
             accelerator.backward(out.loss)
             if accelerator.sync_gradients:

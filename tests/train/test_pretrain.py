@@ -94,9 +94,12 @@ def test_tiny_run_end_to_end_with_the_et_curriculum(tmp_path, mini_root):
     assert last["cpu_s"] <= 1.05 * torch.get_num_threads() * last["elapsed_s"] + 0.5  # CPU time of this process only
 
 
-def test_relaunch_resumes_and_ends_with_the_same_weights(tmp_path, mini_root):
-    """A run of 2N steps == a run stopped at N (max_steps), then relaunched with the same command."""
-    common = ["train.epochs=2", "train.deterministic=true", "checkpoint.every_steps=100", "train.accum_steps=2", "train.batch_size=8"]
+@pytest.mark.parametrize("share", ["1.0", "0.25"])
+def test_relaunch_resumes_and_ends_with_the_same_weights(tmp_path, mini_root, share):
+    """A run of 2N steps == a run stopped at N (max_steps), then relaunched with the same command; also when the
+    decoder reconstructs a quarter of the patches (chosen by the mask's noise: a pure function of the step)."""
+    common = ["train.epochs=2", "train.deterministic=true", "checkpoint.every_steps=100", "train.accum_steps=2", "train.batch_size=8",
+              f"model.decode_fraction={share}"]
     straight = pretrain(cfg_for(tmp_path / "a", mini_root, *common))
     reset_accelerate()
     first = pretrain(cfg_for(tmp_path / "b", mini_root, *common, "train.max_steps=13"))
