@@ -106,10 +106,10 @@ from mae_et.train.step import TrainStep  # noqa: E402
 from mae_et.train.tracking import METRICS_FILE  # noqa: E402
 from mae_et.models.vit import load_pretrained_vit, pool_tokens  # noqa: E402
 
-RUNS = ("baseline", "et", "etpp_half", "baseline_equal_time")  # the pretraining runs of a study config
+BASELINE = "baseline"  # the run every speed-up and accuracy is measured against (every study has one)
 UNTRAINED = "untrained"  # E = 0: the floor
-ROWS = (*RUNS, UNTRAINED)  # rows of the table
-EQUAL_TIME = "equal_time"  # the budget of the run that gets et's time
+EQUAL_TIME = "equal_time"  # the budget of the run that gets et's time (needs runs named et and baseline)
+EQUAL_TIME_OF = "et"
 CLOCKS = ("wall", "cpu")
 ACCURACY_KEYS = ("knn_top1_cls", "knn_top1_mean", "linear_top1", "finetune_top1")
 TIME_KEYS = ("wall_s", "cpu_s")
@@ -155,16 +155,46 @@ class Study:
     verdict_clock: str  # wall | cpu: the clock of the verdicts' speed-ups and of the equal-time budget
     threads: int | None  # intra-op CPU threads of every run and evaluation (None: torch's default)
     overrides: list[str]  # pretraining overrides shared by every run
-    runs: dict[str, RunSpec]
+    runs: dict[str, RunSpec]  # in the config's order: the order they are pretrained and tabled in
     eval: dict[str, Any]
     finetune_recipe: Path
     finetune_overrides: list[str]
     reference: dict[str, Any]
-    targets: dict[str, Any]
+    targets: dict[str, Any]  # {"runs": {row: RunTarget-like dict}, "min_gain_over_untrained": points} (`run_targets`)
     ablations: dict[str, Ablation]
     peak_tflops: float
     assumed_mfu: float
     raw: dict[str, Any]
+
+    @property
+    def run_names(self) -> list[str]:
+        return list(self.runs)
+
+
+def run_targets(raw: dict[str, Any], runs: dict[str, RunSpec], path: Path) -> dict[str, Any]:
+    """The study's targets as {"runs": {row: {speedup, within_seed_range: [keys], max_drop: {key: points}}},
+    "min_gain_over_untrained": points}: each listed run must be `speedup`x faster than the baseline on the verdict
+    clock, each key of within_seed_range at or above the baseline's worst seed (mean - half-range), each key of
+    max_drop at most that many points below the baseline's mean.
+
+    The first edition's keys (et_speedup, etpp_speedup, etpp_max_drop, accuracy_keys) read as the same targets."""
+    if "runs" in raw:
+        per_run = {row: {"speedup": float(t["speedup"]), "within_seed_range": list(t.get("within_seed_range") or []),
+                         "max_drop": {k: float(v) for k, v in (t.get("max_drop") or {}).items()}}
+                   for row, t in raw["runs"].items()}
+    else:
+        keys = list(raw.get("accuracy_keys", ACCURACY_KEYS))
+        per_run = {"et": {"speedup": float(raw["et_speedup"]), "within_seed_range": keys, "max_drop": {}},
+                   "etpp_half": {"speedup": float(raw["etpp_speedup"]), "within_seed_range": [],
+                                 "max_drop": {k: float(raw["etpp_max_drop"]) for k in keys}}}
+    for row, t in per_run.items():
+        if row not in runs or row == BASELINE:
+            raise StudyError(f"{path}: targets.runs.{row} is not a run of this study (other than the baseline); "
+                             f"its runs: {', '.join(r for r in runs if r != BASELINE)}")
+        unknown = [k for k in [*t["within_seed_range"], *t["max_drop"]] if k not in ACCURACY_KEYS]
+        if unknown:
+            raise StudyError(f"{path}: targets.runs.{row}: accuracies {unknown} unknown; choose from {', '.join(ACCURACY_KEYS)}")
+    return {"runs": per_run, "min_gain_over_untrained": float(raw.get("min_gain_over_untrained", 0.0))}
 
 
 def dotted(mapping: dict | None) -> list[str]:
@@ -180,26 +210,31 @@ def load_study(path: str | Path) -> Study:
     raw = yaml.safe_load(path.read_text()) or {}
     try:
         pre, ev = raw["pretrain"], raw["eval"]
-        if sorted(raw["runs"]) != sorted(RUNS):
-            raise StudyError(f"{path}: runs must be exactly {', '.join(RUNS)}; got {', '.join(raw['runs'])}")
         runs = {name: RunSpec(spec["budget"], dotted(spec.get("overrides"))) for name, spec in raw["runs"].items()}
+        if BASELINE not in runs:
+            raise StudyError(f"{path}: runs needs one named '{BASELINE}' (every speed-up and accuracy is measured against it)")
         for name, spec in runs.items():
+            if name == UNTRAINED or "+" in name:
+                raise StudyError(f"{path}: runs.{name}: the name '{UNTRAINED}' and names with a '+' are the study's own rows")
             if spec.budget != EQUAL_TIME and not (isinstance(spec.budget, (int, float)) and spec.budget > 0):
                 raise StudyError(f"{path}: runs.{name}.budget must be a positive multiple of E or '{EQUAL_TIME}'")
+            if spec.budget == EQUAL_TIME and (EQUAL_TIME_OF not in runs or runs[EQUAL_TIME_OF].budget == EQUAL_TIME):
+                raise StudyError(f"{path}: runs.{name}: budget '{EQUAL_TIME}' is {EQUAL_TIME_OF}'s time, and there is no "
+                                 f"run '{EQUAL_TIME_OF}' with a budget")
         clock = raw.get("verdict_clock", "wall")
         if clock not in CLOCKS:
             raise StudyError(f"{path}: verdict_clock must be one of {', '.join(CLOCKS)}; got {clock!r}")
-        targets = raw["targets"]
-        unknown = [k for k in targets.get("accuracy_keys", ACCURACY_KEYS) if k not in ACCURACY_KEYS]
+        unknown = [k for k in raw["targets"].get("accuracy_keys", ACCURACY_KEYS) if k not in ACCURACY_KEYS]
         if unknown:
             raise StudyError(f"{path}: targets.accuracy_keys {unknown} unknown; choose from {', '.join(ACCURACY_KEYS)}")
+        targets = run_targets(raw["targets"], runs, path)
         every = pre.get("checkpoint_every_epochs")
         ablations = {}
         for name, spec in (raw.get("ablations") or {}).items():
-            bad = [r for r in spec["runs"] if r not in RUNS or runs[r].budget == EQUAL_TIME]
+            bad = [r for r in spec["runs"] if r not in runs or runs[r].budget == EQUAL_TIME]
             if bad or "+" in name:
                 raise StudyError(f"{path}: ablations.{name}: runs {bad} are not pretraining runs with a budget (or the "
-                                 f"name has a '+'); choose from {', '.join(r for r in RUNS if runs[r].budget != EQUAL_TIME)}")
+                                 f"name has a '+'); choose from {', '.join(r for r in runs if runs[r].budget != EQUAL_TIME)}")
             ablations[name] = Ablation(list(spec["runs"]), dotted(spec.get("overrides")),
                                        float(spec["warmup_fraction"]) if spec.get("warmup_fraction") is not None else None)
         return Study(
@@ -263,7 +298,7 @@ def pretrain_overrides(study: Study, row: str, seed: int, epochs: float, data_ro
     every = (f"checkpoint.every_epochs={study.checkpoint_every_epochs!r}" if study.checkpoint_every_epochs
              else f"checkpoint.every_steps={NEVER}")
     return [
-        *study.overrides, *study.runs["baseline" if run == UNTRAINED else run].overrides, *(spec.overrides if spec else []),
+        *study.overrides, *study.runs[BASELINE if run == UNTRAINED else run].overrides, *(spec.overrides if spec else []),
         f"data.root={json.dumps(str(data_root))}", f"output_dir={json.dumps(str(out / 'runs'))}",
         f"name={run_name(row, seed)}", f"train.seed={seed}", f"train.epochs={epochs!r}",
         f"optim.warmup_epochs={warmup * epochs!r}",
@@ -434,6 +469,7 @@ def read_pretrain_run(run_dir: Path, cfg, process_s: float) -> dict[str, Any]:
     flops = train_flops(cfg, plan)
     return {
         "run_dir": repo_relative(run_dir), "schedule": cfg.curriculum.schedule, "epochs": cfg.train.epochs,
+        "decode_fraction": cfg.model.decode_fraction, "pos_embed": cfg.model.pos_embed,
         "steps": steps, "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "epochs_of_images": epochs_seen,
         "wall_s": wall, "cpu_s": cpu, "process_s": process_s, "s_per_epoch": wall / epochs_seen,
         "images_per_sec": steps * global_batch / wall,
@@ -632,12 +668,12 @@ def summarise(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {key: spread([per_seed[s][key] for s in seeds]) for key in keys}
 
 
-def speedups(results: dict[str, dict[str, dict]], runs=RUNS) -> dict[str, dict[str, Any]]:
+def speedups(results: dict[str, dict[str, dict]], runs: list[str]) -> dict[str, dict[str, Any]]:
     """{run: {clock: spread of baseline time / run time}}, each ratio within one seed (one machine, one hour)."""
     out: dict[str, dict[str, Any]] = {}
     for run in runs:
         seeds = sorted(results[run], key=int)
-        out[run] = {clock: spread([results["baseline"][s][f"{clock}_s"] / results[run][s][f"{clock}_s"] for s in seeds])
+        out[run] = {clock: spread([results[BASELINE][s][f"{clock}_s"] / results[run][s][f"{clock}_s"] for s in seeds])
                     for clock in CLOCKS}
     return out
 
@@ -728,47 +764,45 @@ def reference_check(study: Study, cfg, device_name: str, baseline_s_per_epoch: f
 
 
 def verdicts(targets: dict[str, Any], clock: str, summary: dict[str, dict], speedup: dict[str, dict],
-             reference: dict) -> dict[str, Any]:
+             reference: dict, equal_time_run: str | None = None) -> dict[str, Any]:
     """Each target of the study against the summary: pure arithmetic on the numbers given (tested on made-up ones).
 
-    et: speed-up >= targets.et_speedup, and every accuracy in targets.accuracy_keys at or above the baseline's worst
-    seed (mean - half-range); etpp_half: speed-up >= targets.etpp_speedup, each accuracy at most targets.etpp_max_drop
-    points below the baseline's mean; equal time: et's linear probe above the equal-time baseline's; floor: every
-    trained encoder at least targets.min_gain_over_untrained points above the untrained one on every accuracy.
+    Per run of targets["runs"] (`run_targets`): speed-up >= its target, each accuracy of within_seed_range at or above
+    the baseline's worst seed (mean - half-range), each of max_drop at most that many points below the baseline's mean;
+    equal time (equal_time_run: the run given et's time): et's linear probe above that run's;
+    floor: every trained encoder at least targets["min_gain_over_untrained"] points above the untrained one on every
+    accuracy. {"clock", "runs": {row: ...}, "equal_time"?, "floor"?, "reference"}.
     """
-    base = summary["baseline"]
-    keys = list(targets.get("accuracy_keys", ACCURACY_KEYS))
-
-    def accuracy(run: str, allowed_drop: dict[str, float]) -> dict[str, Any]:
-        return {k: {"run": summary[run][k]["mean"], "baseline": base[k]["mean"], "allowed_drop": allowed_drop[k],
-                    "ok": summary[run][k]["mean"] >= base[k]["mean"] - allowed_drop[k]} for k in keys}
-
-    et_acc = accuracy("et", {k: base[k]["half_range"] for k in keys})
-    etpp_acc = accuracy("etpp_half", {k: float(targets["etpp_max_drop"]) for k in keys})
-    et_speed, etpp_speed = speedup["et"][clock]["mean"], speedup["etpp_half"][clock]["mean"]
-    et_lin, eq_lin = summary["et"]["linear_top1"]["mean"], summary["baseline_equal_time"]["linear_top1"]["mean"]
-    out = {
-        "clock": clock,
-        "et": {"speedup": et_speed, "target_speedup": targets["et_speedup"], "accuracy": et_acc,
-               "pass": et_speed >= targets["et_speedup"] and all(a["ok"] for a in et_acc.values())},
-        "etpp_half": {"speedup": etpp_speed, "target_speedup": targets["etpp_speedup"], "accuracy": etpp_acc,
-                      "pass": etpp_speed >= targets["etpp_speedup"] and all(a["ok"] for a in etpp_acc.values())},
-        "equal_time": {"et_linear_top1": et_lin, "baseline_equal_time_linear_top1": eq_lin,
-                       "time_ratio": summary["baseline_equal_time"][f"{clock}_s"]["mean"] / summary["et"][f"{clock}_s"]["mean"],
-                       "pass": et_lin > eq_lin},
-        "reference": reference,
-    }
+    base = summary[BASELINE]
+    out: dict[str, Any] = {"clock": clock, "runs": {}, "reference": reference}
+    for row, t in targets["runs"].items():
+        if row not in summary or row not in speedup:
+            continue
+        allowed = {**{k: base[k]["half_range"] for k in t["within_seed_range"]}, **t["max_drop"]}
+        accuracy = {k: {"run": summary[row][k]["mean"], "baseline": base[k]["mean"], "allowed_drop": drop,
+                        "ok": summary[row][k]["mean"] >= base[k]["mean"] - drop} for k, drop in allowed.items()}
+        speed = speedup[row][clock]["mean"]
+        out["runs"][row] = {"speedup": speed, "target_speedup": t["speedup"], "accuracy": accuracy,
+                            "within_seed_range": t["within_seed_range"], "max_drop": t["max_drop"],
+                            "pass": speed >= t["speedup"] and all(a["ok"] for a in accuracy.values())}
+    equal_run = equal_time_run
+    if equal_run in summary and EQUAL_TIME_OF in summary:
+        et_lin, eq_lin = summary[EQUAL_TIME_OF]["linear_top1"]["mean"], summary[equal_run]["linear_top1"]["mean"]
+        out["equal_time"] = {"run": equal_run, "et_linear_top1": et_lin, "equal_time_linear_top1": eq_lin,
+                             "time_ratio": summary[equal_run][f"{clock}_s"]["mean"] / summary[EQUAL_TIME_OF][f"{clock}_s"]["mean"],
+                             "pass": et_lin > eq_lin}
     if UNTRAINED in summary:
         margin = float(targets.get("min_gain_over_untrained", 0.0))
+        trained = [r for r in summary if r != UNTRAINED and "+" not in r]
         floor = {run: {k: {"run": summary[run][k]["mean"], "untrained": summary[UNTRAINED][k]["mean"],
                            "ok": summary[run][k]["mean"] >= summary[UNTRAINED][k]["mean"] + margin} for k in ACCURACY_KEYS}
-                 for run in RUNS}
+                 for run in trained}
         out["floor"] = {"margin": margin, "runs": floor,
                         "pass": all(a["ok"] for per_run in floor.values() for a in per_run.values())}
     return out
 
 
-def verdict_lines(v: dict[str, Any], targets: dict[str, Any]) -> list[str]:
+def verdict_lines(v: dict[str, Any]) -> list[str]:
     def word(ok: bool) -> str:
         return "PASS" if ok else "FAIL"
 
@@ -776,17 +810,21 @@ def verdict_lines(v: dict[str, Any], targets: dict[str, Any]) -> list[str]:
         return "; ".join(f"{k} {x['run']:.2f} vs {x['baseline']:.2f} (-{x['allowed_drop']:.2f} allowed) "
                          f"{'ok' if x['ok'] else 'below'}" for k, x in a.items())
 
-    et, pp, eq, ref, clock = v["et"], v["etpp_half"], v["equal_time"], v["reference"], v["clock"]
+    def bounds(t: dict) -> str:
+        parts = [f"{', '.join(t['within_seed_range'])} within the baseline's seed range or above"] if t["within_seed_range"] else []
+        parts += [f"{k} within {d:g} point{'s' if d != 1 else ''}" for k, d in t["max_drop"].items()]
+        return "; ".join(parts)
+
+    ref, clock = v["reference"], v["clock"]
     ref_detail = (f"ours {ref['ours_s_per_epoch']:.2f} s/epoch vs reference {ref['reference_s_per_epoch']} s/epoch"
                   + (f" ({'; '.join(ref['differs'])})" if ref["differs"] else f" (x{ref['ratio']:.2f})"))
-    lines = [
-        f"verdict et (>= {et['target_speedup']}x less {clock} time, accuracy within the baseline's seed range or above): "
-        f"{word(et['pass'])} - speed-up {et['speedup']:.3f}x; {acc(et['accuracy'])}",
-        f"verdict etpp_half (>= {pp['target_speedup']}x less {clock} time, accuracy within {targets['etpp_max_drop']} point): "
-        f"{word(pp['pass'])} - speed-up {pp['speedup']:.3f}x; {acc(pp['accuracy'])}",
-        f"verdict equal {clock} time (curriculum ahead on linear probe): {word(eq['pass'])} - et {eq['et_linear_top1']:.2f} vs "
-        f"baseline_equal_time {eq['baseline_equal_time_linear_top1']:.2f} (its {clock} time {eq['time_ratio']:.2f}x et's)",
-    ]
+    lines = [f"verdict {row} (>= {t['target_speedup']:g}x less {clock} time; {bounds(t)}): {word(t['pass'])} - speed-up "
+             f"{t['speedup']:.3f}x; {acc(t['accuracy'])}" for row, t in v["runs"].items()]
+    if "equal_time" in v:
+        eq = v["equal_time"]
+        lines.append(f"verdict equal {clock} time (curriculum ahead on linear probe): {word(eq['pass'])} - et "
+                     f"{eq['et_linear_top1']:.2f} vs {eq['run']} {eq['equal_time_linear_top1']:.2f} (its {clock} time "
+                     f"{eq['time_ratio']:.2f}x et's)")
     if "floor" in v:
         below = [f"{run} {k} {a['run']:.2f} vs {a['untrained']:.2f}" for run, per_run in v["floor"]["runs"].items()
                  for k, a in per_run.items() if not a["ok"]]
@@ -809,7 +847,7 @@ def markdown_table(summary: dict[str, dict], speedup: dict[str, dict], seeds: li
              "| run | epochs | steps | wall s | CPU s | speed-up (wall) | speed-up (CPU) | final loss | kNN cls | kNN mean | "
              "linear | fine-tune |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for run in [r for r in ROWS if r in summary]:
+    for run in [r for r in summary if "+" not in r]:  # the runs, then the untrained row (ablations: their own table)
         s = summary[run]
         lines.append(f"| {run} | {cell(s['epochs'], 2)} | {cell(s['steps'], 0)} | {cell(s['wall_s'], 1)} | "
                      f"{cell(s['cpu_s'], 1)} | {ratio(run, 'wall')} | {ratio(run, 'cpu')} | {cell(s.get('final_loss'), 4)} | "
@@ -819,36 +857,46 @@ def markdown_table(summary: dict[str, dict], speedup: dict[str, dict], seeds: li
 
 
 def stage_rates(results: dict[str, dict[str, dict]], cfg, clock: str) -> list[dict[str, Any]]:
-    """Per input size B, over every run and seed that trained at it: images per second on the clock, against the
-    full size's, beside the ratio of FLOPs per image. Where the measured gain falls short of the FLOP ratio, the
-    small sizes run less efficiently on this device (launch overhead, small matrices): the diagnosis of a speed-up
-    below plan, measured rather than assumed."""
-    m, key = cfg.model, "seconds" if clock == "wall" else "cpu_seconds"
-    totals: dict[int, list[float]] = {}
+    """Per decoder share and input size B, over every run and seed that trained so: images per second on the clock,
+    against the full size's at the same share, beside the ratio of FLOPs per image (the decoder tokens really decoded).
+    Where the measured gain falls short of the FLOP ratio, the small sizes run less efficiently on this device (launch
+    overhead, small matrices): the diagnosis of a speed-up below plan, measured rather than assumed."""
+    key = "seconds" if clock == "wall" else "cpu_seconds"
+    totals: dict[tuple[float, int], list[float]] = {}
     for row, seeds in results.items():
         for r in seeds.values():
+            share = float(r.get("decode_fraction", 1.0))  # records of the first edition: every masked patch
             for st in r.get("stages", []):
-                t = totals.setdefault(st["size"], [0.0, 0.0])
+                t = totals.setdefault((share, st["size"]), [0.0, 0.0])
                 t[0] += st["steps"] * r["global_batch"]
                 t[1] += st[key]
     if not totals:
         return []
-    flops = {b: mae_train_flops_per_image(m.size, b, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio)
-             for b in totals}
-    full = max(totals)
-    rate = {b: n / t for b, (n, t) in totals.items()}
-    return [{"size": b, "images": totals[b][0], "seconds": totals[b][1], "images_per_s": rate[b],
-             "gain": rate[b] / rate[full], "flop_ratio": flops[full] / flops[b], "efficiency": rate[b] / rate[full] /
-             (flops[full] / flops[b]), "gflop_per_image": flops[b] / 1e9} for b in sorted(totals)]
+
+    def flops(share: float, b: int) -> float:
+        m = cfg.model
+        return mae_train_flops_per_image(m.size, b, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio,
+                                         decode_fraction=share)
+
+    out = []
+    for share, b in sorted(totals, key=lambda k: (-k[0], k[1])):
+        full = max(size for sh, size in totals if sh == share)
+        n, t = totals[(share, b)]
+        rate, full_rate = n / t, totals[(share, full)][0] / totals[(share, full)][1]
+        flop_ratio = flops(share, full) / flops(share, b)
+        out.append({"decode_fraction": share, "size": b, "images": n, "seconds": t, "images_per_s": rate,
+                    "gain": rate / full_rate, "flop_ratio": flop_ratio, "efficiency": rate / full_rate / flop_ratio,
+                    "gflop_per_image": flops(share, b) / 1e9})
+    return out
 
 
 def stage_rate_table(rates: list[dict[str, Any]], clock: str) -> str:
-    lines = [f"per input size B, all runs and seeds ({clock} clock): measured speed vs the FLOP ratio",
-             "", "| B | GFLOP / image | images | img / s | gain vs full size | FLOP ratio | gain / FLOP ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"per decoder share and input size B, all runs and seeds ({clock} clock): measured speed vs the FLOP ratio",
+             "", "| decoded share | B | GFLOP / image | images | img / s | gain vs full size | FLOP ratio | gain / FLOP ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rates:
-        lines.append(f"| {r['size']} | {r['gflop_per_image']:.3f} | {r['images']:.0f} | {r['images_per_s']:.1f} | "
-                     f"{r['gain']:.2f}x | {r['flop_ratio']:.2f}x | {r['efficiency']:.2f} |")
+        lines.append(f"| {r.get('decode_fraction', 1.0):g} | {r['size']} | {r['gflop_per_image']:.3f} | {r['images']:.0f} | "
+                     f"{r['images_per_s']:.1f} | {r['gain']:.2f}x | {r['flop_ratio']:.2f}x | {r['efficiency']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -863,7 +911,7 @@ def plot(results: dict[str, dict], summary: dict[str, dict], clock: str, path: P
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     time_key = f"{clock}_s"
     for ax, (key, label) in zip(axes, panels):
-        for i, run in enumerate(RUNS):
+        for i, run in enumerate(r for r in results if r != UNTRAINED and "+" not in r):
             color, seeds = f"C{i}", results[run]
             ax.scatter([seeds[s][time_key] for s in seeds], [seeds[s][key] for s in seeds], color=color, alpha=0.35, s=18)
             t, a = summary[run][time_key], summary[run][key]
@@ -1082,7 +1130,7 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
     cfgs = {run: load_pretrain_config(study.recipe, pretrain_overrides(
         study, run, 0, study.epochs * (1.0 if spec.budget == EQUAL_TIME else spec.budget), data_root, out))
         for run, spec in study.runs.items()}
-    base_cfg = cfgs["baseline"]
+    base_cfg = cfgs[BASELINE]
     num_images = len(scan_image_folder(data_root / "train").samples)
     planned_spe = num_images // (base_cfg.train.batch_size * base_cfg.train.accum_steps)
     rate = study.peak_tflops * study.assumed_mfu * 1e12
@@ -1099,7 +1147,7 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
           f"{base_cfg.train.batch_size * base_cfg.train.accum_steps}, {base_cfg.train.precision}, compile {base_cfg.train.compile}, "
           f"{num_images} training images, seeds {seeds}, launch {launch}, verdicts on {study.verdict_clock} time; out {out}"
           + (" (resuming: finished runs and evaluations are read back)" if state.data["runs"] else ""))
-    for run in RUNS[:3]:
+    for run in [r for r, spec in study.runs.items() if spec.budget != EQUAL_TIME]:
         stages = planned_stages(cfgs[run], planned_spe)
         flops = train_flops(cfgs[run], stages)
         print(f"  plan {run}: {sum(n for _, n in stages)} steps at B {'/'.join(str(b) for b, _ in stages)}, {flops / 1e15:.3g} PFLOP "
@@ -1122,7 +1170,7 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
         print(f"warm-up (compile and first-use costs): {warmup_s:.0f}s (not part of any run)")
 
     ablation_rows = [f"{run}+{name}" for name in args.ablations for run in study.ablations[name].runs]
-    rows = (*ROWS, *ablation_rows)
+    rows = (*study.run_names, UNTRAINED, *ablation_rows)
     results: dict[str, dict[str, dict]] = {row: {} for row in rows}
     commands: dict[str, list[str]] = {}
     equal_time: dict[str, dict] = {}
@@ -1178,14 +1226,14 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
               + ")", flush=True)
 
     def pretrain_runs(seed: int, read_only: bool) -> list[str]:
-        """The four pretraining runs of a seed (read_only: those finished), in order; the equal-time run's budget
-        comes from et's and the baseline's time on the verdict clock."""
+        """The pretraining runs of a seed (read_only: those finished), in the config's order, an equal-time run last:
+        its budget comes from et's and the baseline's time on the verdict clock."""
         done = []
-        for run in RUNS:
+        for run in sorted(study.run_names, key=lambda r: study.runs[r].budget == EQUAL_TIME):  # equal time: last
             if study.runs[run].budget == EQUAL_TIME:
-                if not {"et", "baseline"} <= set(done):
+                if not {EQUAL_TIME_OF, BASELINE} <= set(done):
                     continue
-                et, base = results["et"][str(seed)], results["baseline"][str(seed)]
+                et, base = results[EQUAL_TIME_OF][str(seed)], results[BASELINE][str(seed)]
                 epochs, steps = equal_time_budget(study.epochs, et[f"{clock}_s"], base[f"{clock}_s"], base["steps_per_epoch"])
                 equal_time[str(seed)] = {"clock": clock, "et_s": et[f"{clock}_s"], "baseline_s": base[f"{clock}_s"],
                                          "ratio": et[f"{clock}_s"] / base[f"{clock}_s"],
@@ -1215,9 +1263,9 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
             # --- evaluation of every encoder, the same way (--eval-only: each as soon as another process pretrained it)
             for row in (*ready, UNTRAINED):
                 evaluate_row(row, seed)
-            if len(ready) == len(RUNS):
+            if len(ready) == len(study.runs):
                 break
-            print(f"seed {seed}: waiting for {', '.join(r for r in RUNS if r not in ready)} to be pretrained "
+            print(f"seed {seed}: waiting for {', '.join(r for r in study.runs if r not in ready)} to be pretrained "
                   f"(another process); checking every {args.poll_seconds:g}s", flush=True)
             time.sleep(args.poll_seconds)
             state.reload()
@@ -1238,18 +1286,19 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
 
     # --- summary
     summary = {row: summarise(results[row]) for row in rows}
-    speedup = speedups(results, [*RUNS, *ablation_rows])
+    speedup = speedups(results, [*study.run_names, *ablation_rows])
     effects = ablation_effects(results, ablation_rows)
     device = device_name()
-    reference = reference_check(study, base_cfg, device, summary["baseline"]["s_per_epoch"]["mean"])
-    v = verdicts(study.targets, clock, summary, speedup, reference)
+    reference = reference_check(study, base_cfg, device, summary[BASELINE]["s_per_epoch"]["mean"])
+    equal_time_run = next((r for r, spec in study.runs.items() if spec.budget == EQUAL_TIME), None)
+    v = verdicts(study.targets, clock, summary, speedup, reference, equal_time_run)
     machines, code = machines_note(results), code_note(results)
     table = markdown_table(summary, speedup, seeds)
     if effects:
         table += "\n" + ablation_table(summary, speedup, effects, clock)
     rates = stage_rates(results, base_cfg, clock)
     table += "\n" + stage_rate_table(rates, clock)
-    lines = verdict_lines(v, study.targets) + [f"note: {n}" for n in machines["notes"] + code["notes"]]
+    lines = verdict_lines(v) + [f"note: {n}" for n in machines["notes"] + code["notes"]]
     result = {
         "study": study.name, "study_config": repo_relative(study.path), "settings": study.raw, "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
@@ -1267,7 +1316,7 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
     print(table)
     for c in CLOCKS:
         print(f"speed-ups ({c} time, baseline / run, within each seed): "
-              + ", ".join(f"{run} {speedup[run][c]['mean']:.2f}x" for run in RUNS))
+              + ", ".join(f"{run} {speedup[run][c]['mean']:.2f}x" for run in study.run_names))
     for line in lines:
         print(line)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'accuracy_vs_time.png'}")

@@ -177,7 +177,7 @@ def test_table_plot_and_verdicts(study):
     assert [r["size"] for r in rates] == [24, 32, 40, 48] and rates[-1]["gain"] == pytest.approx(1.0)
     trained = sum(r["steps"] * r["global_batch"] for run in RUNS for r in result["runs"][run].values())
     assert sum(r["images"] for r in rates) == trained
-    assert all(r["flop_ratio"] > 1.0 for r in rates[:-1]) and "| B | GFLOP / image |" in table
+    assert all(r["flop_ratio"] > 1.0 for r in rates[:-1]) and "| decoded share | B | GFLOP / image |" in table
 
 
 def test_a_rerun_reads_everything_back(study):
@@ -294,8 +294,18 @@ def summary_with(et_knn: list[float], et_time: list[float], etpp_knn: list[float
     return summary, speedup
 
 
-TARGETS = {"et_speedup": 1.4, "etpp_speedup": 2.0, "etpp_max_drop": 1.0,
-           "accuracy_keys": ["knn_top1_cls", "knn_top1_mean", "linear_top1"], "min_gain_over_untrained": 5.0}
+LEGACY_TARGETS = {"et_speedup": 1.4, "etpp_speedup": 2.0, "etpp_max_drop": 1.0,
+                  "accuracy_keys": ["knn_top1_cls", "knn_top1_mean", "linear_top1"], "min_gain_over_untrained": 5.0}
+
+
+def targets(raw=None):
+    """The first edition's target keys, read as the study reads them (`run_targets`)."""
+    script = load_script()
+    runs = {name: script.RunSpec(1.0, []) for name in RUNS}
+    return script.run_targets(raw or LEGACY_TARGETS, runs, Path("study.yaml"))
+
+
+
 REFERENCE = {"verdict": "n/a", "ours_s_per_epoch": 1.0, "reference_s_per_epoch": 6.6, "differs": ["model tiny vs base"],
              "ratio": None}
 
@@ -304,9 +314,9 @@ def test_verdicts_pass_when_every_target_holds():
     script = load_script()
     # et: 1.5x, kNN 50 and 54 -> mean 52, at the baseline's worst seed (52 - 2 = 50); etpp: 2.5x, 1 point below
     summary, speedup = summary_with([50.0, 54.0], [66.7, 66.7], [51.0, 51.0], [40.0, 40.0], eq_linear=60.0)
-    v = script.verdicts(TARGETS, "cpu", summary, speedup, REFERENCE)
-    assert v["et"]["pass"] and v["etpp_half"]["pass"] and v["equal_time"]["pass"] and v["floor"]["pass"]
-    lines = script.verdict_lines(v, TARGETS)
+    v = script.verdicts(targets(), "cpu", summary, speedup, REFERENCE, "baseline_equal_time")
+    assert v["runs"]["et"]["pass"] and v["runs"]["etpp_half"]["pass"] and v["equal_time"]["pass"] and v["floor"]["pass"]
+    lines = script.verdict_lines(v)
     assert sum("PASS" in line for line in lines) == 4
 
 
@@ -334,10 +344,10 @@ def test_verdicts_fail_on_each_missed_target(case, failing):
     else:
         args["untrained_knn"] = 46.0  # the equal-time run's kNN 50 < 46 + 5 points
     summary, speedup = summary_with(**args)
-    v = script.verdicts(TARGETS, "cpu", summary, speedup, REFERENCE)
-    verdict = {"et": v["et"], "etpp_half": v["etpp_half"], "equal_time": v["equal_time"], "floor": v["floor"]}
+    v = script.verdicts(targets(), "cpu", summary, speedup, REFERENCE, "baseline_equal_time")
+    verdict = {"et": v["runs"]["et"], "etpp_half": v["runs"]["etpp_half"], "equal_time": v["equal_time"], "floor": v["floor"]}
     assert [name for name, x in verdict.items() if not x["pass"]] == [failing]
-    line = next(x for x in script.verdict_lines(v, TARGETS) if "FAIL" in x)
+    line = next(x for x in script.verdict_lines(v) if "FAIL" in x)
     assert "FAIL" in line
 
 
@@ -345,8 +355,60 @@ def test_verdicts_use_the_configured_clock():
     script = load_script()
     summary, speedup = summary_with([50.0, 54.0], [66.7, 66.7], [51.0, 51.0], [40.0, 40.0], eq_linear=60.0)
     speedup["et"]["wall"] = script.spread([1.2, 1.2])  # a loaded machine: wall time says 1.2x, CPU time 1.5x
-    assert script.verdicts(TARGETS, "cpu", summary, speedup, REFERENCE)["et"]["pass"]
-    assert not script.verdicts(TARGETS, "wall", summary, speedup, REFERENCE)["et"]["pass"]
+    assert script.verdicts(targets(), "cpu", summary, speedup, REFERENCE, "baseline_equal_time")["runs"]["et"]["pass"]
+    assert not script.verdicts(targets(), "wall", summary, speedup, REFERENCE, "baseline_equal_time")["runs"]["et"]["pass"]
+
+
+def test_generic_targets_name_their_runs_and_bounds():
+    """The second edition's form: any run, a speed-up, accuracies within the seed range and others within points."""
+    script = load_script()
+    runs = {name: script.RunSpec(1.0, []) for name in ("baseline", "baseline_partial", "et_partial")}
+    raw = {"runs": {"baseline_partial": {"speedup": 1.1, "within_seed_range": ["knn_top1_cls", "linear_top1"],
+                                         "max_drop": {"finetune_top1": 1.0}},
+                    "et_partial": {"speedup": 1.6, "within_seed_range": ["knn_top1_cls"]}}, "min_gain_over_untrained": 5}
+    t = script.run_targets(raw, runs, Path("s.yaml"))
+    base = {"knn_top1_cls": [50.0, 54.0], "knn_top1_mean": [50.0, 54.0], "linear_top1": [60.0, 62.0],
+            "finetune_top1": [70.0, 70.0], "cpu_s": [100.0, 100.0], "wall_s": [100.0, 100.0]}
+    values = {"baseline": base,
+              "baseline_partial": {**base, "knn_top1_cls": [50.0, 50.0], "finetune_top1": [69.2, 69.2], "cpu_s": [88.0, 90.0]},
+              "et_partial": {**base, "knn_top1_cls": [49.0, 50.0], "cpu_s": [60.0, 60.0]}}
+    summary = made_up(values)
+    speedup = {r: {c: script.spread([100.0 / x for x in values[r]["cpu_s"]]) for c in ("wall", "cpu")} for r in values}
+    v = script.verdicts(t, "cpu", summary, speedup, REFERENCE)
+    # baseline_partial: 1.125x, kNN 50 = the baseline's worst seed, linear equal, fine-tune 0.8 below (1 allowed)
+    assert v["runs"]["baseline_partial"]["pass"]
+    assert set(v["runs"]["baseline_partial"]["accuracy"]) == {"knn_top1_cls", "linear_top1", "finetune_top1"}
+    # et_partial: 1.67x but kNN mean 49.5 < 50
+    assert not v["runs"]["et_partial"]["pass"] and not v["runs"]["et_partial"]["accuracy"]["knn_top1_cls"]["ok"]
+    assert "equal_time" not in v
+    lines = script.verdict_lines(v)
+    assert lines[0].startswith("verdict baseline_partial (>= 1.1x less cpu time; knn_top1_cls, linear_top1 within the "
+                               "baseline's seed range or above; finetune_top1 within 1 point): PASS")
+    assert "verdict et_partial" in lines[1] and "FAIL" in lines[1]
+    with pytest.raises(script.StudyError, match="targets.runs.et is not a run of this study"):
+        script.run_targets({"runs": {"et": {"speedup": 1.4}}}, runs, Path("s.yaml"))
+    with pytest.raises(script.StudyError, match="accuracies .'top5'. unknown"):
+        script.run_targets({"runs": {"et_partial": {"speedup": 1.4, "max_drop": {"top5": 1}}}}, runs, Path("s.yaml"))
+
+
+def test_study_runs_come_from_the_config(tmp_path):
+    script = load_script()
+    raw = yaml.safe_load((REPO / "configs" / "study" / "mini_cpu-smoke.yaml").read_text())
+    raw["pretrain"]["recipe"] = str(REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml")
+    raw["eval"]["finetune"]["recipe"] = str(REPO / "configs" / "finetune" / "vit-micro-p8_mae_cpu-test.yaml")
+    raw["runs"] = {"baseline": {"budget": 1.0}, "baseline_partial": {"budget": 1.0,
+                   "overrides": {"model.decode_fraction": 0.25}}}
+    raw["targets"] = {"runs": {"baseline_partial": {"speedup": 1.1}}}
+    raw.pop("ablations")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert script.load_study(path).run_names == ["baseline", "baseline_partial"]
+    for runs, message in [({"plain": {"budget": 1.0}}, "needs one named 'baseline'"),
+                          ({"baseline": {"budget": 1.0}, "late": {"budget": "equal_time"}}, "there is no run 'et'"),
+                          ({"baseline": {"budget": 1.0}, "untrained": {"budget": 1.0}}, "study's own rows")]:
+        path.write_text(yaml.safe_dump({**raw, "runs": runs, "targets": {}}))
+        with pytest.raises(script.StudyError, match=message):
+            script.load_study(path)
 
 
 def test_reference_check_passes_and_fails_only_when_everything_matches():
