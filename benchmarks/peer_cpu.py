@@ -1,0 +1,247 @@
+"""Ours (every masked patch decoded, and a share of them) beside Hugging Face's ViTMAEForPreTraining, on this CPU.
+
+    python benchmarks/peer_cpu.py --out benchmarks/results/peer_cpu
+
+One process alternates the contenders round after round (ours full, ours partial, HF full; the order rotates
+each round), each timed for a few training steps, so every contender meets the same machine state; the figures
+are the medians over rounds of process CPU time (user + system) and wall time per step, and the ratio ours / HF
+per row. Same model shape (the parameter counts are checked equal), batch, precision (fp32), optimizer (fused
+AdamW with the same weight-decay groups) and mask noise. Both steps clip the global gradient norm at 1.0 (HF's
+Trainer does by default, and our training loop computes the norm every step). Our step is the training loop's
+own (`mae_et.train.step.TrainStep`, uint8 input normalised in the step); HF's gets normalised float pixels.
+
+Rows: the study's ViT-Tiny/8 at 64 px (decoder 128 x 2, batch 128) and ViT-S/16 at 224 with MAE's 512 x 8 decoder
+(batch 16). One intra-op thread by default (--threads): this machine is shared and has 2 cores, and with one
+thread a process's CPU time stays honest beside other work (the study found spin-waits with 2 threads under load).
+Writes <out>/peer_cpu.json (every timed run, the medians, the ratios, the targets, the load average) and peer_cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+from throughput import build_train_step, count_params, fresh_accelerator  # noqa: E402
+
+from mae_et.files import FileError, check_output_folder, write_text_atomic  # noqa: E402
+from mae_et.models.mae import MODEL_SIZES  # noqa: E402
+from mae_et.train.config import load_pretrain_config  # noqa: E402
+from mae_et.train.optim import build_adamw  # noqa: E402
+from mae_et.train.pretrain import mask_noise  # noqa: E402
+
+RECIPE = REPO / "configs" / "pretrain" / "mae_vit-base-p16_baseline_800e_imagenet.yaml"
+CLIP = 1.0
+PARTIAL = 0.25  # CrossMAE's kept mask ratio: a quarter of all patches decoded
+TARGETS = {"full_vs_hf_max_time_ratio": 1.05,  # ours full within 5% of HF on the same work
+           "partial_vs_hf_min_speedup_vit-s16_224px": 1.5}  # ours partial >= 1.5x faster than HF full at ViT-S/16 224
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    name: str
+    size: str
+    patch: int
+    img: int
+    decoder: tuple[int, int, int]  # width, depth, heads
+    batch: int
+    steps: int  # timed steps per run
+
+
+ROWS = {
+    "vit-t8_64px": RowSpec("vit-t8_64px", "tiny", 8, 64, (128, 2, 4), 128, 4),  # the CPU study's shape
+    "vit-s16_224px": RowSpec("vit-s16_224px", "small", 16, 224, (512, 8, 16), 16, 3),  # MAE's decoder
+    "micro": RowSpec("micro", "micro", 8, 32, (32, 1, 2), 4, 1),  # the test suite's
+}
+
+
+def row_config(row: RowSpec, decode_fraction: float):
+    width, depth, heads = row.decoder
+    return load_pretrain_config(RECIPE, [
+        f"model.size={row.size}", f"model.patch_size={row.patch}", f"model.decoder_embed_dim={width}",
+        f"model.decoder_depth={depth}", f"model.decoder_num_heads={heads}", "model.norm_pix_loss=true",
+        f"model.decode_fraction={decode_fraction}", f"data.crop_size={row.img}", f"train.batch_size={row.batch}",
+        "train.accum_steps=1", "train.precision=fp32", "train.compile=none", f"optim.clip_grad={CLIP}",
+        "data.source=fractal",  # no files are read: the recipe's folder need not exist
+    ])
+
+
+def hf_model(cfg):
+    import transformers
+
+    spec, m = MODEL_SIZES[cfg.model.size], cfg.model
+    config = transformers.ViTMAEConfig(
+        hidden_size=spec["embed_dim"], num_hidden_layers=spec["depth"], num_attention_heads=spec["num_heads"],
+        intermediate_size=4 * spec["embed_dim"], decoder_hidden_size=m.decoder_embed_dim,
+        decoder_num_hidden_layers=m.decoder_depth, decoder_num_attention_heads=m.decoder_num_heads,
+        decoder_intermediate_size=4 * m.decoder_embed_dim, image_size=cfg.data.crop_size, patch_size=m.patch_size,
+        mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, attn_implementation="sdpa")
+    return transformers.ViTMAEForPreTraining(config)
+
+
+class Contender:
+    """One training step to time: `step(i)` runs step i (fresh mask noise per step, the same for every contender)."""
+
+    def __init__(self, name: str, row: RowSpec, decode_fraction: float | None):
+        self.name, self.row = name, row
+        cfg = row_config(row, decode_fraction or 1.0)
+        self.accelerator = fresh_accelerator("fp32")
+        self.grid = (row.img // row.patch) ** 2
+        images = torch.randint(0, 256, (row.batch, 3, row.img, row.img), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        if decode_fraction is not None:  # ours: the training loop's step
+            self.train_step = build_train_step(cfg, self.accelerator, [row.img])
+            self.params = count_params(self.accelerator.unwrap_model(self.train_step.model))
+            self.images = images  # (n, 3, S, S) uint8, normalised inside the step
+            self.run = lambda noise: self.train_step(self.images, row.img, noise)
+        else:  # HF: forward, backward, clip, fused AdamW step
+            model = hf_model(cfg)
+            optimizer = build_adamw(model, 1e-4, cfg.optim.weight_decay, cfg.optim.betas)
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+            self.model.train()
+            self.params = count_params(model)
+            mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+            std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+            self.pixels = (images.float() / 255 - mean) / std  # (n, 3, S, S) normalised
+            self.run = self._hf_step
+
+    def _hf_step(self, noise: torch.Tensor) -> None:
+        out = self.model(pixel_values=self.pixels, noise=noise)
+        self.accelerator.backward(out.loss)
+        self.accelerator.clip_grad_norm_(self.model.parameters(), CLIP)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def noise(self, i: int) -> torch.Tensor:
+        return mask_noise(0, i, 0, 0, (self.row.batch, self.grid), torch.device("cpu"))  # (n, L)
+
+    def timed(self, first_step: int, steps: int) -> dict[str, float]:
+        noises = [self.noise(first_step + i) for i in range(steps)]
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        for noise in noises:
+            self.run(noise)
+        return {"wall_s": (time.perf_counter() - wall0) / steps, "cpu_s": (time.process_time() - cpu0) / steps}
+
+
+def median_of(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def bench_row(row: RowSpec, rounds: int, warmup: int) -> dict:
+    contenders = [Contender("ours_full", row, 1.0), Contender("ours_partial", row, PARTIAL), Contender("hf_full", row, None)]
+    counts = {c.name: c.params for c in contenders}
+    if len(set(counts.values())) != 1:
+        raise SystemExit(f"row {row.name}: the models differ ({counts} trainable parameters); nothing to compare")
+    for c in contenders:  # first-use costs (allocator, thread pools, lazy kernels) out of the timed runs
+        for i in range(warmup):
+            c.run(c.noise(10_000 + i))
+    runs: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
+    order_log = []
+    for r in range(rounds):
+        order = contenders[r % 3:] + contenders[: r % 3]  # rotate, so none always runs first or last
+        order_log.append([c.name for c in order])
+        for c in order:
+            runs[c.name].append(c.timed(r * row.steps, row.steps))
+        print(f"  {row.name} round {r + 1}/{rounds}: " + ", ".join(
+            f"{name} {runs[name][-1]['cpu_s']:.3f} CPU-s/step" for name in runs), flush=True)
+    med = {name: {"wall_s": median_of(rs, "wall_s"), "cpu_s": median_of(rs, "cpu_s")} for name, rs in runs.items()}
+    for name, m in med.items():
+        m["img_s_cpu"], m["img_s_wall"] = row.batch / m["cpu_s"], row.batch / m["wall_s"]
+    ratios = {f"{ours}_over_hf": {clock: med[ours][clock] / med["hf_full"][clock] for clock in ("cpu_s", "wall_s")}
+              for ours in ("ours_full", "ours_partial")}
+    return {"row": row.__dict__, "params": counts["ours_full"], "decode_fraction_partial": PARTIAL, "rounds": rounds,
+            "order": order_log, "runs": runs, "median": med, "time_ratio": ratios}
+
+
+def verdicts(rows: dict[str, dict]) -> list[str]:
+    lines = []
+    for name, r in rows.items():
+        full = r["time_ratio"]["ours_full_over_hf"]["cpu_s"]
+        ok = full <= TARGETS["full_vs_hf_max_time_ratio"]
+        lines.append(f"{name}: ours full / HF full {full:.3f} in CPU time (target <= {TARGETS['full_vs_hf_max_time_ratio']}): "
+                     f"{'PASS' if ok else 'FAIL'}")
+        if name == "vit-s16_224px":
+            speed = 1 / r["time_ratio"]["ours_partial_over_hf"]["cpu_s"]
+            target = TARGETS["partial_vs_hf_min_speedup_vit-s16_224px"]
+            lines.append(f"{name}: ours partial {speed:.2f}x faster than HF full in CPU time (target >= {target}x): "
+                         f"{'PASS' if speed >= target else 'FAIL'}")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    lines = [f"ours vs Hugging Face ViTMAEForPreTraining, {result['device']}, {result['threads']} thread(s), torch "
+             f"{result['torch']}, transformers {result['transformers']}; medians of {result['rounds']} alternating rounds "
+             "per contender; time per training step (fp32, fused AdamW, grad clip 1.0)", "",
+             "| row | batch | contender | decoded share | CPU s / step | wall s / step | img / CPU-s | ours / HF (CPU) | "
+             "ours / HF (wall) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in result["rows"].items():
+        for contender, share in (("ours_full", 1.0), ("ours_partial", PARTIAL), ("hf_full", 1.0)):
+            m = r["median"][contender]
+            ratio = r["time_ratio"].get(f"{contender}_over_hf")
+            cells = (f"{ratio['cpu_s']:.3f}", f"{ratio['wall_s']:.3f}") if ratio else ("1", "1")
+            lines.append(f"| {name} | {r['row']['batch']} | {contender} | {share:g} | {m['cpu_s']:.3f} | {m['wall_s']:.3f} | "
+                         f"{m['img_s_cpu']:.1f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in result["verdicts"]) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=["vit-t8_64px", "vit-s16_224px"], choices=sorted(ROWS))
+    parser.add_argument("--rounds", type=int, default=7, help="alternating timed runs per contender (at least 5 for a figure)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: see the docstring)")
+    parser.add_argument("--out", default=str(REPO / "runs" / "peer_cpu"), help="folder for peer_cpu.json and peer_cpu.md")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.threads < 1 or args.warmup < 0:
+        raise SystemExit("--rounds and --threads must be >= 1 and --warmup >= 0")
+    out = Path(args.out)
+    try:
+        check_output_folder(out, flag="--out")
+        if (out / "peer_cpu.json").exists() and not args.overwrite:
+            raise FileError(f"--out {out} already holds peer_cpu.json; pass --overwrite to replace it, or another --out")
+    except FileError as e:
+        raise SystemExit(str(e)) from None
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("Hugging Face transformers is needed for the peer: pip install -e '.[bench]'") from None
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    load_before = os.getloadavg()
+    rows = {}
+    for name in args.rows:
+        print(f"row {name}: {ROWS[name]}", flush=True)
+        rows[name] = bench_row(ROWS[name], args.rounds, args.warmup)
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "threads": args.threads,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "command": "python benchmarks/peer_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "load_average_before_after": [load_before, os.getloadavg()], "rounds": args.rounds, "targets": TARGETS,
+        "rows": rows,
+    }
+    result["verdicts"] = verdicts(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "peer_cpu.json", json.dumps(result, indent=2))
+    table = markdown(result)
+    write_text_atomic(out / "peer_cpu.md", table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
