@@ -4,19 +4,23 @@
         [--data /data/imagenette] [--out DIR] [--seeds 0 1] [--launch auto|subprocess|inprocess] \
         [--ablations all [--ablation-seeds 0]] [--pretrain-only | --eval-only] [--publish]
 
-One model size and one schedule length E (the study config, `configs/study/*.yaml`); per seed, four
-pretraining runs and one floor:
+One model size and one schedule length E (the study config, `configs/study/*.yaml`); per seed, the pretraining
+runs the config lists under `runs:` (in its order; one must be `baseline`, which every speed-up and accuracy is
+measured against) and one floor. The first edition (imagenette_vit-t8_64px_20e_cpu.yaml):
   baseline             plain MAE, E epochs
   et                   the `et` curriculum, E epochs
   etpp_half            the `etpp` curriculum, a compute budget of E/2 full-size-epoch equivalents
-  baseline_equal_time  plain MAE given et's time: a full run of E' = E * time(et) / time(baseline)
-                       epochs of the same seed (rounded to a whole step), its warmup + cosine schedule
-                       ending at E', not a truncated E-epoch run
+  baseline_equal_time  plain MAE given et's time (budget `equal_time`): a full run of E' = E * time(et) /
+                       time(baseline) epochs of the same seed (rounded to a whole step), its warmup + cosine
+                       schedule ending at E', not a truncated E-epoch run; it trains after et and baseline
   untrained            the same encoder at E = 0: the baseline's initial weights (same seed), the floor
                        every trained encoder must clear
+The second (imagenette_vit-t8_64px_20e_partial_cpu.yaml) adds partial reconstruction (model.decode_fraction) to
+plain MAE, et and etpp. `targets.runs` names, per run, its speed-up and accuracy bounds (`run_targets`).
 Every run warms up over the same share (`warmup_fraction`) of its own budget. Each encoder is then
 evaluated the same way on the validation split: weighted kNN (cls and mean features), the linear probe
-on cached features (the loop of `linprobe.mode=cached`), and a short fine-tune.
+on cached features (the loop of `linprobe.mode=cached`), and a short fine-tune; with `eval.knn.sizes`, kNN at
+those test sizes too (resolution robustness: positions as the encoder's `model.pos_embed` mode gives them).
 
 Time. Each run's training time is read from the engine's own clock (metrics.jsonl): the loop only, less
 its bookkeeping (checkpoint writes, and the grids / kNN monitor, which the study switches off). Two
@@ -105,6 +109,7 @@ from mae_et.train.optim import build_adamw  # noqa: E402
 from mae_et.train.step import TrainStep  # noqa: E402
 from mae_et.train.tracking import METRICS_FILE  # noqa: E402
 from mae_et.models.vit import load_pretrained_vit, pool_tokens  # noqa: E402
+from mae_et.models.mae import get_2d_sincos_pos_embed  # noqa: E402
 
 BASELINE = "baseline"  # the run every speed-up and accuracy is measured against (every study has one)
 UNTRAINED = "untrained"  # E = 0: the floor
@@ -555,11 +560,26 @@ def split_features(model, loader, device) -> tuple[dict[str, torch.Tensor], torc
     return {p: torch.cat(f) for p, f in feats.items()}, torch.cat(labels)
 
 
+def encoder_at_size(run_dir: Path, test_size: int | None = None, pos_embed: str = "grid"):
+    """The encoder as a timm ViT for inputs of test_size (None: its training size), with the positions its MAE's
+    `model.pos_embed` mode gives a grid of g = test_size / p patches: grid 0..g-1 (the reference), or extent (g
+    positions spread over its training grid G, fractional). At the training size both are the stored table."""
+    model, spec = load_pretrained_vit(run_dir, img_size=test_size)
+    if test_size is not None and test_size != spec.img_size:
+        g, full = test_size // spec.patch_size, spec.img_size // spec.patch_size
+        table = get_2d_sincos_pos_embed(model.embed_dim, g, cls_token=True, extent=full if pos_embed == "extent" else None)
+        with torch.no_grad():
+            model.pos_embed.copy_(table.unsqueeze(0))  # (1, 1+g*g, D): replaces timm's bicubic resampling
+    return model
+
+
 def encoder_features(run_dir: Path, data_root: Path, img_size: int, batch_size: int, workers: int, device,
-                     splits: tuple[str, ...] = ("train", "val")) -> tuple[dict, list[str]]:
-    """Centre-crop features of each split of `data_root` (what the kNN and the cached probe use):
+                     splits: tuple[str, ...] = ("train", "val"), test_size: int | None = None,
+                     pos_embed: str = "grid") -> tuple[dict, list[str]]:
+    """Centre-crop features of each split of `data_root` (what the kNN and the cached probe use), at img_size, by the
+    encoder built for test_size (`encoder_at_size`; None: its training size):
     ({split: ({"cls": (N, D), "mean": (N, D)}, labels (N,))}, class names)."""
-    model, _ = load_pretrained_vit(run_dir)
+    model = encoder_at_size(run_dir, test_size, pos_embed)
     model.to(device)
     classes, features = None, {}
     for split in splits:
@@ -596,8 +616,10 @@ def run_finetune(study: Study, run_dir: Path, data_root: Path, img_size: int, se
 
 
 def evaluate_encoder(study: Study, run_dir: Path, data_root: Path, img_size: int, seed: int, out: Path,
-                     log_path: Path) -> dict[str, Any]:
-    """kNN (cls, mean), the cached-feature linear probe and the short fine-tune of one encoder, each stage timed."""
+                     log_path: Path, pos_embed: str = "grid") -> dict[str, Any]:
+    """kNN (cls, mean), the cached-feature linear probe and the short fine-tune of one encoder, each stage timed;
+    with eval.knn.sizes, kNN at each of those test sizes too (`knn_top1_<pool>_at<size>`, train bank and queries at
+    that size, positions as the encoder's pos_embed mode gives them)."""
     ev, knn = study.eval, study.eval["knn"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seconds: dict[str, dict[str, float]] = {}
@@ -611,6 +633,22 @@ def evaluate_encoder(study: Study, run_dir: Path, data_root: Path, img_size: int
             f"knn_top1_{pool}": knn_accuracy(train_x[pool], train_y, val_x[pool], val_y, len(classes), k=int(knn["k"]),
                                              temperature=float(knn["temperature"])) for pool in ("cls", "mean")}
     seconds["features_knn"] = sw.as_dict()
+
+    sizes = [int(b) for b in knn.get("sizes") or []]
+    if sizes:
+        with Stopwatch() as sw:
+            for size in sizes:
+                if size == img_size:
+                    at = {pool: result[f"knn_top1_{pool}"] for pool in ("cls", "mean")}
+                else:
+                    feats, _ = encoder_features(run_dir, data_root, size, int(knn["batch_size"]), int(ev["num_workers"]),
+                                                device, test_size=size, pos_embed=pos_embed)
+                    (tx, ty), (vx, vy) = feats["train"], feats["val"]
+                    at = {pool: knn_accuracy(tx[pool], ty, vx[pool], vy, len(classes), k=int(knn["k"]),
+                                             temperature=float(knn["temperature"])) for pool in ("cls", "mean")}
+                for pool, acc in at.items():
+                    result[f"knn_top1_{pool}_at{size}"] = acc
+        seconds["knn_sizes"] = sw.as_dict()
 
     with Stopwatch() as sw:
         AcceleratorState._reset_state(True)
@@ -664,7 +702,8 @@ def spread(values: list[float]) -> dict[str, Any]:
 def summarise(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean and spread over seeds of every number the seeds all have (the untrained row has no loss)."""
     seeds = sorted(per_seed, key=int)
-    keys = [k for k in SUMMARY_KEYS if all(isinstance(per_seed[s].get(k), (int, float)) for s in seeds)]
+    by_size = sorted({k for s in seeds for k in per_seed[s] if k.startswith("knn_top1_") and "_at" in k})
+    keys = [k for k in (*SUMMARY_KEYS, *by_size) if all(isinstance(per_seed[s].get(k), (int, float)) for s in seeds)]
     return {key: spread([per_seed[s][key] for s in seeds]) for key in keys}
 
 
@@ -856,6 +895,23 @@ def markdown_table(summary: dict[str, dict], speedup: dict[str, dict], seeds: li
     return "\n".join(lines) + "\n"
 
 
+def size_table(summary: dict[str, dict], sizes: list[int], train_size: int) -> str:
+    """kNN top-1 (cls / mean) of every encoder at each test size, mean ± half-range over seeds."""
+    def cell(stat: dict | None) -> str:
+        return "-" if stat is None else f"{stat['mean']:.2f} ± {stat['half_range']:.2f}"
+
+    head = " | ".join(f"{b} px{' (train)' if b == train_size else ''} cls | {b} px mean" for b in sizes)
+    lines = [f"kNN top-1 across test sizes (trained at {train_size} px; positions as each encoder's pos_embed mode gives "
+             "them; train bank and val queries at the test size)", "", f"| run | {head} |",
+             "| --- |" + " --- | --- |" * len(sizes)]
+    for run, s in summary.items():
+        if "+" in run:
+            continue
+        cells = " | ".join(f"{cell(s.get(f'knn_top1_cls_at{b}'))} | {cell(s.get(f'knn_top1_mean_at{b}'))}" for b in sizes)
+        lines.append(f"| {run} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def stage_rates(results: dict[str, dict[str, dict]], cfg, clock: str) -> list[dict[str, Any]]:
     """Per decoder share and input size B, over every run and seed that trained so: images per second on the clock,
     against the full size's at the same share, beside the ratio of FLOPs per image (the decoder tokens really decoded).
@@ -900,7 +956,10 @@ def stage_rate_table(rates: list[dict[str, Any]], clock: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, dict], summary: dict[str, dict], clock: str, path: Path, title: str) -> None:
+def plot(results: dict[str, dict], summary: dict[str, dict], clock: str, path: Path, title: str,
+         compare: tuple[str, dict[str, dict]] | None = None) -> None:
+    """Accuracy vs pretraining time per run (seeds as light dots, mean ± half-range); compare = (label, summary of
+    another edition): its runs as hollow grey-edged markers, their times from their own sessions."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -917,6 +976,13 @@ def plot(results: dict[str, dict], summary: dict[str, dict], clock: str, path: P
             t, a = summary[run][time_key], summary[run][key]
             ax.errorbar(t["mean"], a["mean"], xerr=t["half_range"], yerr=a["half_range"], fmt="o", color=color,
                         capsize=3, label=run)
+        if compare is not None:
+            label_of, other = compare
+            for j, (run, s) in enumerate((r, s) for r, s in other.items() if r != UNTRAINED and "+" not in r):
+                if time_key in s and key in s:
+                    ax.errorbar(s[time_key]["mean"], s[key]["mean"], xerr=s[time_key]["half_range"],
+                                yerr=s[key]["half_range"], fmt="D", mfc="none", color=f"C{j}", alpha=0.6, capsize=2,
+                                label=f"{label_of}: {run}")
         if UNTRAINED in summary:  # the floor: the same encoder at E = 0
             ax.axhline(summary[UNTRAINED][key]["mean"], color="gray", linestyle="--", label="untrained (E = 0)")
         ax.set_xlabel(f"pretraining {'CPU' if clock == 'cpu' else 'wall'} time (s)")
@@ -1207,6 +1273,12 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
                                           f"{st['cpu_seconds']:.1f}s CPU" for st in r["stages"]), flush=True)
         return True
 
+    def row_pos_embed(row: str, seed: int, r: dict) -> str:
+        """The encoder's model.pos_embed: its pretraining record's, else its overrides' (the untrained: the baseline's)."""
+        if r.get("pos_embed"):
+            return r["pos_embed"]
+        return load_pretrain_config(study.recipe, pretrain_overrides(study, row, seed, study.epochs, data_root, out)).model.pos_embed
+
     def evaluate_row(row: str, seed: int) -> None:
         """Evaluate one row's encoder (or read it back), into results."""
         r = results[row][str(seed)]
@@ -1217,7 +1289,8 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
         if ev is None:
             ev = {"eval_machine": machine(), "eval_code": code_version(),
                   **evaluate_encoder(study, in_repo(r["run_dir"]), data_root, base_cfg.data.crop_size, seed, out,
-                                     out / "logs" / f"{run_name(row, seed)}.finetune.log")}
+                                     out / "logs" / f"{run_name(row, seed)}.finetune.log",
+                                     pos_embed=row_pos_embed(row, seed, r))}
             state.put(row, seed, "eval", key, ev)
         r.update(ev)
         print(f"evaluated {row} seed {seed}: kNN cls {r['knn_top1_cls']:.2f} mean {r['knn_top1_mean']:.2f}, "
@@ -1298,6 +1371,9 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
         table += "\n" + ablation_table(summary, speedup, effects, clock)
     rates = stage_rates(results, base_cfg, clock)
     table += "\n" + stage_rate_table(rates, clock)
+    test_sizes = [int(b) for b in study.eval["knn"].get("sizes") or []]
+    if test_sizes:
+        table += "\n" + size_table(summary, test_sizes, base_cfg.data.crop_size)
     lines = verdict_lines(v) + [f"note: {n}" for n in machines["notes"] + code["notes"]]
     result = {
         "study": study.name, "study_config": repo_relative(study.path), "settings": study.raw, "device": device,
@@ -1310,7 +1386,11 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
     write_text_atomic(out / "results.json", json.dumps(result, indent=2))
     verdict_list = "\n".join(f"- {line}" for line in lines)
     write_text_atomic(out / "table.md", f"# {study.name} ({device}, {result['date']})\n\n{table}\n{verdict_list}\n")
-    plot(results, summary, clock, out / "accuracy_vs_time.png", study.name)
+    compare = None
+    if study.raw.get("compare_with"):  # an earlier edition's published results.json, drawn beside this one
+        other = json.loads((REPO / study.raw["compare_with"]).read_text())
+        compare = (other["study"], other["summary"])
+    plot(results, summary, clock, out / "accuracy_vs_time.png", study.name, compare)
 
     print()
     print(table)

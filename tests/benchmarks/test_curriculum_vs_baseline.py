@@ -70,7 +70,11 @@ def test_every_run_and_seed_has_every_metric_in_range(study):
             for key in ACCURACY_KEYS:
                 assert 0.0 <= r[key] <= 100.0, (run, seed, key)
             # every evaluation stage timed on both clocks
-            assert set(r["eval_seconds"]) == {"features_knn", "linear_probe", "finetune"}
+            assert set(r["eval_seconds"]) == {"features_knn", "linear_probe", "finetune", "knn_sizes"}
+            # resolution robustness: kNN at every test size of eval.knn.sizes, the training size's being the main kNN
+            for pool in ("cls", "mean"):
+                assert r[f"knn_top1_{pool}_at48"] == r[f"knn_top1_{pool}"]
+                assert all(0.0 <= r[f"knn_top1_{pool}_at{b}"] <= 100.0 for b in (32, 64))
             assert all(t["wall_s"] > 0 and t["cpu_s"] > 0 for t in r["eval_seconds"].values())
     for run in RUNS:
         for seed in SEEDS:
@@ -357,6 +361,31 @@ def test_verdicts_use_the_configured_clock():
     speedup["et"]["wall"] = script.spread([1.2, 1.2])  # a loaded machine: wall time says 1.2x, CPU time 1.5x
     assert script.verdicts(targets(), "cpu", summary, speedup, REFERENCE, "baseline_equal_time")["runs"]["et"]["pass"]
     assert not script.verdicts(targets(), "wall", summary, speedup, REFERENCE, "baseline_equal_time")["runs"]["et"]["pass"]
+
+
+def test_kNN_across_test_sizes_is_tabled(study):
+    result, out, _ = study
+    table = (out / "table.md").read_text()
+    assert "kNN top-1 across test sizes (trained at 48 px" in table and "| 48 px (train) cls | 48 px mean |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| et |") and "±" in line and line.count("|") == 8)
+    s = result["summary"]["et"]
+    assert f"{s['knn_top1_cls_at32']['mean']:.2f} ± {s['knn_top1_cls_at32']['half_range']:.2f}" in row
+
+
+@pytest.mark.parametrize("mode", ["grid", "extent"])
+def test_encoder_at_another_size_takes_its_pos_embed_mode(study, mode):
+    """At a test size other than its training one, the encoder's positions are its MAE's: grid 0..g-1, or extent
+    (spread over the training grid); at the training size the stored table."""
+    from mae_et.models.mae import get_2d_sincos_pos_embed
+
+    script = load_script()
+    result, _, _ = study
+    run_dir = Path(result["runs"]["baseline"]["0"]["run_dir"])
+    small = script.encoder_at_size(run_dir, 32, mode)  # 4 x 4 patches of 8, trained at 6 x 6
+    expected = get_2d_sincos_pos_embed(64, 4, extent=6 if mode == "extent" else None)
+    assert torch.equal(small.pos_embed[0], expected)
+    assert torch.equal(script.encoder_at_size(run_dir, None, mode).pos_embed[0], get_2d_sincos_pos_embed(64, 6))
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 64)
 
 
 def test_generic_targets_name_their_runs_and_bounds():

@@ -83,7 +83,7 @@ def test_our_step_rows_eager_and_compiled(dry, gc):
             assert row["peak_mem_gib"] is None and row["params"] > 0  # peak memory: CUDA only
     compiled = step_rows(result, impl="ours", compile="default")
     assert [(r["model"], r["batch"], r["size"]) for r in compiled] == [
-        (gc.DRY_PLAN.models[i][0], gc.DRY_PLAN.models[i][1], size) for i, size in gc.DRY_PLAN.compile_order]
+        (gc.DRY_PLAN.models[i][0], gc.DRY_PLAN.models[i][1], size) for i, size, *kind in gc.DRY_PLAN.compile_order if not kind]
     for r in compiled:
         assert r["img_s"] > 0 and r["compile_s"] >= 0 and r["first_call_s"] >= r["compile_s"]
     # the curriculum's promise: each smaller B against our own full-size figure, same implementation
@@ -119,6 +119,30 @@ def test_hugging_face_peer_rows_or_a_skip_reason(dry, gc):
     target = next(t for t in result["targets"] if t["target"].endswith("ours / HF"))
     best = max(step_rows(result, impl="ours", model="micro", batch=8, size=48), key=lambda r: r["img_s"])
     assert target["measured"] == pytest.approx(best["img_s"] / step_rows(result, impl="hf", batch=8, size=48)[0]["img_s"])
+
+
+def test_partial_rows_beside_the_full_ones(dry, gc):
+    """The main model decoding a share of the patches: eager at the plan's partial sizes and compiled where the compile
+    order names it, with the FLOPs of the tokens it decodes, and its ratio to HF's full decoder."""
+    result, _ = dry
+    model, batch, _ = gc.DRY_PLAN.models[0]
+    eager = step_rows(result, impl="ours_partial", compile="none")
+    assert [r["size"] for r in eager] == list(gc.DRY_PLAN.partial_sizes)
+    compiled = step_rows(result, impl="ours_partial", compile="default")
+    assert [r["size"] for r in compiled] == [b for i, b, *kind in gc.DRY_PLAN.compile_order if kind == ["partial"]]
+    for r in eager + compiled:
+        full = step_rows(result, impl="ours", compile="none", model=model, batch=batch, size=r["size"])[0]
+        assert r["decode_fraction"] == gc.DRY_PLAN.partial_fraction and r["params"] == full["params"]
+        assert r["gflop_per_image"] < full["gflop_per_image"] and r["img_s"] > 0
+    if has_transformers():
+        [ratio] = [x for x in result["ratios"] if (x["model"], x["batch"], x["size"]) == (model, batch, 48)]
+        hf = step_rows(result, impl="hf", model=model, batch=batch, size=48)[0]
+        assert ratio["ours_partial_none_over_hf"] == pytest.approx(eager[0]["img_s"] / hf["img_s"])
+        assert gc.compiled_over_hf(ratio, "ours_partial") == pytest.approx(compiled[0]["img_s"] / hf["img_s"])
+        assert gc.compiled_over_hf(ratio) == ratio["ours_default_over_hf"]
+        target = next(t for t in result["targets"] if "ours partial" in t["target"])
+        assert target["met"] == (target["measured"] >= 1.5) and target["measured"] == pytest.approx(
+            max(r["img_s"] for r in eager + compiled if r["size"] == 48) / hf["img_s"])
 
 
 def test_without_transformers_the_peer_is_skipped_with_the_reason(tmp_path, mini_root, monkeypatch):
