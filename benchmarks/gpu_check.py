@@ -73,6 +73,7 @@ sys.path.insert(0, str(BENCH))
 from fractal_speed import rate  # noqa: E402
 from throughput import (  # noqa: E402
     build_train_step,
+    hf_peer_config,
     count_params,
     device_name,
     end_to_end,
@@ -282,19 +283,6 @@ def environment() -> dict:
 
 
 # ----------------------------------------------------------------------------- sections a + b: step rows
-
-
-def hf_peer_config(cfg, model_size: str):
-    """Hugging Face ViTMAE of the same shape as ours (ViT-B/16: 768/12/12/3072, decoder 512/8/16/2048)."""
-    import transformers
-
-    spec, m = MODEL_SIZES[model_size], cfg.model
-    return transformers.ViTMAEConfig(
-        hidden_size=spec["embed_dim"], num_hidden_layers=spec["depth"], num_attention_heads=spec["num_heads"],
-        intermediate_size=4 * spec["embed_dim"], decoder_hidden_size=m.decoder_embed_dim,
-        decoder_num_hidden_layers=m.decoder_depth, decoder_num_attention_heads=m.decoder_num_heads,
-        decoder_intermediate_size=4 * m.decoder_embed_dim, image_size=cfg.data.crop_size, patch_size=m.patch_size,
-        mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, attn_implementation="sdpa")
 
 
 @dataclass

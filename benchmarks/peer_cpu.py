@@ -36,10 +36,10 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-from throughput import build_train_step, count_params, fresh_accelerator  # noqa: E402
+from throughput import build_train_step, count_params, fresh_accelerator, hf_peer_config  # noqa: E402
 
+from mae_et.data.folder import normalize_on_device  # noqa: E402
 from mae_et.files import FileError, check_output_folder, write_text_atomic  # noqa: E402
-from mae_et.models.mae import MODEL_SIZES  # noqa: E402
 from mae_et.train.config import load_pretrain_config  # noqa: E402
 from mae_et.train.optim import build_adamw  # noqa: E402
 from mae_et.train.pretrain import mask_noise  # noqa: E402
@@ -83,14 +83,7 @@ def row_config(row: RowSpec, decode_fraction: float):
 def hf_model(cfg):
     import transformers
 
-    spec, m = MODEL_SIZES[cfg.model.size], cfg.model
-    config = transformers.ViTMAEConfig(
-        hidden_size=spec["embed_dim"], num_hidden_layers=spec["depth"], num_attention_heads=spec["num_heads"],
-        intermediate_size=4 * spec["embed_dim"], decoder_hidden_size=m.decoder_embed_dim,
-        decoder_num_hidden_layers=m.decoder_depth, decoder_num_attention_heads=m.decoder_num_heads,
-        decoder_intermediate_size=4 * m.decoder_embed_dim, image_size=cfg.data.crop_size, patch_size=m.patch_size,
-        mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, attn_implementation="sdpa")
-    return transformers.ViTMAEForPreTraining(config)
+    return transformers.ViTMAEForPreTraining(hf_peer_config(cfg, cfg.model.size))  # the gpu_check's peer, same shape
 
 
 class Contender:
@@ -113,9 +106,7 @@ class Contender:
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
             self.model.train()
             self.params = count_params(model)
-            mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-            std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-            self.pixels = (images.float() / 255 - mean) / std  # (n, 3, S, S) normalised
+            self.pixels = normalize_on_device(images)  # (n, 3, S, S) float, as our step normalises its input
             self.run = self._hf_step
 
     def _hf_step(self, noise: torch.Tensor) -> None:

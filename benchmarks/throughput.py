@@ -41,6 +41,7 @@ from mae_et.train.run import MIXED_PRECISION  # noqa: E402
 from mae_et.models.flops import mae_train_flops_per_image  # noqa: E402
 from mae_et.train.optim import build_adamw  # noqa: E402
 from mae_et.train.step import TrainStep  # noqa: E402
+from mae_et.models.mae import MODEL_SIZES  # noqa: E402
 
 GPU_ROWS = "base:256:224,192,160,128,96 large:128:224"
 SMOKE_ROWS = "micro:8:48,40,32"
@@ -98,6 +99,19 @@ def build_train_step(cfg, accelerator: Accelerator, sizes: list[int], compile_mo
     return TrainStep(accelerator, model, optimizer, cfg.model.mask_ratio, cfg.curriculum.mode, cfg.optim.clip_grad,
                      compile_mode=compile_mode or cfg.train.compile, sizes=tuple(sizes), compile_backend=compile_backend,
                      decode_fraction=cfg.model.decode_fraction)
+
+
+def hf_peer_config(cfg, model_size: str):
+    """Hugging Face ViTMAE of the same shape as ours (ViT-B/16: 768/12/12/3072, decoder 512/8/16/2048)."""
+    import transformers
+
+    spec, m = MODEL_SIZES[model_size], cfg.model
+    return transformers.ViTMAEConfig(
+        hidden_size=spec["embed_dim"], num_hidden_layers=spec["depth"], num_attention_heads=spec["num_heads"],
+        intermediate_size=4 * spec["embed_dim"], decoder_hidden_size=m.decoder_embed_dim,
+        decoder_num_hidden_layers=m.decoder_depth, decoder_num_attention_heads=m.decoder_num_heads,
+        decoder_intermediate_size=4 * m.decoder_embed_dim, image_size=cfg.data.crop_size, patch_size=m.patch_size,
+        mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, attn_implementation="sdpa")
 
 
 @dataclass
