@@ -338,7 +338,8 @@ def image_flops(cfg, size: int) -> float:
     """Training FLOPs per image at input size B, with the decoder tokens the run really decodes (model.decode_fraction)."""
     m = cfg.model
     return mae_train_flops_per_image(m.size, size, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio,
-                                     decode_fraction=m.decode_fraction)
+                                     decode_fraction=m.decode_fraction, target=m.target,
+                                     hog_cell_size=m.hog_cell_size, hog_bins=m.hog_bins)
 
 
 # ----------------------------------------------------------------------------- machine and clocks
@@ -932,7 +933,8 @@ def stage_rates(results: dict[str, dict[str, dict]], cfg, clock: str) -> list[di
     def flops(share: float, b: int) -> float:
         m = cfg.model
         return mae_train_flops_per_image(m.size, b, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio,
-                                         decode_fraction=share)
+                                         decode_fraction=share, target=m.target, hog_cell_size=m.hog_cell_size,
+                                         hog_bins=m.hog_bins)
 
     out = []
     for share, b in sorted(totals, key=lambda k: (-k[0], k[1])):

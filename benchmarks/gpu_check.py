@@ -28,13 +28,15 @@ when it would not fit, keeping a reserve for the sections after it):
         Peak memory (the row's own: weights, optimizer state, activations) and MFU (`mae_et.models.flops`).
   c     end to end: img/s and data-wait fraction through data.pipeline=memory and device_decode at
         B = 224 and 96 (the fastest step measured at that B), beside that step's figure
+  hog   the HOG target (model.target=hog, its own model: the head differs): ViT-B b256 eager step at B = 224 and
+        96 beside the pixel step of section a, and the target alone on a batch at that B (target <= 5% of the step)
   d     the fractal renderer, batched on the device
   e     training probe: plain MAE and the EfficientTrain curriculum (`et`) for the same images on the
         data, eager: both losses, whether they fall, and the wall-time ratio et / baseline
 
 Targets it reports (never asserts): ViT-B/16 step at 224 >= 2.0x HF in the same run; B=160 / 96
 >= 1.8x / 3.5x our own 224 figure; ViT-L/16 batch 128 at 224 >= 2,600 img/s; end to end >= 90% of
-the step figure at that B; ViT-B batch 256 peak memory at 224 <= 14.4 GiB.
+the step figure at that B; ViT-B batch 256 peak memory at 224 <= 14.4 GiB; the HOG target <= 5% of its step.
 
 The test suite runs the same code on the CPU in seconds (CUDA-only parts say so in the JSON):
 
@@ -121,6 +123,7 @@ class Plan:
     extra_overrides: tuple[str, ...] = ()
     partial_fraction: float = 0.25  # model.decode_fraction of the partial rows (CrossMAE's kept mask ratio)
     partial_sizes: tuple[int, ...] = ()  # B of the main model's eager partial rows
+    hog_sizes: tuple[int, ...] = ()  # B of the main model's eager HOG-target rows
 
 
 GPU_PLAN = Plan(
@@ -133,8 +136,9 @@ GPU_PLAN = Plan(
     fractal_sizes=(64, 224), fractal_batch=256, fractal_seconds=2.0,
     probe_batch=256, probe_epochs=6.0,
     matmul_n=8192,
-    reserve_s={"e2e": 45.0, "fractal": 10.0, "probe": 75.0},
+    reserve_s={"e2e": 45.0, "hog": 20.0, "fractal": 10.0, "probe": 75.0},
     partial_sizes=(224, 96),
+    hog_sizes=(224, 96),
 )
 
 # The same branches on a CPU in seconds: the micro recipe (patch 8, 48-px crops, fp32), a second
@@ -149,10 +153,11 @@ DRY_PLAN = Plan(
     fractal_sizes=(32,), fractal_batch=4, fractal_seconds=0.2,
     probe_batch=16, probe_epochs=1.0,
     matmul_n=256,
-    reserve_s={"e2e": 5.0, "fractal": 1.0, "probe": 10.0},
+    reserve_s={"e2e": 5.0, "hog": 2.0, "fractal": 1.0, "probe": 10.0},
     compile_backend="eager",
     extra_overrides=("curriculum.schedule=none",),
     partial_sizes=(48,),
+    hog_sizes=(48,),
 )
 
 
@@ -171,7 +176,7 @@ class Report:
         self.t0 = time.perf_counter() if t0 is None else t0
         self.budget_s = budget_s
         self.data = {**header, "budget_s": budget_s, "elapsed_s": 0.0, "step": [], "ratios": [], "size_speedups": [],
-                     "e2e": [], "fractal": [], "probe": None, "skipped": [], "failed": [], "targets": []}
+                     "e2e": [], "hog": [], "fractal": [], "probe": None, "skipped": [], "failed": [], "targets": []}
         out.mkdir(parents=True, exist_ok=True)
 
     def elapsed(self) -> float:
@@ -330,10 +335,11 @@ class StepBench:
 
     # -- helpers
 
-    def cfg_for(self, model_size: str, batch: int, partial: bool = False):
+    def cfg_for(self, model_size: str, batch: int, partial: bool = False, hog: bool = False):
         share = [f"model.decode_fraction={self.plan.partial_fraction}"] if partial else []
+        target = ["model.target=hog", "model.norm_pix_loss=false"] if hog else []
         return load_pretrain_config(self.plan.config, [*self.base_overrides, f"model.size={model_size}",
-                                                       f"train.batch_size={batch}", *share])
+                                                       f"train.batch_size={batch}", *share, *target])
 
     def estimate_s(self, model_size: str, batch: int, size: int, cfg, build: bool) -> float:
         """Seconds for one step row: FLOPs at the lowest MFU seen so far (10% before any), plus a model build."""
@@ -544,7 +550,7 @@ def end_to_end_rows(report: Report, plan: Plan, bench: StepBench, data_root: Pat
     if ours is None:
         report.skip("e2e", "all", "the main model's step rows did not run")
         return
-    reserve = plan.reserve_s["fractal"] + plan.reserve_s["probe"]
+    reserve = plan.reserve_s["hog"] + plan.reserve_s["fractal"] + plan.reserve_s["probe"]
     for pipeline in ("memory", "device_decode"):
         cfg = load_pretrain_config(plan.config, [*bench.base_overrides, f"model.size={ours.size}",
                                                  f"train.batch_size={ours.batch}", f"data.root={data_root}",
@@ -570,6 +576,45 @@ def e2e_pipeline(report: Report, plan: Plan, cfg, ours: OurModel, device: torch.
                            "fraction_of_step": img_s / step_img_s if step_img_s else None})
         print(f"e2e {cfg.data.pipeline} B={size} ({step.compile_mode}): {img_s:,.0f} img/s, {100 * wait:.0f}% data wait"
               + (f", {100 * img_s / step_img_s:.0f}% of the step" if step_img_s else ""), flush=True)
+
+
+# ----------------------------------------------------------------------------- the HOG target
+
+
+def hog_rows(report: Report, plan: Plan, bench: StepBench) -> None:
+    """The HOG-target step (impl ours_hog, a model of its own: its head predicts HOG) beside section a's pixel step
+    at the same B, and the HOG target alone on a (batch, 3, B, B) float batch: its share of the HOG step."""
+    model_size, batch, _ = plan.models[0]
+    cfg = bench.cfg_for(model_size, batch, hog=True)
+    pixel = {r["size"]: r for r in report.data["step"] if r["impl"] == "ours" and r["compile"] == "none"
+             and (r["model"], r["batch"]) == (model_size, batch)}
+    reserve = plan.reserve_s["fractal"] + plan.reserve_s["probe"]
+    step = None
+    for size in plan.hog_sizes:
+        item = f"ours_hog {model_size} b{batch} B={size} eager"
+        if not report.fits("hog", item, 2 * bench.estimate_s(model_size, batch, size, cfg, step is None), reserve):
+            continue
+        with report.guard("hog", item, report.left() - reserve):
+            if step is None:
+                step = build_train_step(cfg, bench.accelerator, list(plan.hog_sizes), compile_mode="none")
+            crop = cfg.data.crop_size
+            images = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=bench.device)  # (n, 3, S, S)
+            noise = mask_noise(0, 0, 0, 0, (batch, (size // cfg.model.patch_size) ** 2), bench.device)  # (n, L)
+            timing = time_calls(lambda: step(images, size, noise), plan.steps, plan.warmup, bench.device)
+            row = bench.record("ours_hog", model_size, batch, size, "none", timing, cfg, count_params(step.model))
+            hog = bench.accelerator.unwrap_model(step.model).hog
+            pixels = torch.randn(batch, 3, size, size, device=bench.device)  # (n, 3, B, B): what the loss sees
+            target = time_calls(lambda: hog(pixels), plan.steps, plan.warmup, bench.device)
+            entry = {"model": model_size, "batch": batch, "size": size, "hog_step_ms": row["step_ms"],
+                     "hog_target_ms": 1000 * target.seconds_per_step,
+                     "target_share": target.seconds_per_step / timing.seconds_per_step,
+                     "pixel_step_ms": pixel[size]["step_ms"] if size in pixel else None}
+            entry["hog_over_pixel_step"] = entry["hog_step_ms"] / entry["pixel_step_ms"] if entry["pixel_step_ms"] else None
+            report.add("hog", entry)
+            print(f"hog B={size}: target {entry['hog_target_ms']:.2f} ms = {100 * entry['target_share']:.1f}% of the HOG "
+                  f"step ({entry['hog_step_ms']:.1f} ms)", flush=True)
+    del step
+    free_memory()
 
 
 # ----------------------------------------------------------------------------- section d: fractals
@@ -710,6 +755,9 @@ def targets(data: dict, plan: Plan, crop: int) -> list[dict]:
         l_size, l_batch, _ = plan.models[1]
         r = best(l_size, l_batch, crop)
         add(f"{l_size} b{l_batch} B={crop} img/s", r["img_s"] if r else None, ">= 2600", r is not None and r["img_s"] >= 2600)
+    for h in data["hog"]:
+        add(f"{h['model']} b{h['batch']} B={h['size']}: HOG target / HOG step", h["target_share"], "<= 0.05",
+            h["target_share"] <= 0.05)
     for e in data["e2e"]:
         v = e["fraction_of_step"]
         add(f"end to end {e['pipeline']} B={e['size']} / step", v, ">= 0.90", v is not None and v >= 0.9)
@@ -767,6 +815,11 @@ def markdown(d: dict) -> str:
     lines += table("End to end", ("pipeline", "B", "step", "img/s", "data wait", "x step"),
                    [[r["pipeline"], r["size"], r["compile"], fmt(r["img_s"]), f"{100 * r['data_wait']:.0f}%",
                      fmt(r["fraction_of_step"], ".2f")] for r in d["e2e"]])
+    lines += table("HOG target (model.target=hog), eager", ("model", "batch", "B", "HOG step ms", "target ms",
+                                                           "target / HOG step", "pixel step ms", "HOG / pixel step"),
+                   [[r["model"], r["batch"], r["size"], f"{r['hog_step_ms']:.1f}", f"{r['hog_target_ms']:.2f}",
+                     f"{100 * r['target_share']:.1f}%", fmt(r["pixel_step_ms"], ".1f"), fmt(r["hog_over_pixel_step"], ".3f")]
+                    for r in d.get("hog", [])])
     lines += table("Fractal renderer, batched", ("B", "batch", "device", "img/s"),
                    [[r["size"], r["batch"], r["device"], fmt(r["img_s"])] for r in d["fractal"]])
     runs = d["probe"]["runs"] if d["probe"] else {}
@@ -798,7 +851,7 @@ def parse_args(argv):
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled rows")
     parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: the matmul measured here)")
     parser.add_argument("--dry-run", action="store_true", help="the same branches on any device, tiny (CI)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "compile", "large", "e2e", "fractal", "probe"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "compile", "large", "e2e", "hog", "fractal", "probe"],
                         help="sections to leave out (recorded as skipped)")
     return parser.parse_args(argv)
 
@@ -872,6 +925,7 @@ def main(argv=None) -> dict:
         data_root = resolve_data(args, plan, Path(tmp)) if {"e2e", "probe"} - set(args.skip) else None
         report.data["data"] = str(data_root)
         section(report, args, "e2e", functools.partial(end_to_end_rows, report, plan, bench, data_root))
+        section(report, args, "hog", functools.partial(hog_rows, report, plan, bench))
         bench.drop(0)
         del bench  # its Accelerator holds every model it prepared
         torch._dynamo.reset()  # and the compiled graphs theirs

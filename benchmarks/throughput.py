@@ -151,7 +151,8 @@ def step_flops(cfg, model_size: str, size: int) -> float:
     """Training FLOPs per image at input size B (matrix multiplies only)."""
     m = cfg.model
     return mae_train_flops_per_image(model_size, size, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio,
-                                     decode_fraction=m.decode_fraction)
+                                     decode_fraction=m.decode_fraction, target=m.target,
+                                     hog_cell_size=m.hog_cell_size, hog_bins=m.hog_bins)
 
 
 def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype) -> float:

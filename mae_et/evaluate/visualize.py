@@ -1,4 +1,5 @@
-"""Reconstruction figures for a MAE: original | masked | reconstruction | reconstruction + visible.
+"""Reconstruction figures for a MAE: original | masked | reconstruction | reconstruction + visible (a HOG-target
+MAE reconstructs no pixels: original | masked | predicted HOG | target HOG, as orientation glyphs per cell).
 
 From the command line, for a run folder (its latest checkpoint) or one checkpoint folder:
 
@@ -160,7 +161,8 @@ class _OneLineParser(argparse.ArgumentParser):
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _OneLineParser(
         prog="python -m mae_et.evaluate.visualize",
-        description="Reconstruction grid of a pretrained MAE: original | masked | reconstruction | reconstruction + visible.",
+        description="Reconstruction grid of a pretrained MAE: original | masked | reconstruction | reconstruction + visible "
+                    "(HOG target: original | masked | predicted HOG | target HOG).",
     )
     parser.add_argument("checkpoint", help="run folder (latest checkpoint) or a checkpoints/step_* folder")
     parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
@@ -206,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ckpt_lib.CheckpointError, ConfigError, DataError, FileError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {args.out}: {len(paths)} images at B={size}, mask ratio {args.mask_ratio}")
+    panels = "predicted HOG | target HOG" if model.hog is not None else "reconstruction | reconstruction + visible"
+    print(f"wrote {args.out}: {len(paths)} images at B={size}, mask ratio {args.mask_ratio} (original | masked | {panels})")
 
 
 if __name__ == "__main__":

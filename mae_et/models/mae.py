@@ -20,6 +20,8 @@ from einops import rearrange
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from mae_et.models.hog import HOG_BINS, HOG_CELL_SIZE, HOGTarget
+
 __all__ = [
     "MODEL_SIZES",
     "MAEOutput",
@@ -41,6 +43,8 @@ MODEL_SIZES: dict[str, dict] = {
 }
 
 POS_EMBED_MODES = ("grid", "extent")
+# what the decoder predicts per patch: its pixels (MAE) or its histograms of oriented gradients (MaskFeat)
+TARGETS = ("pixel", "hog")
 
 
 def decoded_count(num_patches: int, mask_ratio: float, decode_fraction: float = 1.0) -> tuple[int, int]:
@@ -112,7 +116,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Tr
 @dataclass
 class MAEOutput:
     loss: torch.Tensor  # () scalar
-    pred: torch.Tensor  # (N, L, p*p*C); under partial reconstruction, zero rows where the decoder did not run
+    pred: torch.Tensor  # (N, L, T), T = target_dim (pixels or HOG); under partial reconstruction, zero rows where the decoder did not run
     mask: torch.Tensor  # (N, L), 1 = masked/removed, 0 = kept
     ids_restore: torch.Tensor  # (N, L)
     scored: torch.Tensor | None = None  # (N, L), 1 = reconstructed and in the loss; None = every masked patch
@@ -135,6 +139,9 @@ class MaskedAutoencoderViT(nn.Module):
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
         pos_embed: str = "grid",
+        target: str = "pixel",
+        hog_cell_size: int = HOG_CELL_SIZE,
+        hog_bins: int = HOG_BINS,
     ) -> None:
         super().__init__()
         if img_size % patch_size != 0:
@@ -144,6 +151,16 @@ class MaskedAutoencoderViT(nn.Module):
         # grid: positions 0..g-1 at every input size (the reference); extent: positions spread over the
         # img_size grid, so a smaller input B (g < G patches) keeps each location's code (fractional positions)
         self.pos_embed_mode = pos_embed
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        if target == "hog" and norm_pix_loss:
+            raise ValueError("norm_pix_loss normalises pixel patches and a HOG target has none (its cells are "
+                             "L2-normalised already): pass norm_pix_loss=False with target='hog'")
+        self.target = target
+        # the fixed HOG filters (no parameters, nothing in the state dict); None for the pixel target
+        self.hog = HOGTarget(patch_size, hog_cell_size, hog_bins, in_chans) if target == "hog" else None
+        # values the decoder predicts per patch: p*p*C pixels, or (p/cell)^2 * C * bins HOG values
+        self.target_dim = patch_size * patch_size * in_chans if self.hog is None else self.hog.dim
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -171,7 +188,7 @@ class MaskedAutoencoderViT(nn.Module):
             ]
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans, bias=True)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.target_dim, bias=True)
 
         # Plain dict, not buffers: the tables are derived data and must stay out of the state dict.
         self._pos_cache: dict[tuple, torch.Tensor] = {}
@@ -298,7 +315,8 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_decoder(
         self, latent: torch.Tensor, ids_restore: torch.Tensor, ids_decode: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Decode the visible tokens plus mask tokens; (N, L, p*p*C) in patch order, or (N, K, p*p*C).
+        """Decode the visible tokens plus mask tokens; (N, L, T) in patch order, or (N, K, T), T = target_dim
+        (p*p*C pixels, or the HOG vector).
 
         ids_decode (N, K): the patches to decode, ascending patch indices, the visible ones among them
         (`decode_ids`). None decodes all L patches, as the reference does.
@@ -325,8 +343,8 @@ class MaskedAutoencoderViT(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x)  # (N, 1+K, Dd)
         x = self.decoder_norm(x)  # (N, 1+K, Dd)
-        x = self.decoder_pred(x)  # (N, 1+K, p*p*C)
-        return x[:, 1:, :]  # (N, K, p*p*C)
+        x = self.decoder_pred(x)  # (N, 1+K, T)
+        return x[:, 1:, :]  # (N, K, T)
 
     @staticmethod
     def decode_ids(ids_restore: torch.Tensor, len_keep: int, len_decode: int) -> torch.Tensor:
@@ -335,25 +353,32 @@ class MaskedAutoencoderViT(nn.Module):
         ids_shuffle = torch.argsort(ids_restore, dim=1)  # (N, L), the inverse permutation
         return ids_shuffle[:, : len_keep + len_decode].sort(dim=1).values  # (N, K)
 
+    def target_of(self, imgs: torch.Tensor) -> torch.Tensor:
+        """What the decoder is asked for, per patch, in float32: pixels (N, L, p*p*C) or HOG (N, L, hog dim).
+        norm_pix_loss's per-patch normalisation is applied in the loss, not here."""
+        if self.hog is not None:
+            return self.hog(imgs)  # (N, L, T), computed on the image the model sees
+        return self.patchify(imgs.float())  # (N, L, p*p*C)
+
     def forward_loss(
         self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, ids_decode: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Mean squared error over the masked patches the decoder reconstructed, always in float32.
 
-        pred (N, L, p*p*C), or (N, K, p*p*C) at the patches ids_decode (N, K) names.
+        pred (N, L, T), or (N, K, T) at the patches ids_decode (N, K) names; T = target_dim.
         """
         # Autocast off so sub/pow/mean/var are not run in half precision.
         with torch.autocast(device_type=imgs.device.type, enabled=False):
-            target = self.patchify(imgs.float())  # (N, L, p*p*C)
+            target = self.target_of(imgs)  # (N, L, T)
             mask = mask.float()  # (N, L)
             if ids_decode is not None:
-                target = torch.gather(target, 1, ids_decode.unsqueeze(-1).expand(-1, -1, target.shape[-1]))  # (N, K, ppC)
+                target = torch.gather(target, 1, ids_decode.unsqueeze(-1).expand(-1, -1, target.shape[-1]))  # (N, K, T)
                 mask = torch.gather(mask, 1, ids_decode)  # (N, K): 0 for the visible patches among them
             if self.norm_pix_loss:
                 mean = target.mean(dim=-1, keepdim=True)  # (N, L|K, 1)
                 var = target.var(dim=-1, keepdim=True)  # (N, L|K, 1), unbiased like the reference
                 target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5  # (N, L|K, p*p*C)
-            loss = (pred.float() - target) ** 2  # (N, L|K, p*p*C)
+            loss = (pred.float() - target) ** 2  # (N, L|K, T)
             loss = loss.mean(dim=-1)  # (N, L|K)
             return (loss * mask).sum() / mask.sum()  # ()
 
@@ -374,14 +399,14 @@ class MaskedAutoencoderViT(nn.Module):
         num_patches = ids_restore.shape[1]
         len_keep, len_decode = decoded_count(num_patches, mask_ratio, decode_fraction)
         if len_keep + len_decode == num_patches:  # every masked patch: the reference decoder, bit for bit
-            pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
+            pred = self.forward_decoder(latent, ids_restore)  # (N, L, T)
             loss = self.forward_loss(imgs, pred, mask)  # ()
             return MAEOutput(loss=loss, pred=pred, mask=mask, ids_restore=ids_restore)
         ids_decode = self.decode_ids(ids_restore, len_keep, len_decode)  # (N, K)
-        pred = self.forward_decoder(latent, ids_restore, ids_decode)  # (N, K, p*p*C)
+        pred = self.forward_decoder(latent, ids_restore, ids_decode)  # (N, K, T)
         loss = self.forward_loss(imgs, pred, mask, ids_decode)  # ()
-        index = ids_decode.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # (N, K, p*p*C)
-        pred_full = pred.new_zeros(pred.shape[0], num_patches, pred.shape[-1]).scatter(1, index, pred)  # (N, L, ppC)
+        index = ids_decode.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # (N, K, T)
+        pred_full = pred.new_zeros(pred.shape[0], num_patches, pred.shape[-1]).scatter(1, index, pred)  # (N, L, T)
         scored = torch.zeros_like(mask).scatter(1, ids_decode, 1.0) * mask  # (N, L)
         return MAEOutput(loss=loss, pred=pred_full, mask=mask, ids_restore=ids_restore, scored=scored)
 

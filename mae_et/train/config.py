@@ -59,6 +59,11 @@ class ModelConfig:
     # masked ones by the mask's own noise; 1.0 (or >= mask_ratio) = every masked patch, the reference. The weights
     # do not change, and reconstructions shown to people (monitor, visualize) always decode every masked patch.
     decode_fraction: Annotated[float, Check(gt=0, le=1)] = 1.0
+    # what the decoder predicts per masked patch: pixel (MAE) | hog (MaskFeat's histograms of oriented gradients,
+    # EfficientTrain++'s published MAE recipe). hog needs norm_pix_loss: false (its cells are L2-normalised)
+    target: Annotated[str, one_of("pixel", "hog")] = "pixel"
+    hog_cell_size: PositiveInt = 8  # hog: cell side in px (MaskFeat: 8, i.e. 2 x 2 cells per 16-px patch); divides patch_size
+    hog_bins: Annotated[int, Check(ge=2)] = 9  # hog: unsigned orientation bins over 180 degrees (MaskFeat: 9)
 
 
 @dataclass
@@ -207,6 +212,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     if m.size not in MODEL_SIZES:
         raise ConfigError(f"model.size '{m.size}' is unknown; choose one of {', '.join(MODEL_SIZES)}")
     check_heads(m.size, m.decoder_embed_dim, m.decoder_num_heads, MODEL_SIZES)
+    check_target(m)
     if d.crop_size % m.patch_size != 0:
         raise ConfigError(
             f"data.crop_size {d.crop_size} is not a multiple of model.patch_size {m.patch_size}; "
@@ -253,6 +259,19 @@ def check_heads(size: str, decoder_dim: int, decoder_heads: int, sizes: dict[str
         divisors = [h for h in range(1, min(decoder_dim, 32) + 1) if decoder_dim % h == 0]
         raise ConfigError(f"model.decoder_embed_dim {decoder_dim} does not divide into model.decoder_num_heads "
                           f"{decoder_heads} heads; use one of {', '.join(map(str, divisors[-6:]))} heads, or another width")
+
+
+def check_target(m: ModelConfig) -> None:
+    """The HOG target's cells tile each patch, and it has no pixels for norm_pix_loss to normalise."""
+    if m.target != "hog":
+        return
+    if m.norm_pix_loss:
+        raise ConfigError("model.norm_pix_loss=true normalises pixel patches and model.target=hog has none (its cells "
+                          "are L2-normalised already); add model.norm_pix_loss=false")
+    if m.patch_size % m.hog_cell_size != 0:
+        divisors = [c for c in range(1, m.patch_size + 1) if m.patch_size % c == 0]
+        raise ConfigError(f"model.hog_cell_size {m.hog_cell_size} does not divide model.patch_size {m.patch_size}; use one "
+                          f"of {', '.join(map(str, divisors))}")
 
 
 def check_masking(mask_ratio: float, sizes: list[int], patch_size: int) -> None:

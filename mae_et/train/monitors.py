@@ -10,7 +10,8 @@ training, hence the online monitor. Hand-written (about 60 lines) because the li
 (scikit-learn, faiss) weight by distance, not by this temperature kernel; see docs/libraries.md.
 
 Reconstruction grid: original | masked | reconstruction | reconstruction with the visible patches pasted back,
-per image; norm-pix predictions are un-normalised per patch with the target's own statistics, so they read.
+per image; norm-pix predictions are un-normalised per patch with the target's own statistics, so they read. A HOG
+target (model.target=hog) reconstructs no pixels: its grid is original | masked | predicted HOG | target HOG.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from mae_et.data.folder import IMAGENET_MEAN, IMAGENET_STD, DataError, normalize
 from mae_et.data.fractal import FractalDataset
 from mae_et.data.labelled import build_eval_loader
 from mae_et.data.sources import data_dir
+from mae_et.models.hog import hog_glyphs
 from mae_et.models.mae import NORM_PIX_EPS, MaskedAutoencoderViT
 from mae_et.models.vit import FEATURE_POOLS, pool_tokens
 from mae_et.notices import progress
@@ -251,7 +253,9 @@ def reconstruction_grid(
 ) -> torch.Tensor:
     """uint8 (3, H_grid, W_grid): one row per image, 4 panels each, at any input side B.
 
-    ``imgs`` (N, 3, B, B) are normalised with (mean, std) per channel, as the model sees them.
+    ``imgs`` (N, 3, B, B) are normalised with (mean, std) per channel, as the model sees them. Pixel target:
+    original | masked | reconstruction | reconstruction + visible. HOG target (it reconstructs no pixels):
+    original | masked | predicted HOG | the target's HOG, as orientation glyphs per cell (`hog_glyphs`).
     """
     was_training = model.training
     model.eval()
@@ -262,6 +266,20 @@ def reconstruction_grid(
         model.train(was_training)
 
     grid_side = imgs.shape[-1] // model.patch_size
+    m = _channel_stats(mean, imgs)  # (1, 3, 1, 1)
+    s = _channel_stats(std, imgs)  # (1, 3, 1, 1)
+    original = imgs * s + m  # (N, 3, B, B) in pixel space
+    patch_mask = out.mask.float().unsqueeze(-1).expand(-1, -1, model.patch_size**2 * 3)  # (N, L, p*p*3)
+    mask = model.unpatchify(patch_mask, grid_side)  # (N, 3, B, B), 1 = removed
+    masked_input = original * (1 - mask) + _MASK_GREY * mask  # (N, 3, B, B)
+    if model.hog is not None:
+        h = model.hog
+        # one brightness scale for prediction and target, so the two panels compare
+        both = hog_glyphs(torch.cat([out.pred.float(), model.target_of(imgs)]), grid_side, h.patch_size, h.cell_size,
+                          h.bins).expand(-1, 3, -1, -1)  # (2N, 3, B, B)
+        panels = torch.stack([original, masked_input, both[: len(imgs)], both[len(imgs):]], dim=1)  # (N, 4, 3, B, B)
+        return _panel_grid(panels)
+
     pred = out.pred.float()  # (N, L, p*p*3)
     if model.norm_pix_loss:
         # The decoder predicts each patch normalised by its OWN statistics; undo that with
@@ -270,20 +288,14 @@ def reconstruction_grid(
         t_mean = target.mean(dim=-1, keepdim=True)  # (N, L, 1)
         t_var = target.var(dim=-1, keepdim=True)  # (N, L, 1)
         pred = pred * (t_var + NORM_PIX_EPS) ** 0.5 + t_mean  # (N, L, p*p*3)
-    recon = model.unpatchify(pred, grid_side)  # (N, 3, B, B)
-
-    # Per-pixel mask: broadcast each patch's 0/1 over its p*p*3 values, then unpatchify.
-    mask = out.mask.float().unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # (N, L, p*p*3)
-    mask = model.unpatchify(mask, grid_side)  # (N, 3, B, B), 1 = removed
-
-    m = _channel_stats(mean, imgs)  # (1, 3, 1, 1)
-    s = _channel_stats(std, imgs)  # (1, 3, 1, 1)
-    original = imgs * s + m  # (N, 3, B, B) in pixel space
-    recon = recon * s + m  # (N, 3, B, B)
-    masked_input = original * (1 - mask) + _MASK_GREY * mask  # (N, 3, B, B)
+    recon = model.unpatchify(pred, grid_side) * s + m  # (N, 3, B, B) in pixel space
     pasted = original * (1 - mask) + recon * mask  # (N, 3, B, B)
-
     panels = torch.stack([original, masked_input, recon, pasted], dim=1)  # (N, 4, 3, B, B)
+    return _panel_grid(panels)
+
+
+def _panel_grid(panels: torch.Tensor) -> torch.Tensor:
+    """(N, 4, 3, B, B) in [0, 1] -> uint8 (3, H_grid, W_grid), one row per image."""
     panels = panels.flatten(0, 1).clamp(0.0, 1.0)  # (4N, 3, B, B), row-major: image by image
     grid = make_grid(panels.cpu(), nrow=_PANELS, padding=_PADDING)  # (3, H_grid, W_grid)
     return (grid * 255.0).round().clamp(0, 255).to(torch.uint8)  # (3, H_grid, W_grid)
@@ -367,7 +379,8 @@ def fractal_knn_loaders(cfg: PretrainConfig) -> tuple[DataLoader, DataLoader]:
 
 
 def log_reconstructions(model, dataset, cfg, size, run_dir, tracker, step, device, main) -> None:
-    """A grid (original | masked | reconstruction | reconstruction + visible) of fixed images at size B."""
+    """A grid (original | masked | reconstruction | reconstruction + visible; HOG: predicted | target HOG) of fixed
+    images at size B."""
     if not main:
         return
     n = min(cfg.tracking.recon_images, len(dataset))

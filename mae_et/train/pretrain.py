@@ -300,6 +300,9 @@ def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
         decoder_num_heads=m.decoder_num_heads,
         norm_pix_loss=m.norm_pix_loss,
         pos_embed=m.pos_embed,
+        target=m.target,
+        hog_cell_size=m.hog_cell_size,
+        hog_bins=m.hog_bins,
     )
 
 

@@ -168,6 +168,25 @@ def test_end_to_end_rows_for_both_fast_pipelines(dry, gc):
         assert r["step_img_s"] == step["img_s"]  # beside the step that ran it
 
 
+def test_hog_rows_beside_the_pixel_step(dry, gc):
+    """The HOG-target step (its own model, head 27 wide at patch 8) at the plan's HOG sizes, the target alone, its
+    share of the step and the ratio to section a's pixel step at the same B, with a target line each."""
+    result, out = dry
+    model, batch, _ = gc.DRY_PLAN.models[0]
+    rows = result["hog"]
+    assert [r["size"] for r in rows] == list(gc.DRY_PLAN.hog_sizes)
+    for r in rows:
+        step = step_rows(result, impl="ours_hog", size=r["size"])[0]
+        pixel = step_rows(result, impl="ours", compile="none", model=model, batch=batch, size=r["size"])[0]
+        assert r["hog_step_ms"] == step["step_ms"] and r["pixel_step_ms"] == pixel["step_ms"]
+        assert r["hog_over_pixel_step"] == pytest.approx(step["step_ms"] / pixel["step_ms"])
+        assert r["target_share"] == pytest.approx(r["hog_target_ms"] / r["hog_step_ms"]) and r["hog_target_ms"] > 0
+        assert step["gflop_per_image"] < pixel["gflop_per_image"]  # the head predicts 27 values, not 192
+        target = next(t for t in result["targets"] if t["target"].endswith(f"B={r['size']}: HOG target / HOG step"))
+        assert target["measured"] == r["target_share"] and target["met"] == (r["target_share"] <= 0.05)
+    assert "## HOG target (model.target=hog), eager" in (out / "gpu_check.md").read_text()
+
+
 def test_fractal_rows(dry, gc):
     result, _ = dry
     assert [r["size"] for r in result["fractal"]] == list(gc.DRY_PLAN.fractal_sizes)
@@ -204,10 +223,10 @@ def test_dry_run_is_seconds(dry):
 
 def test_a_spent_budget_skips_every_section_with_its_reason(tmp_path, mini_root):
     result = run_check(["--dry-run", "--data", str(mini_root), "--out", str(tmp_path), "--budget-s", "0"])
-    assert result["step"] == result["e2e"] == result["fractal"] == [] and result["probe"] is None
+    assert result["step"] == result["e2e"] == result["hog"] == result["fractal"] == [] and result["probe"] is None
     skipped = result["skipped"]
     sections = {s["section"] for s in skipped}
-    assert {"step", "e2e", "fractal", "probe"} <= sections
+    assert {"step", "e2e", "hog", "fractal", "probe"} <= sections
     allowed = ("budget", "CUDA only", "did not run", "transformers is not installed")
     assert all(any(a in s["reason"] for a in allowed) for s in skipped)
     assert json.loads((tmp_path / "gpu_check.json").read_text())["skipped"] == skipped

@@ -1,0 +1,172 @@
+"""What the HOG target (model.target=hog) costs per training step, on this CPU.
+
+    python benchmarks/hog_cost.py --out benchmarks/results/hog_cost
+
+One process alternates, round after round (the order rotates each round), three timed runs of a few steps each:
+the training loop's own step (`mae_et.train.step.TrainStep`) with the pixel target (norm-pix), the same step with
+the HOG target, and the HOG target alone (`HOGTarget` on the step's normalised batch, what the HOG step adds in its
+loss). Medians over rounds of process CPU time (user + system) and wall time per step; the figures: HOG target /
+HOG step (target <= 5%, issue 20) and HOG step / pixel step (the head shrinks from p*p*3 to (p/8)^2 * 27 values,
+so the step may even get cheaper). Same model, batch, fp32, fused AdamW, grad clip 1.0, mask noise.
+
+Rows: the CPU study's ViT-Tiny/8 at 64 px (decoder 128 x 2, batch 128) and ViT-S/16 at 224 with MAE's 512 x 8
+decoder (batch 16). One intra-op thread by default, as peer_cpu.py and the study (CPU time stays honest beside
+other work). Writes <out>/hog_cost.json (every timed run, medians, ratios, load average) and hog_cost.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+from peer_cpu import ROWS, RowSpec  # noqa: E402
+from throughput import build_train_step, fresh_accelerator  # noqa: E402
+
+from mae_et.data.folder import normalize_on_device  # noqa: E402
+from mae_et.files import FileError, check_output_folder, write_text_atomic  # noqa: E402
+from mae_et.train.config import load_pretrain_config  # noqa: E402
+from mae_et.train.pretrain import mask_noise  # noqa: E402
+
+RECIPE = REPO / "configs" / "pretrain" / "mae_vit-base-p16_baseline_800e_imagenet.yaml"
+CLIP = 1.0
+MAX_TARGET_SHARE = 0.05  # issue 20: the HOG target at most 5% of the step
+CONTENDERS = ("pixel_step", "hog_step", "hog_target")
+
+
+def row_config(row: RowSpec, target: str):
+    width, depth, heads = row.decoder
+    return load_pretrain_config(RECIPE, [
+        f"model.size={row.size}", f"model.patch_size={row.patch}", f"model.decoder_embed_dim={width}",
+        f"model.decoder_depth={depth}", f"model.decoder_num_heads={heads}", f"model.target={target}",
+        f"model.norm_pix_loss={'true' if target == 'pixel' else 'false'}", f"data.crop_size={row.img}",
+        f"train.batch_size={row.batch}", "train.accum_steps=1", "train.precision=fp32", "train.compile=none",
+        f"optim.clip_grad={CLIP}", "data.source=fractal",  # no files are read: the recipe's folder need not exist
+    ])
+
+
+class Contender:
+    def __init__(self, name: str, row: RowSpec):
+        self.name, self.row = name, row
+        self.grid = (row.img // row.patch) ** 2
+        self.images = torch.randint(0, 256, (row.batch, 3, row.img, row.img), dtype=torch.uint8,
+                                    generator=torch.Generator().manual_seed(0))  # (n, 3, S, S)
+        step = build_train_step(row_config(row, "pixel" if name == "pixel_step" else "hog"), fresh_accelerator("fp32"),
+                                [row.img])
+        if name == "hog_target":
+            hog = step.accelerator.unwrap_model(step.model).hog
+            pixels = normalize_on_device(self.images)  # (n, 3, S, S) float: what the step's loss sees
+            self.run = lambda noise: hog(pixels)
+        else:
+            self.run = lambda noise: step(self.images, row.img, noise)
+
+    def noise(self, i: int) -> torch.Tensor:
+        return mask_noise(0, i, 0, 0, (self.row.batch, self.grid), torch.device("cpu"))  # (n, L)
+
+    def timed(self, first_step: int, steps: int) -> dict[str, float]:
+        noises = [self.noise(first_step + i) for i in range(steps)]
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        for noise in noises:
+            self.run(noise)
+        return {"wall_s": (time.perf_counter() - wall0) / steps, "cpu_s": (time.process_time() - cpu0) / steps}
+
+
+def bench_row(row: RowSpec, rounds: int, warmup: int) -> dict:
+    contenders = [Contender(name, row) for name in CONTENDERS]
+    for c in contenders:
+        for i in range(warmup):
+            c.run(c.noise(10_000 + i))
+    runs: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
+    for r in range(rounds):
+        order = contenders[r % 3:] + contenders[: r % 3]
+        for c in order:
+            runs[c.name].append(c.timed(r * row.steps, row.steps))
+        print(f"  {row.name} round {r + 1}/{rounds}: " + ", ".join(
+            f"{name} {runs[name][-1]['cpu_s']:.4f} CPU-s/step" for name in runs), flush=True)
+    med = {name: {clock: statistics.median(x[clock] for x in rs) for clock in ("cpu_s", "wall_s")} for name, rs in runs.items()}
+    ratios = {clock: {"hog_target_over_hog_step": med["hog_target"][clock] / med["hog_step"][clock],
+                      "hog_step_over_pixel_step": med["hog_step"][clock] / med["pixel_step"][clock]}
+              for clock in ("cpu_s", "wall_s")}
+    return {"row": row.__dict__, "rounds": rounds, "runs": runs, "median": med, "ratios": ratios}
+
+
+def verdicts(rows: dict[str, dict]) -> list[str]:
+    lines = []
+    for name, r in rows.items():
+        share = r["ratios"]["cpu_s"]["hog_target_over_hog_step"]
+        lines.append(f"{name}: the HOG target is {100 * share:.2f}% of the HOG step's CPU time (target <= "
+                     f"{100 * MAX_TARGET_SHARE:.0f}%): {'PASS' if share <= MAX_TARGET_SHARE else 'FAIL'}; HOG step / pixel step "
+                     f"{r['ratios']['cpu_s']['hog_step_over_pixel_step']:.3f}")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    lines = [f"HOG target cost, {result['device']}, {result['threads']} thread(s), torch {result['torch']}; medians of "
+             f"{result['rounds']} alternating rounds; per training step (fp32, fused AdamW, grad clip 1.0)", "",
+             "| row | batch | pixel step CPU s | HOG step CPU s | HOG target CPU s | target / HOG step | HOG / pixel step | "
+             "(wall) target / HOG step |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in result["rows"].items():
+        m, q = r["median"], r["ratios"]
+        lines.append(f"| {name} | {r['row']['batch']} | {m['pixel_step']['cpu_s']:.3f} | {m['hog_step']['cpu_s']:.3f} | "
+                     f"{m['hog_target']['cpu_s']:.4f} | {100 * q['cpu_s']['hog_target_over_hog_step']:.2f}% | "
+                     f"{q['cpu_s']['hog_step_over_pixel_step']:.3f} | {100 * q['wall_s']['hog_target_over_hog_step']:.2f}% |")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in result["verdicts"]) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=["vit-t8_64px", "vit-s16_224px"], choices=sorted(ROWS))
+    parser.add_argument("--rounds", type=int, default=7, help="alternating timed runs per contender (at least 5 for a figure)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: see the docstring)")
+    parser.add_argument("--out", default=str(REPO / "runs" / "hog_cost"), help="folder for hog_cost.json and hog_cost.md")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.threads < 1 or args.warmup < 0:
+        raise SystemExit("--rounds and --threads must be >= 1 and --warmup >= 0")
+    out = Path(args.out)
+    try:
+        check_output_folder(out, flag="--out")
+        if (out / "hog_cost.json").exists() and not args.overwrite:
+            raise FileError(f"--out {out} already holds hog_cost.json; pass --overwrite to replace it, or another --out")
+    except FileError as e:
+        raise SystemExit(str(e)) from None
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    load_before = os.getloadavg()
+    rows = {}
+    for name in args.rows:
+        print(f"row {name}: {ROWS[name]}", flush=True)
+        rows[name] = bench_row(ROWS[name], args.rounds, args.warmup)
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "threads": args.threads,
+        "torch": torch.__version__,
+        "command": "python benchmarks/hog_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "load_average_before_after": [load_before, os.getloadavg()], "rounds": args.rounds,
+        "max_target_share": MAX_TARGET_SHARE, "rows": rows,
+    }
+    result["verdicts"] = verdicts(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "hog_cost.json", json.dumps(result, indent=2))
+    table = markdown(result)
+    write_text_atomic(out / "hog_cost.md", table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
