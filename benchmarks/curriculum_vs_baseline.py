@@ -475,7 +475,7 @@ def read_pretrain_run(run_dir: Path, cfg, process_s: float) -> dict[str, Any]:
     flops = train_flops(cfg, plan)
     return {
         "run_dir": repo_relative(run_dir), "schedule": cfg.curriculum.schedule, "epochs": cfg.train.epochs,
-        "decode_fraction": cfg.model.decode_fraction, "pos_embed": cfg.model.pos_embed,
+        "decode_fraction": cfg.model.decode_fraction, "pos_embed": cfg.model.pos_embed, "target": cfg.model.target,
         "steps": steps, "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "epochs_of_images": epochs_seen,
         "wall_s": wall, "cpu_s": cpu, "process_s": process_s, "s_per_epoch": wall / epochs_seen,
         "images_per_sec": steps * global_batch / wall,
@@ -914,46 +914,48 @@ def size_table(summary: dict[str, dict], sizes: list[int], train_size: int) -> s
 
 
 def stage_rates(results: dict[str, dict[str, dict]], cfg, clock: str) -> list[dict[str, Any]]:
-    """Per decoder share and input size B, over every run and seed that trained so: images per second on the clock,
-    against the full size's at the same share, beside the ratio of FLOPs per image (the decoder tokens really decoded).
-    Where the measured gain falls short of the FLOP ratio, the small sizes run less efficiently on this device (launch
-    overhead, small matrices): the diagnosis of a speed-up below plan, measured rather than assumed."""
+    """Per decoder share, target and input size B, over every run and seed that trained so: images per second on the
+    clock, against the full size's at the same share and target, beside the ratio of FLOPs per image (the decoder
+    tokens really decoded, the head's width). Where the measured gain falls short of the FLOP ratio, the small sizes
+    run less efficiently on this device (launch overhead, small matrices): the diagnosis of a speed-up below plan,
+    measured rather than assumed."""
     key = "seconds" if clock == "wall" else "cpu_seconds"
-    totals: dict[tuple[float, int], list[float]] = {}
+    totals: dict[tuple[float, str, int], list[float]] = {}
     for row, seeds in results.items():
         for r in seeds.values():
-            share = float(r.get("decode_fraction", 1.0))  # records of the first edition: every masked patch
+            # records of the first edition: every masked patch, pixels
+            kind = (float(r.get("decode_fraction", 1.0)), r.get("target", "pixel"))
             for st in r.get("stages", []):
-                t = totals.setdefault((share, st["size"]), [0.0, 0.0])
+                t = totals.setdefault((*kind, st["size"]), [0.0, 0.0])
                 t[0] += st["steps"] * r["global_batch"]
                 t[1] += st[key]
     if not totals:
         return []
 
-    def flops(share: float, b: int) -> float:
+    def flops(share: float, target: str, b: int) -> float:
         m = cfg.model
         return mae_train_flops_per_image(m.size, b, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio,
-                                         decode_fraction=share, target=m.target, hog_cell_size=m.hog_cell_size,
+                                         decode_fraction=share, target=target, hog_cell_size=m.hog_cell_size,
                                          hog_bins=m.hog_bins)
 
     out = []
-    for share, b in sorted(totals, key=lambda k: (-k[0], k[1])):
-        full = max(size for sh, size in totals if sh == share)
-        n, t = totals[(share, b)]
-        rate, full_rate = n / t, totals[(share, full)][0] / totals[(share, full)][1]
-        flop_ratio = flops(share, full) / flops(share, b)
-        out.append({"decode_fraction": share, "size": b, "images": n, "seconds": t, "images_per_s": rate,
-                    "gain": rate / full_rate, "flop_ratio": flop_ratio, "efficiency": rate / full_rate / flop_ratio,
-                    "gflop_per_image": flops(share, b) / 1e9})
+    for share, target, b in sorted(totals, key=lambda k: (-k[0], k[1], k[2])):
+        full = max(size for sh, tg, size in totals if (sh, tg) == (share, target))
+        n, t = totals[(share, target, b)]
+        rate, full_rate = n / t, totals[(share, target, full)][0] / totals[(share, target, full)][1]
+        flop_ratio = flops(share, target, full) / flops(share, target, b)
+        out.append({"decode_fraction": share, "target": target, "size": b, "images": n, "seconds": t,
+                    "images_per_s": rate, "gain": rate / full_rate, "flop_ratio": flop_ratio,
+                    "efficiency": rate / full_rate / flop_ratio, "gflop_per_image": flops(share, target, b) / 1e9})
     return out
 
 
 def stage_rate_table(rates: list[dict[str, Any]], clock: str) -> str:
-    lines = [f"per decoder share and input size B, all runs and seeds ({clock} clock): measured speed vs the FLOP ratio",
-             "", "| decoded share | B | GFLOP / image | images | img / s | gain vs full size | FLOP ratio | gain / FLOP ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"per decoder share, target and input size B, all runs and seeds ({clock} clock): measured speed vs the FLOP "
+             "ratio", "", "| decoded share | target | B | GFLOP / image | images | img / s | gain vs full size | FLOP ratio | "
+             "gain / FLOP ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rates:
-        lines.append(f"| {r.get('decode_fraction', 1.0):g} | {r['size']} | {r['gflop_per_image']:.3f} | {r['images']:.0f} | "
+        lines.append(f"| {r.get('decode_fraction', 1.0):g} | {r.get('target', 'pixel')} | {r['size']} | {r['gflop_per_image']:.3f} | {r['images']:.0f} | "
                      f"{r['images_per_s']:.1f} | {r['gain']:.2f}x | {r['flop_ratio']:.2f}x | {r['efficiency']:.2f} |")
     return "\n".join(lines) + "\n"
 

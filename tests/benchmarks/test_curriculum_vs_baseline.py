@@ -181,7 +181,7 @@ def test_table_plot_and_verdicts(study):
     assert [r["size"] for r in rates] == [24, 32, 40, 48] and rates[-1]["gain"] == pytest.approx(1.0)
     trained = sum(r["steps"] * r["global_batch"] for run in RUNS for r in result["runs"][run].values())
     assert sum(r["images"] for r in rates) == trained
-    assert all(r["flop_ratio"] > 1.0 for r in rates[:-1]) and "| decoded share | B | GFLOP / image |" in table
+    assert all(r["flop_ratio"] > 1.0 for r in rates[:-1]) and "| decoded share | target | B | GFLOP / image |" in table
 
 
 def test_a_rerun_reads_everything_back(study):
@@ -721,3 +721,51 @@ def test_published_results_name_no_machine_paths():
     for path in files:
         walk(json.loads(path.read_text()), path.relative_to(REPO))
     assert not found, found[:5]
+
+
+def test_stage_rates_keep_each_share_and_target_apart():
+    """Rows that decode a share of the patches, or predict HOG, are rated against their own full size, with their own
+    FLOPs (decoder tokens, head width); the records of the first edition (neither key) count as every patch, pixels."""
+    script = load_script()
+    from mae_et.models.flops import mae_train_flops_per_image
+    from mae_et.train.config import load_pretrain_config
+
+    cfg = load_pretrain_config(REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml", ["data.source=fractal"])
+
+    def record(stages, **kind):
+        return {"global_batch": 10, "stages": [{"size": b, "steps": n, "cpu_seconds": sec, "seconds": sec}
+                                               for b, n, sec in stages], **kind}
+
+    results = {"baseline": {"0": record([(48, 10, 20.0)])},  # a first-edition record
+               "et": {"0": record([(32, 10, 5.0), (48, 10, 20.0)], decode_fraction=1.0, target="pixel")},
+               "et_partial": {"0": record([(32, 10, 4.0), (48, 10, 10.0)], decode_fraction=0.25, target="pixel")},
+               "et_hog": {"0": record([(32, 10, 2.0), (48, 10, 8.0)], decode_fraction=1.0, target="hog")}}
+    rates = {(r["decode_fraction"], r["target"], r["size"]): r for r in script.stage_rates(results, cfg, "cpu")}
+    assert set(rates) == {(1.0, "pixel", 32), (1.0, "pixel", 48), (1.0, "hog", 32), (1.0, "hog", 48),
+                          (0.25, "pixel", 32), (0.25, "pixel", 48)}
+    assert rates[(1.0, "pixel", 48)]["images"] == 200 and rates[(1.0, "pixel", 48)]["seconds"] == 40.0
+    assert rates[(1.0, "hog", 32)]["gain"] == pytest.approx((100 / 2.0) / (100 / 8.0))
+    m = cfg.model
+
+    def flops(b, **kw):
+        return mae_train_flops_per_image(m.size, b, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio, **kw)
+
+    assert rates[(1.0, "hog", 32)]["flop_ratio"] == pytest.approx(flops(48, target="hog") / flops(32, target="hog"))
+    assert rates[(0.25, "pixel", 32)]["gflop_per_image"] == pytest.approx(flops(32, decode_fraction=0.25) / 1e9)
+    assert flops(48, target="hog") < flops(48)
+    table = script.stage_rate_table(list(rates.values()), "cpu")
+    assert "| 1 | hog | 32 |" in table and "| 0.25 | pixel | 48 |" in table
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "study").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_study_config_loads_with_valid_runs(path, tmp_path):
+    """Each study config, and every run's pretraining config in it, passes validation (a typo fails here, not hours in)."""
+    script = load_script()
+    from mae_et.train.config import load_pretrain_config
+
+    study = script.load_study(path)
+    assert study.run_names[0] == "baseline" and study.seeds
+    for run, spec in study.runs.items():
+        budget = 1.0 if spec.budget == script.EQUAL_TIME else spec.budget
+        cfg = load_pretrain_config(study.recipe, script.pretrain_overrides(study, run, 0, study.epochs * budget, MINI, tmp_path))
+        assert cfg.name.startswith(run)
