@@ -329,7 +329,6 @@ def planned_stages(cfg, steps_per_epoch: int) -> list[tuple[int, int]]:
 
 
 def train_flops(cfg, stages: list[tuple[int, int]]) -> float:
-    m = cfg.model
     batch = cfg.train.batch_size * cfg.train.accum_steps
     return sum(steps * batch * image_flops(cfg, size) for size, steps in stages)
 

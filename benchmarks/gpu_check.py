@@ -613,7 +613,7 @@ def hog_rows(report: Report, plan: Plan, bench: StepBench) -> None:
             report.add("hog", entry)
             print(f"hog B={size}: target {entry['hog_target_ms']:.2f} ms = {100 * entry['target_share']:.1f}% of the HOG "
                   f"step ({entry['hog_step_ms']:.1f} ms)", flush=True)
-    del step
+    step = None  # the HOG model's memory back before the next section
     free_memory()
 
 

@@ -16,30 +16,20 @@ other work). Writes <out>/hog_cost.json (every timed run, medians, ratios, load 
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-from peer_cpu import ROWS, RowSpec  # noqa: E402
+from peer_cpu import ROWS, RowSpec, TimedSteps, alternate, random_images, run_cli  # noqa: E402,F401 (ROWS: the same rows)
 from throughput import build_train_step, fresh_accelerator  # noqa: E402
 
 from mae_et.data.folder import normalize_on_device  # noqa: E402
-from mae_et.files import FileError, check_output_folder, write_text_atomic  # noqa: E402
 from mae_et.train.config import load_pretrain_config  # noqa: E402
-from mae_et.train.pretrain import mask_noise  # noqa: E402
 
 RECIPE = REPO / "configs" / "pretrain" / "mae_vit-base-p16_baseline_800e_imagenet.yaml"
 CLIP = 1.0
@@ -58,49 +48,28 @@ def row_config(row: RowSpec, target: str):
     ])
 
 
-class Contender:
+class Contender(TimedSteps):
+    """The pixel step, the HOG step, or the HOG target alone on the step's normalised batch."""
+
     def __init__(self, name: str, row: RowSpec):
         self.name, self.row = name, row
-        self.grid = (row.img // row.patch) ** 2
-        self.images = torch.randint(0, 256, (row.batch, 3, row.img, row.img), dtype=torch.uint8,
-                                    generator=torch.Generator().manual_seed(0))  # (n, 3, S, S)
+        images = random_images(row)  # (n, 3, S, S) uint8
         step = build_train_step(row_config(row, "pixel" if name == "pixel_step" else "hog"), fresh_accelerator("fp32"),
                                 [row.img])
         if name == "hog_target":
             hog = step.accelerator.unwrap_model(step.model).hog
-            pixels = normalize_on_device(self.images)  # (n, 3, S, S) float: what the step's loss sees
+            pixels = normalize_on_device(images)  # (n, 3, S, S) float: what the step's loss sees
             self.run = lambda noise: hog(pixels)
         else:
-            self.run = lambda noise: step(self.images, row.img, noise)
-
-    def noise(self, i: int) -> torch.Tensor:
-        return mask_noise(0, i, 0, 0, (self.row.batch, self.grid), torch.device("cpu"))  # (n, L)
-
-    def timed(self, first_step: int, steps: int) -> dict[str, float]:
-        noises = [self.noise(first_step + i) for i in range(steps)]
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        for noise in noises:
-            self.run(noise)
-        return {"wall_s": (time.perf_counter() - wall0) / steps, "cpu_s": (time.process_time() - cpu0) / steps}
+            self.run = lambda noise: step(images, row.img, noise)
 
 
 def bench_row(row: RowSpec, rounds: int, warmup: int) -> dict:
-    contenders = [Contender(name, row) for name in CONTENDERS]
-    for c in contenders:
-        for i in range(warmup):
-            c.run(c.noise(10_000 + i))
-    runs: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
-    for r in range(rounds):
-        order = contenders[r % 3:] + contenders[: r % 3]
-        for c in order:
-            runs[c.name].append(c.timed(r * row.steps, row.steps))
-        print(f"  {row.name} round {r + 1}/{rounds}: " + ", ".join(
-            f"{name} {runs[name][-1]['cpu_s']:.4f} CPU-s/step" for name in runs), flush=True)
-    med = {name: {clock: statistics.median(x[clock] for x in rs) for clock in ("cpu_s", "wall_s")} for name, rs in runs.items()}
+    runs, order_log, med = alternate([Contender(name, row) for name in CONTENDERS], row, rounds, warmup)
     ratios = {clock: {"hog_target_over_hog_step": med["hog_target"][clock] / med["hog_step"][clock],
                       "hog_step_over_pixel_step": med["hog_step"][clock] / med["pixel_step"][clock]}
               for clock in ("cpu_s", "wall_s")}
-    return {"row": row.__dict__, "rounds": rounds, "runs": runs, "median": med, "ratios": ratios}
+    return {"row": row.__dict__, "rounds": rounds, "order": order_log, "runs": runs, "median": med, "ratios": ratios}
 
 
 def verdicts(rows: dict[str, dict]) -> list[str]:
@@ -127,45 +96,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=["vit-t8_64px", "vit-s16_224px"], choices=sorted(ROWS))
-    parser.add_argument("--rounds", type=int, default=7, help="alternating timed runs per contender (at least 5 for a figure)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: see the docstring)")
-    parser.add_argument("--out", default=str(REPO / "runs" / "hog_cost"), help="folder for hog_cost.json and hog_cost.md")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.threads < 1 or args.warmup < 0:
-        raise SystemExit("--rounds and --threads must be >= 1 and --warmup >= 0")
-    out = Path(args.out)
-    try:
-        check_output_folder(out, flag="--out")
-        if (out / "hog_cost.json").exists() and not args.overwrite:
-            raise FileError(f"--out {out} already holds hog_cost.json; pass --overwrite to replace it, or another --out")
-    except FileError as e:
-        raise SystemExit(str(e)) from None
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    load_before = os.getloadavg()
-    rows = {}
-    for name in args.rows:
-        print(f"row {name}: {ROWS[name]}", flush=True)
-        rows[name] = bench_row(ROWS[name], args.rounds, args.warmup)
-    result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "threads": args.threads,
-        "torch": torch.__version__,
-        "command": "python benchmarks/hog_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "load_average_before_after": [load_before, os.getloadavg()], "rounds": args.rounds,
-        "max_target_share": MAX_TARGET_SHARE, "rows": rows,
-    }
-    result["verdicts"] = verdicts(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "hog_cost.json", json.dumps(result, indent=2))
-    table = markdown(result)
-    write_text_atomic(out / "hog_cost.md", table)
-    print(table)
-    return result
+    return run_cli(argv, __doc__, "hog_cost", bench_row, verdicts, markdown, {"max_target_share": MAX_TARGET_SHARE})
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -86,15 +87,58 @@ def hf_model(cfg):
     return transformers.ViTMAEForPreTraining(hf_peer_config(cfg, cfg.model.size))  # the gpu_check's peer, same shape
 
 
-class Contender:
-    """One training step to time: `step(i)` runs step i (fresh mask noise per step, the same for every contender)."""
+class TimedSteps:
+    """Something to time per training step: `run(noise)` does one step; each step gets fresh mask noise, the same
+    for every contender of a row. Subclasses set name, row and run."""
+
+    name: str
+    row: RowSpec
+    run: Callable[[torch.Tensor], object]  # one training step with this (n, L) mask noise
+
+    def noise(self, i: int) -> torch.Tensor:
+        return mask_noise(0, i, 0, 0, (self.row.batch, (self.row.img // self.row.patch) ** 2), torch.device("cpu"))  # (n, L)
+
+    def timed(self, first_step: int, steps: int) -> dict[str, float]:
+        noises = [self.noise(first_step + i) for i in range(steps)]
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        for noise in noises:
+            self.run(noise)
+        return {"wall_s": (time.perf_counter() - wall0) / steps, "cpu_s": (time.process_time() - cpu0) / steps}
+
+
+def random_images(row: RowSpec) -> torch.Tensor:
+    """(n, 3, S, S) uint8, the same for every contender (seeded)."""
+    return torch.randint(0, 256, (row.batch, 3, row.img, row.img), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def alternate(contenders: list[TimedSteps], row: RowSpec, rounds: int, warmup: int) -> tuple[dict, list, dict]:
+    """Warm every contender up, then `rounds` rounds of `row.steps` timed steps each, the order rotating each round
+    so none always runs first or last: (runs per contender, the orders, medians per contender and clock)."""
+    for c in contenders:  # first-use costs (allocator, thread pools, lazy kernels) out of the timed runs
+        for i in range(warmup):
+            c.run(c.noise(10_000 + i))
+    runs: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
+    order_log = []
+    for r in range(rounds):
+        shift = r % len(contenders)
+        order = contenders[shift:] + contenders[:shift]
+        order_log.append([c.name for c in order])
+        for c in order:
+            runs[c.name].append(c.timed(r * row.steps, row.steps))
+        print(f"  {row.name} round {r + 1}/{rounds}: " + ", ".join(
+            f"{name} {runs[name][-1]['cpu_s']:.4f} CPU-s/step" for name in runs), flush=True)
+    med = {name: {clock: statistics.median(x[clock] for x in rs) for clock in ("wall_s", "cpu_s")} for name, rs in runs.items()}
+    return runs, order_log, med
+
+
+class Contender(TimedSteps):
+    """Ours (the training loop's step, decoding `decode_fraction` of the patches) or HF's (decode_fraction None)."""
 
     def __init__(self, name: str, row: RowSpec, decode_fraction: float | None):
         self.name, self.row = name, row
         cfg = row_config(row, decode_fraction or 1.0)
         self.accelerator = fresh_accelerator("fp32")
-        self.grid = (row.img // row.patch) ** 2
-        images = torch.randint(0, 256, (row.batch, 3, row.img, row.img), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        images = random_images(row)  # (n, 3, S, S) uint8
         if decode_fraction is not None:  # ours: the training loop's step
             self.train_step = build_train_step(cfg, self.accelerator, [row.img])
             self.params = count_params(self.accelerator.unwrap_model(self.train_step.model))
@@ -116,39 +160,13 @@ class Contender:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def noise(self, i: int) -> torch.Tensor:
-        return mask_noise(0, i, 0, 0, (self.row.batch, self.grid), torch.device("cpu"))  # (n, L)
-
-    def timed(self, first_step: int, steps: int) -> dict[str, float]:
-        noises = [self.noise(first_step + i) for i in range(steps)]
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        for noise in noises:
-            self.run(noise)
-        return {"wall_s": (time.perf_counter() - wall0) / steps, "cpu_s": (time.process_time() - cpu0) / steps}
-
-
-def median_of(runs: list[dict[str, float]], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
-
 
 def bench_row(row: RowSpec, rounds: int, warmup: int) -> dict:
     contenders = [Contender("ours_full", row, 1.0), Contender("ours_partial", row, PARTIAL), Contender("hf_full", row, None)]
     counts = {c.name: c.params for c in contenders}
     if len(set(counts.values())) != 1:
         raise SystemExit(f"row {row.name}: the models differ ({counts} trainable parameters); nothing to compare")
-    for c in contenders:  # first-use costs (allocator, thread pools, lazy kernels) out of the timed runs
-        for i in range(warmup):
-            c.run(c.noise(10_000 + i))
-    runs: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
-    order_log = []
-    for r in range(rounds):
-        order = contenders[r % 3:] + contenders[: r % 3]  # rotate, so none always runs first or last
-        order_log.append([c.name for c in order])
-        for c in order:
-            runs[c.name].append(c.timed(r * row.steps, row.steps))
-        print(f"  {row.name} round {r + 1}/{rounds}: " + ", ".join(
-            f"{name} {runs[name][-1]['cpu_s']:.3f} CPU-s/step" for name in runs), flush=True)
-    med = {name: {"wall_s": median_of(rs, "wall_s"), "cpu_s": median_of(rs, "cpu_s")} for name, rs in runs.items()}
+    runs, order_log, med = alternate(contenders, row, rounds, warmup)
     for name, m in med.items():
         m["img_s_cpu"], m["img_s_wall"] = row.batch / m["cpu_s"], row.batch / m["wall_s"]
     ratios = {f"{ours}_over_hf": {clock: med[ours][clock] / med["hf_full"][clock] for clock in ("cpu_s", "wall_s")}
@@ -188,13 +206,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in result["verdicts"]) + "\n"
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_cli(argv, doc: str, name: str, bench_row: Callable, verdicts: Callable, markdown: Callable,
+            header: dict | None = None) -> dict:
+    """The command line of an alternating CPU benchmark: rows, rounds, warm-up, threads, --out <name>.json / .md
+    (never over an earlier result unless --overwrite); `bench_row(row, rounds, warmup)` measures one row."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=["vit-t8_64px", "vit-s16_224px"], choices=sorted(ROWS))
     parser.add_argument("--rounds", type=int, default=7, help="alternating timed runs per contender (at least 5 for a figure)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: see the docstring)")
-    parser.add_argument("--out", default=str(REPO / "runs" / "peer_cpu"), help="folder for peer_cpu.json and peer_cpu.md")
+    parser.add_argument("--out", default=str(REPO / "runs" / name), help=f"folder for {name}.json and {name}.md")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.threads < 1 or args.warmup < 0:
@@ -202,36 +223,40 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     try:
         check_output_folder(out, flag="--out")
-        if (out / "peer_cpu.json").exists() and not args.overwrite:
-            raise FileError(f"--out {out} already holds peer_cpu.json; pass --overwrite to replace it, or another --out")
+        if (out / f"{name}.json").exists() and not args.overwrite:
+            raise FileError(f"--out {out} already holds {name}.json; pass --overwrite to replace it, or another --out")
     except FileError as e:
         raise SystemExit(str(e)) from None
-    try:
-        import transformers
-    except ImportError:
-        raise SystemExit("Hugging Face transformers is needed for the peer: pip install -e '.[bench]'") from None
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before = os.getloadavg()
     rows = {}
-    for name in args.rows:
-        print(f"row {name}: {ROWS[name]}", flush=True)
-        rows[name] = bench_row(ROWS[name], args.rounds, args.warmup)
+    for row in args.rows:
+        print(f"row {row}: {ROWS[row]}", flush=True)
+        rows[row] = bench_row(ROWS[row], args.rounds, args.warmup)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "threads": args.threads,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "command": "python benchmarks/peer_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "load_average_before_after": [load_before, os.getloadavg()], "rounds": args.rounds, "targets": TARGETS,
-        "rows": rows,
+        "torch": torch.__version__, **(header or {}),
+        "command": f"python benchmarks/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "load_average_before_after": [load_before, os.getloadavg()], "rounds": args.rounds, "rows": rows,
     }
     result["verdicts"] = verdicts(rows)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "peer_cpu.json", json.dumps(result, indent=2))
+    write_text_atomic(out / f"{name}.json", json.dumps(result, indent=2))
     table = markdown(result)
-    write_text_atomic(out / "peer_cpu.md", table)
+    write_text_atomic(out / f"{name}.md", table)
     print(table)
     return result
+
+
+def main(argv=None) -> dict:
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("Hugging Face transformers is needed for the peer: pip install -e '.[bench]'") from None
+    return run_cli(argv, __doc__, "peer_cpu", bench_row, verdicts, markdown,
+                   {"transformers": transformers.__version__, "targets": TARGETS})
 
 
 if __name__ == "__main__":
