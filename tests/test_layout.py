@@ -1,6 +1,6 @@
 """The package's shape: subpackages in pipeline order, imports one way (evaluate -> train -> models -> data /
 curriculum -> the shared leaves: recipes (config loading), checkpoint (the on-disk format and safe loading),
-notices (warnings)), no import circle."""
+notices (warnings), files (safe writes), seeding (the seed hash and its families)), no import circle."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "mae_et"
 # lower numbers are imported by higher ones, never the other way; data and curriculum do not import each other
-LAYERS = {"notices": 0, "files": 0, "recipes": 1, "checkpoint": 1, "data": 2, "curriculum": 2, "models": 3, "train": 4,
+LAYERS = {"notices": 0, "files": 0, "seeding": 0, "recipes": 1, "checkpoint": 1, "data": 2, "curriculum": 2, "models": 3, "train": 4,
           "evaluate": 5, "cli": 6}
 
 
@@ -88,3 +88,24 @@ def test_no_import_circle_between_modules():
 def test_the_folder_list_is_the_pipeline():
     subpackages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
     assert subpackages == ["curriculum", "data", "evaluate", "models", "train"]
+
+
+def test_one_seed_hash_and_one_table_of_seed_families():
+    """mix64 is defined once (mae_et.seeding) and no module keeps seed-family tags of its own."""
+    import re
+
+    defined = [p for p in PACKAGE.rglob("*.py") if re.search(r"^def mix64\(", p.read_text(), re.M)]
+    assert [p.relative_to(PACKAGE).as_posix() for p in defined] == ["seeding.py"]
+    tags = [f"{p.relative_to(PACKAGE)}: {m}" for p in PACKAGE.rglob("*.py") for m in re.findall(r"^_TAG_\w+ = .*$", p.read_text(), re.M)]
+    assert not tags, tags
+
+
+def test_seed_values_stay_those_of_earlier_runs():
+    """The hash and the family numbers are part of every run's draws: values computed by the code before the table
+    moved to mae_et.seeding (commit 9e53f3b), so a checkpoint of then resumes to the same weights now."""
+    from mae_et.seeding import Family, mix64
+
+    assert mix64(Family.MASK, 0, 5, 1, 3) == 7802528054470776200
+    assert mix64(Family.EPOCH_ORDER, 7, 2) == 3493149007435799828
+    assert mix64(Family.FRACTAL_DATASET_SAMPLE, 3, 1, 9, 4) == 2316997843018051254
+    assert len({int(f) for f in Family}) == len(Family)

@@ -34,13 +34,11 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from mae_et.notices import DataWarning
+from mae_et.seeding import Family, mix64
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_MASK63 = (1 << 63) - 1
-_MASK64 = (1 << 64) - 1
 
 
 class DataError(ValueError):
@@ -66,35 +64,12 @@ class ImageFolderIndex:
 # ----------------------------------------------------------------------------------------------
 
 
-def mix64(*values: int) -> int:
-    """Deterministic 63-bit hash of a tuple of ints (splitmix64 finaliser, chained).
-
-    Used instead of a linear formula such as ``seed * K + epoch * M + pos`` because linear formulas
-    collide once a dataset has more than M images (ImageNet has 1.28M), and the result must fit
-    ``torch.Generator.manual_seed``.
-    """
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h = h ^ (h >> 31)
-    return h & _MASK63
-
-
-# Domain tags keep the three seed families (epoch permutation, sample, replacement) independent.
-_TAG_EPOCH = 1
-_TAG_SAMPLE = 2
-_TAG_RETRY = 3
-
-
 def epoch_permutation_seed(seed: int, epoch: int) -> int:
-    return mix64(_TAG_EPOCH, seed, epoch)
+    return mix64(Family.EPOCH_ORDER, seed, epoch)
 
 
 def sample_seed_for(seed: int, epoch: int, position: int) -> int:
-    return mix64(_TAG_SAMPLE, seed, epoch, position)
+    return mix64(Family.SAMPLE, seed, epoch, position)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +335,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         for attempt in range(self.max_consecutive_failures):
             i = (index + attempt) % n
             # Replacements get a fresh seed so that they are not a copy of another key's crop.
-            seed = sample_seed if attempt == 0 else mix64(_TAG_RETRY, sample_seed, attempt)
+            seed = sample_seed if attempt == 0 else mix64(Family.RETRY, sample_seed, attempt)
             path, label = self.index.samples[i]
             if path not in self._known_bad:
                 try:

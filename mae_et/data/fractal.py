@@ -84,7 +84,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from mae_et.data.folder import mix64
+from mae_et.seeding import Family, mix64
 
 # --- system sampling ------------------------------------------------------------------------------
 MIN_MAPS, MAX_MAPS = 2, 4
@@ -124,14 +124,6 @@ CPU_CHUNK_POINTS = 1 << 15  # points per chunk of a batch rendered on a CPU (cac
 FILTER_COVERAGE = MIN_COVERAGE / (
     JITTER_SCALE[0] / (math.cos(JITTER_ROTATION) + math.sin(JITTER_ROTATION))
 ) ** 2
-
-# Domain tags for mix64: independent seed families.
-_TAG_SYSTEM = 101
-_TAG_STREAM = 102
-_TAG_STYLE = 103
-_TAG_DATASET_SYSTEM = 104
-_TAG_DATASET_SAMPLE = 105
-_TAG_FILTER = 106
 
 _MASK32 = 0xFFFFFFFF
 
@@ -205,7 +197,7 @@ def _draw_system(seed: int) -> IFSSystem:
 
 def _filter_stats(system: IFSSystem, seed: int) -> tuple[float, float]:
     """(coverage of the un-jittered 64x64 reference render, bounding-box short/long ratio)."""
-    keys = _stream_keys(_TAG_FILTER, [seed], torch.device("cpu"))
+    keys = _stream_keys(Family.FRACTAL_FILTER, [seed], torch.device("cpu"))
     x, y, maps = _chaos_game([system], keys, FILTER_POINTS)  # (1, K) each
     if not bool(torch.isfinite(x).all() and torch.isfinite(y).all()):
         return 0.0, 0.0
@@ -220,7 +212,7 @@ def _filter_stats(system: IFSSystem, seed: int) -> tuple[float, float]:
 def sample_system(system_seed: int) -> IFSSystem:
     """A random contractive IFS, a pure function of ``system_seed``; degenerate draws are re-drawn."""
     for attempt in range(MAX_ATTEMPTS):
-        seed = mix64(_TAG_SYSTEM, system_seed, attempt)
+        seed = mix64(Family.FRACTAL_SYSTEM, system_seed, attempt)
         system = _draw_system(seed)
         coverage, aspect = _filter_stats(system, seed)
         if coverage >= FILTER_COVERAGE and aspect >= MIN_ASPECT:
@@ -357,7 +349,7 @@ def render_points(system: IFSSystem, num_points: int, generator: torch.Generator
     if num_points < 1:
         raise ValueError(f"num_points must be >= 1, got {num_points}")
     seed = int(torch.randint(0, 1 << 62, (1,), generator=generator))
-    x, y, _ = _chaos_game([system], _stream_keys(_TAG_STREAM, [seed], torch.device("cpu")), num_points)
+    x, y, _ = _chaos_game([system], _stream_keys(Family.FRACTAL_STREAM, [seed], torch.device("cpu")), num_points)
     return torch.stack([x[0], y[0]], -1)  # (K, 2)
 
 
@@ -399,7 +391,7 @@ _STYLE_DRAWS = 8 + 3 + (MAX_MAPS + 2) * 3  # uniforms per sample used by _draw_s
 def _draw_styles(sample_seeds: list[int], jitter: bool, device: torch.device) -> _Styles:
     """Styles from the counter hash on the device: no per-sample host work, batch-independent."""
     n = len(sample_seeds)
-    u = _uniforms(_stream_keys(_TAG_STYLE, sample_seeds, device), _STYLE_DRAWS)  # (N, D)
+    u = _uniforms(_stream_keys(Family.FRACTAL_STYLE, sample_seeds, device), _STYLE_DRAWS)  # (N, D)
     # Small jitter only: an optional mirror times a small rotation. Quarter turns were tried and
     # dropped. (They were first blamed for a kNN at chance; that was the former colours: with the
     # present ones quarter turns cost a few points, micro MAE 300 steps: 47.5 / 26.5 against 52 / 31.)
@@ -476,7 +468,7 @@ def _render_chunk(
 ) -> Tensor:
     n = len(systems)
     st = _draw_styles(sample_seeds, jitter, device)
-    keys = _stream_keys(_TAG_STREAM, sample_seeds, device)
+    keys = _stream_keys(Family.FRACTAL_STREAM, sample_seeds, device)
     x, y, maps = _chaos_game(systems, keys, points_for_size(size))  # (N, K) each
     hist = _histogram(x, y, maps, (st.rotation, st.scale, st.shift), size)  # (N, M, S*S)
     map_colors, gradient, background, by_map = st.map_colors, st.gradient, st.background, st.by_map
@@ -561,7 +553,7 @@ class FractalDataset(torch.utils.data.Dataset):
         if label not in self._systems:
             if not 0 <= label < self.num_classes:
                 raise IndexError(f"class {label} outside [0, {self.num_classes})")
-            self._systems[label] = sample_system(mix64(_TAG_DATASET_SYSTEM, self.seed, label))
+            self._systems[label] = sample_system(mix64(Family.FRACTAL_DATASET_SYSTEM, self.seed, label))
         return self._systems[label]
 
     def render_seed(self, key: int | tuple[int, int]) -> tuple[int, int]:
@@ -569,11 +561,11 @@ class FractalDataset(torch.utils.data.Dataset):
         split = _SPLITS[self.split]
         if isinstance(key, tuple):
             index, sample_seed = int(key[0]), int(key[1])
-            seed = mix64(_TAG_DATASET_SAMPLE, self.seed, split, index, sample_seed)
+            seed = mix64(Family.FRACTAL_DATASET_SAMPLE, self.seed, split, index, sample_seed)
         else:
             index = int(key)
             # One value fewer in the hash chain than the tuple case: a separate seed family.
-            seed = mix64(_TAG_DATASET_SAMPLE, self.seed, split, index)
+            seed = mix64(Family.FRACTAL_DATASET_SAMPLE, self.seed, split, index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} outside a FractalDataset of {len(self)} samples")
         return index % self.num_classes, seed

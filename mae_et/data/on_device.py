@@ -40,20 +40,19 @@ from mae_et.data.folder import (
     SkippedFile,
     StepSampler,
     load_rgb,
-    mix64,
 )
 from mae_et.notices import DataWarning
 from mae_et.notices import progress as show_progress
+from mae_et.seeding import Family, mix64
 
 _TRIES = 10  # RandomResizedCrop's number of box proposals per sample
-_TAG_STEP_AUG = 4  # seed family of the per-micro-step crop/flip generator (1-3 are used in mae_et.data.folder)
 _MAX_GRID_DOWNSCALE = 2.0  # boxes shrinking more than this get an antialiased resize first (decode path)
 _MAX_CONSECUTIVE_FAILURES = 50  # as PretrainDataset: this many unreadable files in a row = wrong folder
 
 
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
     """Seed of the crop/flip generator of one (global micro-step, rank): a pure function of position."""
-    return mix64(_TAG_STEP_AUG, seed, micro_step, rank)
+    return mix64(Family.STEP_AUGMENT, seed, micro_step, rank)
 
 
 # ----------------------------------------------------------------------------------------------

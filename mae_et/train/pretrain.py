@@ -25,10 +25,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from mae_et.curriculum.schedules import CurriculumPlan, plan_curriculum, relative_compute
-from mae_et.data.folder import PretrainBatch, mix64
+from mae_et.data.folder import PretrainBatch
 from mae_et.data.sources import open_source
 from mae_et.models.mae import MaskedAutoencoderViT, mae_vit
 from mae_et.recipes import ConfigError
+from mae_et.seeding import Family, mix64
 from mae_et.train.config import PretrainConfig, curriculum_stages
 from mae_et.train.monitors import knn_held_out_count, log_reconstructions, run_knn_monitor, standard_error
 from mae_et.train.optim import build_adamw, lr_at, scaled_lr, set_lr
@@ -306,14 +307,11 @@ def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
     )
 
 
-_TAG_MASK = 201  # a seed family of its own (data.py and fractal.py hold the others)
-
-
 def mask_noise(seed: int, step: int, micro: int, rank: int, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     """(N, L) uniform noise deciding the mask (lowest kept), a pure function of its position."""
     gen = torch.Generator(device=device)
     # a hash, not a linear formula: seed*K + step*M + micro*R + rank repeats as soon as rank >= R
-    gen.manual_seed(mix64(_TAG_MASK, seed, step, micro, rank))
+    gen.manual_seed(mix64(Family.MASK, seed, step, micro, rank))
     return torch.rand(shape, generator=gen, device=device)
 
 

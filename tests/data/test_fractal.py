@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mae_et.data import fractal
 from mae_et.data.folder import build_pretrain_loader
+from mae_et.seeding import Family
 from mae_et.data.fractal import (
     MIN_COVERAGE,
     FractalDataset,
@@ -126,7 +127,7 @@ def test_map_choice_follows_probabilities_and_never_picks_padding() -> None:
     four = sample_system(11)
     if four.num_maps != 4:
         four = next(s for s in map(sample_system, range(12, 100)) if s.num_maps == 4)
-    keys = fractal._stream_keys(fractal._TAG_STREAM, [1, 2], torch.device("cpu"))
+    keys = fractal._stream_keys(Family.FRACTAL_STREAM, [1, 2], torch.device("cpu"))
     _, _, maps = fractal._chaos_game([two, four], keys, 20000)  # (2, K)
     freq_two = torch.bincount(maps[0], minlength=4).double() / maps.shape[1]
     freq_four = torch.bincount(maps[1], minlength=4).double() / maps.shape[1]

@@ -1,0 +1,52 @@
+"""Seeds as pure functions of where they are used: one hash, and the one table of seed families.
+
+Every random stream of a run seeds its own `torch.Generator` with `mix64(family, seed, position...)` (the epoch's
+order, each sample's crop, a retry after an unreadable file, the per-micro-step augmentation on the device, the mask,
+the fractal renderer's systems and samples), so any step can be recomputed on its own: a resumed run, another rank
+or another worker draws exactly what an uninterrupted run draws. Each family has its own tag, listed here once, so
+no two streams can share one by accident.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, unique
+
+__all__ = ["Family", "mix64"]
+
+_MASK63 = (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
+
+
+@unique
+class Family(IntEnum):
+    """The first value hashed into every seed: which stream it is for. The numbers are part of every run's draws
+    (changing one changes every run that uses it), so they only ever get added to."""
+
+    EPOCH_ORDER = 1  # mae_et.data.folder: the permutation of an epoch
+    SAMPLE = 2  # mae_et.data.folder: one sample's crop and flip
+    RETRY = 3  # mae_et.data.folder: the replacement of an unreadable file
+    STEP_AUGMENT = 4  # mae_et.data.on_device: the crops and flips of one micro-step on the device
+    FRACTAL_SYSTEM = 101  # mae_et.data.fractal: drawing an iterated function system
+    FRACTAL_STREAM = 102  # mae_et.data.fractal: the chaos game's points
+    FRACTAL_STYLE = 103  # mae_et.data.fractal: colours and background
+    FRACTAL_DATASET_SYSTEM = 104  # mae_et.data.fractal: each class's system
+    FRACTAL_DATASET_SAMPLE = 105  # mae_et.data.fractal: each rendered sample
+    FRACTAL_FILTER = 106  # mae_et.data.fractal: the filter that rejects degenerate systems
+    MASK = 201  # mae_et.train.pretrain: the mask noise of one micro-step on one rank
+
+
+def mix64(*values: int) -> int:
+    """Deterministic 63-bit hash of a tuple of ints (splitmix64 finaliser, chained).
+
+    Used instead of a linear formula such as ``seed * K + epoch * M + pos`` because linear formulas
+    collide once a dataset has more than M images (ImageNet has 1.28M), and the result must fit
+    ``torch.Generator.manual_seed``.
+    """
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h = h ^ (h >> 31)
+    return h & _MASK63
