@@ -29,6 +29,8 @@ from typing import Annotated, Any, Union
 
 import yaml
 
+from mae_et.files import write_text_atomic
+
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that names the key and the fix."""
@@ -300,7 +302,6 @@ def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 

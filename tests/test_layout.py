@@ -109,3 +109,10 @@ def test_seed_values_stay_those_of_earlier_runs():
     assert mix64(Family.EPOCH_ORDER, 7, 2) == 3493149007435799828
     assert mix64(Family.FRACTAL_DATASET_SAMPLE, 3, 1, 9, 4) == 2316997843018051254
     assert len({int(f) for f in Family}) == len(Family)
+
+
+def test_files_are_replaced_in_one_place():
+    """Whole files are written through mae_et.files.write_atomic (a temporary beside, fsync, one rename); the only
+    other rename is the checkpoint's, which swaps a whole folder written under a temporary name."""
+    renames = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if "os.replace(" in p.read_text())
+    assert renames == ["checkpoint.py", "files.py"], renames

@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from mae_et import checkpoint as ckpt_lib
-from mae_et.files import LOCK_FILE, RunFolderBusy, RunFolderLock
+from mae_et.files import LOCK_FILE, RunFolderBusy, RunFolderLock, write_text_atomic
 from mae_et.notices import RunWarning, progress
 from mae_et.recipes import ConfigError, config_to_dict, flatten_dict
 from mae_et.train.tracking import RunTracker, resolve_wandb_mode
@@ -341,7 +341,7 @@ def start_tracking(cfg, accelerator: Accelerator, run_dir: Path, wandb_mode: str
     config_dict = config_to_dict(cfg)
     config_yaml = yaml.safe_dump(config_dict, sort_keys=False)
     if accelerator.is_main_process:
-        (run_dir / "config.yaml").write_text(config_yaml)
+        write_text_atomic(run_dir / "config.yaml", config_yaml)  # a kill mid-write never leaves half a config
     tracker = RunTracker(accelerator, run_dir, cfg.tracking.project, cfg.name, flatten_dict(config_dict), wandb_mode,
                          resume_step=resume_step)
     return tracker, config_yaml

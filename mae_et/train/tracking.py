@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mae_et.files import write_text_atomic
 from mae_et.notices import RunWarning
 
 METRICS_FILE = "metrics.jsonl"
@@ -64,9 +65,7 @@ def truncate_metrics(path: Path, after_step: int) -> None:
             continue  # a line cut by a kill
         if record.get("step", -1) <= after_step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class RunTracker:
@@ -88,7 +87,7 @@ class RunTracker:
         if wandb_mode is not None:
             id_file = run_dir / WANDB_ID_FILE
             run_id = id_file.read_text().strip() if id_file.is_file() and resume_step is not None else uuid.uuid4().hex[:12]
-            id_file.write_text(run_id)
+            write_text_atomic(id_file, run_id)
             os.environ["WANDB_MODE"] = wandb_mode
             accelerator.init_trackers(
                 project, config=config,

@@ -30,6 +30,7 @@ def test_recipe_names_describe_their_curriculum(mini_root):
         expected = {"none": "_baseline_", "et": "_et_", "etpp": "_etpp_"}[cfg.curriculum.schedule]
         assert expected in recipe.name, recipe.name
         assert f"mae_vit-{cfg.model.size}-p{cfg.model.patch_size}_" in recipe.name
+        assert ("_hog_" in recipe.name) == (cfg.model.target == "hog"), recipe.name  # the target, when not pixels
 
 
 def test_base_inheritance_and_overrides(mini_root):
