@@ -116,3 +116,12 @@ def test_files_are_replaced_in_one_place():
     other rename is the checkpoint's, which swaps a whole folder written under a temporary name."""
     renames = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if "os.replace(" in p.read_text())
     assert renames == ["checkpoint.py", "files.py"], renames
+
+
+def test_one_key_comparison_for_every_loader():
+    """The decoder-key rule and the key/shape comparison live in mae_et.models.keys, not in each loader."""
+    import re
+
+    for pattern in (r"^def _?is_decoder_key\(", r"^def _?fmt_shape\(", r"^def compare_state\("):
+        where = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if re.search(pattern, p.read_text(), re.M)]
+        assert where == ["models/keys.py"], (pattern, where)

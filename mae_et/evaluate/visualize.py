@@ -26,6 +26,7 @@ from mae_et import checkpoint as ckpt_lib
 from mae_et.curriculum.frequency import FREQUENCY_MODES, low_frequency_crop
 from mae_et.data.folder import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, load_rgb, normalize_on_device
 from mae_et.files import FileError, check_output_file, write_atomic
+from mae_et.models.keys import compare_state
 from mae_et.models.mae import MaskedAutoencoderViT
 from mae_et.recipes import ConfigError, build_config
 from mae_et.train.config import PretrainConfig
@@ -79,16 +80,10 @@ def load_mae(checkpoint_or_run: str | os.PathLike) -> tuple[MaskedAutoencoderViT
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file means the same to the user
         raise ckpt_lib.CheckpointError(f"checkpoint '{folder}': unreadable {ckpt_lib.MODEL_FILE} ({type(e).__name__}: {e})") from e
     model = build_model(cfg)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)  # names checked below, in one line
-    except RuntimeError as e:  # shape mismatches: torch lists each on its own line, keep one
-        raise ckpt_lib.CheckpointError(f"checkpoint '{folder}' does not match its config's model: {str(e).strip().splitlines()[-1].strip()}") from e
-    if missing or unexpected:
-        # Our own one-line message rather than torch's multi-line strict error.
-        raise ckpt_lib.CheckpointError(
-            f"checkpoint '{folder}' does not match its config's model: "
-            f"missing {_few(missing)}, unexpected {_few(unexpected)}"
-        )
+    mismatch = compare_state(state, model.state_dict())
+    if mismatch:  # our own one-line message rather than torch's multi-line strict error
+        raise ckpt_lib.CheckpointError(f"checkpoint '{folder}' does not match its config's model: {mismatch.summary(3)}")
+    model.load_state_dict(state, strict=True)
     return model.eval(), cfg
 
 
@@ -100,13 +95,6 @@ def _one_line(e: BaseException) -> str:
     mark = getattr(e, "problem_mark", None)
     first = text.splitlines()[0]
     return f"{first}, line {mark.line + 1}" if mark is not None else first
-
-
-def _few(names: Sequence[str], shown: int = 3) -> str:
-    if not names:
-        return "none"
-    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
 
 
 def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:

@@ -21,6 +21,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from mae_et.models.hog import HOG_BINS, HOG_CELL_SIZE, HOGTarget
+from mae_et.models.keys import compare_state, fmt_shape, is_decoder_key
 
 __all__ = [
     "MODEL_SIZES",
@@ -443,15 +444,6 @@ _NO_DECODER_MSG = (
 )
 
 
-def _is_decoder_key(name: str) -> bool:
-    # mask_token is only used by the decoder, so an encoder-only release does not carry it.
-    return name.startswith("decoder_") or name == "mask_token"
-
-
-def _fmt_shape(shape: torch.Size | tuple) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
-
-
 _REFUSED_OFFICIAL_FIX = ("the official release files hold only tensors, numbers and an argparse.Namespace; "
                         "re-download it, or re-save its state_dict as .safetensors or a plain tensor dict")
 
@@ -479,7 +471,7 @@ def _as_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[st
 def _check_fixed_pos_embed(name: str, value: torch.Tensor) -> None:
     """The stored table must be the reference sin-cos for its own grid; anything else is rejected."""
     if value.ndim != 3 or value.shape[0] != 1:
-        raise ValueError(f"{name}: expected shape (1, 1+L, D), got {_fmt_shape(value.shape)}")
+        raise ValueError(f"{name}: expected shape (1, 1+L, D), got {fmt_shape(value.shape)}")
     num_patches, dim = value.shape[1] - 1, value.shape[2]
     g = math.isqrt(num_patches)
     if g * g != num_patches:
@@ -512,36 +504,22 @@ def load_official_mae_checkpoint(
 
     model_sd = model.state_dict()
     if encoder_only:
-        sd = {k: v for k, v in sd.items() if not _is_decoder_key(k)}
-        model_sd = {k: v for k, v in model_sd.items() if not _is_decoder_key(k)}
+        sd = {k: v for k, v in sd.items() if not is_decoder_key(k)}
+        model_sd = {k: v for k, v in model_sd.items() if not is_decoder_key(k)}
 
-    missing = sorted(set(model_sd) - set(sd))
-    unexpected = sorted(set(sd) - set(model_sd))
-    mismatched = sorted(
-        f"{k}: checkpoint {_fmt_shape(sd[k].shape)} vs model {_fmt_shape(model_sd[k].shape)}"
-        for k in set(sd) & set(model_sd)
-        if tuple(sd[k].shape) != tuple(model_sd[k].shape)
-    )
-    if missing or unexpected or mismatched:
+    mismatch = compare_state(sd, model_sd)
+    if mismatch:
         lines = ["checkpoint does not match the model:"]
-        has_decoder = any(_is_decoder_key(k) for k in sd)
-        if not encoder_only and not has_decoder:
+        if not encoder_only and not any(is_decoder_key(k) for k in sd):
             lines.insert(0, _NO_DECODER_MSG)
             # The decoder keys are missing by construction; summarise them, list the rest.
-            n_dec = sum(_is_decoder_key(k) for k in missing)
-            missing = [k for k in missing if not _is_decoder_key(k)]
-            lines.append(f"missing decoder keys: all {n_dec} of them")
-        if missing:
-            lines.append("missing keys: " + ", ".join(missing))
-        if unexpected:
-            lines.append("unexpected keys: " + ", ".join(unexpected))
-        if mismatched:
-            lines.append("shape mismatches: " + "; ".join(mismatched))
-        raise ValueError("\n".join(lines))
+            lines.append(f"missing decoder keys: all {sum(is_decoder_key(k) for k in mismatch.missing)} of them")
+            mismatch.missing = [k for k in mismatch.missing if not is_decoder_key(k)]
+        raise ValueError("\n".join(lines + mismatch.lines()))
 
     result = model.load_state_dict(sd, strict=not encoder_only)
     if encoder_only:
         # Belt and braces: with strict=False only decoder keys may have been skipped.
-        leftover = [k for k in result.missing_keys if not _is_decoder_key(k)] + list(result.unexpected_keys)
+        leftover = [k for k in result.missing_keys if not is_decoder_key(k)] + list(result.unexpected_keys)
         if leftover:
             raise ValueError(f"encoder-only load left keys unmatched: {leftover}")

@@ -22,7 +22,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 import torch.nn as nn
 import yaml
 from safetensors import safe_open
@@ -32,6 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from mae_et.checkpoint import CONFIG_FILE, MODEL_FILE, RefusedFileError, list_checkpoints, torch_load_plain
+from mae_et.models.keys import compare_state, fmt_shape, is_decoder_key
 from mae_et.models.mae import MODEL_SIZES, get_2d_sincos_pos_embed
 
 __all__ = [
@@ -146,14 +146,6 @@ def timm_model_name(spec: EncoderSpec) -> str | None:
 # --------------------------------------------------------------------------------------
 # State-dict conversion
 # --------------------------------------------------------------------------------------
-def _is_decoder_key(name: str) -> bool:
-    return name.startswith("decoder_") or name == "mask_token"
-
-
-def _fmt_shape(shape: torch.Size | tuple) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
-
-
 def mae_to_timm_state_dict(mae_state: Mapping[str, Tensor], spec: EncoderSpec | None) -> dict[str, Tensor]:
     """Our / official MAE names -> timm ViT encoder names.
 
@@ -161,7 +153,7 @@ def mae_to_timm_state_dict(mae_state: Mapping[str, Tensor], spec: EncoderSpec | 
     fixed sin-cos table), so it is generated for ``spec.img_size``; an official checkpoint's own
     ``pos_embed`` is kept (it is the same table for its grid). ``spec`` may be None only then.
     """
-    out = {k: v for k, v in mae_state.items() if not _is_decoder_key(k)}
+    out = {k: v for k, v in mae_state.items() if not is_decoder_key(k)}
     if "pos_embed" not in out:
         if spec is None:
             raise LoadError(
@@ -200,7 +192,7 @@ def infer_spec(state: Mapping[str, Tensor]) -> EncoderSpec:
     num_patches = int(pos.shape[1]) - 1  # minus the cls token
     grid = math.isqrt(max(num_patches, 0))
     if grid * grid != num_patches:
-        raise LoadError(f"pos_embed {_fmt_shape(pos.shape)} does not hold 1 cls + a square grid of patches")
+        raise LoadError(f"pos_embed {fmt_shape(pos.shape)} does not hold 1 cls + a square grid of patches")
     return EncoderSpec(size=matches[0], patch_size=patch, img_size=grid * patch)
 
 
@@ -332,7 +324,7 @@ def load_encoder_state(path: str | Path) -> tuple[dict[str, Tensor], EncoderSpec
                 spec = EncoderSpec(meta[META_SIZE], int(meta[META_PATCH]), int(meta[META_IMG]))
             except (KeyError, ValueError) as e:
                 raise LoadError(f"checkpoint '{path}' has broken mae_et metadata ({e}); re-export it") from None
-        kind = "official" if wrapped or any(_is_decoder_key(k) for k in raw) else "timm"
+        kind = "official" if wrapped or any(is_decoder_key(k) for k in raw) else "timm"
         try:
             state = mae_to_timm_state_dict(raw, spec) if kind == "official" else raw
         except LoadError as e:
@@ -367,23 +359,10 @@ def _check_against_model(
     # With global_pool="avg" timm swaps the final norm for fc_norm (MAE fine-tune recipe): the
     # pretrained norm.* has no place in the model and is dropped, as the reference does.
     may_be_unexpected = {"norm.weight", "norm.bias"} if isinstance(model.norm, nn.Identity) else set()
-    missing = sorted(set(model_state) - set(state) - may_be_missing)
-    unexpected = sorted(set(state) - set(model_state) - may_be_unexpected)
-    mismatched = sorted(
-        f"{k}: checkpoint {_fmt_shape(state[k].shape)} vs model {_fmt_shape(model_state[k].shape)}"
-        for k in set(state) & set(model_state)
-        if tuple(state[k].shape) != tuple(model_state[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint '{where}' does not match the ViT it is loaded into:"]
-        if missing:
-            lines.append("missing keys: " + ", ".join(missing))
-        if unexpected:
-            lines.append("unexpected keys: " + ", ".join(unexpected))
-        if mismatched:
-            lines.append("shape mismatches: " + "; ".join(mismatched))
-        lines.append("pass the matching spec=EncoderSpec(size, patch_size, img_size) or the right checkpoint")
-        raise LoadError("\n".join(lines))
+    mismatch = compare_state(state, model_state, may_be_missing, may_be_unexpected)
+    if mismatch:
+        raise LoadError("\n".join([f"checkpoint '{where}' does not match the ViT it is loaded into:", *mismatch.lines(),
+                                   "pass the matching spec=EncoderSpec(size, patch_size, img_size) or the right checkpoint"]))
 
 
 def load_pretrained_vit(

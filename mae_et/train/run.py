@@ -34,6 +34,7 @@ from accelerate.utils import broadcast_object_list
 
 from mae_et import checkpoint as ckpt_lib
 from mae_et.files import LOCK_FILE, RunFolderBusy, RunFolderLock, write_text_atomic
+from mae_et.models.keys import compare_state
 from mae_et.notices import RunWarning, progress
 from mae_et.recipes import ConfigError, config_to_dict, flatten_dict
 from mae_et.train.tracking import RunTracker, resolve_wandb_mode
@@ -294,21 +295,14 @@ def resume_latest(cfg, run_dir: Path, raw_model: torch.nn.Module, optimizer, acc
 def require_same_model(ckpt_path: Path, saved_state: dict, raw_model: torch.nn.Module, cfg) -> None:
     """Resume only into the model that wrote the checkpoint: otherwise one line naming the weights and config
     keys that differ, and the two ways on (instead of load_state_dict's traceback)."""
-    now_state = raw_model.state_dict()
-    differ = [f"{k} {list(saved_state[k].shape)} -> {list(now_state[k].shape)}"
-              for k in sorted(set(saved_state) & set(now_state)) if saved_state[k].shape != now_state[k].shape]
-    missing, unexpected = sorted(set(now_state) - set(saved_state)), sorted(set(saved_state) - set(now_state))
-    if not (differ or missing or unexpected):
+    mismatch = compare_state(saved_state, raw_model.state_dict())
+    if not mismatch:
         return
-    parts = []
-    for label, keys in (("shapes", differ), ("not in the checkpoint", missing), ("only in the checkpoint", unexpected)):
-        if keys:
-            parts.append(f"{label}: " + ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else ""))
     changed = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in config_changes(ckpt_path, cfg).items() if k.startswith("model.")]
     because = f" (config: {', '.join(changed)})" if changed else ""
     raise ckpt_lib.CheckpointError(
         f"cannot resume from {ckpt_path}: the model differs from the one that wrote it{because}; "
-        + "; ".join(parts)
+        + mismatch.summary()
         + f". Set a new output_dir (now {cfg.output_dir}) to start a new run, or checkpoint.resume=false to start "
         "over in this folder (its checkpoints will be replaced)"
     )
