@@ -769,3 +769,26 @@ def test_every_study_config_loads_with_valid_runs(path, tmp_path):
         budget = 1.0 if spec.budget == script.EQUAL_TIME else spec.budget
         cfg = load_pretrain_config(study.recipe, script.pretrain_overrides(study, run, 0, study.epochs * budget, MINI, tmp_path))
         assert cfg.name.startswith(run)
+
+
+def test_steady_cpu_clock_ignores_a_burst_of_other_work(tmp_path):
+    """Per stage, the median window's CPU seconds per step times the stage's steps, its first window left out: a
+    window slowed 2x by a neighbour moves the total CPU time, not the steady one. Older records get it from their
+    run folder's metrics.jsonl."""
+    script = load_script()
+    per_step = {32: 1.0, 48: 2.0}
+    records, step, cpu = [], 0, 0.0
+    for size, windows in ((32, 5), (48, 5)):
+        for w in range(windows):
+            burst = 2.0 if (size, w) in ((32, 0), (32, 3), (48, 2)) else 1.0  # the first (a start) and two bursts
+            step += 10
+            cpu += 10 * per_step[size] * burst
+            records.append({"step": step, "size": size, "cpu_s": cpu, "elapsed_s": cpu, "images_per_sec": 1.0})
+    assert script.steady_cpu_seconds(records) == pytest.approx(50 * 1.0 + 50 * 2.0)
+    assert script.training_clock(records[-1])[1] == pytest.approx(70 + 120)  # the bursts counted in full
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    old = {"run_dir": str(run), "cpu_s": 999.0}
+    assert script.backfill_steady_cpu(old)["steady_cpu_s"] == pytest.approx(150.0)
+    assert script.backfill_steady_cpu({"run_dir": str(tmp_path / "gone")}) == {"run_dir": str(tmp_path / "gone")}
