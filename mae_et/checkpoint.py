@@ -263,6 +263,31 @@ _REFUSED_STATE_FIX = ("mae_et writes only tensors, numbers and dicts there, so t
                       "delete that checkpoint folder to resume from an earlier one")
 
 
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint folder a user means: a checkpoint folder (step_*), its model.safetensors, a run folder (its
+    latest complete checkpoint) or that run's checkpoints/ folder; anything else is a one-line CheckpointError."""
+    path = Path(path)
+    if path.is_file() and path.name == MODEL_FILE:
+        path = path.parent
+    if not path.exists():
+        raise CheckpointError(f"'{path}' does not exist; pass a run folder (runs/NAME) or one of its checkpoints/step_* folders")
+    if (path / META_FILE).is_file() or (path / MODEL_FILE).is_file():
+        return path
+    for root in (path / "checkpoints", path):  # a run folder, or its checkpoints/ folder itself
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    if (path / "checkpoints").is_dir():
+        raise CheckpointError(f"run folder '{path}' has no complete checkpoint under checkpoints/; train longer or pass "
+                              "another run")
+    runs = sorted(p.name for p in path.iterdir() if (p / "checkpoints").is_dir()) if path.is_dir() else []
+    if runs:
+        raise CheckpointError(f"'{path}' holds run folders, not one run; pass one of: {', '.join(str(path / r) for r in runs)}")
+    raise CheckpointError(f"'{path}' is not a checkpoint: expected a run folder with checkpoints/step_*/ or a step_* "
+                          f"folder holding {META_FILE}, {CONFIG_FILE} and {MODEL_FILE}")
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """One checkpoint folder. A training_state.pt holding Python objects raises `RefusedFileError`."""
     path = Path(path)

@@ -119,9 +119,11 @@ def test_files_are_replaced_in_one_place():
 
 
 def test_one_key_comparison_for_every_loader():
-    """The decoder-key rule and the key/shape comparison live in mae_et.models.keys, not in each loader."""
+    """The decoder-key rule and the key/shape comparison live in mae_et.models.keys, the resolution of a run or
+    checkpoint folder in mae_et.checkpoint, not in each loader."""
     import re
 
-    for pattern in (r"^def _?is_decoder_key\(", r"^def _?fmt_shape\(", r"^def compare_state\("):
+    for pattern, home in ((r"^def _?is_decoder_key\(", "models/keys.py"), (r"^def _?fmt_shape\(", "models/keys.py"),
+                          (r"^def compare_state\(", "models/keys.py"), (r"^def _?resolve_checkpoint", "checkpoint.py")):
         where = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if re.search(pattern, p.read_text(), re.M)]
-        assert where == ["models/keys.py"], (pattern, where)
+        assert where == [home], (pattern, where)

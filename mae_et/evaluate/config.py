@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Optional, Union
 
+from mae_et.models.vit import FEATURE_POOLS, GLOBAL_POOLS
 from mae_et.recipes import (
     Check,
     ConfigError,
@@ -36,9 +37,7 @@ from mae_et.train.config import (
     check_wandb,
 )
 
-GLOBAL_POOLS = ("avg", "token")  # avg: mean of patch tokens + fc_norm (MAE fine-tuning); token: cls after the final norm
 PROBE_MODES = ("online", "cached")
-PROBE_POOLS = ("cls", "mean")  # mae_et.models.vit.encoder_features pools
 
 
 # ----------------------------------------------------------------------------- shared sections
@@ -141,7 +140,7 @@ class FinetuneConfig:
 @dataclass
 class LinprobeSettings:
     mode: Annotated[str, one_of(*PROBE_MODES)] = "online"  # online: augmented images through the frozen encoder each step (reference) | cached: features once
-    pool: Annotated[str, one_of(*PROBE_POOLS)] = "cls"  # cls token after the final norm (the MAE protocol) | mean of the patch tokens
+    pool: Annotated[str, one_of(*FEATURE_POOLS)] = "cls"  # cls token after the final norm (the MAE protocol) | mean of the patch tokens
     encoder_batch: PositiveInt = 256  # images per frozen-encoder forward; a head batch is encoded in chunks of this
 
 

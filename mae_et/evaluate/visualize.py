@@ -33,30 +33,10 @@ from mae_et.train.config import PretrainConfig
 from mae_et.train.monitors import reconstruction_grid, save_png
 from mae_et.train.pretrain import build_model
 
-__all__ = ["find_images", "load_image_batch", "load_mae", "main", "resolve_checkpoint"]
+__all__ = ["find_images", "load_image_batch", "load_mae", "main"]
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from: a checkpoint folder, a run folder (its latest), RUN/checkpoints, or a model.safetensors."""
-    path = Path(path)
-    if path.is_file() and path.name == ckpt_lib.MODEL_FILE:
-        path = path.parent
-    if not path.exists():
-        raise ckpt_lib.CheckpointError(f"'{path}' does not exist; pass a run folder (runs/NAME) or one of its checkpoints/step_* folders")
-    if (path / ckpt_lib.META_FILE).is_file():
-        return path
-    # A run folder holds checkpoints/; accept that folder itself too.
-    for root in (path / "checkpoints", path):
-        found = ckpt_lib.list_checkpoints(root)
-        if found:
-            return found[-1]
-    raise ckpt_lib.CheckpointError(
-        f"'{path}' is not a checkpoint: expected a run folder with checkpoints/step_*/ or a step_* folder "
-        f"holding {ckpt_lib.META_FILE}, {ckpt_lib.CONFIG_FILE} and {ckpt_lib.MODEL_FILE}"
-    )
 
 
 def load_mae(checkpoint_or_run: str | os.PathLike) -> tuple[MaskedAutoencoderViT, PretrainConfig]:
@@ -67,7 +47,7 @@ def load_mae(checkpoint_or_run: str | os.PathLike) -> tuple[MaskedAutoencoderViT
     """
     # Imported here: engine imports this module for the training-time grids.
 
-    folder = resolve_checkpoint(checkpoint_or_run)
+    folder = ckpt_lib.resolve_checkpoint(checkpoint_or_run)
     for name in (ckpt_lib.CONFIG_FILE, ckpt_lib.MODEL_FILE):
         if not (folder / name).is_file():
             raise ckpt_lib.CheckpointError(f"checkpoint '{folder}' has no {name}; it was not written by pretrain.py")

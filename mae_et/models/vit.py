@@ -30,7 +30,8 @@ from timm.layers import LayerNorm, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from mae_et.checkpoint import CONFIG_FILE, MODEL_FILE, RefusedFileError, list_checkpoints, torch_load_plain
+from mae_et.checkpoint import (CONFIG_FILE, MODEL_FILE, CheckpointError, RefusedFileError, resolve_checkpoint,
+                               torch_load_plain)
 from mae_et.models.keys import compare_state, fmt_shape, is_decoder_key
 from mae_et.models.mae import MODEL_SIZES, get_2d_sincos_pos_embed
 
@@ -47,8 +48,9 @@ __all__ = [
     "timm_model_name",
 ]
 
-GLOBAL_POOLS = ("token", "avg")
-FEATURE_POOLS = ("cls", "mean")
+# the classifier's input: avg (mean of the patch tokens + fc_norm, MAE fine-tuning) | token (cls after the final norm)
+GLOBAL_POOLS = ("avg", "token")
+FEATURE_POOLS = ("cls", "mean")  # encoder_features: the cls token | the mean of the patch tokens (probe, kNN)
 
 # safetensors metadata keys written by mae_et.evaluate.export (values are strings, as safetensors requires).
 META_SIZE = "mae_et.size"
@@ -214,24 +216,6 @@ def _strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _resolve_checkpoint_dir(path: Path) -> Path:
-    """A checkpoint folder itself, or the latest checkpoint of a run folder."""
-    if (path / MODEL_FILE).is_file():
-        return path
-    ckpt_root = path / "checkpoints"
-    if ckpt_root.is_dir():
-        found = list_checkpoints(ckpt_root)
-        if not found:
-            raise LoadError(f"run folder '{path}' has no complete checkpoint under checkpoints/; train longer or pass another run")
-        return found[-1]
-    runs = sorted(p.name for p in path.iterdir() if (p / "checkpoints").is_dir()) if path.is_dir() else []
-    if runs:
-        raise LoadError(f"'{path}' holds run folders, not one run; pass one of: {', '.join(str(path / r) for r in runs)}")
-    raise LoadError(
-        f"folder '{path}' is neither a run folder (with checkpoints/) nor a checkpoint folder (with {MODEL_FILE})"
-    )
-
-
 def _load_mae_et_checkpoint(ckpt_dir: Path) -> tuple[dict[str, Tensor], EncoderSpec]:
     model_file = ckpt_dir / MODEL_FILE
     try:
@@ -300,7 +284,10 @@ def load_encoder_state(path: str | Path) -> tuple[dict[str, Tensor], EncoderSpec
             "an official MAE .pth or a timm .safetensors/.pth"
         )
     if path.is_dir() or (path.name == MODEL_FILE and (path.parent / CONFIG_FILE).is_file()):
-        ckpt_dir = _resolve_checkpoint_dir(path if path.is_dir() else path.parent)
+        try:
+            ckpt_dir = resolve_checkpoint(path)
+        except CheckpointError as e:
+            raise LoadError(str(e)) from None
         state, spec = _load_mae_et_checkpoint(ckpt_dir)
         kind = "mae_et"
     else:

@@ -264,8 +264,11 @@ def test_unreadable_and_missing_files(tmp_path, micro_run):
     torch.save({"fc.weight": torch.ones(2, 2)}, not_weights)
     with pytest.raises(LoadError, match="no ViT encoder"):
         load_encoder_state(not_weights)
-    with pytest.raises(LoadError, match="neither a run folder"):
-        load_encoder_state(tmp_path / "run" / "checkpoints")  # one level too deep
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(LoadError, match="is not a checkpoint"):
+        load_encoder_state(tmp_path / "plain")  # a folder, but no run
+    with pytest.raises(LoadError, match="holds run folders, not one run; pass one of: .*run"):
+        load_encoder_state(tmp_path)
 
 
 # ----------------------------------------------------------------------------- (6) pos-embed resampling
