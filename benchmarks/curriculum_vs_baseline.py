@@ -103,12 +103,12 @@ from mae_et.evaluate.config import load_finetune_config  # noqa: E402
 from mae_et.evaluate.finetune import finetune  # noqa: E402
 from mae_et.models.flops import mae_train_flops_per_image  # noqa: E402
 from mae_et.data.labelled import build_eval_loader  # noqa: E402
-from mae_et.train.monitors import knn_accuracy  # noqa: E402
+from mae_et.models.features import extract_pools, knn_accuracy  # noqa: E402
 from mae_et.evaluate.linprobe import fit_probe_on_features  # noqa: E402
 from mae_et.train.optim import build_adamw  # noqa: E402
 from mae_et.train.step import TrainStep  # noqa: E402
 from mae_et.train.tracking import METRICS_FILE  # noqa: E402
-from mae_et.models.vit import load_pretrained_vit, pool_tokens  # noqa: E402
+from mae_et.models.vit import load_pretrained_vit  # noqa: E402
 from mae_et.models.mae import get_2d_sincos_pos_embed  # noqa: E402
 
 BASELINE = "baseline"  # the run every speed-up and accuracy is measured against (every study has one)
@@ -573,22 +573,6 @@ def _model_and_optimizer(cfg):
 # ----------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def split_features(model, loader, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One encoder pass over a split: {"cls": (N, D), "mean": (N, D)} float32 CPU, labels (N,)."""
-    model.eval()
-    feats: dict[str, list[torch.Tensor]] = {"cls": [], "mean": []}
-    labels = []
-    for images, batch_labels in loader:
-        if images.shape[0] == 0:  # every file of the batch was unreadable
-            continue
-        tokens = model.forward_features(images.to(device))  # (B, 1+L, D), unmasked
-        for pool in feats:
-            feats[pool].append(pool_tokens(model, tokens, pool).float().cpu())  # (B, D)
-        labels.append(batch_labels)
-    return {p: torch.cat(f) for p, f in feats.items()}, torch.cat(labels)
-
-
 def encoder_at_size(run_dir: Path, test_size: int | None = None, pos_embed: str = "grid"):
     """The encoder as a timm ViT for inputs of test_size (None: its training size), with the positions its MAE's
     `model.pos_embed` mode gives a grid of g = test_size / p patches: grid 0..g-1 (the reference), or extent (g
@@ -614,7 +598,7 @@ def encoder_features(run_dir: Path, data_root: Path, img_size: int, batch_size: 
     for split in splits:
         loader = build_eval_loader(data_root / split, img_size, batch_size, workers, classes=classes)
         classes = loader.dataset.classes
-        features[split] = split_features(model, loader, device)
+        features[split] = extract_pools(model, loader, device, ("cls", "mean"))  # ({pool: (N, D)}, labels (N,))
     return features, classes
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curriculum_vs_baseline as study_lib  # noqa: E402
 
 from mae_et.data.folder import scan_image_folder  # noqa: E402
-from mae_et.train.monitors import knn_accuracy  # noqa: E402
+from mae_et.models.features import knn_accuracy  # noqa: E402
 from mae_et.evaluate.linprobe import fit_probe_on_features  # noqa: E402
 
 

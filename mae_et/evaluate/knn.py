@@ -22,7 +22,7 @@ from mae_et.data.folder import DataError
 from mae_et.files import FileError, check_output_file, write_json_atomic
 from mae_et.models.vit import LoadError, load_pretrained_vit
 from mae_et.recipes import ConfigError
-from mae_et.train.monitors import knn_evaluate
+from mae_et.models.features import knn_evaluate
 
 __all__ = ["main"]
 

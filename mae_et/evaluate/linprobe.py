@@ -53,7 +53,7 @@ from mae_et.evaluate.finetune import RESULT_FILE, evaluate_classifier
 from mae_et.evaluate.lars import LARS
 from mae_et.models.vit import encoder_features, load_pretrained_vit
 from mae_et.recipes import ConfigError
-from mae_et.train.monitors import extract_features
+from mae_et.models.features import extract_features
 from mae_et.train.optim import lr_at, scaled_lr, set_lr
 from mae_et.files import save_safetensors, write_atomic, write_json_atomic
 from mae_et.train.run import Run, checkpoint_due, checkpoint_every

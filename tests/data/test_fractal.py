@@ -277,7 +277,7 @@ def test_classes_are_distinguishable_in_colour_as_the_encoder_sees_them() -> Non
     # [0.5, 1], light/dark polarity drawn per sample), with which short MAE runs stayed at chance,
     # gave 52-75%.
     from mae_et.data.folder import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device
-    from mae_et.train.monitors import knn_accuracy
+    from mae_et.models.features import knn_accuracy
 
     num_classes = 10
     train = FractalDataset(num_classes, samples_per_class=20, size=32, seed=0)

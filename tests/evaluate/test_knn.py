@@ -16,7 +16,7 @@ from mae_et.data.labelled import build_eval_loader
 from mae_et.evaluate.knn import main as knn_main
 from mae_et.models.mae import mae_vit
 from mae_et.models.vit import load_pretrained_vit
-from mae_et.train.monitors import extract_features, knn_accuracy, knn_classify, knn_evaluate
+from mae_et.models.features import extract_features, knn_accuracy, knn_classify, knn_evaluate
 
 
 def unit(angle_cos: float, sign: float = 1.0) -> list[float]:

@@ -34,7 +34,8 @@ from conftest import ONE_THREAD_ENV, REPO
 
 from mae_et import checkpoint as ck
 from mae_et.train.config import load_pretrain_config
-from mae_et.train.monitors import fractal_knn_loaders, knn_evaluate_loaders
+from mae_et.models.features import knn_evaluate_loaders
+from mae_et.train.monitors import fractal_knn_loaders
 from mae_et.train.pretrain import build_model
 
 NUM_CLASSES = 10  # the recipe's data.fractal_classes
