@@ -771,24 +771,24 @@ def test_every_study_config_loads_with_valid_runs(path, tmp_path):
         assert cfg.name.startswith(run)
 
 
-def test_steady_cpu_clock_ignores_a_burst_of_other_work(tmp_path):
-    """Per stage, the median window's CPU seconds per step times the stage's steps, its first window left out: a
-    window slowed 2x by a neighbour moves the total CPU time, not the steady one. Older records get it from their
-    run folder's metrics.jsonl."""
+def test_quiet_cpu_clock_ignores_other_work(tmp_path):
+    """Per stage, the fastest-decile window's CPU seconds per step times the stage's steps, its first window left
+    out: windows slowed 2x by a neighbour (even most of them) move the total CPU time, not the quiet one. Older
+    records get it from their run folder's metrics.jsonl."""
     script = load_script()
     per_step = {32: 1.0, 48: 2.0}
+    slowed = {(32, 0), (32, 3), (48, 2), (48, 3), (48, 4), (48, 5), (48, 6), (48, 7)}  # the start, and most of stage 48
     records, step, cpu = [], 0, 0.0
-    for size, windows in ((32, 5), (48, 5)):
-        for w in range(windows):
-            burst = 2.0 if (size, w) in ((32, 0), (32, 3), (48, 2)) else 1.0  # the first (a start) and two bursts
+    for size in (32, 48):
+        for w in range(11):
             step += 10
-            cpu += 10 * per_step[size] * burst
+            cpu += 10 * per_step[size] * (2.0 if (size, w) in slowed else 1.0)
             records.append({"step": step, "size": size, "cpu_s": cpu, "elapsed_s": cpu, "images_per_sec": 1.0})
-    assert script.steady_cpu_seconds(records) == pytest.approx(50 * 1.0 + 50 * 2.0)
-    assert script.training_clock(records[-1])[1] == pytest.approx(70 + 120)  # the bursts counted in full
+    assert script.quiet_cpu_seconds(records) == pytest.approx(110 * 1.0 + 110 * 2.0)
+    assert script.training_clock(records[-1])[1] == pytest.approx(130 + 340)  # the slowed windows counted in full
+    assert script.quiet_cpu_seconds(records, quantile=0.5) == pytest.approx(110 * 1.0 + 110 * 4.0)  # the median moved
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    old = {"run_dir": str(run), "cpu_s": 999.0}
-    assert script.backfill_steady_cpu(old)["steady_cpu_s"] == pytest.approx(150.0)
-    assert script.backfill_steady_cpu({"run_dir": str(tmp_path / "gone")}) == {"run_dir": str(tmp_path / "gone")}
+    assert script.backfill_quiet_cpu({"run_dir": str(run), "cpu_s": 999.0})["quiet_cpu_s"] == pytest.approx(330.0)
+    assert script.backfill_quiet_cpu({"run_dir": str(tmp_path / "gone")}) == {"run_dir": str(tmp_path / "gone")}
