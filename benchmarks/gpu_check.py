@@ -101,7 +101,8 @@ TRAVEL_DATA = REPO / ".data" / "imagenette-travel"
 
 @dataclass(frozen=True)
 class Plan:
-    """What one run measures. GPU: the figures of shared/DESIGN.md section 3; dry run: the same branches, tiny."""
+    """What one run measures. GPU: the figures the project set out to beat (H100 reference, BENCHMARKS.md); dry run: the
+    same branches, tiny."""
 
     config: str  # recipe: decoder, patch, crop, precision
     models: tuple[tuple[str, int, tuple[int, ...]], ...]  # (model size, batch, input sizes B); the first is the main one

@@ -106,7 +106,7 @@ def evaluate_classifier(
     device = accelerator.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
     for images, labels in loader:
-        if labels.numel() == 0:  # every file of the batch was unreadable (knn.collate_eval drops them)
+        if labels.numel() == 0:  # every file of the batch was unreadable (data.labelled.collate_eval drops them)
             continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with accelerator.autocast():
