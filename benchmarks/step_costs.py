@@ -1,0 +1,148 @@
+"""A study's speed-ups from step costs measured side by side, which other work on a shared machine cannot skew.
+
+    python benchmarks/step_costs.py --study configs/study/imagenette_vit-t8_64px_20e_partial_cpu.yaml \
+        --images 9469 --out benchmarks/results/step_costs
+
+The study's long runs measure their own CPU time, hours apart; anything else on the machine meanwhile inflates
+some runs more than others (on this 2-vCPU host a test run doubled a run's CPU seconds per step). But a run's
+weights do not depend on its clock, and its cost is the sum over its curriculum stages of steps x the cost of
+one step at that stage's input size B. So this measures that cost for every (run, B) the study's plans use, as
+peer_cpu.py does: the training loop's own step (`TrainStep`, the run's model config: decoded share, target,
+positions) on the same uint8 batch, a few steps per contender, in rounds whose order rotates, in one process, so
+every contender meets the same machine; medians of process CPU time (and wall) per step. Then per run:
+predicted CPU seconds = sum over stages of planned steps x median cost at B; speed-up = baseline's / run's.
+
+Runs with an equal_time budget are left out (their budget comes from the measured runs). One intra-op thread by
+default, as the study. Writes <out>/step_costs.json (every timed run, medians, per-run predictions and speed-ups)
+and step_costs.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+from curriculum_vs_baseline import BASELINE, EQUAL_TIME, load_study, planned_stages, pretrain_overrides  # noqa: E402
+from peer_cpu import RowSpec, TimedSteps, alternate  # noqa: E402
+from throughput import build_train_step, fresh_accelerator  # noqa: E402
+
+from mae_et.files import FileError, check_output_folder, write_text_atomic  # noqa: E402
+from mae_et.train.config import load_pretrain_config  # noqa: E402
+
+
+class StageStep(TimedSteps):
+    """One run's training step at one input size B (the run's TrainStep, shared by its sizes)."""
+
+    def __init__(self, run: str, size: int, step, images: torch.Tensor, patch: int, steps: int):
+        self.name = f"{run}@{size}"
+        # the fields TimedSteps reads: batch, B and patch (the mask noise's shape), steps per timed run
+        self.row = RowSpec(self.name, "", patch, size, (0, 0, 0), images.shape[0], steps)
+        self.run = lambda noise: step(images, size, noise)
+
+
+def plans(study, steps_per_epoch: int, data_root: Path, out: Path) -> dict[str, dict]:
+    """{run: {"cfg", "stages": [(B, steps)]}} for every run with a fixed budget."""
+    out_plans = {}
+    for run, spec in study.runs.items():
+        if spec.budget == EQUAL_TIME:
+            continue
+        overrides = pretrain_overrides(study, run, 0, study.epochs * spec.budget, data_root, out)
+        # nothing is read: the configs only shape the models and the plans
+        cfg = load_pretrain_config(study.recipe, [*overrides, "data.source=fractal"])
+        out_plans[run] = {"cfg": cfg, "stages": planned_stages(cfg, steps_per_epoch)}
+    return out_plans
+
+
+def measure(study, steps_per_epoch: int, rounds: int, warmup: int, steps: int) -> dict:
+    run_plans = plans(study, steps_per_epoch, REPO, REPO / "runs" / "step_costs")
+    contenders = []
+    for run, p in run_plans.items():
+        cfg = p["cfg"]
+        sizes = sorted({b for b, _ in p["stages"]})
+        step = build_train_step(cfg, fresh_accelerator(cfg.train.precision), sizes)
+        crop, batch = cfg.data.crop_size, cfg.train.batch_size
+        images = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(0))  # (n, 3, S, S), the same for every run
+        contenders += [StageStep(run, b, step, images, cfg.model.patch_size, steps) for b in sizes]
+    row = RowSpec("stages", "", 0, 0, (0, 0, 0), 0, steps)
+    runs, order, med = alternate(contenders, row, rounds, warmup)
+    predicted = {}
+    for run, p in run_plans.items():
+        predicted[run] = {clock: sum(n * med[f"{run}@{b}"][clock] for b, n in p["stages"]) for clock in ("cpu_s", "wall_s")}
+        predicted[run]["stages"] = p["stages"]
+    speedups = {run: {clock: predicted[BASELINE][clock] / predicted[run][clock] for clock in ("cpu_s", "wall_s")}
+                for run in predicted}
+    return {"runs": runs, "order": order, "median": med, "predicted": predicted, "speedups": speedups}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"step costs side by side, {result['device']}, {result['threads']} thread(s), torch {result['torch']}; "
+             f"study {result['study']}; medians of {result['rounds']} rotating rounds of {result['steps']} steps", "",
+             "| run | stages (B x steps) | predicted CPU s | predicted wall s | speed-up (CPU) | speed-up (wall) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for run, p in result["predicted"].items():
+        stages = ", ".join(f"{b} x {n}" for b, n in p["stages"])
+        s = result["speedups"][run]
+        lines.append(f"| {run} | {stages} | {p['cpu_s']:.1f} | {p['wall_s']:.1f} | {s['cpu_s']:.2f}x | {s['wall_s']:.2f}x |")
+    lines += ["", "| run @ B | CPU s / step | wall s / step |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {m['cpu_s']:.4f} | {m['wall_s']:.4f} |" for name, m in result["median"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", required=True, help="configs/study/<name>.yaml")
+    parser.add_argument("--images", type=int, required=True,
+                        help="training images of the study's data (9469 for the full Imagenette): the plans' steps per epoch")
+    parser.add_argument("--rounds", type=int, default=5, help="rotating rounds (at least 5 for a figure)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per contender per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1, as the study)")
+    parser.add_argument("--out", default=str(REPO / "runs" / "step_costs"), help="folder for step_costs.json and .md")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
+    args = parser.parse_args(argv)
+    if min(args.rounds, args.steps, args.threads, args.images) < 1 or args.warmup < 0:
+        raise SystemExit("--rounds, --steps, --threads and --images must be >= 1 and --warmup >= 0")
+    out = Path(args.out)
+    try:
+        check_output_folder(out, flag="--out")
+        if (out / "step_costs.json").exists() and not args.overwrite:
+            raise FileError(f"--out {out} already holds step_costs.json; pass --overwrite to replace it, or another --out")
+    except FileError as e:
+        raise SystemExit(str(e)) from None
+    study = load_study(args.study)
+    torch.set_num_threads(args.threads)
+    batch = load_pretrain_config(study.recipe, [*study.overrides, "data.source=fractal"]).train
+    steps_per_epoch = args.images // (batch.batch_size * batch.accum_steps)
+    load_before = os.getloadavg()
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "threads": args.threads,
+        "torch": torch.__version__, "study": study.name, "images": args.images, "steps_per_epoch": steps_per_epoch,
+        "rounds": args.rounds, "steps": args.steps,
+        "command": "python benchmarks/step_costs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **measure(study, steps_per_epoch, args.rounds, args.warmup, args.steps),
+    }
+    result["load_average_before_after"] = [load_before, os.getloadavg()]
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "step_costs.json", json.dumps(result, indent=2))
+    table = markdown(result)
+    write_text_atomic(out / "step_costs.md", table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()

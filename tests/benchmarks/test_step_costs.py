@@ -1,0 +1,41 @@
+"""benchmarks/step_costs.py on the mini smoke study: every (run, B) of the plans timed in rotating rounds in one
+process; each run's predicted time is its plan's steps per stage times those medians."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from conftest import REPO, load_benchmark
+
+
+@pytest.fixture(scope="module")
+def costs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("step_costs")
+    script = load_benchmark("step_costs")
+    result = script.main(["--study", str(REPO / "configs" / "study" / "mini_cpu-smoke.yaml"), "--images", "240",
+                          "--rounds", "3", "--steps", "1", "--warmup", "1", "--out", str(out)])
+    return script, result, out
+
+
+def test_predictions_are_the_plans_times_the_median_step_costs(costs):
+    script, result, out = costs
+    assert set(result["predicted"]) == {"baseline", "et", "etpp_half"}  # the equal-time run has no budget of its own
+    for name, runs in result["runs"].items():
+        assert len(runs) == 3 and result["median"][name]["cpu_s"] == statistics.median(r["cpu_s"] for r in runs)
+    for run, p in result["predicted"].items():
+        assert p["cpu_s"] == pytest.approx(sum(n * result["median"][f"{run}@{b}"]["cpu_s"] for b, n in p["stages"]))
+        assert result["speedups"][run]["cpu_s"] == pytest.approx(result["predicted"]["baseline"]["cpu_s"] / p["cpu_s"])
+    assert [tuple(s) for s in result["predicted"]["baseline"]["stages"]] == [(48, 30)]  # 240 images / batch 16 x E = 2
+    assert {b for b, _ in result["predicted"]["et"]["stages"]} == {32, 40, 48}
+    assert len({tuple(o) for o in result["order"]}) == 3  # the order rotates
+    saved = json.loads((out / "step_costs.json").read_text())
+    assert saved["median"] == json.loads(json.dumps(result["median"])) and saved["steps_per_epoch"] == 15
+    assert "| etpp_half |" in (out / "step_costs.md").read_text()
+
+
+def test_an_existing_result_is_not_overwritten_silently(costs):
+    script, _, out = costs
+    with pytest.raises(SystemExit, match="already holds step_costs.json; pass --overwrite"):
+        script.main(["--study", str(REPO / "configs" / "study" / "mini_cpu-smoke.yaml"), "--images", "240", "--out", str(out)])
