@@ -206,6 +206,28 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in result["verdicts"]) + "\n"
 
 
+def checked_out(folder: str, name: str, overwrite: bool) -> Path:
+    """--out as a Path, refused in one line when it is unsafe or already holds <name>.json (unless overwrite)."""
+    out = Path(folder)
+    try:
+        check_output_folder(out, flag="--out")
+        if (out / f"{name}.json").exists() and not overwrite:
+            raise FileError(f"--out {out} already holds {name}.json; pass --overwrite to replace it, or another --out")
+    except FileError as e:
+        raise SystemExit(str(e)) from None
+    return out
+
+
+def write_result(out: Path, name: str, result: dict, markdown: Callable) -> dict:
+    """<out>/<name>.json and <name>.md (atomic), the table printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / f"{name}.json", json.dumps(result, indent=2))
+    table = markdown(result)
+    write_text_atomic(out / f"{name}.md", table)
+    print(table)
+    return result
+
+
 def run_cli(argv, doc: str, name: str, bench_row: Callable, verdicts: Callable, markdown: Callable,
             header: dict | None = None) -> dict:
     """The command line of an alternating CPU benchmark: rows, rounds, warm-up, threads, --out <name>.json / .md
@@ -220,13 +242,7 @@ def run_cli(argv, doc: str, name: str, bench_row: Callable, verdicts: Callable, 
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.threads < 1 or args.warmup < 0:
         raise SystemExit("--rounds and --threads must be >= 1 and --warmup >= 0")
-    out = Path(args.out)
-    try:
-        check_output_folder(out, flag="--out")
-        if (out / f"{name}.json").exists() and not args.overwrite:
-            raise FileError(f"--out {out} already holds {name}.json; pass --overwrite to replace it, or another --out")
-    except FileError as e:
-        raise SystemExit(str(e)) from None
+    out = checked_out(args.out, name, args.overwrite)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before = os.getloadavg()
@@ -242,12 +258,7 @@ def run_cli(argv, doc: str, name: str, bench_row: Callable, verdicts: Callable, 
         "load_average_before_after": [load_before, os.getloadavg()], "rounds": args.rounds, "rows": rows,
     }
     result["verdicts"] = verdicts(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / f"{name}.json", json.dumps(result, indent=2))
-    table = markdown(result)
-    write_text_atomic(out / f"{name}.md", table)
-    print(table)
-    return result
+    return write_result(out, name, result, markdown)
 
 
 def main(argv=None) -> dict:

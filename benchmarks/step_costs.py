@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -35,10 +34,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
 from curriculum_vs_baseline import BASELINE, EQUAL_TIME, load_study, planned_stages, pretrain_overrides  # noqa: E402
-from peer_cpu import RowSpec, TimedSteps, alternate  # noqa: E402
+from peer_cpu import RowSpec, TimedSteps, alternate, checked_out, write_result  # noqa: E402
 from throughput import build_train_step, fresh_accelerator  # noqa: E402
 
-from mae_et.files import FileError, check_output_folder, write_text_atomic  # noqa: E402
 from mae_et.train.config import load_pretrain_config  # noqa: E402
 
 
@@ -115,13 +113,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if min(args.rounds, args.steps, args.threads, args.images) < 1 or args.warmup < 0:
         raise SystemExit("--rounds, --steps, --threads and --images must be >= 1 and --warmup >= 0")
-    out = Path(args.out)
-    try:
-        check_output_folder(out, flag="--out")
-        if (out / "step_costs.json").exists() and not args.overwrite:
-            raise FileError(f"--out {out} already holds step_costs.json; pass --overwrite to replace it, or another --out")
-    except FileError as e:
-        raise SystemExit(str(e)) from None
+    out = checked_out(args.out, "step_costs", args.overwrite)
     study = load_study(args.study)
     torch.set_num_threads(args.threads)
     batch = load_pretrain_config(study.recipe, [*study.overrides, "data.source=fractal"]).train
@@ -136,12 +128,7 @@ def main(argv=None) -> dict:
         **measure(study, steps_per_epoch, args.rounds, args.warmup, args.steps),
     }
     result["load_average_before_after"] = [load_before, os.getloadavg()]
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "step_costs.json", json.dumps(result, indent=2))
-    table = markdown(result)
-    write_text_atomic(out / "step_costs.md", table)
-    print(table)
-    return result
+    return write_result(out, "step_costs", result, markdown)
 
 
 if __name__ == "__main__":
