@@ -127,3 +127,38 @@ def test_one_key_comparison_for_every_loader():
                           (r"^def compare_state\(", "models/keys.py"), (r"^def _?resolve_checkpoint", "checkpoint.py")):
         where = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if re.search(pattern, p.read_text(), re.M)]
         assert where == [home], (pattern, where)
+
+
+def test_one_run_plan_and_one_evaluation_loop():
+    """The plan of a run in optimizer steps is mae_et.train.plan.plan_run for all three engines; the epoch loop,
+    evaluation, best-epoch keeping and result writing of fine-tuning and the probe live in mae_et.evaluate.engine."""
+    import re
+
+    sources = {p.relative_to(PACKAGE).as_posix(): p.read_text() for p in PACKAGE.rglob("*.py")}
+    for engine in ("train/pretrain.py", "evaluate/finetune.py", "evaluate/linprobe.py"):
+        assert re.search(r"\bplan_run\(", sources[engine]), f"{engine} plans its run by itself"
+    # the steps of a pass over the data, counted in one place
+    counted = sorted(f for f, s in sources.items() if re.search(r"//\s*\(\s*micro_batch \* world\)", s))
+    assert counted == ["train/plan.py"], counted
+    for rule, home in ((r"no full optimizer step", "train/plan.py"), (r"^def evaluate_classifier\(", "evaluate/engine.py"),
+                       (r"^def (save|read)_best\(", "evaluate/engine.py"), (r"write_json_atomic\([^)]*RESULT_FILE", "evaluate/engine.py"),
+                       (r"^\s*while step < ", "evaluate/engine.py")):
+        where = sorted(f for f, s in sources.items() if re.search(rule, s, re.M) and f.startswith(("evaluate/", "train/plan")))
+        assert where == [home], (rule, where)
+    for method in ("evaluate/finetune.py", "evaluate/linprobe.py"):
+        assert "run_engine(" in sources[method] and not re.search(r"^\s*for step in range\(", sources[method], re.M)
+
+
+def test_the_evaluation_methods_give_the_engine_what_it_asks():
+    """Both methods have every member of the engine's EvalMethod protocol."""
+    import inspect
+
+    from mae_et.evaluate.engine import EvalMethod
+    from mae_et.evaluate.finetune import FinetuneMethod
+    from mae_et.evaluate.linprobe import ProbeMethod
+
+    asked = {n for n in dir(EvalMethod) if not n.startswith("_")} | set(inspect.get_annotations(EvalMethod))
+    for cls in (FinetuneMethod, ProbeMethod):
+        source = inspect.getsource(cls)
+        missing = sorted(n for n in asked if not hasattr(cls, n) and f"self.{n}" not in source)
+        assert not missing, (cls.__name__, missing)

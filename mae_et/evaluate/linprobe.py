@@ -5,7 +5,8 @@ the final norm), trained with LARS at lr = blr * global_batch / 256, per-step wa
 The global batch is the reference's 16384 clamped to the training-set size (a smaller data set
 would otherwise have no full step).
 
-Two ways to feed it, behind one `ProbeData` interface so the loop is shared:
+Two ways to feed it, behind one `ProbeData` interface; `ProbeMethod` is the probe for the evaluation engine
+(`mae_et.evaluate.engine`: the epoch loop, evaluation, the best epoch and RUN/result.json, shared with fine-tuning):
 - online (reference): every step encodes freshly augmented images (RandomResizedCrop + flip);
   the stream is `mae_et.data.folder.StepSampler`'s, augmentations seeded per sample, so resume is exact.
 - cached (fast; the benchmarks' mode): train and val features of centre crops are extracted once
@@ -21,10 +22,8 @@ the main process writes.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -37,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
+from mae_et.curriculum.schedules import plan_curriculum
 from mae_et.data.folder import epoch_permutation_seed
 from mae_et.data.labelled import (
     SeededClassificationDataset,
@@ -49,14 +49,21 @@ from mae_et.data.labelled import (
     split_dir,
 )
 from mae_et.evaluate.config import LinprobeConfig
-from mae_et.evaluate.finetune import RESULT_FILE, evaluate_classifier
+from mae_et.evaluate.engine import (
+    EvalResult,
+    Recorder,
+    evaluate_classifier,
+    run_engine,
+    train_epochs,
+)
 from mae_et.evaluate.lars import LARS
+from mae_et.files import save_safetensors, write_atomic
+from mae_et.models.features import extract_features
 from mae_et.models.vit import encoder_features, load_pretrained_vit
 from mae_et.recipes import ConfigError
-from mae_et.models.features import extract_features
-from mae_et.train.optim import lr_at, scaled_lr, set_lr
-from mae_et.files import save_safetensors, write_atomic, write_json_atomic
-from mae_et.train.run import Run, checkpoint_due, checkpoint_every
+from mae_et.train.optim import scaled_lr
+from mae_et.train.plan import RunPlan, one_stage, plan_run
+from mae_et.train.run import Run
 
 HEAD_INIT_STD = 0.01  # MAE linear probe
 FEATURES_DIR = "features"
@@ -170,53 +177,54 @@ def make_encode(encoder: nn.Module, pool: str, chunk: int, precision: str, devic
     return encode
 
 
-# ----------------------------------------------------------------------------- the shared loop
+# ----------------------------------------------------------------------------- the method
 
 
-@dataclass
-class ProbeSchedule:
-    start_step: int
-    end_step: int  # where this launch stops (max_steps or the end)
-    total_steps: int
-    steps_per_epoch: int
-    base_lr: float
-    min_lr: float
-    warmup: float  # fraction of total_steps
+class ProbeMethod:
+    """The probe for the evaluation engine (`mae_et.evaluate.engine.EvalMethod`): a `ProbeHead` trained by LARS on
+    batches of a `ProbeData`, one optimizer step per global batch (no accumulation)."""
 
+    task = "linprobe"
+    keeps_best_weights = False
 
-def run_probe(head: nn.Module, optimizer: torch.optim.Optimizer, data: ProbeData, accelerator: Accelerator,
-              schedule: ProbeSchedule, eval_head: nn.Module | None = None,
-              after_step: Callable[[int, Tensor, float, dict | None], None] | None = None) -> list[dict]:
-    """Train the head over [start_step, end_step); evaluate after every epoch. Returns the epoch evaluations.
+    def __init__(self, data: ProbeData, dim: int, num_classes: int, plan: RunPlan, accelerator: Accelerator,
+                 weight_decay: float, momentum: float, lines: list[str] | None = None,
+                 fields: dict[str, Any] | None = None) -> None:
+        self.data, self.plan, self.accelerator = data, plan, accelerator
+        head = ProbeHead(dim, num_classes)
+        optimizer = LARS(head.parameters(), lr=plan.base_lr, weight_decay=weight_decay, momentum=momentum)
+        self.model, self.optimizer = accelerator.prepare(head, optimizer)
+        self.raw_model: ProbeHead = accelerator.unwrap_model(self.model)
+        self.lines, self.fields = lines or [], fields or {}
 
-    `after_step(step_done, loss, lr, eval_or_None)` is where the engine logs and checkpoints.
-    `eval_head` is the unwrapped head (DDP's forward must run the same number of times on each process).
-    """
-    eval_head = eval_head or head
-    history: list[dict] = []
-    data.start(schedule.start_step, schedule.end_step)
-    head.train()
-    for step in range(schedule.start_step, schedule.end_step):
-        lr = lr_at(step / schedule.total_steps, schedule.base_lr, schedule.min_lr, schedule.warmup)
-        set_lr(optimizer, lr)
-        features, labels = data.train_batch(step)  # (n, D), (n,)
-        loss = F.cross_entropy(head(features), labels)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        done = step + 1
-        ev = None
-        if done % schedule.steps_per_epoch == 0 or done == schedule.total_steps:
-            if accelerator.num_processes > 1:
-                # DDP gives every process rank 0's BatchNorm statistics before each forward, and each then
-                # updates its own copy: share rank 0's again so every shard is evaluated with one head
-                for buffer in eval_head.buffers():
-                    broadcast(buffer, from_process=0)
-            ev = {**evaluate_classifier(eval_head, data.val_batches(), accelerator), "epoch": math.ceil(done / schedule.steps_per_epoch)}
-            history.append(ev)
-        if after_step is not None:
-            after_step(done, loss.detach(), lr, ev)
-    return history
+    def describe(self) -> list[str]:
+        return self.lines
+
+    def start_epoch(self, epoch: int, step: int, stop: int) -> None:
+        self.data.start(step, stop)
+
+    def train_step(self, step: int) -> Tensor:
+        features, labels = self.data.train_batch(step)  # (n, D), (n,)
+        loss = F.cross_entropy(self.model(features), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        return loss.detach()
+
+    def step_metrics(self, step: int) -> dict[str, Any]:
+        return {}
+
+    def evaluate(self) -> dict[str, float]:
+        if self.accelerator.num_processes > 1:
+            # DDP gives every process rank 0's BatchNorm statistics before each forward, and each then updates its
+            # own copy: share rank 0's again so every shard is evaluated with one head
+            for buffer in self.raw_model.buffers():
+                broadcast(buffer, from_process=0)
+        # the unwrapped head: DDP's forward must run the same number of times on each process
+        return evaluate_classifier(self.raw_model, self.data.val_batches(), self.accelerator)
+
+    def result_fields(self) -> dict[str, Any]:
+        return self.fields
 
 
 def fit_probe_on_features(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num_classes: int, *,
@@ -225,7 +233,7 @@ def fit_probe_on_features(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y
                           accelerator: Accelerator | None = None) -> list[dict]:
     """The cached probe on given features (no images, no run folder): per-epoch top-1/top-5 history.
 
-    For quick experiments and tests; `linprobe()` runs the same loop with tracking and checkpoints.
+    For quick experiments, the study and tests; `linprobe()` runs the same loop with tracking and checkpoints.
     """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
@@ -233,12 +241,16 @@ def fit_probe_on_features(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y
     set_seed(seed)
     data = CachedFeatures(train_x.to(device), train_y.to(device), val_x.to(device), val_y.to(device), global_batch,
                           accelerator.process_index, accelerator.num_processes, seed)
-    head = ProbeHead(train_x.shape[1], num_classes)
-    optimizer = LARS(head.parameters(), lr=0.0, weight_decay=weight_decay, momentum=momentum)
-    head, optimizer = accelerator.prepare(head, optimizer)
-    total = epochs * data.steps_per_epoch
-    schedule = ProbeSchedule(0, total, total, data.steps_per_epoch, scaled_lr(blr, global_batch), min_lr, warmup_epochs / epochs)
-    return run_probe(head, optimizer, data, accelerator, schedule, eval_head=accelerator.unwrap_model(head))
+    stages, budget = one_stage(1)  # features have no input size
+    plan = RunPlan(plan=plan_curriculum(stages, budget, epochs, data.steps_per_epoch, 1), global_batch=global_batch,
+                   steps_per_epoch=data.steps_per_epoch, end_step=epochs * data.steps_per_epoch,
+                   base_lr=scaled_lr(blr, global_batch), min_lr=min_lr, warmup=warmup_epochs / epochs,
+                   log_every=data.steps_per_epoch, ckpt_every=None)
+    method = ProbeMethod(data, train_x.shape[1], num_classes, plan, accelerator, weight_decay, momentum)
+    recorder = Recorder(method)
+    method.model.train()
+    train_epochs(method, 0, recorder)
+    return recorder.history
 
 
 def clamp_global_batch(requested: int, num_train: int, world_size: int) -> int:
@@ -311,37 +323,26 @@ def cached_split_features(name: str, loader, encoder: nn.Module, cfg: LinprobeCo
 # ----------------------------------------------------------------------------- the run
 
 
-@dataclass
-class LinprobeResult:
-    run_dir: Path
-    step: int
-    checkpoint: Path | None
-    history: list[dict] = field(default_factory=list)  # this launch's epoch evaluations
-    result: dict[str, Any] | None = None  # RUN/result.json when finished
-
-
-def linprobe(cfg: LinprobeConfig) -> LinprobeResult:
+def linprobe(cfg: LinprobeConfig) -> EvalResult:
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
     # the head trains in fp32; train.precision is the frozen encoder's autocast only
     with Run(cfg, precision="fp32", accum_steps=1) as run:  # accelerator, the run folder (locked), resume, tracking, checkpoints
-        return probe_loop(cfg, run)
+        return run_engine(run, build_probe(cfg, run))
 
 
-def probe_loop(cfg: LinprobeConfig, run: Run) -> LinprobeResult:
-    accelerator, run_dir = run.accelerator, run.run_dir
-    main, device, say = run.main, run.device, run.say
-    world, rank = run.world, run.rank
+def build_probe(cfg: LinprobeConfig, run: Run) -> ProbeMethod:
+    """The probe of a run: data checked, the frozen encoder loaded, features cached (or an online encoder), the plan."""
+    accelerator, device, world, rank = run.accelerator, run.device, run.world, run.rank
     set_seed(cfg.train.seed)
-    t_start = time.perf_counter()
 
     # --- data checks before any model is built
     index = scan_train_split(cfg.data.root, cfg.data.train_split)
     num_classes = len(index.classes)
     global_batch = clamp_global_batch(cfg.train.batch_size, len(index.samples), world)
     if global_batch < cfg.train.batch_size:
-        say(f"global batch {cfg.train.batch_size} clamped to {global_batch} ({len(index.samples)} training images, "
-            f"{world} process(es)); the lr follows: blr x {global_batch}/256")
+        run.say(f"global batch {cfg.train.batch_size} clamped to {global_batch} ({len(index.samples)} training images, "
+                f"{world} process(es)); the lr follows: blr x {global_batch}/256")
     eval_bs = cfg.linprobe.encoder_batch
     # checks that the val split has exactly the training classes, before the encoder is loaded
     val_full = build_eval_loader(split_dir(cfg.data.root, cfg.data.val_split, "data.val_split"), cfg.data.img_size,
@@ -358,12 +359,13 @@ def probe_loop(cfg: LinprobeConfig, run: Run) -> LinprobeResult:
         train_root = split_dir(cfg.data.root, cfg.data.train_split, "data.train_split")
         train_eval = build_eval_loader(train_root, cfg.data.img_size, eval_bs, cfg.data.num_workers, classes=index.classes)
         t0 = time.perf_counter()
-        train_x, train_y = cached_split_features("train", train_eval, encoder, cfg, fingerprint, run_dir, accelerator)
-        val_x, val_y = cached_split_features("val", val_full, encoder, cfg, fingerprint, run_dir, accelerator)
-        say(f"features: train {tuple(train_x.shape)}, val {tuple(val_x.shape)} in {time.perf_counter() - t0:.1f}s")
+        train_x, train_y = cached_split_features("train", train_eval, encoder, cfg, fingerprint, run.run_dir, accelerator)
+        val_x, val_y = cached_split_features("val", val_full, encoder, cfg, fingerprint, run.run_dir, accelerator)
+        run.say(f"features: train {tuple(train_x.shape)}, val {tuple(val_x.shape)} in {time.perf_counter() - t0:.1f}s")
         # an unreadable training image is dropped at extraction: the clamp follows the features
         global_batch = clamp_global_batch(global_batch, train_x.shape[0], world)
         data: ProbeData = CachedFeatures(train_x, train_y, val_x, val_y, global_batch, rank, world, cfg.train.seed)
+        num_train = train_x.shape[0]
         del encoder  # not needed any more: free its memory for the features
     else:
         encode = make_encode(encoder, cfg.linprobe.pool, cfg.linprobe.encoder_batch, cfg.train.precision, device)
@@ -371,75 +373,14 @@ def probe_loop(cfg: LinprobeConfig, run: Run) -> LinprobeResult:
         val_loader = shard_loader(val_full, rank, world)
         data = OnlineImages(encode, dataset, val_loader, global_batch // world, rank, world, cfg.train.seed,
                             cfg.data.num_workers, cfg.data.pin_memory and device.type == "cuda", device)
-    steps_per_epoch = data.steps_per_epoch
-    total_steps = cfg.train.epochs * steps_per_epoch
-    end_step = min(total_steps, cfg.train.max_steps or total_steps)
-    base_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.blr, global_batch)
-    ckpt_every = checkpoint_every(cfg, steps_per_epoch)
-
-    head = ProbeHead(dim, num_classes)
-    optimizer = LARS(head.parameters(), lr=base_lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
-    head, optimizer = accelerator.prepare(head, optimizer)
-    raw_head: ProbeHead = accelerator.unwrap_model(head)
-
-    # --- resume
-    step, best = 0, None
-    found = run.resume(raw_head, optimizer)
-    if found is not None:
-        step = int(found.training_state["step"])
-        best = found.training_state.get("best") or None
-    say(f"linear probe {cfg.name} ({cfg.linprobe.mode}): {cfg.model.checkpoint} ({spec.size}/{spec.patch_size}) at "
-        f"{cfg.data.img_size} px, {cfg.linprobe.pool} features (D={dim}), {num_classes} classes, {len(index.samples)} training "
-        f"images, global batch {global_batch}, lr {base_lr:.3g}, {total_steps} steps in {cfg.train.epochs} epochs")
-
-    state = {"best": best, "window": torch.zeros((), device=device), "n": 0}
-
-    def after_step(done: int, loss: Tensor, lr: float, ev: dict | None) -> None:
-        bar.update(1)
-        state["window"] += loss
-        state["n"] += 1
-        if done % cfg.train.log_every == 0 or done == end_step or ev is not None:
-            loss_mean = (accelerator.reduce(state["window"], "sum") / (state["n"] * world)).item()
-            run.log(done, {"loss": loss_mean, "lr": lr, "epoch": done / steps_per_epoch, **run.clock.read()})
-            state["window"].zero_()
-            state["n"] = 0
-            if not math.isfinite(loss_mean):
-                run.stop_nonfinite(f"the probe's loss is {loss_mean} at step {done}", "Lower optim.blr")
-        if ev is not None:
-            b = state["best"]
-            if b is None or ev["top1"] > b["top1"]:
-                state["best"] = b = {"top1": ev["top1"], "top5": ev["top5"], "epoch": ev["epoch"], "step": done}
-            run.log(done, {**ev, "best_top1": b["top1"], "best_epoch": b["epoch"]},
-                    f"epoch {ev['epoch']}/{cfg.train.epochs}  loss {loss_mean:.4f}  top-1 {ev['top1']:.2f}  "
-                    f"top-5 {ev['top5']:.2f}  (best {b['top1']:.2f} at epoch {b['epoch']})")
-            state["last_eval"] = ev
-        if checkpoint_due(done, ckpt_every, end_step):
-            training_state = {"optimizer": optimizer.state_dict(), "step": done, "best": state["best"]}
-            meta = {"step": done, "total_steps": total_steps, "epoch": done / steps_per_epoch, "global_batch": global_batch,
-                    "world_size": world, "complete": done >= total_steps, "last_eval": state.get("last_eval")}
-            run.checkpoint(done, head, training_state, meta)
-
-    schedule = ProbeSchedule(step, end_step, total_steps, steps_per_epoch, base_lr, cfg.optim.min_lr,
-                             cfg.optim.warmup_epochs / cfg.train.epochs)
-    run.clock.start()
-    bar = run.progress(end_step, step, f"linear probe {cfg.name}")
-    history = run_probe(head, optimizer, data, accelerator, schedule, eval_head=raw_head, after_step=after_step)
-    run.close()
-
-    result = None
-    if end_step >= total_steps:
-        final = state.get("last_eval") or (history[-1] if history else None)
-        if final is None:  # relaunched after the end: evaluate the saved head once more
-            final = {**evaluate_classifier(raw_head, data.val_batches(), accelerator), "epoch": cfg.train.epochs}
-        result = {"task": "linprobe", "mode": cfg.linprobe.mode, "checkpoint": str(cfg.model.checkpoint),
-                  "encoder": spec.__dict__, "img_size": cfg.data.img_size, "pool": cfg.linprobe.pool,
-                  "num_classes": num_classes, "epochs": cfg.train.epochs, "steps": total_steps,
-                  "global_batch": global_batch, "global_batch_requested": cfg.train.batch_size, "lr": base_lr,
-                  "top1": final["top1"], "top5": final["top5"], "final": final, "best": state["best"],
-                  "seconds": time.perf_counter() - t_start}
-        if main:
-            write_json_atomic(run_dir / RESULT_FILE, result)
-            say(f"finished: top-1 {final['top1']:.2f}, top-5 {final['top5']:.2f}; result: {run_dir / RESULT_FILE}")
-    elif main:
-        say(f"stopped at step {end_step} of {total_steps} (relaunch the same command to resume); checkpoint: {run.last_checkpoint}")
-    return LinprobeResult(run_dir=run_dir, step=end_step, checkpoint=run.last_checkpoint, history=history, result=result)
+        num_train = len(dataset)
+    stages, budget = one_stage(cfg.data.img_size)
+    plan = plan_run(cfg, num_train, world, stages, budget, cfg.data.img_size, micro_batch=global_batch // world)
+    lines = [f"linear probe {cfg.name} ({cfg.linprobe.mode}): {cfg.model.checkpoint} ({spec.size}/{spec.patch_size}) at "
+             f"{cfg.data.img_size} px, {cfg.linprobe.pool} features (D={dim}), {num_classes} classes, {len(index.samples)} "
+             f"training images, global batch {global_batch}, lr {plan.base_lr:.3g}, {plan.total_steps} steps in "
+             f"{cfg.train.epochs} epochs"]
+    fields = {"mode": cfg.linprobe.mode, "checkpoint": str(cfg.model.checkpoint), "encoder": spec.__dict__,
+              "img_size": cfg.data.img_size, "pool": cfg.linprobe.pool, "num_classes": num_classes,
+              "global_batch_requested": cfg.train.batch_size}
+    return ProbeMethod(data, dim, num_classes, plan, accelerator, cfg.optim.weight_decay, cfg.optim.momentum, lines, fields)

@@ -24,16 +24,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from mae_et.curriculum.schedules import CurriculumPlan, plan_curriculum, relative_compute
+from mae_et.curriculum.schedules import relative_compute
 from mae_et.data.folder import PretrainBatch
 from mae_et.data.sources import open_source
 from mae_et.models.mae import MaskedAutoencoderViT, mae_vit
-from mae_et.recipes import ConfigError
 from mae_et.seeding import Family, mix64
 from mae_et.train.config import PretrainConfig, curriculum_stages
-from mae_et.train.monitors import knn_held_out_count, log_reconstructions, run_knn_monitor, standard_error
-from mae_et.train.optim import build_adamw, lr_at, scaled_lr, set_lr
-from mae_et.train.run import Run, checkpoint_due, checkpoint_every, format_log_line, steps_every
+from mae_et.train.monitors import (
+    knn_held_out_count,
+    log_reconstructions,
+    run_knn_monitor,
+    standard_error,
+)
+from mae_et.train.optim import build_adamw, set_lr
+from mae_et.train.plan import RunPlan, plan_run
+from mae_et.train.run import Run, checkpoint_due, format_log_line, steps_every
 from mae_et.train.step import MicroStepResult, TrainStep
 from mae_et.train.tracking import RunTracker
 
@@ -46,52 +51,23 @@ class PretrainResult:
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class Schedule:
-    """The run's plan in optimizer steps: curriculum stages, learning rate, and what is due when."""
+@dataclass(frozen=True)
+class Schedule(RunPlan):
+    """The run's plan in optimizer steps (`mae_et.train.plan`) and when the monitors are due."""
 
-    plan: CurriculumPlan
-    base_lr: float
-    warmup: float  # in budget progress
-    min_lr: float
-    end_step: int  # the plan's end, or train.max_steps
-    steps_per_epoch: int
-    global_batch: int
-    log_every: int
-    ckpt_every: int | None  # None: off, only the launch's last step
-    recon_every: int | None
-    knn_every: int | None
-
-    def lr(self, step: int) -> float:
-        return lr_at(self.plan.progress_at_step(step), self.base_lr, self.min_lr, self.warmup)
-
-    def due(self, step: int, every: int | None) -> bool:
-        return every is not None and (step % every == 0 or step == self.end_step)
+    recon_every: int | None = None
+    knn_every: int | None = None
 
 
-def plan_run(cfg: PretrainConfig, num_images: int, world: int) -> Schedule:
-    accum, micro_batch = cfg.train.accum_steps, cfg.train.batch_size
-    global_batch = micro_batch * world * accum
-    steps_per_epoch = num_images // (micro_batch * world) // accum
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"{num_images} images make no full optimizer step of global batch {global_batch} "
-            f"(train.batch_size x processes x train.accum_steps); lower train.batch_size or train.accum_steps"
-        )
+def plan_pretraining(cfg: PretrainConfig, num_images: int, world: int) -> Schedule:
     stages, budget = curriculum_stages(cfg)
-    plan = plan_curriculum(stages, budget, cfg.train.epochs, steps_per_epoch, cfg.data.crop_size)
+    base = plan_run(cfg, num_images, world, stages, budget, cfg.data.crop_size)
     t = cfg.tracking
 
     def every(epochs: float) -> int | None:
-        return steps_every(epochs, steps_per_epoch) if epochs > 0 else None
+        return steps_every(epochs, base.steps_per_epoch) if epochs > 0 else None
 
-    return Schedule(
-        plan=plan, base_lr=cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.blr, global_batch),
-        warmup=cfg.optim.warmup_epochs / cfg.train.epochs, min_lr=cfg.optim.min_lr,
-        end_step=min(plan.total_steps, cfg.train.max_steps or plan.total_steps), steps_per_epoch=steps_per_epoch,
-        global_batch=global_batch, log_every=cfg.train.log_every,
-        ckpt_every=checkpoint_every(cfg, steps_per_epoch),
-        recon_every=every(t.recon_every_epochs), knn_every=every(t.knn_every_epochs))
+    return Schedule(**vars(base), recon_every=every(t.recon_every_epochs), knn_every=every(t.knn_every_epochs))
 
 
 class LoopCounters:
@@ -165,7 +141,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
     data = open_source(cfg.data, cfg.train.seed, run.main, run.device)  # the source the config names
-    sched = plan_run(cfg, data.num_images, run.world)
+    sched = plan_pretraining(cfg, data.num_images, run.world)
     model, optimizer, train_step = build_training(cfg, sched, run.accelerator)
     raw_model: MaskedAutoencoderViT = run.accelerator.unwrap_model(model)
     found = run.resume(raw_model, optimizer)

@@ -17,7 +17,7 @@ from mae_et import checkpoint as ck
 from mae_et.data.folder import DataError
 from mae_et.data.labelled import shard_range
 from mae_et.evaluate.config import load_linprobe_config
-from mae_et.evaluate.finetune import RESULT_FILE
+from mae_et.evaluate.engine import RESULT_FILE
 from mae_et.evaluate.linprobe import FEATURES_DIR, clamp_global_batch, fit_probe_on_features, linprobe
 from mae_et.models.vit import LoadError
 from mae_et.recipes import ConfigError
