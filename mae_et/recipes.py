@@ -10,9 +10,11 @@ relative to the recipe) to inherit and override another recipe. Overrides come f
 closest valid one ("did you mean"), a value of the wrong type names the expected type, a YAML syntax error
 names the file, line and column, a `_base_` chain that reaches itself names the cycle.
 
-The rules on a single value are declared in the schema, once, beside the field (`Annotated[float, Positive]`,
-`Annotated[str, one_of("bf16", "fp16", "fp32")]`), and checked as the config is built; a stage's validation
-holds only what no single field can say (a crop that is a multiple of the patch, warmup within the epochs).
+The rules on a single value are declared in the schema, once, beside the field, and checked as the config is
+built: choices as `Literal` types (`Literal["bf16", "fp16", "fp32"]`; an unknown one names the closest), bounds as
+`Annotated[float, Positive]`, and a declared reading of YAML's booleans where a key takes words (`FromBool`). A
+stage's validation holds only what no single field can say (a crop that is a multiple of the patch, warmup within
+the epochs), and never changes the config it checks.
 
 Written by hand, not OmegaConf structured configs: see docs/libraries.md for the comparison.
 """
@@ -121,16 +123,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """A rule on one field's value, declared in the schema: `epochs: Annotated[float, Check(gt=0)]`.
+    """A bound on one field's value, declared in the schema: `epochs: Annotated[float, Check(gt=0)]`.
 
-    Bounds (`gt`, `ge`, `lt`, `le`) also require a finite number (inf and nan pass no bound); `choices` names
-    the allowed strings. Fails in one line naming the key, the rule and the value."""
+    Bounds (`gt`, `ge`, `lt`, `le`) also require a finite number (inf and nan pass no bound). Fails in one line
+    naming the key, the rule and the value."""
 
     gt: float | None = None
     ge: float | None = None
     lt: float | None = None
     le: float | None = None
-    choices: tuple[str, ...] | None = None
 
     def rule(self) -> str:
         low = f"({self.gt:g}" if self.gt is not None else f"[{self.ge:g}" if self.ge is not None else None
@@ -142,10 +143,6 @@ class Check:
         return f"{'<' if self.lt is not None else '<='} {high[:-1]}"
 
     def __call__(self, value: Any, dotted: str) -> None:
-        if self.choices is not None:
-            if value not in self.choices:
-                raise ConfigError(f"{dotted} '{value}' is unknown; choose one of {', '.join(self.choices)}")
-            return
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{dotted} must be a finite number {self.rule()}, got {value}")
         ok = ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
@@ -154,8 +151,14 @@ class Check:
             raise ConfigError(f"{dotted} must be {self.rule()}, got {value}")
 
 
-def one_of(*choices: str) -> Check:
-    return Check(choices=tuple(choices))
+@dataclasses.dataclass(frozen=True)
+class FromBool:
+    """How a key that takes words reads YAML 1.1's booleans (`off`, `no` -> false; `on`, `yes` -> true), declared
+    in the schema: `wandb: Annotated[WandbMode, FromBool(true="auto", false="off")]`. Applied as the config is
+    built, before the type is checked."""
+
+    true: str
+    false: str
 
 
 Positive = Check(gt=0)  # counts, sizes, rates, epochs
@@ -216,12 +219,24 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
     """Check `value` against a type hint; convert the harmless cases (int -> float, list -> tuple)."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is Annotated:  # a type with its rules: coerce to the type, then check each rule
+    if origin is Annotated:  # a type with its rules: read booleans as declared, coerce to the type, check each bound
+        for rule in args[1:]:
+            if isinstance(rule, FromBool) and isinstance(value, bool):
+                value = rule.true if value else rule.false
         value = _coerce(value, args[0], dotted)
         for rule in args[1:]:
             if isinstance(rule, Check):
                 rule(value, dotted)
         return value
+    if origin is typing.Literal:
+        if value in args and not isinstance(value, bool):
+            return value
+        if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off as booleans
+            raise ConfigError(f"{dotted} '{str(value).lower()}' is unknown (YAML reads yes/no/on/off as true/false); "
+                              f"choose one of {', '.join(map(str, args))}")
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{dotted} '{value}' is unknown; choose one of {', '.join(map(str, args))}{hint}")
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -8,11 +8,14 @@ done here on the whole batch instead of per image in the loader.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FREQUENCY_MODES = ("fft", "resize")
+FrequencyMode = Literal["fft", "resize"]  # the recipe key curriculum.mode
+FREQUENCY_MODES: tuple[str, ...] = get_args(FrequencyMode)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
-PRESETS = ("none", "et", "etpp")
-BUDGETS = ("epochs", "compute")
+Preset = Literal["none", "et", "etpp"]
+Budget = Literal["epochs", "compute"]
+PRESETS: tuple[str, ...] = get_args(Preset)
+BUDGETS: tuple[str, ...] = get_args(Budget)
 
 # Presets as published, for a 224 crop: (size at 224, fraction).
 _PRESETS_224: dict[str, tuple[tuple[int, float], ...]] = {

@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from dataclasses import replace as replaced
+from typing import Annotated, Any, Literal, Optional, get_args
 
-from mae_et.models.vit import FEATURE_POOLS, GLOBAL_POOLS
+from mae_et.models.vit import FeaturePool, GlobalPool
 from mae_et.recipes import (
     Check,
     ConfigError,
@@ -21,7 +22,6 @@ from mae_et.recipes import (
     build_config,
     load_yaml_recipe,
     merge_dicts,
-    one_of,
     parse_overrides,
 )
 from mae_et.train.config import (
@@ -32,12 +32,15 @@ from mae_et.train.config import (
     PositiveFloat,
     PositiveInt,
     Precision,
+    WandbMode,
     check_name,
     check_scale,
-    check_wandb,
+    check_warmup,
 )
 
-PROBE_MODES = ("online", "cached")
+ProbeMode = Literal["online", "cached"]
+MixupMode = Literal["batch", "pair", "elem"]  # timm Mixup: one draw per batch | per pair | per element
+PROBE_MODES = get_args(ProbeMode)
 
 
 # ----------------------------------------------------------------------------- shared sections
@@ -47,7 +50,7 @@ PROBE_MODES = ("online", "cached")
 class EvalModelConfig:
     # one of our pretraining run folders or checkpoint folders, an official MAE .pth, or timm ViT weights
     checkpoint: Optional[str] = None
-    global_pool: Annotated[str, one_of(*GLOBAL_POOLS)] = "avg"  # fine-tuning only: avg | token
+    global_pool: GlobalPool = "avg"  # fine-tuning only: avg | token
     drop_path: Annotated[float, Check(ge=0, lt=1)] = 0.1  # fine-tuning only: stochastic depth rate
 
 
@@ -63,7 +66,7 @@ class ClassificationDataConfig:
 
 @dataclass
 class EvalTrackingConfig:
-    wandb: Union[str, bool] = "auto"  # auto | online | offline | off (YAML reads off as false)
+    wandb: WandbMode = "auto"  # auto | online | offline | off
     project: str = "mae_et"
 
 
@@ -88,7 +91,7 @@ class FinetuneAugmentConfig:
     cutmix: NonNegativeFloat = 1.0
     mixup_prob: Annotated[float, UnitInterval] = 1.0
     mixup_switch_prob: Annotated[float, UnitInterval] = 0.5
-    mixup_mode: Annotated[str, one_of("batch", "pair", "elem")] = "batch"
+    mixup_mode: MixupMode = "batch"
     smoothing: Annotated[float, Check(ge=0, lt=1)] = 0.1
 
 
@@ -139,8 +142,8 @@ class FinetuneConfig:
 
 @dataclass
 class LinprobeSettings:
-    mode: Annotated[str, one_of(*PROBE_MODES)] = "online"  # online: augmented images through the frozen encoder each step (reference) | cached: features once
-    pool: Annotated[str, one_of(*FEATURE_POOLS)] = "cls"  # cls token after the final norm (the MAE protocol) | mean of the patch tokens
+    mode: ProbeMode = "online"  # online: augmented images through the frozen encoder each step (reference) | cached: features once
+    pool: FeaturePool = "cls"  # cls token after the final norm (the MAE protocol) | mean of the patch tokens
     encoder_batch: PositiveInt = 256  # images per frozen-encoder forward; a head batch is encoded in chunks of this
 
 
@@ -195,9 +198,7 @@ def _load(cls: type, path: str | Path | None, overrides: list[str] | None, defau
     data = load_yaml_recipe(path) if path is not None else {}
     data = merge_dicts(data, parse_overrides(overrides or []))
     cfg = build_config(cls, data)
-    if not cfg.name:
-        cfg.name = Path(path).stem if path is not None else default_name
-    return cfg
+    return replaced(cfg, name=cfg.name or (Path(path).stem if path is not None else default_name))
 
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
@@ -238,10 +239,7 @@ def _check_common(cfg: FinetuneConfig | LinprobeConfig) -> None:
             f"data.train_split '{d.train_split}' and data.val_split '{d.val_split}' must be two different "
             "sub-folders of data.root"
         )
-    t = cfg.train
-    if cfg.optim.warmup_epochs > t.epochs:
-        raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={t.epochs}], got {cfg.optim.warmup_epochs}")
-    check_wandb(cfg.tracking)
+    check_warmup(cfg)
     check_name(cfg.name)
 
 

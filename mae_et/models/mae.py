@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,9 @@ from mae_et.models.keys import compare_state, fmt_shape, is_decoder_key
 
 __all__ = [
     "MODEL_SIZES",
+    "ModelSize",
+    "PosEmbed",
+    "Target",
     "MAEOutput",
     "MaskedAutoencoderViT",
     "decoded_count",
@@ -43,9 +46,13 @@ MODEL_SIZES: dict[str, dict] = {
     "huge": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
 }
 
-POS_EMBED_MODES = ("grid", "extent")
+ModelSize = Literal["micro", "tiny", "small", "base", "large", "huge"]  # the keys of MODEL_SIZES (tested)
+# sin-cos positions at a reduced input size: the reduced grid's own | spread over the full crop's grid
+PosEmbed = Literal["grid", "extent"]
 # what the decoder predicts per patch: its pixels (MAE) or its histograms of oriented gradients (MaskFeat)
-TARGETS = ("pixel", "hog")
+Target = Literal["pixel", "hog"]
+POS_EMBED_MODES: tuple[str, ...] = get_args(PosEmbed)
+TARGETS: tuple[str, ...] = get_args(Target)
 
 
 def decoded_count(num_patches: int, mask_ratio: float, decode_fraction: float = 1.0) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 import torch.nn as nn
 import yaml
@@ -49,8 +49,10 @@ __all__ = [
 ]
 
 # the classifier's input: avg (mean of the patch tokens + fc_norm, MAE fine-tuning) | token (cls after the final norm)
-GLOBAL_POOLS = ("avg", "token")
-FEATURE_POOLS = ("cls", "mean")  # encoder_features: the cls token | the mean of the patch tokens (probe, kNN)
+GlobalPool = Literal["avg", "token"]  # the fine-tuning head's input: mean of the patch tokens (fc_norm) | the cls token
+FeaturePool = Literal["cls", "mean"]
+GLOBAL_POOLS: tuple[str, ...] = get_args(GlobalPool)
+FEATURE_POOLS: tuple[str, ...] = get_args(FeaturePool)  # encoder_features: the cls token | the mean of the patch tokens (probe, kNN)
 
 # safetensors metadata keys written by mae_et.evaluate.export (values are strings, as safetensors requires).
 META_SIZE = "mae_et.size"

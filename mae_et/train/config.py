@@ -10,42 +10,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from dataclasses import replace as replaced
+from typing import Annotated, Any, Literal, Optional, get_args
 
 from mae_et.curriculum import schedules as curriculum_lib
-from mae_et.curriculum.frequency import FREQUENCY_MODES
+from mae_et.curriculum.frequency import FrequencyMode
 from mae_et.data.sources import data_dir
+from mae_et.models.mae import MODEL_SIZES, ModelSize, PosEmbed, Target
 from mae_et.recipes import (
     Check,
     ConfigError,
+    FromBool,
     NonNegative,
     Positive,
     build_config,
     load_yaml_recipe,
     merge_dicts,
-    one_of,
     parse_overrides,
 )
 
 # ----------------------------------------------------------------------------- schema
 
-PRECISIONS = ("bf16", "fp16", "fp32")
-DATA_SOURCES = ("imagefolder", "fractal", "auto")
-PIPELINES = ("loader", "memory", "device_decode")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-WANDB_MODES = ("auto", "online", "offline", "off")
+# The choices of the recipe keys that take words, declared once: the coercer checks them (mae_et.recipes)
+Precision = Literal["bf16", "fp16", "fp32"]
+DataSource = Literal["imagefolder", "fractal", "auto"]  # auto: fractal unless data.root is given (resolved on load)
+Pipeline = Literal["loader", "memory", "device_decode"]
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# YAML 1.1 reads `off`/`no` as false and `on`/`yes` as true: read as the words they stand for
+WandbMode = Annotated[Literal["auto", "online", "offline", "off"], FromBool(true="auto", false="off")]
+PRECISIONS, DATA_SOURCES, PIPELINES = get_args(Precision), get_args(DataSource), get_args(Pipeline)
+COMPILE_MODES = get_args(CompileMode)
 
-# The rules the pretraining and evaluation schemas share (mae_et.evaluate.config uses them too)
+# The ranges the pretraining and evaluation schemas share (mae_et.evaluate.config uses them too; a test checks
+# that every key the configs have in common is declared alike)
 PositiveInt = Annotated[int, Positive]
 NonNegativeInt = Annotated[int, NonNegative]
 PositiveFloat = Annotated[float, Positive]
 NonNegativeFloat = Annotated[float, NonNegative]
-Precision = Annotated[str, one_of(*PRECISIONS)]
 
 
 @dataclass
 class ModelConfig:
-    size: str = "base"  # micro | tiny | small | base | large | huge
+    size: ModelSize = "base"
     patch_size: PositiveInt = 16
     decoder_embed_dim: PositiveInt = 512
     decoder_depth: PositiveInt = 8
@@ -54,21 +60,21 @@ class ModelConfig:
     mask_ratio: Annotated[float, Check(gt=0, lt=1)] = 0.75
     # sin-cos positions at a reduced input size B: grid (0..g-1, the reference: a location's code changes from
     # stage to stage) | extent (spread over the full crop's grid: fractional positions, as EfficientTrain's ViT)
-    pos_embed: Annotated[str, one_of("grid", "extent")] = "grid"
+    pos_embed: PosEmbed = "grid"
     # share of ALL patches the decoder reconstructs in training (CrossMAE's "kept mask ratio"), picked among the
     # masked ones by the mask's own noise; 1.0 (or >= mask_ratio) = every masked patch, the reference. The weights
     # do not change, and reconstructions shown to people (monitor, visualize) always decode every masked patch.
     decode_fraction: Annotated[float, Check(gt=0, le=1)] = 1.0
     # what the decoder predicts per masked patch: pixel (MAE) | hog (MaskFeat's histograms of oriented gradients,
     # EfficientTrain++'s published MAE recipe). hog needs norm_pix_loss: false (its cells are L2-normalised)
-    target: Annotated[str, one_of("pixel", "hog")] = "pixel"
+    target: Target = "pixel"
     hog_cell_size: PositiveInt = 8  # hog: cell side in px (MaskFeat: 8, i.e. 2 x 2 cells per 16-px patch); divides patch_size
     hog_bins: Annotated[int, Check(ge=2)] = 9  # hog: unsigned orientation bins over 180 degrees (MaskFeat: 9)
 
 
 @dataclass
 class DataConfig:
-    source: Annotated[str, one_of(*DATA_SOURCES)] = "imagefolder"  # imagefolder | fractal (generated, no files) | auto (fractal unless a root is given)
+    source: DataSource = "imagefolder"  # imagefolder | fractal (generated, no files) | auto (fractal unless a root is given)
     root: Optional[str] = None  # an ImageFolder: class sub-folders of images
     split: str = "train"  # sub-folder of root to pretrain on when it exists; "" = root itself
     crop_size: PositiveInt = 224  # RandomResizedCrop output side: the full curriculum size
@@ -79,7 +85,7 @@ class DataConfig:
     pin_memory: bool = True
     # how images reach the model: loader (PIL decode + crop in workers: portable), memory (decode once,
     # keep uint8 images on the device, crop on the device), device_decode (JPEG decode + crop on the device)
-    pipeline: Annotated[str, one_of(*PIPELINES)] = "loader"
+    pipeline: Pipeline = "loader"
     memory_size: Optional[PositiveInt] = None  # memory pipeline: stored side (default crop_size * 256/224)
     memory_on_device: bool = True  # memory pipeline: keep the store on the GPU (false: pinned CPU memory)
     fractal_classes: Annotated[int, Check(ge=2)] = 10  # data.source=fractal: K classes, each one iterated function system
@@ -88,10 +94,10 @@ class DataConfig:
 
 @dataclass
 class CurriculumConfig:
-    schedule: Annotated[str, one_of(*curriculum_lib.PRESETS, "custom")] = "none"  # custom: `stages` is required
+    schedule: Literal[curriculum_lib.Preset, "custom"] = "none"  # custom: `stages` is required
     stages: Optional[list[dict[str, Any]]] = None  # [{size: 160, fraction: 0.6}, ...] replaces the preset
-    budget: Optional[Annotated[str, one_of(*curriculum_lib.BUDGETS)]] = None  # epochs | compute; default: the preset's (et: epochs, etpp: compute)
-    mode: Annotated[str, one_of(*FREQUENCY_MODES)] = "fft"  # fft (EfficientTrain) | resize (EfficientTrain++)
+    budget: Optional[curriculum_lib.Budget] = None  # epochs | compute; default: the preset's (et: epochs, etpp: compute)
+    mode: FrequencyMode = "fft"  # fft (EfficientTrain) | resize (EfficientTrain++)
     # a floor on every stage's B (a multiple of the patch): e.g. 32 lifts etpp's 24-px stage at a 64 crop (a 3x3 grid
     # with 2 visible patches) to a 4x4 grid; the stage keeps its share of the budget. null: no floor
     min_size: Optional[PositiveInt] = None
@@ -116,7 +122,7 @@ class TrainConfig:
     precision: Precision = "bf16"  # bf16 | fp16 | fp32
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-reproducible CPU tests
-    compile: Annotated[str, one_of(*COMPILE_MODES)] = "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune: one graph per input size
+    compile: CompileMode = "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune: one graph per input size
     max_steps: Optional[PositiveInt] = None  # stop (with a checkpoint) after this optimizer step; resume later
     log_every: PositiveInt = 50  # optimizer steps between logged metrics (also when non-finite losses are checked)
     max_consecutive_nonfinite: PositiveInt = 5  # skipped updates in a row before the run stops
@@ -132,7 +138,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    wandb: Union[str, bool] = "auto"  # auto (online when logged in, else offline) | online | offline | off (YAML reads off as false)
+    wandb: WandbMode = "auto"  # auto (online when logged in, else offline) | online | offline | off
     project: str = "mae_et"
     recon_every_epochs: NonNegativeFloat = 20.0  # reconstruction grid cadence; 0 = off
     recon_images: PositiveInt = 8
@@ -162,11 +168,17 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = 
     """Recipe file + overrides -> a validated PretrainConfig (name defaults to the recipe's file name)."""
     data = load_yaml_recipe(path) if path is not None else {}
     data = merge_dicts(data, parse_overrides(overrides or []))
-    cfg = build_config(PretrainConfig, data)
-    if not cfg.name:
-        cfg.name = Path(path).stem if path is not None else "pretrain"
+    cfg = resolve_defaults(build_config(PretrainConfig, data), Path(path).stem if path is not None else "pretrain")
     validate_pretrain(cfg)
     return cfg
+
+
+def resolve_defaults(cfg: PretrainConfig, default_name: str) -> PretrainConfig:
+    """The defaults that depend on other keys, made explicit once on load (a new config, so the saved one says what
+    really ran): the name (the recipe's file name) and data.source=auto (fractal unless data.root is given)."""
+    name = cfg.name or default_name
+    source = ("imagefolder" if cfg.data.root else "fractal") if cfg.data.source == "auto" else cfg.data.source
+    return replaced(cfg, name=name, data=replaced(cfg.data, source=source))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -205,12 +217,9 @@ def curriculum_stages(cfg: PretrainConfig) -> tuple[list[curriculum_lib.Stage], 
 
 
 def validate_pretrain(cfg: PretrainConfig) -> None:
-    """What no single field can say (each field's own rule is in the schema); raises ConfigError in one line."""
-    from mae_et.models.mae import MODEL_SIZES  # local: keeps `config` importable without building models
-
-    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    if m.size not in MODEL_SIZES:
-        raise ConfigError(f"model.size '{m.size}' is unknown; choose one of {', '.join(MODEL_SIZES)}")
+    """What no single field can say (each field's own rule is in the schema); raises ConfigError in one line and
+    changes nothing."""
+    m, d = cfg.model, cfg.data
     check_heads(m.size, m.decoder_embed_dim, m.decoder_num_heads, MODEL_SIZES)
     check_target(m)
     if d.crop_size % m.patch_size != 0:
@@ -220,8 +229,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         )
     if d.memory_size is not None and d.memory_size < d.crop_size:
         raise ConfigError(f"data.memory_size {d.memory_size} is below data.crop_size {d.crop_size}; use null for the default")
-    if d.source == "auto":  # resolved once, here: the saved config says what really ran
-        d.source = "imagefolder" if d.root else "fractal"
+    if d.source == "auto":
+        raise ConfigError("data.source=auto is resolved on load (mae_et.train.config.resolve_defaults); validate its result")
     if d.source == "imagefolder":
         if d.root is None or not str(d.root).strip():
             raise ConfigError(
@@ -235,14 +244,12 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     check_scale("data.scale", d.scale)
     stages, _ = curriculum_stages(cfg)  # raises on a bad stage list
     check_masking(m.mask_ratio, [s.size for s in stages], m.patch_size)
-    if o.warmup_epochs > t.epochs:
-        raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={t.epochs}], got {o.warmup_epochs}")
+    check_warmup(cfg)
     if cfg.tracking.knn_every_epochs > 0 and d.source == "imagefolder" and not (Path(d.root) / cfg.tracking.knn_split).is_dir():
         raise ConfigError(
             f"the kNN monitor needs a labelled split '{Path(d.root) / cfg.tracking.knn_split}'; set tracking.knn_split=<folder "
             f"under data.root> or tracking.knn_every_epochs=0"
         )
-    check_wandb(cfg.tracking)
     check_name(cfg.name)
 
 
@@ -293,11 +300,10 @@ def check_scale(key: str, scale: tuple[float, float]) -> None:
         raise ConfigError(f"{key} must satisfy 0 < min <= max <= 1, got {list(scale)}")
 
 
-def check_wandb(tracking) -> None:
-    if isinstance(tracking.wandb, bool):  # YAML 1.1: `off`/`no` -> False, `on`/`yes` -> True
-        tracking.wandb = "auto" if tracking.wandb else "off"
-    if tracking.wandb not in WANDB_MODES:
-        raise ConfigError(f"tracking.wandb '{tracking.wandb}' is unknown; choose one of {', '.join(WANDB_MODES)}")
+def check_warmup(cfg) -> None:
+    """Warmup within the budget (any run config with `optim.warmup_epochs` and `train.epochs`)."""
+    if cfg.optim.warmup_epochs > cfg.train.epochs:
+        raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={cfg.train.epochs}], got {cfg.optim.warmup_epochs}")
 
 
 def check_name(name: str) -> None:

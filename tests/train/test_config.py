@@ -190,3 +190,82 @@ def test_an_invalid_value_on_the_command_line_is_one_line_and_exit_2(tmp_path, m
                            f"output_dir={tmp_path}", "model.patch_size=0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: model.patch_size must be > 0, got 0"
     assert not (tmp_path / CPU_RECIPE.stem).exists()
+
+
+def test_an_unknown_choice_names_the_closest_one(mini_root):
+    with pytest.raises(ConfigError, match=r"^train.precision 'bf61' is unknown; choose one of bf16, fp16, fp32; did you mean 'bf16'\?$"):
+        load(mini_root, "train.precision=bf61")
+    with pytest.raises(ConfigError, match=r"^model.size 'smal' is unknown; choose one of micro, .*; did you mean 'small'\?$"):
+        load(mini_root, "model.size=smal")
+    with pytest.raises(ConfigError, match=r"^curriculum.schedule 'true' is unknown"):  # a YAML boolean is no word here
+        load(mini_root, "curriculum.schedule=yes")
+
+
+def test_model_sizes_are_the_declared_choices():
+    from typing import get_args
+
+    from mae_et.models.mae import MODEL_SIZES, ModelSize
+
+    assert get_args(ModelSize) == tuple(MODEL_SIZES)
+
+
+def test_validation_changes_nothing_and_auto_is_resolved_on_load(mini_root, micro_run):
+    """Defaults that depend on other keys are made explicit by the loader; the validators only check."""
+    import copy
+
+    from mae_et.evaluate.config import load_finetune_config, load_linprobe_config, validate_finetune, validate_linprobe
+    from mae_et.train.config import validate_pretrain
+
+    cfg = load(mini_root, "data.source=auto", "tracking.wandb=off")
+    assert cfg.data.source == "imagefolder" and cfg.tracking.wandb == "off"
+    assert load_pretrain_config(CPU_RECIPE, ["data.source=auto"]).data.source == "fractal"
+    ft = load_finetune_config(REPO / "configs/finetune/vit-micro-p8_mae_cpu-test.yaml",
+                              [f"model.checkpoint={micro_run}", f"data.root={mini_root}", "tracking.wandb=false"])
+    lp = load_linprobe_config(REPO / "configs/linprobe/vit-micro-p8_mae_cpu-test.yaml",
+                              [f"model.checkpoint={micro_run}", f"data.root={mini_root}", "tracking.wandb=yes"])
+    assert (ft.tracking.wandb, lp.tracking.wandb) == ("off", "auto")
+    for c, validate in ((cfg, validate_pretrain), (ft, validate_finetune), (lp, validate_linprobe)):
+        before = copy.deepcopy(c)
+        validate(c)
+        assert c == before
+
+
+def test_no_validator_assigns_to_the_config():
+    """The config modules' check and validate functions read the config; none writes to it."""
+    import ast
+
+    for path in (REPO / "mae_et/train/config.py", REPO / "mae_et/evaluate/config.py"):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef) and fn.name.startswith(("validate", "check", "_check")):
+                writes = [ast.unparse(t) for node in ast.walk(fn) if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+                          for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Attribute)]
+                assert not writes, f"{path.name}:{fn.name} writes {writes}"
+
+
+def test_keys_the_configs_share_are_declared_alike():
+    """One range per key across pretraining, fine-tuning and the probe (the probe's epochs are whole: its
+    schedule is per epoch and it has no curriculum)."""
+    import dataclasses
+    import typing
+
+    from mae_et.evaluate.config import FinetuneConfig, LinprobeConfig
+
+    def declared(cls, prefix=""):
+        out, hints = {}, typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            out.update(declared(t, f"{prefix}{f.name}.") if dataclasses.is_dataclass(t) else {f"{prefix}{f.name}": t})
+        return out
+
+    configs = {c.__name__: declared(c) for c in (PretrainConfig, FinetuneConfig, LinprobeConfig)}
+    allowed = {("LinprobeConfig", "train.epochs")}
+    names = list(configs)
+    shared = 0
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for key in sorted(configs[a].keys() & configs[b].keys()):
+                shared += 1
+                if (a, key) in allowed or (b, key) in allowed:
+                    continue
+                assert configs[a][key] == configs[b][key], f"{key}: {a} declares {configs[a][key]}, {b} {configs[b][key]}"
+    assert shared > 40  # optim, train, checkpoint, tracking, data keys
