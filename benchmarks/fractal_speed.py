@@ -41,14 +41,21 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = []
-    print(f"| size | per sample, CPU (img/s, one thread) | batch {args.batch}, {device.type} (img/s) |\n| --- | --- | --- |")
+    print(
+        f"| size | per sample, CPU (img/s, one thread) | batch {args.batch}, {device.type} (img/s) |\n| --- | --- | "
+        "--- |"
+    )
     for size in args.sizes:
         data = FractalDataset(args.classes, 1000, size, seed=0)
         systems = [data.system(i % args.classes) for i in range(args.batch)]
         counter = iter(range(10**9))
         single = rate(lambda: render_fractal(systems[0], size, next(counter)), 1, args.seconds, torch.device("cpu"))
-        batched = rate(lambda: render_fractal_batch(systems, [next(counter) for _ in systems], size, device=device),
-                       args.batch, args.seconds, device)
+        batched = rate(
+            lambda: render_fractal_batch(systems, [next(counter) for _ in systems], size, device=device),
+            args.batch,
+            args.seconds,
+            device,
+        )
         rows.append({"size": size, "single_cpu": single, "batched": batched, "device": device.type})
         print(f"| {size} | {single:,.0f} | {batched:,.0f} |", flush=True)
     return rows

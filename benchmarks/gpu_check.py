@@ -74,26 +74,26 @@ sys.path.insert(0, str(BENCH))
 
 from fractal_speed import rate  # noqa: E402
 from throughput import (  # noqa: E402
+    COMPUTE_DTYPES,
     build_train_step,
-    hf_peer_config,
     count_params,
     device_name,
     end_to_end,
-    COMPUTE_DTYPES,
     fresh_accelerator,
+    hf_peer_config,
     matmul_tflops,
     step_flops,
     time_calls,
 )
 
-from mae_et.train.config import curriculum_stages, load_pretrain_config  # noqa: E402
 from mae_et.curriculum.schedules import plan_curriculum  # noqa: E402
 from mae_et.data.folder import scan_image_folder  # noqa: E402
-from mae_et.data.sources import data_dir, open_source  # noqa: E402
-from mae_et.train.pretrain import mask_noise, pretrain  # noqa: E402
 from mae_et.data.fractal import FractalDataset, render_fractal_batch  # noqa: E402
+from mae_et.data.sources import data_dir, open_source  # noqa: E402
 from mae_et.models.mae import MODEL_SIZES  # noqa: E402
+from mae_et.train.config import curriculum_stages, load_pretrain_config  # noqa: E402
 from mae_et.train.optim import build_adamw  # noqa: E402
+from mae_et.train.pretrain import mask_noise, pretrain  # noqa: E402
 from mae_et.train.step import TrainStep  # noqa: E402
 
 TRAVEL_DATA = REPO / ".data" / "imagenette-travel"
@@ -105,7 +105,9 @@ class Plan:
     same branches, tiny."""
 
     config: str  # recipe: decoder, patch, crop, precision
-    models: tuple[tuple[str, int, tuple[int, ...]], ...]  # (model size, batch, input sizes B); the first is the main one
+    models: tuple[
+        tuple[str, int, tuple[int, ...]], ...
+    ]  # (model size, batch, input sizes B); the first is the main one
     steps: int  # timed steps per step row
     warmup: int  # untimed steps before them (the first compiles)
     compile_order: tuple[tuple, ...]  # (index into models, B[, "partial"]): compiled rows in order of value
@@ -130,12 +132,18 @@ class Plan:
 GPU_PLAN = Plan(
     config=str(REPO / "configs/pretrain/mae_vit-base-p16_baseline_800e_imagenet.yaml"),
     models=(("base", 256, (224, 192, 160, 128, 96)), ("large", 128, (224,))),
-    steps=20, warmup=5,
+    steps=20,
+    warmup=5,
     compile_order=((0, 224), (0, 224, "partial"), (0, 96), (0, 160), (1, 224), (0, 192), (0, 128)),
     compile_guess_s=90.0,
-    e2e_sizes=(224, 96), e2e_steps=20, num_workers=8,
-    fractal_sizes=(64, 224), fractal_batch=256, fractal_seconds=2.0,
-    probe_batch=256, probe_epochs=6.0,
+    e2e_sizes=(224, 96),
+    e2e_steps=20,
+    num_workers=8,
+    fractal_sizes=(64, 224),
+    fractal_batch=256,
+    fractal_seconds=2.0,
+    probe_batch=256,
+    probe_epochs=6.0,
     matmul_n=8192,
     reserve_s={"e2e": 45.0, "hog": 20.0, "fractal": 10.0, "probe": 75.0},
     partial_sizes=(224, 96),
@@ -147,12 +155,18 @@ GPU_PLAN = Plan(
 DRY_PLAN = Plan(
     config=str(REPO / "configs/pretrain/mae_vit-micro-p8_et_cpu-test.yaml"),
     models=(("micro", 8, (48, 32)), ("micro", 4, (48,))),
-    steps=2, warmup=1,
+    steps=2,
+    warmup=1,
     compile_order=((0, 48), (0, 48, "partial"), (0, 32)),
     compile_guess_s=20.0,
-    e2e_sizes=(48, 32), e2e_steps=2, num_workers=0,
-    fractal_sizes=(32,), fractal_batch=4, fractal_seconds=0.2,
-    probe_batch=16, probe_epochs=1.0,
+    e2e_sizes=(48, 32),
+    e2e_steps=2,
+    num_workers=0,
+    fractal_sizes=(32,),
+    fractal_batch=4,
+    fractal_seconds=0.2,
+    probe_batch=16,
+    probe_epochs=1.0,
     matmul_n=256,
     reserve_s={"e2e": 5.0, "hog": 2.0, "fractal": 1.0, "probe": 10.0},
     compile_backend="eager",
@@ -176,8 +190,21 @@ class Report:
         self.out = out
         self.t0 = time.perf_counter() if t0 is None else t0
         self.budget_s = budget_s
-        self.data = {**header, "budget_s": budget_s, "elapsed_s": 0.0, "step": [], "ratios": [], "size_speedups": [],
-                     "e2e": [], "hog": [], "fractal": [], "probe": None, "skipped": [], "failed": [], "targets": []}
+        self.data = {
+            **header,
+            "budget_s": budget_s,
+            "elapsed_s": 0.0,
+            "step": [],
+            "ratios": [],
+            "size_speedups": [],
+            "e2e": [],
+            "hog": [],
+            "fractal": [],
+            "probe": None,
+            "skipped": [],
+            "failed": [],
+            "targets": [],
+        }
         out.mkdir(parents=True, exist_ok=True)
 
     def elapsed(self) -> float:
@@ -190,8 +217,12 @@ class Report:
         """True when `estimate_s` fits in what is left after `reserve_s` (kept for later sections); else a skip."""
         if estimate_s <= self.left() - reserve_s:
             return True
-        self.skip(section, item, f"needs about {estimate_s:.0f} s; {max(self.left(), 0):.0f} s of the "
-                                 f"{self.budget_s:.0f} s budget left, {reserve_s:.0f} s of it kept for later sections")
+        self.skip(
+            section,
+            item,
+            f"needs about {estimate_s:.0f} s; {max(self.left(), 0):.0f} s of the "
+            f"{self.budget_s:.0f} s budget left, {reserve_s:.0f} s of it kept for later sections",
+        )
         return False
 
     @contextmanager
@@ -229,7 +260,9 @@ class Report:
         print(f"FAILED {section} {item}: {type(error).__name__}: {error}", flush=True)
         if not isinstance(error, OutOfTime):
             traceback.print_exc()
-        self.data["failed"].append({"section": section, "item": item, "error": f"{type(error).__name__}: {error}"[:2000]})
+        self.data["failed"].append(
+            {"section": section, "item": item, "error": f"{type(error).__name__}: {error}"[:2000]}
+        )
         self.save()
 
     def add(self, section: str, row) -> None:
@@ -274,17 +307,27 @@ def package_version(name: str) -> str | None:
 def environment() -> dict:
     try:
         import transformers  # noqa: F401 - importable, not only installed
+
         hf = package_version("transformers")
     except ImportError:
         hf = None
     cuda = torch.cuda.is_available()
-    env = {"device": device_name(), "torch": torch.__version__, "transformers": hf, "cuda": cuda,
-           "date": datetime.datetime.now().isoformat(timespec="seconds"), "python": sys.version.split()[0],
-           **{name: package_version(name) for name in ("timm", "accelerate", "torchvision")}}
+    env = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "transformers": hf,
+        "cuda": cuda,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        **{name: package_version(name) for name in ("timm", "accelerate", "torchvision")},
+    }
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu_memory_gib=props.total_memory / 2**30, multiprocessors=props.multi_processor_count,
-                   cuda_version=torch.version.cuda)
+        env.update(
+            gpu_memory_gib=props.total_memory / 2**30,
+            multiprocessors=props.multi_processor_count,
+            cuda_version=torch.version.cuda,
+        )
     return env
 
 
@@ -306,17 +349,35 @@ class OurModel:
     def compiled_step(self, accelerator, mode: str, backend: str) -> TrainStep:
         if self.compiled is None:  # same weights and optimizer: only the forward is wrapped
             c = self.cfg
-            self.compiled = TrainStep(accelerator, self.eager.model, self.eager.optimizer, c.model.mask_ratio,
-                                      c.curriculum.mode, c.optim.clip_grad, compile_mode=mode, sizes=self.sizes,
-                                      compile_backend=backend, decode_fraction=c.model.decode_fraction)
+            self.compiled = TrainStep(
+                accelerator,
+                self.eager.model,
+                self.eager.optimizer,
+                c.model.mask_ratio,
+                c.curriculum.mode,
+                c.optim.clip_grad,
+                compile_mode=mode,
+                sizes=self.sizes,
+                compile_backend=backend,
+                decode_fraction=c.model.decode_fraction,
+            )
         return self.compiled
 
     def partial_step(self, accelerator, cfg, mode: str, backend: str) -> TrainStep:
         """The same weights and optimizer, the decoder on the visible + cfg.model.decode_fraction of the patches."""
         if mode not in self.partial:
-            self.partial[mode] = TrainStep(accelerator, self.eager.model, self.eager.optimizer, cfg.model.mask_ratio,
-                                           cfg.curriculum.mode, cfg.optim.clip_grad, compile_mode=mode, sizes=self.sizes,
-                                           compile_backend=backend, decode_fraction=cfg.model.decode_fraction)
+            self.partial[mode] = TrainStep(
+                accelerator,
+                self.eager.model,
+                self.eager.optimizer,
+                cfg.model.mask_ratio,
+                cfg.curriculum.mode,
+                cfg.optim.clip_grad,
+                compile_mode=mode,
+                sizes=self.sizes,
+                compile_backend=backend,
+                decode_fraction=cfg.model.decode_fraction,
+            )
         return self.partial[mode]
 
 
@@ -339,8 +400,10 @@ class StepBench:
     def cfg_for(self, model_size: str, batch: int, partial: bool = False, hog: bool = False):
         share = [f"model.decode_fraction={self.plan.partial_fraction}"] if partial else []
         target = ["model.target=hog", "model.norm_pix_loss=false"] if hog else []
-        return load_pretrain_config(self.plan.config, [*self.base_overrides, f"model.size={model_size}",
-                                                       f"train.batch_size={batch}", *share, *target])
+        return load_pretrain_config(
+            self.plan.config,
+            [*self.base_overrides, f"model.size={model_size}", f"train.batch_size={batch}", *share, *target],
+        )
 
     def estimate_s(self, model_size: str, batch: int, size: int, cfg, build: bool) -> float:
         """Seconds for one step row: FLOPs at the lowest MFU seen so far (10% before any), plus a model build."""
@@ -353,21 +416,44 @@ class StepBench:
     def compile_estimate_s(self, model_size: str) -> float:
         """Seconds to compile one graph: the slowest per block so far (dynamo unrolls the blocks), else the guess."""
         depth = MODEL_SIZES[model_size]["depth"]
-        per_block = [r["compile_s"] / MODEL_SIZES[r["model"]]["depth"] for r in self.report.data["step"] if "compile_s" in r]
+        per_block = [
+            r["compile_s"] / MODEL_SIZES[r["model"]]["depth"] for r in self.report.data["step"] if "compile_s" in r
+        ]
         main_depth = MODEL_SIZES[self.plan.models[0][0]]["depth"]
         return depth * (max(per_block) if per_block else self.plan.compile_guess_s / main_depth)
 
     def later_reserve(self) -> float:
         return sum(self.plan.reserve_s.values())
 
-    def record(self, impl: str, model_size: str, batch: int, size: int, compile_mode: str, timing, cfg, params: int,
-               extra: dict | None = None) -> dict:
+    def record(
+        self,
+        impl: str,
+        model_size: str,
+        batch: int,
+        size: int,
+        compile_mode: str,
+        timing,
+        cfg,
+        params: int,
+        extra: dict | None = None,
+    ) -> dict:
         img_s = batch / timing.seconds_per_step
         flops = step_flops(cfg, model_size, size)
-        row = {"impl": impl, "model": model_size, "batch": batch, "size": size, "compile": compile_mode,
-               "img_s": img_s, "step_ms": 1000 * timing.seconds_per_step, "gflop_per_image": flops / 1e9,
-               "mfu": flops * img_s / (self.peak_tflops * 1e12), "peak_mem_gib": timing.peak_mem_gib,
-               "first_call_s": timing.first_call_s, "params": params, **(extra or {})}
+        row = {
+            "impl": impl,
+            "model": model_size,
+            "batch": batch,
+            "size": size,
+            "compile": compile_mode,
+            "img_s": img_s,
+            "step_ms": 1000 * timing.seconds_per_step,
+            "gflop_per_image": flops / 1e9,
+            "mfu": flops * img_s / (self.peak_tflops * 1e12),
+            "peak_mem_gib": timing.peak_mem_gib,
+            "first_call_s": timing.first_call_s,
+            "params": params,
+            **(extra or {}),
+        }
         self.report.add("step", row)
         print(format_step_row(row), flush=True)
         return row
@@ -384,7 +470,9 @@ class StepBench:
     def time_ours(self, ours: OurModel, size: int, step: TrainStep, compile_mode: str, partial_cfg=None) -> dict:
         """One row of ours; with partial_cfg, the partial step (impl "ours_partial", its FLOPs at its share)."""
         crop = ours.cfg.data.crop_size
-        images = torch.randint(0, 256, (ours.batch, 3, crop, crop), dtype=torch.uint8, device=self.device)  # (n, 3, S, S)
+        images = torch.randint(
+            0, 256, (ours.batch, 3, crop, crop), dtype=torch.uint8, device=self.device
+        )  # (n, 3, S, S)
         noise = mask_noise(0, 0, 0, 0, (ours.batch, (size // ours.cfg.model.patch_size) ** 2), self.device)  # (n, L)
         others = allocated() - owned_bytes(step.model, step.optimizer)
         timing = time_calls(lambda: step(images, size, noise), self.plan.steps, self.plan.warmup, self.device, others)
@@ -394,8 +482,17 @@ class StepBench:
             extra["compile_s"] = max(timing.first_call_s - timing.seconds_per_step, 0.0)
         if partial_cfg is not None:
             extra["decode_fraction"] = partial_cfg.model.decode_fraction
-        return self.record("ours" if partial_cfg is None else "ours_partial", ours.size, ours.batch, size, compile_mode,
-                           timing, ours.cfg if partial_cfg is None else partial_cfg, count_params(step.model), extra)
+        return self.record(
+            "ours" if partial_cfg is None else "ours_partial",
+            ours.size,
+            ours.batch,
+            size,
+            compile_mode,
+            timing,
+            ours.cfg if partial_cfg is None else partial_cfg,
+            count_params(step.model),
+            extra,
+        )
 
     def partial_eager(self, index: int) -> None:
         """Ours decoding a share of the patches (model.decode_fraction), eager, at the plan's partial sizes."""
@@ -403,12 +500,15 @@ class StepBench:
         cfg = self.cfg_for(model_size, batch, partial=True)
         for size in self.plan.partial_sizes:
             item = f"ours_partial {model_size} b{batch} B={size} eager"
-            if not self.report.fits("step", item, self.estimate_s(model_size, batch, size, cfg, index not in self.ours)):
+            if not self.report.fits(
+                "step", item, self.estimate_s(model_size, batch, size, cfg, index not in self.ours)
+            ):
                 continue
             with self.report.guard("step", item):
                 ours = self.ours.get(index) or self.build_ours(index)
-                self.time_ours(ours, size, ours.partial_step(self.accelerator, cfg, "none", self.plan.compile_backend),
-                               "none", cfg)
+                self.time_ours(
+                    ours, size, ours.partial_step(self.accelerator, cfg, "none", self.plan.compile_backend), "none", cfg
+                )
 
     def ours_eager(self, index: int) -> None:
         model_size, batch, sizes = self.plan.models[index]
@@ -429,8 +529,11 @@ class StepBench:
             import transformers  # noqa: F401
         except ImportError:
             for size in sizes:
-                self.report.skip("step", f"hf {model_size} b{batch} B={size}",
-                                 "transformers is not installed (pip install -e '.[bench]')")
+                self.report.skip(
+                    "step",
+                    f"hf {model_size} b{batch} B={size}",
+                    "transformers is not installed (pip install -e '.[bench]')",
+                )
             return
         cfg = self.cfg_for(model_size, batch)
         peer: list = []  # [model, optimizer] once built
@@ -467,8 +570,17 @@ class StepBench:
         others = allocated() - owned_bytes(model, optimizer)
         timing = time_calls(run, self.plan.steps, self.plan.warmup, self.device, others)
         attn = getattr(accelerator.unwrap_model(model).config, "_attn_implementation", None)
-        return self.record("hf", model_size, batch, size, "none", timing, cfg, count_params(model),
-                           {"attn_implementation": attn, "interpolate_pos_encoding": interpolate})
+        return self.record(
+            "hf",
+            model_size,
+            batch,
+            size,
+            "none",
+            timing,
+            cfg,
+            count_params(model),
+            {"attn_implementation": attn, "interpolate_pos_encoding": interpolate},
+        )
 
     # -- ours compiled
 
@@ -486,8 +598,12 @@ class StepBench:
                 self.report.skip("step", item, "an earlier compiled row was stopped at its limit")
                 continue
             if self.compile_spent + compile_est > self.args.compile_cap_s:
-                self.report.skip("step", item, f"compile cap: {self.compile_spent:.0f} s spent + about {compile_est:.0f} s "
-                                               f"for this graph > --compile-cap-s {self.args.compile_cap_s:.0f}")
+                self.report.skip(
+                    "step",
+                    item,
+                    f"compile cap: {self.compile_spent:.0f} s spent + about {compile_est:.0f} s "
+                    f"for this graph > --compile-cap-s {self.args.compile_cap_s:.0f}",
+                )
                 continue
             estimate = compile_est + self.estimate_s(model_size, batch, size, cfg, index not in self.ours)
             if not self.report.fits("step", item, estimate, self.later_reserve()):
@@ -499,12 +615,21 @@ class StepBench:
                 ours = self.ours.get(index) or self.build_ours(index)
                 if partial:
                     pcfg = self.cfg_for(model_size, batch, partial=True)
-                    self.time_ours(ours, size, ours.partial_step(self.accelerator, pcfg, mode, self.plan.compile_backend),
-                                   mode, pcfg)
+                    self.time_ours(
+                        ours,
+                        size,
+                        ours.partial_step(self.accelerator, pcfg, mode, self.plan.compile_backend),
+                        mode,
+                        pcfg,
+                    )
                 else:
-                    self.time_ours(ours, size, ours.compiled_step(self.accelerator, mode, self.plan.compile_backend), mode)
+                    self.time_ours(
+                        ours, size, ours.compiled_step(self.accelerator, mode, self.plan.compile_backend), mode
+                    )
             self.compile_spent += time.perf_counter() - t0
-            stopped = len(self.report.data["failed"]) > failures and "OutOfTime" in self.report.data["failed"][-1]["error"]
+            stopped = (
+                len(self.report.data["failed"]) > failures and "OutOfTime" in self.report.data["failed"][-1]["error"]
+            )
 
     def drop(self, index: int) -> None:
         self.ours.pop(index, None)
@@ -524,12 +649,29 @@ def step_ratios(report: Report, crop: int) -> None:
                 ratio[f"{r['impl']}_{r['compile']}_over_hf"] = r["img_s"] / hf["img_s"]
         report.data["ratios"].append(ratio)
     for r in rows:
-        full = next((x for x in rows if x["impl"] == r["impl"] and x["model"] == r["model"] and x["batch"] == r["batch"]
-                     and x["compile"] == r["compile"] and x["size"] == crop), None)
+        full = next(
+            (
+                x
+                for x in rows
+                if x["impl"] == r["impl"]
+                and x["model"] == r["model"]
+                and x["batch"] == r["batch"]
+                and x["compile"] == r["compile"]
+                and x["size"] == crop
+            ),
+            None,
+        )
         if full is not None and r["size"] != crop:
-            report.data["size_speedups"].append({"impl": r["impl"], "model": r["model"], "batch": r["batch"],
-                                                 "compile": r["compile"], "size": r["size"],
-                                                 "over_full_size": r["img_s"] / full["img_s"]})
+            report.data["size_speedups"].append(
+                {
+                    "impl": r["impl"],
+                    "model": r["model"],
+                    "batch": r["batch"],
+                    "compile": r["compile"],
+                    "size": r["size"],
+                    "over_full_size": r["img_s"] / full["img_s"],
+                }
+            )
     report.save()
 
 
@@ -538,8 +680,11 @@ def step_ratios(report: Report, crop: int) -> None:
 
 def best_step(report: Report, ours: OurModel, size: int) -> tuple[TrainStep, dict | None]:
     """The fastest of our measured steps at this B (compiled when that row ran)."""
-    rows = [r for r in report.data["step"] if r["impl"] == "ours" and r["model"] == ours.size
-            and r["batch"] == ours.batch and r["size"] == size]
+    rows = [
+        r
+        for r in report.data["step"]
+        if r["impl"] == "ours" and r["model"] == ours.size and r["batch"] == ours.batch and r["size"] == size
+    ]
     best = max(rows, key=lambda r: r["img_s"], default=None)
     if best is not None and best["compile"] != "none" and ours.compiled is not None:
         return ours.compiled, best
@@ -553,9 +698,17 @@ def end_to_end_rows(report: Report, plan: Plan, bench: StepBench, data_root: Pat
         return
     reserve = plan.reserve_s["hog"] + plan.reserve_s["fractal"] + plan.reserve_s["probe"]
     for pipeline in ("memory", "device_decode"):
-        cfg = load_pretrain_config(plan.config, [*bench.base_overrides, f"model.size={ours.size}",
-                                                 f"train.batch_size={ours.batch}", f"data.root={data_root}",
-                                                 f"data.pipeline={pipeline}", f"data.num_workers={plan.num_workers}"])
+        cfg = load_pretrain_config(
+            plan.config,
+            [
+                *bench.base_overrides,
+                f"model.size={ours.size}",
+                f"train.batch_size={ours.batch}",
+                f"data.root={data_root}",
+                f"data.pipeline={pipeline}",
+                f"data.num_workers={plan.num_workers}",
+            ],
+        )
         if report.fits("e2e", pipeline, plan.reserve_s["e2e"] / 2, reserve):
             with report.guard("e2e", pipeline, report.left() - reserve):
                 e2e_pipeline(report, plan, cfg, ours, bench.device)
@@ -565,18 +718,36 @@ def end_to_end_rows(report: Report, plan: Plan, bench: StepBench, data_root: Pat
 def e2e_pipeline(report: Report, plan: Plan, cfg, ours: OurModel, device: torch.device) -> None:
     """Real JPEGs through cfg.data.pipeline into our fastest step at each B: img/s, data-wait share, x the step."""
     t0 = time.perf_counter()
-    data = open_source(cfg.data, cfg.train.seed, main=True, device=device)  # memory: every image decoded once, here (open_s)
+    data = open_source(
+        cfg.data, cfg.train.seed, main=True, device=device
+    )  # memory: every image decoded once, here (open_s)
     open_s = time.perf_counter() - t0
     for size in plan.e2e_sizes:
         step, step_row = best_step(report, ours, size)
         img_s, wait = end_to_end(cfg, data, step, size, plan.e2e_steps, plan.warmup, device)
         step_img_s = step_row["img_s"] if step_row else None
-        report.add("e2e", {"pipeline": cfg.data.pipeline, "model": ours.size, "batch": ours.batch, "size": size,
-                           "compile": step.compile_mode, "img_s": img_s, "data_wait": wait, "open_s": open_s,
-                           "num_images": data.num_images, "num_workers": cfg.data.num_workers, "step_img_s": step_img_s,
-                           "fraction_of_step": img_s / step_img_s if step_img_s else None})
-        print(f"e2e {cfg.data.pipeline} B={size} ({step.compile_mode}): {img_s:,.0f} img/s, {100 * wait:.0f}% data wait"
-              + (f", {100 * img_s / step_img_s:.0f}% of the step" if step_img_s else ""), flush=True)
+        report.add(
+            "e2e",
+            {
+                "pipeline": cfg.data.pipeline,
+                "model": ours.size,
+                "batch": ours.batch,
+                "size": size,
+                "compile": step.compile_mode,
+                "img_s": img_s,
+                "data_wait": wait,
+                "open_s": open_s,
+                "num_images": data.num_images,
+                "num_workers": cfg.data.num_workers,
+                "step_img_s": step_img_s,
+                "fraction_of_step": img_s / step_img_s if step_img_s else None,
+            },
+        )
+        print(
+            f"e2e {cfg.data.pipeline} B={size} ({step.compile_mode}): {img_s:,.0f} img/s, {100 * wait:.0f}% data wait"
+            + (f", {100 * img_s / step_img_s:.0f}% of the step" if step_img_s else ""),
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------- the HOG target
@@ -587,8 +758,11 @@ def hog_rows(report: Report, plan: Plan, bench: StepBench) -> None:
     at the same B, and the HOG target alone on a (batch, 3, B, B) float batch: its share of the HOG step."""
     model_size, batch, _ = plan.models[0]
     cfg = bench.cfg_for(model_size, batch, hog=True)
-    pixel = {r["size"]: r for r in report.data["step"] if r["impl"] == "ours" and r["compile"] == "none"
-             and (r["model"], r["batch"]) == (model_size, batch)}
+    pixel = {
+        r["size"]: r
+        for r in report.data["step"]
+        if r["impl"] == "ours" and r["compile"] == "none" and (r["model"], r["batch"]) == (model_size, batch)
+    }
     reserve = plan.reserve_s["fractal"] + plan.reserve_s["probe"]
     step = None
     for size in plan.hog_sizes:
@@ -599,21 +773,33 @@ def hog_rows(report: Report, plan: Plan, bench: StepBench) -> None:
             if step is None:
                 step = build_train_step(cfg, bench.accelerator, list(plan.hog_sizes), compile_mode="none")
             crop = cfg.data.crop_size
-            images = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=bench.device)  # (n, 3, S, S)
+            images = torch.randint(
+                0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=bench.device
+            )  # (n, 3, S, S)
             noise = mask_noise(0, 0, 0, 0, (batch, (size // cfg.model.patch_size) ** 2), bench.device)  # (n, L)
             timing = time_calls(lambda: step(images, size, noise), plan.steps, plan.warmup, bench.device)
             row = bench.record("ours_hog", model_size, batch, size, "none", timing, cfg, count_params(step.model))
             hog = bench.accelerator.unwrap_model(step.model).hog
             pixels = torch.randn(batch, 3, size, size, device=bench.device)  # (n, 3, B, B): what the loss sees
             target = time_calls(lambda: hog(pixels), plan.steps, plan.warmup, bench.device)
-            entry = {"model": model_size, "batch": batch, "size": size, "hog_step_ms": row["step_ms"],
-                     "hog_target_ms": 1000 * target.seconds_per_step,
-                     "target_share": target.seconds_per_step / timing.seconds_per_step,
-                     "pixel_step_ms": pixel[size]["step_ms"] if size in pixel else None}
-            entry["hog_over_pixel_step"] = entry["hog_step_ms"] / entry["pixel_step_ms"] if entry["pixel_step_ms"] else None
+            entry = {
+                "model": model_size,
+                "batch": batch,
+                "size": size,
+                "hog_step_ms": row["step_ms"],
+                "hog_target_ms": 1000 * target.seconds_per_step,
+                "target_share": target.seconds_per_step / timing.seconds_per_step,
+                "pixel_step_ms": pixel[size]["step_ms"] if size in pixel else None,
+            }
+            entry["hog_over_pixel_step"] = (
+                entry["hog_step_ms"] / entry["pixel_step_ms"] if entry["pixel_step_ms"] else None
+            )
             report.add("hog", entry)
-            print(f"hog B={size}: target {entry['hog_target_ms']:.2f} ms = {100 * entry['target_share']:.1f}% of the HOG "
-                  f"step ({entry['hog_step_ms']:.1f} ms)", flush=True)
+            print(
+                f"hog B={size}: target {entry['hog_target_ms']:.2f} ms = {100 * entry['target_share']:.1f}% of the HOG "
+                f"step ({entry['hog_step_ms']:.1f} ms)",
+                flush=True,
+            )
     step = None  # the HOG model's memory back before the next section
     free_memory()
 
@@ -629,8 +815,12 @@ def fractal_rows(report: Report, plan: Plan, device: torch.device) -> None:
             data = FractalDataset(10, 1000, size, seed=0)
             systems = [data.system(i % 10) for i in range(plan.fractal_batch)]
             counter = itertools.count()
-            img_s = rate(lambda: render_fractal_batch(systems, [next(counter) for _ in systems], size, device=device),
-                         plan.fractal_batch, plan.fractal_seconds, device)  # one warm-up call, then timed calls
+            img_s = rate(
+                lambda: render_fractal_batch(systems, [next(counter) for _ in systems], size, device=device),
+                plan.fractal_batch,
+                plan.fractal_seconds,
+                device,
+            )  # one warm-up call, then timed calls
             report.add("fractal", {"size": size, "batch": plan.fractal_batch, "device": device.type, "img_s": img_s})
             print(f"fractal B={size} batch {plan.fractal_batch} on {device.type}: {img_s:,.0f} img/s", flush=True)
 
@@ -638,13 +828,30 @@ def fractal_rows(report: Report, plan: Plan, device: torch.device) -> None:
 # ----------------------------------------------------------------------------- section e: training probe
 
 
-def probe_overrides(plan: Plan, base_overrides: list[str], data_root: Path, out: Path, name: str, schedule: str) -> list[str]:
-    return [*base_overrides, f"data.root={data_root}", "data.pipeline=memory", f"data.num_workers={plan.num_workers}",
-            f"train.batch_size={plan.probe_batch}", f"train.epochs={plan.probe_epochs}", "train.accum_steps=1",
-            f"optim.warmup_epochs={plan.probe_epochs / 4}", "train.compile=none", f"curriculum.schedule={schedule}",
-            f"output_dir={out}", f"name={name}", "tracking.wandb=off", "tracking.recon_every_epochs=0",
-            "tracking.knn_every_epochs=0", "checkpoint.resume=false", f"checkpoint.every_steps={10**9}",
-            "checkpoint.keep_last=1", "train.max_steps=null"]
+def probe_overrides(
+    plan: Plan, base_overrides: list[str], data_root: Path, out: Path, name: str, schedule: str
+) -> list[str]:
+    return [
+        *base_overrides,
+        f"data.root={data_root}",
+        "data.pipeline=memory",
+        f"data.num_workers={plan.num_workers}",
+        f"train.batch_size={plan.probe_batch}",
+        f"train.epochs={plan.probe_epochs}",
+        "train.accum_steps=1",
+        f"optim.warmup_epochs={plan.probe_epochs / 4}",
+        "train.compile=none",
+        f"curriculum.schedule={schedule}",
+        f"output_dir={out}",
+        f"name={name}",
+        "tracking.wandb=off",
+        "tracking.recon_every_epochs=0",
+        "tracking.knn_every_epochs=0",
+        "checkpoint.resume=false",
+        f"checkpoint.every_steps={10**9}",
+        "checkpoint.keep_last=1",
+        "train.max_steps=null",
+    ]
 
 
 def planned_flops_ratio(cfg) -> float:
@@ -668,12 +875,21 @@ def probe_run(plan: Plan, base_overrides: list[str], data_root: Path, tmp: Path,
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     last = lines[-1]
     train_s = last["elapsed_s"] - last["overhead_s"]  # the loop, less the final checkpoint's bookkeeping
-    return {"schedule": schedule, "steps": result.step, "images": result.step * cfg.train.batch_size,
-            "model": cfg.model.size, "batch": cfg.train.batch_size, "compile": cfg.train.compile,
-            "train_s": train_s, "img_s": result.step * cfg.train.batch_size / train_s,
-            "first_loss": lines[0]["loss"], "last_loss": last["loss"], "loss_falling": last["loss"] < lines[0]["loss"],
-            "curve": [{"step": x["step"], "size": x["size"], "loss": x["loss"]} for x in lines],
-            "planned_flops_ratio": planned_flops_ratio(cfg)}
+    return {
+        "schedule": schedule,
+        "steps": result.step,
+        "images": result.step * cfg.train.batch_size,
+        "model": cfg.model.size,
+        "batch": cfg.train.batch_size,
+        "compile": cfg.train.compile,
+        "train_s": train_s,
+        "img_s": result.step * cfg.train.batch_size / train_s,
+        "first_loss": lines[0]["loss"],
+        "last_loss": last["loss"],
+        "loss_falling": last["loss"] < lines[0]["loss"],
+        "curve": [{"step": x["step"], "size": x["size"], "loss": x["loss"]} for x in lines],
+        "planned_flops_ratio": planned_flops_ratio(cfg),
+    }
 
 
 def probe(report: Report, plan: Plan, base_overrides: list[str], data_root: Path) -> None:
@@ -684,15 +900,20 @@ def probe(report: Report, plan: Plan, base_overrides: list[str], data_root: Path
         for name, schedule in (("baseline", "none"), ("et", "et")):
             with report.guard("probe", name):
                 runs[name] = r = probe_run(plan, base_overrides, data_root, Path(tmp), f"probe_{name}", schedule)
-                print(f"probe {name}: {r['steps']} steps, {r['train_s']:.1f} s, loss {r['first_loss']:.4f} -> "
-                      f"{r['last_loss']:.4f}", flush=True)
+                print(
+                    f"probe {name}: {r['steps']} steps, {r['train_s']:.1f} s, loss {r['first_loss']:.4f} -> "
+                    f"{r['last_loss']:.4f}",
+                    flush=True,
+                )
             AcceleratorState._reset_state(True)
             free_memory()
     entry = {"runs": runs}
     if len(runs) == 2:
         entry["wall_ratio"] = runs["et"]["train_s"] / runs["baseline"]["train_s"]
         entry["planned_flops_ratio"] = runs["et"]["planned_flops_ratio"]
-        print(f"probe: et / baseline wall time {entry['wall_ratio']:.3f} (FLOPs ratio {entry['planned_flops_ratio']:.3f})")
+        print(
+            f"probe: et / baseline wall time {entry['wall_ratio']:.3f} (FLOPs ratio {entry['planned_flops_ratio']:.3f})"
+        )
     report.add("probe", entry)
 
 
@@ -732,20 +953,37 @@ def targets(data: dict, plan: Plan, crop: int) -> list[dict]:
     out = []
 
     def add(name, value, goal, met, note=""):
-        out.append({"target": name, "measured": value, "goal": goal, "met": met if value is not None else None,
-                    "note": note})
+        out.append(
+            {"target": name, "measured": value, "goal": goal, "met": met if value is not None else None, "note": note}
+        )
 
     full = best(main_size, main_batch, crop)
     peer = hf.get((main_size, main_batch, crop))
     ratio = full["img_s"] / peer["img_s"] if full and peer else None
-    add(f"{main_size} b{main_batch} B={crop}: ours / HF", ratio, ">= 2.0", ratio is not None and ratio >= 2.0,
-        f"ours {full['compile']}" if full else "")
-    partial = max((r for r in data["step"] if r["impl"] == "ours_partial" and (r["model"], r["batch"], r["size"])
-                   == (main_size, main_batch, crop)), key=lambda r: r["img_s"], default=None)
+    add(
+        f"{main_size} b{main_batch} B={crop}: ours / HF",
+        ratio,
+        ">= 2.0",
+        ratio is not None and ratio >= 2.0,
+        f"ours {full['compile']}" if full else "",
+    )
+    partial = max(
+        (
+            r
+            for r in data["step"]
+            if r["impl"] == "ours_partial" and (r["model"], r["batch"], r["size"]) == (main_size, main_batch, crop)
+        ),
+        key=lambda r: r["img_s"],
+        default=None,
+    )
     p_ratio = partial["img_s"] / peer["img_s"] if partial and peer else None
-    add(f"{main_size} b{main_batch} B={crop}: ours partial ({plan.partial_fraction:g} decoded) / HF full", p_ratio,
-        ">= 1.5 (the CPU target at ViT-S/16; none set for the GPU)", p_ratio is not None and p_ratio >= 1.5,
-        f"ours {partial['compile']}" if partial else "")
+    add(
+        f"{main_size} b{main_batch} B={crop}: ours partial ({plan.partial_fraction:g} decoded) / HF full",
+        p_ratio,
+        ">= 1.5 (the CPU target at ViT-S/16; none set for the GPU)",
+        p_ratio is not None and p_ratio >= 1.5,
+        f"ours {partial['compile']}" if partial else "",
+    )
     for size, goal in ((round(crop * 160 / 224), 1.8), (round(crop * 96 / 224), 3.5)):
         for mode in modes:
             a, b = ours.get((main_size, main_batch, size, mode)), ours.get((main_size, main_batch, crop, mode))
@@ -755,19 +993,32 @@ def targets(data: dict, plan: Plan, crop: int) -> list[dict]:
     if len(plan.models) > 1:
         l_size, l_batch, _ = plan.models[1]
         r = best(l_size, l_batch, crop)
-        add(f"{l_size} b{l_batch} B={crop} img/s", r["img_s"] if r else None, ">= 2600", r is not None and r["img_s"] >= 2600)
+        add(
+            f"{l_size} b{l_batch} B={crop} img/s",
+            r["img_s"] if r else None,
+            ">= 2600",
+            r is not None and r["img_s"] >= 2600,
+        )
     for h in data["hog"]:
-        add(f"{h['model']} b{h['batch']} B={h['size']}: HOG target / HOG step", h["target_share"], "<= 0.05",
-            h["target_share"] <= 0.05)
+        add(
+            f"{h['model']} b{h['batch']} B={h['size']}: HOG target / HOG step",
+            h["target_share"],
+            "<= 0.05",
+            h["target_share"] <= 0.05,
+        )
     for e in data["e2e"]:
         v = e["fraction_of_step"]
         add(f"end to end {e['pipeline']} B={e['size']} / step", v, ">= 0.90", v is not None and v >= 0.9)
     for mode in modes:
         r = ours.get((main_size, main_batch, crop, mode))
         if r:
-            add(f"{main_size} b{main_batch} B={crop} peak GiB (compile {mode})", r["peak_mem_gib"], "<= 14.4",
+            add(
+                f"{main_size} b{main_batch} B={crop} peak GiB (compile {mode})",
+                r["peak_mem_gib"],
+                "<= 14.4",
                 r["peak_mem_gib"] is not None and r["peak_mem_gib"] <= 14.4,
-                "" if r["peak_mem_gib"] is not None else "CUDA only")
+                "" if r["peak_mem_gib"] is not None else "CUDA only",
+            )
     return out
 
 
@@ -785,9 +1036,19 @@ def table(title: str, head: tuple[str, ...], rows: list[list]) -> list[str]:
 
 
 def step_cells(r: dict) -> list:
-    return [r["impl"], r["model"], r["batch"], r["size"], r["compile"], fmt(r["img_s"]), f"{r['step_ms']:.1f}",
-            f"{r['gflop_per_image']:.2f}", f"{100 * r['mfu']:.1f}%", fmt(r["peak_mem_gib"], ".2f"),
-            fmt(r.get("compile_s"), ".0f")]
+    return [
+        r["impl"],
+        r["model"],
+        r["batch"],
+        r["size"],
+        r["compile"],
+        fmt(r["img_s"]),
+        f"{r['step_ms']:.1f}",
+        f"{r['gflop_per_image']:.2f}",
+        f"{100 * r['mfu']:.1f}%",
+        fmt(r["peak_mem_gib"], ".2f"),
+        fmt(r.get("compile_s"), ".0f"),
+    ]
 
 
 def format_step_row(r: dict) -> str:
@@ -795,44 +1056,127 @@ def format_step_row(r: dict) -> str:
 
 
 def compiled_over_hf(r: dict, impl: str = "ours") -> float | None:
-    return next((v for k, v in r.items() if k.startswith(f"{impl}_") and k.endswith("_over_hf")
-                 and k != f"{impl}_none_over_hf" and (impl == "ours_partial" or not k.startswith("ours_partial_"))), None)
+    return next(
+        (
+            v
+            for k, v in r.items()
+            if k.startswith(f"{impl}_")
+            and k.endswith("_over_hf")
+            and k != f"{impl}_none_over_hf"
+            and (impl == "ours_partial" or not k.startswith("ours_partial_"))
+        ),
+        None,
+    )
 
 
 def markdown(d: dict) -> str:
-    lines = [f"# gpu_check: {d['device']}", "",
-             f"torch {d['torch']}, transformers {d['transformers'] or 'not installed'}, {d['date']}; "
-             f"matmul {fmt(d.get('matmul_tflops'), '.4g')} TFLOP/s (MFU denominator {fmt(d.get('peak_tflops'), '.4g')}); "
-             f"{d['elapsed_s']:.0f} s of a {d['budget_s']:.0f} s budget" + ("; DRY RUN (CPU, tiny)" if d.get("dry_run") else "")]
+    lines = [
+        f"# gpu_check: {d['device']}",
+        "",
+        f"torch {d['torch']}, transformers {d['transformers'] or 'not installed'}, {d['date']}; "
+        f"matmul {fmt(d.get('matmul_tflops'), '.4g')} TFLOP/s (MFU denominator {fmt(d.get('peak_tflops'), '.4g')}); "
+        f"{d['elapsed_s']:.0f} s of a {d['budget_s']:.0f} s budget"
+        + ("; DRY RUN (CPU, tiny)" if d.get("dry_run") else ""),
+    ]
     lines += table("Train step (input on the device)", STEP_HEAD, [step_cells(r) for r in d["step"]])
-    lines += table("Ours / Hugging Face ViTMAE, same run",
-                   ("model", "batch", "B", "HF img/s", "ours eager / HF", "ours compiled / HF", "ours partial eager / HF",
-                    "ours partial compiled / HF"),
-                   [[r["model"], r["batch"], r["size"], fmt(r["hf_img_s"]), fmt(r.get("ours_none_over_hf"), ".2f"),
-                     fmt(compiled_over_hf(r), ".2f"), fmt(r.get("ours_partial_none_over_hf"), ".2f"),
-                     fmt(compiled_over_hf(r, "ours_partial"), ".2f")] for r in d["ratios"]])
-    lines += table("Each B against the full size, same implementation", ("impl", "model", "compile", "B", "x full size"),
-                   [[r["impl"], r["model"], r["compile"], r["size"], f"{r['over_full_size']:.2f}"] for r in d["size_speedups"]])
-    lines += table("End to end", ("pipeline", "B", "step", "img/s", "data wait", "x step"),
-                   [[r["pipeline"], r["size"], r["compile"], fmt(r["img_s"]), f"{100 * r['data_wait']:.0f}%",
-                     fmt(r["fraction_of_step"], ".2f")] for r in d["e2e"]])
-    lines += table("HOG target (model.target=hog), eager", ("model", "batch", "B", "HOG step ms", "target ms",
-                                                           "target / HOG step", "pixel step ms", "HOG / pixel step"),
-                   [[r["model"], r["batch"], r["size"], f"{r['hog_step_ms']:.1f}", f"{r['hog_target_ms']:.2f}",
-                     f"{100 * r['target_share']:.1f}%", fmt(r["pixel_step_ms"], ".1f"), fmt(r["hog_over_pixel_step"], ".3f")]
-                    for r in d.get("hog", [])])
-    lines += table("Fractal renderer, batched", ("B", "batch", "device", "img/s"),
-                   [[r["size"], r["batch"], r["device"], fmt(r["img_s"])] for r in d["fractal"]])
+    lines += table(
+        "Ours / Hugging Face ViTMAE, same run",
+        (
+            "model",
+            "batch",
+            "B",
+            "HF img/s",
+            "ours eager / HF",
+            "ours compiled / HF",
+            "ours partial eager / HF",
+            "ours partial compiled / HF",
+        ),
+        [
+            [
+                r["model"],
+                r["batch"],
+                r["size"],
+                fmt(r["hf_img_s"]),
+                fmt(r.get("ours_none_over_hf"), ".2f"),
+                fmt(compiled_over_hf(r), ".2f"),
+                fmt(r.get("ours_partial_none_over_hf"), ".2f"),
+                fmt(compiled_over_hf(r, "ours_partial"), ".2f"),
+            ]
+            for r in d["ratios"]
+        ],
+    )
+    lines += table(
+        "Each B against the full size, same implementation",
+        ("impl", "model", "compile", "B", "x full size"),
+        [[r["impl"], r["model"], r["compile"], r["size"], f"{r['over_full_size']:.2f}"] for r in d["size_speedups"]],
+    )
+    lines += table(
+        "End to end",
+        ("pipeline", "B", "step", "img/s", "data wait", "x step"),
+        [
+            [
+                r["pipeline"],
+                r["size"],
+                r["compile"],
+                fmt(r["img_s"]),
+                f"{100 * r['data_wait']:.0f}%",
+                fmt(r["fraction_of_step"], ".2f"),
+            ]
+            for r in d["e2e"]
+        ],
+    )
+    lines += table(
+        "HOG target (model.target=hog), eager",
+        ("model", "batch", "B", "HOG step ms", "target ms", "target / HOG step", "pixel step ms", "HOG / pixel step"),
+        [
+            [
+                r["model"],
+                r["batch"],
+                r["size"],
+                f"{r['hog_step_ms']:.1f}",
+                f"{r['hog_target_ms']:.2f}",
+                f"{100 * r['target_share']:.1f}%",
+                fmt(r["pixel_step_ms"], ".1f"),
+                fmt(r["hog_over_pixel_step"], ".3f"),
+            ]
+            for r in d.get("hog", [])
+        ],
+    )
+    lines += table(
+        "Fractal renderer, batched",
+        ("B", "batch", "device", "img/s"),
+        [[r["size"], r["batch"], r["device"], fmt(r["img_s"])] for r in d["fractal"]],
+    )
     runs = d["probe"]["runs"] if d["probe"] else {}
-    lines += table("Training probe: baseline vs et, same images", ("run", "steps", "images", "train s", "img/s", "loss first -> last"),
-                   [[name, r["steps"], r["images"], f"{r['train_s']:.1f}", fmt(r["img_s"]),
-                     f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}"] for name, r in runs.items()])
+    lines += table(
+        "Training probe: baseline vs et, same images",
+        ("run", "steps", "images", "train s", "img/s", "loss first -> last"),
+        [
+            [
+                name,
+                r["steps"],
+                r["images"],
+                f"{r['train_s']:.1f}",
+                fmt(r["img_s"]),
+                f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}",
+            ]
+            for name, r in runs.items()
+        ],
+    )
     if d["probe"] and "wall_ratio" in d["probe"]:
-        lines += ["", f"et / baseline wall time: {d['probe']['wall_ratio']:.3f} "
-                      f"(FLOPs ratio of the schedule: {d['probe']['planned_flops_ratio']:.3f})"]
-    lines += table("Targets (reported, not asserted)", ("target", "measured", "goal", "met"),
-                   [[t["target"], fmt(t["measured"], ",.2f"), t["goal"], f"{fmt(t['met'], '')} {t['note']}"]
-                    for t in d["targets"]])
+        lines += [
+            "",
+            f"et / baseline wall time: {d['probe']['wall_ratio']:.3f} "
+            f"(FLOPs ratio of the schedule: {d['probe']['planned_flops_ratio']:.3f})",
+        ]
+    lines += table(
+        "Targets (reported, not asserted)",
+        ("target", "measured", "goal", "met"),
+        [
+            [t["target"], fmt(t["measured"], ",.2f"), t["goal"], f"{fmt(t['met'], '')} {t['note']}"]
+            for t in d["targets"]
+        ],
+    )
     lines += ["", "## Skipped", ""] + [f"- {s['section']} {s['item']}: {s['reason']}" for s in d["skipped"]]
     lines += ["", "## Failed", ""] + [f"- {s['section']} {s['item']}: {s['error']}" for s in d["failed"]]
     return "\n".join(lines) + "\n"
@@ -843,17 +1187,31 @@ def markdown(d: dict) -> str:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md (the device tool's $OUT)")
-    parser.add_argument("--data", default=None,
-                        help=f"ImageFolder for sections c and e (default: {TRAVEL_DATA.relative_to(REPO)} when present, "
-                             "else JPEGs made on the spot)")
+    parser.add_argument(
+        "--out", required=True, help="folder for gpu_check.json and gpu_check.md (the device tool's $OUT)"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help=f"ImageFolder for sections c and e (default: {TRAVEL_DATA.relative_to(REPO)} when present, "
+        "else JPEGs made on the spot)",
+    )
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run")
-    parser.add_argument("--compile-cap-s", type=float, default=300.0, help="seconds all torch.compile graphs may take together")
+    parser.add_argument(
+        "--compile-cap-s", type=float, default=300.0, help="seconds all torch.compile graphs may take together"
+    )
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled rows")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: the matmul measured here)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="MFU denominator (default: the matmul measured here)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="the same branches on any device, tiny (CI)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "compile", "large", "e2e", "hog", "fractal", "probe"],
-                        help="sections to leave out (recorded as skipped)")
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["hf", "compile", "large", "e2e", "hog", "fractal", "probe"],
+        help="sections to leave out (recorded as skipped)",
+    )
     return parser.parse_args(argv)
 
 
@@ -903,19 +1261,29 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     plan = DRY_PLAN if args.dry_run else GPU_PLAN
     base_overrides = ["data.source=imagefolder", f"data.root={REPO}", *plan.extra_overrides]
-    header = {**environment(), "dry_run": args.dry_run, "args": vars(args), "compile_mode": args.compile_mode,
-              "compile_backend": plan.compile_backend, "plan": plan.__dict__}
+    header = {
+        **environment(),
+        "dry_run": args.dry_run,
+        "args": vars(args),
+        "compile_mode": args.compile_mode,
+        "compile_backend": plan.compile_backend,
+        "plan": plan.__dict__,
+    }
     report = Report(Path(args.out), args.budget_s, header, t0=T0 if argv is None else None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # in the dtype its step rows compute in (bf16 on a GPU): an fp32 row is not measured against a bf16 peak
     base_cfg = load_pretrain_config(plan.config, base_overrides)
     peak_dtype = COMPUTE_DTYPES[base_cfg.train.precision]
     report.data["matmul_dtype"] = str(peak_dtype)[6:]
-    report.data["matmul_tflops"] = matmul_tflops(device, plan.matmul_n if device.type == "cuda" else min(plan.matmul_n, 1024),
-                                                 peak_dtype)
+    report.data["matmul_tflops"] = matmul_tflops(
+        device, plan.matmul_n if device.type == "cuda" else min(plan.matmul_n, 1024), peak_dtype
+    )
     report.data["peak_tflops"] = args.peak_tflops or report.data["matmul_tflops"]
-    print(f"{report.data['device']}; torch {report.data['torch']}; transformers {report.data['transformers']}; "
-          f"matmul {report.data['matmul_tflops']:.1f} TFLOP/s; budget {args.budget_s:.0f} s", flush=True)
+    print(
+        f"{report.data['device']}; torch {report.data['torch']}; transformers {report.data['transformers']}; "
+        f"matmul {report.data['matmul_tflops']:.1f} TFLOP/s; budget {args.budget_s:.0f} s",
+        flush=True,
+    )
     if not torch.cuda.is_available():
         report.skip("step", "peak memory", "CUDA only: torch.cuda.max_memory_allocated")
     crop = base_cfg.data.crop_size

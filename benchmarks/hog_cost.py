@@ -19,7 +19,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
@@ -39,13 +38,25 @@ CONTENDERS = ("pixel_step", "hog_step", "hog_target")
 
 def row_config(row: RowSpec, target: str):
     width, depth, heads = row.decoder
-    return load_pretrain_config(RECIPE, [
-        f"model.size={row.size}", f"model.patch_size={row.patch}", f"model.decoder_embed_dim={width}",
-        f"model.decoder_depth={depth}", f"model.decoder_num_heads={heads}", f"model.target={target}",
-        f"model.norm_pix_loss={'true' if target == 'pixel' else 'false'}", f"data.crop_size={row.img}",
-        f"train.batch_size={row.batch}", "train.accum_steps=1", "train.precision=fp32", "train.compile=none",
-        f"optim.clip_grad={CLIP}", "data.source=fractal",  # no files are read: the recipe's folder need not exist
-    ])
+    return load_pretrain_config(
+        RECIPE,
+        [
+            f"model.size={row.size}",
+            f"model.patch_size={row.patch}",
+            f"model.decoder_embed_dim={width}",
+            f"model.decoder_depth={depth}",
+            f"model.decoder_num_heads={heads}",
+            f"model.target={target}",
+            f"model.norm_pix_loss={'true' if target == 'pixel' else 'false'}",
+            f"data.crop_size={row.img}",
+            f"train.batch_size={row.batch}",
+            "train.accum_steps=1",
+            "train.precision=fp32",
+            "train.compile=none",
+            f"optim.clip_grad={CLIP}",
+            "data.source=fractal",  # no files are read: the recipe's folder need not exist
+        ],
+    )
 
 
 class Contender(TimedSteps):
@@ -54,8 +65,9 @@ class Contender(TimedSteps):
     def __init__(self, name: str, row: RowSpec):
         self.name, self.row = name, row
         images = random_images(row)  # (n, 3, S, S) uint8
-        step = build_train_step(row_config(row, "pixel" if name == "pixel_step" else "hog"), fresh_accelerator("fp32"),
-                                [row.img])
+        step = build_train_step(
+            row_config(row, "pixel" if name == "pixel_step" else "hog"), fresh_accelerator("fp32"), [row.img]
+        )
         if name == "hog_target":
             hog = step.accelerator.unwrap_model(step.model).hog
             pixels = normalize_on_device(images)  # (n, 3, S, S) float: what the step's loss sees
@@ -66,9 +78,13 @@ class Contender(TimedSteps):
 
 def bench_row(row: RowSpec, rounds: int, warmup: int) -> dict:
     runs, order_log, med = alternate([Contender(name, row) for name in CONTENDERS], row, rounds, warmup)
-    ratios = {clock: {"hog_target_over_hog_step": med["hog_target"][clock] / med["hog_step"][clock],
-                      "hog_step_over_pixel_step": med["hog_step"][clock] / med["pixel_step"][clock]}
-              for clock in ("cpu_s", "wall_s")}
+    ratios = {
+        clock: {
+            "hog_target_over_hog_step": med["hog_target"][clock] / med["hog_step"][clock],
+            "hog_step_over_pixel_step": med["hog_step"][clock] / med["pixel_step"][clock],
+        }
+        for clock in ("cpu_s", "wall_s")
+    }
     return {"row": row.__dict__, "rounds": rounds, "order": order_log, "runs": runs, "median": med, "ratios": ratios}
 
 
@@ -76,22 +92,30 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
     lines = []
     for name, r in rows.items():
         share = r["ratios"]["cpu_s"]["hog_target_over_hog_step"]
-        lines.append(f"{name}: the HOG target is {100 * share:.2f}% of the HOG step's CPU time (target <= "
-                     f"{100 * MAX_TARGET_SHARE:.0f}%): {'PASS' if share <= MAX_TARGET_SHARE else 'FAIL'}; HOG step / pixel step "
-                     f"{r['ratios']['cpu_s']['hog_step_over_pixel_step']:.3f}")
+        lines.append(
+            f"{name}: the HOG target is {100 * share:.2f}% of the HOG step's CPU time (target <= "
+            f"{100 * MAX_TARGET_SHARE:.0f}%): {'PASS' if share <= MAX_TARGET_SHARE else 'FAIL'}; HOG step / pixel step "
+            f"{r['ratios']['cpu_s']['hog_step_over_pixel_step']:.3f}"
+        )
     return lines
 
 
 def markdown(result: dict) -> str:
-    lines = [f"HOG target cost, {result['device']}, {result['threads']} thread(s), torch {result['torch']}; medians of "
-             f"{result['rounds']} alternating rounds; per training step (fp32, fused AdamW, grad clip 1.0)", "",
-             "| row | batch | pixel step CPU s | HOG step CPU s | HOG target CPU s | target / HOG step | HOG / pixel step | "
-             "(wall) target / HOG step |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"HOG target cost, {result['device']}, {result['threads']} thread(s), torch {result['torch']}; medians of "
+        f"{result['rounds']} alternating rounds; per training step (fp32, fused AdamW, grad clip 1.0)",
+        "",
+        "| row | batch | pixel step CPU s | HOG step CPU s | HOG target CPU s | target / HOG step | HOG / pixel step | "
+        "(wall) target / HOG step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in result["rows"].items():
         m, q = r["median"], r["ratios"]
-        lines.append(f"| {name} | {r['row']['batch']} | {m['pixel_step']['cpu_s']:.3f} | {m['hog_step']['cpu_s']:.3f} | "
-                     f"{m['hog_target']['cpu_s']:.4f} | {100 * q['cpu_s']['hog_target_over_hog_step']:.2f}% | "
-                     f"{q['cpu_s']['hog_step_over_pixel_step']:.3f} | {100 * q['wall_s']['hog_target_over_hog_step']:.2f}% |")
+        lines.append(
+            f"| {name} | {r['row']['batch']} | {m['pixel_step']['cpu_s']:.3f} | {m['hog_step']['cpu_s']:.3f} | "
+            f"{m['hog_target']['cpu_s']:.4f} | {100 * q['cpu_s']['hog_target_over_hog_step']:.2f}% | "
+            f"{q['cpu_s']['hog_step_over_pixel_step']:.3f} | {100 * q['wall_s']['hog_target_over_hog_step']:.2f}% |"
+        )
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in result["verdicts"]) + "\n"
 
 

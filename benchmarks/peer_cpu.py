@@ -26,9 +26,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -48,8 +48,10 @@ from mae_et.train.pretrain import mask_noise  # noqa: E402
 RECIPE = REPO / "configs" / "pretrain" / "mae_vit-base-p16_baseline_800e_imagenet.yaml"
 CLIP = 1.0
 PARTIAL = 0.25  # CrossMAE's kept mask ratio: a quarter of all patches decoded
-TARGETS = {"full_vs_hf_max_time_ratio": 1.05,  # ours full within 5% of HF on the same work
-           "partial_vs_hf_min_speedup_vit-s16_224px": 1.5}  # ours partial >= 1.5x faster than HF full at ViT-S/16 224
+TARGETS = {
+    "full_vs_hf_max_time_ratio": 1.05,  # ours full within 5% of HF on the same work
+    "partial_vs_hf_min_speedup_vit-s16_224px": 1.5,
+}  # ours partial >= 1.5x faster than HF full at ViT-S/16 224
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,25 @@ ROWS = {
 
 def row_config(row: RowSpec, decode_fraction: float):
     width, depth, heads = row.decoder
-    return load_pretrain_config(RECIPE, [
-        f"model.size={row.size}", f"model.patch_size={row.patch}", f"model.decoder_embed_dim={width}",
-        f"model.decoder_depth={depth}", f"model.decoder_num_heads={heads}", "model.norm_pix_loss=true",
-        f"model.decode_fraction={decode_fraction}", f"data.crop_size={row.img}", f"train.batch_size={row.batch}",
-        "train.accum_steps=1", "train.precision=fp32", "train.compile=none", f"optim.clip_grad={CLIP}",
-        "data.source=fractal",  # no files are read: the recipe's folder need not exist
-    ])
+    return load_pretrain_config(
+        RECIPE,
+        [
+            f"model.size={row.size}",
+            f"model.patch_size={row.patch}",
+            f"model.decoder_embed_dim={width}",
+            f"model.decoder_depth={depth}",
+            f"model.decoder_num_heads={heads}",
+            "model.norm_pix_loss=true",
+            f"model.decode_fraction={decode_fraction}",
+            f"data.crop_size={row.img}",
+            f"train.batch_size={row.batch}",
+            "train.accum_steps=1",
+            "train.precision=fp32",
+            "train.compile=none",
+            f"optim.clip_grad={CLIP}",
+            "data.source=fractal",  # no files are read: the recipe's folder need not exist
+        ],
+    )
 
 
 def hf_model(cfg):
@@ -96,7 +110,9 @@ class TimedSteps:
     run: Callable[[torch.Tensor], object]  # one training step with this (n, L) mask noise
 
     def noise(self, i: int) -> torch.Tensor:
-        return mask_noise(0, i, 0, 0, (self.row.batch, (self.row.img // self.row.patch) ** 2), torch.device("cpu"))  # (n, L)
+        return mask_noise(
+            0, i, 0, 0, (self.row.batch, (self.row.img // self.row.patch) ** 2), torch.device("cpu")
+        )  # (n, L)
 
     def timed(self, first_step: int, steps: int) -> dict[str, float]:
         noises = [self.noise(first_step + i) for i in range(steps)]
@@ -108,7 +124,9 @@ class TimedSteps:
 
 def random_images(row: RowSpec) -> torch.Tensor:
     """(n, 3, S, S) uint8, the same for every contender (seeded)."""
-    return torch.randint(0, 256, (row.batch, 3, row.img, row.img), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return torch.randint(
+        0, 256, (row.batch, 3, row.img, row.img), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def alternate(contenders: list[TimedSteps], row: RowSpec, rounds: int, warmup: int) -> tuple[dict, list, dict]:
@@ -125,9 +143,15 @@ def alternate(contenders: list[TimedSteps], row: RowSpec, rounds: int, warmup: i
         order_log.append([c.name for c in order])
         for c in order:
             runs[c.name].append(c.timed(r * row.steps, row.steps))
-        print(f"  {row.name} round {r + 1}/{rounds}: " + ", ".join(
-            f"{name} {runs[name][-1]['cpu_s']:.4f} CPU-s/step" for name in runs), flush=True)
-    med = {name: {clock: statistics.median(x[clock] for x in rs) for clock in ("wall_s", "cpu_s")} for name, rs in runs.items()}
+        print(
+            f"  {row.name} round {r + 1}/{rounds}: "
+            + ", ".join(f"{name} {runs[name][-1]['cpu_s']:.4f} CPU-s/step" for name in runs),
+            flush=True,
+        )
+    med = {
+        name: {clock: statistics.median(x[clock] for x in rs) for clock in ("wall_s", "cpu_s")}
+        for name, rs in runs.items()
+    }
     return runs, order_log, med
 
 
@@ -162,17 +186,31 @@ class Contender(TimedSteps):
 
 
 def bench_row(row: RowSpec, rounds: int, warmup: int) -> dict:
-    contenders = [Contender("ours_full", row, 1.0), Contender("ours_partial", row, PARTIAL), Contender("hf_full", row, None)]
+    contenders = [
+        Contender("ours_full", row, 1.0),
+        Contender("ours_partial", row, PARTIAL),
+        Contender("hf_full", row, None),
+    ]
     counts = {c.name: c.params for c in contenders}
     if len(set(counts.values())) != 1:
         raise SystemExit(f"row {row.name}: the models differ ({counts} trainable parameters); nothing to compare")
     runs, order_log, med = alternate(contenders, row, rounds, warmup)
-    for name, m in med.items():
+    for m in med.values():
         m["img_s_cpu"], m["img_s_wall"] = row.batch / m["cpu_s"], row.batch / m["wall_s"]
-    ratios = {f"{ours}_over_hf": {clock: med[ours][clock] / med["hf_full"][clock] for clock in ("cpu_s", "wall_s")}
-              for ours in ("ours_full", "ours_partial")}
-    return {"row": row.__dict__, "params": counts["ours_full"], "decode_fraction_partial": PARTIAL, "rounds": rounds,
-            "order": order_log, "runs": runs, "median": med, "time_ratio": ratios}
+    ratios = {
+        f"{ours}_over_hf": {clock: med[ours][clock] / med["hf_full"][clock] for clock in ("cpu_s", "wall_s")}
+        for ours in ("ours_full", "ours_partial")
+    }
+    return {
+        "row": row.__dict__,
+        "params": counts["ours_full"],
+        "decode_fraction_partial": PARTIAL,
+        "rounds": rounds,
+        "order": order_log,
+        "runs": runs,
+        "median": med,
+        "time_ratio": ratios,
+    }
 
 
 def verdicts(rows: dict[str, dict]) -> list[str]:
@@ -180,29 +218,39 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
     for name, r in rows.items():
         full = r["time_ratio"]["ours_full_over_hf"]["cpu_s"]
         ok = full <= TARGETS["full_vs_hf_max_time_ratio"]
-        lines.append(f"{name}: ours full / HF full {full:.3f} in CPU time (target <= {TARGETS['full_vs_hf_max_time_ratio']}): "
-                     f"{'PASS' if ok else 'FAIL'}")
+        lines.append(
+            f"{name}: ours full / HF full {full:.3f} in CPU time (target <= {TARGETS['full_vs_hf_max_time_ratio']}): "
+            f"{'PASS' if ok else 'FAIL'}"
+        )
         if name == "vit-s16_224px":
             speed = 1 / r["time_ratio"]["ours_partial_over_hf"]["cpu_s"]
             target = TARGETS["partial_vs_hf_min_speedup_vit-s16_224px"]
-            lines.append(f"{name}: ours partial {speed:.2f}x faster than HF full in CPU time (target >= {target}x): "
-                         f"{'PASS' if speed >= target else 'FAIL'}")
+            lines.append(
+                f"{name}: ours partial {speed:.2f}x faster than HF full in CPU time (target >= {target}x): "
+                f"{'PASS' if speed >= target else 'FAIL'}"
+            )
     return lines
 
 
 def markdown(result: dict) -> str:
-    lines = [f"ours vs Hugging Face ViTMAEForPreTraining, {result['device']}, {result['threads']} thread(s), torch "
-             f"{result['torch']}, transformers {result['transformers']}; medians of {result['rounds']} alternating rounds "
-             "per contender; time per training step (fp32, fused AdamW, grad clip 1.0)", "",
-             "| row | batch | contender | decoded share | CPU s / step | wall s / step | img / CPU-s | ours / HF (CPU) | "
-             "ours / HF (wall) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"ours vs Hugging Face ViTMAEForPreTraining, {result['device']}, {result['threads']} thread(s), torch "
+        f"{result['torch']}, transformers {result['transformers']}; medians of {result['rounds']} alternating rounds "
+        "per contender; time per training step (fp32, fused AdamW, grad clip 1.0)",
+        "",
+        "| row | batch | contender | decoded share | CPU s / step | wall s / step | img / CPU-s | ours / HF (CPU) | "
+        "ours / HF (wall) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in result["rows"].items():
         for contender, share in (("ours_full", 1.0), ("ours_partial", PARTIAL), ("hf_full", 1.0)):
             m = r["median"][contender]
             ratio = r["time_ratio"].get(f"{contender}_over_hf")
             cells = (f"{ratio['cpu_s']:.3f}", f"{ratio['wall_s']:.3f}") if ratio else ("1", "1")
-            lines.append(f"| {name} | {r['row']['batch']} | {contender} | {share:g} | {m['cpu_s']:.3f} | {m['wall_s']:.3f} | "
-                         f"{m['img_s_cpu']:.1f} | {cells[0]} | {cells[1]} |")
+            lines.append(
+                f"| {name} | {r['row']['batch']} | {contender} | {share:g} | {m['cpu_s']:.3f} | {m['wall_s']:.3f} | "
+                f"{m['img_s_cpu']:.1f} | {cells[0]} | {cells[1]} |"
+            )
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in result["verdicts"]) + "\n"
 
 
@@ -228,13 +276,16 @@ def write_result(out: Path, name: str, result: dict, markdown: Callable) -> dict
     return result
 
 
-def run_cli(argv, doc: str, name: str, bench_row: Callable, verdicts: Callable, markdown: Callable,
-            header: dict | None = None) -> dict:
+def run_cli(
+    argv, doc: str, name: str, bench_row: Callable, verdicts: Callable, markdown: Callable, header: dict | None = None
+) -> dict:
     """The command line of an alternating CPU benchmark: rows, rounds, warm-up, threads, --out <name>.json / .md
     (never over an earlier result unless --overwrite); `bench_row(row, rounds, warmup)` measures one row."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=["vit-t8_64px", "vit-s16_224px"], choices=sorted(ROWS))
-    parser.add_argument("--rounds", type=int, default=7, help="alternating timed runs per contender (at least 5 for a figure)")
+    parser.add_argument(
+        "--rounds", type=int, default=7, help="alternating timed runs per contender (at least 5 for a figure)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: see the docstring)")
     parser.add_argument("--out", default=str(REPO / "runs" / name), help=f"folder for {name}.json and {name}.md")
@@ -252,10 +303,14 @@ def run_cli(argv, doc: str, name: str, bench_row: Callable, verdicts: Callable, 
         rows[row] = bench_row(ROWS[row], args.rounds, args.warmup)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "threads": args.threads,
-        "torch": torch.__version__, **(header or {}),
+        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "threads": args.threads,
+        "torch": torch.__version__,
+        **(header or {}),
         "command": f"python benchmarks/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "load_average_before_after": [load_before, os.getloadavg()], "rounds": args.rounds, "rows": rows,
+        "load_average_before_after": [load_before, os.getloadavg()],
+        "rounds": args.rounds,
+        "rows": rows,
     }
     result["verdicts"] = verdicts(rows)
     return write_result(out, name, result, markdown)
@@ -266,8 +321,15 @@ def main(argv=None) -> dict:
         import transformers
     except ImportError:
         raise SystemExit("Hugging Face transformers is needed for the peer: pip install -e '.[bench]'") from None
-    return run_cli(argv, __doc__, "peer_cpu", bench_row, verdicts, markdown,
-                   {"transformers": transformers.__version__, "targets": TARGETS})
+    return run_cli(
+        argv,
+        __doc__,
+        "peer_cpu",
+        bench_row,
+        verdicts,
+        markdown,
+        {"transformers": transformers.__version__, "targets": TARGETS},
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curriculum_vs_baseline as study_lib  # noqa: E402
 
 from mae_et.data.folder import scan_image_folder  # noqa: E402
-from mae_et.models.features import knn_accuracy  # noqa: E402
 from mae_et.evaluate.linprobe import fit_probe_on_features  # noqa: E402
+from mae_et.models.features import knn_accuracy  # noqa: E402
 
 
 def make_holdout(train_dir: Path, fraction: float, seed: int, out: Path) -> Path:
@@ -63,8 +63,9 @@ def make_holdout(train_dir: Path, fraction: float, seed: int, out: Path) -> Path
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", required=True)
-    parser.add_argument("--encoders", nargs="+", required=True,
-                        help="pretraining run folders (the baseline's), and/or `untrained`")
+    parser.add_argument(
+        "--encoders", nargs="+", required=True, help="pretraining run folders (the baseline's), and/or `untrained`"
+    )
     parser.add_argument("--data", default=None, help="ImageFolder root with train/ (default: the study's data_root)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--holdout", type=float, default=0.1, help="share of each class of train held out for scoring")
@@ -85,60 +86,111 @@ def main(argv=None) -> dict:
     out = Path(args.out).resolve() if args.out else study_lib.REPO / "runs" / "study" / study.name / "settle"
     out.mkdir(parents=True, exist_ok=True)
     holdout = make_holdout(data_root / "train", args.holdout, args.seed, out / "holdout")
-    cfg = study_lib.load_pretrain_config(study.recipe, study_lib.pretrain_overrides(study, "baseline", args.seed, study.epochs,
-                                                                                     data_root, out))
+    cfg = study_lib.load_pretrain_config(
+        study.recipe, study_lib.pretrain_overrides(study, "baseline", args.seed, study.epochs, data_root, out)
+    )
     img_size, ev = cfg.data.crop_size, study.eval
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoders = {name: (study_lib.save_untrained_encoder(study, args.seed, data_root, out) if name == "untrained"
-                       else Path(name).resolve()) for name in args.encoders}
+    encoders = {
+        name: (
+            study_lib.save_untrained_encoder(study, args.seed, data_root, out)
+            if name == "untrained"
+            else Path(name).resolve()
+        )
+        for name in args.encoders
+    }
     encoders = {("untrained" if name == "untrained" else path.name): path for name, path in encoders.items()}
-    report: dict = {"study": study.name, "encoders": {k: str(v) for k, v in encoders.items()}, "holdout": args.holdout,
-                    "seed": args.seed, "device": study_lib.device_name(), "knn": {}, "probe": [], "finetune": []}
-    md = [f"# Settling the evaluation of {study.name} (hold-out {args.holdout:.0%} of train, seed {args.seed}, "
-          f"{report['device']})", ""]
+    report: dict = {
+        "study": study.name,
+        "encoders": {k: str(v) for k, v in encoders.items()},
+        "holdout": args.holdout,
+        "seed": args.seed,
+        "device": study_lib.device_name(),
+        "knn": {},
+        "probe": [],
+        "finetune": [],
+    }
+    md = [
+        f"# Settling the evaluation of {study.name} (hold-out {args.holdout:.0%} of train, seed {args.seed}, "
+        f"{report['device']})",
+        "",
+    ]
 
     # --- linear probe grid on cached features, kNN beside it
     base_probe = study_lib.probe_settings(ev["linprobe"])
     for which, encoder in encoders.items():
         with study_lib.Stopwatch() as sw:
-            features, classes = study_lib.encoder_features(encoder, holdout, img_size, int(ev["knn"]["batch_size"]),
-                                                           int(ev["num_workers"]), device)
+            features, classes = study_lib.encoder_features(
+                encoder, holdout, img_size, int(ev["knn"]["batch_size"]), int(ev["num_workers"]), device
+            )
         (train_x, train_y), (val_x, val_y) = features["train"], features["val"]
-        knn = {pool: knn_accuracy(train_x[pool], train_y, val_x[pool], val_y, len(classes), k=int(ev["knn"]["k"]),
-                                  temperature=float(ev["knn"]["temperature"])) for pool in ("cls", "mean")}
+        knn = {
+            pool: knn_accuracy(
+                train_x[pool],
+                train_y,
+                val_x[pool],
+                val_y,
+                len(classes),
+                k=int(ev["knn"]["k"]),
+                temperature=float(ev["knn"]["temperature"]),
+            )
+            for pool in ("cls", "mean")
+        }
         report["knn"][which] = knn
-        md += [f"{which}: features of {train_x['cls'].shape[0]} train / {val_x['cls'].shape[0]} hold-out images in "
-               f"{sw.wall:.0f}s; kNN on the hold-out: cls {knn['cls']:.2f}, mean {knn['mean']:.2f}", "",
-               "| encoder | probe blr | epochs | batch | steps | hold-out top-1 | best epoch top-1 |",
-               "| --- | --- | --- | --- | --- | --- | --- |"]
+        md += [
+            f"{which}: features of {train_x['cls'].shape[0]} train / {val_x['cls'].shape[0]} hold-out images in "
+            f"{sw.wall:.0f}s; kNN on the hold-out: cls {knn['cls']:.2f}, mean {knn['mean']:.2f}",
+            "",
+            "| encoder | probe blr | epochs | batch | steps | hold-out top-1 | best epoch top-1 |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for blr, epochs, batch in itertools.product(args.probe_blr, args.probe_epochs, args.probe_batch):
             AcceleratorState._reset_state(True)
-            settings = {**base_probe, "blr": blr, "epochs": epochs, "global_batch": batch,
-                        "warmup_epochs": min(base_probe["warmup_epochs"], epochs / 9)}
-            history = fit_probe_on_features(train_x["cls"], train_y, val_x["cls"], val_y, len(classes), seed=args.seed,
-                                            **settings)
+            settings = {
+                **base_probe,
+                "blr": blr,
+                "epochs": epochs,
+                "global_batch": batch,
+                "warmup_epochs": min(base_probe["warmup_epochs"], epochs / 9),
+            }
+            history = fit_probe_on_features(
+                train_x["cls"], train_y, val_x["cls"], val_y, len(classes), seed=args.seed, **settings
+            )
             steps = epochs * (train_x["cls"].shape[0] // min(batch, train_x["cls"].shape[0]))
-            row = {"encoder": which, **settings, "steps": steps, "top1": history[-1]["top1"],
-                   "best_top1": max(h["top1"] for h in history)}
+            row = {
+                "encoder": which,
+                **settings,
+                "steps": steps,
+                "top1": history[-1]["top1"],
+                "best_top1": max(h["top1"] for h in history),
+            }
             report["probe"].append(row)
-            md.append(f"| {which} | {blr:g} | {epochs} | {batch} | {steps} | {row['top1']:.2f} | {row['best_top1']:.2f} |")
+            md.append(
+                f"| {which} | {blr:g} | {epochs} | {batch} | {steps} | {row['top1']:.2f} | {row['best_top1']:.2f} |"
+            )
             print(md[-1], flush=True)
         md.append("")
 
     # --- fine-tune grid, the same settings for every encoder
     if args.finetune_blr:
-        md += ["| encoder | fine-tune blr | epochs | hold-out top-1 (last) | best | wall s | CPU s |",
-               "| --- | --- | --- | --- | --- | --- | --- |"]
+        md += [
+            "| encoder | fine-tune blr | epochs | hold-out top-1 (last) | best | wall s | CPU s |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
     for blr, epochs in itertools.product(args.finetune_blr, args.finetune_epochs or [None]):
         for which, path in encoders.items():
             extra = [f"optim.blr={blr!r}"] + ([f"train.epochs={epochs!r}"] if epochs else [])
             tag = f"{which}_blr{blr:g}_ep{epochs:g}" if epochs else f"{which}_blr{blr:g}"
             with study_lib.Stopwatch() as sw:
-                ft = study_lib.run_finetune(study, path, holdout, img_size, args.seed, out / tag, out / f"{tag}.log", extra)
+                ft = study_lib.run_finetune(
+                    study, path, holdout, img_size, args.seed, out / tag, out / f"{tag}.log", extra
+                )
             row = {"encoder": which, "blr": blr, "epochs": epochs, **ft, **sw.as_dict()}
             report["finetune"].append(row)
-            md.append(f"| {which} | {blr:g} | {epochs if epochs else 'recipe'} | {ft['finetune_top1']:.2f} | "
-                      f"{ft['finetune_best_top1']:.2f} | {sw.wall:.0f} | {sw.cpu:.0f} |")
+            md.append(
+                f"| {which} | {blr:g} | {epochs if epochs else 'recipe'} | {ft['finetune_top1']:.2f} | "
+                f"{ft['finetune_best_top1']:.2f} | {sw.wall:.0f} | {sw.cpu:.0f} |"
+            )
             print(md[-1], flush=True)
 
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))

@@ -71,29 +71,39 @@ def measure(study, steps_per_epoch: int, rounds: int, warmup: int, steps: int) -
         sizes = sorted({b for b, _ in p["stages"]})
         step = build_train_step(cfg, fresh_accelerator(cfg.train.precision), sizes)
         crop, batch = cfg.data.crop_size, cfg.train.batch_size
-        images = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8,
-                               generator=torch.Generator().manual_seed(0))  # (n, 3, S, S), the same for every run
+        images = torch.randint(
+            0, 256, (batch, 3, crop, crop), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        )  # (n, 3, S, S), the same for every run
         contenders += [StageStep(run, b, step, images, cfg.model.patch_size, steps) for b in sizes]
     row = RowSpec("stages", "", 0, 0, (0, 0, 0), 0, steps)
     runs, order, med = alternate(contenders, row, rounds, warmup)
     predicted = {}
     for run, p in run_plans.items():
-        predicted[run] = {clock: sum(n * med[f"{run}@{b}"][clock] for b, n in p["stages"]) for clock in ("cpu_s", "wall_s")}
+        predicted[run] = {
+            clock: sum(n * med[f"{run}@{b}"][clock] for b, n in p["stages"]) for clock in ("cpu_s", "wall_s")
+        }
         predicted[run]["stages"] = p["stages"]
-    speedups = {run: {clock: predicted[BASELINE][clock] / predicted[run][clock] for clock in ("cpu_s", "wall_s")}
-                for run in predicted}
+    speedups = {
+        run: {clock: predicted[BASELINE][clock] / predicted[run][clock] for clock in ("cpu_s", "wall_s")}
+        for run in predicted
+    }
     return {"runs": runs, "order": order, "median": med, "predicted": predicted, "speedups": speedups}
 
 
 def markdown(result: dict) -> str:
-    lines = [f"step costs side by side, {result['device']}, {result['threads']} thread(s), torch {result['torch']}; "
-             f"study {result['study']}; medians of {result['rounds']} rotating rounds of {result['steps']} steps", "",
-             "| run | stages (B x steps) | predicted CPU s | predicted wall s | speed-up (CPU) | speed-up (wall) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"step costs side by side, {result['device']}, {result['threads']} thread(s), torch {result['torch']}; "
+        f"study {result['study']}; medians of {result['rounds']} rotating rounds of {result['steps']} steps",
+        "",
+        "| run | stages (B x steps) | predicted CPU s | predicted wall s | speed-up (CPU) | speed-up (wall) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for run, p in result["predicted"].items():
         stages = ", ".join(f"{b} x {n}" for b, n in p["stages"])
         s = result["speedups"][run]
-        lines.append(f"| {run} | {stages} | {p['cpu_s']:.1f} | {p['wall_s']:.1f} | {s['cpu_s']:.2f}x | {s['wall_s']:.2f}x |")
+        lines.append(
+            f"| {run} | {stages} | {p['cpu_s']:.1f} | {p['wall_s']:.1f} | {s['cpu_s']:.2f}x | {s['wall_s']:.2f}x |"
+        )
     lines += ["", "| run @ B | CPU s / step | wall s / step |", "| --- | --- | --- |"]
     lines += [f"| {name} | {m['cpu_s']:.4f} | {m['wall_s']:.4f} |" for name, m in result["median"].items()]
     return "\n".join(lines) + "\n"
@@ -102,8 +112,12 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", required=True, help="configs/study/<name>.yaml")
-    parser.add_argument("--images", type=int, required=True,
-                        help="training images of the study's data (9469 for the full Imagenette): the plans' steps per epoch")
+    parser.add_argument(
+        "--images",
+        type=int,
+        required=True,
+        help="training images of the study's data (9469 for the full Imagenette): the plans' steps per epoch",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="rotating rounds (at least 5 for a figure)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per contender per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
@@ -121,9 +135,14 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "threads": args.threads,
-        "torch": torch.__version__, "study": study.name, "images": args.images, "steps_per_epoch": steps_per_epoch,
-        "rounds": args.rounds, "steps": args.steps,
+        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "study": study.name,
+        "images": args.images,
+        "steps_per_epoch": steps_per_epoch,
+        "rounds": args.rounds,
+        "steps": args.steps,
         "command": "python benchmarks/step_costs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         **measure(study, steps_per_epoch, args.rounds, args.warmup, args.steps),
     }

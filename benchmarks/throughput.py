@@ -1,9 +1,9 @@
 """Training-step and end-to-end throughput of MAE at every curriculum size, on this machine.
 
-    python benchmarks/throughput.py                       # GPU: ViT-B/16 batch 256 at B = 224..96, ViT-L/16 batch 128 at 224
+    python benchmarks/throughput.py             # GPU: ViT-B/16 batch 256 at B = 224..96, ViT-L/16 batch 128 at 224
     python benchmarks/throughput.py --data /data/imagenette --pipeline memory   # + end-to-end img/s from real JPEGs
-    python benchmarks/throughput.py --smoke               # a micro model, seconds, on any device (run by the test suite)
-    python benchmarks/throughput.py --rows "tiny:8:64" --compile none --precision fp32   # CPU: exactly this model and size
+    python benchmarks/throughput.py --smoke     # a micro model, seconds, on any device (run by the test suite)
+    python benchmarks/throughput.py --rows "tiny:8:64" --compile none --precision fp32  # CPU: this model and size
 
 For each row (model, batch, B) it reports: step img/s with the input already on the device (the
 same `TrainStep` the training loop runs: normalise, low-frequency crop, masked forward/backward,
@@ -34,14 +34,14 @@ from accelerate.state import AcceleratorState
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mae_et.train.config import load_pretrain_config  # noqa: E402
 from mae_et.data.sources import open_source  # noqa: E402
+from mae_et.models.flops import mae_train_flops_per_image  # noqa: E402
+from mae_et.models.mae import MODEL_SIZES  # noqa: E402
+from mae_et.train.config import load_pretrain_config  # noqa: E402
+from mae_et.train.optim import build_adamw  # noqa: E402
 from mae_et.train.pretrain import build_model, mask_noise  # noqa: E402
 from mae_et.train.run import MIXED_PRECISION  # noqa: E402
-from mae_et.models.flops import mae_train_flops_per_image  # noqa: E402
-from mae_et.train.optim import build_adamw  # noqa: E402
 from mae_et.train.step import TrainStep  # noqa: E402
-from mae_et.models.mae import MODEL_SIZES  # noqa: E402
 
 GPU_ROWS = "base:256:224,192,160,128,96 large:128:224"
 SMOKE_ROWS = "micro:8:48,40,32"
@@ -90,15 +90,25 @@ def fresh_accelerator(precision: str) -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=MIXED_PRECISION[precision])
 
 
-def build_train_step(cfg, accelerator: Accelerator, sizes: list[int], compile_mode: str | None = None,
-                     compile_backend: str = "inductor") -> TrainStep:
+def build_train_step(
+    cfg, accelerator: Accelerator, sizes: list[int], compile_mode: str | None = None, compile_backend: str = "inductor"
+) -> TrainStep:
     """The training loop's own step (fused AdamW, grad norm, device-side skip) for cfg.model at cfg.train.batch_size."""
     model = build_model(cfg)
     optimizer = build_adamw(model, 1e-4, cfg.optim.weight_decay, cfg.optim.betas)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return TrainStep(accelerator, model, optimizer, cfg.model.mask_ratio, cfg.curriculum.mode, cfg.optim.clip_grad,
-                     compile_mode=compile_mode or cfg.train.compile, sizes=tuple(sizes), compile_backend=compile_backend,
-                     decode_fraction=cfg.model.decode_fraction)
+    return TrainStep(
+        accelerator,
+        model,
+        optimizer,
+        cfg.model.mask_ratio,
+        cfg.curriculum.mode,
+        cfg.optim.clip_grad,
+        compile_mode=compile_mode or cfg.train.compile,
+        sizes=tuple(sizes),
+        compile_backend=compile_backend,
+        decode_fraction=cfg.model.decode_fraction,
+    )
 
 
 def hf_peer_config(cfg, model_size: str):
@@ -107,11 +117,20 @@ def hf_peer_config(cfg, model_size: str):
 
     spec, m = MODEL_SIZES[model_size], cfg.model
     return transformers.ViTMAEConfig(
-        hidden_size=spec["embed_dim"], num_hidden_layers=spec["depth"], num_attention_heads=spec["num_heads"],
-        intermediate_size=4 * spec["embed_dim"], decoder_hidden_size=m.decoder_embed_dim,
-        decoder_num_hidden_layers=m.decoder_depth, decoder_num_attention_heads=m.decoder_num_heads,
-        decoder_intermediate_size=4 * m.decoder_embed_dim, image_size=cfg.data.crop_size, patch_size=m.patch_size,
-        mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, attn_implementation="sdpa")
+        hidden_size=spec["embed_dim"],
+        num_hidden_layers=spec["depth"],
+        num_attention_heads=spec["num_heads"],
+        intermediate_size=4 * spec["embed_dim"],
+        decoder_hidden_size=m.decoder_embed_dim,
+        decoder_num_hidden_layers=m.decoder_depth,
+        decoder_num_attention_heads=m.decoder_num_heads,
+        decoder_intermediate_size=4 * m.decoder_embed_dim,
+        image_size=cfg.data.crop_size,
+        patch_size=m.patch_size,
+        mask_ratio=m.mask_ratio,
+        norm_pix_loss=m.norm_pix_loss,
+        attn_implementation="sdpa",
+    )
 
 
 @dataclass
@@ -150,9 +169,18 @@ def count_params(model: torch.nn.Module) -> int:
 def step_flops(cfg, model_size: str, size: int) -> float:
     """Training FLOPs per image at input size B (matrix multiplies only)."""
     m = cfg.model
-    return mae_train_flops_per_image(model_size, size, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio,
-                                     decode_fraction=m.decode_fraction, target=m.target,
-                                     hog_cell_size=m.hog_cell_size, hog_bins=m.hog_bins)
+    return mae_train_flops_per_image(
+        model_size,
+        size,
+        m.patch_size,
+        m.decoder_embed_dim,
+        m.decoder_depth,
+        m.mask_ratio,
+        decode_fraction=m.decode_fraction,
+        target=m.target,
+        hog_cell_size=m.hog_cell_size,
+        hog_bins=m.hog_bins,
+    )
 
 
 def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype) -> float:
@@ -174,14 +202,24 @@ def mfu(flops_per_image: float, img_s: float, peak_tflops: float) -> float:
     return flops_per_image * img_s / (peak_tflops * 1e12)
 
 
-def bench_row(cfg, model_size: str, batch: int, sizes: list[int], steps: int, warmup: int, peak_tflops: float,
-              data_root: str | None) -> list[Row]:
+def bench_row(
+    cfg,
+    model_size: str,
+    batch: int,
+    sizes: list[int],
+    steps: int,
+    warmup: int,
+    peak_tflops: float,
+    data_root: str | None,
+) -> list[Row]:
     cfg.model.size, cfg.train.batch_size = model_size, batch
     accelerator = fresh_accelerator(cfg.train.precision)
     device = accelerator.device
     step = build_train_step(cfg, accelerator, sizes)
     crop = cfg.data.crop_size
-    images = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=device)  # (n, 3, S, S) on the device
+    images = torch.randint(
+        0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=device
+    )  # (n, 3, S, S) on the device
     data = open_source(cfg.data, cfg.train.seed, main=True, device=device) if data_root is not None else None
     rows = []
     for size in sizes:
@@ -189,8 +227,17 @@ def bench_row(cfg, model_size: str, batch: int, sizes: list[int], steps: int, wa
         timing = time_calls(lambda: step(images, size, noise), steps, max(warmup, 1), device)
         img_s = batch / timing.seconds_per_step
         flops = step_flops(cfg, model_size, size)
-        row = Row(model_size, batch, size, img_s, 1000 * timing.seconds_per_step, flops,
-                  mfu(flops, img_s, peak_tflops), timing.peak_mem_gib, params=count_params(step.model))
+        row = Row(
+            model_size,
+            batch,
+            size,
+            img_s,
+            1000 * timing.seconds_per_step,
+            flops,
+            mfu(flops, img_s, peak_tflops),
+            timing.peak_mem_gib,
+            params=count_params(step.model),
+        )
         if data is not None:
             row.e2e_img_s, row.e2e_data_wait = end_to_end(cfg, data, step, size, steps, warmup, device)
         rows.append(row)
@@ -203,16 +250,22 @@ def end_to_end(cfg, data, step, size, steps, warmup, device) -> tuple[float, flo
     batches = data.batches(0, 1, cfg.train.batch_size, start_micro_step=0, num_micro_steps=steps + warmup)
     for _ in range(warmup):
         batch = next(batches)
-        step(batch.images.to(device, non_blocking=True), size,
-             mask_noise(0, 0, 0, 0, (batch.images.shape[0], (size // cfg.model.patch_size) ** 2), device))
+        step(
+            batch.images.to(device, non_blocking=True),
+            size,
+            mask_noise(0, 0, 0, 0, (batch.images.shape[0], (size // cfg.model.patch_size) ** 2), device),
+        )
     sync(device)
     wait, t0 = 0.0, time.perf_counter()
     for i in range(steps):
         t = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t
-        step(batch.images.to(device, non_blocking=True), size,
-             mask_noise(0, i, 0, 0, (batch.images.shape[0], (size // cfg.model.patch_size) ** 2), device))
+        step(
+            batch.images.to(device, non_blocking=True),
+            size,
+            mask_noise(0, i, 0, 0, (batch.images.shape[0], (size // cfg.model.patch_size) ** 2), device),
+        )
     sync(device)
     seconds = time.perf_counter() - t0
     return steps * cfg.train.batch_size / seconds, wait / seconds
@@ -221,38 +274,69 @@ def end_to_end(cfg, data, step, size, steps, warmup, device) -> tuple[float, flo
 def format_row(r: Row) -> str:
     mem = f"{r.peak_mem_gib:.1f}" if r.peak_mem_gib is not None else "-"
     e2e = f"{r.e2e_img_s:,.0f} ({100 * r.e2e_data_wait:.0f}% wait)" if r.e2e_img_s is not None else "-"
-    return (f"| {r.model} | {r.batch} | {r.size} | {r.step_img_s:,.0f} | {r.step_ms:.1f} | {r.flops_per_image / 1e9:.1f} | "
-            f"{100 * r.mfu:.1f}% | {mem} | {e2e} |")
+    return (
+        f"| {r.model} | {r.batch} | {r.size} | {r.step_img_s:,.0f} | {r.step_ms:.1f} | {r.flops_per_image / 1e9:.1f} | "
+        f"{100 * r.mfu:.1f}% | {mem} | {e2e} |"
+    )
 
 
-TABLE_HEAD = ("| model | batch | B | step img/s | step ms | GFLOP/img | MFU | peak GiB | end-to-end img/s |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+TABLE_HEAD = (
+    "| model | batch | B | step img/s | step ms | GFLOP/img | MFU | peak GiB | end-to-end img/s |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs/pretrain/mae_vit-base-p16_baseline_800e_imagenet.yaml"),
-                        help="recipe giving the decoder, patch, crop size, precision and pipeline")
+    parser.add_argument(
+        "--config",
+        default=str(REPO / "configs/pretrain/mae_vit-base-p16_baseline_800e_imagenet.yaml"),
+        help="recipe giving the decoder, patch, crop size, precision and pipeline",
+    )
     parser.add_argument("--rows", default=None, help=f"model:batch:sizes ... (GPU default '{GPU_ROWS}')")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--compile", default="default", help="train.compile mode (none | default | reduce-overhead | ...)")
-    parser.add_argument("--precision", default=None, help="bf16 | fp16 | fp32 (default: the recipe's; fp32 under --smoke)")
-    parser.add_argument("--data", default=None, help="ImageFolder for end-to-end figures (its train/ split when present)")
+    parser.add_argument(
+        "--compile", default="default", help="train.compile mode (none | default | reduce-overhead | ...)"
+    )
+    parser.add_argument(
+        "--precision", default=None, help="bf16 | fp16 | fp32 (default: the recipe's; fp32 under --smoke)"
+    )
+    parser.add_argument(
+        "--data", default=None, help="ImageFolder for end-to-end figures (its train/ split when present)"
+    )
     parser.add_argument("--num-workers", type=int, default=None)
-    parser.add_argument("--pipeline", default=None, help="data.pipeline for end-to-end: loader | memory | device_decode")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="MFU denominator in TFLOP/s (default: a matmul measured here in the run's compute dtype)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny run on any device: micro model, few steps, eager fp32 (the only option that shrinks)")
-    parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/throughput_<device>.json)")
+    parser.add_argument(
+        "--pipeline", default=None, help="data.pipeline for end-to-end: loader | memory | device_decode"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="MFU denominator in TFLOP/s (default: a matmul measured here in the run's compute dtype)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny run on any device: micro model, few steps, eager fp32 (the only option that shrinks)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON output (default: benchmarks/results/throughput_<device>.json)"
+    )
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
     overrides = [f"train.compile={args.compile}"]
     if args.smoke:
-        overrides = ["model.patch_size=8", "data.crop_size=48", "model.decoder_embed_dim=32", "model.decoder_depth=1",
-                     "model.decoder_num_heads=2", "train.compile=none", "train.precision=fp32"]
+        overrides = [
+            "model.patch_size=8",
+            "data.crop_size=48",
+            "model.decoder_embed_dim=32",
+            "model.decoder_depth=1",
+            "model.decoder_num_heads=2",
+            "train.compile=none",
+            "train.precision=fp32",
+        ]
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
     if args.precision:
         overrides.append(f"train.precision={args.precision}")
@@ -263,8 +347,9 @@ def main(argv=None) -> dict:
     data_root = args.data  # its train/ split when present (mae_et.data.sources.data_dir)
     # the recipe's model and step, never its monitors (this script runs none); data only when --data is given
     data = [f"data.root={args.data}", "data.source=imagefolder"] if args.data else ["data.source=fractal"]
-    cfg = load_pretrain_config(args.config, [*data, "tracking.knn_every_epochs=0", "tracking.recon_every_epochs=0",
-                                             *overrides])
+    cfg = load_pretrain_config(
+        args.config, [*data, "tracking.knn_every_epochs=0", "tracking.recon_every_epochs=0", *overrides]
+    )
     rows_spec = parse_rows(args.rows or (SMOKE_ROWS if args.smoke else GPU_ROWS))
     if not cuda and not args.smoke and args.rows is None:
         print("no CUDA: measuring the GPU rows on the CPU as asked (slow); --rows or --smoke for less")
@@ -282,15 +367,26 @@ def main(argv=None) -> dict:
         rows += bench_row(cfg, model_size, batch, sizes, args.steps, args.warmup, args.peak_tflops, data_root)
     # the curriculum's promise: how much faster each smaller B steps than full size, for the same model and batch
     for r in rows:
-        full = next((x for x in rows if x.model == r.model and x.batch == r.batch and x.size == cfg.data.crop_size), None)
+        full = next(
+            (x for x in rows if x.model == r.model and x.batch == r.batch and x.size == cfg.data.crop_size), None
+        )
         if full is not None:
             print(f"{r.model} B={r.size}: {r.step_img_s / full.step_img_s:.2f}x the full-size step")
     result = {
-        "device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-        "precision": cfg.train.precision, "compile": cfg.train.compile, "pipeline": cfg.data.pipeline if data_root else None,
-        "peak_tflops": args.peak_tflops, "peak_dtype": str(peak_dtype)[6:], "steps": args.steps, "rows": [asdict(r) for r in rows],
+        "device": name,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "precision": cfg.train.precision,
+        "compile": cfg.train.compile,
+        "pipeline": cfg.data.pipeline if data_root else None,
+        "peak_tflops": args.peak_tflops,
+        "peak_dtype": str(peak_dtype)[6:],
+        "steps": args.steps,
+        "rows": [asdict(r) for r in rows],
     }
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"throughput_{'cuda' if cuda else 'cpu'}.json"
+    out = (
+        Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"throughput_{'cuda' if cuda else 'cpu'}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

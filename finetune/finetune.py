@@ -10,7 +10,8 @@ is kept in RUN/best/. The logic lives in `mae_et.evaluate.finetune`; this file o
 import sys
 from pathlib import Path
 
-# run from anywhere as `python /path/to/finetune/<script>.py`: the checkout's mae_et, as pretrain.py gets it by sitting beside it
+# run from anywhere as `python /path/to/finetune/<script>.py`: the checkout's mae_et, as pretrain.py gets it
+# by sitting beside it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae_et.cli import parse_args, run_user_command  # noqa: E402
@@ -21,7 +22,11 @@ DEFAULT_RECIPE = "configs/finetune/vit-base-p16_mae_100e_imagenet.yaml"
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv, "Fine-tune a pretrained MAE encoder (layer-wise lr decay AdamW, RandAugment, mixup/cutmix)", DEFAULT_RECIPE)
+    args = parse_args(
+        argv,
+        "Fine-tune a pretrained MAE encoder (layer-wise lr decay AdamW, RandAugment, mixup/cutmix)",
+        DEFAULT_RECIPE,
+    )
     run_user_command(lambda: finetune(load_finetune_config(args.config, args.overrides)))
 
 

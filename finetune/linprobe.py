@@ -11,7 +11,8 @@ The logic lives in `mae_et.evaluate.linprobe`; this file only parses the command
 import sys
 from pathlib import Path
 
-# run from anywhere as `python /path/to/finetune/<script>.py`: the checkout's mae_et, as pretrain.py gets it by sitting beside it
+# run from anywhere as `python /path/to/finetune/<script>.py`: the checkout's mae_et, as pretrain.py gets it
+# by sitting beside it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae_et.cli import parse_args, run_user_command  # noqa: E402
@@ -22,7 +23,9 @@ DEFAULT_RECIPE = "configs/linprobe/vit-base-p16_mae_90e_imagenet.yaml"
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv, "Linear probe of a frozen pretrained MAE encoder (cls token, BatchNorm + Linear, LARS)", DEFAULT_RECIPE)
+    args = parse_args(
+        argv, "Linear probe of a frozen pretrained MAE encoder (cls token, BatchNorm + Linear, LARS)", DEFAULT_RECIPE
+    )
     run_user_command(lambda: linprobe(load_linprobe_config(args.config, args.overrides)))
 
 

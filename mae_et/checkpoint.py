@@ -89,12 +89,19 @@ def _unpickler_reason(error: BaseException) -> str:
     if m:
         return m.group(1).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation", "(1)", "(2)"))]
+    useful = [
+        ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation", "(1)", "(2)"))
+    ]
     return (useful or lines or [type(error).__name__])[0]
 
 
-def torch_load_plain(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, fix: str,
-                     allowed_globals: tuple[type, ...] = ()) -> Any:
+def torch_load_plain(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    *,
+    fix: str,
+    allowed_globals: tuple[type, ...] = (),
+) -> Any:
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and plain containers only.
 
     ``allowed_globals`` adds harmless types a known file format holds (argparse.Namespace in
@@ -168,7 +175,11 @@ def save_checkpoint(
             intact = list_checkpoints(root)
             raise CheckpointWriteError(
                 f"no space left on device while writing step {step} to {final}; "
-                + (f"step {checkpoint_step(intact[-1])} is intact ({intact[-1]})" if intact else "no earlier checkpoint exists")
+                + (
+                    f"step {checkpoint_step(intact[-1])} is intact ({intact[-1]})"
+                    if intact
+                    else "no earlier checkpoint exists"
+                )
                 + "; free some space (or set checkpoint.keep_last lower) and relaunch the same command to resume"
             ) from None
     finally:
@@ -187,8 +198,13 @@ def checkpoint_step(path: Path) -> int:
     return int(_CHECKPOINT_NAME.fullmatch(path.name).group(1))
 
 
-def _write_into(tmp: Path, model_state: dict[str, torch.Tensor], training_state: dict[str, Any], config_yaml: str,
-                meta: dict[str, Any]) -> None:
+def _write_into(
+    tmp: Path,
+    model_state: dict[str, torch.Tensor],
+    training_state: dict[str, Any],
+    config_yaml: str,
+    meta: dict[str, Any],
+) -> None:
     tmp.mkdir()
     # safetensors wants contiguous tensors that share no memory
     save_safetensors({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
@@ -259,10 +275,10 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 # What to do about a refused training_state.pt: this project never writes one that holds objects.
-_REFUSED_STATE_FIX = ("mae_et writes only tensors, numbers and dicts there, so the file was not written by a run; "
-                      "delete that checkpoint folder to resume from an earlier one")
-
-
+_REFUSED_STATE_FIX = (
+    "mae_et writes only tensors, numbers and dicts there, so the file was not written by a run; "
+    "delete that checkpoint folder to resume from an earlier one"
+)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -272,7 +288,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if path.is_file() and path.name == MODEL_FILE:
         path = path.parent
     if not path.exists():
-        raise CheckpointError(f"'{path}' does not exist; pass a run folder (runs/NAME) or one of its checkpoints/step_* folders")
+        raise CheckpointError(
+            f"'{path}' does not exist; pass a run folder (runs/NAME) or one of its checkpoints/step_* folders"
+        )
     if (path / META_FILE).is_file() or (path / MODEL_FILE).is_file():
         return path
     for root in (path / "checkpoints", path):  # a run folder, or its checkpoints/ folder itself
@@ -280,13 +298,19 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if found:
             return found[-1]
     if (path / "checkpoints").is_dir():
-        raise CheckpointError(f"run folder '{path}' has no complete checkpoint under checkpoints/; train longer or pass "
-                              "another run")
+        raise CheckpointError(
+            f"run folder '{path}' has no complete checkpoint under checkpoints/; train longer or pass another run"
+        )
     runs = sorted(p.name for p in path.iterdir() if (p / "checkpoints").is_dir()) if path.is_dir() else []
     if runs:
-        raise CheckpointError(f"'{path}' holds run folders, not one run; pass one of: {', '.join(str(path / r) for r in runs)}")
-    raise CheckpointError(f"'{path}' is not a checkpoint: expected a run folder with checkpoints/step_*/ or a step_* "
-                          f"folder holding {META_FILE}, {CONFIG_FILE} and {MODEL_FILE}")
+        raise CheckpointError(
+            f"'{path}' holds run folders, not one run; pass one of: {', '.join(str(path / r) for r in runs)}"
+        )
+    raise CheckpointError(
+        f"'{path}' is not a checkpoint: expected a run folder with checkpoints/step_*/ or a step_* "
+        f"folder holding {META_FILE}, {CONFIG_FILE} and {MODEL_FILE}"
+    )
+
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """One checkpoint folder. A training_state.pt holding Python objects raises `RefusedFileError`."""
@@ -299,7 +323,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise
     except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"checkpoint '{path}' is unreadable ({type(e).__name__}: {reason}); delete that folder to use an earlier one") from e
+        raise CheckpointError(
+            f"checkpoint '{path}' is unreadable ({type(e).__name__}: {reason}); delete that folder to use an "
+            "earlier one"
+        ) from e
     return Checkpoint(path=path, model_state=model_state, training_state=training_state, meta=meta)
 
 

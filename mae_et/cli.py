@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from mae_et.checkpoint import CheckpointError
 from mae_et.data.folder import DataError

@@ -30,8 +30,9 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 LOCK_FILE = ".run.lock"
 # A folder is a checkpoint when it holds these (mae_et.checkpoint's layout; the fine-tune's best/ too)
@@ -89,8 +90,13 @@ class RunFolderLock:
     refused too, as another process would be.
     """
 
-    def __init__(self, folder: str | os.PathLike, what: str = "run folder", ways_on: str | None = None,
-                 lock_name: str = LOCK_FILE) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        what: str = "run folder",
+        ways_on: str | None = None,
+        lock_name: str = LOCK_FILE,
+    ) -> None:
         self.folder = Path(folder)
         self.path = self.folder / lock_name
         self.what = what
@@ -110,11 +116,15 @@ class RunFolderLock:
                 holder = self.path.read_text(errors="replace")
             except OSError:
                 holder = ""
-            raise RunFolderBusy(f"{self.what} '{self.folder}' is in use by another run ({_holder_line(holder)}); "
-                                f"{self.ways_on}")
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                  "command": " ".join(sys.argv)}
+            raise RunFolderBusy(
+                f"{self.what} '{self.folder}' is in use by another run ({_holder_line(holder)}); {self.ways_on}"
+            )
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._fd = fd
@@ -145,14 +155,22 @@ def inside_checkpoints(path: str | os.PathLike) -> Path | None:
     for folder in (path, *path.parents):
         if folder.is_dir() and all((folder / m).is_file() for m in _CHECKPOINT_MARKERS):
             return folder
-        if folder.name == "checkpoints" and folder.is_dir() and (
-                (folder.parent / "config.yaml").is_file() or any(folder.glob("step_*"))):
+        if (
+            folder.name == "checkpoints"
+            and folder.is_dir()
+            and ((folder.parent / "config.yaml").is_file() or any(folder.glob("step_*")))
+        ):
             return folder
     return None
 
 
-def check_output_file(path: str | os.PathLike, reads: Iterable[str | os.PathLike] = (), overwrite: bool = False,
-                      flag: str = "the output", suffix: str | None = None) -> Path:
+def check_output_file(
+    path: str | os.PathLike,
+    reads: Iterable[str | os.PathLike] = (),
+    overwrite: bool = False,
+    flag: str = "the output",
+    suffix: str | None = None,
+) -> Path:
     """`path` if a command may write it, else `FileError` in one line; call it before the work.
 
     `reads`: the files and folders the command reads (an output may not be one, nor lie inside one).
@@ -171,8 +189,9 @@ def check_output_file(path: str | os.PathLike, reads: Iterable[str | os.PathLike
             raise FileError(f"{flag} '{out}' lies inside '{r}', which this command reads; write it somewhere else")
     held = inside_checkpoints(out)
     if held is not None:
-        raise FileError(f"{flag} '{out}' lies inside the checkpoints '{held}', which a run resumes from; "
-                        "write it somewhere else")
+        raise FileError(
+            f"{flag} '{out}' lies inside the checkpoints '{held}', which a run resumes from; write it somewhere else"
+        )
     if out.exists() and not overwrite:
         raise FileError(f"{flag} '{out}' exists; pass --overwrite to replace it, or choose another name")
     parent = next(p for p in resolved.parents if p.exists())
@@ -181,8 +200,9 @@ def check_output_file(path: str | os.PathLike, reads: Iterable[str | os.PathLike
     return out
 
 
-def check_output_folder(path: str | os.PathLike, reads: Iterable[str | os.PathLike] = (),
-                        flag: str = "the output folder") -> Path:
+def check_output_folder(
+    path: str | os.PathLike, reads: Iterable[str | os.PathLike] = (), flag: str = "the output folder"
+) -> Path:
     """A folder a command fills (it may exist already: a run or study resumes in it); `FileError` when it may not."""
     out = Path(path)
     resolved = out.resolve()

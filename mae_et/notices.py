@@ -1,8 +1,8 @@
 """What a person sees besides the log lines: warnings they can read, and progress on long work.
 
 Progress (`progress`): a tqdm bar on a terminal (stderr), a plain line at every tenth of the work in a log
-file (on stdout, in order with the log lines), on the main process only; used by the decode-once store, feature extraction (kNN, cached probe), the fine-tune
-and probe epochs and the pretraining loop.
+file (on stdout, in order with the log lines), on the main process only; used by the decode-once store, feature
+extraction (kNN, cached probe), the fine-tune and probe epochs and the pretraining loop.
 
 Warnings: one line that says what and why, not the source line of the call.
 
@@ -68,8 +68,11 @@ class _PlainLines:
             # stdout, the stream the log lines go to: one stream keeps their order, and a log file that gets
             # stdout and stderr through two descriptors (`> log 2> log`, a scheduler's --output and --error
             # naming one file) would have one stream's lines written over the other's
-            print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%, {seconds:.0f}s)",
-                  file=sys.stdout, flush=True)
+            print(
+                f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%, {seconds:.0f}s)",
+                file=sys.stdout,
+                flush=True,
+            )
 
     def close(self) -> None:
         pass
@@ -80,8 +83,9 @@ class _Silent(_PlainLines):
         self.n += n
 
 
-def progress(iterable=None, *, total: int | None = None, initial: int = 0, desc: str = "", unit: str = "it",
-             enabled: bool = True):
+def progress(
+    iterable=None, *, total: int | None = None, initial: int = 0, desc: str = "", unit: str = "it", enabled: bool = True
+):
     """A tqdm bar on a terminal; plain lines at every tenth when stderr is not one; nothing when not `enabled`
     (ranks other than the main one)."""
     if total is None and iterable is not None and hasattr(iterable, "__len__"):

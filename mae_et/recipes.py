@@ -53,11 +53,15 @@ def find_recipe(path: str | Path) -> Path:
     if not path.is_absolute() and in_checkout.is_file():
         return in_checkout
     if (SOURCE_ROOT / "configs").is_dir():
-        raise ConfigError(f"config file '{path}' does not exist (here or in {SOURCE_ROOT / 'configs'}); "
-                          f"pass --config configs/pretrain/<recipe>.yaml")
-    raise ConfigError(f"config file '{path}' does not exist, and this mae_et (installed at {SOURCE_ROOT / 'mae_et'}) "
-                      "has no recipes beside it: they live in the configs/ folder of the source checkout; pass "
-                      "--config /path/to/checkout/configs/<stage>/<recipe>.yaml, or install it with pip install -e <checkout>")
+        raise ConfigError(
+            f"config file '{path}' does not exist (here or in {SOURCE_ROOT / 'configs'}); "
+            f"pass --config configs/pretrain/<recipe>.yaml"
+        )
+    raise ConfigError(
+        f"config file '{path}' does not exist, and this mae_et (installed at {SOURCE_ROOT / 'mae_et'}) "
+        "has no recipes beside it: they live in the configs/ folder of the source checkout; pass "
+        "--config /path/to/checkout/configs/<stage>/<recipe>.yaml, or install it with pip install -e <checkout>"
+    )
 
 
 def load_yaml_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -66,7 +70,9 @@ def load_yaml_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
     real = path.resolve()
     if real in _chain:
         cycle = " -> ".join(p.name for p in (*_chain, real))
-        raise ConfigError(f"config file '{path}' inherits itself through _base_ ({cycle}); remove one of those _base_ lines")
+        raise ConfigError(
+            f"config file '{path}' inherits itself through _base_ ({cycle}); remove one of those _base_ lines"
+        )
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -106,8 +112,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""  # `key=` is the empty string; `key=null` is None
         except yaml.YAMLError as e:
             what = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"override '{item}': the value is not valid YAML ({what}); quote it, e.g. "
-                              f"{dotted}='\"{raw}\"'") from None
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML ({what}); quote it, e.g. {dotted}='\"{raw}\"'"
+            ) from None
         keys = dotted.strip().split(".")
         node = nested
         for key in keys[:-1]:
@@ -145,8 +152,12 @@ class Check:
     def __call__(self, value: Any, dotted: str) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{dotted} must be a finite number {self.rule()}, got {value}")
-        ok = ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
-              and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+        ok = (
+            (self.gt is None or value > self.gt)
+            and (self.ge is None or value >= self.ge)
+            and (self.lt is None or value < self.lt)
+            and (self.le is None or value <= self.le)
+        )
         if not ok:
             raise ConfigError(f"{dotted} must be {self.rule()}, got {value}")
 
@@ -202,7 +213,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, root_cls: type | None =
         if key not in names:
             # name the whole dotted path ('trian.epochs', not 'trian') so the suggestion is precise
             while isinstance(value, dict) and len(value) == 1:
-                (sub, value), = value.items()
+                ((sub, value),) = value.items()
                 key = f"{key}.{sub}"
             raise _unknown_key_error(cls, f"{prefix}{key}", root_cls)
     kwargs = {}
@@ -232,8 +243,10 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
         if value in args and not isinstance(value, bool):
             return value
         if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off as booleans
-            raise ConfigError(f"{dotted} '{str(value).lower()}' is unknown (YAML reads yes/no/on/off as true/false); "
-                              f"choose one of {', '.join(map(str, args))}")
+            raise ConfigError(
+                f"{dotted} '{str(value).lower()}' is unknown (YAML reads yes/no/on/off as true/false); "
+                f"choose one of {', '.join(map(str, args))}"
+            )
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"{dotted} '{value}' is unknown; choose one of {', '.join(map(str, args))}{hint}")
@@ -318,5 +331,3 @@ def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-

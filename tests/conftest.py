@@ -50,8 +50,15 @@ def micro_run(tmp_path_factory, mini_root) -> Path:
     out = tmp_path_factory.getbasetemp() / "micro_pretrain"
     run = out / CPU_RECIPE.stem
     if not list_checkpoints(run / "checkpoints"):
-        cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE),
-               f"data.root={mini_root}", f"output_dir={out}", "train.epochs=1"]
+        cmd = [
+            sys.executable,
+            str(REPO / "pretrain.py"),
+            "--config",
+            str(CPU_RECIPE),
+            f"data.root={mini_root}",
+            f"output_dir={out}",
+            "train.epochs=1",
+        ]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_THREAD_ENV)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert list_checkpoints(run / "checkpoints"), f"pretraining left no checkpoint in {run}"
@@ -127,8 +134,10 @@ BROKEN_FILES = {
     "notes.txt": (lambda real: b"not an image", "not an image name: skipped at the scan"),
     "truncated.JPEG": (lambda real: real[: len(real) // 3], "a third of a real JPEG: fails to decode"),
     "fake.jpg": (lambda real: b"this is text with an image extension", "text with an image name: fails to decode"),
-    "corrupt.JPEG": (lambda real: b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4,
-                     "a JPEG start marker, then noise: fails the header check and decoding"),
+    "corrupt.JPEG": (
+        lambda real: b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4,
+        "a JPEG start marker, then noise: fails the header check and decoding",
+    ),
     "headers_fine_scan_broken.JPEG": (jpeg_whose_scan_is_broken, "passes the header check, fails to decode"),
 }
 SKIPPED_AT_SCAN = ("zero.JPEG", "notes.txt")

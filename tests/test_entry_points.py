@@ -14,14 +14,23 @@ from mae_et.train.config import load_pretrain_config
 
 
 def run_from(cwd, script, *args, timeout=300):
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_pretrain_default_recipe_from_another_directory(tmp_path):
     """The default command, launched from a folder that has no configs/: it finds its recipe and trains."""
-    proc = run_from(tmp_path, "pretrain.py", f"output_dir={tmp_path / 'runs'}", "train.max_steps=1", "train.batch_size=8",
-                    "tracking.wandb=off", "tracking.recon_every_epochs=0", "tracking.knn_every_epochs=0")
+    proc = run_from(
+        tmp_path,
+        "pretrain.py",
+        f"output_dir={tmp_path / 'runs'}",
+        "train.max_steps=1",
+        "train.batch_size=8",
+        "tracking.wandb=off",
+        "tracking.recon_every_epochs=0",
+        "tracking.knn_every_epochs=0",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert list((tmp_path / "runs").glob("*/checkpoints/step_00000001"))
 

@@ -11,8 +11,19 @@ from conftest import REPO
 
 PACKAGE = REPO / "mae_et"
 # lower numbers are imported by higher ones, never the other way; data and curriculum do not import each other
-LAYERS = {"notices": 0, "files": 0, "seeding": 0, "recipes": 1, "checkpoint": 1, "data": 2, "curriculum": 2, "models": 3, "train": 4,
-          "evaluate": 5, "cli": 6}
+LAYERS = {
+    "notices": 0,
+    "files": 0,
+    "seeding": 0,
+    "recipes": 1,
+    "checkpoint": 1,
+    "data": 2,
+    "curriculum": 2,
+    "models": 3,
+    "train": 4,
+    "evaluate": 5,
+    "cli": 6,
+}
 
 
 def part_of(module: str) -> str:
@@ -96,7 +107,11 @@ def test_one_seed_hash_and_one_table_of_seed_families():
 
     defined = [p for p in PACKAGE.rglob("*.py") if re.search(r"^def mix64\(", p.read_text(), re.M)]
     assert [p.relative_to(PACKAGE).as_posix() for p in defined] == ["seeding.py"]
-    tags = [f"{p.relative_to(PACKAGE)}: {m}" for p in PACKAGE.rglob("*.py") for m in re.findall(r"^_TAG_\w+ = .*$", p.read_text(), re.M)]
+    tags = [
+        f"{p.relative_to(PACKAGE)}: {m}"
+        for p in PACKAGE.rglob("*.py")
+        for m in re.findall(r"^_TAG_\w+ = .*$", p.read_text(), re.M)
+    ]
     assert not tags, tags
 
 
@@ -123,9 +138,15 @@ def test_one_key_comparison_for_every_loader():
     checkpoint folder in mae_et.checkpoint, not in each loader."""
     import re
 
-    for pattern, home in ((r"^def _?is_decoder_key\(", "models/keys.py"), (r"^def _?fmt_shape\(", "models/keys.py"),
-                          (r"^def compare_state\(", "models/keys.py"), (r"^def _?resolve_checkpoint", "checkpoint.py")):
-        where = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if re.search(pattern, p.read_text(), re.M)]
+    for pattern, home in (
+        (r"^def _?is_decoder_key\(", "models/keys.py"),
+        (r"^def _?fmt_shape\(", "models/keys.py"),
+        (r"^def compare_state\(", "models/keys.py"),
+        (r"^def _?resolve_checkpoint", "checkpoint.py"),
+    ):
+        where = [
+            p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if re.search(pattern, p.read_text(), re.M)
+        ]
         assert where == [home], (pattern, where)
 
 
@@ -140,10 +161,16 @@ def test_one_run_plan_and_one_evaluation_loop():
     # the steps of a pass over the data, counted in one place
     counted = sorted(f for f, s in sources.items() if re.search(r"//\s*\(\s*micro_batch \* world\)", s))
     assert counted == ["train/plan.py"], counted
-    for rule, home in ((r"no full optimizer step", "train/plan.py"), (r"^def evaluate_classifier\(", "evaluate/engine.py"),
-                       (r"^def (save|read)_best\(", "evaluate/engine.py"), (r"write_json_atomic\([^)]*RESULT_FILE", "evaluate/engine.py"),
-                       (r"^\s*while step < ", "evaluate/engine.py")):
-        where = sorted(f for f, s in sources.items() if re.search(rule, s, re.M) and f.startswith(("evaluate/", "train/plan")))
+    for rule, home in (
+        (r"no full optimizer step", "train/plan.py"),
+        (r"^def evaluate_classifier\(", "evaluate/engine.py"),
+        (r"^def (save|read)_best\(", "evaluate/engine.py"),
+        (r"write_json_atomic\([^)]*RESULT_FILE", "evaluate/engine.py"),
+        (r"^\s*while step < ", "evaluate/engine.py"),
+    ):
+        where = sorted(
+            f for f, s in sources.items() if re.search(rule, s, re.M) and f.startswith(("evaluate/", "train/plan"))
+        )
         assert where == [home], (rule, where)
     for method in ("evaluate/finetune.py", "evaluate/linprobe.py"):
         assert "run_engine(" in sources[method] and not re.search(r"^\s*for step in range\(", sources[method], re.M)

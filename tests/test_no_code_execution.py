@@ -76,8 +76,17 @@ def tiny_run(tmp_path_factory, mini_root) -> Path:
     """A real pretraining run stopped after 2 steps, a checkpoint at each (in-process, a few seconds)."""
     out = tmp_path_factory.mktemp("no_code_run")
     with in_process_run():
-        cfg = load_pretrain_config(CPU_RECIPE, [f"data.root={mini_root}", f"output_dir={out}", "train.epochs=1",
-                                                "train.max_steps=2", "checkpoint.every_steps=1", "checkpoint.keep_last=3"])
+        cfg = load_pretrain_config(
+            CPU_RECIPE,
+            [
+                f"data.root={mini_root}",
+                f"output_dir={out}",
+                "train.epochs=1",
+                "train.max_steps=2",
+                "checkpoint.every_steps=1",
+                "checkpoint.keep_last=3",
+            ],
+        )
         run = pretrain(cfg).run_dir
     assert [p.name for p in ck.list_checkpoints(run / "checkpoints")] == ["step_00000001", "step_00000002"]
     return run
@@ -134,7 +143,9 @@ def test_official_file_with_its_namespace_still_loads(tmp_path):
     mae = micro_mae(seed=2)
     path = tmp_path / "mae_visualize_vit_micro.pth"
     # the reference's training checkpoints: weights, epoch, and the argparse.Namespace of the run
-    torch.save({"model": official_sd(mae), "epoch": 3, "args": argparse.Namespace(model="mae_vit_micro", lr=1e-3)}, path)
+    torch.save(
+        {"model": official_sd(mae), "epoch": 3, "args": argparse.Namespace(model="mae_vit_micro", lr=1e-3)}, path
+    )
     model = micro_mae(seed=3)
     load_official_mae_checkpoint(model, path)
     assert all(torch.equal(v, mae.state_dict()[k]) for k, v in model.state_dict().items())
@@ -156,8 +167,9 @@ def test_official_loader_keeps_errors_of_a_corrupt_file(tmp_path):
 def test_timm_loader_refuses_a_planted_payload(tmp_path, how, wrapper):
     marker = tmp_path / "PWNED"
     torch.manual_seed(0)
-    sd = timm.models.vision_transformer.VisionTransformer(img_size=48, patch_size=8, embed_dim=64, depth=2,
-                                                          num_heads=2, num_classes=10).state_dict()
+    sd = timm.models.vision_transformer.VisionTransformer(
+        img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10
+    ).state_dict()
     sd["blocks.0.attn.qkv.weight_hook"] = Payload(marker, how)
     path = tmp_path / "vit_micro.pth"
     torch.save(sd if wrapper == "bare" else {"state_dict": sd, "epoch": 1}, path)
@@ -213,8 +225,13 @@ def test_finetune_and_probe_states_load_with_weights_only(tmp_path):
     scaler = torch.amp.GradScaler("cpu")
     best = {"top1": 51.5, "top5": 90.0, "epoch": 3, "step": 40}
     states = {
-        "finetune": {"optimizer": adamw.state_dict(), "scaler": scaler.state_dict(), "step": 40,
-                     "elapsed_seconds": 12.5, "best": best},
+        "finetune": {
+            "optimizer": adamw.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": 40,
+            "elapsed_seconds": 12.5,
+            "best": best,
+        },
         "linprobe": {"optimizer": lars.state_dict(), "step": 40, "best": best},
         "best": {"step": 40, "epoch": 3},  # what finetune_engine.save_best writes
     }
@@ -266,9 +283,18 @@ def test_pretraining_resume_refuses_a_poisoned_run(tiny_run, tmp_path, mini_root
     run, state_file = poisoned_copy(tiny_run, tmp_path / "run", marker)
     before = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")}
     with in_process_run():
-        cfg = load_pretrain_config(CPU_RECIPE, [f"data.root={mini_root}", f"output_dir={run.parent}", f"name={run.name}",
-                                                "train.epochs=1", "train.max_steps=3", "checkpoint.every_steps=1",
-                                                "checkpoint.keep_last=3"])
+        cfg = load_pretrain_config(
+            CPU_RECIPE,
+            [
+                f"data.root={mini_root}",
+                f"output_dir={run.parent}",
+                f"name={run.name}",
+                "train.epochs=1",
+                "train.max_steps=3",
+                "checkpoint.every_steps=1",
+                "checkpoint.keep_last=3",
+            ],
+        )
         assert cfg.run_dir == run
         with pytest.raises(ck.RefusedFileError) as info:
             pretrain(cfg)
@@ -276,7 +302,9 @@ def test_pretraining_resume_refuses_a_poisoned_run(tiny_run, tmp_path, mini_root
     assert_refused(str(info.value), state_file)
     assert [p.name for p in ck.list_checkpoints(run / "checkpoints")] == ["step_00000001", "step_00000002"]
     assert not any(p.name.startswith(ck.TMP_PREFIX) for p in (run / "checkpoints").iterdir())
-    assert before == {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")}  # nothing added, removed or rewritten
+    assert before == {
+        p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")
+    }  # nothing added, removed or rewritten
 
 
 # ----------------------------------------------------------------------------- (d) the visualize CLI
@@ -289,8 +317,14 @@ def test_visualize_cli_reads_no_pickle_from_a_poisoned_run(tiny_run, tmp_path, m
     marker = tmp_path / "PWNED"
     run, _ = poisoned_copy(tiny_run, tmp_path / "run", marker, "system")
     out = tmp_path / "grid.png"
-    proc = subprocess.run([sys.executable, "-m", "mae_et.evaluate.visualize", str(run), *two_images(mini_root), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_THREAD_ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mae_et.evaluate.visualize", str(run), *two_images(mini_root), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ONE_THREAD_ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.is_file() and not marker.exists()
 

@@ -25,7 +25,9 @@ def train(output_dir: Path, data_root: Path, *overrides: str) -> Path:
     """What `python pretrain.py --config <CPU recipe> data.root=.. output_dir=.. train.epochs=2 ..` does, in-process
     (the interpreter is already warm: much faster than a subprocess on a busy CPU)."""
     with in_process_run():
-        cfg = load_pretrain_config(CPU_RECIPE, [f"data.root={data_root}", f"output_dir={output_dir}", "train.epochs=2", *overrides])
+        cfg = load_pretrain_config(
+            CPU_RECIPE, [f"data.root={data_root}", f"output_dir={output_dir}", "train.epochs=2", *overrides]
+        )
         return pretrain(cfg).run_dir
 
 
@@ -51,8 +53,9 @@ def notebook_env(tiny_runs, mini_root) -> dict[str, str]:
 def execute(name: str, env: dict[str, str]) -> nbformat.NotebookNode:
     """Run a copy of the committed notebook in its own folder, as Jupyter would; raises CellExecutionError."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
     client.execute(env=env)
     return nb
 
@@ -98,16 +101,43 @@ def made_up_study(folder: Path) -> Path:
         "baseline_equal_time": [(7.2, 13.5, 28.0, 26.0, 33.0, 38.0), (7.4, 13.8, 29.0, 27.0, 34.0, 38.5)],
         "untrained": [(0.0, 0.0, 20.0, 18.0, 22.0, 25.0), (0.0, 0.0, 21.0, 19.0, 23.0, 26.0)],
     }
-    runs = {run: {str(seed): {"seed": seed, "run_dir": f"runs/{run}_seed{seed}", "stages": [{"size": 48, "steps": 3}],
-                              **dict(zip(keys, row))} for seed, row in enumerate(rows)}
-            for run, rows in per_seed.items()}
-    summary = {run: {key: {"mean": (rows[0][i] + rows[1][i]) / 2, "half_range": abs(rows[0][i] - rows[1][i]) / 2,
-                           "std": abs(rows[0][i] - rows[1][i]) / 2 ** 0.5, "values": [rows[0][i], rows[1][i]]}
-                     for i, key in enumerate(keys)}
-               for run, rows in per_seed.items()}
+    runs = {
+        run: {
+            str(seed): {
+                "seed": seed,
+                "run_dir": f"runs/{run}_seed{seed}",
+                "stages": [{"size": 48, "steps": 3}],
+                **dict(zip(keys, row)),
+            }
+            for seed, row in enumerate(rows)
+        }
+        for run, rows in per_seed.items()
+    }
+    summary = {
+        run: {
+            key: {
+                "mean": (rows[0][i] + rows[1][i]) / 2,
+                "half_range": abs(rows[0][i] - rows[1][i]) / 2,
+                "std": abs(rows[0][i] - rows[1][i]) / 2**0.5,
+                "values": [rows[0][i], rows[1][i]],
+            }
+            for i, key in enumerate(keys)
+        }
+        for run, rows in per_seed.items()
+    }
     folder.mkdir(parents=True)
-    (folder / "results.json").write_text(json.dumps({"study": "made_up", "device": "CPU (test)", "date": "2025-01-01T00:00:00+00:00",
-                                                      "seeds": [0, 1], "runs": runs, "summary": summary}))
+    (folder / "results.json").write_text(
+        json.dumps(
+            {
+                "study": "made_up",
+                "device": "CPU (test)",
+                "date": "2025-01-01T00:00:00+00:00",
+                "seeds": [0, 1],
+                "runs": runs,
+                "summary": summary,
+            }
+        )
+    )
     return folder
 
 
@@ -119,18 +149,29 @@ def test_compare_runs_plots_knn_and_a_study(tmp_path, tiny_runs, notebook_env):
         shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
         last = json.loads((copy / "metrics.jsonl").read_text().splitlines()[-1])
         with open(copy / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": last["step"], "epoch": last["epoch"], "elapsed_s": last["elapsed_s"], "knn_top1_cls": 12.5}) + "\n")
+            f.write(
+                json.dumps(
+                    {"step": last["step"], "epoch": last["epoch"], "elapsed_s": last["elapsed_s"], "knn_top1_cls": 12.5}
+                )
+                + "\n"
+            )
         runs.append(str(copy))
     study = made_up_study(tmp_path / "study" / "made_up")
-    env = {**notebook_env, "MAE_ET_RUNS": os.pathsep.join(runs), "MAE_ET_STUDY": str(study)}  # the folder of results.json
+    env = {
+        **notebook_env,
+        "MAE_ET_RUNS": os.pathsep.join(runs),
+        "MAE_ET_STUDY": str(study),
+    }  # the folder of results.json
     nb = execute("03_compare_runs.ipynb", env)
     text = printed(nb)
     assert not [o for o in outputs(nb) if o.output_type == "error"]
     assert "no kNN metrics" not in text and "no study results" not in text
     # the study was found through MAE_ET_STUDY and plotted: four runs as points against CPU time, the untrained floor
     assert f"study: {study / 'results.json'}" in text
-    assert (f"study 'made_up' from {study / 'results.json'}: plotted baseline, et, etpp_half, baseline_equal_time "
-            "against cpu_s; floor (dashed): untrained; panels: knn_top1_cls, linear_top1, finetune_top1") in text, text
+    assert (
+        f"study 'made_up' from {study / 'results.json'}: plotted baseline, et, etpp_half, baseline_equal_time "
+        "against cpu_s; floor (dashed): untrained; panels: knn_top1_cls, linear_top1, finetune_top1"
+    ) in text, text
     assert png_count(nb) == 3  # the curves, the kNN accuracy, the study
 
 

@@ -30,7 +30,9 @@ def test_our_warnings_are_one_line_others_keep_pythons_format_and_progress_is_pl
     assert any("UserWarning: someone else's warning" in line for line in lines)  # not ours: untouched
     progress_lines = [line for line in proc.stdout.splitlines() if line.startswith("decode once:")]
     assert not any(line.startswith("decode once:") for line in lines)  # on stdout, with the log lines
-    assert progress_lines[0].startswith("decode once: 4/40 img (10%") and progress_lines[-1].startswith("decode once: 40/40")
+    assert progress_lines[0].startswith("decode once: 4/40 img (10%") and progress_lines[-1].startswith(
+        "decode once: 40/40"
+    )
     assert len(progress_lines) == 10 and "\r" not in proc.stdout
     assert not any(line.startswith("hidden") for line in lines + proc.stdout.splitlines())  # other ranks show nothing
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence, get_args
+from typing import Literal, get_args
 
 Preset = Literal["none", "et", "etpp"]
 Budget = Literal["epochs", "compute"]
@@ -247,8 +248,14 @@ def plan_curriculum(
     # so stage boundaries and the per-step progress agree exactly.
     draft = CurriculumPlan(
         stages=tuple(
-            PlannedStage(index=k, size=sizes[k], start_step=starts[k], num_steps=bounds[k] - starts[k],
-                         progress_start=0.0, progress_end=0.0)
+            PlannedStage(
+                index=k,
+                size=sizes[k],
+                start_step=starts[k],
+                num_steps=bounds[k] - starts[k],
+                progress_start=0.0,
+                progress_end=0.0,
+            )
             for k in range(len(stages))
         ),
         budget=budget,

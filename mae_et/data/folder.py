@@ -144,7 +144,8 @@ def scan_image_folder(root: str | Path, strict: bool = False) -> ImageFolderInde
         warnings.warn(
             f"skipped {quiet_skips} hidden files/folders or files outside class folders under "
             f"'{root_str}' (see ImageFolderIndex.skipped)",
-            DataWarning, stacklevel=2,
+            DataWarning,
+            stacklevel=2,
         )
     if not samples:
         raise DataError(
@@ -153,7 +154,9 @@ def scan_image_folder(root: str | Path, strict: bool = False) -> ImageFolderInde
         )
     if empty_classes:
         # Kept as classes (labels stay tied to the folder listing) but almost surely a mistake.
-        warnings.warn(f"class folders with no images under '{root_str}': {', '.join(empty_classes)}", DataWarning, stacklevel=2)
+        warnings.warn(
+            f"class folders with no images under '{root_str}': {', '.join(empty_classes)}", DataWarning, stacklevel=2
+        )
     samples.sort(key=lambda s: s[0])
     return ImageFolderIndex(root=root_str, classes=classes, samples=samples, skipped=skipped)
 
@@ -346,7 +349,9 @@ class PretrainDataset(torch.utils.data.Dataset):
                             f"cannot decode '{path}': {type(e).__name__}: {e}; "
                             "set data.strict=false to skip bad files instead"
                         ) from e
-                    warnings.warn(f"cannot decode '{path}' ({type(e).__name__}: {e}); using the next image instead", DataWarning)
+                    warnings.warn(
+                        f"cannot decode '{path}' ({type(e).__name__}: {e}); using the next image instead", DataWarning
+                    )
                     self._known_bad.add(path)
                     newly_bad.append(path)
                 else:
@@ -364,8 +369,14 @@ class PretrainDataset(torch.utils.data.Dataset):
         top, left, h, w = sample_crop_params(height, width, self.scale, self.ratio, g)
         # Crop + resize on the PIL image (fast C path, antialiased) and convert only the small result.
         img = TF.resized_crop(
-            img, top, left, h, w, [self.crop_size, self.crop_size],
-            interpolation=InterpolationMode.BICUBIC, antialias=True,
+            img,
+            top,
+            left,
+            h,
+            w,
+            [self.crop_size, self.crop_size],
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
         )
         image = TF.pil_to_tensor(img)  # (3, S, S) uint8
         if self.hflip and torch.rand(1, generator=g).item() < 0.5:
@@ -481,8 +492,13 @@ def build_pretrain_loader(
     pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     sampler = StepSampler(
-        len(dataset), micro_batch, rank, world_size, seed,
-        start_micro_step=start_micro_step, num_micro_steps=num_micro_steps,
+        len(dataset),
+        micro_batch,
+        rank,
+        world_size,
+        seed,
+        start_micro_step=start_micro_step,
+        num_micro_steps=num_micro_steps,
     )
     return torch.utils.data.DataLoader(
         dataset,
@@ -503,9 +519,7 @@ def build_pretrain_loader(
 
 
 @functools.lru_cache(maxsize=32)
-def _channel_affine(
-    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
-) -> tuple[Tensor, Tensor]:
+def _channel_affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
     # (x/255 - mean)/std == x * scale + shift. Built once per device: creating a tensor from Python
     # numbers on an accelerator is a blocking host->device copy, so it must not happen every step.
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32)

@@ -44,35 +44,33 @@ Rendering (``render_fractal_batch``; ``render_fractal`` is the batch of one)
     bright (channels in [``BACKGROUND_MAX + COLOR_GAP``, 1]), of any tint, so every covered pixel
     differs from the background by >= ``COLOR_GAP`` in every channel.
 
-Colour and pose are nuisance: what a short MAE run learns (measured)
+Why these colours and poses (measured)
     An MAE's features must carry whatever it has to reconstruct, so every per-sample random choice
-    competes with the class (the attractor's shape) for the features the kNN monitor reads. With
-    the first colouring (channels in [0, 0.3] against [0.5, 1], light-on-dark or dark-on-light
-    drawn per sample, a loss on per-patch normalised pixels) a micro or tiny MAE trained for
-    150-300 steps (batch 64, 64 px, patch 8) gave a weighted kNN top-1 at chance (8-12% of 10
-    classes; a random-init encoder 8-16%, raw pixel thumbnails 55-70%): the features encoded
-    colours. Measured with a micro MAE, 300 steps, one seed each (cls / mean-token kNN, %):
+    competes with the class (the attractor's shape) for the features the kNN monitor reads. Wide colour
+    ranges, a per-sample light/dark polarity or a per-patch normalised target on flat backgrounds make
+    the features encode colour: a micro MAE (300 steps, batch 64, 64 px, patch 8, one seed each) then
+    scores a weighted kNN top-1 at chance (cls / mean-token, %, 10 classes; a random-init encoder
+    8-16%, raw pixel thumbnails 55-70%):
 
-        former colours, norm-pix loss                              12 / 10
-        former colours, plain pixel loss                           12 / 11
-        light on dark always, former ranges, plain loss            19 / 11
-        dark background <= 0.2, foreground >= 0.6, plain loss      25 / 12
-        dark background <= 0.1, foreground >= 0.7, plain loss      41 / 21
-        ... the same with the norm-pix loss                        11 / 12
-        white on black (no colour at all), norm-pix loss           51 / 33
-        white on black, no pose jitter at all                    99.5 / 99
+        channels [0, 0.3] vs [0.5, 1], either polarity, norm-pix loss     12 / 10
+        the same, plain pixel loss                                         12 / 11
+        light on dark always, the same ranges, plain loss                  19 / 11
+        dark background <= 0.2, foreground >= 0.6, plain loss              25 / 12
+        dark background <= 0.1, foreground >= 0.7, plain loss              41 / 21
+        ... the same with the norm-pix loss                                11 / 12
+        white on black (no colour at all), norm-pix loss                   51 / 33
+        white on black, no pose jitter at all                            99.5 / 99
 
-    The per-patch normalised target (``model.norm_pix_loss``) is the worst with flat backgrounds:
-    a flat patch normalises to its colour's z-scored channel triplet at unit scale whatever its
-    contrast, so the faint tint of a background becomes as large a target as a shape's edge. Of
-    the pose jitter the shift costs the most (white on black: 51 / 33 sliding the box anywhere in
-    the free space, 69 / 60 centred, 58 / 45 without rotation or mirror). Hence the defaults
-    here: dark backgrounds (<= ``BACKGROUND_MAX``), bright foregrounds, no polarity flip, and
-    a shift over the central ``JITTER_SHIFT`` of the free space. With them (and the fractal recipe's
-    plain pixel loss) the same micro run reaches 48-54 / 32-41 over 3 seeds (random init: 33-50 /
-    19-28) and the default ViT-Tiny recipe 41-58 / 48-55; raw pixel thumbnails 87-99. The point
-    density matters in one direction only: half as many points (sparser, thinner attractors) gave
-    34.5 / 21, three times as many 56 / 35 (against 52 / 31 at seed 0) for three times the cost.
+    The norm-pix target is the worst with flat backgrounds: a flat patch normalises to its colour's
+    z-scored channel triplet at unit scale whatever its contrast, so a background's faint tint becomes
+    as large a target as a shape's edge. Of the pose jitter the shift costs the most (white on black:
+    51 / 33 sliding the box anywhere in the free space, 69 / 60 centred, 58 / 45 without rotation or
+    mirror). Hence the defaults: dark backgrounds (<= ``BACKGROUND_MAX``), bright foregrounds, no
+    polarity flip, and a shift over the central ``JITTER_SHIFT`` of the free space. With them (and the
+    fractal recipe's plain pixel loss) the same micro run reaches 48-54 / 32-41 over 3 seeds (random
+    init: 33-50 / 19-28) and the default ViT-Tiny recipe 41-58 / 48-55; raw pixel thumbnails 87-99.
+    Point density: half as many points (sparser, thinner attractors) gave 34.5 / 21, three times as
+    many 56 / 35 (against 52 / 31 at seed 0) for three times the cost.
 """
 
 from __future__ import annotations
@@ -121,9 +119,7 @@ CPU_CHUNK_POINTS = 1 << 15  # points per chunk of a batch rendered on a CPU (cac
 # about 0.43, so 7.0%. Measured over 300 systems x 8 jittered 64x64 renders, the lowest coverage
 # was 5.5%. Not a proof (pixel counts of a thin set need not shrink like its area, and each render
 # draws other points), hence the headroom; at 224x224 the lowest of 100 renders was 3.0%.
-FILTER_COVERAGE = MIN_COVERAGE / (
-    JITTER_SCALE[0] / (math.cos(JITTER_ROTATION) + math.sin(JITTER_ROTATION))
-) ** 2
+FILTER_COVERAGE = MIN_COVERAGE / (JITTER_SCALE[0] / (math.cos(JITTER_ROTATION) + math.sin(JITTER_ROTATION))) ** 2
 
 _MASK32 = 0xFFFFFFFF
 
@@ -392,9 +388,8 @@ def _draw_styles(sample_seeds: list[int], jitter: bool, device: torch.device) ->
     """Styles from the counter hash on the device: no per-sample host work, batch-independent."""
     n = len(sample_seeds)
     u = _uniforms(_stream_keys(Family.FRACTAL_STYLE, sample_seeds, device), _STYLE_DRAWS)  # (N, D)
-    # Small jitter only: an optional mirror times a small rotation. Quarter turns were tried and
-    # dropped. (They were first blamed for a kNN at chance; that was the former colours: with the
-    # present ones quarter turns cost a few points, micro MAE 300 steps: 47.5 / 26.5 against 52 / 31.)
+    # Small jitter only: an optional mirror times a small rotation; quarter turns cost a few kNN points
+    # (micro MAE, 300 steps: 47.5 / 26.5 against 52 / 31).
     angle = (2 * u[:, 1] - 1) * JITTER_ROTATION  # (N,)
     cos, sin = torch.cos(angle), torch.sin(angle)
     mirror = torch.where(u[:, 2] < 0.5, -1.0, 1.0)  # (N,) -1 negates the new x: a horizontal flip
@@ -405,14 +400,15 @@ def _draw_styles(sample_seeds: list[int], jitter: bool, device: torch.device) ->
         rotation, scale, shift = _identity_poses(n, device)
     # Colours: a dark background of any tint, a bright foreground of any hue, a wide gap between.
     # Colour is nuisance to the class, and wide colour ranges (or a per-sample light/dark polarity)
-    # kept a short MAE run's kNN at chance (module docstring). u[:, 6], the former polarity draw,
-    # is left unused so that the other draws keep their slots.
+    # keep a short MAE run's kNN at chance (module docstring). u[:, 6] is left unused so that the other
+    # draws keep the slots every earlier render used (a render is a pure function of its seed).
     by_map = (u[:, 7] < 0.5).float()  # (N,)
     background = BACKGROUND_MAX * u[:, 8:11]  # (N, 3) in [0, BACKGROUND_MAX]
     low = BACKGROUND_MAX + COLOR_GAP
     foreground = low + (1.0 - low) * u[:, 11:].view(n, MAX_MAPS + 2, 3)  # (N, M+2, 3) in [low, 1]
-    return _Styles(rotation.contiguous(), scale, shift, background, foreground[:, :MAX_MAPS],
-                   foreground[:, MAX_MAPS:], by_map)
+    return _Styles(
+        rotation.contiguous(), scale, shift, background, foreground[:, :MAX_MAPS], foreground[:, MAX_MAPS:], by_map
+    )
 
 
 def _histogram(x: Tensor, y: Tensor, maps: Tensor, poses: tuple[Tensor, Tensor, Tensor], size: int) -> Tensor:
@@ -502,7 +498,10 @@ def render_fractal(system: IFSSystem, size: int, sample_seed: int, jitter: bool 
 
 
 def render_fractal_batch(
-    systems: list[IFSSystem], sample_seeds: list[int], size: int, device: torch.device | str = "cpu",
+    systems: list[IFSSystem],
+    sample_seeds: list[int],
+    size: int,
+    device: torch.device | str = "cpu",
     jitter: bool = True,
 ) -> Tensor:
     """A batch rendered on ``device`` (the GPU fast path). Returns uint8 (N, 3, size, size) there.
@@ -533,8 +532,9 @@ class FractalDataset(torch.utils.data.Dataset):
         self, num_classes: int, samples_per_class: int, size: int, seed: int = 0, split: str = "train"
     ) -> None:
         if num_classes < 1 or samples_per_class < 1 or size < 1:
-            raise ValueError(f"num_classes, samples_per_class and size must be >= 1, got "
-                             f"{num_classes}, {samples_per_class}, {size}")
+            raise ValueError(
+                f"num_classes, samples_per_class and size must be >= 1, got {num_classes}, {samples_per_class}, {size}"
+            )
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
         self.num_classes = num_classes
@@ -583,14 +583,25 @@ class FractalBatchSource:
     a batch holds the same classes and render seeds whichever path made it.
     """
 
-    def __init__(self, dataset: FractalDataset, micro_batch: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, start_micro_step: int = 0, num_micro_steps: int | None = None) -> None:
+    def __init__(
+        self,
+        dataset: FractalDataset,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        start_micro_step: int = 0,
+        num_micro_steps: int | None = None,
+    ) -> None:
         from mae_et.data.folder import StepSampler  # local: data imports this module's neighbours only
 
         self.dataset, self.micro_batch, self.device = dataset, micro_batch, torch.device(device)
-        self.keys = iter(StepSampler(len(dataset), micro_batch, rank, world_size, seed, start_micro_step, num_micro_steps))
+        self.keys = iter(
+            StepSampler(len(dataset), micro_batch, rank, world_size, seed, start_micro_step, num_micro_steps)
+        )
 
-    def __iter__(self) -> "FractalBatchSource":
+    def __iter__(self) -> FractalBatchSource:
         return self
 
     def __next__(self):

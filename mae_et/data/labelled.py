@@ -52,7 +52,11 @@ def split_dir(root: str | Path, split: str, key: str) -> Path:
     """`root/split`, or a DataError naming the config key to fix."""
     path = Path(root) / split
     if not path.is_dir():
-        found = sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")) if Path(root).is_dir() else []
+        found = (
+            sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+            if Path(root).is_dir()
+            else []
+        )
         raise DataError(
             f"data.root '{root}' has no '{split}' split folder (found: {', '.join(found) or 'nothing'}); "
             f"pass {key}=<one of those> or point data.root at the dataset"
@@ -95,7 +99,9 @@ class SeededClassificationDataset(torch.utils.data.Dataset):
     pretraining), so one bad JPEG does not stop a multi-day run; evaluation never does this.
     """
 
-    def __init__(self, index: ImageFolderIndex, transform: Callable[[Image.Image], Tensor], max_consecutive_failures: int = 50) -> None:
+    def __init__(
+        self, index: ImageFolderIndex, transform: Callable[[Image.Image], Tensor], max_consecutive_failures: int = 50
+    ) -> None:
         if not index.samples:
             raise DataError(f"split '{index.root}' has no images; check data.root and data.train_split")
         self.index = index
@@ -116,13 +122,16 @@ class SeededClassificationDataset(torch.utils.data.Dataset):
             try:
                 img = load_rgb(path)
             except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-                warnings.warn(f"cannot decode '{path}' ({type(e).__name__}: {e}); using the next image instead", DataWarning)
+                warnings.warn(
+                    f"cannot decode '{path}' ({type(e).__name__}: {e}); using the next image instead", DataWarning
+                )
                 self._known_bad.add(path)
                 continue
             with seeded_rng(seed + attempt):
                 return self.transform(img), label  # (3, S, S) float32
         raise DataError(
-            f"{self.max_consecutive_failures} consecutive unreadable files near '{self.index.samples[index][0]}'; check data.root"
+            f"{self.max_consecutive_failures} consecutive unreadable files near '{self.index.samples[index][0]}'; "
+            "check data.root"
         )
 
 
@@ -174,14 +183,24 @@ def build_train_loader(
 ) -> torch.utils.data.DataLoader:
     """A finite slice of the seeded stream: micro-steps [start, start + num) of this rank."""
     sampler = StepSampler(
-        len(dataset), micro_batch, rank, world_size, seed,
-        start_micro_step=start_micro_step, num_micro_steps=num_micro_steps,
+        len(dataset),
+        micro_batch,
+        rank,
+        world_size,
+        seed,
+        start_micro_step=start_micro_step,
+        num_micro_steps=num_micro_steps,
     )
     return torch.utils.data.DataLoader(
-        dataset, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
-        pin_memory=pin_memory, drop_last=True,
+        dataset,
+        batch_size=micro_batch,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
         # a new loader per epoch (the transform may change): workers live for one epoch
-        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
     )
 
 
@@ -205,8 +224,13 @@ def shard_loader(loader: torch.utils.data.DataLoader, rank: int, world_size: int
         return loader
     subset = torch.utils.data.Subset(loader.dataset, list(shard_range(len(loader.dataset), rank, world_size)))
     return torch.utils.data.DataLoader(
-        subset, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=False,
+        subset,
+        batch_size=loader.batch_size,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=False,
     )
 
 
@@ -270,7 +294,9 @@ def build_eval_loader(
     ``loader.dataset.classes`` is the class list the labels index.
     """
     if img_size < 1 or batch_size < 1 or num_workers < 0:
-        raise ValueError(f"img_size and batch_size must be >= 1 and num_workers >= 0, got {img_size}, {batch_size}, {num_workers}")
+        raise ValueError(
+            f"img_size and batch_size must be >= 1 and num_workers >= 0, got {img_size}, {batch_size}, {num_workers}"
+        )
     index = scan_image_folder(root)
     if classes is None:
         label_of = list(range(len(index.classes)))

@@ -83,7 +83,7 @@ def random_resized_crop_boxes(
     w_src = widths.to(torch.float64)  # (N,)
     # One draw for everything: 10 areas, 10 aspects, top, left per sample.
     u = torch.rand((n, 2 * _TRIES + 2), generator=generator, device=device).to(torch.float64)  # (N, 22)
-    u_area, u_ratio, u_top, u_left = u[:, :_TRIES], u[:, _TRIES:2 * _TRIES], u[:, -2], u[:, -1]
+    u_area, u_ratio, u_top, u_left = u[:, :_TRIES], u[:, _TRIES : 2 * _TRIES], u[:, -2], u[:, -1]
 
     area = (h_src * w_src)[:, None]  # (N, 1)
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)  # (N, 10)
@@ -312,7 +312,9 @@ class InMemoryImages:
             for i, image, error in chunk:
                 if image is None:
                     if strict:
-                        raise DataError(f"bad file '{paths[i]}' ({error}); set data.strict=false to skip bad files instead")
+                        raise DataError(
+                            f"bad file '{paths[i]}' ({error}); set data.strict=false to skip bad files instead"
+                        )
                     warnings.warn(f"skipping '{paths[i]}': {error}", DataWarning, stacklevel=2)
                     self.skipped.append(SkippedFile(paths[i], error))
                 else:
@@ -320,7 +322,7 @@ class InMemoryImages:
                     kept.append(i)
             if good:
                 start = len(kept) - len(good)
-                images[start:len(kept)].copy_(torch.stack(good))  # (k, 3, s, s) uint8
+                images[start : len(kept)].copy_(torch.stack(good))  # (k, 3, s, s) uint8
         bar.close()
         if not kept:
             raise DataError(f"none of the {n} images under '{index.root}' could be decoded; check data.root")
@@ -400,7 +402,7 @@ class MemoryBatchSource:
             self._perm = self.sampler.epoch_permutation(e).to(self.store.device)  # (len(store),)
             self._epoch = e
         start = m * self.micro_batch * self.world_size + self.rank * self.micro_batch
-        return self._perm[start:start + self.micro_batch]  # (B,) int64
+        return self._perm[start : start + self.micro_batch]  # (B,) int64
 
     def __iter__(self) -> MemoryBatchSource:
         return self
@@ -512,7 +514,7 @@ def _collate_bytes(items: list[tuple[int, int, bytes, str]]) -> _RawBatch:
     view = data.numpy()
     pos = 0
     for (_, _, b, _), n in zip(items, lengths):
-        view[pos:pos + n] = np.frombuffer(b, dtype=np.uint8)
+        view[pos : pos + n] = np.frombuffer(b, dtype=np.uint8)
         pos += n
     return _RawBatch(
         indices=[i for i, _, _, _ in items],
@@ -575,7 +577,7 @@ def crops_on_canvas(images: Sequence[Tensor], boxes: list[list[int]], out_size: 
     """
     crops = []
     for image, (top, left, h, w) in zip(images, boxes):
-        crops.append(_shrink_if_large(image[:, top:top + h, left:left + w], out_size))  # (3, h', w')
+        crops.append(_shrink_if_large(image[:, top : top + h, left : left + w], out_size))  # (3, h', w')
     sizes = torch.tensor([[c.shape[1], c.shape[2]] for c in crops], dtype=torch.int64)  # (N, 2) host
     max_h, max_w = max(c.shape[1] for c in crops), max(c.shape[2] for c in crops)
     canvas = torch.zeros((len(crops), 3, max_h, max_w), dtype=torch.uint8, device=images[0].device)  # (N, 3, Hm, Wm)
@@ -633,7 +635,9 @@ class DeviceDecodeBatchSource:
         self.strict = strict
         self.step = start_micro_step  # next global micro-step
         self._known_bad: set[str] = set()  # one process decodes, so each bad file is reported once
-        sampler = StepSampler(len(index.samples), micro_batch, rank, world_size, seed, start_micro_step, num_micro_steps)
+        sampler = StepSampler(
+            len(index.samples), micro_batch, rank, world_size, seed, start_micro_step, num_micro_steps
+        )
         self.loader = torch.utils.data.DataLoader(
             _FileBytesDataset(index.samples),
             batch_size=micro_batch,
@@ -663,8 +667,11 @@ class DeviceDecodeBatchSource:
         canvas, sizes = crops_on_canvas(images, boxes.tolist(), self.crop_size)  # (B, 3, Hm, Wm), (B, 2)
         local_boxes = torch.cat([torch.zeros_like(sizes), sizes], dim=1)  # (B, 4): each crop at the top-left
         crops = crop_resize_flip(
-            canvas, _to_device(sizes, self.device), _to_device(local_boxes, self.device),
-            _to_device(flip, self.device), self.crop_size,
+            canvas,
+            _to_device(sizes, self.device),
+            _to_device(local_boxes, self.device),
+            _to_device(flip, self.device),
+            self.crop_size,
         )  # (B, 3, crop, crop) uint8
         self.step += 1
         label_t = _to_device(torch.tensor(labels, dtype=torch.int64), self.device)  # (B,)
@@ -676,7 +683,8 @@ class DeviceDecodeBatchSource:
         datas = list(torch.split(raw.data, raw.lengths))  # B views (n_i,) uint8
         paths = [self.index.samples[i][0] for i in raw.indices]
         on_device = [
-            i for i in range(len(datas))
+            i
+            for i in range(len(datas))
             if raw.device_ok[i] and not raw.read_errors[i] and paths[i] not in self._known_bad
         ]
         decoded: list[Tensor | None] = [None] * len(datas)
@@ -734,7 +742,8 @@ class DeviceDecodeBatchSource:
             if path_j not in self._known_bad:
                 self._report_bad(path_j, error_j, bad)
         raise DataError(
-            f"{_MAX_CONSECUTIVE_FAILURES} consecutive unreadable files starting at '{path}'; is data.root the right folder?"
+            f"{_MAX_CONSECUTIVE_FAILURES} consecutive unreadable files starting at '{path}'; is data.root the right "
+            "folder?"
         )
 
     def _report_bad(self, path: str, error: str, bad: list[str]) -> None:

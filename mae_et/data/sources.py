@@ -23,9 +23,10 @@ The config sections are read by attribute (`data.crop_size`, ...): this module i
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import Dataset
@@ -48,8 +49,9 @@ class PretrainSource(Protocol):
     num_images: int
     skipped: list
 
-    def batches(self, rank: int, world: int, micro_batch: int, start_micro_step: int,
-                num_micro_steps: int) -> Iterator[PretrainBatch]: ...
+    def batches(
+        self, rank: int, world: int, micro_batch: int, start_micro_step: int, num_micro_steps: int
+    ) -> Iterator[PretrainBatch]: ...
 
 
 # Sub-folders that hold held-out images: a root with one of them is a root of splits, never a training folder
@@ -72,9 +74,15 @@ def data_dir(d) -> Path:
     if d.split == "train" and not held_out:
         return root  # a plain ImageFolder of classes
     shown = ", ".join(subfolders[:8]) + (f" and {len(subfolders) - 8} more" if len(subfolders) > 8 else "")
-    way_on = ("pass data.split=<one of them>" if held_out else
-              "pass data.split='' to pretrain on the root itself (a folder of classes), or data.split=<the folder to use>")
-    raise DataError(f"data.split '{d.split}' is not a folder under '{root}' (its sub-folders: {shown or 'none'}); {way_on}")
+    way_on = (
+        "pass data.split=<one of them>"
+        if held_out
+        else "pass data.split='' to pretrain on the root itself (a folder of classes), "
+        "or data.split=<the folder to use>"
+    )
+    raise DataError(
+        f"data.split '{d.split}' is not a folder under '{root}' (its sub-folders: {shown or 'none'}); {way_on}"
+    )
 
 
 def _scan(d, main: bool) -> ImageFolderIndex:
@@ -97,8 +105,13 @@ class FolderSource:
     @classmethod
     def open(cls, d, seed: int, main: bool, device: torch.device) -> FolderSource:
         index = _scan(d, main)
-        return cls(d, seed, device, index, PretrainDataset(index, crop_size=d.crop_size, scale=d.scale, hflip=d.hflip,
-                                                           strict=d.strict))
+        return cls(
+            d,
+            seed,
+            device,
+            index,
+            PretrainDataset(index, crop_size=d.crop_size, scale=d.scale, hflip=d.hflip, strict=d.strict),
+        )
 
     @property
     def num_images(self) -> int:
@@ -109,10 +122,19 @@ class FolderSource:
         return list(self.index.skipped)
 
     def batches(self, rank, world, micro_batch, start_micro_step, num_micro_steps) -> Iterator[PretrainBatch]:
-        return iter(build_pretrain_loader(
-            self.dataset, micro_batch=micro_batch, rank=rank, world_size=world, seed=self.seed,
-            num_workers=self.d.num_workers, pin_memory=self.d.pin_memory and self.device.type == "cuda",
-            start_micro_step=start_micro_step, num_micro_steps=num_micro_steps))
+        return iter(
+            build_pretrain_loader(
+                self.dataset,
+                micro_batch=micro_batch,
+                rank=rank,
+                world_size=world,
+                seed=self.seed,
+                num_workers=self.d.num_workers,
+                pin_memory=self.d.pin_memory and self.device.type == "cuda",
+                start_micro_step=start_micro_step,
+                num_micro_steps=num_micro_steps,
+            )
+        )
 
 
 @dataclass
@@ -128,9 +150,15 @@ class MemorySource(FolderSource):
         with warnings.catch_warnings():
             if not main:
                 warnings.simplefilter("ignore")
-            store = InMemoryImages(folder.index, d.memory_size or round(d.crop_size * 256 / 224),
-                                   device if on_device else "cpu", strict=d.strict, num_workers=d.num_workers,
-                                   pin_memory=device.type == "cuda" and not on_device, progress=main)
+            store = InMemoryImages(
+                folder.index,
+                d.memory_size or round(d.crop_size * 256 / 224),
+                device if on_device else "cpu",
+                strict=d.strict,
+                num_workers=d.num_workers,
+                pin_memory=device.type == "cuda" and not on_device,
+                progress=main,
+            )
         return cls(d, seed, device, folder.index, folder.dataset, store)
 
     @property
@@ -142,9 +170,19 @@ class MemorySource(FolderSource):
         return list(self.index.skipped) + list(self.store.skipped)
 
     def batches(self, rank, world, micro_batch, start_micro_step, num_micro_steps) -> Iterator[PretrainBatch]:
-        return MemoryBatchSource(self.store, micro_batch, rank, world, self.seed, self.d.crop_size, scale=self.d.scale,
-                                 hflip=self.d.hflip, device=self.device, start_micro_step=start_micro_step,
-                                 num_micro_steps=num_micro_steps)
+        return MemoryBatchSource(
+            self.store,
+            micro_batch,
+            rank,
+            world,
+            self.seed,
+            self.d.crop_size,
+            scale=self.d.scale,
+            hflip=self.d.hflip,
+            device=self.device,
+            start_micro_step=start_micro_step,
+            num_micro_steps=num_micro_steps,
+        )
 
 
 @dataclass
@@ -154,16 +192,30 @@ class DeviceDecodeSource(FolderSource):
     @classmethod
     def open(cls, d, seed: int, main: bool, device: torch.device) -> DeviceDecodeSource:
         if device.type != "cuda" and main:  # said once, when the run opens its data: not silently slower
-            warnings.warn("data.pipeline=device_decode has no GPU here: JPEGs are decoded on the CPU, in the main "
-                          "process; data.pipeline=loader decodes in data.num_workers worker processes instead",
-                          RunWarning, stacklevel=2)
+            warnings.warn(
+                "data.pipeline=device_decode has no GPU here: JPEGs are decoded on the CPU, in the main "
+                "process; data.pipeline=loader decodes in data.num_workers worker processes instead",
+                RunWarning,
+                stacklevel=2,
+            )
         return super().open(d, seed, main, device)
 
     def batches(self, rank, world, micro_batch, start_micro_step, num_micro_steps) -> Iterator[PretrainBatch]:
-        return DeviceDecodeBatchSource(self.index, micro_batch, rank, world, self.seed, self.d.crop_size, self.device,
-                                       scale=self.d.scale, hflip=self.d.hflip, strict=self.d.strict,
-                                       num_workers=self.d.num_workers, start_micro_step=start_micro_step,
-                                       num_micro_steps=num_micro_steps)
+        return DeviceDecodeBatchSource(
+            self.index,
+            micro_batch,
+            rank,
+            world,
+            self.seed,
+            self.d.crop_size,
+            self.device,
+            scale=self.d.scale,
+            hflip=self.d.hflip,
+            strict=self.d.strict,
+            num_workers=self.d.num_workers,
+            start_micro_step=start_micro_step,
+            num_micro_steps=num_micro_steps,
+        )
 
 
 @dataclass
@@ -178,8 +230,12 @@ class FractalSource:
 
     @classmethod
     def open(cls, d, seed: int, main: bool, device: torch.device) -> FractalSource:
-        return cls(d, seed, device, FractalDataset(d.fractal_classes, d.fractal_images_per_class, d.crop_size, seed=seed,
-                                                   split="train"))
+        return cls(
+            d,
+            seed,
+            device,
+            FractalDataset(d.fractal_classes, d.fractal_images_per_class, d.crop_size, seed=seed, split="train"),
+        )
 
     @property
     def num_images(self) -> int:
@@ -189,12 +245,26 @@ class FractalSource:
         stream = dict(start_micro_step=start_micro_step, num_micro_steps=num_micro_steps)
         if self.device.type == "cuda":
             return FractalBatchSource(self.dataset, micro_batch, rank, world, self.seed, self.device, **stream)
-        return iter(build_pretrain_loader(self.dataset, micro_batch=micro_batch, rank=rank, world_size=world,
-                                          seed=self.seed, num_workers=self.d.num_workers, pin_memory=False, **stream))
+        return iter(
+            build_pretrain_loader(
+                self.dataset,
+                micro_batch=micro_batch,
+                rank=rank,
+                world_size=world,
+                seed=self.seed,
+                num_workers=self.d.num_workers,
+                pin_memory=False,
+                **stream,
+            )
+        )
 
 
-SOURCES: dict[str, type] = {"loader": FolderSource, "memory": MemorySource, "device_decode": DeviceDecodeSource,
-                            "fractal": FractalSource}
+SOURCES: dict[str, type] = {
+    "loader": FolderSource,
+    "memory": MemorySource,
+    "device_decode": DeviceDecodeSource,
+    "fractal": FractalSource,
+}
 
 
 def source_name(d) -> str:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from dataclasses import replace as replaced
-from typing import Annotated, Any, Literal, Optional, get_args
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
 
 from mae_et.models.vit import FeaturePool, GlobalPool
 from mae_et.recipes import (
@@ -49,14 +49,14 @@ PROBE_MODES = get_args(ProbeMode)
 @dataclass
 class EvalModelConfig:
     # one of our pretraining run folders or checkpoint folders, an official MAE .pth, or timm ViT weights
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     global_pool: GlobalPool = "avg"  # fine-tuning only: avg | token
     drop_path: Annotated[float, Check(ge=0, lt=1)] = 0.1  # fine-tuning only: stochastic depth rate
 
 
 @dataclass
 class ClassificationDataConfig:
-    root: Optional[str] = None  # holds train_split/ and val_split/, each a folder of class sub-folders
+    root: str | None = None  # holds train_split/ and val_split/, each a folder of class sub-folders
     train_split: str = "train"
     val_split: str = "val"
     img_size: PositiveInt = 224  # train and eval side; may differ from pretraining (position embeddings are resampled)
@@ -78,10 +78,12 @@ class FinetuneAugmentConfig:
     # timm's create_transform(is_training=True): RandomResizedCrop + flip + RandAugment + RandomErasing
     # mmax9: with Pillow >= 13 a jittered magnitude of 10 makes PosterizeIncreasing ask for 0 bits, which
     # Pillow rejects (a crash a few times in 10,000 images); capping at 9 keeps every op valid
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1-mmax9"
-    randaug_ramp_start: Optional[NonNegativeFloat] = None  # EfficientTrain: RandAugment magnitude grows linearly from this to the recipe's m
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1-mmax9"
+    randaug_ramp_start: NonNegativeFloat | None = (
+        None  # EfficientTrain: RandAugment magnitude grows linearly from this to the recipe's m
+    )
     scale: tuple[float, float] = (0.08, 1.0)
-    color_jitter: Optional[NonNegativeFloat] = 0.4  # ignored by timm while auto_augment is set (as in the MAE recipe)
+    color_jitter: NonNegativeFloat | None = 0.4  # ignored by timm while auto_augment is set (as in the MAE recipe)
     interpolation: str = "bicubic"
     reprob: Annotated[float, UnitInterval] = 0.25
     remode: str = "pixel"
@@ -98,13 +100,15 @@ class FinetuneAugmentConfig:
 @dataclass
 class FinetuneOptimConfig:
     blr: PositiveFloat = 5e-4  # lr = blr * global_batch / 256
-    lr: Optional[PositiveFloat] = None  # absolute lr; overrides blr when set
+    lr: PositiveFloat | None = None  # absolute lr; overrides blr when set
     min_lr: NonNegativeFloat = 1e-6
     weight_decay: NonNegativeFloat = 0.05
-    layer_decay: Annotated[float, Check(gt=0, le=1)] = 0.65  # block i of depth L gets lr * layer_decay ** (L - i); the head the full lr
+    layer_decay: Annotated[float, Check(gt=0, le=1)] = (
+        0.65  # block i of depth L gets lr * layer_decay ** (L - i); the head the full lr
+    )
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: NonNegativeFloat = 5.0
-    clip_grad: Optional[PositiveFloat] = None
+    clip_grad: PositiveFloat | None = None
 
 
 @dataclass
@@ -114,9 +118,9 @@ class FinetuneTrainConfig:
     accum_steps: PositiveInt = 1
     precision: Precision = "bf16"  # bf16 | fp16 | fp32
     seed: int = 0
-    max_steps: Optional[PositiveInt] = None  # stop (with a checkpoint) after this optimizer step; relaunch to resume
+    max_steps: PositiveInt | None = None  # stop (with a checkpoint) after this optimizer step; relaunch to resume
     log_every: PositiveInt = 50
-    eval_batch_size: Optional[PositiveInt] = None  # per device; default train.batch_size
+    eval_batch_size: PositiveInt | None = None  # per device; default train.batch_size
 
 
 @dataclass
@@ -142,7 +146,9 @@ class FinetuneConfig:
 
 @dataclass
 class LinprobeSettings:
-    mode: ProbeMode = "online"  # online: augmented images through the frozen encoder each step (reference) | cached: features once
+    mode: ProbeMode = (
+        "online"  # online: augmented images through the frozen encoder each step (reference) | cached: features once
+    )
     pool: FeaturePool = "cls"  # cls token after the final norm (the MAE protocol) | mean of the patch tokens
     encoder_batch: PositiveInt = 256  # images per frozen-encoder forward; a head batch is encoded in chunks of this
 
@@ -156,7 +162,7 @@ class LinprobeAugmentConfig:  # online mode only; cached features come from cent
 @dataclass
 class LinprobeOptimConfig:
     blr: PositiveFloat = 0.1  # lr = blr * global_batch / 256
-    lr: Optional[PositiveFloat] = None
+    lr: PositiveFloat | None = None
     min_lr: NonNegativeFloat = 0.0
     weight_decay: NonNegativeFloat = 0.0
     momentum: Annotated[float, Check(ge=0, lt=1)] = 0.9
@@ -169,7 +175,7 @@ class LinprobeTrainConfig:
     batch_size: PositiveInt = 16384  # GLOBAL batch (all processes); clamped to the training-set size
     precision: Precision = "bf16"  # autocast of the frozen encoder; the head trains in fp32
     seed: int = 0
-    max_steps: Optional[PositiveInt] = None
+    max_steps: PositiveInt | None = None
     log_every: PositiveInt = 20
 
 
@@ -226,7 +232,9 @@ def _check_common(cfg: FinetuneConfig | LinprobeConfig) -> None:
             "an official MAE .pth, or timm ViT weights)"
         )
     if not Path(m.checkpoint).exists():
-        raise ConfigError(f"model.checkpoint '{m.checkpoint}' does not exist; pass the path of a pretraining run or checkpoint")
+        raise ConfigError(
+            f"model.checkpoint '{m.checkpoint}' does not exist; pass the path of a pretraining run or checkpoint"
+        )
     if d.root is None or not str(d.root).strip():
         raise ConfigError(
             f"data.root is missing: pass data.root=/path/to/dataset holding {d.train_split}/ and {d.val_split}/ "
@@ -254,7 +262,10 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     if a.randaug_ramp_start is not None:
         target = randaug_magnitude(a.auto_augment)  # raises when there is no RandAugment to ramp
         if not 0.0 <= a.randaug_ramp_start <= target:
-            raise ConfigError(f"augment.randaug_ramp_start must be in [0, {target:g}] (the recipe's magnitude), got {a.randaug_ramp_start}")
+            raise ConfigError(
+                f"augment.randaug_ramp_start must be in [0, {target:g}] (the recipe's magnitude), got "
+                f"{a.randaug_ramp_start}"
+            )
 
 
 def validate_linprobe(cfg: LinprobeConfig) -> None:
@@ -269,7 +280,7 @@ def validate_linprobe(cfg: LinprobeConfig) -> None:
 _AA_POLICY = re.compile(r"rand(-[a-z]+[\d.]+)*|augmix(-[a-z]+[\d.]+)*|original|originalr|v0|v0r|3a")
 
 
-def check_auto_augment(auto_augment: Optional[str]) -> None:
+def check_auto_augment(auto_augment: str | None) -> None:
     """An `augment.auto_augment` timm knows, checked now (timm asserts only when the first transform is built)."""
     if auto_augment is None or auto_augment == "":
         return
@@ -277,15 +288,23 @@ def check_auto_augment(auto_augment: Optional[str]) -> None:
     if _AA_POLICY.fullmatch(auto_augment) is not None:
         from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 
-        build = (rand_augment_transform if auto_augment.startswith("rand") else
-                 augment_and_mix_transform if auto_augment.startswith("augmix") else auto_augment_transform)
+        build = (
+            rand_augment_transform
+            if auto_augment.startswith("rand")
+            else augment_and_mix_transform
+            if auto_augment.startswith("augmix")
+            else auto_augment_transform
+        )
         try:
             build(auto_augment, {"translate_const": 100, "img_mean": (124, 116, 104)})
             return
         except (AssertionError, ValueError, KeyError) as e:
             detail = str(e) or None
-    raise ConfigError(f"augment.auto_augment '{auto_augment}' is not a policy timm knows" + (f" ({detail})" if detail else "")
-                      + "; use one such as rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original or v0, or null for none")
+    raise ConfigError(
+        f"augment.auto_augment '{auto_augment}' is not a policy timm knows"
+        + (f" ({detail})" if detail else "")
+        + "; use one such as rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original or v0, or null for none"
+    )
 
 
 def _ra_key(part: str) -> str:
@@ -293,11 +312,12 @@ def _ra_key(part: str) -> str:
     return re.split(r"(\d.*)", part)[0]
 
 
-def randaug_magnitude(auto_augment: Optional[str]) -> int:
+def randaug_magnitude(auto_augment: str | None) -> int:
     """The `m` of a timm RandAugment string ('rand-m9-mstd0.5-inc1' -> 9)."""
     if not auto_augment or not auto_augment.startswith("rand"):
         raise ConfigError(
-            f"augment.randaug_ramp_start needs a RandAugment policy in augment.auto_augment (e.g. rand-m9-mstd0.5-inc1), "
+            "augment.randaug_ramp_start needs a RandAugment policy in augment.auto_augment (e.g. "
+            "rand-m9-mstd0.5-inc1), "
             f"got {auto_augment!r}"
         )
     for part in auto_augment.split("-")[1:]:

@@ -20,9 +20,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,9 @@ class EvalResult:
     run_dir: Path | None
     step: int  # optimizer steps done
     checkpoint: Path | None  # the last checkpoint written or resumed from
-    best: dict[str, Any] | None  # the best epoch: top1, top5, val_loss, epoch, step (and path, when its weights are kept)
+    best: (
+        dict[str, Any] | None
+    )  # the best epoch: top1, top5, val_loss, epoch, step (and path, when its weights are kept)
     last_eval: dict[str, Any] = field(default_factory=dict)  # the latest epoch's evaluation
     history: list[dict] = field(default_factory=list)  # this launch's epoch evaluations
     result: dict[str, Any] | None = None  # RUN/result.json, once the plan is done
@@ -96,7 +99,9 @@ def topk_counts(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tensor]], accelerator: Accelerator) -> dict[str, float]:
+def evaluate_classifier(
+    model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tensor]], accelerator: Accelerator
+) -> dict[str, float]:
     """Top-1 / top-5 (%) and mean cross-entropy of `model` over this rank's batches, summed over all ranks.
 
     `batches`: (inputs, labels) pairs (images of a loader, or cached features); a batch whose every file was
@@ -113,8 +118,9 @@ def evaluate_classifier(model: torch.nn.Module, batches: Iterable[tuple[Tensor, 
             logits = model(inputs)  # (n, C)
         logits = logits.float()
         top1, top5 = topk_counts(logits, labels)
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), top1, top5,
-                             torch.tensor(labels.numel(), device=device)]).double()
+        sums += torch.stack(
+            [F.cross_entropy(logits, labels, reduction="sum"), top1, top5, torch.tensor(labels.numel(), device=device)]
+        ).double()
     sums = accelerator.reduce(sums, "sum")  # disjoint shards: exact totals
     model.train(was_training)
     loss, top1, top5, n = sums.tolist()
@@ -123,7 +129,9 @@ def evaluate_classifier(model: torch.nn.Module, batches: Iterable[tuple[Tensor, 
     return {"val_loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "val_images": int(n)}
 
 
-def eval_split_loader(cfg_data, classes: list[str], batch_size: int, accelerator: Accelerator) -> torch.utils.data.DataLoader:
+def eval_split_loader(
+    cfg_data, classes: list[str], batch_size: int, accelerator: Accelerator
+) -> torch.utils.data.DataLoader:
     """Resize + centre crop loader of the validation split with the training labels, sharded per rank."""
     root = split_dir(cfg_data.root, cfg_data.val_split, "data.val_split")
     loader = build_eval_loader(root, cfg_data.img_size, batch_size, cfg_data.num_workers, classes=classes)
@@ -144,16 +152,22 @@ def read_best(run_dir: Path) -> dict[str, Any] | None:
 
 def save_best(run_dir: Path, step: int, model_state: dict, config_yaml: str, meta: dict[str, Any]) -> Path:
     """RUN/best/step_N/ via the atomic checkpoint writer; the previous best goes only once the new one is in place."""
-    return ckpt_lib.save_checkpoint(run_dir / BEST_DIR, step, model_state, {"step": step, "epoch": meta["epoch"]},
-                                    config_yaml, meta, keep_last=1)
+    return ckpt_lib.save_checkpoint(
+        run_dir / BEST_DIR, step, model_state, {"step": step, "epoch": meta["epoch"]}, config_yaml, meta, keep_last=1
+    )
 
 
 def better(best: dict[str, Any] | None, evaluation: dict[str, Any], step: int) -> dict[str, Any] | None:
     """The new best epoch when `evaluation` beats `best` on top-1 (ties keep the earlier epoch), else None."""
     if best is not None and evaluation["top1"] <= best["top1"]:
         return None
-    return {"top1": evaluation["top1"], "top5": evaluation["top5"], "val_loss": evaluation["val_loss"],
-            "epoch": evaluation["epoch"], "step": step}
+    return {
+        "top1": evaluation["top1"],
+        "top5": evaluation["top5"],
+        "val_loss": evaluation["val_loss"],
+        "epoch": evaluation["epoch"],
+        "step": step,
+    }
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -217,17 +231,28 @@ class RunRecorder(Recorder):
         run, plan = self.run, self.method.plan
         now = time.perf_counter()
         loss_mean = (run.accelerator.reduce(self.window_loss, "sum") / (self.window_steps * run.world)).item()
-        metrics = {"loss": loss_mean, "lr": lr, "epoch": plan.plan.epoch_at_step(step),
-                   "images_per_sec": self.window_steps * plan.global_batch / (now - self.window_start),
-                   **self.method.step_metrics(step), **run.clock.read()}
+        metrics = {
+            "loss": loss_mean,
+            "lr": lr,
+            "epoch": plan.plan.epoch_at_step(step),
+            "images_per_sec": self.window_steps * plan.global_batch / (now - self.window_start),
+            **self.method.step_metrics(step),
+            **run.clock.read(),
+        }
         size = f"  B {metrics['size']}" if "size" in metrics else ""
-        run.log(step, metrics, f"step {step}/{plan.end_step}  epoch {metrics['epoch']:.2f}{size}  loss {loss_mean:.4f}  "
-                               f"lr {lr:.3g}  {metrics['images_per_sec']:.0f} img/s")
+        run.log(
+            step,
+            metrics,
+            f"step {step}/{plan.end_step}  epoch {metrics['epoch']:.2f}{size}  loss {loss_mean:.4f}  "
+            f"lr {lr:.3g}  {metrics['images_per_sec']:.0f} img/s",
+        )
         self.window_loss.zero_()
         self.window_steps, self.window_start = 0, time.perf_counter()
         if not math.isfinite(loss_mean):
-            run.stop_nonfinite(f"stopped at step {step}: the training loss is {loss_mean}",
-                               "Lower optim.blr, set optim.clip_grad, or use train.precision=bf16/fp32.")
+            run.stop_nonfinite(
+                f"stopped at step {step}: the training loss is {loss_mean}",
+                "Lower optim.blr, set optim.clip_grad, or use train.precision=bf16/fp32.",
+            )
 
     def epoch_done(self, step: int, epoch: int) -> None:
         run, method = self.run, self.method
@@ -243,21 +268,35 @@ class RunRecorder(Recorder):
                     self.best["path"] = str(save_best(run.run_dir, step, state, run.config_yaml, self.best))
                 run.accelerator.wait_for_everyone()
         b = self.best
-        run.log(step, {**self.last_eval, "best_top1": b["top1"], "best_epoch": b["epoch"]},
-                f"epoch {epoch}/{method.plan.num_epochs}  top-1 {self.last_eval['top1']:.2f}  top-5 {self.last_eval['top5']:.2f}  "
-                f"val loss {self.last_eval['val_loss']:.4f}  (best {b['top1']:.2f} at epoch {b['epoch']})")
+        run.log(
+            step,
+            {**self.last_eval, "best_top1": b["top1"], "best_epoch": b["epoch"]},
+            f"epoch {epoch}/{method.plan.num_epochs}  top-1 {self.last_eval['top1']:.2f}  top-5 "
+            f"{self.last_eval['top5']:.2f}  "
+            f"val loss {self.last_eval['val_loss']:.4f}  (best {b['top1']:.2f} at epoch {b['epoch']})",
+        )
 
     def after(self, step: int) -> None:
         plan, run = self.method.plan, self.run
         if not checkpoint_due(step, plan.ckpt_every, plan.end_step):
             return
         scaler = run.accelerator.scaler
-        training_state = {"optimizer": self.method.optimizer.state_dict(),
-                          "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
-                          "best": {k: v for k, v in (self.best or {}).items() if k != "path"}}
-        meta = {"step": step, "total_steps": plan.total_steps, "epoch": plan.plan.epoch_at_step(step),
-                **self.method.step_metrics(step), "world_size": run.world, "global_batch": plan.global_batch,
-                "complete": step >= plan.total_steps, "last_eval": self.last_eval}
+        training_state = {
+            "optimizer": self.method.optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "step": step,
+            "best": {k: v for k, v in (self.best or {}).items() if k != "path"},
+        }
+        meta = {
+            "step": step,
+            "total_steps": plan.total_steps,
+            "epoch": plan.plan.epoch_at_step(step),
+            **self.method.step_metrics(step),
+            "world_size": run.world,
+            "global_batch": plan.global_batch,
+            "complete": step >= plan.total_steps,
+            "last_eval": self.last_eval,
+        }
         run.checkpoint(step, self.method.model, training_state, meta)
 
 
@@ -292,17 +331,40 @@ def run_engine(run: Run, method: EvalMethod) -> EvalResult:
     run.close()
     plan, result = method.plan, None
     if step >= plan.total_steps:
-        final = recorder.last_eval or {**method.evaluate(), "epoch": plan.num_epochs}  # a checkpoint from before its evaluation
-        result = {"task": method.task, **method.result_fields(), "epochs": plan.num_epochs, "steps": plan.total_steps,
-                  "global_batch": plan.global_batch, "lr": plan.base_lr, "top1": final["top1"], "top5": final["top5"],
-                  "final": final, "best": recorder.best, "seconds": time.perf_counter() - t_start}
+        final = recorder.last_eval or {
+            **method.evaluate(),
+            "epoch": plan.num_epochs,
+        }  # a checkpoint from before its evaluation
+        result = {
+            "task": method.task,
+            **method.result_fields(),
+            "epochs": plan.num_epochs,
+            "steps": plan.total_steps,
+            "global_batch": plan.global_batch,
+            "lr": plan.base_lr,
+            "top1": final["top1"],
+            "top5": final["top5"],
+            "final": final,
+            "best": recorder.best,
+            "seconds": time.perf_counter() - t_start,
+        }
         if run.main:
             write_json_atomic(run.run_dir / RESULT_FILE, result)
     if run.main:
         best = recorder.best
         kept = best.get("path") or f"top-1 {best['top1']:.2f} at epoch {best['epoch']}" if best else "none yet"
-        state = (f"finished: top-1 {result['top1']:.2f}, top-5 {result['top5']:.2f}; result: {run.run_dir / RESULT_FILE}"
-                 if result is not None else f"stopped at step {step} of {plan.total_steps} (relaunch the same command to resume)")
+        state = (
+            f"finished: top-1 {result['top1']:.2f}, top-5 {result['top5']:.2f}; result: {run.run_dir / RESULT_FILE}"
+            if result is not None
+            else f"stopped at step {step} of {plan.total_steps} (relaunch the same command to resume)"
+        )
         run.say(f"{state}; checkpoint: {run.last_checkpoint}; best: {kept}; metrics: {run.run_dir / 'metrics.jsonl'}")
-    return EvalResult(run_dir=run.run_dir, step=step, checkpoint=run.last_checkpoint, best=recorder.best,
-                      last_eval=recorder.last_eval, history=recorder.history, result=result)
+    return EvalResult(
+        run_dir=run.run_dir,
+        step=step,
+        checkpoint=run.last_checkpoint,
+        best=recorder.best,
+        last_eval=recorder.last_eval,
+        history=recorder.history,
+        result=result,
+    )

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mae_et.files import FileError, check_output_file, save_safetensors, write_atomic
 from mae_et.models.mae import MODEL_SIZES
@@ -62,8 +62,9 @@ def export_encoder(src: str | Path, dst: str | Path, overwrite: bool = False) ->
 
     Raises `FileError` (before reading ``src``) when ``dst`` may not be written: see the module docstring."""
     src = Path(src)
-    dst = check_output_file(dst, reads=[src] if src.is_file() else [], overwrite=overwrite, flag="output",
-                            suffix=".safetensors")
+    dst = check_output_file(
+        dst, reads=[src] if src.is_file() else [], overwrite=overwrite, flag="output", suffix=".safetensors"
+    )
     state, spec, kind = load_encoder_state(src)
     spec = spec or infer_spec(state)
     # Prove the file will load strictly into the timm model we advertise before writing it.
@@ -87,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m mae_et.evaluate.export",
         description="Export a pretrained encoder (run folder, checkpoint folder, MAE .pth) as a timm ViT .safetensors",
     )
-    parser.add_argument("src", help="run folder (latest checkpoint), checkpoint folder, official MAE .pth or timm state dict")
+    parser.add_argument(
+        "src", help="run folder (latest checkpoint), checkpoint folder, official MAE .pth or timm state dict"
+    )
     parser.add_argument("dst", help="output .safetensors file (not inside a run's checkpoints/)")
     parser.add_argument("--overwrite", action="store_true", help="replace dst when it exists")
     args = parser.parse_args(argv)

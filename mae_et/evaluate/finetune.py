@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,15 +83,24 @@ def seed_step_rngs(seed: int, step: int, micro: int, rank: int) -> None:
 def layer_decay_param_groups(model: VisionTransformer, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
     """timm's BEiT/MAE grouping: stem (patch/cls/pos) gets layer_decay**(depth+1), block i layer_decay**(depth-i),
     final norm, fc_norm and head 1.0; no weight decay on 1-D parameters and pos/cls tokens."""
-    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay(), layer_decay=layer_decay)
+    return param_groups_layer_decay(
+        model, weight_decay, no_weight_decay_list=model.no_weight_decay(), layer_decay=layer_decay
+    )
 
 
 def build_mixup(cfg: FinetuneConfig, num_classes: int) -> Mixup | None:
     a = cfg.augment
     if (a.mixup <= 0 and a.cutmix <= 0) or a.mixup_prob <= 0:
         return None
-    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
-                 mode=a.mixup_mode, label_smoothing=a.smoothing, num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=a.mixup,
+        cutmix_alpha=a.cutmix,
+        prob=a.mixup_prob,
+        switch_prob=a.mixup_switch_prob,
+        mode=a.mixup_mode,
+        label_smoothing=a.smoothing,
+        num_classes=num_classes,
+    )
 
 
 def build_criterion(cfg: FinetuneConfig, mixup: Mixup | None) -> torch.nn.Module:
@@ -114,13 +124,20 @@ def epoch_magnitude(cfg: FinetuneConfig, epoch: int, num_epochs: int) -> int | N
 def train_transform_for(cfg: FinetuneConfig, magnitude: int | None) -> Callable:
     a = cfg.augment
     policy = a.auto_augment if magnitude is None else with_randaug_magnitude(a.auto_augment, magnitude)
-    return finetune_train_transform(cfg.data.img_size, policy, a.scale, a.color_jitter, a.interpolation, a.reprob, a.remode, a.recount)
+    return finetune_train_transform(
+        cfg.data.img_size, policy, a.scale, a.color_jitter, a.interpolation, a.reprob, a.remode, a.recount
+    )
 
 
 def load_finetune_model(cfg: FinetuneConfig, num_classes: int):
     """The pretrained encoder as a timm ViT with a fresh head (pos_embed resampled to data.img_size)."""
-    model, spec = load_pretrained_vit(cfg.model.checkpoint, num_classes=num_classes, img_size=cfg.data.img_size,
-                                      global_pool=cfg.model.global_pool, drop_path_rate=cfg.model.drop_path)
+    model, spec = load_pretrained_vit(
+        cfg.model.checkpoint,
+        num_classes=num_classes,
+        img_size=cfg.data.img_size,
+        global_pool=cfg.model.global_pool,
+        drop_path_rate=cfg.model.drop_path,
+    )
     torch.nn.init.trunc_normal_(model.head.weight, std=HEAD_INIT_STD)
     torch.nn.init.zeros_(model.head.bias)
     return model, spec
@@ -144,14 +161,22 @@ class FinetuneMethod:
         self.index = scan_train_split(cfg.data.root, cfg.data.train_split)
         self.num_classes = len(self.index.classes)
         micro_batch = cfg.train.batch_size
-        self.val_loader = eval_split_loader(cfg.data, self.index.classes, cfg.train.eval_batch_size or micro_batch, accelerator)
-        optimizer_steps_per_epoch(len(self.index.samples), micro_batch, run.world, cfg.train.accum_steps)  # raises if none
+        self.val_loader = eval_split_loader(
+            cfg.data, self.index.classes, cfg.train.eval_batch_size or micro_batch, accelerator
+        )
+        optimizer_steps_per_epoch(
+            len(self.index.samples), micro_batch, run.world, cfg.train.accum_steps
+        )  # raises if none
         # --- model, plan, optimizer
         model, self.spec = load_finetune_model(cfg, self.num_classes)
         self.stages, self.budget = resolve_curriculum(cfg.curriculum, cfg.data.img_size, self.spec.patch_size)
         self.plan = plan_run(cfg, len(self.index.samples), run.world, self.stages, self.budget, cfg.data.img_size)
-        optimizer = torch.optim.AdamW(layer_decay_param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay),
-                                      lr=self.plan.base_lr, betas=cfg.optim.betas, fused=True)  # one kernel, as in pretraining
+        optimizer = torch.optim.AdamW(
+            layer_decay_param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay),
+            lr=self.plan.base_lr,
+            betas=cfg.optim.betas,
+            fused=True,
+        )  # one kernel, as in pretraining
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.raw_model: VisionTransformer = accelerator.unwrap_model(self.model)
         self.mixup = build_mixup(cfg, self.num_classes)
@@ -162,15 +187,22 @@ class FinetuneMethod:
 
     def describe(self) -> list[str]:
         cfg, plan = self.cfg, self.plan
-        lines = [f"fine-tune {cfg.name}: {cfg.model.checkpoint} ({self.spec.size}/{self.spec.patch_size}, pretrained at "
-                 f"{self.spec.img_size} px) at {cfg.data.img_size} px, {self.num_classes} classes, {len(self.index.samples)} "
-                 f"training images, {self.run.world} process(es), global batch {plan.global_batch}, lr {plan.base_lr:.3g}, "
-                 f"layer decay {cfg.optim.layer_decay}, {plan.total_steps} steps in {plan.num_epochs} epochs"]
+        lines = [
+            f"fine-tune {cfg.name}: {cfg.model.checkpoint} ({self.spec.size}/{self.spec.patch_size}, pretrained at "
+            f"{self.spec.img_size} px) at {cfg.data.img_size} px, {self.num_classes} classes, "
+            f"{len(self.index.samples)} "
+            f"training images, {self.run.world} process(es), global batch {plan.global_batch}, lr {plan.base_lr:.3g}, "
+            f"layer decay {cfg.optim.layer_decay}, {plan.total_steps} steps in {plan.num_epochs} epochs"
+        ]
         if len(plan.plan.stages) > 1:
-            lines.append(f"curriculum '{cfg.curriculum.schedule}' ({cfg.curriculum.mode}), budget in {self.budget}, relative "
-                         f"compute {relative_compute(self.stages, self.budget, cfg.data.img_size):.3f}")
-            lines += ["  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items())
-                      for s in plan.plan.summary()]
+            lines.append(
+                f"curriculum '{cfg.curriculum.schedule}' ({cfg.curriculum.mode}), budget in {self.budget}, relative "
+                f"compute {relative_compute(self.stages, self.budget, cfg.data.img_size):.3f}"
+            )
+            lines += [
+                "  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items())
+                for s in plan.plan.summary()
+            ]
         return lines
 
     def start_epoch(self, epoch: int, step: int, stop: int) -> None:
@@ -181,8 +213,14 @@ class FinetuneMethod:
             self.dataset.transform = train_transform_for(cfg, self.magnitude)
         accum = cfg.train.accum_steps
         loader = build_train_loader(
-            self.dataset, cfg.train.batch_size, run.rank, run.world, cfg.train.seed, start_micro_step=step * accum,
-            num_micro_steps=(stop - step) * accum, num_workers=cfg.data.num_workers,
+            self.dataset,
+            cfg.train.batch_size,
+            run.rank,
+            run.world,
+            cfg.train.seed,
+            start_micro_step=step * accum,
+            num_micro_steps=(stop - step) * accum,
+            num_workers=cfg.data.num_workers,
             pin_memory=cfg.data.pin_memory and run.device.type == "cuda",
         )
         self.batches = iter(loader)
@@ -223,10 +261,16 @@ class FinetuneMethod:
         return evaluate_classifier(self.raw_model, self.val_loader, self.run.accelerator)
 
     def result_fields(self) -> dict[str, Any]:
-        return {"checkpoint": str(self.cfg.model.checkpoint), "encoder": self.spec.__dict__, "img_size": self.cfg.data.img_size,
-                "num_classes": self.num_classes}
+        return {
+            "checkpoint": str(self.cfg.model.checkpoint),
+            "encoder": self.spec.__dict__,
+            "img_size": self.cfg.data.img_size,
+            "num_classes": self.num_classes,
+        }
 
 
 def finetune(cfg: FinetuneConfig) -> EvalResult:
-    with Run(cfg) as run:  # accelerator, the run folder (locked), resume, tracking, checkpoints, clocks (mae_et.train.run)
+    with Run(
+        cfg
+    ) as run:  # accelerator, the run folder (locked), resume, tracking, checkpoints, clocks (mae_et.train.run)
         return run_engine(run, FinetuneMethod(cfg, run))

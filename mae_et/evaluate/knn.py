@@ -12,17 +12,17 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from mae_et.checkpoint import CheckpointError
 from mae_et.data.folder import DataError
 from mae_et.files import FileError, check_output_file, write_json_atomic
+from mae_et.models.features import knn_evaluate
 from mae_et.models.vit import LoadError, load_pretrained_vit
 from mae_et.recipes import ConfigError
-from mae_et.models.features import knn_evaluate
 
 __all__ = ["main"]
 
@@ -33,7 +33,10 @@ __all__ = ["main"]
 def _split_dir(root: Path, split: str, flag: str) -> Path:
     path = root / split if split else root
     if not path.is_dir():
-        raise DataError(f"split folder '{path}' does not exist; fix --data or {flag} (ImageFolder layout ROOT/SPLIT/<class>/<image>)")
+        raise DataError(
+            f"split folder '{path}' does not exist; fix --data or {flag} (ImageFolder layout "
+            "ROOT/SPLIT/<class>/<image>)"
+        )
     return path
 
 
@@ -76,16 +79,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_args(args)
         root = Path(args.data)
         if args.json:  # checked before the work, not after it
-            check_output_file(args.json, reads=[args.checkpoint, root], overwrite=args.overwrite, flag="--json",
-                              suffix=".json")
+            check_output_file(
+                args.json, reads=[args.checkpoint, root], overwrite=args.overwrite, flag="--json", suffix=".json"
+            )
         train_root = _split_dir(root, args.train_split, "--train-split")
         val_root = _split_dir(root, args.val_split, "--val-split")
         model, spec = load_pretrained_vit(args.checkpoint, img_size=args.img_size)
         img_size = args.img_size or spec.img_size
         model.to(args.device)
         results = knn_evaluate(
-            model, train_root, val_root, img_size, batch_size=args.batch_size, num_workers=args.num_workers,
-            k=args.k, temperature=args.temperature, device=args.device,
+            model,
+            train_root,
+            val_root,
+            img_size,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            k=args.k,
+            temperature=args.temperature,
+            device=args.device,
         )
     except (LoadError, DataError, CheckpointError, ConfigError, FileError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -93,8 +104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in results.items():
         print(f"{key}: {value:.2f}")
     if args.json:
-        write_json_atomic(args.json, {**results, "checkpoint": str(args.checkpoint), "img_size": img_size,
-                                      "k": args.k, "temperature": args.temperature})
+        write_json_atomic(
+            args.json,
+            {
+                **results,
+                "checkpoint": str(args.checkpoint),
+                "img_size": img_size,
+                "k": args.k,
+                "temperature": args.temperature,
+            },
+        )
     return 0
 
 

@@ -14,7 +14,8 @@ the linear probe train with the very large batches (16k) of the reference recipe
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor

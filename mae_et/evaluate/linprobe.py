@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -101,10 +102,23 @@ class ProbeData(Protocol):
 class CachedFeatures:
     """Features held on the device; step s of epoch e takes slice s of a (seed, e) permutation."""
 
-    def __init__(self, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, global_batch: int,
-                 rank: int, world_size: int, seed: int, eval_chunk: int = 4096) -> None:
+    def __init__(
+        self,
+        train_x: Tensor,
+        train_y: Tensor,
+        val_x: Tensor,
+        val_y: Tensor,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        eval_chunk: int = 4096,
+    ) -> None:
         if global_batch % world_size or global_batch > train_x.shape[0]:
-            raise ValueError(f"global batch {global_batch} must divide among {world_size} processes and fit {train_x.shape[0]} samples")
+            raise ValueError(
+                f"global batch {global_batch} must divide among {world_size} processes and fit {train_x.shape[0]} "
+                "samples"
+            )
         self.train_x, self.train_y, self.val_x, self.val_y = train_x, train_y, val_x, val_y
         self.global_batch, self.local_batch = global_batch, global_batch // world_size
         self.rank, self.world_size, self.seed, self.eval_chunk = rank, world_size, seed, eval_chunk
@@ -123,7 +137,7 @@ class CachedFeatures:
     def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
         epoch, j = divmod(step, self.steps_per_epoch)
         start = j * self.global_batch + self.rank * self.local_batch
-        idx = self._permutation(epoch)[start:start + self.local_batch]  # (n,)
+        idx = self._permutation(epoch)[start : start + self.local_batch]  # (n,)
         return self.train_x[idx].float(), self.train_y[idx]
 
     def val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -136,8 +150,19 @@ class CachedFeatures:
 class OnlineImages:
     """Augmented images encoded by the frozen encoder at every step (the reference protocol)."""
 
-    def __init__(self, encode: Callable[[Tensor], Tensor], dataset: SeededClassificationDataset, val_loader,
-                 local_batch: int, rank: int, world_size: int, seed: int, num_workers: int, pin_memory: bool, device) -> None:
+    def __init__(
+        self,
+        encode: Callable[[Tensor], Tensor],
+        dataset: SeededClassificationDataset,
+        val_loader,
+        local_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int,
+        pin_memory: bool,
+        device,
+    ) -> None:
         self.encode, self.dataset, self.val_loader = encode, dataset, val_loader
         self.local_batch, self.rank, self.world_size, self.seed = local_batch, rank, world_size, seed
         self.num_workers, self.pin_memory, self.device = num_workers, pin_memory, device
@@ -145,9 +170,17 @@ class OnlineImages:
         self._batches: Iterator | None = None
 
     def start(self, step: int, end_step: int) -> None:
-        loader = build_train_loader(self.dataset, self.local_batch, self.rank, self.world_size, self.seed,
-                                    start_micro_step=step, num_micro_steps=max(0, end_step - step),
-                                    num_workers=self.num_workers, pin_memory=self.pin_memory)
+        loader = build_train_loader(
+            self.dataset,
+            self.local_batch,
+            self.rank,
+            self.world_size,
+            self.seed,
+            start_micro_step=step,
+            num_micro_steps=max(0, end_step - step),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
         self._batches = iter(loader)
 
     def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
@@ -162,7 +195,9 @@ class OnlineImages:
             yield self.encode(images.to(self.device, non_blocking=True)), labels.to(self.device)
 
 
-def make_encode(encoder: nn.Module, pool: str, chunk: int, precision: str, device: torch.device) -> Callable[[Tensor], Tensor]:
+def make_encode(
+    encoder: nn.Module, pool: str, chunk: int, precision: str, device: torch.device
+) -> Callable[[Tensor], Tensor]:
     """images (n, 3, S, S) -> features (n, D) float32 of the frozen encoder, `chunk` images per forward."""
     dtype = _AUTOCAST.get(precision)
 
@@ -187,9 +222,18 @@ class ProbeMethod:
     task = "linprobe"
     keeps_best_weights = False
 
-    def __init__(self, data: ProbeData, dim: int, num_classes: int, plan: RunPlan, accelerator: Accelerator,
-                 weight_decay: float, momentum: float, lines: list[str] | None = None,
-                 fields: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        data: ProbeData,
+        dim: int,
+        num_classes: int,
+        plan: RunPlan,
+        accelerator: Accelerator,
+        weight_decay: float,
+        momentum: float,
+        lines: list[str] | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
         self.data, self.plan, self.accelerator = data, plan, accelerator
         head = ProbeHead(dim, num_classes)
         optimizer = LARS(head.parameters(), lr=plan.base_lr, weight_decay=weight_decay, momentum=momentum)
@@ -227,10 +271,23 @@ class ProbeMethod:
         return self.fields
 
 
-def fit_probe_on_features(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num_classes: int, *,
-                          epochs: int = 90, global_batch: int = 16384, blr: float = 0.1, warmup_epochs: float = 10.0,
-                          min_lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, seed: int = 0,
-                          accelerator: Accelerator | None = None) -> list[dict]:
+def fit_probe_on_features(
+    train_x: Tensor,
+    train_y: Tensor,
+    val_x: Tensor,
+    val_y: Tensor,
+    num_classes: int,
+    *,
+    epochs: int = 90,
+    global_batch: int = 16384,
+    blr: float = 0.1,
+    warmup_epochs: float = 10.0,
+    min_lr: float = 0.0,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    seed: int = 0,
+    accelerator: Accelerator | None = None,
+) -> list[dict]:
     """The cached probe on given features (no images, no run folder): per-epoch top-1/top-5 history.
 
     For quick experiments, the study and tests; `linprobe()` runs the same loop with tracking and checkpoints.
@@ -239,13 +296,28 @@ def fit_probe_on_features(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y
     device = accelerator.device
     global_batch = clamp_global_batch(global_batch, train_x.shape[0], accelerator.num_processes)
     set_seed(seed)
-    data = CachedFeatures(train_x.to(device), train_y.to(device), val_x.to(device), val_y.to(device), global_batch,
-                          accelerator.process_index, accelerator.num_processes, seed)
+    data = CachedFeatures(
+        train_x.to(device),
+        train_y.to(device),
+        val_x.to(device),
+        val_y.to(device),
+        global_batch,
+        accelerator.process_index,
+        accelerator.num_processes,
+        seed,
+    )
     stages, budget = one_stage(1)  # features have no input size
-    plan = RunPlan(plan=plan_curriculum(stages, budget, epochs, data.steps_per_epoch, 1), global_batch=global_batch,
-                   steps_per_epoch=data.steps_per_epoch, end_step=epochs * data.steps_per_epoch,
-                   base_lr=scaled_lr(blr, global_batch), min_lr=min_lr, warmup=warmup_epochs / epochs,
-                   log_every=data.steps_per_epoch, ckpt_every=None)
+    plan = RunPlan(
+        plan=plan_curriculum(stages, budget, epochs, data.steps_per_epoch, 1),
+        global_batch=global_batch,
+        steps_per_epoch=data.steps_per_epoch,
+        end_step=epochs * data.steps_per_epoch,
+        base_lr=scaled_lr(blr, global_batch),
+        min_lr=min_lr,
+        warmup=warmup_epochs / epochs,
+        log_every=data.steps_per_epoch,
+        ckpt_every=None,
+    )
     method = ProbeMethod(data, train_x.shape[1], num_classes, plan, accelerator, weight_decay, momentum)
     recorder = Recorder(method)
     method.model.train()
@@ -277,7 +349,7 @@ def gather_in_order(x: Tensor, accelerator: Accelerator) -> Tensor:
     padded = accelerator.pad_across_processes(x, dim=0)  # (max, ...)
     allx = accelerator.gather(padded)  # (world * max, ...)
     width = padded.shape[0]
-    return torch.cat([allx[r * width:r * width + n] for r, n in enumerate(counts)])
+    return torch.cat([allx[r * width : r * width + n] for r, n in enumerate(counts)])
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -289,14 +361,26 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_split_features(name: str, loader, encoder: nn.Module, cfg: LinprobeConfig, fingerprint: str,
-                          run_dir: Path, accelerator: Accelerator) -> tuple[Tensor, Tensor]:
+def cached_split_features(
+    name: str,
+    loader,
+    encoder: nn.Module,
+    cfg: LinprobeConfig,
+    fingerprint: str,
+    run_dir: Path,
+    accelerator: Accelerator,
+) -> tuple[Tensor, Tensor]:
     """Features + labels of a whole split on every process: from RUN/features/<name>.safetensors when
     it matches, else extracted (sharded over processes) and saved atomically by the main process."""
     files = loader.dataset.index.samples
-    key = {"weights": fingerprint, "img_size": str(cfg.data.img_size), "pool": cfg.linprobe.pool,
-           "precision": cfg.train.precision, "num_images": str(len(files)),
-           "files": hashlib.sha256("\n".join(p for p, _ in files).encode()).hexdigest()[:16]}
+    key = {
+        "weights": fingerprint,
+        "img_size": str(cfg.data.img_size),
+        "pool": cfg.linprobe.pool,
+        "precision": cfg.train.precision,
+        "num_images": str(len(files)),
+        "files": hashlib.sha256("\n".join(p for p, _ in files).encode()).hexdigest()[:16],
+    }
     path = run_dir / FEATURES_DIR / f"{name}.safetensors"
     if path.is_file():
         try:
@@ -310,9 +394,17 @@ def cached_split_features(name: str, loader, encoder: nn.Module, cfg: LinprobeCo
     dtype = _AUTOCAST.get(cfg.train.precision)
     shard = shard_loader(loader, accelerator.process_index, accelerator.num_processes)
     with torch.autocast(accelerator.device.type, dtype=dtype) if dtype is not None else nullcontext():
-        feats, labels = extract_features(encoder, shard, accelerator.device, pool=cfg.linprobe.pool,
-                                        desc=f"probe features: {name}" if accelerator.is_main_process else None)  # (n, D), (n,) CPU
-    feats, labels = gather_in_order(feats.to(accelerator.device), accelerator), gather_in_order(labels.to(accelerator.device), accelerator)
+        feats, labels = extract_features(
+            encoder,
+            shard,
+            accelerator.device,
+            pool=cfg.linprobe.pool,
+            desc=f"probe features: {name}" if accelerator.is_main_process else None,
+        )  # (n, D), (n,) CPU
+    feats, labels = (
+        gather_in_order(feats.to(accelerator.device), accelerator),
+        gather_in_order(labels.to(accelerator.device), accelerator),
+    )
     if accelerator.is_main_process:
         path.parent.mkdir(exist_ok=True)
         tensors = {"features": feats.contiguous().cpu(), "labels": labels.contiguous().cpu()}
@@ -327,7 +419,9 @@ def linprobe(cfg: LinprobeConfig) -> EvalResult:
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
     # the head trains in fp32; train.precision is the frozen encoder's autocast only
-    with Run(cfg, precision="fp32", accum_steps=1) as run:  # accelerator, the run folder (locked), resume, tracking, checkpoints
+    with Run(
+        cfg, precision="fp32", accum_steps=1
+    ) as run:  # accelerator, the run folder (locked), resume, tracking, checkpoints
         return run_engine(run, build_probe(cfg, run))
 
 
@@ -341,15 +435,24 @@ def build_probe(cfg: LinprobeConfig, run: Run) -> ProbeMethod:
     num_classes = len(index.classes)
     global_batch = clamp_global_batch(cfg.train.batch_size, len(index.samples), world)
     if global_batch < cfg.train.batch_size:
-        run.say(f"global batch {cfg.train.batch_size} clamped to {global_batch} ({len(index.samples)} training images, "
-                f"{world} process(es)); the lr follows: blr x {global_batch}/256")
+        run.say(
+            f"global batch {cfg.train.batch_size} clamped to {global_batch} ({len(index.samples)} training images, "
+            f"{world} process(es)); the lr follows: blr x {global_batch}/256"
+        )
     eval_bs = cfg.linprobe.encoder_batch
     # checks that the val split has exactly the training classes, before the encoder is loaded
-    val_full = build_eval_loader(split_dir(cfg.data.root, cfg.data.val_split, "data.val_split"), cfg.data.img_size,
-                                 eval_bs, cfg.data.num_workers, classes=index.classes)
+    val_full = build_eval_loader(
+        split_dir(cfg.data.root, cfg.data.val_split, "data.val_split"),
+        cfg.data.img_size,
+        eval_bs,
+        cfg.data.num_workers,
+        classes=index.classes,
+    )
 
     # --- frozen encoder
-    encoder, spec = load_pretrained_vit(cfg.model.checkpoint, num_classes=0, img_size=cfg.data.img_size, global_pool="token")
+    encoder, spec = load_pretrained_vit(
+        cfg.model.checkpoint, num_classes=0, img_size=cfg.data.img_size, global_pool="token"
+    )
     encoder.requires_grad_(False)
     encoder.eval().to(device)
     dim = encoder.embed_dim
@@ -357,9 +460,13 @@ def build_probe(cfg: LinprobeConfig, run: Run) -> ProbeMethod:
     if cfg.linprobe.mode == "cached":
         fingerprint = weights_fingerprint(encoder)
         train_root = split_dir(cfg.data.root, cfg.data.train_split, "data.train_split")
-        train_eval = build_eval_loader(train_root, cfg.data.img_size, eval_bs, cfg.data.num_workers, classes=index.classes)
+        train_eval = build_eval_loader(
+            train_root, cfg.data.img_size, eval_bs, cfg.data.num_workers, classes=index.classes
+        )
         t0 = time.perf_counter()
-        train_x, train_y = cached_split_features("train", train_eval, encoder, cfg, fingerprint, run.run_dir, accelerator)
+        train_x, train_y = cached_split_features(
+            "train", train_eval, encoder, cfg, fingerprint, run.run_dir, accelerator
+        )
         val_x, val_y = cached_split_features("val", val_full, encoder, cfg, fingerprint, run.run_dir, accelerator)
         run.say(f"features: train {tuple(train_x.shape)}, val {tuple(val_x.shape)} in {time.perf_counter() - t0:.1f}s")
         # an unreadable training image is dropped at extraction: the clamp follows the features
@@ -369,18 +476,40 @@ def build_probe(cfg: LinprobeConfig, run: Run) -> ProbeMethod:
         del encoder  # not needed any more: free its memory for the features
     else:
         encode = make_encode(encoder, cfg.linprobe.pool, cfg.linprobe.encoder_batch, cfg.train.precision, device)
-        dataset = SeededClassificationDataset(index, linprobe_train_transform(cfg.data.img_size, cfg.augment.scale, cfg.augment.hflip))
+        dataset = SeededClassificationDataset(
+            index, linprobe_train_transform(cfg.data.img_size, cfg.augment.scale, cfg.augment.hflip)
+        )
         val_loader = shard_loader(val_full, rank, world)
-        data = OnlineImages(encode, dataset, val_loader, global_batch // world, rank, world, cfg.train.seed,
-                            cfg.data.num_workers, cfg.data.pin_memory and device.type == "cuda", device)
+        data = OnlineImages(
+            encode,
+            dataset,
+            val_loader,
+            global_batch // world,
+            rank,
+            world,
+            cfg.train.seed,
+            cfg.data.num_workers,
+            cfg.data.pin_memory and device.type == "cuda",
+            device,
+        )
         num_train = len(dataset)
     stages, budget = one_stage(cfg.data.img_size)
     plan = plan_run(cfg, num_train, world, stages, budget, cfg.data.img_size, micro_batch=global_batch // world)
-    lines = [f"linear probe {cfg.name} ({cfg.linprobe.mode}): {cfg.model.checkpoint} ({spec.size}/{spec.patch_size}) at "
-             f"{cfg.data.img_size} px, {cfg.linprobe.pool} features (D={dim}), {num_classes} classes, {len(index.samples)} "
-             f"training images, global batch {global_batch}, lr {plan.base_lr:.3g}, {plan.total_steps} steps in "
-             f"{cfg.train.epochs} epochs"]
-    fields = {"mode": cfg.linprobe.mode, "checkpoint": str(cfg.model.checkpoint), "encoder": spec.__dict__,
-              "img_size": cfg.data.img_size, "pool": cfg.linprobe.pool, "num_classes": num_classes,
-              "global_batch_requested": cfg.train.batch_size}
-    return ProbeMethod(data, dim, num_classes, plan, accelerator, cfg.optim.weight_decay, cfg.optim.momentum, lines, fields)
+    lines = [
+        f"linear probe {cfg.name} ({cfg.linprobe.mode}): {cfg.model.checkpoint} ({spec.size}/{spec.patch_size}) at "
+        f"{cfg.data.img_size} px, {cfg.linprobe.pool} features (D={dim}), {num_classes} classes, {len(index.samples)} "
+        f"training images, global batch {global_batch}, lr {plan.base_lr:.3g}, {plan.total_steps} steps in "
+        f"{cfg.train.epochs} epochs"
+    ]
+    fields = {
+        "mode": cfg.linprobe.mode,
+        "checkpoint": str(cfg.model.checkpoint),
+        "encoder": spec.__dict__,
+        "img_size": cfg.data.img_size,
+        "pool": cfg.linprobe.pool,
+        "num_classes": num_classes,
+        "global_batch_requested": cfg.train.batch_size,
+    }
+    return ProbeMethod(
+        data, dim, num_classes, plan, accelerator, cfg.optim.weight_decay, cfg.optim.momentum, lines, fields
+    )

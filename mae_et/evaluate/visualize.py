@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -54,15 +54,21 @@ def load_mae(checkpoint_or_run: str | os.PathLike) -> tuple[MaskedAutoencoderViT
     try:
         cfg = build_config(PretrainConfig, yaml.safe_load((folder / ckpt_lib.CONFIG_FILE).read_text()) or {})
     except (ConfigError, yaml.YAMLError) as e:
-        raise ckpt_lib.CheckpointError(f"checkpoint '{folder}': unusable {ckpt_lib.CONFIG_FILE} ({_one_line(e)})") from e
+        raise ckpt_lib.CheckpointError(
+            f"checkpoint '{folder}': unusable {ckpt_lib.CONFIG_FILE} ({_one_line(e)})"
+        ) from e
     try:
         state = load_file(str(folder / ckpt_lib.MODEL_FILE), device="cpu")
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file means the same to the user
-        raise ckpt_lib.CheckpointError(f"checkpoint '{folder}': unreadable {ckpt_lib.MODEL_FILE} ({type(e).__name__}: {e})") from e
+        raise ckpt_lib.CheckpointError(
+            f"checkpoint '{folder}': unreadable {ckpt_lib.MODEL_FILE} ({type(e).__name__}: {e})"
+        ) from e
     model = build_model(cfg)
     mismatch = compare_state(state, model.state_dict())
     if mismatch:  # our own one-line message rather than torch's multi-line strict error
-        raise ckpt_lib.CheckpointError(f"checkpoint '{folder}' does not match its config's model: {mismatch.summary(3)}")
+        raise ckpt_lib.CheckpointError(
+            f"checkpoint '{folder}' does not match its config's model: {mismatch.summary(3)}"
+        )
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg
 
@@ -83,8 +89,10 @@ def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             inside = sorted(
-                f for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in IMAGE_EXTENSIONS
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
             if not inside:
@@ -129,17 +137,26 @@ class _OneLineParser(argparse.ArgumentParser):
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _OneLineParser(
         prog="python -m mae_et.evaluate.visualize",
-        description="Reconstruction grid of a pretrained MAE: original | masked | reconstruction | reconstruction + visible "
-                    "(HOG target: original | masked | predicted HOG | target HOG).",
+        description="Reconstruction grid of a pretrained MAE: original | masked | reconstruction | "
+        "reconstruction + visible "
+        "(HOG target: original | masked | predicted HOG | target HOG).",
     )
     parser.add_argument("checkpoint", help="run folder (latest checkpoint) or a checkpoints/step_* folder")
     parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--out", required=True, help="PNG file to write (not inside a run's checkpoints/ or an image folder read)")
+    parser.add_argument(
+        "--out", required=True, help="PNG file to write (not inside a run's checkpoints/ or an image folder read)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
-    parser.add_argument("--size", type=int, default=None, help="input side B after the low-frequency crop (default: the full crop size)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="input side B after the low-frequency crop (default: the full crop size)"
+    )
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches removed (default 0.75)")
-    parser.add_argument("--mode", choices=FREQUENCY_MODES, default=None,
-                        help="low-frequency crop: fft (ET) or resize (ET++); default: the one the checkpoint was trained with")
+    parser.add_argument(
+        "--mode",
+        choices=FREQUENCY_MODES,
+        default=None,
+        help="low-frequency crop: fft (ET) or resize (ET++); default: the one the checkpoint was trained with",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random mask")
     parser.add_argument("--max-images", type=int, default=16, help="use at most this many images (default 16)")
     return parser.parse_args(argv)
@@ -153,13 +170,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.max_images < 1:
             raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
         # the output before any work: never an input, never in a checkpoint, an existing file only when asked
-        check_output_file(args.out, reads=[args.checkpoint, *args.images], overwrite=args.overwrite, flag="--out",
-                          suffix=".png")
+        check_output_file(
+            args.out, reads=[args.checkpoint, *args.images], overwrite=args.overwrite, flag="--out", suffix=".png"
+        )
         model, cfg = load_mae(args.checkpoint)
         full, patch = cfg.data.crop_size, model.patch_size
         size = full if args.size is None else args.size
         if not (patch <= size <= full and size % patch == 0):
-            raise ConfigError(f"--size {size} must be a multiple of the patch size {patch} between {patch} and the crop size {full}")
+            raise ConfigError(
+                f"--size {size} must be a multiple of the patch size {patch} between {patch} and the crop size {full}"
+            )
         paths = find_images(args.images)
         if len(paths) > args.max_images:
             print(f"using the first {args.max_images} of {len(paths)} images (--max-images)", file=sys.stderr)
@@ -177,7 +197,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     panels = "predicted HOG | target HOG" if model.hog is not None else "reconstruction | reconstruction + visible"
-    print(f"wrote {args.out}: {len(paths)} images at B={size}, mask ratio {args.mask_ratio} (original | masked | {panels})")
+    print(
+        f"wrote {args.out}: {len(paths)} images at B={size}, mask ratio {args.mask_ratio} (original | masked | "
+        f"{panels})"
+    )
 
 
 if __name__ == "__main__":

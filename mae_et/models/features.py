@@ -10,8 +10,8 @@ weight by distance, not by this temperature kernel; see docs/libraries.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,13 @@ __all__ = ["extract_features", "extract_pools", "knn_accuracy", "knn_classify", 
 
 
 def _check_knn_inputs(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, num_classes: int, k: int, temperature: float, chunk: int
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    chunk: int,
 ) -> None:
     if train_features.ndim != 2 or test_features.ndim != 2:
         raise ValueError(
@@ -43,7 +49,9 @@ def _check_knn_inputs(
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if train_labels.numel() and (int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes):
-        raise ValueError(f"train_labels must lie in [0, {num_classes}), got [{int(train_labels.min())}, {int(train_labels.max())}]")
+        raise ValueError(
+            f"train_labels must lie in [0, {num_classes}), got [{int(train_labels.min())}, {int(train_labels.max())}]"
+        )
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
     if not temperature > 0:
@@ -71,7 +79,7 @@ def knn_classify(
     k = min(k, train.shape[0])
     preds = []
     for start in range(0, test.shape[0], chunk):
-        sim = test[start:start + chunk] @ train.T  # (c, N) cosine similarities
+        sim = test[start : start + chunk] @ train.T  # (c, N) cosine similarities
         top_sim, top_idx = sim.topk(k, dim=1)  # (c, k) each
         weights = (top_sim / temperature).exp()  # (c, k)
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)  # (c, C)
@@ -109,7 +117,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def extract_pools(
-    model: nn.Module, loader: DataLoader, device: str | torch.device | None, pools: Sequence[str], desc: str | None = None
+    model: nn.Module,
+    loader: DataLoader,
+    device: str | torch.device | None,
+    pools: Sequence[str],
+    desc: str | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """One pass over ``loader``: {pool: (N, D) float32 CPU}, labels (N,). Model left in its mode. With `desc`,
     a progress bar (plain lines in a log) says how far it is."""
@@ -134,14 +146,17 @@ def extract_pools(
         model.train(was_training)
     if not labels:
         # An empty shard (more processes than batches) is legal: (0, D) keeps gathers working.
-        dim = int(getattr(model, "embed_dim"))
+        dim = int(model.embed_dim)
         return {p: torch.zeros(0, dim) for p in pools}, torch.zeros(0, dtype=torch.int64)
     return {p: torch.cat(f) for p, f in feats.items()}, torch.cat(labels)
 
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, loader: DataLoader, device: str | torch.device | None = None, pool: str = "cls",
+    model: nn.Module,
+    loader: DataLoader,
+    device: str | torch.device | None = None,
+    pool: str = "cls",
     desc: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Unmasked encoder features of every sample: (N, D) float32 on CPU, labels (N,) int64.
@@ -176,8 +191,17 @@ def knn_evaluate(
     train_loader = build_eval_loader(train_root, img_size, batch_size, num_workers)
     classes = train_loader.dataset.classes
     val_loader = build_eval_loader(val_root, img_size, batch_size, num_workers, classes=classes)
-    return knn_evaluate_loaders(model, train_loader, val_loader, len(classes), k, temperature, pools, device,
-                                names=(str(train_root), str(val_root)))
+    return knn_evaluate_loaders(
+        model,
+        train_loader,
+        val_loader,
+        len(classes),
+        k,
+        temperature,
+        pools,
+        device,
+        names=(str(train_root), str(val_root)),
+    )
 
 
 @torch.no_grad()
@@ -204,5 +228,3 @@ def knn_evaluate_loaders(
         )
         for pool in pools
     }
-
-

@@ -18,9 +18,19 @@ def transformer_block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> fl
     return linear + attention
 
 
-def mae_forward_flops(img_size: int, patch_size: int, embed_dim: int, depth: int, decoder_embed_dim: int,
-                      decoder_depth: int, mask_ratio: float = 0.75, mlp_ratio: float = 4.0, in_chans: int = 3,
-                      decode_fraction: float = 1.0, target_dim: int | None = None) -> float:
+def mae_forward_flops(
+    img_size: int,
+    patch_size: int,
+    embed_dim: int,
+    depth: int,
+    decoder_embed_dim: int,
+    decoder_depth: int,
+    mask_ratio: float = 0.75,
+    mlp_ratio: float = 4.0,
+    in_chans: int = 3,
+    decode_fraction: float = 1.0,
+    target_dim: int | None = None,
+) -> float:
     """decode_fraction: the share of all patches the decoder reconstructs (the model's own `decoded_count`);
     target_dim: values predicted per patch (the model's `target_dim`; default p*p*C pixels)."""
     num_patches = (img_size // patch_size) ** 2
@@ -36,13 +46,31 @@ def mae_forward_flops(img_size: int, patch_size: int, embed_dim: int, depth: int
     return flops
 
 
-def mae_train_flops_per_image(size: str, img_size: int, patch_size: int | None = None, decoder_embed_dim: int = 512,
-                              decoder_depth: int = 8, mask_ratio: float = 0.75, decode_fraction: float = 1.0,
-                              target: str = "pixel", hog_cell_size: int = HOG_CELL_SIZE, hog_bins: int = HOG_BINS) -> float:
+def mae_train_flops_per_image(
+    size: str,
+    img_size: int,
+    patch_size: int | None = None,
+    decoder_embed_dim: int = 512,
+    decoder_depth: int = 8,
+    mask_ratio: float = 0.75,
+    decode_fraction: float = 1.0,
+    target: str = "pixel",
+    hog_cell_size: int = HOG_CELL_SIZE,
+    hog_bins: int = HOG_BINS,
+) -> float:
     """target: pixel | hog; the HOG filters themselves are not matrix multiplies and are left out (they are
     timed instead: benchmarks/hog_cost.py)."""
     spec = MODEL_SIZES[size]
     patch = patch_size or spec.get("patch_size", 16)
     target_dim = hog_dim(patch, hog_cell_size, hog_bins) if target == "hog" else None
-    return 3 * mae_forward_flops(img_size, patch, spec["embed_dim"], spec["depth"], decoder_embed_dim, decoder_depth, mask_ratio,
-                                 decode_fraction=decode_fraction, target_dim=target_dim)
+    return 3 * mae_forward_flops(
+        img_size,
+        patch,
+        spec["embed_dim"],
+        spec["depth"],
+        decoder_embed_dim,
+        decoder_depth,
+        mask_ratio,
+        decode_fraction=decode_fraction,
+        target_dim=target_dim,
+    )

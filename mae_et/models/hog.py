@@ -56,7 +56,9 @@ class HOGTarget(nn.Module):
     out of the state dict, so checkpoints and strict key matching are those of the pixel-target MAE.
     """
 
-    def __init__(self, patch_size: int, cell_size: int = HOG_CELL_SIZE, bins: int = HOG_BINS, in_chans: int = 3) -> None:
+    def __init__(
+        self, patch_size: int, cell_size: int = HOG_CELL_SIZE, bins: int = HOG_BINS, in_chans: int = 3
+    ) -> None:
         super().__init__()
         if bins < 2:
             raise ValueError(f"HOG needs at least 2 orientation bins, got {bins}")
@@ -78,7 +80,9 @@ class HOGTarget(nn.Module):
         n, c, h, w = imgs.shape  # (N, C, B, B)
         p, cell = self.patch_size, self.cell_size
         if c != self.in_chans or h % p or w % p:
-            raise ValueError(f"HOG target expects (N, {self.in_chans}, H, W) with H, W multiples of {p}; got {tuple(imgs.shape)}")
+            raise ValueError(
+                f"HOG target expects (N, {self.in_chans}, H, W) with H, W multiples of {p}; got {tuple(imgs.shape)}"
+            )
         # float32 (float64 stays float64, which the reference test uses: there the filter sums are exact)
         dtype = torch.float64 if imgs.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=imgs.device.type, enabled=False):
@@ -91,21 +95,28 @@ class HOGTarget(nn.Module):
             gx = dx[:, :, :-2] + 2 * dx[:, :, 1:-1] + dx[:, :, 2:]  # (N, C, B, B)
             dy = x[:, :, :-2, :] - x[:, :, 2:, :]  # (N, C, B, B+2): top - bottom
             gy = dy[..., :-2] + 2 * dy[..., 1:-1] + dy[..., 2:]  # (N, C, B, B)
-            magnitude = torch.hypot(gx, gy).mul_(self.window.to(dtype).repeat(h // p, w // p))  # (N, C, B, B), Gaussian per patch
+            magnitude = torch.hypot(gx, gy).mul_(
+                self.window.to(dtype).repeat(h // p, w // p)
+            )  # (N, C, B, B), Gaussian per patch
             # floor(atan2(gx, gy) / pi * bins) mod bins, in place: the unsigned orientation bin
-            bin_index = torch.atan2(gx, gy).div_(math.pi).mul_(self.bins).floor_().remainder_(self.bins).long()  # (N, C, B, B)
+            bin_index = (
+                torch.atan2(gx, gy).div_(math.pi).mul_(self.bins).floor_().remainder_(self.bins).long()
+            )  # (N, C, B, B)
             # each cell's pixels on the last axis: (N, C, B/cell, B/cell, cell*cell)
             magnitude = rearrange(magnitude, "n c (h a) (w b) -> n c h w (a b)", a=cell, b=cell)
             bin_index = rearrange(bin_index, "n c (h a) (w b) -> n c h w (a b)", a=cell, b=cell)
-            hist = self.histogram(magnitude, bin_index, scatter=imgs.device.type == "cpu")  # (N, C, B/cell, B/cell, bins)
+            hist = self.histogram(
+                magnitude, bin_index, scatter=imgs.device.type == "cpu"
+            )  # (N, C, B/cell, B/cell, bins)
             hist = F.normalize(hist, p=2, dim=-1)  # each cell's histogram per channel, unit L2 norm over the bins
             per_side = p // cell
             hist = rearrange(hist, "n c (h u) (w v) k -> n (h w) (u v c k)", u=per_side, v=per_side)  # (N, L, dim)
             return hist.float() if imgs.dtype != torch.float64 else hist
 
 
-def hog_glyphs(features: torch.Tensor, grid: int, patch_size: int, cell_size: int = HOG_CELL_SIZE,
-               bins: int = HOG_BINS) -> torch.Tensor:
+def hog_glyphs(
+    features: torch.Tensor, grid: int, patch_size: int, cell_size: int = HOG_CELL_SIZE, bins: int = HOG_BINS
+) -> torch.Tensor:
     """HOG vectors (N, L, dim) -> (N, 1, B, B) images in [0, 1], B = grid * patch_size: in each cell, one line per bin
     along the edge direction that bin stands for (perpendicular to its gradient), as bright as the bin's value
     averaged over the channels, the whole batch scaled by its largest value. Negative values (a prediction may
@@ -118,9 +129,12 @@ def hog_glyphs(features: torch.Tensor, grid: int, patch_size: int, cell_size: in
     n, num_patches, dim = features.shape
     per_side = patch_size // cell_size
     if num_patches != grid * grid or dim % (per_side**2 * bins) != 0:
-        raise ValueError(f"HOG features {tuple(features.shape)} do not fit a {grid} x {grid} grid of {patch_size}-px patches")
-    cells = rearrange(features.float().clamp(min=0), "n (h w) (u v c k) -> n c (h u) (w v) k", h=grid, u=per_side,
-                      v=per_side, k=bins).mean(dim=1)  # (N, G*u, G*v, bins), channel mean
+        raise ValueError(
+            f"HOG features {tuple(features.shape)} do not fit a {grid} x {grid} grid of {patch_size}-px patches"
+        )
+    cells = rearrange(
+        features.float().clamp(min=0), "n (h w) (u v c k) -> n c (h u) (w v) k", h=grid, u=per_side, v=per_side, k=bins
+    ).mean(dim=1)  # (N, G*u, G*v, bins), channel mean
     # one (cell, cell) stencil per bin: an anti-aliased line through the cell centre
     centre = (cell_size - 1) / 2
     coords = torch.arange(cell_size, dtype=torch.float32, device=features.device) - centre  # (cell,)

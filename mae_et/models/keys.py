@@ -47,19 +47,29 @@ class KeyMismatch:
     def summary(self, shown: int = 4) -> str:
         """All kinds in one line, the first `shown` names of each (the command-line errors)."""
         parts = []
-        for label, names in (("shapes", self.shapes), ("not in the checkpoint", self.missing),
-                             ("only in the checkpoint", self.unexpected)):
+        for label, names in (
+            ("shapes", self.shapes),
+            ("not in the checkpoint", self.missing),
+            ("only in the checkpoint", self.unexpected),
+        ):
             if names:
                 more = f" and {len(names) - shown} more" if len(names) > shown else ""
                 parts.append(f"{label}: " + ", ".join(names[:shown]) + more)
         return "; ".join(parts)
 
 
-def compare_state(checkpoint: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor],
-                  may_be_missing: Iterable[str] = (), may_be_unexpected: Iterable[str] = ()) -> KeyMismatch:
+def compare_state(
+    checkpoint: Mapping[str, torch.Tensor],
+    model: Mapping[str, torch.Tensor],
+    may_be_missing: Iterable[str] = (),
+    may_be_unexpected: Iterable[str] = (),
+) -> KeyMismatch:
     """checkpoint's keys and shapes against model's; names in may_be_* are not counted as missing / unexpected."""
     missing = sorted(set(model) - set(checkpoint) - set(may_be_missing))
     unexpected = sorted(set(checkpoint) - set(model) - set(may_be_unexpected))
-    shapes = sorted(f"{k}: checkpoint {fmt_shape(checkpoint[k].shape)} vs model {fmt_shape(model[k].shape)}"
-                    for k in set(checkpoint) & set(model) if tuple(checkpoint[k].shape) != tuple(model[k].shape))
+    shapes = sorted(
+        f"{k}: checkpoint {fmt_shape(checkpoint[k].shape)} vs model {fmt_shape(model[k].shape)}"
+        for k in set(checkpoint) & set(model)
+        if tuple(checkpoint[k].shape) != tuple(model[k].shape)
+    )
     return KeyMismatch(missing, unexpected, shapes)

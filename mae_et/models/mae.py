@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -88,7 +89,9 @@ def _1d_sincos(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D)
 
 
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = True, extent: int | None = None) -> torch.Tensor:
+def get_2d_sincos_pos_embed(
+    embed_dim: int, grid_size: int, cls_token: bool = True, extent: int | None = None
+) -> torch.Tensor:
     """Reference MAE 2-D sin-cos table, returned as float32 of shape (1 + g*g, D) (or (g*g, D)).
 
     Computed in float64 with the reference's quirks (meshgrid with w first, the first half of
@@ -124,7 +127,8 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Tr
 @dataclass
 class MAEOutput:
     loss: torch.Tensor  # () scalar
-    pred: torch.Tensor  # (N, L, T), T = target_dim (pixels or HOG); under partial reconstruction, zero rows where the decoder did not run
+    # (N, L, T), T = target_dim (pixels or HOG); under partial reconstruction, zero rows where the decoder did not run
+    pred: torch.Tensor
     mask: torch.Tensor  # (N, L), 1 = masked/removed, 0 = kept
     ids_restore: torch.Tensor  # (N, L)
     scored: torch.Tensor | None = None  # (N, L), 1 = reconstructed and in the loss; None = every masked patch
@@ -162,8 +166,10 @@ class MaskedAutoencoderViT(nn.Module):
         if target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
         if target == "hog" and norm_pix_loss:
-            raise ValueError("norm_pix_loss normalises pixel patches and a HOG target has none (its cells are "
-                             "L2-normalised already): pass norm_pix_loss=False with target='hog'")
+            raise ValueError(
+                "norm_pix_loss normalises pixel patches and a HOG target has none (its cells are "
+                "L2-normalised already): pass norm_pix_loss=False with target='hog'"
+            )
         self.target = target
         # the fixed HOG filters (no parameters, nothing in the state dict); None for the pixel target
         self.hog = HOGTarget(patch_size, hog_cell_size, hog_bins, in_chans) if target == "hog" else None
@@ -260,9 +266,7 @@ class MaskedAutoencoderViT(nn.Module):
         h, w = imgs.shape[2], imgs.shape[3]
         p = self.patch_size
         if h != w or h % p != 0:
-            raise ValueError(
-                f"input size {h}x{w} is not square with a side that is a multiple of patch_size {p}"
-            )
+            raise ValueError(f"input size {h}x{w} is not square with a side that is a multiple of patch_size {p}")
         return h // p
 
     @staticmethod
@@ -451,8 +455,10 @@ _NO_DECODER_MSG = (
 )
 
 
-_REFUSED_OFFICIAL_FIX = ("the official release files hold only tensors, numbers and an argparse.Namespace; "
-                        "re-download it, or re-save its state_dict as .safetensors or a plain tensor dict")
+_REFUSED_OFFICIAL_FIX = (
+    "the official release files hold only tensors, numbers and an argparse.Namespace; "
+    "re-download it, or re-save its state_dict as .safetensors or a plain tensor dict"
+)
 
 
 def _as_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -464,7 +470,9 @@ def _as_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[st
         from mae_et.checkpoint import RefusedFileError, torch_load_plain
 
         try:
-            checkpoint = torch_load_plain(checkpoint, "cpu", fix=_REFUSED_OFFICIAL_FIX, allowed_globals=(argparse.Namespace,))
+            checkpoint = torch_load_plain(
+                checkpoint, "cpu", fix=_REFUSED_OFFICIAL_FIX, allowed_globals=(argparse.Namespace,)
+            )
         except RefusedFileError as e:
             raise ValueError(str(e)) from None
     if not isinstance(checkpoint, Mapping):

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Literal, get_args
 
 import torch.nn as nn
 import yaml
@@ -30,8 +31,14 @@ from timm.layers import LayerNorm, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from mae_et.checkpoint import (CONFIG_FILE, MODEL_FILE, CheckpointError, RefusedFileError, resolve_checkpoint,
-                               torch_load_plain)
+from mae_et.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    RefusedFileError,
+    resolve_checkpoint,
+    torch_load_plain,
+)
 from mae_et.models.keys import compare_state, fmt_shape, is_decoder_key
 from mae_et.models.mae import MODEL_SIZES, get_2d_sincos_pos_embed
 
@@ -52,7 +59,9 @@ __all__ = [
 GlobalPool = Literal["avg", "token"]  # the fine-tuning head's input: mean of the patch tokens (fc_norm) | the cls token
 FeaturePool = Literal["cls", "mean"]
 GLOBAL_POOLS: tuple[str, ...] = get_args(GlobalPool)
-FEATURE_POOLS: tuple[str, ...] = get_args(FeaturePool)  # encoder_features: the cls token | the mean of the patch tokens (probe, kNN)
+FEATURE_POOLS: tuple[str, ...] = get_args(
+    FeaturePool
+)  # encoder_features: the cls token | the mean of the patch tokens (probe, kNN)
 
 # safetensors metadata keys written by mae_et.evaluate.export (values are strings, as safetensors requires).
 META_SIZE = "mae_et.size"
@@ -213,7 +222,7 @@ def _strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in state.items():
         for prefix in _WRAPPER_PREFIXES:
             while k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
 
@@ -223,7 +232,9 @@ def _load_mae_et_checkpoint(ckpt_dir: Path) -> tuple[dict[str, Tensor], EncoderS
     try:
         state = load_file(str(model_file), device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors/OS errors all mean "this file is broken"
-        raise _unreadable(model_file, e, "delete that checkpoint folder to use an earlier one, or pass another checkpoint") from None
+        raise _unreadable(
+            model_file, e, "delete that checkpoint folder to use an earlier one, or pass another checkpoint"
+        ) from None
     config_file = ckpt_dir / CONFIG_FILE
     try:
         cfg = yaml.safe_load(config_file.read_text())
@@ -245,8 +256,10 @@ def _load_mae_et_checkpoint(ckpt_dir: Path) -> tuple[dict[str, Tensor], EncoderS
     return mae_to_timm_state_dict(_strip_wrappers(state), spec), spec
 
 
-_REFUSED_PICKLE_FIX = ("model weights need only tensors (official MAE files add an argparse.Namespace); "
-                       "re-save its state_dict as .safetensors or a plain tensor dict")
+_REFUSED_PICKLE_FIX = (
+    "model weights need only tensors (official MAE files add an argparse.Namespace); "
+    "re-save its state_dict as .safetensors or a plain tensor dict"
+)
 
 
 def _read_weights_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -268,7 +281,10 @@ def _read_weights_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     except Exception as e:  # noqa: BLE001
         raise _unreadable(path, e, fix) from None
     if not isinstance(obj, Mapping):
-        raise LoadError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict; pass a file saved from model.state_dict()")
+        raise LoadError(
+            f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict; pass a file saved from "
+            "model.state_dict()"
+        )
     return dict(obj), {}
 
 
@@ -339,9 +355,7 @@ def _grid_of(pos_embed: Tensor) -> int | None:
     return g if g * g == pos_embed.shape[1] - 1 else None
 
 
-def _check_against_model(
-    state: Mapping[str, Tensor], model: VisionTransformer, where: str
-) -> None:
+def _check_against_model(state: Mapping[str, Tensor], model: VisionTransformer, where: str) -> None:
     """Raise LoadError unless every encoder key matches; only new-head keys may be missing."""
     model_state = model.state_dict()
     may_be_missing = {k for k in model_state if k.startswith("head.") or k.startswith("fc_norm.")}
@@ -350,8 +364,15 @@ def _check_against_model(
     may_be_unexpected = {"norm.weight", "norm.bias"} if isinstance(model.norm, nn.Identity) else set()
     mismatch = compare_state(state, model_state, may_be_missing, may_be_unexpected)
     if mismatch:
-        raise LoadError("\n".join([f"checkpoint '{where}' does not match the ViT it is loaded into:", *mismatch.lines(),
-                                   "pass the matching spec=EncoderSpec(size, patch_size, img_size) or the right checkpoint"]))
+        raise LoadError(
+            "\n".join(
+                [
+                    f"checkpoint '{where}' does not match the ViT it is loaded into:",
+                    *mismatch.lines(),
+                    "pass the matching spec=EncoderSpec(size, patch_size, img_size) or the right checkpoint",
+                ]
+            )
+        )
 
 
 def load_pretrained_vit(
@@ -371,7 +392,9 @@ def load_pretrained_vit(
     state, found_spec, _ = load_encoder_state(path)
     spec = spec or found_spec or infer_spec(state)
     try:
-        model = build_vit(spec, num_classes=num_classes, img_size=img_size, global_pool=global_pool, drop_path_rate=drop_path_rate)
+        model = build_vit(
+            spec, num_classes=num_classes, img_size=img_size, global_pool=global_pool, drop_path_rate=drop_path_rate
+        )
     except ValueError as e:
         raise LoadError(f"cannot build the ViT for '{path}': {e}") from None
 
@@ -391,7 +414,9 @@ def load_pretrained_vit(
         state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     result = model.load_state_dict(state, strict=False)
     # Belt and braces: the check above already guarantees this.
-    leftover = [k for k in result.missing_keys if not k.startswith(("head.", "fc_norm."))] + list(result.unexpected_keys)
+    leftover = [k for k in result.missing_keys if not k.startswith(("head.", "fc_norm."))] + list(
+        result.unexpected_keys
+    )
     if leftover:
         raise LoadError(f"checkpoint '{path}' left keys unmatched: {', '.join(leftover)}")
     return model, spec

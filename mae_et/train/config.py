@@ -9,9 +9,9 @@ so every mistake fails in one line before any training starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from dataclasses import replace as replaced
-from typing import Annotated, Any, Literal, Optional, get_args
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
 
 from mae_et.curriculum import schedules as curriculum_lib
 from mae_et.curriculum.frequency import FrequencyMode
@@ -68,14 +68,18 @@ class ModelConfig:
     # what the decoder predicts per masked patch: pixel (MAE) | hog (MaskFeat's histograms of oriented gradients,
     # EfficientTrain++'s published MAE recipe). hog needs norm_pix_loss: false (its cells are L2-normalised)
     target: Target = "pixel"
-    hog_cell_size: PositiveInt = 8  # hog: cell side in px (MaskFeat: 8, i.e. 2 x 2 cells per 16-px patch); divides patch_size
+    hog_cell_size: PositiveInt = (
+        8  # hog: cell side in px (MaskFeat: 8, i.e. 2 x 2 cells per 16-px patch); divides patch_size
+    )
     hog_bins: Annotated[int, Check(ge=2)] = 9  # hog: unsigned orientation bins over 180 degrees (MaskFeat: 9)
 
 
 @dataclass
 class DataConfig:
-    source: DataSource = "imagefolder"  # imagefolder | fractal (generated, no files) | auto (fractal unless a root is given)
-    root: Optional[str] = None  # an ImageFolder: class sub-folders of images
+    source: DataSource = (
+        "imagefolder"  # imagefolder | fractal (generated, no files) | auto (fractal unless a root is given)
+    )
+    root: str | None = None  # an ImageFolder: class sub-folders of images
     split: str = "train"  # sub-folder of root to pretrain on when it exists; "" = root itself
     crop_size: PositiveInt = 224  # RandomResizedCrop output side: the full curriculum size
     scale: tuple[float, float] = (0.2, 1.0)
@@ -86,32 +90,34 @@ class DataConfig:
     # how images reach the model: loader (PIL decode + crop in workers: portable), memory (decode once,
     # keep uint8 images on the device, crop on the device), device_decode (JPEG decode + crop on the device)
     pipeline: Pipeline = "loader"
-    memory_size: Optional[PositiveInt] = None  # memory pipeline: stored side (default crop_size * 256/224)
+    memory_size: PositiveInt | None = None  # memory pipeline: stored side (default crop_size * 256/224)
     memory_on_device: bool = True  # memory pipeline: keep the store on the GPU (false: pinned CPU memory)
-    fractal_classes: Annotated[int, Check(ge=2)] = 10  # data.source=fractal: K classes, each one iterated function system
+    fractal_classes: Annotated[int, Check(ge=2)] = (
+        10  # data.source=fractal: K classes, each one iterated function system
+    )
     fractal_images_per_class: PositiveInt = 500  # one "epoch" of fresh renders
 
 
 @dataclass
 class CurriculumConfig:
     schedule: Literal[curriculum_lib.Preset, "custom"] = "none"  # custom: `stages` is required
-    stages: Optional[list[dict[str, Any]]] = None  # [{size: 160, fraction: 0.6}, ...] replaces the preset
-    budget: Optional[curriculum_lib.Budget] = None  # epochs | compute; default: the preset's (et: epochs, etpp: compute)
+    stages: list[dict[str, Any]] | None = None  # [{size: 160, fraction: 0.6}, ...] replaces the preset
+    budget: curriculum_lib.Budget | None = None  # epochs | compute; default: the preset's (et: epochs, etpp: compute)
     mode: FrequencyMode = "fft"  # fft (EfficientTrain) | resize (EfficientTrain++)
     # a floor on every stage's B (a multiple of the patch): e.g. 32 lifts etpp's 24-px stage at a 64 crop (a 3x3 grid
     # with 2 visible patches) to a 4x4 grid; the stage keeps its share of the budget. null: no floor
-    min_size: Optional[PositiveInt] = None
+    min_size: PositiveInt | None = None
 
 
 @dataclass
 class OptimConfig:
     blr: PositiveFloat = 1.5e-4  # lr = blr * global_batch / 256
-    lr: Optional[PositiveFloat] = None  # absolute lr; overrides blr when set
+    lr: PositiveFloat | None = None  # absolute lr; overrides blr when set
     min_lr: NonNegativeFloat = 0.0
     weight_decay: NonNegativeFloat = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: NonNegativeFloat = 40.0  # in budget units: epochs (epochs budget) or full-size-epoch compute
-    clip_grad: Optional[PositiveFloat] = None  # max global grad norm; null = no clipping
+    clip_grad: PositiveFloat | None = None  # max global grad norm; null = no clipping
 
 
 @dataclass
@@ -122,8 +128,10 @@ class TrainConfig:
     precision: Precision = "bf16"  # bf16 | fp16 | fp32
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-reproducible CPU tests
-    compile: CompileMode = "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune: one graph per input size
-    max_steps: Optional[PositiveInt] = None  # stop (with a checkpoint) after this optimizer step; resume later
+    compile: CompileMode = (
+        "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune: one graph per input size
+    )
+    max_steps: PositiveInt | None = None  # stop (with a checkpoint) after this optimizer step; resume later
     log_every: PositiveInt = 50  # optimizer steps between logged metrics (also when non-finite losses are checked)
     max_consecutive_nonfinite: PositiveInt = 5  # skipped updates in a row before the run stops
 
@@ -131,7 +139,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every_epochs: NonNegativeFloat = 10.0  # 0 = off: only the launch's last step (the end, or train.max_steps)
-    every_steps: Optional[PositiveInt] = None  # overrides every_epochs when set
+    every_steps: PositiveInt | None = None  # overrides every_epochs when set
     keep_last: PositiveInt = 3
     resume: bool = True  # relaunching the same command resumes from the latest checkpoint
 
@@ -201,8 +209,10 @@ def resolve_curriculum(c: CurriculumConfig, full_size: int, patch_size: int) -> 
             raise ConfigError(f"curriculum: {e}") from None
     if c.min_size is not None:
         if c.min_size % patch_size != 0 or not patch_size <= c.min_size <= full_size:
-            raise ConfigError(f"curriculum.min_size {c.min_size} must be a multiple of the patch size {patch_size} "
-                              f"between {patch_size} and the crop size {full_size}")
+            raise ConfigError(
+                f"curriculum.min_size {c.min_size} must be a multiple of the patch size {patch_size} "
+                f"between {patch_size} and the crop size {full_size}"
+            )
         stages = [curriculum_lib.Stage(size=max(s.size, c.min_size), fraction=s.fraction) for s in stages]
     try:
         curriculum_lib.validate_stages(stages, full_size, patch_size)
@@ -228,9 +238,13 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
             f"use e.g. data.crop_size={max(1, round(d.crop_size / m.patch_size)) * m.patch_size}"
         )
     if d.memory_size is not None and d.memory_size < d.crop_size:
-        raise ConfigError(f"data.memory_size {d.memory_size} is below data.crop_size {d.crop_size}; use null for the default")
+        raise ConfigError(
+            f"data.memory_size {d.memory_size} is below data.crop_size {d.crop_size}; use null for the default"
+        )
     if d.source == "auto":
-        raise ConfigError("data.source=auto is resolved on load (mae_et.train.config.resolve_defaults); validate its result")
+        raise ConfigError(
+            "data.source=auto is resolved on load (mae_et.train.config.resolve_defaults); validate its result"
+        )
     if d.source == "imagefolder":
         if d.root is None or not str(d.root).strip():
             raise ConfigError(
@@ -245,9 +259,14 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     stages, _ = curriculum_stages(cfg)  # raises on a bad stage list
     check_masking(m.mask_ratio, [s.size for s in stages], m.patch_size)
     check_warmup(cfg)
-    if cfg.tracking.knn_every_epochs > 0 and d.source == "imagefolder" and not (Path(d.root) / cfg.tracking.knn_split).is_dir():
+    if (
+        cfg.tracking.knn_every_epochs > 0
+        and d.source == "imagefolder"
+        and not (Path(d.root) / cfg.tracking.knn_split).is_dir()
+    ):
         raise ConfigError(
-            f"the kNN monitor needs a labelled split '{Path(d.root) / cfg.tracking.knn_split}'; set tracking.knn_split=<folder "
+            f"the kNN monitor needs a labelled split '{Path(d.root) / cfg.tracking.knn_split}'; set "
+            "tracking.knn_split=<folder "
             f"under data.root> or tracking.knn_every_epochs=0"
         )
     check_name(cfg.name)
@@ -260,12 +279,15 @@ def check_heads(size: str, decoder_dim: int, decoder_heads: int, sizes: dict[str
     """Attention heads split the width evenly (else timm's Attention asserts mid-build)."""
     encoder = sizes[size]
     if encoder["embed_dim"] % encoder["num_heads"] != 0:  # a preset edited by hand
-        raise ConfigError(f"model.size '{size}': its width {encoder['embed_dim']} does not divide into "
-                          f"{encoder['num_heads']} heads")
+        raise ConfigError(
+            f"model.size '{size}': its width {encoder['embed_dim']} does not divide into {encoder['num_heads']} heads"
+        )
     if decoder_dim % decoder_heads != 0:
         divisors = [h for h in range(1, min(decoder_dim, 32) + 1) if decoder_dim % h == 0]
-        raise ConfigError(f"model.decoder_embed_dim {decoder_dim} does not divide into model.decoder_num_heads "
-                          f"{decoder_heads} heads; use one of {', '.join(map(str, divisors[-6:]))} heads, or another width")
+        raise ConfigError(
+            f"model.decoder_embed_dim {decoder_dim} does not divide into model.decoder_num_heads "
+            f"{decoder_heads} heads; use one of {', '.join(map(str, divisors[-6:]))} heads, or another width"
+        )
 
 
 def check_target(m: ModelConfig) -> None:
@@ -273,12 +295,16 @@ def check_target(m: ModelConfig) -> None:
     if m.target != "hog":
         return
     if m.norm_pix_loss:
-        raise ConfigError("model.norm_pix_loss=true normalises pixel patches and model.target=hog has none (its cells "
-                          "are L2-normalised already); add model.norm_pix_loss=false")
+        raise ConfigError(
+            "model.norm_pix_loss=true normalises pixel patches and model.target=hog has none (its cells "
+            "are L2-normalised already); add model.norm_pix_loss=false"
+        )
     if m.patch_size % m.hog_cell_size != 0:
         divisors = [c for c in range(1, m.patch_size + 1) if m.patch_size % c == 0]
-        raise ConfigError(f"model.hog_cell_size {m.hog_cell_size} does not divide model.patch_size {m.patch_size}; use one "
-                          f"of {', '.join(map(str, divisors))}")
+        raise ConfigError(
+            f"model.hog_cell_size {m.hog_cell_size} does not divide model.patch_size {m.patch_size}; use one "
+            f"of {', '.join(map(str, divisors))}"
+        )
 
 
 def check_masking(mask_ratio: float, sizes: list[int], patch_size: int) -> None:
@@ -289,9 +315,13 @@ def check_masking(mask_ratio: float, sizes: list[int], patch_size: int) -> None:
         kept = int(patches * (1 - mask_ratio))
         if not 1 <= kept < patches:
             raise ConfigError(
-                f"at input size {size} ({size // patch_size}x{size // patch_size} patches of {patch_size}) model.mask_ratio "
-                f"{mask_ratio} keeps {kept} of {patches} patches visible; every size needs at least one visible and one "
-                "masked patch: raise data.crop_size (or curriculum.min_size), or lower model.patch_size or model.mask_ratio")
+                f"at input size {size} ({size // patch_size}x{size // patch_size} patches of {patch_size}) "
+                "model.mask_ratio "
+                f"{mask_ratio} keeps {kept} of {patches} patches visible; every size needs at least one visible and "
+                "one "
+                "masked patch: raise data.crop_size (or curriculum.min_size), or lower model.patch_size or "
+                "model.mask_ratio"
+            )
 
 
 def check_scale(key: str, scale: tuple[float, float]) -> None:
@@ -303,7 +333,9 @@ def check_scale(key: str, scale: tuple[float, float]) -> None:
 def check_warmup(cfg) -> None:
     """Warmup within the budget (any run config with `optim.warmup_epochs` and `train.epochs`)."""
     if cfg.optim.warmup_epochs > cfg.train.epochs:
-        raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={cfg.train.epochs}], got {cfg.optim.warmup_epochs}")
+        raise ConfigError(
+            f"optim.warmup_epochs must be in [0, train.epochs={cfg.train.epochs}], got {cfg.optim.warmup_epochs}"
+        )
 
 
 def check_name(name: str) -> None:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -86,9 +87,10 @@ def reconstruction_grid(
     if model.hog is not None:
         h = model.hog
         # one brightness scale for prediction and target, so the two panels compare
-        both = hog_glyphs(torch.cat([out.pred.float(), model.target_of(imgs)]), grid_side, h.patch_size, h.cell_size,
-                          h.bins).expand(-1, 3, -1, -1)  # (2N, 3, B, B)
-        panels = torch.stack([original, masked_input, both[: len(imgs)], both[len(imgs):]], dim=1)  # (N, 4, 3, B, B)
+        both = hog_glyphs(
+            torch.cat([out.pred.float(), model.target_of(imgs)]), grid_side, h.patch_size, h.cell_size, h.bins
+        ).expand(-1, 3, -1, -1)  # (2N, 3, B, B)
+        panels = torch.stack([original, masked_input, both[: len(imgs)], both[len(imgs) :]], dim=1)  # (N, 4, 3, B, B)
         return _panel_grid(panels)
 
     pred = out.pred.float()  # (N, L, p*p*3)
@@ -141,8 +143,15 @@ def run_knn_monitor(model: MaskedAutoencoderViT, cfg: PretrainConfig, accelerato
     elif accelerator.is_main_process:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unreadable files were already reported by the training loader
-            box[0] = knn_evaluate(model, data_dir(cfg.data), Path(cfg.data.root) / cfg.tracking.knn_split, cfg.data.crop_size,
-                                  batch_size=cfg.tracking.knn_batch_size, num_workers=cfg.data.num_workers, device=accelerator.device)
+            box[0] = knn_evaluate(
+                model,
+                data_dir(cfg.data),
+                Path(cfg.data.root) / cfg.tracking.knn_split,
+                cfg.data.crop_size,
+                batch_size=cfg.tracking.knn_batch_size,
+                num_workers=cfg.data.num_workers,
+                device=accelerator.device,
+            )
     if accelerator.num_processes > 1:
         broadcast_object_list(box)
     return box[0]
@@ -175,7 +184,9 @@ def standard_error(top1_percent: float, n: int) -> float:
 def fractal_knn_loaders(cfg: PretrainConfig) -> tuple[DataLoader, DataLoader]:
     """Labelled loaders of fixed fractal renders, normalised like the training input: (bank, held-out)."""
     d = cfg.data
-    bank = FractalDataset(d.fractal_classes, d.fractal_images_per_class, d.crop_size, seed=cfg.train.seed, split="train")
+    bank = FractalDataset(
+        d.fractal_classes, d.fractal_images_per_class, d.crop_size, seed=cfg.train.seed, split="train"
+    )
     val = FractalDataset(d.fractal_classes, FRACTAL_KNN_VAL_PER_CLASS, d.crop_size, seed=cfg.train.seed, split="val")
     n_bank = d.fractal_classes * min(FRACTAL_KNN_BANK_PER_CLASS, d.fractal_images_per_class)  # index i is class i % K
 
@@ -184,7 +195,9 @@ def fractal_knn_loaders(cfg: PretrainConfig) -> tuple[DataLoader, DataLoader]:
         return normalize_on_device(images, IMAGENET_MEAN, IMAGENET_STD), torch.tensor([item["label"] for item in items])
 
     def loader(dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=cfg.tracking.knn_batch_size, num_workers=d.num_workers, collate_fn=collate)
+        return DataLoader(
+            dataset, batch_size=cfg.tracking.knn_batch_size, num_workers=d.num_workers, collate_fn=collate
+        )
 
     return loader(Subset(bank, range(n_bank))), loader(val)
 

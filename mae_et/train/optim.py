@@ -19,7 +19,9 @@ def scaled_lr(blr: float, global_batch: int) -> float:
     return blr * global_batch / 256
 
 
-def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+def build_adamw(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.AdamW:
     no_decay = getattr(model, "no_weight_decay", lambda: set())()
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
     # fused AdamW: one kernel for all parameters, and it honours `found_inf`, which lets the

@@ -10,8 +10,8 @@ it passes its one stage and its per-process batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mae_et.curriculum.schedules import CurriculumPlan, Stage, plan_curriculum
 from mae_et.recipes import ConfigError
@@ -47,8 +47,15 @@ class RunPlan:
         return every is not None and (step % every == 0 or step == self.end_step)
 
 
-def plan_run(cfg, num_images: int, world: int, stages: Sequence[Stage], budget: str, full_size: int,
-             micro_batch: int | None = None) -> RunPlan:
+def plan_run(
+    cfg,
+    num_images: int,
+    world: int,
+    stages: Sequence[Stage],
+    budget: str,
+    full_size: int,
+    micro_batch: int | None = None,
+) -> RunPlan:
     """The plan of a run of `cfg` (any run config with `train`, `optim` and `checkpoint`) over `num_images`
     images on `world` processes. `micro_batch` defaults to `train.batch_size` (per process); accumulation
     steps to `train.accum_steps` (1 where the config has none)."""
@@ -59,11 +66,16 @@ def plan_run(cfg, num_images: int, world: int, stages: Sequence[Stage], budget: 
     plan = plan_curriculum(stages, budget, cfg.train.epochs, steps_per_epoch, full_size)
     o = cfg.optim
     return RunPlan(
-        plan=plan, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+        plan=plan,
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
         end_step=min(plan.total_steps, cfg.train.max_steps or plan.total_steps),
-        base_lr=o.lr if o.lr is not None else scaled_lr(o.blr, global_batch), min_lr=o.min_lr,
-        warmup=o.warmup_epochs / cfg.train.epochs, log_every=cfg.train.log_every,
-        ckpt_every=checkpoint_every(cfg, steps_per_epoch))
+        base_lr=o.lr if o.lr is not None else scaled_lr(o.blr, global_batch),
+        min_lr=o.min_lr,
+        warmup=o.warmup_epochs / cfg.train.epochs,
+        log_every=cfg.train.log_every,
+        ckpt_every=checkpoint_every(cfg, steps_per_epoch),
+    )
 
 
 def optimizer_steps_per_epoch(num_images: int, micro_batch: int, world: int, accum: int) -> int:

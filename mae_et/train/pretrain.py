@@ -16,9 +16,10 @@ update is skipped on the device (fused AdamW's `found_inf`). The host reads the 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -120,10 +121,14 @@ class LoopCounters:
         finite = accelerator.reduce(self.window_finite, "sum")
         # a window in which no loss was finite has no mean: NaN (metrics.jsonl writes null), not 0.0
         loss = torch.where(finite > 0, accelerator.reduce(self.window_loss, "sum") / finite.clamp(min=1), float("nan"))
-        out = {"loss": loss.item(), "grad_norm": float(self.grad_norm),
-               "images_per_sec": self.window_steps * global_batch / (now - self.window_start),
-               "data_wait_frac": self.window_wait / (now - self.window_start)}
-        self.window_loss.zero_(); self.window_finite.zero_()
+        out = {
+            "loss": loss.item(),
+            "grad_norm": float(self.grad_norm),
+            "images_per_sec": self.window_steps * global_batch / (now - self.window_start),
+            "data_wait_frac": self.window_wait / (now - self.window_start),
+        }
+        self.window_loss.zero_()
+        self.window_finite.zero_()
         self.window_start, self.window_wait, self.window_steps = time.perf_counter(), 0.0, 0
         return out
 
@@ -155,8 +160,13 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
     held_out = knn_held_out_count(cfg) if sched.knn_every is not None else 0
 
     accum, patch, last_metrics = cfg.train.accum_steps, cfg.model.patch_size, {}
-    batches = data.batches(run.rank, run.world, cfg.train.batch_size, start_micro_step=step * accum,
-                           num_micro_steps=max(0, sched.end_step - step) * accum)
+    batches = data.batches(
+        run.rank,
+        run.world,
+        cfg.train.batch_size,
+        start_micro_step=step * accum,
+        num_micro_steps=max(0, sched.end_step - step) * accum,
+    )
     run.clock.start()
     bar = run.progress(sched.end_step, step, f"pretrain {cfg.name}")
     model.train()
@@ -165,8 +175,9 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
         set_lr(optimizer, sched.lr(step))
         for micro in range(accum):
             batch = counters.next_batch(batches)
-            noise = mask_noise(cfg.train.seed, step, micro, run.rank, (len(batch.images), (stage.size // patch) ** 2),
-                               run.device)  # (n, L)
+            noise = mask_noise(
+                cfg.train.seed, step, micro, run.rank, (len(batch.images), (stage.size // patch) ** 2), run.device
+            )  # (n, L)
             counters.add(train_step(batch.images.to(run.device, non_blocking=True), stage.size, noise))
         step += 1
         counters.end_step()
@@ -176,23 +187,32 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
             with run.clock.overhead():
                 knn = run_knn_monitor(raw_model, cfg, run.accelerator)
         if sched.due(step, sched.log_every) or knn:
-            last_metrics = {**counters.read_window(run.accelerator, sched.global_batch), **step_metrics(sched, step, stage),
-                            "nonfinite_skipped": counters.skipped_updates(),
-                            "data_skipped_files": len(data.skipped) + len(counters.distinct_bad_files(run.accelerator)),
-                            **run.clock.read(), **knn, **({f"untrained_{k}": v for k, v in untrained.items()} if knn else {})}
+            last_metrics = {
+                **counters.read_window(run.accelerator, sched.global_batch),
+                **step_metrics(sched, step, stage),
+                "nonfinite_skipped": counters.skipped_updates(),
+                "data_skipped_files": len(data.skipped) + len(counters.distinct_bad_files(run.accelerator)),
+                **run.clock.read(),
+                **knn,
+                **({f"untrained_{k}": v for k, v in untrained.items()} if knn else {}),
+            }
             run.log(step, last_metrics, format_log_line(step, sched.end_step, last_metrics))
             if knn:
                 run.say(f"step {step}: kNN top-1 {knn_line(knn, untrained, held_out)}")
         if sched.due(step, sched.log_every) or knn or checkpoint_due(step, sched.ckpt_every, sched.end_step):
             streak = counters.streak_since_last_check()  # checked before any checkpoint of skipped updates
             if streak >= cfg.train.max_consecutive_nonfinite:
-                run.stop_nonfinite(f"stopped at step {step}: {streak} non-finite losses in a row (limit "
-                                   f"train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); those updates "
-                                   "were skipped", "Lower optim.blr, set optim.clip_grad, or use train.precision=bf16/fp32.")
+                run.stop_nonfinite(
+                    f"stopped at step {step}: {streak} non-finite losses in a row (limit "
+                    f"train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); those updates "
+                    "were skipped",
+                    "Lower optim.blr, set optim.clip_grad, or use train.precision=bf16/fp32.",
+                )
         if sched.due(step, sched.recon_every):
             with run.clock.overhead():
-                log_reconstructions(raw_model, data.dataset, cfg, stage.size, run.run_dir, run.tracker, step, run.device,
-                                    run.main)
+                log_reconstructions(
+                    raw_model, data.dataset, cfg, stage.size, run.run_dir, run.tracker, step, run.device, run.main
+                )
         if checkpoint_due(step, sched.ckpt_every, sched.end_step):
             state, meta = checkpoint_contents(cfg, sched, step, stage, optimizer, counters, run, raw_model, untrained)
             run.checkpoint(step, model, state, meta)
@@ -210,13 +230,23 @@ def build_training(cfg: PretrainConfig, sched: Schedule, accelerator: Accelerato
     model = build_model(cfg)
     optimizer = build_adamw(model, sched.base_lr, cfg.optim.weight_decay, cfg.optim.betas)
     model, optimizer = accelerator.prepare(model, optimizer)
-    train_step = TrainStep(accelerator, model, optimizer, cfg.model.mask_ratio, cfg.curriculum.mode, cfg.optim.clip_grad,
-                           compile_mode=cfg.train.compile, sizes=tuple(sorted({s.size for s in sched.plan.stages})),
-                           decode_fraction=cfg.model.decode_fraction)
+    train_step = TrainStep(
+        accelerator,
+        model,
+        optimizer,
+        cfg.model.mask_ratio,
+        cfg.curriculum.mode,
+        cfg.optim.clip_grad,
+        compile_mode=cfg.train.compile,
+        sizes=tuple(sorted({s.size for s in sched.plan.stages})),
+        decode_fraction=cfg.model.decode_fraction,
+    )
     return model, optimizer, train_step
 
 
-def untrained_knn(found, raw_model: MaskedAutoencoderViT, cfg: PretrainConfig, sched: Schedule, run: Run) -> dict[str, float]:
+def untrained_knn(
+    found, raw_model: MaskedAutoencoderViT, cfg: PretrainConfig, sched: Schedule, run: Run
+) -> dict[str, float]:
     """With the kNN monitor on, the same kNN of the encoder before any update (a fresh run measures it at step 0;
     a resumed one reads it from its checkpoint), so every kNN the run reports stands beside what MAE added:
     a random-init ViT already scores far above chance."""
@@ -231,20 +261,35 @@ def untrained_knn(found, raw_model: MaskedAutoencoderViT, cfg: PretrainConfig, s
 
 def knn_line(knn: dict[str, float], untrained: dict[str, float], held_out: int) -> str:
     """'cls 53.5% (untrained 43.0%), mean 57.5% (untrained 38.0%); 1000 held-out images, standard error 1.6 points'."""
-    accuracies = ", ".join(f"{k[9:]} {v:.1f}%" + (f" (untrained {untrained[k]:.1f}%)" if k in untrained else "")
-                           for k, v in knn.items())
+    accuracies = ", ".join(
+        f"{k[9:]} {v:.1f}%" + (f" (untrained {untrained[k]:.1f}%)" if k in untrained else "") for k, v in knn.items()
+    )
     worst = max((standard_error(v, held_out) for v in knn.values()), default=0.0)
     return f"{accuracies}; {held_out} held-out images, standard error up to {worst:.1f} points"
 
 
 def step_metrics(sched: Schedule, step: int, stage) -> dict[str, Any]:
     plan = sched.plan
-    return {"lr": sched.lr(step - 1), "size": stage.size, "stage": stage.index, "epoch": plan.epoch_at_step(step),
-            "progress": plan.progress_at_step(step) if step < plan.total_steps else 1.0}
+    return {
+        "lr": sched.lr(step - 1),
+        "size": stage.size,
+        "stage": stage.index,
+        "epoch": plan.epoch_at_step(step),
+        "progress": plan.progress_at_step(step) if step < plan.total_steps else 1.0,
+    }
 
 
-def checkpoint_contents(cfg, sched: Schedule, step: int, stage, optimizer, counters: LoopCounters, run: Run,
-                        raw_model: torch.nn.Module, untrained: dict[str, float]):
+def checkpoint_contents(
+    cfg,
+    sched: Schedule,
+    step: int,
+    stage,
+    optimizer,
+    counters: LoopCounters,
+    run: Run,
+    raw_model: torch.nn.Module,
+    untrained: dict[str, float],
+):
     """(training_state, meta) of a checkpoint at `step`; the run adds its clocks to the state."""
     accelerator = run.accelerator
     state = {
@@ -258,9 +303,17 @@ def checkpoint_contents(cfg, sched: Schedule, step: int, stage, optimizer, count
         "knn_untrained": untrained,
     }
     plan = sched.plan
-    meta = {"step": step, "total_steps": plan.total_steps, "epoch": plan.epoch_at_step(step), "stage": stage.index,
-            "size": stage.size, "progress": plan.progress_at_step(min(step, plan.total_steps)),
-            "world_size": run.world, "global_batch": sched.global_batch, "complete": step >= plan.total_steps}
+    meta = {
+        "step": step,
+        "total_steps": plan.total_steps,
+        "epoch": plan.epoch_at_step(step),
+        "stage": stage.index,
+        "size": stage.size,
+        "progress": plan.progress_at_step(min(step, plan.total_steps)),
+        "world_size": run.world,
+        "global_batch": sched.global_batch,
+        "complete": step >= plan.total_steps,
+    }
     if step == sched.end_step:
         meta["rank_weight_checksums"] = rank_weight_checksums(raw_model, accelerator)
     return state, meta
@@ -283,7 +336,9 @@ def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
     )
 
 
-def mask_noise(seed: int, step: int, micro: int, rank: int, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+def mask_noise(
+    seed: int, step: int, micro: int, rank: int, shape: tuple[int, int], device: torch.device
+) -> torch.Tensor:
     """(N, L) uniform noise deciding the mask (lowest kept), a pure function of its position."""
     gen = torch.Generator(device=device)
     # a hash, not a linear formula: seed*K + step*M + micro*R + rank repeats as soon as rank >= R
@@ -303,16 +358,18 @@ def rank_weight_checksums(model: torch.nn.Module, accelerator: Accelerator) -> l
     return [float(x) for x in accelerator.gather(total.reshape(1)).cpu()]
 
 
-
-
-
-
 def describe_run(cfg: PretrainConfig, sched: Schedule, n_images: int, n_skipped: int, world: int, say) -> None:
     stages, budget = curriculum_stages(cfg)
-    say(f"run {cfg.name}: {n_images} images ({n_skipped} skipped at scan), {world} process(es), global batch "
-        f"{sched.global_batch}, lr {sched.base_lr:.3g}")
-    say(f"curriculum '{cfg.curriculum.schedule}' ({cfg.curriculum.mode}), budget in {budget}: {sched.plan.total_steps} steps, "
-        f"relative compute {relative_compute(stages, budget, cfg.data.crop_size):.3f} of {cfg.train.epochs:g} full-size epochs")
+    say(
+        f"run {cfg.name}: {n_images} images ({n_skipped} skipped at scan), {world} process(es), global batch "
+        f"{sched.global_batch}, lr {sched.base_lr:.3g}"
+    )
+    say(
+        f"curriculum '{cfg.curriculum.schedule}' ({cfg.curriculum.mode}), budget in {budget}: "
+        f"{sched.plan.total_steps} steps, "
+        f"relative compute {relative_compute(stages, budget, cfg.data.crop_size):.3f} of {cfg.train.epochs:g} "
+        "full-size epochs"
+    )
     for s in sched.plan.summary():
         say("  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
 
@@ -321,4 +378,7 @@ def say_where(run_dir: Path, ckpt: Path | None, tracker: RunTracker, step: int, 
     state = "finished" if step >= total else f"stopped at step {step} of {total} (relaunch the same command to resume)"
     say(f"{state}. checkpoint: {ckpt}; metrics: {run_dir / 'metrics.jsonl'}")
     if tracker.wandb_dir is not None:
-        say(f"W&B ({tracker.wandb_mode}) files: {tracker.wandb_dir}" + ("  (upload with: wandb sync <that folder>/offline-run-*)" if tracker.wandb_mode == "offline" else ""))
+        say(
+            f"W&B ({tracker.wandb_mode}) files: {tracker.wandb_dir}"
+            + ("  (upload with: wandb sync <that folder>/offline-run-*)" if tracker.wandb_mode == "offline" else "")
+        )

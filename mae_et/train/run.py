@@ -47,9 +47,11 @@ class Run:
     def __init__(self, cfg, precision: str | None = None, accum_steps: int | None = None) -> None:
         self.cfg = cfg
         self.wandb_mode = resolve_wandb_mode(cfg.tracking.wandb)
-        self.accelerator = build_accelerator(precision or cfg.train.precision,
-                                             accum_steps or getattr(cfg.train, "accum_steps", 1),
-                                             use_wandb=self.wandb_mode is not None)
+        self.accelerator = build_accelerator(
+            precision or cfg.train.precision,
+            accum_steps or getattr(cfg.train, "accum_steps", 1),
+            use_wandb=self.wandb_mode is not None,
+        )
         self.run_dir, self.lock, self._created = prepare_run_dir(cfg, self.accelerator)
         self.main = self.accelerator.is_main_process
         self.device = self.accelerator.device
@@ -69,7 +71,9 @@ class Run:
             self.clock.restore(found.training_state)
             self.last_checkpoint = found.path
         resume_step = int(found.training_state["step"]) if found is not None else None
-        self.tracker, self.config_yaml = start_tracking(self.cfg, self.accelerator, self.run_dir, self.wandb_mode, resume_step)
+        self.tracker, self.config_yaml = start_tracking(
+            self.cfg, self.accelerator, self.run_dir, self.wandb_mode, resume_step
+        )
         return found
 
     def say(self, line: str) -> None:
@@ -95,13 +99,22 @@ class Run:
         """RUN/checkpoints/step_N with the loop's clocks added; its time counts as bookkeeping, not training."""
         with self.clock.overhead():
             self.last_checkpoint = save_checkpoint_on_main(
-                self.accelerator, self.run_dir, step, model, {**training_state, **self.clock.state()}, self.config_yaml,
-                meta, self.cfg.checkpoint.keep_last)
+                self.accelerator,
+                self.run_dir,
+                step,
+                model,
+                {**training_state, **self.clock.state()},
+                self.config_yaml,
+                meta,
+                self.cfg.checkpoint.keep_last,
+            )
         return self.last_checkpoint
 
     def stop_nonfinite(self, problem: str, fix: str) -> NoReturn:
-        raise NonFiniteLossError(f"{problem}; the last good checkpoint ({self.last_checkpoint or 'none yet'}) is untouched. {fix}",
-                                 say=self.main)
+        raise NonFiniteLossError(
+            f"{problem}; the last good checkpoint ({self.last_checkpoint or 'none yet'}) is untouched. {fix}",
+            say=self.main,
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -129,8 +142,11 @@ class Run:
         # come after its rename, before this process heard it had finished)
         on_disk = ckpt_lib.list_checkpoints(self.run_dir / "checkpoints")
         last = on_disk[-1] if on_disk else None
-        kept = (f"the last checkpoint is {last} (step {ckpt_lib.checkpoint_step(last)})" if last is not None
-                else "no checkpoint was written yet")
+        kept = (
+            f"the last checkpoint is {last} (step {ckpt_lib.checkpoint_step(last)})"
+            if last is not None
+            else "no checkpoint was written yet"
+        )
         return f"{at}; {kept}; relaunch the same command to resume"
 
     def _release_folder(self) -> None:
@@ -205,7 +221,10 @@ def prepare_run_dir(cfg, accelerator: Accelerator) -> tuple[Path, RunFolderLock 
         except RunFolderBusy as e:
             error[0] = str(e)
         except OSError as e:
-            error[0] = f"output folder '{run_dir}' is not writable ({type(e).__name__}: {e}); pass output_dir=/a/writable/folder"
+            error[0] = (
+                f"output folder '{run_dir}' is not writable ({type(e).__name__}: {e}); pass "
+                "output_dir=/a/writable/folder"
+            )
     if accelerator.num_processes > 1:
         broadcast_object_list(error)
     if error[0]:
@@ -246,16 +265,22 @@ class LoopClock:
 
     def state(self) -> dict[str, float]:
         b = self.before
-        return {"elapsed_seconds": b["elapsed_seconds"] + time.perf_counter() - self.wall0,
-                "cpu_seconds": b["cpu_seconds"] + time.process_time() - self.cpu0,
-                "overhead_seconds": b["overhead_seconds"] + self.overhead_wall,
-                "overhead_cpu_seconds": b["overhead_cpu_seconds"] + self.overhead_cpu}
+        return {
+            "elapsed_seconds": b["elapsed_seconds"] + time.perf_counter() - self.wall0,
+            "cpu_seconds": b["cpu_seconds"] + time.process_time() - self.cpu0,
+            "overhead_seconds": b["overhead_seconds"] + self.overhead_wall,
+            "overhead_cpu_seconds": b["overhead_cpu_seconds"] + self.overhead_cpu,
+        }
 
     def read(self) -> dict[str, float]:
         """The metrics.jsonl fields: elapsed_s / cpu_s (the whole loop) and their bookkeeping share."""
         s = self.state()
-        return {"elapsed_s": s["elapsed_seconds"], "cpu_s": s["cpu_seconds"],
-                "overhead_s": s["overhead_seconds"], "overhead_cpu_s": s["overhead_cpu_seconds"]}
+        return {
+            "elapsed_s": s["elapsed_seconds"],
+            "cpu_s": s["cpu_seconds"],
+            "overhead_s": s["overhead_seconds"],
+            "overhead_cpu_s": s["overhead_cpu_seconds"],
+        }
 
 
 def steps_every(epochs: float, steps_per_epoch: int) -> int:
@@ -275,7 +300,9 @@ def checkpoint_due(step: int, every: int | None, end_step: int) -> bool:
     return step == end_step or (every is not None and step % every == 0)
 
 
-def resume_latest(cfg, run_dir: Path, raw_model: torch.nn.Module, optimizer, accelerator: Accelerator) -> ckpt_lib.Checkpoint | None:
+def resume_latest(
+    cfg, run_dir: Path, raw_model: torch.nn.Module, optimizer, accelerator: Accelerator
+) -> ckpt_lib.Checkpoint | None:
     """Load the run's latest checkpoint into the model, optimizer and grad scaler (when `checkpoint.resume`)."""
     if not cfg.checkpoint.resume:
         return None
@@ -298,7 +325,9 @@ def require_same_model(ckpt_path: Path, saved_state: dict, raw_model: torch.nn.M
     mismatch = compare_state(saved_state, raw_model.state_dict())
     if not mismatch:
         return
-    changed = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in config_changes(ckpt_path, cfg).items() if k.startswith("model.")]
+    changed = [
+        f"{k} ({a!r} -> {b!r})" for k, (a, b) in config_changes(ckpt_path, cfg).items() if k.startswith("model.")
+    ]
     because = f" (config: {', '.join(changed)})" if changed else ""
     raise ckpt_lib.CheckpointError(
         f"cannot resume from {ckpt_path}: the model differs from the one that wrote it{because}; "
@@ -326,30 +355,49 @@ def warn_config_changes(ckpt_path: Path, cfg) -> None:
             "resuming with a config that differs from the checkpoint's in: "
             + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in changed.items())
             + "; the schedule is recomputed from the new values",
-            RunWarning, stacklevel=2,
+            RunWarning,
+            stacklevel=2,
         )
 
 
-def start_tracking(cfg, accelerator: Accelerator, run_dir: Path, wandb_mode: str | None, resume_step: int | None) -> tuple[RunTracker, str]:
+def start_tracking(
+    cfg, accelerator: Accelerator, run_dir: Path, wandb_mode: str | None, resume_step: int | None
+) -> tuple[RunTracker, str]:
     """Save the resolved config in the run folder and open the tracker; returns it and the config as YAML."""
     config_dict = config_to_dict(cfg)
     config_yaml = yaml.safe_dump(config_dict, sort_keys=False)
     if accelerator.is_main_process:
         write_text_atomic(run_dir / "config.yaml", config_yaml)  # a kill mid-write never leaves half a config
-    tracker = RunTracker(accelerator, run_dir, cfg.tracking.project, cfg.name, flatten_dict(config_dict), wandb_mode,
-                         resume_step=resume_step)
+    tracker = RunTracker(
+        accelerator,
+        run_dir,
+        cfg.tracking.project,
+        cfg.name,
+        flatten_dict(config_dict),
+        wandb_mode,
+        resume_step=resume_step,
+    )
     return tracker, config_yaml
 
 
-def save_checkpoint_on_main(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Module, training_state: dict,
-                            config_yaml: str, meta: dict, keep_last: int) -> Path:
+def save_checkpoint_on_main(
+    accelerator: Accelerator,
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    training_state: dict,
+    config_yaml: str,
+    meta: dict,
+    keep_last: int,
+) -> Path:
     """The main rank writes RUN/checkpoints/step_N atomically; every rank waits and gets its path."""
     model_state = accelerator.get_state_dict(model)  # a collective under some sharding schemes: every rank calls it
     path, error = None, None
     if accelerator.is_main_process:
         try:
-            path = ckpt_lib.save_checkpoint(run_dir / "checkpoints", step, model_state, training_state, config_yaml, meta,
-                                            keep_last)
+            path = ckpt_lib.save_checkpoint(
+                run_dir / "checkpoints", step, model_state, training_state, config_yaml, meta, keep_last
+            )
         except ckpt_lib.CheckpointWriteError as e:  # a full disk: every rank stops with it, none waits forever
             error = str(e)
     accelerator.wait_for_everyone()
@@ -363,5 +411,7 @@ def save_checkpoint_on_main(accelerator: Accelerator, run_dir: Path, step: int, 
 
 
 def format_log_line(step: int, end_step: int, m: dict[str, Any]) -> str:
-    return (f"step {step}/{end_step}  epoch {m['epoch']:.2f}  B {m['size']}  loss {m['loss']:.4f}  lr {m['lr']:.3g}  "
-            f"{m['images_per_sec']:.0f} img/s  data-wait {100 * m['data_wait_frac']:.0f}%")
+    return (
+        f"step {step}/{end_step}  epoch {m['epoch']:.2f}  B {m['size']}  loss {m['loss']:.4f}  lr {m['lr']:.3g}  "
+        f"{m['images_per_sec']:.0f} img/s  data-wait {100 * m['data_wait_frac']:.0f}%"
+    )

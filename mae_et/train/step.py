@@ -32,9 +32,19 @@ class MicroStepResult:
 
 
 class TrainStep:
-    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer, mask_ratio: float,
-                 frequency_mode: str, clip_grad: float | None, compile_mode: str = "none", sizes: tuple[int, ...] = (),
-                 compile_backend: str = "inductor", decode_fraction: float = 1.0):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        optimizer,
+        mask_ratio: float,
+        frequency_mode: str,
+        clip_grad: float | None,
+        compile_mode: str = "none",
+        sizes: tuple[int, ...] = (),
+        compile_backend: str = "inductor",
+        decode_fraction: float = 1.0,
+    ):
         self.accelerator = accelerator
         self.model = model  # as prepared by Accelerate (DDP-wrapped when distributed)
         self.optimizer = optimizer

@@ -43,7 +43,9 @@ def resolve_wandb_mode(setting: str) -> str | None:
     try:
         import wandb  # noqa: F401
     except ImportError:
-        warnings.warn("wandb is not installed: tracking goes to metrics.jsonl only (pip install wandb)", RunWarning, stacklevel=2)
+        warnings.warn(
+            "wandb is not installed: tracking goes to metrics.jsonl only (pip install wandb)", RunWarning, stacklevel=2
+        )
         return None
     if setting == "auto":
         env = os.environ.get("WANDB_MODE")
@@ -71,7 +73,16 @@ def truncate_metrics(path: Path, after_step: int) -> None:
 class RunTracker:
     """Writes metrics on the main process only; every method is a no-op on other ranks."""
 
-    def __init__(self, accelerator, run_dir: Path, project: str, run_name: str, config: dict[str, Any], wandb_mode: str | None, resume_step: int | None):
+    def __init__(
+        self,
+        accelerator,
+        run_dir: Path,
+        project: str,
+        run_name: str,
+        config: dict[str, Any],
+        wandb_mode: str | None,
+        resume_step: int | None,
+    ):
         self.accelerator = accelerator
         self.run_dir = run_dir
         self.is_main = accelerator.is_main_process
@@ -86,19 +97,33 @@ class RunTracker:
         self._file = open(self.metrics_path, "a")
         if wandb_mode is not None:
             id_file = run_dir / WANDB_ID_FILE
-            run_id = id_file.read_text().strip() if id_file.is_file() and resume_step is not None else uuid.uuid4().hex[:12]
+            run_id = (
+                id_file.read_text().strip() if id_file.is_file() and resume_step is not None else uuid.uuid4().hex[:12]
+            )
             write_text_atomic(id_file, run_id)
             os.environ["WANDB_MODE"] = wandb_mode
             accelerator.init_trackers(
-                project, config=config,
-                init_kwargs={"wandb": {"name": run_name, "id": run_id, "resume": "allow", "dir": str(run_dir), "mode": wandb_mode}},
+                project,
+                config=config,
+                init_kwargs={
+                    "wandb": {
+                        "name": run_name,
+                        "id": run_id,
+                        "resume": "allow",
+                        "dir": str(run_dir),
+                        "mode": wandb_mode,
+                    }
+                },
             )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.is_main:
             return
         # JSON has no NaN or infinity: a non-finite number (the loss of a window of skipped updates) is null
-        record = {"step": step, **{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}}
+        record = {
+            "step": step,
+            **{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()},
+        }
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self.wandb_mode is not None:

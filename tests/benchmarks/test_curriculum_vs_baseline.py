@@ -82,7 +82,9 @@ def test_every_run_and_seed_has_every_metric_in_range(study):
             assert math.isfinite(r["final_loss"]) and r["final_loss"] > 0
             assert 0 < r["wall_s"] <= r["process_s"]  # the timed loop lies inside the launch
             assert r["cpu_s"] > 0 and r["launches"] == 1
-            assert 0 < r["steady_s"] and r["s_per_epoch"] == pytest.approx(r["wall_s"] / (r["steps"] / r["steps_per_epoch"]))
+            assert 0 < r["steady_s"] and r["s_per_epoch"] == pytest.approx(
+                r["wall_s"] / (r["steps"] / r["steps_per_epoch"])
+            )
             assert r["images_per_sec"] == pytest.approx(r["steps"] * r["global_batch"] / r["wall_s"])
             assert r["pflop"] > 0 and r["steps_per_epoch"] == 240 // 16
             # time per stage, on both clocks: the logged windows add up to the run's training time and steps
@@ -115,8 +117,12 @@ def test_untrained_row_is_the_baselines_initial_encoder(study):
     result, _, _ = study
     from mae_et.checkpoint import MODEL_FILE, list_checkpoints
 
-    weights = {seed: load_file(str(list_checkpoints(Path(result["runs"]["untrained"][seed]["run_dir"]) / "checkpoints")[-1]
-                                   / MODEL_FILE)) for seed in SEEDS}
+    weights = {
+        seed: load_file(
+            str(list_checkpoints(Path(result["runs"]["untrained"][seed]["run_dir"]) / "checkpoints")[-1] / MODEL_FILE)
+        )
+        for seed in SEEDS
+    }
     torch.manual_seed(0)
     from accelerate.utils import set_seed
 
@@ -143,7 +149,9 @@ def test_mean_and_spread_are_those_of_the_seeds(study):
     for run in RUNS:
         for clock in ("wall", "cpu"):
             # speed-ups are taken within each seed, then averaged
-            per_seed = [result["runs"]["baseline"][s][f"{clock}_s"] / result["runs"][run][s][f"{clock}_s"] for s in SEEDS]
+            per_seed = [
+                result["runs"]["baseline"][s][f"{clock}_s"] / result["runs"][run][s][f"{clock}_s"] for s in SEEDS
+            ]
             assert result["speedups"][run][clock]["values"] == pytest.approx(per_seed)
             assert result["speedups"][run][clock]["mean"] == pytest.approx(sum(per_seed) / 2)
 
@@ -207,14 +215,18 @@ def test_a_killed_study_resumes_its_half_finished_run(tmp_path):
     script = load_script()
     study = script.load_study(STUDY)
     out = tmp_path / "study"
-    overrides = script.pretrain_overrides(study, "baseline", 0, study.epochs, MINI.resolve(), out)  # the study resolves --data
+    overrides = script.pretrain_overrides(
+        study, "baseline", 0, study.epochs, MINI.resolve(), out
+    )  # the study resolves --data
     # the kill: the baseline stops at step 20 of 30 with a checkpoint (train.max_steps does what a time limit does)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             reset_accelerate()
-            pretrain(load_pretrain_config(study.recipe, [*overrides, "checkpoint.every_steps=10", "train.max_steps=20"]))
+            pretrain(
+                load_pretrain_config(study.recipe, [*overrides, "checkpoint.every_steps=10", "train.max_steps=20"])
+            )
     finally:
         torch.set_num_threads(threads)
         reset_accelerate()
@@ -225,7 +237,8 @@ def test_a_killed_study_resumes_its_half_finished_run(tmp_path):
     from mae_et.recipes import config_to_dict
 
     (out / "runs" / "baseline_seed0" / "config.yaml").write_text(
-        yaml.safe_dump(config_to_dict(load_pretrain_config(study.recipe, overrides)), sort_keys=False))
+        yaml.safe_dump(config_to_dict(load_pretrain_config(study.recipe, overrides)), sort_keys=False)
+    )
     result, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0"])
     log = (out / "logs" / "baseline_seed0.pretrain.log").read_text()
     assert "resumed from" in log and "step_00000020" in log
@@ -267,7 +280,12 @@ def test_subprocess_launch_runs_the_same_config(tmp_path):
     args = parse_args(cmd[2:], "", None)
     cfg = load_pretrain_config(args.config, args.overrides)
     assert config_to_dict(cfg) == config_to_dict(load_pretrain_config(study.recipe, overrides))
-    assert (cfg.curriculum.schedule, cfg.curriculum.budget, cfg.train.seed, cfg.train.epochs) == ("etpp", "compute", 1, 1.0)
+    assert (cfg.curriculum.schedule, cfg.curriculum.budget, cfg.train.seed, cfg.train.epochs) == (
+        "etpp",
+        "compute",
+        1,
+        1.0,
+    )
     assert cfg.data.root == str(MINI) and cfg.tracking.wandb == "off" and cfg.checkpoint.resume
 
 
@@ -280,26 +298,57 @@ def made_up(values: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
     return {run: {key: script.spread(v) for key, v in keys.items()} for run, keys in values.items()}
 
 
-def summary_with(et_knn: list[float], et_time: list[float], etpp_knn: list[float], etpp_time: list[float],
-                 eq_linear: float, untrained_knn: float = 20.0) -> tuple[dict, dict]:
-    base = {"knn_top1_cls": [50.0, 54.0], "knn_top1_mean": [50.0, 54.0], "linear_top1": [60.0, 62.0],
-            "finetune_top1": [70.0, 70.0], "cpu_s": [100.0, 100.0], "wall_s": [100.0, 100.0]}
+def summary_with(
+    et_knn: list[float],
+    et_time: list[float],
+    etpp_knn: list[float],
+    etpp_time: list[float],
+    eq_linear: float,
+    untrained_knn: float = 20.0,
+) -> tuple[dict, dict]:
+    base = {
+        "knn_top1_cls": [50.0, 54.0],
+        "knn_top1_mean": [50.0, 54.0],
+        "linear_top1": [60.0, 62.0],
+        "finetune_top1": [70.0, 70.0],
+        "cpu_s": [100.0, 100.0],
+        "wall_s": [100.0, 100.0],
+    }
 
     def run(knn, time, linear=(61.0, 61.0)):
-        return {**base, "knn_top1_cls": knn, "knn_top1_mean": knn, "linear_top1": list(linear), "cpu_s": time, "wall_s": time}
+        return {
+            **base,
+            "knn_top1_cls": knn,
+            "knn_top1_mean": knn,
+            "linear_top1": list(linear),
+            "cpu_s": time,
+            "wall_s": time,
+        }
 
-    values = {"baseline": base, "et": run(et_knn, et_time), "etpp_half": run(etpp_knn, etpp_time),
-              "baseline_equal_time": run([50.0, 50.0], et_time, (eq_linear, eq_linear)),
-              "untrained": {k: [untrained_knn, untrained_knn] for k in ("knn_top1_cls", "knn_top1_mean", "linear_top1",
-                                                                          "finetune_top1")}}
+    values = {
+        "baseline": base,
+        "et": run(et_knn, et_time),
+        "etpp_half": run(etpp_knn, etpp_time),
+        "baseline_equal_time": run([50.0, 50.0], et_time, (eq_linear, eq_linear)),
+        "untrained": {
+            k: [untrained_knn, untrained_knn] for k in ("knn_top1_cls", "knn_top1_mean", "linear_top1", "finetune_top1")
+        },
+    }
     summary = made_up(values)
-    speedup = {run: {clock: load_script().spread([100.0 / t for t in values[run][f"{clock}_s"]]) for clock in ("wall", "cpu")}
-               for run in RUNS}
+    speedup = {
+        run: {clock: load_script().spread([100.0 / t for t in values[run][f"{clock}_s"]]) for clock in ("wall", "cpu")}
+        for run in RUNS
+    }
     return summary, speedup
 
 
-LEGACY_TARGETS = {"et_speedup": 1.4, "etpp_speedup": 2.0, "etpp_max_drop": 1.0,
-                  "accuracy_keys": ["knn_top1_cls", "knn_top1_mean", "linear_top1"], "min_gain_over_untrained": 5.0}
+LEGACY_TARGETS = {
+    "et_speedup": 1.4,
+    "etpp_speedup": 2.0,
+    "etpp_max_drop": 1.0,
+    "accuracy_keys": ["knn_top1_cls", "knn_top1_mean", "linear_top1"],
+    "min_gain_over_untrained": 5.0,
+}
 
 
 def targets(raw=None):
@@ -309,9 +358,13 @@ def targets(raw=None):
     return script.run_targets(raw or LEGACY_TARGETS, runs, Path("study.yaml"))
 
 
-
-REFERENCE = {"verdict": "n/a", "ours_s_per_epoch": 1.0, "reference_s_per_epoch": 6.6, "differs": ["model tiny vs base"],
-             "ratio": None}
+REFERENCE = {
+    "verdict": "n/a",
+    "ours_s_per_epoch": 1.0,
+    "reference_s_per_epoch": 6.6,
+    "differs": ["model tiny vs base"],
+    "ratio": None,
+}
 
 
 def test_verdicts_pass_when_every_target_holds():
@@ -324,17 +377,22 @@ def test_verdicts_pass_when_every_target_holds():
     assert sum("PASS" in line for line in lines) == 4
 
 
-@pytest.mark.parametrize("case, failing", [
-    ("et too slow", "et"),
-    ("et below the baseline's worst seed", "et"),
-    ("etpp too slow", "etpp_half"),
-    ("etpp more than a point below", "etpp_half"),
-    ("equal time not ahead", "equal_time"),
-    ("a trained run near the untrained floor", "floor"),
-])
+@pytest.mark.parametrize(
+    "case, failing",
+    [
+        ("et too slow", "et"),
+        ("et below the baseline's worst seed", "et"),
+        ("etpp too slow", "etpp_half"),
+        ("etpp more than a point below", "etpp_half"),
+        ("equal time not ahead", "equal_time"),
+        ("a trained run near the untrained floor", "floor"),
+    ],
+)
 def test_verdicts_fail_on_each_missed_target(case, failing):
     script = load_script()
-    args = dict(et_knn=[50.0, 54.0], et_time=[66.7, 66.7], etpp_knn=[51.0, 51.0], etpp_time=[40.0, 40.0], eq_linear=60.0)
+    args = dict(
+        et_knn=[50.0, 54.0], et_time=[66.7, 66.7], etpp_knn=[51.0, 51.0], etpp_time=[40.0, 40.0], eq_linear=60.0
+    )
     if case == "et too slow":
         args["et_time"] = [75.0, 75.0]  # 1.33x < 1.4x
     elif case == "et below the baseline's worst seed":
@@ -349,7 +407,12 @@ def test_verdicts_fail_on_each_missed_target(case, failing):
         args["untrained_knn"] = 46.0  # the equal-time run's kNN 50 < 46 + 5 points
     summary, speedup = summary_with(**args)
     v = script.verdicts(targets(), "cpu", summary, speedup, REFERENCE, "baseline_equal_time")
-    verdict = {"et": v["runs"]["et"], "etpp_half": v["runs"]["etpp_half"], "equal_time": v["equal_time"], "floor": v["floor"]}
+    verdict = {
+        "et": v["runs"]["et"],
+        "etpp_half": v["runs"]["etpp_half"],
+        "equal_time": v["equal_time"],
+        "floor": v["floor"],
+    }
     assert [name for name, x in verdict.items() if not x["pass"]] == [failing]
     line = next(x for x in script.verdict_lines(v) if "FAIL" in x)
     assert "FAIL" in line
@@ -360,14 +423,18 @@ def test_verdicts_use_the_configured_clock():
     summary, speedup = summary_with([50.0, 54.0], [66.7, 66.7], [51.0, 51.0], [40.0, 40.0], eq_linear=60.0)
     speedup["et"]["wall"] = script.spread([1.2, 1.2])  # a loaded machine: wall time says 1.2x, CPU time 1.5x
     assert script.verdicts(targets(), "cpu", summary, speedup, REFERENCE, "baseline_equal_time")["runs"]["et"]["pass"]
-    assert not script.verdicts(targets(), "wall", summary, speedup, REFERENCE, "baseline_equal_time")["runs"]["et"]["pass"]
+    assert not script.verdicts(targets(), "wall", summary, speedup, REFERENCE, "baseline_equal_time")["runs"]["et"][
+        "pass"
+    ]
 
 
 def test_kNN_across_test_sizes_is_tabled(study):
     result, out, _ = study
     table = (out / "table.md").read_text()
     assert "kNN top-1 across test sizes (trained at 48 px" in table and "| 48 px (train) cls | 48 px mean |" in table
-    row = next(line for line in table.splitlines() if line.startswith("| et |") and "±" in line and line.count("|") == 8)
+    row = next(
+        line for line in table.splitlines() if line.startswith("| et |") and "±" in line and line.count("|") == 8
+    )
     s = result["summary"]["et"]
     assert f"{s['knn_top1_cls_at32']['mean']:.2f} ± {s['knn_top1_cls_at32']['half_range']:.2f}" in row
 
@@ -392,15 +459,36 @@ def test_generic_targets_name_their_runs_and_bounds():
     """The second edition's form: any run, a speed-up, accuracies within the seed range and others within points."""
     script = load_script()
     runs = {name: script.RunSpec(1.0, []) for name in ("baseline", "baseline_partial", "et_partial")}
-    raw = {"runs": {"baseline_partial": {"speedup": 1.1, "within_seed_range": ["knn_top1_cls", "linear_top1"],
-                                         "max_drop": {"finetune_top1": 1.0}},
-                    "et_partial": {"speedup": 1.6, "within_seed_range": ["knn_top1_cls"]}}, "min_gain_over_untrained": 5}
+    raw = {
+        "runs": {
+            "baseline_partial": {
+                "speedup": 1.1,
+                "within_seed_range": ["knn_top1_cls", "linear_top1"],
+                "max_drop": {"finetune_top1": 1.0},
+            },
+            "et_partial": {"speedup": 1.6, "within_seed_range": ["knn_top1_cls"]},
+        },
+        "min_gain_over_untrained": 5,
+    }
     t = script.run_targets(raw, runs, Path("s.yaml"))
-    base = {"knn_top1_cls": [50.0, 54.0], "knn_top1_mean": [50.0, 54.0], "linear_top1": [60.0, 62.0],
-            "finetune_top1": [70.0, 70.0], "cpu_s": [100.0, 100.0], "wall_s": [100.0, 100.0]}
-    values = {"baseline": base,
-              "baseline_partial": {**base, "knn_top1_cls": [50.0, 50.0], "finetune_top1": [69.2, 69.2], "cpu_s": [88.0, 90.0]},
-              "et_partial": {**base, "knn_top1_cls": [49.0, 50.0], "cpu_s": [60.0, 60.0]}}
+    base = {
+        "knn_top1_cls": [50.0, 54.0],
+        "knn_top1_mean": [50.0, 54.0],
+        "linear_top1": [60.0, 62.0],
+        "finetune_top1": [70.0, 70.0],
+        "cpu_s": [100.0, 100.0],
+        "wall_s": [100.0, 100.0],
+    }
+    values = {
+        "baseline": base,
+        "baseline_partial": {
+            **base,
+            "knn_top1_cls": [50.0, 50.0],
+            "finetune_top1": [69.2, 69.2],
+            "cpu_s": [88.0, 90.0],
+        },
+        "et_partial": {**base, "knn_top1_cls": [49.0, 50.0], "cpu_s": [60.0, 60.0]},
+    }
     summary = made_up(values)
     speedup = {r: {c: script.spread([100.0 / x for x in values[r]["cpu_s"]]) for c in ("wall", "cpu")} for r in values}
     v = script.verdicts(t, "cpu", summary, speedup, REFERENCE)
@@ -411,8 +499,10 @@ def test_generic_targets_name_their_runs_and_bounds():
     assert not v["runs"]["et_partial"]["pass"] and not v["runs"]["et_partial"]["accuracy"]["knn_top1_cls"]["ok"]
     assert "equal_time" not in v
     lines = script.verdict_lines(v)
-    assert lines[0].startswith("verdict baseline_partial (>= 1.1x less cpu time; knn_top1_cls, linear_top1 within the "
-                               "baseline's seed range or above; finetune_top1 within 1 point): PASS")
+    assert lines[0].startswith(
+        "verdict baseline_partial (>= 1.1x less cpu time; knn_top1_cls, linear_top1 within the "
+        "baseline's seed range or above; finetune_top1 within 1 point): PASS"
+    )
     assert "verdict et_partial" in lines[1] and "FAIL" in lines[1]
     with pytest.raises(script.StudyError, match="targets.runs.et is not a run of this study"):
         script.run_targets({"runs": {"et": {"speedup": 1.4}}}, runs, Path("s.yaml"))
@@ -425,16 +515,20 @@ def test_study_runs_come_from_the_config(tmp_path):
     raw = yaml.safe_load((REPO / "configs" / "study" / "mini_cpu-smoke.yaml").read_text())
     raw["pretrain"]["recipe"] = str(REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml")
     raw["eval"]["finetune"]["recipe"] = str(REPO / "configs" / "finetune" / "vit-micro-p8_mae_cpu-test.yaml")
-    raw["runs"] = {"baseline": {"budget": 1.0}, "baseline_partial": {"budget": 1.0,
-                   "overrides": {"model.decode_fraction": 0.25}}}
+    raw["runs"] = {
+        "baseline": {"budget": 1.0},
+        "baseline_partial": {"budget": 1.0, "overrides": {"model.decode_fraction": 0.25}},
+    }
     raw["targets"] = {"runs": {"baseline_partial": {"speedup": 1.1}}}
     raw.pop("ablations")
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert script.load_study(path).run_names == ["baseline", "baseline_partial"]
-    for runs, message in [({"plain": {"budget": 1.0}}, "needs one named 'baseline'"),
-                          ({"baseline": {"budget": 1.0}, "late": {"budget": "equal_time"}}, "there is no run 'et'"),
-                          ({"baseline": {"budget": 1.0}, "untrained": {"budget": 1.0}}, "study's own rows")]:
+    for runs, message in [
+        ({"plain": {"budget": 1.0}}, "needs one named 'baseline'"),
+        ({"baseline": {"budget": 1.0}, "late": {"budget": "equal_time"}}, "there is no run 'et'"),
+        ({"baseline": {"budget": 1.0}, "untrained": {"budget": 1.0}}, "study's own rows"),
+    ]:
         path.write_text(yaml.safe_dump({**raw, "runs": runs, "targets": {}}))
         with pytest.raises(script.StudyError, match=message):
             script.load_study(path)
@@ -447,7 +541,12 @@ def test_reference_check_passes_and_fails_only_when_everything_matches():
 
     class Cfg:  # the reference's own settings
         class model:
-            size, patch_size, decoder_embed_dim, decoder_depth = ref["model"], ref["patch_size"], ref["decoder_embed_dim"], ref["decoder_depth"]
+            size, patch_size, decoder_embed_dim, decoder_depth = (
+                ref["model"],
+                ref["patch_size"],
+                ref["decoder_embed_dim"],
+                ref["decoder_depth"],
+            )
 
         class train:
             batch_size, accum_steps = ref["batch_size"], 1
@@ -479,13 +578,32 @@ def test_ablation_rows_run_after_the_main_rows_against_the_same_baseline(study, 
     result, finished, _ = study
     out = tmp_path / "study"
     shutil.copytree(finished, out)
-    again, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "1",
-                                "--ablations", "floor32", "warmup20", "--ablation-seeds", "0"])
+    again, printed = run_study(
+        [
+            "--study",
+            str(STUDY),
+            "--data",
+            str(MINI),
+            "--out",
+            str(out),
+            "--seeds",
+            "0",
+            "1",
+            "--ablations",
+            "floor32",
+            "warmup20",
+            "--ablation-seeds",
+            "0",
+        ]
+    )
     read_back = [line for line in printed.splitlines() if line.startswith("pretrained ") and "read back" in line]
     assert len(read_back) == 2 * len(RUNS)
     rows = {"etpp_half+floor32", "etpp_half+warmup20"}
     assert rows <= set(again["runs"]) and rows <= set(again["summary"]) and rows <= set(again["speedups"])
-    assert all(set(again["runs"][row]) == {"0"} for row in rows) and again["ablation_seeds"] == {"floor32": [0], "warmup20": [0]}
+    assert all(set(again["runs"][row]) == {"0"} for row in rows) and again["ablation_seeds"] == {
+        "floor32": [0],
+        "warmup20": [0],
+    }
     # beside its run on seed 0 only (the run's two-seed mean would mix in a seed the ablation never had)
     for row in rows:
         effect, abl, run = again["ablations"][row], again["runs"][row]["0"], again["runs"]["etpp_half"]["0"]
@@ -522,8 +640,23 @@ def test_ablation_rows_run_after_the_main_rows_against_the_same_baseline(study, 
     with pytest.raises(script.StudyError, match="ablations \\['nope'\\] are not in"):
         script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--ablations", "nope"])
     with pytest.raises(script.StudyError, match="--ablation-seeds \\[2\\] are not among --seeds"):
-        script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "1",
-                     "--ablations", "floor32", "--ablation-seeds", "2"])
+        script.main(
+            [
+                "--study",
+                str(STUDY),
+                "--data",
+                str(MINI),
+                "--out",
+                str(out),
+                "--seeds",
+                "0",
+                "1",
+                "--ablations",
+                "floor32",
+                "--ablation-seeds",
+                "2",
+            ]
+        )
 
 
 def test_ablation_seeds_for_all_or_per_ablation():
@@ -545,24 +678,56 @@ def test_ablation_seeds_for_all_or_per_ablation():
 
 def test_code_note_names_mixed_commits():
     script = load_script()
-    results = {"baseline": {"0": {"code": {"commit": "a" * 40, "dirty": False}}, "1": {"code": {"commit": "b" * 40,
-                                                                                             "dirty": True}}},
-               "et": {"0": {"code": {"commit": "a" * 40, "dirty": False}}, "1": {}}}  # seed 1: before it was recorded
+    results = {
+        "baseline": {
+            "0": {"code": {"commit": "a" * 40, "dirty": False}},
+            "1": {"code": {"commit": "b" * 40, "dirty": True}},
+        },
+        "et": {"0": {"code": {"commit": "a" * 40, "dirty": False}}, "1": {}},
+    }  # seed 1: before it was recorded
     note = script.code_note(results)
-    assert note["by_commit"] == {"aaaaaaaaaa": ["baseline_seed0", "et_seed0"], "bbbbbbbbbb with changes": ["baseline_seed1"]}
-    assert note["notes"] == ["the runs were trained by 2 code versions (aaaaaaaaaa: baseline_seed0, et_seed0; "
-                             "bbbbbbbbbb with changes: baseline_seed1)"]
-    assert script.code_note({"baseline": {"0": results["baseline"]["0"]}, "et": {"0": results["et"]["0"]}})["notes"] == []
+    assert note["by_commit"] == {
+        "aaaaaaaaaa": ["baseline_seed0", "et_seed0"],
+        "bbbbbbbbbb with changes": ["baseline_seed1"],
+    }
+    assert note["notes"] == [
+        "the runs were trained by 2 code versions (aaaaaaaaaa: baseline_seed0, et_seed0; "
+        "bbbbbbbbbb with changes: baseline_seed1)"
+    ]
+    assert (
+        script.code_note({"baseline": {"0": results["baseline"]["0"]}, "et": {"0": results["et"]["0"]}})["notes"] == []
+    )
 
 
 def test_evaluation_beside_pretraining_in_two_processes(tmp_path):
     """--eval-only (its own process, started first) waits for the runs that --pretrain-only trains, evaluates each
     as it lands in the shared state.json, and writes the one results.json; nothing is trained twice."""
     out = tmp_path / "study"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "curriculum_vs_baseline.py"), "--study", str(STUDY), "--data", str(MINI),
-           "--out", str(out), "--seeds", "0", "--eval-only", "--poll-seconds", "1", "--ablations", "warmup20"]
-    evaluator = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "curriculum_vs_baseline.py"),
+        "--study",
+        str(STUDY),
+        "--data",
+        str(MINI),
+        "--out",
+        str(out),
+        "--seeds",
+        "0",
+        "--eval-only",
+        "--poll-seconds",
+        "1",
+        "--ablations",
+        "warmup20",
+    ]
+    evaluator = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         seen = []  # the evaluator's lines until it waits: it found nothing pretrained yet
         for line in evaluator.stdout:
@@ -570,8 +735,21 @@ def test_evaluation_beside_pretraining_in_two_processes(tmp_path):
             if "waiting for baseline, et, etpp_half, baseline_equal_time" in line:
                 break
         assert seen and "waiting for" in seen[-1], "".join(seen)[-3000:]
-        returned, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0",
-                                       "--pretrain-only", "--ablations", "warmup20"])
+        returned, printed = run_study(
+            [
+                "--study",
+                str(STUDY),
+                "--data",
+                str(MINI),
+                "--out",
+                str(out),
+                "--seeds",
+                "0",
+                "--pretrain-only",
+                "--ablations",
+                "warmup20",
+            ]
+        )
         log, _ = evaluator.communicate(timeout=600)
     finally:
         evaluator.kill()
@@ -598,7 +776,9 @@ def test_evaluated_runs_read_back_without_their_folders(study, tmp_path):
     state = json.loads((finished / "state.json").read_text())  # what --publish commits ...
     for per_seed in state["runs"].values():
         for entry in per_seed.values():  # ... on a machine where the run folders are gone
-            entry["pretrain"]["value"]["run_dir"] = str(tmp_path / "gone" / Path(entry["pretrain"]["value"]["run_dir"]).name)
+            entry["pretrain"]["value"]["run_dir"] = str(
+                tmp_path / "gone" / Path(entry["pretrain"]["value"]["run_dir"]).name
+            )
     (out / "state.json").write_text(json.dumps(state))
     again, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "1"])
     read_back = [line for line in printed.splitlines() if line.startswith("pretrained ") and "read back" in line]
@@ -616,8 +796,9 @@ def test_a_run_folder_of_other_settings_is_moved_aside_not_deleted(tmp_path, cap
     from mae_et.recipes import config_to_dict
     from mae_et.train.config import load_pretrain_config
 
-    cfg = load_pretrain_config(script.load_study(STUDY).recipe, [f"data.root={MINI}", f"output_dir={tmp_path}",
-                                                                 "name=baseline_seed0"])
+    cfg = load_pretrain_config(
+        script.load_study(STUDY).recipe, [f"data.root={MINI}", f"output_dir={tmp_path}", "name=baseline_seed0"]
+    )
     run_dir = cfg.run_dir
     (run_dir / "checkpoints" / "step_00000030").mkdir(parents=True)
     (run_dir / "checkpoints" / "step_00000030" / "meta.json").write_text('{"complete": true}')
@@ -642,7 +823,9 @@ def test_recheck_reproduces_a_stored_evaluation_and_changes_nothing(study, tmp_p
     out = tmp_path / "study"
     shutil.copytree(finished, out)
     before = (out / "state.json").read_text()
-    report, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--recheck", "etpp_half:1"])
+    report, printed = run_study(
+        ["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--recheck", "etpp_half:1"]
+    )
     again = report["etpp_half_seed1"]
     stored = json.loads(before)["runs"]["etpp_half"]["1"]["eval"]["value"]
     assert again["stored"] == stored and set(again["difference"]) == {*ACCURACY_KEYS}
@@ -664,9 +847,14 @@ def test_a_study_role_is_one_process_at_a_time_and_out_is_checked_first(tmp_path
     out = tmp_path / "study"
     out.mkdir()
     with RunFolderLock(out, lock_name=script.ROLE_LOCKS["pretrain"]):  # another process pretraining this study
-        with pytest.raises(script.StudyError, match=r"study folder \(pretrain\) '.*' is in use by another run \(pid "
-                                                    rf"{os.getpid()} on host"):
-            script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "--pretrain-only"])
+        with pytest.raises(
+            script.StudyError,
+            match=r"study folder \(pretrain\) '.*' is in use by another run \(pid "
+            rf"{os.getpid()} on host",
+        ):
+            script.main(
+                ["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "--pretrain-only"]
+            )
     assert sorted(p.name for p in out.iterdir()) == [".pretrain.lock"]  # nothing was started
     with pytest.raises(script.StudyError, match="--out '.*' overlaps '.*', which this command reads"):
         script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(MINI / "val" / "study"), "--seeds", "0"])
@@ -679,8 +867,9 @@ def test_a_run_folder_in_use_is_never_moved_aside(tmp_path):
     from mae_et.recipes import config_to_dict
     from mae_et.train.config import load_pretrain_config
 
-    cfg = load_pretrain_config(script.load_study(STUDY).recipe, [f"data.root={MINI}", f"output_dir={tmp_path}",
-                                                                 "name=baseline_seed0"])
+    cfg = load_pretrain_config(
+        script.load_study(STUDY).recipe, [f"data.root={MINI}", f"output_dir={tmp_path}", "name=baseline_seed0"]
+    )
     cfg.run_dir.mkdir(parents=True)
     old = config_to_dict(cfg)
     old["train"]["seed"] = 7
@@ -693,13 +882,31 @@ def test_a_run_folder_in_use_is_never_moved_aside(tmp_path):
 
 def test_recorded_commands_and_run_folders_are_relative_to_the_checkout():
     script = load_script()
-    command = script.portable_command([sys.executable, str(REPO / "pretrain.py"), "--config",
-                                       str(REPO / "configs" / "study" / ".." / "pretrain" / "x.yaml"),
-                                       f"data.root={json.dumps(str(REPO / '.data' / 'imagenette'))}",
-                                       f"output_dir={REPO / 'runs' / 'study'}", "train.seed=0", "data.root=/data/elsewhere"])
-    assert command == ["python", "pretrain.py", "--config", "configs/pretrain/x.yaml", 'data.root=".data/imagenette"',
-                       "output_dir=runs/study", "train.seed=0", "data.root=/data/elsewhere"]
-    assert script.in_repo("runs/study/x") == REPO / "runs" / "study" / "x" and script.in_repo("/abs/x") == Path("/abs/x")
+    command = script.portable_command(
+        [
+            sys.executable,
+            str(REPO / "pretrain.py"),
+            "--config",
+            str(REPO / "configs" / "study" / ".." / "pretrain" / "x.yaml"),
+            f"data.root={json.dumps(str(REPO / '.data' / 'imagenette'))}",
+            f"output_dir={REPO / 'runs' / 'study'}",
+            "train.seed=0",
+            "data.root=/data/elsewhere",
+        ]
+    )
+    assert command == [
+        "python",
+        "pretrain.py",
+        "--config",
+        "configs/pretrain/x.yaml",
+        'data.root=".data/imagenette"',
+        "output_dir=runs/study",
+        "train.seed=0",
+        "data.root=/data/elsewhere",
+    ]
+    assert script.in_repo("runs/study/x") == REPO / "runs" / "study" / "x" and script.in_repo("/abs/x") == Path(
+        "/abs/x"
+    )
 
 
 def test_published_results_name_no_machine_paths():
@@ -713,7 +920,9 @@ def test_published_results_name_no_machine_paths():
         elif isinstance(x, list):
             for i, v in enumerate(x):
                 walk(v, f"{where}[{i}]")
-        elif isinstance(x, str) and (str(REPO) in x or x.startswith(("/root/", "/home/", "/usr/")) or "/bin/python" in x):
+        elif isinstance(x, str) and (
+            str(REPO) in x or x.startswith(("/root/", "/home/", "/usr/")) or "/bin/python" in x
+        ):
             found.append(f"{where}: {x}")
 
     files = sorted((REPO / "benchmarks" / "results").glob("*/*.json"))
@@ -730,25 +939,40 @@ def test_stage_rates_keep_each_share_and_target_apart():
     from mae_et.models.flops import mae_train_flops_per_image
     from mae_et.train.config import load_pretrain_config
 
-    cfg = load_pretrain_config(REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml", ["data.source=fractal"])
+    cfg = load_pretrain_config(
+        REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml", ["data.source=fractal"]
+    )
 
     def record(stages, **kind):
-        return {"global_batch": 10, "stages": [{"size": b, "steps": n, "cpu_seconds": sec, "seconds": sec}
-                                               for b, n, sec in stages], **kind}
+        return {
+            "global_batch": 10,
+            "stages": [{"size": b, "steps": n, "cpu_seconds": sec, "seconds": sec} for b, n, sec in stages],
+            **kind,
+        }
 
-    results = {"baseline": {"0": record([(48, 10, 20.0)])},  # a first-edition record
-               "et": {"0": record([(32, 10, 5.0), (48, 10, 20.0)], decode_fraction=1.0, target="pixel")},
-               "et_partial": {"0": record([(32, 10, 4.0), (48, 10, 10.0)], decode_fraction=0.25, target="pixel")},
-               "et_hog": {"0": record([(32, 10, 2.0), (48, 10, 8.0)], decode_fraction=1.0, target="hog")}}
+    results = {
+        "baseline": {"0": record([(48, 10, 20.0)])},  # a first-edition record
+        "et": {"0": record([(32, 10, 5.0), (48, 10, 20.0)], decode_fraction=1.0, target="pixel")},
+        "et_partial": {"0": record([(32, 10, 4.0), (48, 10, 10.0)], decode_fraction=0.25, target="pixel")},
+        "et_hog": {"0": record([(32, 10, 2.0), (48, 10, 8.0)], decode_fraction=1.0, target="hog")},
+    }
     rates = {(r["decode_fraction"], r["target"], r["size"]): r for r in script.stage_rates(results, cfg, "cpu")}
-    assert set(rates) == {(1.0, "pixel", 32), (1.0, "pixel", 48), (1.0, "hog", 32), (1.0, "hog", 48),
-                          (0.25, "pixel", 32), (0.25, "pixel", 48)}
+    assert set(rates) == {
+        (1.0, "pixel", 32),
+        (1.0, "pixel", 48),
+        (1.0, "hog", 32),
+        (1.0, "hog", 48),
+        (0.25, "pixel", 32),
+        (0.25, "pixel", 48),
+    }
     assert rates[(1.0, "pixel", 48)]["images"] == 200 and rates[(1.0, "pixel", 48)]["seconds"] == 40.0
     assert rates[(1.0, "hog", 32)]["gain"] == pytest.approx((100 / 2.0) / (100 / 8.0))
     m = cfg.model
 
     def flops(b, **kw):
-        return mae_train_flops_per_image(m.size, b, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio, **kw)
+        return mae_train_flops_per_image(
+            m.size, b, m.patch_size, m.decoder_embed_dim, m.decoder_depth, m.mask_ratio, **kw
+        )
 
     assert rates[(1.0, "hog", 32)]["flop_ratio"] == pytest.approx(flops(48, target="hog") / flops(32, target="hog"))
     assert rates[(0.25, "pixel", 32)]["gflop_per_image"] == pytest.approx(flops(32, decode_fraction=0.25) / 1e9)
@@ -759,7 +983,8 @@ def test_stage_rates_keep_each_share_and_target_apart():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "study").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_study_config_loads_with_valid_runs(path, tmp_path):
-    """Each study config, and every run's pretraining config in it, passes validation (a typo fails here, not hours in)."""
+    """Each study config, and every run's pretraining config in it, passes validation (a typo fails here, not
+    hours in)."""
     script = load_script()
     from mae_et.train.config import load_pretrain_config
 
@@ -767,7 +992,9 @@ def test_every_study_config_loads_with_valid_runs(path, tmp_path):
     assert study.run_names[0] == "baseline" and study.seeds
     for run, spec in study.runs.items():
         budget = 1.0 if spec.budget == script.EQUAL_TIME else spec.budget
-        cfg = load_pretrain_config(study.recipe, script.pretrain_overrides(study, run, 0, study.epochs * budget, MINI, tmp_path))
+        cfg = load_pretrain_config(
+            study.recipe, script.pretrain_overrides(study, run, 0, study.epochs * budget, MINI, tmp_path)
+        )
         assert cfg.name.startswith(run)
 
 

@@ -58,8 +58,16 @@ def test_dry_run_writes_the_json_and_the_markdown(dry, gc):
     assert saved["step"] == result["step"] and saved["probe"] == json.loads(json.dumps(result["probe"]))
     assert 0 < saved["elapsed_s"] < saved["budget_s"]
     md = (out / "gpu_check.md").read_text()
-    for heading in ("## Train step", "## Ours / Hugging Face", "## Each B against the full size", "## End to end",
-                    "## Fractal renderer", "## Training probe", "## Targets", "## Skipped"):
+    for heading in (
+        "## Train step",
+        "## Ours / Hugging Face",
+        "## Each B against the full size",
+        "## End to end",
+        "## Fractal renderer",
+        "## Training probe",
+        "## Targets",
+        "## Skipped",
+    ):
         assert heading in md
     # the only thing a CPU cannot measure is said so, with the reason; without the optional [bench] extra the
     # Hugging Face peer rows are skipped too, each with its reason (test_without_transformers_... checks them)
@@ -67,8 +75,9 @@ def test_dry_run_writes_the_json_and_the_markdown(dry, gc):
     others = [s for s in saved["skipped"] if s != peak]
     assert peak in saved["skipped"]
     if saved["transformers"] is None:
-        assert others and all(s["item"].startswith("hf ") and "transformers is not installed" in s["reason"]
-                              for s in others)
+        assert others and all(
+            s["item"].startswith("hf ") and "transformers is not installed" in s["reason"] for s in others
+        )
     else:
         assert others == []
 
@@ -83,7 +92,10 @@ def test_our_step_rows_eager_and_compiled(dry, gc):
             assert row["peak_mem_gib"] is None and row["params"] > 0  # peak memory: CUDA only
     compiled = step_rows(result, impl="ours", compile="default")
     assert [(r["model"], r["batch"], r["size"]) for r in compiled] == [
-        (gc.DRY_PLAN.models[i][0], gc.DRY_PLAN.models[i][1], size) for i, size, *kind in gc.DRY_PLAN.compile_order if not kind]
+        (gc.DRY_PLAN.models[i][0], gc.DRY_PLAN.models[i][1], size)
+        for i, size, *kind in gc.DRY_PLAN.compile_order
+        if not kind
+    ]
     for r in compiled:
         assert r["img_s"] > 0 and r["compile_s"] >= 0 and r["first_call_s"] >= r["compile_s"]
     # the curriculum's promise: each smaller B against our own full-size figure, same implementation
@@ -104,21 +116,26 @@ def test_hugging_face_peer_rows_or_a_skip_reason(dry, gc):
         return
     assert result["transformers"]
     assert [(r["model"], r["batch"], r["size"]) for r in hf] == [
-        (m, b, s) for m, b, sizes in gc.DRY_PLAN.models for s in sizes]
+        (m, b, s) for m, b, sizes in gc.DRY_PLAN.models for s in sizes
+    ]
     for r in hf:
         ours = step_rows(result, impl="ours", compile="none", model=r["model"], batch=r["batch"], size=r["size"])[0]
         assert r["img_s"] > 0 and r["attn_implementation"] == "sdpa"
         assert r["interpolate_pos_encoding"] == (r["size"] != 48)
         assert r["params"] == ours["params"]  # the same architecture: same trainable parameters
         assert r["gflop_per_image"] == ours["gflop_per_image"]
-        [ratio] = [x for x in result["ratios"] if (x["model"], x["batch"], x["size"]) == (r["model"], r["batch"], r["size"])]
+        [ratio] = [
+            x for x in result["ratios"] if (x["model"], x["batch"], x["size"]) == (r["model"], r["batch"], r["size"])
+        ]
         assert ratio["hf_img_s"] == r["img_s"]
         assert ratio["ours_none_over_hf"] == pytest.approx(ours["img_s"] / r["img_s"])
         for c in step_rows(result, impl="ours", compile="default", model=r["model"], batch=r["batch"], size=r["size"]):
             assert ratio["ours_default_over_hf"] == pytest.approx(c["img_s"] / r["img_s"])
     target = next(t for t in result["targets"] if t["target"].endswith("ours / HF"))
     best = max(step_rows(result, impl="ours", model="micro", batch=8, size=48), key=lambda r: r["img_s"])
-    assert target["measured"] == pytest.approx(best["img_s"] / step_rows(result, impl="hf", batch=8, size=48)[0]["img_s"])
+    assert target["measured"] == pytest.approx(
+        best["img_s"] / step_rows(result, impl="hf", batch=8, size=48)[0]["img_s"]
+    )
 
 
 def test_partial_rows_beside_the_full_ones(dry, gc):
@@ -142,13 +159,27 @@ def test_partial_rows_beside_the_full_ones(dry, gc):
         assert gc.compiled_over_hf(ratio) == ratio["ours_default_over_hf"]
         target = next(t for t in result["targets"] if "ours partial" in t["target"])
         assert target["met"] == (target["measured"] >= 1.5) and target["measured"] == pytest.approx(
-            max(r["img_s"] for r in eager + compiled if r["size"] == 48) / hf["img_s"])
+            max(r["img_s"] for r in eager + compiled if r["size"] == 48) / hf["img_s"]
+        )
 
 
 def test_without_transformers_the_peer_is_skipped_with_the_reason(tmp_path, mini_root, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
-    result = run_check(["--dry-run", "--data", str(mini_root), "--out", str(tmp_path),
-                        "--skip", "compile", "large", "e2e", "fractal", "probe"])
+    result = run_check(
+        [
+            "--dry-run",
+            "--data",
+            str(mini_root),
+            "--out",
+            str(tmp_path),
+            "--skip",
+            "compile",
+            "large",
+            "e2e",
+            "fractal",
+            "probe",
+        ]
+    )
     assert result["transformers"] is None and step_rows(result, impl="hf") == [] and result["ratios"] == []
     reasons = {s["item"]: s["reason"] for s in result["skipped"]}
     reason = "transformers is not installed (pip install -e '.[bench]')"
@@ -159,8 +190,9 @@ def test_without_transformers_the_peer_is_skipped_with_the_reason(tmp_path, mini
 def test_end_to_end_rows_for_both_fast_pipelines(dry, gc):
     result, _ = dry
     rows = result["e2e"]
-    assert [(r["pipeline"], r["size"]) for r in rows] == [(p, s) for p in ("memory", "device_decode")
-                                                          for s in gc.DRY_PLAN.e2e_sizes]
+    assert [(r["pipeline"], r["size"]) for r in rows] == [
+        (p, s) for p in ("memory", "device_decode") for s in gc.DRY_PLAN.e2e_sizes
+    ]
     for r in rows:
         assert r["img_s"] > 0 and 0 <= r["data_wait"] <= 1 and r["num_images"] == 240
         assert r["fraction_of_step"] == pytest.approx(r["img_s"] / r["step_img_s"])
@@ -233,8 +265,9 @@ def test_a_spent_budget_skips_every_section_with_its_reason(tmp_path, mini_root)
 
 
 def test_an_item_past_its_limit_is_stopped_and_recorded(tmp_path, gc):
-    report = gc.Report(tmp_path, budget_s=60, header={"device": "cpu", "torch": "x", "transformers": None,
-                                                       "date": "today"})
+    report = gc.Report(
+        tmp_path, budget_s=60, header={"device": "cpu", "torch": "x", "transformers": None, "date": "today"}
+    )
     t0 = time.perf_counter()
     with report.guard("probe", "endless", limit_s=1.0):
         while True:

@@ -26,8 +26,12 @@ def test_the_figures_are_medians_of_the_alternating_runs(cost):
         assert len(runs) == 3 and all(r["cpu_s"] > 0 and r["wall_s"] > 0 for r in runs)
         assert row["median"][name]["cpu_s"] == statistics.median(r["cpu_s"] for r in runs)
     q = row["ratios"]["cpu_s"]
-    assert q["hog_target_over_hog_step"] == pytest.approx(row["median"]["hog_target"]["cpu_s"] / row["median"]["hog_step"]["cpu_s"])
-    assert q["hog_step_over_pixel_step"] == pytest.approx(row["median"]["hog_step"]["cpu_s"] / row["median"]["pixel_step"]["cpu_s"])
+    assert q["hog_target_over_hog_step"] == pytest.approx(
+        row["median"]["hog_target"]["cpu_s"] / row["median"]["hog_step"]["cpu_s"]
+    )
+    assert q["hog_step_over_pixel_step"] == pytest.approx(
+        row["median"]["hog_step"]["cpu_s"] / row["median"]["pixel_step"]["cpu_s"]
+    )
     saved = json.loads((out / "hog_cost.json").read_text())
     assert saved["rows"]["micro"]["median"] == json.loads(json.dumps(row["median"]))
     assert saved["command"].startswith("python benchmarks/hog_cost.py") and saved["threads"] == 1
@@ -38,7 +42,12 @@ def test_the_figures_are_medians_of_the_alternating_runs(cost):
 def test_the_contenders_differ_only_in_the_target(cost):
     script, _, _ = cost
     pixel, hog = (script.row_config(script.ROWS["micro"], t) for t in ("pixel", "hog"))
-    assert (pixel.model.target, pixel.model.norm_pix_loss, hog.model.target, hog.model.norm_pix_loss) == ("pixel", True, "hog", False)
+    assert (pixel.model.target, pixel.model.norm_pix_loss, hog.model.target, hog.model.norm_pix_loss) == (
+        "pixel",
+        True,
+        "hog",
+        False,
+    )
     from mae_et.train.pretrain import build_model
 
     assert build_model(hog).decoder_pred.out_features == 27 and build_model(pixel).decoder_pred.out_features == 192

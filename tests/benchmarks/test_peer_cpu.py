@@ -10,8 +10,9 @@ import statistics
 import pytest
 from conftest import load_benchmark
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
-                                reason="the peer needs the [bench] extra (transformers)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None, reason="the peer needs the [bench] extra (transformers)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def test_contenders_alternate_and_the_figures_are_medians_of_their_runs(peer):
         assert row["median"][name]["img_s_cpu"] == pytest.approx(4 / row["median"][name]["cpu_s"])
     for ours in ("ours_full", "ours_partial"):
         assert row["time_ratio"][f"{ours}_over_hf"]["cpu_s"] == pytest.approx(
-            row["median"][ours]["cpu_s"] / row["median"]["hf_full"]["cpu_s"])
+            row["median"][ours]["cpu_s"] / row["median"]["hf_full"]["cpu_s"]
+        )
     assert row["params"] > 0 and row["decode_fraction_partial"] == 0.25
     saved = json.loads((out / "peer_cpu.json").read_text())
     assert saved["rows"]["micro"]["median"] == json.loads(json.dumps(row["median"]))
@@ -49,6 +51,7 @@ def test_the_peer_is_the_same_model(peer):
     from throughput import count_params
 
     from mae_et.train.pretrain import build_model
+
     assert count_params(script.hf_model(cfg)) == count_params(build_model(cfg))
 
 

@@ -14,8 +14,22 @@ from conftest import REPO, load_benchmark
 def costs(tmp_path_factory):
     out = tmp_path_factory.mktemp("step_costs")
     script = load_benchmark("step_costs")
-    result = script.main(["--study", str(REPO / "configs" / "study" / "mini_cpu-smoke.yaml"), "--images", "240",
-                          "--rounds", "3", "--steps", "1", "--warmup", "1", "--out", str(out)])
+    result = script.main(
+        [
+            "--study",
+            str(REPO / "configs" / "study" / "mini_cpu-smoke.yaml"),
+            "--images",
+            "240",
+            "--rounds",
+            "3",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     return script, result, out
 
 
@@ -38,4 +52,6 @@ def test_predictions_are_the_plans_times_the_median_step_costs(costs):
 def test_an_existing_result_is_not_overwritten_silently(costs):
     script, _, out = costs
     with pytest.raises(SystemExit, match="already holds step_costs.json; pass --overwrite"):
-        script.main(["--study", str(REPO / "configs" / "study" / "mini_cpu-smoke.yaml"), "--images", "240", "--out", str(out)])
+        script.main(
+            ["--study", str(REPO / "configs" / "study" / "mini_cpu-smoke.yaml"), "--images", "240", "--out", str(out)]
+        )

@@ -33,24 +33,31 @@ def test_smaller_inputs_cost_fewer_flops_roughly_with_the_area():
 def test_throughput_smoke_run_writes_the_table(tmp_path, mini_root, pipeline):
     throughput = load_throughput()
     out = tmp_path / "tp.json"
-    result = throughput.main(["--smoke", "--data", str(mini_root), "--num-workers", "0", "--pipeline", pipeline, "--out", str(out)])
+    result = throughput.main(
+        ["--smoke", "--data", str(mini_root), "--num-workers", "0", "--pipeline", pipeline, "--out", str(out)]
+    )
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
     assert [r["size"] for r in saved["rows"]] == [48, 40, 32] and saved["pipeline"] == pipeline
     # --smoke is what shrinks: the micro model at patch 8, eager fp32
-    assert {r["model"] for r in saved["rows"]} == {"micro"} and saved["precision"] == "fp32" and saved["compile"] == "none"
+    assert (
+        {r["model"] for r in saved["rows"]} == {"micro"} and saved["precision"] == "fp32" and saved["compile"] == "none"
+    )
     assert saved["rows"][0]["flops_per_image"] == mae_train_flops_per_image("micro", 48, 8, 32, 1)
     for r in saved["rows"]:
         assert r["step_img_s"] > 0 and r["e2e_img_s"] > 0 and 0 <= r["e2e_data_wait"] <= 1
         assert r["flops_per_image"] > 0 and r["mfu"] > 0
         # MFU is the FLOP/s the step's images need over the peak of the dtype it ran in
-        assert r["mfu"] == pytest.approx(r["flops_per_image"] * r["step_img_s"] / (saved["peak_tflops"] * 1e12), rel=1e-9)
+        assert r["mfu"] == pytest.approx(
+            r["flops_per_image"] * r["step_img_s"] / (saved["peak_tflops"] * 1e12), rel=1e-9
+        )
     assert saved["peak_dtype"] == "float32"  # an fp32 run: measured against an fp32 matmul, not a bf16 peak
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", "float32"), ("bf16", "bfloat16")])
-def test_mfu_denominator_is_measured_in_the_runs_compute_dtype(tmp_path, monkeypatch, one_thread_fresh_accelerate,
-                                                               precision, dtype):
+def test_mfu_denominator_is_measured_in_the_runs_compute_dtype(
+    tmp_path, monkeypatch, one_thread_fresh_accelerate, precision, dtype
+):
     throughput = load_throughput()
     asked = []
 
@@ -59,26 +66,75 @@ def test_mfu_denominator_is_measured_in_the_runs_compute_dtype(tmp_path, monkeyp
         return 2.0  # TFLOP/s
 
     monkeypatch.setattr(throughput, "matmul_tflops", fake_matmul_tflops)
-    result = throughput.main(["--rows", "micro:2:32", "--compile", "none", "--precision", precision, "--steps", "1",
-                              "--warmup", "0", "--config", str(REPO / "configs/pretrain/mae_vit-micro-p8_et_cpu-test.yaml"),
-                              "--out", str(tmp_path / "tp.json")])
-    assert [str(d) for d in asked] == [f"torch.{dtype}"] and result["peak_dtype"] == dtype and result["peak_tflops"] == 2.0
+    result = throughput.main(
+        [
+            "--rows",
+            "micro:2:32",
+            "--compile",
+            "none",
+            "--precision",
+            precision,
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--config",
+            str(REPO / "configs/pretrain/mae_vit-micro-p8_et_cpu-test.yaml"),
+            "--out",
+            str(tmp_path / "tp.json"),
+        ]
+    )
+    assert (
+        [str(d) for d in asked] == [f"torch.{dtype}"] and result["peak_dtype"] == dtype and result["peak_tflops"] == 2.0
+    )
     [row] = result["rows"]
     assert row["mfu"] == pytest.approx(row["flops_per_image"] * row["step_img_s"] / 2e12)
     # and a peak given on the command line is used as given, with nothing measured
     asked.clear()
-    given = throughput.main(["--rows", "micro:2:32", "--compile", "none", "--precision", precision, "--steps", "1",
-                             "--warmup", "0", "--peak-tflops", "4", "--config",
-                             str(REPO / "configs/pretrain/mae_vit-micro-p8_et_cpu-test.yaml"), "--out", str(tmp_path / "b.json")])
+    given = throughput.main(
+        [
+            "--rows",
+            "micro:2:32",
+            "--compile",
+            "none",
+            "--precision",
+            precision,
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--peak-tflops",
+            "4",
+            "--config",
+            str(REPO / "configs/pretrain/mae_vit-micro-p8_et_cpu-test.yaml"),
+            "--out",
+            str(tmp_path / "b.json"),
+        ]
+    )
     assert asked == [] and given["rows"][0]["mfu"] == pytest.approx(
-        given["rows"][0]["flops_per_image"] * given["rows"][0]["step_img_s"] / 4e12)
+        given["rows"][0]["flops_per_image"] * given["rows"][0]["step_img_s"] / 4e12
+    )
 
 
 def test_throughput_measures_the_requested_model_on_cpu(tmp_path, one_thread_fresh_accelerate):
     # no CUDA here, and no --smoke: the model asked for is the model measured (ViT-Ti/16, the recipe's decoder)
     throughput = load_throughput()
-    result = throughput.main(["--rows", "tiny:2:32", "--compile", "none", "--precision", "fp32", "--steps", "1",
-                              "--warmup", "0", "--out", str(tmp_path / "tp.json")])
+    result = throughput.main(
+        [
+            "--rows",
+            "tiny:2:32",
+            "--compile",
+            "none",
+            "--precision",
+            "fp32",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path / "tp.json"),
+        ]
+    )
     [row] = result["rows"]
     assert (row["model"], row["batch"], row["size"]) == ("tiny", 2, 32) and row["step_img_s"] > 0
     recipe = REPO / "configs/pretrain/mae_vit-base-p16_baseline_800e_imagenet.yaml"
@@ -98,8 +154,23 @@ def test_throughput_takes_any_recipe_and_checks_no_monitor_it_never_runs(tmp_pat
     """The fractal recipe has a kNN monitor on a held-out split of its renders: the benchmark used to replace its
     source by an image folder and then fail the monitor's check ('needs a labelled split')."""
     throughput = load_throughput()
-    result = throughput.main(["--config", str(REPO / "configs/pretrain/mae_vit-tiny-p8_et_20e_fractal.yaml"), "--rows",
-                              "tiny:2:32", "--compile", "none", "--precision", "fp32", "--steps", "1", "--warmup", "0",
-                              "--out", str(tmp_path / "tp.json")])
+    result = throughput.main(
+        [
+            "--config",
+            str(REPO / "configs/pretrain/mae_vit-tiny-p8_et_20e_fractal.yaml"),
+            "--rows",
+            "tiny:2:32",
+            "--compile",
+            "none",
+            "--precision",
+            "fp32",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path / "tp.json"),
+        ]
+    )
     [row] = result["rows"]
     assert row["size"] == 32 and row["step_img_s"] > 0 and result["pipeline"] is None

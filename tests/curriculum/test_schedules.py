@@ -172,7 +172,9 @@ def test_etpp_equal_compute() -> None:
     assert plan.epoch_at_step(plan.total_steps) > epochs  # more images than epochs of full size
 
 
-@pytest.mark.parametrize(("name", "budget"), [("et", "epochs"), ("etpp", "compute"), ("etpp", "epochs"), ("none", "epochs")])
+@pytest.mark.parametrize(
+    ("name", "budget"), [("et", "epochs"), ("etpp", "compute"), ("etpp", "epochs"), ("none", "epochs")]
+)
 def test_progress_monotone_and_continuous(name: str, budget: str) -> None:
     full = 224
     plan = plan_curriculum(preset_stages(name, full, 16), budget, 3, 37, full)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from mae_et.data import fractal
 from mae_et.data.folder import build_pretrain_loader
-from mae_et.seeding import Family
 from mae_et.data.fractal import (
     MIN_COVERAGE,
     FractalDataset,
@@ -20,6 +19,7 @@ from mae_et.data.fractal import (
     render_points,
     sample_system,
 )
+from mae_et.seeding import Family
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -215,8 +215,9 @@ def test_dataset_keys_splits_and_determinism() -> None:
     for index in range(8):
         assert val[index]["label"] == train[index]["label"]
         assert not torch.equal(val[index]["image"], train[index]["image"])
-    assert FractalDataset(4, 5, 32, seed=4).system(0).linear.shape != train.system(0).linear.shape or \
-        not torch.equal(FractalDataset(4, 5, 32, seed=4).system(0).linear, train.system(0).linear)
+    assert FractalDataset(4, 5, 32, seed=4).system(0).linear.shape != train.system(0).linear.shape or not torch.equal(
+        FractalDataset(4, 5, 32, seed=4).system(0).linear, train.system(0).linear
+    )
 
     with pytest.raises(IndexError):
         train[20]
@@ -231,9 +232,18 @@ def test_dataset_works_with_the_pretrain_loader_and_resumes() -> None:
     assert len(batches) == 3
     assert batches[0].images.shape == (4, 3, 16, 16) and batches[0].images.dtype == torch.uint8
     assert batches[0].bad_files == ()
-    resumed = list(build_pretrain_loader(
-        ds, micro_batch=4, rank=0, world_size=1, seed=5, start_micro_step=2, num_micro_steps=1, num_workers=0,
-    ))
+    resumed = list(
+        build_pretrain_loader(
+            ds,
+            micro_batch=4,
+            rank=0,
+            world_size=1,
+            seed=5,
+            start_micro_step=2,
+            num_micro_steps=1,
+            num_workers=0,
+        )
+    )
     assert torch.equal(resumed[0].images, batches[2].images) and torch.equal(resumed[0].labels, batches[2].labels)
 
 

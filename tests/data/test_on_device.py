@@ -80,9 +80,12 @@ def _box_stats(boxes: torch.Tensor, h: int, w: int) -> dict[str, float]:
     cy = (boxes[:, 0] + boxes[:, 2] / 2).double() / h  # (N,) box centre, relative
     cx = (boxes[:, 1] + boxes[:, 3] / 2).double() / w
     return {
-        "area_mean": area.mean().item(), "area_std": area.std().item(),
-        "log_ar_mean": log_ar.mean().item(), "log_ar_std": log_ar.std().item(),
-        "cy": cy.mean().item(), "cx": cx.mean().item(),
+        "area_mean": area.mean().item(),
+        "area_std": area.std().item(),
+        "log_ar_mean": log_ar.mean().item(),
+        "log_ar_std": log_ar.std().item(),
+        "cy": cy.mean().item(),
+        "cx": cx.mean().item(),
     }
 
 
@@ -126,11 +129,14 @@ def test_box_sizes_differ_per_sample() -> None:
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] > 0).all()
 
 
-@pytest.mark.parametrize("hw,scale,ratio", [
-    ((224, 224), (0.99, 1.0), (3.0, 4.0)),  # too wide a ratio for a square: narrowed in height
-    ((375, 500), (0.99, 1.0), (0.2, 0.3)),  # too tall a ratio for a wide image: narrowed in width
-    ((375, 500), (0.99, 1.0), (1.0, 1.0)),  # a square box never has 99% of a 4:3 image
-])
+@pytest.mark.parametrize(
+    "hw,scale,ratio",
+    [
+        ((224, 224), (0.99, 1.0), (3.0, 4.0)),  # too wide a ratio for a square: narrowed in height
+        ((375, 500), (0.99, 1.0), (0.2, 0.3)),  # too tall a ratio for a wide image: narrowed in width
+        ((375, 500), (0.99, 1.0), (1.0, 1.0)),  # a square box never has 99% of a 4:3 image
+    ],
+)
 def test_box_fallback_is_torchvision_centre_crop(hw, scale, ratio) -> None:
     h, w = hw
     g = torch.Generator().manual_seed(2)
@@ -172,7 +178,9 @@ def test_box_matches_crop_then_resize() -> None:
     img = _smooth_image(1, 60, 80)  # (1, 3, 60, 80)
     top, left, h, w = 5, 7, 20, 30
     got = crop_resize_flip(img, None, torch.tensor([[top, left, h, w]]), torch.tensor([False]), 32)
-    want = F.interpolate(img[:, :, top:top + h, left:left + w].float(), size=(32, 32), mode="bilinear", align_corners=False)
+    want = F.interpolate(
+        img[:, :, top : top + h, left : left + w].float(), size=(32, 32), mode="bilinear", align_corners=False
+    )
     assert (got.int() - want.round().int()).abs().max() <= 1
 
 
@@ -193,11 +201,13 @@ def test_padded_canvas_never_read() -> None:
     canvas = torch.full((3, 3, 40, 50), 255, dtype=torch.uint8)
     for i, (h, w) in enumerate(sizes.tolist()):
         canvas[i, :, :h, :w] = 0
-    boxes = torch.tensor([
-        [10, 15, 20, 25],  # touches the bottom-right corner of image 0; upscaled to 64
-        [0, 0, 40, 50],  # the whole of image 1 (= the canvas)
-        [5, 10, 15, 20],  # overhangs image 2 by 5 px: `sizes` still keeps it off the padding
-    ])
+    boxes = torch.tensor(
+        [
+            [10, 15, 20, 25],  # touches the bottom-right corner of image 0; upscaled to 64
+            [0, 0, 40, 50],  # the whole of image 1 (= the canvas)
+            [5, 10, 15, 20],  # overhangs image 2 by 5 px: `sizes` still keeps it off the padding
+        ]
+    )
     for flip in (torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)):
         for out in (16, 64):
             got = crop_resize_flip(canvas, sizes, boxes, flip, out)
@@ -243,7 +253,9 @@ def test_in_memory_store_resizes_short_side(tmp_path: Path) -> None:
     assert s.images.shape == (1, 3, 64, 64)
     # Shorter side 150 -> 64 (x 0.427), long side 300 -> 128, centre 64 columns: the middle of the ramp.
     row = s.images[0, 0, 32].float()  # (64,)
-    assert row[0].item() == pytest.approx(255 * 32 / 128, abs=4) and row[-1].item() == pytest.approx(255 * 96 / 128, abs=4)
+    assert row[0].item() == pytest.approx(255 * 32 / 128, abs=4) and row[-1].item() == pytest.approx(
+        255 * 96 / 128, abs=4
+    )
 
 
 def test_in_memory_store_skips_bad_files(tmp_path: Path) -> None:
@@ -307,7 +319,7 @@ def test_memory_source_follows_loader_order(train_index: ImageFolderIndex, store
         src = MemoryBatchSource(store, micro_batch=b, rank=rank, world_size=world, seed=3, crop_size=32)
         keys = list(StepSampler(len(train_index.samples), b, rank, world, seed=3, num_micro_steps=steps))
         for step in range(steps):
-            want = [k[0] for k in keys[step * b:(step + 1) * b]]
+            want = [k[0] for k in keys[step * b : (step + 1) * b]]
             assert src.micro_step_indices(step).tolist() == want
             batch = next(src)
             assert batch.labels.tolist() == [train_index.samples[i][1] for i in want]
@@ -346,8 +358,17 @@ def test_device_decode_source_fallbacks_and_bad_files(odd_root: Path, num_worker
     index = scan_image_folder(odd_root)
     assert len(index.samples) == 15
     b = 5  # 3 micro-steps per epoch; 9 steps = 3 epochs, every file visited 3 times
-    src = DeviceDecodeBatchSource(index, micro_batch=b, rank=0, world_size=1, seed=0, crop_size=48, device="cpu",
-                                  num_micro_steps=9, num_workers=num_workers)
+    src = DeviceDecodeBatchSource(
+        index,
+        micro_batch=b,
+        rank=0,
+        world_size=1,
+        seed=0,
+        crop_size=48,
+        device="cpu",
+        num_micro_steps=9,
+        num_workers=num_workers,
+    )
     with pytest.warns(UserWarning) as record:
         batches = list(src)
     assert len(batches) == 9
@@ -368,8 +389,9 @@ def test_device_decode_source_fallbacks_and_bad_files(odd_root: Path, num_worker
 
 def test_device_decode_strict_raises(odd_root: Path) -> None:
     index = scan_image_folder(odd_root)
-    src = DeviceDecodeBatchSource(index, micro_batch=15, rank=0, world_size=1, seed=0, crop_size=32, device="cpu",
-                                  strict=True, num_workers=0)
+    src = DeviceDecodeBatchSource(
+        index, micro_batch=15, rank=0, world_size=1, seed=0, crop_size=32, device="cpu", strict=True, num_workers=0
+    )
     with pytest.raises(DataError, match=r"corrupt\.JPEG.*data\.strict=false"):
         next(src)
 
@@ -388,8 +410,14 @@ def test_crop_statistics_agree_across_paths(train_index: ImageFolderIndex, store
     # One epoch (240 images, each once) through each path at crop 112; only the crop boxes differ.
     b, crop = 48, 112
     mem = torch.cat([x.images for x in MemoryBatchSource(store, b, 0, 1, seed=1, crop_size=crop, num_micro_steps=5)])
-    dec = torch.cat([x.images for x in DeviceDecodeBatchSource(train_index, b, 0, 1, seed=2, crop_size=crop,
-                                                               device="cpu", num_micro_steps=5, num_workers=0)])
+    dec = torch.cat(
+        [
+            x.images
+            for x in DeviceDecodeBatchSource(
+                train_index, b, 0, 1, seed=2, crop_size=crop, device="cpu", num_micro_steps=5, num_workers=0
+            )
+        ]
+    )
     ds = PretrainDataset(train_index, crop_size=crop)
     keys = list(StepSampler(240, b, 0, 1, seed=3, num_micro_steps=5))
     cpu = torch.stack([ds[k]["image"] for k in keys])  # (240, 3, crop, crop)
@@ -449,11 +477,14 @@ def test_device_decode_batched_failure_retries_file_by_file(tmp_path: Path, monk
 
     monkeypatch.setattr(gpu_data, "decode_jpeg", spy)
     index = scan_image_folder(tmp_path)
-    src = DeviceDecodeBatchSource(index, micro_batch=6, rank=0, world_size=1, seed=0, crop_size=32, device="cpu",
-                                  num_micro_steps=1, num_workers=0)
+    src = DeviceDecodeBatchSource(
+        index, micro_batch=6, rank=0, world_size=1, seed=0, crop_size=32, device="cpu", num_micro_steps=1, num_workers=0
+    )
     with pytest.warns(UserWarning, match="headers_fine_scan_broken.JPEG"):
         [batch] = list(src)
     assert calls[0] == ("batch", "failed")  # the all-or-nothing call met the bad file
-    assert sorted(calls[1:7]) == [("one", "failed")] + [("one", "ok")] * 5  # then one by one: five decoded on the device
+    assert (
+        sorted(calls[1:7]) == [("one", "failed")] + [("one", "ok")] * 5
+    )  # then one by one: five decoded on the device
     assert [Path(p).name for p in batch.bad_files] == [bad.name]
     assert batch.images.shape == (6, 3, 32, 32)  # its slot was filled by a replacement

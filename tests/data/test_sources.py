@@ -17,9 +17,22 @@ from mae_et.data.sources import SOURCES, data_dir, open_source, source_name
 
 def data_section(root, pipeline: str, source: str = "imagefolder") -> SimpleNamespace:
     """The attributes of a config's `data` section the sources read (they import no config class)."""
-    return SimpleNamespace(root=str(root), split="train", source=source, pipeline=pipeline, crop_size=32,
-                           scale=(0.2, 1.0), hflip=True, strict=False, num_workers=0, pin_memory=False,
-                           memory_size=None, memory_on_device=False, fractal_classes=4, fractal_images_per_class=8)
+    return SimpleNamespace(
+        root=str(root),
+        split="train",
+        source=source,
+        pipeline=pipeline,
+        crop_size=32,
+        scale=(0.2, 1.0),
+        hflip=True,
+        strict=False,
+        num_workers=0,
+        pin_memory=False,
+        memory_size=None,
+        memory_on_device=False,
+        fractal_classes=4,
+        fractal_images_per_class=8,
+    )
 
 
 CASES = [("loader", "imagefolder"), ("memory", "imagefolder"), ("device_decode", "imagefolder"), ("loader", "fractal")]
@@ -73,8 +86,11 @@ def test_dangling_symlinks_and_link_loops_are_skipped_and_counted(tmp_path, pipe
     with pytest.warns(UserWarning) as record:
         opened = open_source(data_section(tmp_path / "data", pipeline), seed=0, main=True, device=torch.device("cpu"))
     reasons = {Path(s.path).name: s.reason for s in opened.skipped}
-    assert reasons == {"gone.JPEG": "dangling symlink (its target does not exist)", "loop.JPEG": "symlink loop",
-                       "gone_notes": "dangling symlink (its target does not exist)"}
+    assert reasons == {
+        "gone.JPEG": "dangling symlink (its target does not exist)",
+        "loop.JPEG": "symlink loop",
+        "gone_notes": "dangling symlink (its target does not exist)",
+    }
     lines = [str(w.message) for w in record]
     assert sum("gone.JPEG" in m and "dangling symlink" in m for m in lines) == 1
     assert sum("loop.JPEG" in m and "symlink loop" in m for m in lines) == 1
@@ -85,8 +101,11 @@ def test_dangling_symlinks_and_link_loops_are_skipped_and_counted(tmp_path, pipe
 
 def test_a_split_that_is_not_there_is_an_error_naming_the_ones_that_are(tmp_path):
     """data.split=nope on a root of train/ and val/ trained on the root before, val/ as a class: a leak."""
-    with pytest.raises(DataError, match=r"data.split 'nope' is not a folder under '.*imagenette-mini' \(its sub-folders: "
-                                         r"train, val\); pass data.split=<one of them>"):
+    with pytest.raises(
+        DataError,
+        match=r"data.split 'nope' is not a folder under '.*imagenette-mini' \(its sub-folders: "
+        r"train, val\); pass data.split=<one of them>",
+    ):
         data_dir(SimpleNamespace(root=str(MINI), split="nope"))
     # the default train/ absent from a root of splits (val/ only) is the same mistake
     (tmp_path / "val" / "a").mkdir(parents=True)
@@ -101,8 +120,10 @@ def test_a_split_that_is_not_there_is_an_error_naming_the_ones_that_are(tmp_path
     from mae_et.train.config import load_pretrain_config
 
     with pytest.raises(DataError, match="data.split 'nope' is not a folder"):
-        load_pretrain_config(REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml",
-                             [f"data.root={MINI}", "data.split=nope"])
+        load_pretrain_config(
+            REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml",
+            [f"data.root={MINI}", "data.split=nope"],
+        )
 
 
 def test_device_decode_without_a_gpu_says_so_once():

@@ -39,7 +39,9 @@ def _one_thread(one_thread_fresh_accelerate):
 
 
 def cfg_for(out: Path, checkpoint: Path, *overrides: str, root: Path = MINI):
-    return load_finetune_config(FT_RECIPE, [f"model.checkpoint={checkpoint}", f"data.root={root}", f"output_dir={out}", *overrides])
+    return load_finetune_config(
+        FT_RECIPE, [f"model.checkpoint={checkpoint}", f"data.root={root}", f"output_dir={out}", *overrides]
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -57,8 +59,15 @@ def load_entry_point(name: str):
 def cli_run(pretrained, tmp_path_factory) -> Path:
     """The real entry point, as a user runs it: 2 epochs of the CPU recipe."""
     out = tmp_path_factory.mktemp("ft_cli")
-    cmd = [sys.executable, "finetune/finetune.py", "--config", str(FT_RECIPE), f"model.checkpoint={pretrained}",
-           f"data.root={MINI}", f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "finetune/finetune.py",
+        "--config",
+        str(FT_RECIPE),
+        f"model.checkpoint={pretrained}",
+        f"data.root={MINI}",
+        f"output_dir={out}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert "epoch 2/2" in proc.stdout and "finished" in proc.stdout
@@ -78,8 +87,16 @@ def test_layer_decay_groups_micro():
         for p in g["params"]:
             scale[name_of[id(p)]], decay[name_of[id(p)]] = g["lr_scale"], g["weight_decay"]
     assert set(scale) == set(name_of.values())  # every trainable parameter is in exactly one group
-    expected = {"patch_embed.proj.weight": 0.65**3, "patch_embed.proj.bias": 0.65**3, "cls_token": 0.65**3, "pos_embed": 0.65**3,
-                "head.weight": 1.0, "head.bias": 1.0, "fc_norm.weight": 1.0, "fc_norm.bias": 1.0}
+    expected = {
+        "patch_embed.proj.weight": 0.65**3,
+        "patch_embed.proj.bias": 0.65**3,
+        "cls_token": 0.65**3,
+        "pos_embed": 0.65**3,
+        "head.weight": 1.0,
+        "head.bias": 1.0,
+        "fc_norm.weight": 1.0,
+        "fc_norm.bias": 1.0,
+    }
     for name, value in expected.items():
         assert scale[name] == pytest.approx(value), name
     for name, value in scale.items():
@@ -88,7 +105,12 @@ def test_layer_decay_groups_micro():
         if name.startswith("blocks.1."):
             assert value == pytest.approx(0.65), name
     # the deepest block learns fastest, the patch embedding slowest
-    assert scale["patch_embed.proj.weight"] < scale["blocks.0.attn.qkv.weight"] < scale["blocks.1.attn.qkv.weight"] < scale["head.weight"]
+    assert (
+        scale["patch_embed.proj.weight"]
+        < scale["blocks.0.attn.qkv.weight"]
+        < scale["blocks.1.attn.qkv.weight"]
+        < scale["head.weight"]
+    )
     # no weight decay on pos/cls tokens, biases and norms; decay on weight matrices
     assert decay["pos_embed"] == decay["cls_token"] == decay["blocks.0.norm1.weight"] == decay["head.bias"] == 0.0
     assert decay["blocks.1.mlp.fc1.weight"] == decay["head.weight"] == 0.05
@@ -102,11 +124,20 @@ def test_layer_decay_groups_micro():
 def test_randaug_ramp_magnitudes():
     assert randaug_magnitude("rand-m9-mstd0.5-inc1") == 9
     assert with_randaug_magnitude("rand-m9-mstd0.5-inc1", 3) == "rand-m3-mstd0.5-inc1"
-    cfg = load_finetune_config(FT_RECIPE, [f"model.checkpoint={FT_RECIPE}", f"data.root={MINI}", "augment.randaug_ramp_start=1"])
+    cfg = load_finetune_config(
+        FT_RECIPE, [f"model.checkpoint={FT_RECIPE}", f"data.root={MINI}", "augment.randaug_ramp_start=1"]
+    )
     assert [epoch_magnitude(cfg, e, 5) for e in range(5)] == [1, 3, 5, 7, 9]
     with pytest.raises(ConfigError, match="RandAugment"):
-        load_finetune_config(FT_RECIPE, [f"model.checkpoint={FT_RECIPE}", f"data.root={MINI}", "augment.randaug_ramp_start=1",
-                                         "augment.auto_augment=null"])
+        load_finetune_config(
+            FT_RECIPE,
+            [
+                f"model.checkpoint={FT_RECIPE}",
+                f"data.root={MINI}",
+                "augment.randaug_ramp_start=1",
+                "augment.auto_augment=null",
+            ],
+        )
 
 
 def test_unknown_key_and_pos_embed_resampling(pretrained):
@@ -144,7 +175,9 @@ def test_cli_end_to_end_best_checkpoint(cli_run):
     assert best_weights.keys() == final_weights.keys() and "head.weight" in best_weights
 
     result = json.loads((cli_run / RESULT_FILE).read_text())
-    assert result["final"]["epoch"] == 2 and result["best"]["epoch"] == best_meta["epoch"] and result["num_classes"] == 10
+    assert (
+        result["final"]["epoch"] == 2 and result["best"]["epoch"] == best_meta["epoch"] and result["num_classes"] == 10
+    )
 
 
 def test_resume_after_max_steps_matches_uninterrupted(cli_run, pretrained, tmp_path):
@@ -230,7 +263,15 @@ def test_missing_or_truncated_checkpoint(pretrained, tmp_path, capsys):
     # the entry point reports it in one line and exits 2
     entry = load_entry_point("finetune")
     with pytest.raises(SystemExit) as exit_info:
-        entry.main(["--config", str(FT_RECIPE), f"model.checkpoint={broken}", f"data.root={MINI}", f"output_dir={tmp_path / 'runs'}"])
+        entry.main(
+            [
+                "--config",
+                str(FT_RECIPE),
+                f"model.checkpoint={broken}",
+                f"data.root={MINI}",
+                f"output_dir={tmp_path / 'runs'}",
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "unreadable" in err

@@ -14,9 +14,9 @@ from mae_et.checkpoint import MODEL_FILE, list_checkpoints
 from mae_et.data.folder import DataError
 from mae_et.data.labelled import build_eval_loader
 from mae_et.evaluate.knn import main as knn_main
+from mae_et.models.features import extract_features, knn_accuracy, knn_classify, knn_evaluate
 from mae_et.models.mae import mae_vit
 from mae_et.models.vit import load_pretrained_vit
-from mae_et.models.features import extract_features, knn_accuracy, knn_classify, knn_evaluate
 
 
 def unit(angle_cos: float, sign: float = 1.0) -> list[float]:
@@ -28,9 +28,13 @@ def unit(angle_cos: float, sign: float = 1.0) -> list[float]:
 def test_two_separated_clusters_are_perfect():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 5.0]])  # (2, 3)
-    train = torch.cat([centres[0] + 0.3 * torch.randn(20, 3, generator=g), centres[1] + 0.3 * torch.randn(20, 3, generator=g)])
+    train = torch.cat(
+        [centres[0] + 0.3 * torch.randn(20, 3, generator=g), centres[1] + 0.3 * torch.randn(20, 3, generator=g)]
+    )
     train_labels = torch.tensor([0] * 20 + [1] * 20)
-    test = torch.cat([centres[0] + 0.3 * torch.randn(10, 3, generator=g), centres[1] + 0.3 * torch.randn(10, 3, generator=g)])
+    test = torch.cat(
+        [centres[0] + 0.3 * torch.randn(10, 3, generator=g), centres[1] + 0.3 * torch.randn(10, 3, generator=g)]
+    )
     test_labels = torch.tensor([0] * 10 + [1] * 10)
     assert knn_accuracy(train, train_labels, test, test_labels, num_classes=2, k=5) == 100.0
     assert torch.equal(knn_classify(train, train_labels, test, num_classes=2, k=5), test_labels)
@@ -167,13 +171,16 @@ def test_unreadable_images_are_skipped_and_empty_loader_gives_empty_features(tmp
     assert empty.shape == (0, 64) and no_labels.shape == (0,)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--k", "0"], "--k must be a positive integer, got 0"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
-    (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
-    (["--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
-    (["--device", "cuda"], "--device cuda needs a GPU, and torch sees none here; use --device cpu"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--k", "0"], "--k must be a positive integer, got 0"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+        (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+        (["--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
+        (["--device", "cuda"], "--device cuda needs a GPU, and torch sees none here; use --device cpu"),
+    ],
+)
 def test_knn_cli_values_are_checked_before_any_work(micro_run, mini_root, capsys, flags, message, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU this test means, on any machine
     called = []
@@ -183,12 +190,17 @@ def test_knn_cli_values_are_checked_before_any_work(micro_run, mini_root, capsys
     assert e.value.code == 2 and capsys.readouterr().err.strip() == f"error: {message}" and not called
 
 
-def test_knn_json_is_checked_before_the_work_and_never_replaced_unasked(micro_run, mini_root, tmp_path, capsys, monkeypatch):
+def test_knn_json_is_checked_before_the_work_and_never_replaced_unasked(
+    micro_run, mini_root, tmp_path, capsys, monkeypatch
+):
     called = []
     monkeypatch.setattr("mae_et.evaluate.knn.load_pretrained_vit", lambda *a, **k: called.append(1))
-    for target, message in ((tmp_path, "is a folder"), (tmp_path / "x.txt", "must end with .json"),
-                            (list_checkpoints(micro_run / "checkpoints")[-1] / "knn.json", "which this command reads"),
-                            (mini_root / "val" / "knn.json", "lies inside")):
+    for target, message in (
+        (tmp_path, "is a folder"),
+        (tmp_path / "x.txt", "must end with .json"),
+        (list_checkpoints(micro_run / "checkpoints")[-1] / "knn.json", "which this command reads"),
+        (mini_root / "val" / "knn.json", "lies inside"),
+    ):
         with pytest.raises(SystemExit):
             knn_main([str(micro_run), "--data", str(mini_root), "--json", str(target)])
         err = capsys.readouterr().err.strip()

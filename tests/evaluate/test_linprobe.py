@@ -31,7 +31,9 @@ def _one_thread(one_thread_fresh_accelerate):
 
 
 def cfg_for(out: Path, checkpoint: Path, *overrides: str, root: Path = MINI):
-    return load_linprobe_config(LP_RECIPE, [f"model.checkpoint={checkpoint}", f"data.root={root}", f"output_dir={out}", *overrides])
+    return load_linprobe_config(
+        LP_RECIPE, [f"model.checkpoint={checkpoint}", f"data.root={root}", f"output_dir={out}", *overrides]
+    )
 
 
 # ----------------------------------------------------------------------------- known answers
@@ -49,7 +51,9 @@ def test_separable_gaussian_clusters_reach_100_percent():
     train_x, train_y = clusters(512)
     val_x, val_y = clusters(256)
     # LARS moves a weight by ~lr * 1e-3 of its norm per step: 160 steps need a large lr to converge
-    history = fit_probe_on_features(train_x, train_y, val_x, val_y, num_classes=2, epochs=20, global_batch=64, blr=50.0, warmup_epochs=1)
+    history = fit_probe_on_features(
+        train_x, train_y, val_x, val_y, num_classes=2, epochs=20, global_batch=64, blr=50.0, warmup_epochs=1
+    )
     assert [h["epoch"] for h in history] == list(range(1, 21))
     assert history[-1]["top1"] >= 98.0
     assert history[-1]["top5"] == 100.0  # top-5 of 2 classes is top-2
@@ -69,8 +73,15 @@ def test_global_batch_clamp_and_shards():
 
 
 def test_cli_cached_end_to_end(pretrained, tmp_path):
-    cmd = [sys.executable, "finetune/linprobe.py", "--config", str(LP_RECIPE), f"model.checkpoint={pretrained}",
-           f"data.root={MINI}", f"output_dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "finetune/linprobe.py",
+        "--config",
+        str(LP_RECIPE),
+        f"model.checkpoint={pretrained}",
+        f"data.root={MINI}",
+        f"output_dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     run_dir = tmp_path / LP_RECIPE.stem
@@ -82,7 +93,9 @@ def test_cli_cached_end_to_end(pretrained, tmp_path):
     assert [r["epoch"] for r in records if "top1" in r] == list(range(1, 21))  # top-1 / top-5 every epoch
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0]  # the head learns something from 1-epoch MAE features
-    assert (run_dir / FEATURES_DIR / "train.safetensors").is_file() and (run_dir / FEATURES_DIR / "val.safetensors").is_file()
+    assert (run_dir / FEATURES_DIR / "train.safetensors").is_file() and (
+        run_dir / FEATURES_DIR / "val.safetensors"
+    ).is_file()
 
 
 def test_cached_resume_reuses_features(pretrained, tmp_path):
@@ -110,13 +123,30 @@ def test_cached_resume_reuses_features(pretrained, tmp_path):
 
 def test_online_mode_clamps_batch_and_resumes(pretrained, tmp_path, capsys):
     # the reference's global batch 16384 on 240 images: clamped to 240 -> one step per epoch
-    first = linprobe(cfg_for(tmp_path, pretrained, "linprobe.mode=online", "train.batch_size=16384", "train.epochs=3",
-                             "train.max_steps=2", "checkpoint.every_epochs=1"))
+    first = linprobe(
+        cfg_for(
+            tmp_path,
+            pretrained,
+            "linprobe.mode=online",
+            "train.batch_size=16384",
+            "train.epochs=3",
+            "train.max_steps=2",
+            "checkpoint.every_epochs=1",
+        )
+    )
     assert "clamped to 240" in capsys.readouterr().out
     assert first.step == 2 and [h["epoch"] for h in first.history] == [1, 2]
     reset_accelerate()
-    second = linprobe(cfg_for(tmp_path, pretrained, "linprobe.mode=online", "train.batch_size=16384", "train.epochs=3",
-                              "checkpoint.every_epochs=1"))
+    second = linprobe(
+        cfg_for(
+            tmp_path,
+            pretrained,
+            "linprobe.mode=online",
+            "train.batch_size=16384",
+            "train.epochs=3",
+            "checkpoint.every_epochs=1",
+        )
+    )
     assert second.step == 3 and [h["epoch"] for h in second.history] == [3]
     assert second.result["global_batch"] == 240 and second.result["global_batch_requested"] == 16384
     assert second.result["mode"] == "online" and not (second.run_dir / FEATURES_DIR).exists()
@@ -150,6 +180,14 @@ def test_bad_inputs_fail_before_training(pretrained, tmp_path, capsys):
     reset_accelerate()
     entry = load_entry_point("linprobe")
     with pytest.raises(SystemExit) as exit_info:
-        entry.main(["--config", str(LP_RECIPE), f"model.checkpoint={broken}", f"data.root={MINI}", f"output_dir={tmp_path / 'runs'}"])
+        entry.main(
+            [
+                "--config",
+                str(LP_RECIPE),
+                f"model.checkpoint={broken}",
+                f"data.root={MINI}",
+                f"output_dir={tmp_path / 'runs'}",
+            ]
+        )
     assert exit_info.value.code == 2 and "unreadable" in capsys.readouterr().err
     assert not (tmp_path / "runs" / LP_RECIPE.stem / "checkpoints").exists()

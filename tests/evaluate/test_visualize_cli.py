@@ -1,4 +1,5 @@
-"""`python -m mae_et.evaluate.visualize`: a PNG grid of the expected size from a real checkpoint, one-line user errors."""
+"""`python -m mae_et.evaluate.visualize`: a PNG grid of the expected size from a real checkpoint, one-line
+user errors."""
 
 from __future__ import annotations
 
@@ -24,13 +25,20 @@ def tiny_run(tmp_path_factory, mini_root) -> Path:
     """A real run stopped after one step (in-process, a few seconds): a checkpoint in our format."""
     out = tmp_path_factory.mktemp("visualize_run")
     with in_process_run():
-        cfg = load_pretrain_config(CPU_RECIPE, [f"data.root={mini_root}", f"output_dir={out}", "train.epochs=1", "train.max_steps=1"])
+        cfg = load_pretrain_config(
+            CPU_RECIPE, [f"data.root={mini_root}", f"output_dir={out}", "train.epochs=1", "train.max_steps=1"]
+        )
         return pretrain(cfg).run_dir
 
 
 def visualize(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mae_et.evaluate.visualize", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mae_et.evaluate.visualize", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def two_images(mini_root: Path) -> list[str]:
@@ -70,7 +78,9 @@ def test_load_mae_takes_a_run_or_a_checkpoint_and_rejects_other_folders(tiny_run
     shutil.copytree(latest, wrong)
     config = wrong / ck.CONFIG_FILE
     config.write_text(config.read_text().replace("decoder_depth: 1", "decoder_depth: 2"))
-    with pytest.raises(ck.CheckpointError, match="does not match its config's model: not in the checkpoint: decoder_blocks.1"):
+    with pytest.raises(
+        ck.CheckpointError, match="does not match its config's model: not in the checkpoint: decoder_blocks.1"
+    ):
         load_mae(wrong)
 
 
@@ -80,9 +90,13 @@ def test_out_is_checked_before_the_work_and_never_replaced_unasked(tmp_path, tin
     ckpt = ck.list_checkpoints(tiny_run / "checkpoints")[-1]
     existing = tmp_path / "grid.png"
     existing.write_bytes(b"old")
-    for out, message in ((ckpt / "grid.png", "which this command reads"), (tiny_run / "checkpoints" / "g.png", "inside"),
-                         (mini_root / "val" / "grid.png", "which this command reads"), (tmp_path / "grid.jpg", "must end with .png"),
-                         (existing, "exists; pass --overwrite to replace it")):
+    for out, message in (
+        (ckpt / "grid.png", "which this command reads"),
+        (tiny_run / "checkpoints" / "g.png", "inside"),
+        (mini_root / "val" / "grid.png", "which this command reads"),
+        (tmp_path / "grid.jpg", "must end with .png"),
+        (existing, "exists; pass --overwrite to replace it"),
+    ):
         with pytest.raises(SystemExit) as e:
             main([str(tiny_run), str(mini_root / "val"), "--out", str(out)])
         err = capsys.readouterr().err

@@ -38,9 +38,14 @@ def micro_mae_from_run(run: Path) -> torch.nn.Module:
     ckpt = list_checkpoints(run / "checkpoints")[-1]
     cfg = yaml.safe_load((ckpt / CONFIG_FILE).read_text())
     m = cfg["model"]
-    mae = mae_vit(m["size"], patch_size=m["patch_size"], img_size=cfg["data"]["crop_size"],
-                  decoder_embed_dim=m["decoder_embed_dim"], decoder_depth=m["decoder_depth"],
-                  decoder_num_heads=m["decoder_num_heads"])
+    mae = mae_vit(
+        m["size"],
+        patch_size=m["patch_size"],
+        img_size=cfg["data"]["crop_size"],
+        decoder_embed_dim=m["decoder_embed_dim"],
+        decoder_depth=m["decoder_depth"],
+        decoder_num_heads=m["decoder_num_heads"],
+    )
     mae.load_state_dict(load_file(str(ckpt / MODEL_FILE)), strict=True)
     return mae.eval()
 
@@ -61,15 +66,23 @@ def save_as_our_checkpoint(mae: torch.nn.Module, run: Path, size: str, patch: in
     cfg.model.decoder_embed_dim, cfg.model.decoder_depth, cfg.model.decoder_num_heads = 32, 1, 2
     cfg.data.crop_size = img
     save_config(cfg, tmp / "config.yaml")
-    return save_checkpoint(run / "checkpoints", 7, mae.state_dict(), {"step": 7}, (tmp / "config.yaml").read_text(),
-                           {"step": 7}, keep_last=1)
+    return save_checkpoint(
+        run / "checkpoints",
+        7,
+        mae.state_dict(),
+        {"step": 7},
+        (tmp / "config.yaml").read_text(),
+        {"step": 7},
+        keep_last=1,
+    )
 
 
 def micro_encoder_state(embed_dim: int = 64, depth: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """A timm-named encoder state dict of a micro-like ViT (48 px, patch 8) with the given dims."""
     torch.manual_seed(seed)
     vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=48, patch_size=8, embed_dim=embed_dim, depth=depth, num_heads=2, num_classes=10)
+        img_size=48, patch_size=8, embed_dim=embed_dim, depth=depth, num_heads=2, num_classes=10
+    )
     return vit.state_dict()
 
 
@@ -80,7 +93,10 @@ def test_export_tiny_loads_in_timm_with_equal_features(tmp_path, capsys):
     out = tmp_path / "tiny.safetensors"
     assert export_main([str(tmp_path / "run"), str(out)]) == 0
     printed = capsys.readouterr().out
-    line = f'timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file="{out.resolve()}", num_classes=0))'
+    line = (
+        f'timm.create_model("vit_tiny_patch16_224", pretrained=True, '
+        f'pretrained_cfg_overlay=dict(file="{out.resolve()}", num_classes=0))'
+    )
     assert line in printed
 
     vit = eval(line, {"timm": timm}).eval()  # the printed line, as a user would paste it
@@ -100,12 +116,18 @@ def test_export_tiny_loads_in_timm_with_equal_features(tmp_path, capsys):
 
 
 def test_timm_names_have_our_architectures():
-    for (size, patch), name in [((s, p), timm_model_name(EncoderSpec(s, p, 224))) for s in MODEL_SIZES for p in (8, 14, 16)]:
+    for (size, patch), name in [
+        ((s, p), timm_model_name(EncoderSpec(s, p, 224))) for s in MODEL_SIZES for p in (8, 14, 16)
+    ]:
         if name is None:
             continue
         ref = timm.create_model(name, device="meta")  # no memory, no init cost
         dims = MODEL_SIZES[size]
-        assert (ref.embed_dim, len(ref.blocks), ref.blocks[0].attn.num_heads) == (dims["embed_dim"], dims["depth"], dims["num_heads"]), name
+        assert (ref.embed_dim, len(ref.blocks), ref.blocks[0].attn.num_heads) == (
+            dims["embed_dim"],
+            dims["depth"],
+            dims["num_heads"],
+        ), name
         assert ref.patch_embed.patch_size == (patch, patch) and ref.global_pool == "token" and ref.has_class_token
     assert timm_model_name(EncoderSpec("base", 16, 224)) == "vit_base_patch16_224"
     assert timm_model_name(EncoderSpec("huge", 14, 224)) == "vit_huge_patch14_224"
@@ -154,7 +176,9 @@ def test_micro_export_prints_the_vit_kwargs(micro_run, tmp_path, capsys):
     assert export_main([str(micro_run), str(out)]) == 0
     printed = capsys.readouterr().out
     assert "VisionTransformer(img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0)" in printed
-    vit = timm.models.vision_transformer.VisionTransformer(img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0
+    )
     vit.load_state_dict(load_file(str(out)), strict=True)
     ours, _ = load_pretrained_vit(micro_run)
     for k, v in ours.state_dict().items():
@@ -310,7 +334,10 @@ def test_export_never_overwrites_what_it_reads(tmp_path, micro_run, capsys):
     shutil.copytree(micro_run, run)
     weights = list_checkpoints(run / "checkpoints")[-1] / "model.safetensors"
     before = weights.read_bytes()
-    for dst, message in ((weights, "lies inside the checkpoints"), (run / "checkpoints" / "enc.safetensors", "lies inside the checkpoints")):
+    for dst, message in (
+        (weights, "lies inside the checkpoints"),
+        (run / "checkpoints" / "enc.safetensors", "lies inside the checkpoints"),
+    ):
         with pytest.raises(SystemExit) as e:
             export_main([str(run), str(dst)])
         err = capsys.readouterr().err

@@ -32,7 +32,7 @@ def reference_hog(img: np.ndarray, patch: int, cell: int, bins: int) -> tuple[np
     gy = np.zeros((c, h, w))
     for a in range(3):  # cross-correlation with the 3 x 3 filters, as a convolution layer computes it
         for b in range(3):
-            window = padded[:, a:a + h, b:b + w]
+            window = padded[:, a : a + h, b : b + w]
             gx += SOBEL_X[a, b] * window
             gy += SOBEL_X.T[a, b] * window
     magnitude = np.sqrt(gx**2 + gy**2)
@@ -62,7 +62,7 @@ def reference_hog(img: np.ndarray, patch: int, cell: int, bins: int) -> tuple[np
 
 
 def real_images(mini_root, size: int, n: int = 3) -> np.ndarray:
-    files = sorted((mini_root / "train").glob("*/*.JPEG"))[:: 37][:n]
+    files = sorted((mini_root / "train").glob("*/*.JPEG"))[::37][:n]
     imgs = []
     for f in files:
         with Image.open(f) as im:
@@ -85,8 +85,8 @@ def test_hog_matches_the_numpy_reference_on_real_images(mini_root, size, patch, 
         ref, on_edge = reference_hog(img.astype(np.float64), patch, cell, 9)
         np.testing.assert_allclose(ours64[i], ref, atol=1e-6, rtol=0)
         np.testing.assert_allclose(ours32[i][~on_edge], ref[~on_edge], atol=1e-5, rtol=0)
-        # real JPEGs put a pixel on an edge in 10-45% of the 8-px histograms (86% of 16-px ones); float32 rounding moves a few
-        # of them: measured 1-15% of histograms differ from the float64 ones by more than 1e-5
+        # real JPEGs put a pixel on an edge in 10-45% of the 8-px histograms (86% of 16-px ones); float32 rounding
+        # moves a few of them: measured 1-15% of histograms differ from the float64 ones by more than 1e-5
         assert on_edge.mean() < 0.9, on_edge.mean()
         same = np.isclose(ours32[i], ours64[i], atol=1e-5, rtol=0).reshape(-1, 9).all(axis=1)
         assert same.mean() > 0.8, same.mean()
@@ -117,8 +117,17 @@ def test_hog_handles_any_size_and_keeps_out_of_the_state_dict():
 
 
 def hog_model(**kw):
-    return mae_vit("micro", patch_size=8, img_size=32, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
-                   norm_pix_loss=False, target="hog", **kw)
+    return mae_vit(
+        "micro",
+        patch_size=8,
+        img_size=32,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        norm_pix_loss=False,
+        target="hog",
+        **kw,
+    )
 
 
 def test_model_predicts_hog_and_learns_it():
@@ -156,7 +165,9 @@ def test_hog_needs_no_norm_pix_and_a_dividing_cell(tmp_path, mini_root):
     base = ["model.size=micro", "model.patch_size=8", "data.crop_size=32", f"data.root={mini_root}", "model.target=hog"]
     with pytest.raises(ConfigError, match="add model.norm_pix_loss=false"):
         load_pretrain_config(None, base)
-    with pytest.raises(ConfigError, match="model.hog_cell_size 3 does not divide model.patch_size 8; use one of 1, 2, 4, 8"):
+    with pytest.raises(
+        ConfigError, match="model.hog_cell_size 3 does not divide model.patch_size 8; use one of 1, 2, 4, 8"
+    ):
         load_pretrain_config(None, base + ["model.norm_pix_loss=false", "model.hog_cell_size=3"])
     with pytest.raises(ConfigError, match="model.target"):
         load_pretrain_config(None, base[:-1] + ["model.target=hogs"])
@@ -183,8 +194,17 @@ def hog_run(tmp_path_factory, mini_root):
 
     out = tmp_path_factory.mktemp("hog_run")
     with in_process_run():
-        cfg = load_pretrain_config(CPU_RECIPE, [f"data.root={mini_root}", f"output_dir={out}", "train.epochs=2",
-                                                "model.target=hog", "model.norm_pix_loss=false", "tracking.recon_every_epochs=1"])
+        cfg = load_pretrain_config(
+            CPU_RECIPE,
+            [
+                f"data.root={mini_root}",
+                f"output_dir={out}",
+                "train.epochs=2",
+                "model.target=hog",
+                "model.norm_pix_loss=false",
+                "tracking.recon_every_epochs=1",
+            ],
+        )
         result = pretrain(cfg)
     return result.run_dir
 
@@ -202,8 +222,8 @@ def test_hog_run_shows_glyphs_and_its_encoder_evaluates_unchanged(hog_run, mini_
     assert pngs
     grid = np.asarray(Image.open(pngs[-1]))
     side, pad = 48, 2  # the CPU recipe's crop at the end of its et schedule; make_grid's padding
-    pred_panel = grid[pad:pad + side, pad + 2 * (side + pad):pad + 2 * (side + pad) + side]
-    target_panel = grid[pad:pad + side, pad + 3 * (side + pad):pad + 3 * (side + pad) + side]
+    pred_panel = grid[pad : pad + side, pad + 2 * (side + pad) : pad + 2 * (side + pad) + side]
+    target_panel = grid[pad : pad + side, pad + 3 * (side + pad) : pad + 3 * (side + pad) + side]
     for panel in (pred_panel, target_panel):
         assert (panel[..., 0] == panel[..., 1]).all() and panel.max() > 100
     assert not np.array_equal(pred_panel, target_panel)
@@ -217,12 +237,15 @@ def test_hog_run_shows_glyphs_and_its_encoder_evaluates_unchanged(hog_run, mini_
     vit, _ = load_pretrained_vit(hog_run)
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
-        torch.testing.assert_close(encoder_features(vit.eval(), x, "cls"), mae.forward_features(x)[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            encoder_features(vit.eval(), x, "cls"), mae.forward_features(x)[:, 0], atol=1e-5, rtol=0
+        )
     assert export_main([str(hog_run), str(tmp_path / "enc.safetensors")]) == 0
 
 
 def test_hog_glyphs_draw_the_edge_direction():
-    """A vertical edge's HOG (bin 4) draws a vertical line in each cell, a horizontal one's (bin 0) a horizontal line."""
+    """A vertical edge's HOG (bin 4) draws a vertical line in each cell, a horizontal one's (bin 0) a horizontal
+    line."""
     hog = HOGTarget(16, 16, 9)
     ramp = torch.zeros(1, 3, 16, 16)
     ramp[..., 8:] = 1.0
@@ -239,4 +262,6 @@ def test_both_histogram_paths_agree(mini_root):
     hog = HOGTarget(8, 4, 9)
     magnitude = torch.rand(2, 3, 4, 4, 16)
     bins = torch.randint(0, 9, (2, 3, 4, 4, 16))
-    torch.testing.assert_close(hog.histogram(magnitude, bins, scatter=True), hog.histogram(magnitude, bins, scatter=False))
+    torch.testing.assert_close(
+        hog.histogram(magnitude, bins, scatter=True), hog.histogram(magnitude, bins, scatter=False)
+    )

@@ -311,10 +311,27 @@ def test_extent_positions_span_the_full_image_at_a_reduced_size():
         expect = torch.cat([torch.sin(pw * omega), torch.cos(pw * omega), torch.sin(ph * omega), torch.cos(ph * omega)])
         assert torch.allclose(extent[h * g + w].double(), expect, atol=1e-6)
     # the model uses it at reduced sizes only
-    grid_model = MaskedAutoencoderViT(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
-                                      decoder_depth=1, decoder_num_heads=2)
-    extent_model = MaskedAutoencoderViT(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
-                                        decoder_depth=1, decoder_num_heads=2, pos_embed="extent")
+    grid_model = MaskedAutoencoderViT(
+        img_size=64,
+        patch_size=8,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
+    extent_model = MaskedAutoencoderViT(
+        img_size=64,
+        patch_size=8,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        pos_embed="extent",
+    )
     assert torch.equal(grid_model._pos_embed("enc", 8), extent_model._pos_embed("enc", 8))
     assert not torch.equal(grid_model._pos_embed("enc", 4), extent_model._pos_embed("enc", 4))
     assert torch.allclose(extent_model._pos_embed("enc", 4)[0, 1:], extent)

@@ -14,8 +14,15 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def micro(norm_pix_loss: bool = True, img_size: int = 64) -> MaskedAutoencoderViT:
-    return mae_vit("micro", patch_size=8, img_size=img_size, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2,
-                   norm_pix_loss=norm_pix_loss)
+    return mae_vit(
+        "micro",
+        patch_size=8,
+        img_size=img_size,
+        decoder_embed_dim=32,
+        decoder_depth=2,
+        decoder_num_heads=2,
+        norm_pix_loss=norm_pix_loss,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +44,8 @@ def test_decoded_count():
 
 def manual_partial_loss(model: MaskedAutoencoderViT, imgs: torch.Tensor, noise: torch.Tensor, keep: int, decode: int):
     """Per image, by hand: the decoder on cls + the visible + the `decode` lowest-noise masked patches (in patch
-    order, each with its own position), the loss the mean over those masked ones. Written without the model's gathers."""
+    order, each with its own position), the loss the mean over those masked ones. Written without the model's
+    gathers."""
     latent, mask, _ = model.forward_encoder(imgs, 0.75, noise)  # (N, 1+keep, D)
     n, num_patches = noise.shape
     grid = int(num_patches**0.5)
@@ -46,8 +54,8 @@ def manual_partial_loss(model: MaskedAutoencoderViT, imgs: torch.Tensor, noise: 
     losses = []
     for i in range(n):
         order = noise[i].argsort().tolist()
-        visible, chosen = order[:keep], order[keep: keep + decode]
-        emb = model.decoder_embed(latent[i: i + 1])[0]  # (1+keep, Dd)
+        visible, chosen = order[:keep], order[keep : keep + decode]
+        emb = model.decoder_embed(latent[i : i + 1])[0]  # (1+keep, Dd)
         slot = {patch: emb[1 + j] for j, patch in enumerate(visible)}
         patches = sorted(visible + chosen)
         tokens = [emb[0] + pos[0]] + [(slot[q] if q in slot else model.mask_token[0, 0]) + pos[1 + q] for q in patches]
@@ -79,7 +87,7 @@ def test_partial_decoder_is_the_described_computation(fraction):
     expected = ((ranks >= keep) & (ranks < keep + decode)).float()
     assert torch.equal(out.scored, expected) and torch.equal(out.scored * (1 - out.mask), torch.zeros_like(out.mask))
     # pred holds the decoded patches in place, zeros where the decoder did not run
-    decoded = (ranks < keep + decode)
+    decoded = ranks < keep + decode
     assert (out.pred[~decoded] == 0).all() and (out.pred[decoded].abs().sum(-1) > 0).all()
 
 
@@ -165,10 +173,15 @@ def test_flops_count_the_decoded_tokens():
     decoder_zero = mae_forward_flops(64, 8, 192, 12, 128, 0)  # encoder + embed + pred only
     # decoder blocks: 65 tokens at full share, 1 + 16 + 16 = 33 at a quarter
     from mae_et.models.flops import transformer_block_flops
-    assert full - quarter == pytest.approx(2 * (transformer_block_flops(65, 128) - transformer_block_flops(33, 128))
-                                           + 2 * (65 - 33) * 128 * 192)
+
+    assert full - quarter == pytest.approx(
+        2 * (transformer_block_flops(65, 128) - transformer_block_flops(33, 128)) + 2 * (65 - 33) * 128 * 192
+    )
     assert decoder_zero < quarter < full
     assert mae_train_flops_per_image("tiny", 64, 8, 128, 2, decode_fraction=0.25) == 3 * quarter
     # ViT-B/16 at 224 with MAE's decoder: a quarter share (99 of 197 decoder tokens) saves about a quarter of the step
-    b_full, b_quarter = mae_train_flops_per_image("base", 224), mae_train_flops_per_image("base", 224, decode_fraction=0.25)
+    b_full, b_quarter = (
+        mae_train_flops_per_image("base", 224),
+        mae_train_flops_per_image("base", 224, decode_fraction=0.25),
+    )
     assert 1.3 < b_full / b_quarter < 1.45

@@ -14,7 +14,9 @@ from mae_et.files import try_lock
 
 
 def save(root, step, value=1.0, keep_last=3):
-    return ck.save_checkpoint(root, step, {"w": torch.full((2, 2), value)}, {"step": step}, "a: 1\n", {"step": step}, keep_last)
+    return ck.save_checkpoint(
+        root, step, {"w": torch.full((2, 2), value)}, {"step": step}, "a: 1\n", {"step": step}, keep_last
+    )
 
 
 def test_round_trip_and_keep_last(tmp_path):
@@ -69,7 +71,8 @@ def test_weights_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == dict.fromkeys(
-        (ck.MODEL_FILE, ck.STATE_FILE, ck.CONFIG_FILE, ck.META_FILE), 0o640)
+        (ck.MODEL_FILE, ck.STATE_FILE, ck.CONFIG_FILE, ck.META_FILE), 0o640
+    )
 
 
 def test_unreadable_latest_falls_back_with_a_warning(tmp_path):
@@ -112,7 +115,9 @@ def test_sigkill_while_the_same_step_is_saved_again_loses_nothing(tmp_path, keep
 
     save(tmp_path, 4, value=0.5, keep_last=keep_last)
     save(tmp_path, 5, value=1.0, keep_last=keep_last)
-    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_BETWEEN_RENAMES, str(tmp_path)], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == -9, proc.stderr  # it died in the window
     assert (tmp_path / ("step_00000005" + ck.PREV_SUFFIX)).is_dir() and not (tmp_path / "step_00000005").exists()
     # step 5 is still there, as it was before the re-save

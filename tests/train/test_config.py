@@ -77,11 +77,17 @@ def test_scientific_notation_without_dot_is_a_number(mini_root):
         ("optim.lr=-1", r"optim.lr must be > 0, got -1.0"),
         ("model.patch_size=0", r"model.patch_size must be > 0, got 0"),
         ("data.num_workers=-1", r"data.num_workers must be >= 0, got -1"),
-        ("model.decoder_num_heads=5", r"model.decoder_embed_dim 32 does not divide into model.decoder_num_heads 5 heads"),
+        (
+            "model.decoder_num_heads=5",
+            r"model.decoder_embed_dim 32 does not divide into model.decoder_num_heads 5 heads",
+        ),
         ("train.epochs=.inf", r"train.epochs must be a finite number > 0, got inf"),
         ("checkpoint.every_epochs=-1", r"checkpoint.every_epochs must be >= 0, got -1.0"),
         ("checkpoint.every_steps=0", r"checkpoint.every_steps must be > 0, got 0"),
-        ("data.crop_size=8", r"at input size 8 \(1x1 patches of 8\) model.mask_ratio 0.75 keeps 0 of 1 patches visible"),
+        (
+            "data.crop_size=8",
+            r"at input size 8 \(1x1 patches of 8\) model.mask_ratio 0.75 keeps 0 of 1 patches visible",
+        ),
         ("model.mask_ratio=0.99", r"keeps 0 of 16 patches visible"),
         ("curriculum.budget=steps", "curriculum.budget 'steps' is unknown; choose one of epochs, compute"),
         ("data.pipeline=gpu", "data.pipeline 'gpu' is unknown; choose one of loader, memory, device_decode"),
@@ -131,7 +137,9 @@ def test_parse_overrides_nests_dotted_keys():
     assert parse_overrides(["a.b.c=1", "a.d=x", "e=[1, 2]"]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": [1, 2]}
 
 
-@pytest.mark.parametrize("value, expected", [("off", "off"), ("false", "off"), ("offline", "offline"), ("auto", "auto")])
+@pytest.mark.parametrize(
+    "value, expected", [("off", "off"), ("false", "off"), ("offline", "offline"), ("auto", "auto")]
+)
 def test_wandb_switch_accepts_yaml_booleans(mini_root, value, expected):
     assert load(mini_root, f"tracking.wandb={value}").tracking.wandb == expected
 
@@ -156,16 +164,19 @@ def test_a_base_chain_that_reaches_itself_names_the_cycle(tmp_path, mini_root):
         load_pretrain_config(tmp_path / "self.yaml", [f"data.root={mini_root}"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("augment.mixup=-0.5", r"augment.mixup must be >= 0, got -0.5"),
-    ("augment.cutmix=-1", r"augment.cutmix must be >= 0, got -1.0"),
-    ("augment.auto_augment=rand-q9", r"augment.auto_augment 'rand-q9' is not a policy timm knows"),
-    ("augment.auto_augment=trivial", r"augment.auto_augment 'trivial' is not a policy timm knows"),
-    ("optim.lr=.inf", r"optim.lr must be a finite number > 0, got inf"),
-    ("data.num_workers=-1", r"data.num_workers must be >= 0, got -1"),
-    ("train.precision=fp8", r"train.precision 'fp8' is unknown; choose one of bf16, fp16, fp32"),
-    ("checkpoint.every_epochs=-1", r"checkpoint.every_epochs must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("augment.mixup=-0.5", r"augment.mixup must be >= 0, got -0.5"),
+        ("augment.cutmix=-1", r"augment.cutmix must be >= 0, got -1.0"),
+        ("augment.auto_augment=rand-q9", r"augment.auto_augment 'rand-q9' is not a policy timm knows"),
+        ("augment.auto_augment=trivial", r"augment.auto_augment 'trivial' is not a policy timm knows"),
+        ("optim.lr=.inf", r"optim.lr must be a finite number > 0, got inf"),
+        ("data.num_workers=-1", r"data.num_workers must be >= 0, got -1"),
+        ("train.precision=fp8", r"train.precision 'fp8' is unknown; choose one of bf16, fp16, fp32"),
+        ("checkpoint.every_epochs=-1", r"checkpoint.every_epochs must be >= 0"),
+    ],
+)
 def test_evaluation_configs_share_the_schema_rules(micro_run, mini_root, override, message):
     """The same rules, declared once, hold in the fine-tune (and probe) configs."""
     from mae_et.evaluate.config import load_finetune_config, load_linprobe_config
@@ -177,8 +188,10 @@ def test_evaluation_configs_share_the_schema_rules(micro_run, mini_root, overrid
         with pytest.raises(ConfigError, match=message):
             load_linprobe_config(None, [*common, override])
     # and the defaults pass
-    ok = load_finetune_config(REPO / "configs" / "finetune" / "vit-micro-p8_mae_cpu-test.yaml",
-                              [*common, "augment.auto_augment=augmix-m5-w4-d2", "checkpoint.every_epochs=0"])
+    ok = load_finetune_config(
+        REPO / "configs" / "finetune" / "vit-micro-p8_mae_cpu-test.yaml",
+        [*common, "augment.auto_augment=augmix-m5-w4-d2", "checkpoint.every_epochs=0"],
+    )
     assert ok.checkpoint.every_epochs == 0
 
 
@@ -186,16 +199,32 @@ def test_an_invalid_value_on_the_command_line_is_one_line_and_exit_2(tmp_path, m
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), f"data.root={mini_root}",
-                           f"output_dir={tmp_path}", "model.patch_size=0"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "pretrain.py"),
+            "--config",
+            str(CPU_RECIPE),
+            f"data.root={mini_root}",
+            f"output_dir={tmp_path}",
+            "model.patch_size=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip() == "error: model.patch_size must be > 0, got 0"
     assert not (tmp_path / CPU_RECIPE.stem).exists()
 
 
 def test_an_unknown_choice_names_the_closest_one(mini_root):
-    with pytest.raises(ConfigError, match=r"^train.precision 'bf61' is unknown; choose one of bf16, fp16, fp32; did you mean 'bf16'\?$"):
+    with pytest.raises(
+        ConfigError, match=r"^train.precision 'bf61' is unknown; choose one of bf16, fp16, fp32; did you mean 'bf16'\?$"
+    ):
         load(mini_root, "train.precision=bf61")
-    with pytest.raises(ConfigError, match=r"^model.size 'smal' is unknown; choose one of micro, .*; did you mean 'small'\?$"):
+    with pytest.raises(
+        ConfigError, match=r"^model.size 'smal' is unknown; choose one of micro, .*; did you mean 'small'\?$"
+    ):
         load(mini_root, "model.size=smal")
     with pytest.raises(ConfigError, match=r"^curriculum.schedule 'true' is unknown"):  # a YAML boolean is no word here
         load(mini_root, "curriculum.schedule=yes")
@@ -219,10 +248,14 @@ def test_validation_changes_nothing_and_auto_is_resolved_on_load(mini_root, micr
     cfg = load(mini_root, "data.source=auto", "tracking.wandb=off")
     assert cfg.data.source == "imagefolder" and cfg.tracking.wandb == "off"
     assert load_pretrain_config(CPU_RECIPE, ["data.source=auto"]).data.source == "fractal"
-    ft = load_finetune_config(REPO / "configs/finetune/vit-micro-p8_mae_cpu-test.yaml",
-                              [f"model.checkpoint={micro_run}", f"data.root={mini_root}", "tracking.wandb=false"])
-    lp = load_linprobe_config(REPO / "configs/linprobe/vit-micro-p8_mae_cpu-test.yaml",
-                              [f"model.checkpoint={micro_run}", f"data.root={mini_root}", "tracking.wandb=yes"])
+    ft = load_finetune_config(
+        REPO / "configs/finetune/vit-micro-p8_mae_cpu-test.yaml",
+        [f"model.checkpoint={micro_run}", f"data.root={mini_root}", "tracking.wandb=false"],
+    )
+    lp = load_linprobe_config(
+        REPO / "configs/linprobe/vit-micro-p8_mae_cpu-test.yaml",
+        [f"model.checkpoint={micro_run}", f"data.root={mini_root}", "tracking.wandb=yes"],
+    )
     assert (ft.tracking.wandb, lp.tracking.wandb) == ("off", "auto")
     for c, validate in ((cfg, validate_pretrain), (ft, validate_finetune), (lp, validate_linprobe)):
         before = copy.deepcopy(c)
@@ -237,8 +270,13 @@ def test_no_validator_assigns_to_the_config():
     for path in (REPO / "mae_et/train/config.py", REPO / "mae_et/evaluate/config.py"):
         for fn in ast.walk(ast.parse(path.read_text())):
             if isinstance(fn, ast.FunctionDef) and fn.name.startswith(("validate", "check", "_check")):
-                writes = [ast.unparse(t) for node in ast.walk(fn) if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
-                          for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Attribute)]
+                writes = [
+                    ast.unparse(t)
+                    for node in ast.walk(fn)
+                    if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                    if isinstance(t, ast.Attribute)
+                ]
                 assert not writes, f"{path.name}:{fn.name} writes {writes}"
 
 
@@ -262,10 +300,12 @@ def test_keys_the_configs_share_are_declared_alike():
     names = list(configs)
     shared = 0
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             for key in sorted(configs[a].keys() & configs[b].keys()):
                 shared += 1
                 if (a, key) in allowed or (b, key) in allowed:
                     continue
-                assert configs[a][key] == configs[b][key], f"{key}: {a} declares {configs[a][key]}, {b} {configs[b][key]}"
+                assert configs[a][key] == configs[b][key], (
+                    f"{key}: {a} declares {configs[a][key]}, {b} {configs[b][key]}"
+                )
     assert shared > 40  # optim, train, checkpoint, tracking, data keys

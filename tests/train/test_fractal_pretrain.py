@@ -33,8 +33,8 @@ from accelerate.utils import set_seed
 from conftest import ONE_THREAD_ENV, REPO
 
 from mae_et import checkpoint as ck
-from mae_et.train.config import load_pretrain_config
 from mae_et.models.features import knn_evaluate_loaders
+from mae_et.train.config import load_pretrain_config
 from mae_et.train.monitors import fractal_knn_loaders
 from mae_et.train.pretrain import build_model
 
@@ -57,7 +57,8 @@ def untrained_knn(config_file: Path) -> dict[str, float]:
 
 
 def test_no_argument_command_pretrains_on_fractals_and_beats_its_untrained_encoder(
-        tmp_path: Path, one_thread_fresh_accelerate) -> None:
+    tmp_path: Path, one_thread_fresh_accelerate
+) -> None:
     cmd = [sys.executable, "pretrain.py", f"output_dir={tmp_path}", *SMALL]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=ONE_THREAD_ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -83,9 +84,13 @@ def test_no_argument_command_pretrains_on_fractals_and_beats_its_untrained_encod
     assert knn and knn[-1]["step"] == records[-1]["step"]  # the last record carries the final kNN
 
     # It prints the kNN accuracy beside the same encoder's untrained score, the same numbers as the metrics file.
-    printed = re.findall(r"^step (\d+): kNN top-1 cls ([\d.]+)% \(untrained ([\d.]+)%\), "
-                         r"mean ([\d.]+)% \(untrained ([\d.]+)%\); (\d+) held-out images, standard error up to "
-                         r"([\d.]+) points$", out, re.MULTILINE)
+    printed = re.findall(
+        r"^step (\d+): kNN top-1 cls ([\d.]+)% \(untrained ([\d.]+)%\), "
+        r"mean ([\d.]+)% \(untrained ([\d.]+)%\); (\d+) held-out images, standard error up to "
+        r"([\d.]+) points$",
+        out,
+        re.MULTILINE,
+    )
     assert printed, out[-2000:]
     step, cls, cls_before, mean, mean_before, held_out, se = printed[-1]
     # the noise the line says it carries: 1,000 renders, the binomial standard error of the worse-measured pooling
@@ -95,15 +100,22 @@ def test_no_argument_command_pretrains_on_fractals_and_beats_its_untrained_encod
     final = knn[-1]
     assert int(step) == final["step"]
     assert abs(float(cls) - final["knn_top1_cls"]) < 0.06 and abs(float(mean) - final["knn_top1_mean"]) < 0.06
-    assert re.search(r"^step 0 \(untrained encoder\): kNN top-1 cls [\d.]+%, mean [\d.]+%; 1000 held-out images, "
-                     r"standard error up to [\d.]+ points$", out, re.MULTILINE)
+    assert re.search(
+        r"^step 0 \(untrained encoder\): kNN top-1 cls [\d.]+%, mean [\d.]+%; 1000 held-out images, "
+        r"standard error up to [\d.]+ points$",
+        out,
+        re.MULTILINE,
+    )
 
     # It learned: the loss falls far below its start, and the encoder tells the held-out renders apart
     # better than the same encoder did before training (a random-init encoder is far above chance already).
     assert records[-1]["loss"] < 0.6 * records[0]["loss"], [r["loss"] for r in records]
     before = untrained_knn(run_dir / "config.yaml")
     # the untrained score the run printed and logged is this independently measured one
-    assert abs(float(cls_before) - before["knn_top1_cls"]) < 0.06 and abs(float(mean_before) - before["knn_top1_mean"]) < 0.06
+    assert (
+        abs(float(cls_before) - before["knn_top1_cls"]) < 0.06
+        and abs(float(mean_before) - before["knn_top1_mean"]) < 0.06
+    )
     assert final["untrained_knn_top1_cls"] == pytest.approx(before["knn_top1_cls"], abs=1e-6)
     report = ", ".join(f"{k[9:]} {final[k]:.1f}% trained vs {before[k]:.1f}% untrained" for k in KNN_KEYS)
     print(report)

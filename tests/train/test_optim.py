@@ -37,7 +37,9 @@ def test_lr_is_continuous_across_curriculum_stages():
     plan = plan_curriculum(preset_stages("etpp", 224, 16), "compute", 10, 50, 224)
     lrs = [lr_at(plan.progress_at_step(s), 1.0, 0.0, 0.05) for s in range(plan.total_steps)]
     jumps = [abs(b - a) for a, b in zip(lrs, lrs[1:])]
-    largest_step_share = max((st.size / 224) ** 2 for st in plan.stages) / sum(st.num_steps * (st.size / 224) ** 2 for st in plan.stages)
+    largest_step_share = max((st.size / 224) ** 2 for st in plan.stages) / sum(
+        st.num_steps * (st.size / 224) ** 2 for st in plan.stages
+    )
     # no jump bigger than what one step of progress can cause (slope of warmup: 1/0.05)
     assert max(jumps) <= largest_step_share / 0.05 + 1e-9
     boundary = plan.stages[2].start_step  # 96 -> 160

@@ -55,13 +55,24 @@ def assert_same_weights(a: dict, b: dict, atol=1e-6):
 
 
 def test_tiny_run_end_to_end_with_the_et_curriculum(tmp_path, mini_root):
-    result = pretrain(cfg_for(tmp_path, mini_root, "train.epochs=3", "checkpoint.keep_last=5", "tracking.knn_every_epochs=2"))
+    result = pretrain(
+        cfg_for(tmp_path, mini_root, "train.epochs=3", "checkpoint.keep_last=5", "tracking.knn_every_epochs=2")
+    )
     run_dir = result.run_dir
     records = metrics(run_dir)
     # the curriculum really ran: B = 32 / 40 / 48 in that order, ending at full size
     sizes = [r["size"] for r in records]
     assert sizes == sorted(sizes) and {32, 40, 48} <= set(sizes) and sizes[-1] == 48
-    for key in ("loss", "lr", "size", "images_per_sec", "data_wait_frac", "epoch", "nonfinite_skipped", "data_skipped_files"):
+    for key in (
+        "loss",
+        "lr",
+        "size",
+        "images_per_sec",
+        "data_wait_frac",
+        "epoch",
+        "nonfinite_skipped",
+        "data_skipped_files",
+    ):
         assert key in records[0], key
     assert all(0.0 <= r["data_wait_frac"] <= 1.0 and r["images_per_sec"] > 0 for r in records)
     assert records[-1]["loss"] < records[0]["loss"]  # it learns
@@ -69,7 +80,9 @@ def test_tiny_run_end_to_end_with_the_et_curriculum(tmp_path, mini_root):
     # the online kNN monitor ran at epoch 2 and at the end, on the held-out val split
     knn_steps = [r["step"] for r in records if "knn_top1_cls" in r]
     assert knn_steps == [30, 45]
-    assert all(0.0 <= r["knn_top1_cls"] <= 100.0 and 0.0 <= r["knn_top1_mean"] <= 100.0 for r in records if "knn_top1_cls" in r)
+    assert all(
+        0.0 <= r["knn_top1_cls"] <= 100.0 and 0.0 <= r["knn_top1_mean"] <= 100.0 for r in records if "knn_top1_cls" in r
+    )
     # the resolved config, periodic + final checkpoints, and reconstruction grids
     assert (run_dir / "config.yaml").is_file()
     ckpts = ck.list_checkpoints(run_dir / "checkpoints")
@@ -83,8 +96,17 @@ def test_tiny_run_end_to_end_with_the_et_curriculum(tmp_path, mini_root):
     model.load_state_dict(final_weights(run_dir), strict=True)
     assert any(k.startswith("decoder_blocks.") for k in final_weights(run_dir))
     state = torch.load(ckpts[-1] / ck.STATE_FILE, weights_only=True)
-    assert {"optimizer", "scaler", "step", "counters", "rng", "elapsed_seconds", "cpu_seconds", "overhead_seconds",
-            "overhead_cpu_seconds"} <= set(state)
+    assert {
+        "optimizer",
+        "scaler",
+        "step",
+        "counters",
+        "rng",
+        "elapsed_seconds",
+        "cpu_seconds",
+        "overhead_seconds",
+        "overhead_cpu_seconds",
+    } <= set(state)
     # the loop's clocks: wall and process CPU, each with the bookkeeping share (checkpoints, grids, kNN) beside it
     for a, b in zip(records, records[1:]):
         assert b["elapsed_s"] > a["elapsed_s"] and b["cpu_s"] > a["cpu_s"]
@@ -98,12 +120,20 @@ def test_tiny_run_end_to_end_with_the_et_curriculum(tmp_path, mini_root):
 def test_relaunch_resumes_and_ends_with_the_same_weights(tmp_path, mini_root, share):
     """A run of 2N steps == a run stopped at N (max_steps), then relaunched with the same command; also when the
     decoder reconstructs a quarter of the patches (chosen by the mask's noise: a pure function of the step)."""
-    common = ["train.epochs=2", "train.deterministic=true", "checkpoint.every_steps=100", "train.accum_steps=2", "train.batch_size=8",
-              f"model.decode_fraction={share}"]
+    common = [
+        "train.epochs=2",
+        "train.deterministic=true",
+        "checkpoint.every_steps=100",
+        "train.accum_steps=2",
+        "train.batch_size=8",
+        f"model.decode_fraction={share}",
+    ]
     straight = pretrain(cfg_for(tmp_path / "a", mini_root, *common))
     reset_accelerate()
     first = pretrain(cfg_for(tmp_path / "b", mini_root, *common, "train.max_steps=13"))
-    assert first.step == 13 and [p.name for p in ck.list_checkpoints(first.run_dir / "checkpoints")] == ["step_00000013"]
+    assert first.step == 13 and [p.name for p in ck.list_checkpoints(first.run_dir / "checkpoints")] == [
+        "step_00000013"
+    ]
     reset_accelerate()
     resumed = pretrain(cfg_for(tmp_path / "b", mini_root, *common))
     assert resumed.step == straight.step == 30
@@ -137,8 +167,13 @@ def test_a_second_launch_on_a_busy_run_folder_stops_and_touches_nothing(tmp_path
     line naming the holder; the first ends with the weights and metrics of a lone run."""
     args = [f"data.root={mini_root}", *STRAIGHT, f"output_dir={tmp_path}"]
     run_dir = tmp_path / CPU_RECIPE.stem
-    first = subprocess.Popen([sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args], cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "checkpoints").is_dir():  # training, lock held
         time.sleep(0.02)
@@ -182,8 +217,15 @@ def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_
 
 def test_ctrl_c_ends_in_one_line_with_the_step_and_the_checkpoint(tmp_path, mini_root):
     run_dir = tmp_path / CPU_RECIPE.stem
-    cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), f"data.root={mini_root}", *STRAIGHT,
-           f"output_dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        str(REPO / "pretrain.py"),
+        "--config",
+        str(CPU_RECIPE),
+        f"data.root={mini_root}",
+        *STRAIGHT,
+        f"output_dir={tmp_path}",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ck.list_checkpoints(run_dir / "checkpoints"):
@@ -195,8 +237,11 @@ def test_ctrl_c_ends_in_one_line_with_the_step_and_the_checkpoint(tmp_path, mini
     assert last.name != "step_00000045", "the run finished before Ctrl-C; the test proves nothing"
     lines = err.strip().splitlines()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    m = re.fullmatch(r"interrupted at step (\d+) of 45; the last checkpoint is (.+) \(step (\d+)\); "
-                     r"relaunch the same command to resume", lines[-1])
+    m = re.fullmatch(
+        r"interrupted at step (\d+) of 45; the last checkpoint is (.+) \(step (\d+)\); "
+        r"relaunch the same command to resume",
+        lines[-1],
+    )
     assert m, lines[-1]
     assert int(m.group(3)) <= int(m.group(1)) and m.group(2) == str(last) and int(m.group(3)) == int(last.name[5:])
 
@@ -217,7 +262,8 @@ from mae_et import checkpoint as ck
 where, saves = sys.argv[1], [0]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
-real_save, real_save_file, real_fsync, real_replace = ck.save_checkpoint, ck.save_safetensors, ck._fsync_path, ck.os.replace
+real_save, real_save_file = ck.save_checkpoint, ck.save_safetensors
+real_fsync, real_replace = ck._fsync_path, ck.os.replace
 def save_checkpoint(*a, **k):
     saves[0] += 1
     return real_save(*a, **k)
@@ -243,12 +289,27 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_sigkill_inside_a_checkpoint_write_then_relaunch_gives_the_same_weights(tmp_path, mini_root, where):
     """Killed at a known point inside the second save: half a folder written, every file written but the folder
     not yet renamed, renamed but older ones not yet pruned. The relaunch resumes and ends as an unkilled run."""
-    args = [f"data.root={mini_root}", "train.epochs=2", "train.deterministic=true", "checkpoint.every_steps=5",
-            "checkpoint.keep_last=1", "tracking.recon_every_epochs=0"]
+    args = [
+        f"data.root={mini_root}",
+        "train.epochs=2",
+        "train.deterministic=true",
+        "checkpoint.every_steps=5",
+        "checkpoint.keep_last=1",
+        "tracking.recon_every_epochs=0",
+    ]
     cli(*args, f"output_dir={tmp_path / 'straight'}")
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-c", KILL_INSIDE_A_SAVE, where, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args,
-           f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-c",
+        KILL_INSIDE_A_SAVE,
+        where,
+        str(REPO / "pretrain.py"),
+        "--config",
+        str(CPU_RECIPE),
+        *args,
+        f"output_dir={out}",
+    ]
     killed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stdout + killed.stderr  # it died inside the save
     ckpt_root = out / CPU_RECIPE.stem / "checkpoints"
@@ -277,10 +338,29 @@ def test_two_process_ddp_ranks_agree_and_only_rank0_writes(tmp_path, mini_root):
     each counts once."""
     data = tmp_path / "data"
     n_bad = make_bad_folder(data, undecodable_copies=6)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE),
-           f"data.root={data}", f"output_dir={tmp_path / 'out'}", "train.epochs=3", "train.batch_size=8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(REPO / "pretrain.py"),
+        "--config",
+        str(CPU_RECIPE),
+        f"data.root={data}",
+        f"output_dir={tmp_path / 'out'}",
+        "train.epochs=3",
+        "train.batch_size=8",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 process(es)" in proc.stdout
@@ -294,9 +374,16 @@ def test_two_process_ddp_ranks_agree_and_only_rank0_writes(tmp_path, mini_root):
     records = metrics(run_dir)
     steps = [r["step"] for r in records]
     assert steps == sorted(set(steps)) and steps[-1] == meta["step"]
-    assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock", "checkpoints", "config.yaml", "metrics.jsonl",
-                                                         "reconstructions"]  # the lock: held by rank 0 for the job
-    assert sorted(p.name for p in final.iterdir()) == sorted([ck.MODEL_FILE, ck.STATE_FILE, ck.CONFIG_FILE, ck.META_FILE])
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".run.lock",
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "reconstructions",
+    ]  # the lock: held by rank 0 for the job
+    assert sorted(p.name for p in final.iterdir()) == sorted(
+        [ck.MODEL_FILE, ck.STATE_FILE, ck.CONFIG_FILE, ck.META_FILE]
+    )
     # every bad file counted once, though the 8 undecodable ones were met by both ranks (each rank warns on its own)
     met = [line.split("'")[1] for line in proc.stderr.splitlines() if line.startswith("warning: cannot decode '")]
     warned = set(met)
@@ -335,8 +422,11 @@ def test_a_skipped_file_is_one_readable_line(tmp_path, mini_root):
     data = tmp_path / "data"
     make_bad_folder(data)
     proc = cli(f"data.root={data}", f"output_dir={tmp_path}", "train.max_steps=4", "tracking.recon_every_epochs=0")
-    lines = [line for line in proc.stderr.splitlines() if "zero.JPEG" in line or "notes.txt" in line or ".jpg" in line
-             or "truncated" in line or "warn" in line.lower()]
+    lines = [
+        line
+        for line in proc.stderr.splitlines()
+        if "zero.JPEG" in line or "notes.txt" in line or ".jpg" in line or "truncated" in line or "warn" in line.lower()
+    ]
     assert lines and all(line.startswith("warning: ") for line in lines), proc.stderr
     assert "warning: skipping '" in proc.stderr and "zero-byte file" in proc.stderr
     assert "warnings.warn" not in proc.stderr and "UserWarning" not in proc.stderr
@@ -361,17 +451,25 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, mini_ro
         return loss * float("nan") if calls["n"] > 7 else loss
 
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", nan_from_step_8)
-    cfg = cfg_for(tmp_path, mini_root, "checkpoint.every_steps=6", "train.log_every=1", "train.max_consecutive_nonfinite=3",
-                  "tracking.recon_every_epochs=0")
+    cfg = cfg_for(
+        tmp_path,
+        mini_root,
+        "checkpoint.every_steps=6",
+        "train.log_every=1",
+        "train.max_consecutive_nonfinite=3",
+        "tracking.recon_every_epochs=0",
+    )
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:  # as the entry points run it: its own line, exit 1, no traceback
         run_user_command(lambda: pretrain(cfg))
     assert stop.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     run_dir = cfg.run_dir
-    assert err[-1] == (f"stopped at step 10: 3 non-finite losses in a row (limit train.max_consecutive_nonfinite=3); those "
-                       f"updates were skipped; the last good checkpoint ({run_dir / 'checkpoints' / 'step_00000006'}) is "
-                       "untouched. Lower optim.blr, set optim.clip_grad, or use train.precision=bf16/fp32.")
+    assert err[-1] == (
+        f"stopped at step 10: 3 non-finite losses in a row (limit train.max_consecutive_nonfinite=3); those "
+        f"updates were skipped; the last good checkpoint ({run_dir / 'checkpoints' / 'step_00000006'}) is "
+        "untouched. Lower optim.blr, set optim.clip_grad, or use train.precision=bf16/fp32."
+    )
     assert not any("Traceback" in line or "NonFiniteLossError" in line for line in err)
     good = ck.list_checkpoints(run_dir / "checkpoints")
     assert [p.name for p in good] == ["step_00000006"]  # the last good checkpoint, nothing written after
@@ -400,8 +498,15 @@ def test_a_streak_that_ends_between_log_steps_still_stops_the_run(tmp_path, mini
     """Steps 3.. are skipped `streak` times in a row, then train again; the log step is 10. The run stops at step
     10 when the streak reached the limit (3), though the streak ended at step 5, and runs on when it did not."""
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", nan_on_calls(set(range(3, 3 + streak))))
-    cfg = cfg_for(tmp_path, mini_root, "train.log_every=10", "checkpoint.every_steps=100", "train.max_steps=12",
-                  "train.max_consecutive_nonfinite=3", "tracking.recon_every_epochs=0")
+    cfg = cfg_for(
+        tmp_path,
+        mini_root,
+        "train.log_every=10",
+        "checkpoint.every_steps=100",
+        "train.max_steps=12",
+        "train.max_consecutive_nonfinite=3",
+        "tracking.recon_every_epochs=0",
+    )
     if stops:
         with pytest.raises(NonFiniteLossError, match="stopped at step 10: 3 non-finite losses in a row"):
             pretrain(cfg)
@@ -414,8 +519,15 @@ def test_a_streak_that_ends_between_log_steps_still_stops_the_run(tmp_path, mini
 def test_a_streak_is_checked_before_a_checkpoint_is_written(tmp_path, mini_root, monkeypatch):
     """A checkpoint step between two log steps checks the streak first: no checkpoint of skipped updates."""
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", nan_on_calls({3, 4, 5}))
-    cfg = cfg_for(tmp_path, mini_root, "train.log_every=50", "checkpoint.every_steps=2", "checkpoint.keep_last=10",
-                  "train.max_consecutive_nonfinite=3", "tracking.recon_every_epochs=0")
+    cfg = cfg_for(
+        tmp_path,
+        mini_root,
+        "train.log_every=50",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=10",
+        "train.max_consecutive_nonfinite=3",
+        "tracking.recon_every_epochs=0",
+    )
     with pytest.raises(NonFiniteLossError, match="stopped at step 6: 3 non-finite losses in a row"):
         pretrain(cfg)
     assert [p.name for p in ck.list_checkpoints(cfg.run_dir / "checkpoints")] == ["step_00000002", "step_00000004"]
@@ -431,13 +543,20 @@ def test_nonfinite_update_leaves_weights_and_optimizer_untouched(tmp_path, mini_
         loss = real_loss(self, imgs, pred, mask)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    common = ["checkpoint.every_steps=1", "checkpoint.keep_last=10", "tracking.recon_every_epochs=0", "train.deterministic=true"]
+    common = [
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=10",
+        "tracking.recon_every_epochs=0",
+        "train.deterministic=true",
+    ]
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", nan_at_step_3)
     result = pretrain(cfg_for(tmp_path, mini_root, *common, "train.max_steps=3"))
     before = ck.load_checkpoint(result.run_dir / "checkpoints" / "step_00000002")
     after = ck.load_checkpoint(result.run_dir / "checkpoints" / "step_00000003")
     assert_same_weights(before.model_state, after.model_state, atol=0)
-    for a, b in zip(before.training_state["optimizer"]["state"].values(), after.training_state["optimizer"]["state"].values()):
+    for a, b in zip(
+        before.training_state["optimizer"]["state"].values(), after.training_state["optimizer"]["state"].values()
+    ):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["step"], b["step"])
     assert after.training_state["counters"]["nonfinite_skipped"] == 1
 
@@ -474,8 +593,13 @@ def test_wandb_offline_run_and_reconstructions(tmp_path, mini_root):
 @pytest.mark.parametrize("pipeline", ["memory", "device_decode"])
 def test_fast_data_pipelines_train_and_resume_exactly(tmp_path, mini_root, pipeline):
     """The on-device data paths run the same loop, learn, and resume to the same weights."""
-    common = ["train.epochs=2", "train.deterministic=true", f"data.pipeline={pipeline}", "tracking.recon_every_epochs=0",
-              "checkpoint.every_steps=100"]
+    common = [
+        "train.epochs=2",
+        "train.deterministic=true",
+        f"data.pipeline={pipeline}",
+        "tracking.recon_every_epochs=0",
+        "checkpoint.every_steps=100",
+    ]
     straight = pretrain(cfg_for(tmp_path / "a", mini_root, *common))
     records = metrics(straight.run_dir)
     assert records[-1]["loss"] < records[0]["loss"] and records[-1]["size"] == 48
@@ -491,14 +615,21 @@ def test_memory_pipeline_skips_and_counts_bad_files(tmp_path, mini_root):
     data = tmp_path / "data"
     n_bad = make_bad_folder(data)
     with pytest.warns(UserWarning):
-        result = pretrain(cfg_for(tmp_path, data, "train.epochs=1", "data.pipeline=memory", "tracking.recon_every_epochs=0"))
+        result = pretrain(
+            cfg_for(tmp_path, data, "train.epochs=1", "data.pipeline=memory", "tracking.recon_every_epochs=0")
+        )
     assert metrics(result.run_dir)[-1]["data_skipped_files"] == n_bad
 
 
 @pytest.mark.parametrize("change", ["model.size=tiny", "model.decoder_embed_dim=48"])
 def test_resume_with_a_changed_model_is_one_line_not_a_traceback(tmp_path, mini_root, change):
-    args = [f"data.root={mini_root}", f"output_dir={tmp_path}", "train.max_steps=2", "tracking.recon_every_epochs=0",
-            "checkpoint.every_steps=2"]
+    args = [
+        f"data.root={mini_root}",
+        f"output_dir={tmp_path}",
+        "train.max_steps=2",
+        "tracking.recon_every_epochs=0",
+        "checkpoint.every_steps=2",
+    ]
     cli(*args)
     proc = cli(*args, change, "train.max_steps=4", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
@@ -515,6 +646,14 @@ def test_resume_with_a_changed_model_is_one_line_not_a_traceback(tmp_path, mini_
 def test_checkpoint_every_epochs_0_is_off_not_every_step(tmp_path, mini_root):
     """0 means off, as everywhere in the config: only the launch's last step is saved (a gigabyte a step at ViT-B
     before)."""
-    result = pretrain(cfg_for(tmp_path, mini_root, "checkpoint.every_epochs=0", "checkpoint.keep_last=100",
-                              "train.max_steps=20", "tracking.recon_every_epochs=0"))
+    result = pretrain(
+        cfg_for(
+            tmp_path,
+            mini_root,
+            "checkpoint.every_epochs=0",
+            "checkpoint.keep_last=100",
+            "train.max_steps=20",
+            "tracking.recon_every_epochs=0",
+        )
+    )
     assert [p.name for p in ck.list_checkpoints(result.run_dir / "checkpoints")] == ["step_00000020"]

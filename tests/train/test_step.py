@@ -18,11 +18,28 @@ def make_step(precision: str, compile_mode: str, seed: int = 0, sizes=(32, 48)):
     reset_accelerate()
     accelerator = Accelerator(cpu=True, mixed_precision=precision)
     torch.manual_seed(seed)
-    model = mae_vit("micro", patch_size=8, img_size=48, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True)
+    model = mae_vit(
+        "micro",
+        patch_size=8,
+        img_size=48,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        norm_pix_loss=True,
+    )
     optimizer = build_adamw(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
     model, optimizer = accelerator.prepare(model, optimizer)
-    return TrainStep(accelerator, model, optimizer, mask_ratio=0.75, frequency_mode="fft", clip_grad=None, compile_mode=compile_mode, sizes=sizes,
-                     compile_backend="aot_eager"), model  # inductor's CPU codegen takes minutes here; the GPU benchmark uses it
+    return TrainStep(
+        accelerator,
+        model,
+        optimizer,
+        mask_ratio=0.75,
+        frequency_mode="fft",
+        clip_grad=None,
+        compile_mode=compile_mode,
+        sizes=sizes,
+        compile_backend="aot_eager",
+    ), model  # inductor's CPU codegen takes minutes here; the GPU benchmark uses it
 
 
 def batch(size=48, n=8, seed=0):
@@ -59,7 +76,9 @@ def test_no_recompile_inside_a_stage():
             step(images, size, noise)
         if i == 0:
             after_first_round = dict(counters["stats"])
-    assert counters["stats"]["unique_graphs"] == after_first_round["unique_graphs"]  # nothing new after each size was seen once
+    assert (
+        counters["stats"]["unique_graphs"] == after_first_round["unique_graphs"]
+    )  # nothing new after each size was seen once
 
 
 def test_nonfinite_grads_skip_the_update_on_the_device():
@@ -79,7 +98,9 @@ def test_nonfinite_grads_skip_the_update_on_the_device():
     assert bool(result.nonfinite)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    for (i, s_after), (_, s_before) in zip(step.raw_optimizer.state_dict()["state"].items(), opt_before["state"].items()):
+    for (_, s_after), (_, s_before) in zip(
+        step.raw_optimizer.state_dict()["state"].items(), opt_before["state"].items()
+    ):
         assert torch.equal(s_after["exp_avg"], s_before["exp_avg"]) and torch.equal(s_after["step"], s_before["step"])
 
 
@@ -91,6 +112,8 @@ def test_mask_noise_is_a_pure_function_distinct_for_every_rank_and_micro_step():
     cpu = torch.device("cpu")
     assert torch.equal(mask_noise(3, 7, 1, 5, (2, 16), cpu), mask_noise(3, 7, 1, 5, (2, 16), cpu))
     assert not torch.equal(mask_noise(0, 0, 1, 0, (2, 16), cpu), mask_noise(0, 0, 0, 131, (2, 16), cpu))
-    firsts = {tuple(mask_noise(0, 10, micro, rank, (1, 4), cpu)[0].tolist()) for micro in range(4) for rank in range(512)}
+    firsts = {
+        tuple(mask_noise(0, 10, micro, rank, (1, 4), cpu)[0].tolist()) for micro in range(4) for rank in range(512)
+    }
     assert len(firsts) == 4 * 512
     assert not torch.equal(mask_noise(0, 1, 0, 0, (2, 16), cpu), mask_noise(1, 1, 0, 0, (2, 16), cpu))
