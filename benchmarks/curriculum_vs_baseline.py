@@ -2,7 +2,7 @@
 
     python benchmarks/curriculum_vs_baseline.py --study configs/study/<name>.yaml \
         [--data /data/imagenette] [--out DIR] [--seeds 0 1] [--launch auto|subprocess|inprocess] \
-        [--ablations all [--ablation-seeds 0]] [--pretrain-only | --eval-only] [--publish]
+        [--ablations all [--ablation-seeds 0]] [--pretrain-only | --eval-only | --report-only] [--publish]
 
 One model size and one schedule length E (the study config, `configs/study/*.yaml`); per seed, the pretraining
 runs the config lists under `runs:` (in its order; one must be `baseline`, which every speed-up and accuracy is
@@ -55,6 +55,11 @@ and --eval-only) each hold a lock in `--out` for the process's life, so a second
 in one line; a run folder is moved aside (its config changed) only under its own run lock, never while a run writes
 it. `--out` may not overlap the data. Recorded commands (`python`, paths relative to the checkout) and run folders
 (relative to the checkout when inside it) name no machine, so a published file reads the same after a rerun elsewhere.
+
+Report only (--report-only): results.json, table.md and the plot written again from state.json and the study
+config, nothing trained or evaluated (e.g. after the report's layout changed); what state.json does not hold (the
+date, device, torch, launch, training-image count and compile warm-up of the session) is kept from the results.json
+it replaces, so the same state gives the same files.
 
 Output under `--out` (default runs/study/<study name>/; with --publish the report files and state.json are also
 copied to benchmarks/results/<study name>/, which is committed, and a study whose out folder has no state.json
@@ -1525,6 +1530,20 @@ def settings_key(overrides: list[str]) -> list[str]:
     return key
 
 
+# What a report says about the session that wrote it, which state.json does not hold: --report-only keeps them
+SESSION_KEYS = ("device", "date", "torch", "launch", "num_train_images", "compile_warmup_s")
+
+
+def replaced_session(out: Path, published: Path) -> dict[str, Any] | None:
+    """The session facts (SESSION_KEYS) of the report a --report-only rewrites: the study folder's results.json,
+    else the published one; None when there is neither."""
+    for path in (out / "results.json", published / "results.json"):
+        if path.is_file():
+            report = json.loads(path.read_text())
+            return {key: report[key] for key in SESSION_KEYS}
+    return None
+
+
 def main(argv=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", required=True, help="configs/study/<name>.yaml")
@@ -1581,6 +1600,14 @@ def main(argv=None) -> dict[str, Any]:
         "the stored one; trains nothing, changes nothing in state.json",
     )
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train and evaluate nothing: write results.json, table.md and the plot from state.json (every row "
+        "asked for must be in it, evaluated) and the study config; the session's date, device, torch, launch, "
+        "image count and warm-up, which state.json does not hold, are kept from the results.json it replaces "
+        "(--out's, else the published one)",
+    )
+    parser.add_argument(
         "--publish",
         action="store_true",
         help="also copy results.json, table.md and the plot to benchmarks/results/<study name>/ (committed)",
@@ -1589,10 +1616,16 @@ def main(argv=None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.eval_only and args.pretrain_only:
         raise StudyError("--eval-only and --pretrain-only exclude each other: run one process with each")
+    if args.report_only and (args.eval_only or args.pretrain_only or args.recheck):
+        raise StudyError(
+            "--report-only trains and evaluates nothing: give it without --pretrain-only, --eval-only or --recheck"
+        )
 
     study = load_study(args.study)
     data_root = Path(args.data) if args.data else study.data_root
-    if data_root is None or not (data_root / "train").is_dir() or not (data_root / "val").is_dir():
+    if data_root is None or (
+        not args.report_only and (not (data_root / "train").is_dir() or not (data_root / "val").is_dir())
+    ):
         raise StudyError(
             f"data root '{data_root}' needs train/ and val/ class folders; pass --data /path/to/imagenette "
             "(for the full Imagenette: ../shared/data/README.md)"
@@ -1613,7 +1646,7 @@ def main(argv=None) -> dict[str, Any]:
         else ["pretrain"]
         if args.pretrain_only
         else ["eval"]
-        if args.eval_only
+        if args.eval_only or args.report_only
         else ["pretrain", "eval"]
     )
     try:
@@ -1643,21 +1676,32 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
         torch.set_num_threads(study.threads)
         env["OMP_NUM_THREADS"] = str(study.threads)
 
-    # every config checked before anything runs (the equal-time run's epochs are known only later)
+    # every config checked before anything runs (the equal-time run's epochs are known only later); a report reads no
+    # data, its configs only shape the report (model, batch, crop), so a checkout without the data still writes it
+    reads_nothing = ["data.source=fractal"] if args.report_only else []
     cfgs = {
         run: load_pretrain_config(
             study.recipe,
-            pretrain_overrides(
-                study, run, 0, study.epochs * (1.0 if spec.budget == EQUAL_TIME else spec.budget), data_root, out
-            ),
+            [
+                *pretrain_overrides(
+                    study, run, 0, study.epochs * (1.0 if spec.budget == EQUAL_TIME else spec.budget), data_root, out
+                ),
+                *reads_nothing,
+            ],
         )
         for run, spec in study.runs.items()
     }
     base_cfg = cfgs[BASELINE]
-    num_images = len(scan_image_folder(data_root / "train").samples)
+    published = REPO / "benchmarks" / "results" / study.name
+    session = replaced_session(out, published) if args.report_only else None
+    if session is None and not (data_root / "train").is_dir():
+        raise StudyError(
+            f"--report-only: no results.json in {out} or {published} to take the session's facts from, and no "
+            f"data root '{data_root}' to count the training images of; pass --data"
+        )
+    num_images = session["num_train_images"] if session else len(scan_image_folder(data_root / "train").samples)
     planned_spe = num_images // (base_cfg.train.batch_size * base_cfg.train.accum_steps)
     rate = study.peak_tflops * study.assumed_mfu * 1e12
-    published = REPO / "benchmarks" / "results" / study.name
     if not (out / STATE_FILE).is_file() and (published / STATE_FILE).is_file():
         # a new checkout: start from the published state, so finished (and evaluated) seeds are read back, not rerun
         shutil.copy2(published / STATE_FILE, out / STATE_FILE)
@@ -1686,7 +1730,7 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
     warmup_s = None
     # in-process, the first run would also pay this process's one-time costs (lazy kernels, allocator,
     # thread pools): the throwaway steps take them for every run, compiled or not
-    if (base_cfg.train.compile != "none" or launch == "inprocess") and not args.eval_only:
+    if (base_cfg.train.compile != "none" or launch == "inprocess") and not (args.eval_only or args.report_only):
         t0 = time.perf_counter()
         if launch == "subprocess":
             cmd = [
@@ -1715,6 +1759,13 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
     equal_time: dict[str, dict] = {}
     eval_settings = {"eval": study.eval, "finetune_recipe": repo_relative(study.finetune_recipe)}
     clock = study.verdict_clock
+    read_only = args.eval_only or args.report_only
+
+    def not_in_state(row: str, seed: int, what: str) -> StudyError:
+        return StudyError(
+            f"--report-only: {row} seed {seed} has no {what} in {state.path} with this study's settings; run the "
+            "study without --report-only to make it"
+        )
 
     def pretrain_row(row: str, seed: int, epochs: float, read_only: bool = False) -> bool:
         """Pretrain one row of one seed (or read it back from the state), into results; read_only: only read back."""
@@ -1780,6 +1831,8 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
             return  # done in an earlier pass of this process
         key = {"encoder": state.key_of(row, seed, "pretrain"), **eval_settings}
         ev = state.get(row, seed, "eval", key)
+        if ev is None and args.report_only:
+            raise not_in_state(row, seed, "evaluation")
         if ev is None:
             ev = {
                 "eval_machine": machine(),
@@ -1837,7 +1890,7 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
     for seed in seeds:
         while True:
             # --- pretraining: baseline, et, etpp_half, then the baseline with et's time (on the verdict clock)
-            ready = pretrain_runs(seed, read_only=args.eval_only)
+            ready = pretrain_runs(seed, read_only=read_only)
             if args.pretrain_only:
                 break
             # --- the floor: the baseline's encoder at step 0
@@ -1846,6 +1899,8 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
                 r = state.get(UNTRAINED, seed, "pretrain", untrained_key)
                 evaluated = state.get(UNTRAINED, seed, "eval", {"encoder": untrained_key, **eval_settings}) is not None
                 if r is None or not (evaluated or in_repo(r["run_dir"]).is_dir()):
+                    if args.report_only:
+                        raise not_in_state(UNTRAINED, seed, "encoder")
                     r = {
                         "seed": seed,
                         "machine": machine(),
@@ -1863,6 +1918,8 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
                 evaluate_row(row, seed)
             if len(ready) == len(study.runs):
                 break
+            if args.report_only:
+                raise not_in_state(next(r for r in study.runs if r not in ready), seed, "pretraining")
             print(
                 f"seed {seed}: waiting for {', '.join(r for r in study.runs if r not in ready)} to be pretrained "
                 f"(another process); checking every {args.poll_seconds:g}s",
@@ -1873,9 +1930,9 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
         # --- then the ablations asked for, each pretrained and evaluated (split like the runs above: --pretrain-only
         # trains them one after another, --eval-only evaluates each as soon as the other process has trained it)
         for row in [r for r in ablation_rows if seed in ablation_seeds[split_row(r)[1]]]:
-            while not pretrain_row(
-                row, seed, study.epochs * study.runs[split_row(row)[0]].budget, read_only=args.eval_only
-            ):
+            while not pretrain_row(row, seed, study.epochs * study.runs[split_row(row)[0]].budget, read_only=read_only):
+                if args.report_only:
+                    raise not_in_state(row, seed, "pretraining")
                 print(
                     f"seed {seed}: waiting for {row} to be pretrained (another process); checking every "
                     f"{args.poll_seconds:g}s",
@@ -1896,7 +1953,16 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
     summary = {row: summarise(results[row]) for row in rows}
     speedup = speedups(results, [*study.run_names, *ablation_rows])
     effects = ablation_effects(results, ablation_rows)
-    device = device_name()
+    if session is None:  # this session's report (a --report-only keeps the facts of the one it replaces)
+        session = {
+            "device": device_name(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "launch": launch,
+            "num_train_images": num_images,
+            "compile_warmup_s": warmup_s,
+        }
+    device = session["device"]
     reference = reference_check(study, base_cfg, device, summary[BASELINE]["s_per_epoch"]["mean"])
     equal_time_run = next((r for r, spec in study.runs.items() if spec.budget == EQUAL_TIME), None)
     v = verdicts(study.targets, clock, summary, speedup, reference, equal_time_run)
@@ -1915,14 +1981,14 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
         "study_config": repo_relative(study.path),
         "settings": study.raw,
         "device": device,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "launch": launch,
+        "date": session["date"],
+        "torch": session["torch"],
+        "launch": session["launch"],
         "data_root": repo_relative(data_root),
-        "num_train_images": num_images,
+        "num_train_images": session["num_train_images"],
         "seeds": seeds,
         "verdict_clock": clock,
-        "compile_warmup_s": warmup_s,
+        "compile_warmup_s": session["compile_warmup_s"],
         "runs": results,
         "summary": summary,
         "speedups": speedup,

@@ -816,6 +816,33 @@ def test_a_run_folder_of_other_settings_is_moved_aside_not_deleted(tmp_path, cap
     assert script.clear_if_config_changed(run_dir, cfg) is None and run_dir.is_dir()
 
 
+def test_report_only_rewrites_the_same_report_and_trains_nothing(study, tmp_path):
+    """--report-only writes results.json and table.md again from state.json and the study config: the same bytes
+    as the session that trained and evaluated (its date, device, torch and launch kept from the results.json it
+    replaces; the recorded commands name the folder the copy is in), with the run and fine-tune folders gone, and
+    none made again: nothing was trained or evaluated; a row missing from the state stops it with one line."""
+    _, finished, _ = study
+    out = tmp_path / "study"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "runs")  # the pretraining and fine-tune folders: a run trained or evaluated again shows here
+    shutil.rmtree(out / "eval")
+    before = {name: (finished / name).read_bytes() for name in ("results.json", "table.md", "state.json")}
+    # the recorded commands name the study folder the runs go to (the copy's); the records name where they went
+    before["results.json"] = before["results.json"].replace(
+        f'output_dir=\\"{finished}/'.encode(), f'output_dir=\\"{out}/'.encode()
+    )
+    argv = ["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "1", "--report-only"]
+    run_study(argv)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not any((out / "runs").iterdir()) and not any((out / "eval").iterdir())  # nothing trained or fine-tuned
+    state = json.loads(before["state.json"])
+    del state["runs"]["et"]["1"]["eval"]
+    (out / "state.json").write_text(json.dumps(state))
+    script = load_script()
+    with pytest.raises(script.StudyError, match="--report-only: et seed 1 has no evaluation in"):
+        script.main(argv)
+
+
 def test_recheck_reproduces_a_stored_evaluation_and_changes_nothing(study, tmp_path):
     """--recheck ROW:SEED evaluates a finished encoder again beside its stored numbers: with the same code on the
     same machine every number comes back exactly; state.json is untouched; a row without an evaluation is refused."""
