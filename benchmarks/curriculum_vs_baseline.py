@@ -91,7 +91,6 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +112,7 @@ from mae_et.recipes import ConfigError, config_to_dict, flatten_dict  # noqa: E4
 from mae_et.train.config import curriculum_stages, load_pretrain_config  # noqa: E402
 from mae_et.train.optim import build_adamw  # noqa: E402
 from mae_et.train.pretrain import build_model, mask_noise, pretrain  # noqa: E402
-from mae_et.train.run import build_accelerator  # noqa: E402
+from mae_et.train.run import build_accelerator, fresh_accelerate_state  # noqa: E402
 from mae_et.train.step import TrainStep  # noqa: E402
 from mae_et.train.tracking import METRICS_FILE  # noqa: E402
 
@@ -562,7 +561,7 @@ def launch_pretrain(cfg_recipe: Path, overrides: list[str], log_path: Path, laun
             tail = "\n".join(log_path.read_text().splitlines()[-20:])
             raise StudyError(f"pretraining failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     else:
-        AcceleratorState._reset_state(True)  # each run builds its own Accelerator
+        fresh_accelerate_state()
         with open(log_path, "a") as log, redirect_stdout(log):
             pretrain(load_pretrain_config(cfg_recipe, overrides))
     return time.perf_counter() - t0
@@ -671,7 +670,7 @@ def warm_compile(study: Study, data_root: Path, out: Path) -> None:
     for run, spec in study.runs.items():
         if spec.budget == EQUAL_TIME:
             continue  # the baseline's graph
-        AcceleratorState._reset_state(True)
+        fresh_accelerate_state()
         cfg = load_pretrain_config(
             study.recipe, pretrain_overrides(study, run, 0, study.epochs * spec.budget, data_root, out)
         )
@@ -699,7 +698,7 @@ def warm_compile(study: Study, data_root: Path, out: Path) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             print(f"compiled {run} B={size} in {time.perf_counter() - t0:.1f}s", flush=True)
-    AcceleratorState._reset_state(True)
+    fresh_accelerate_state()
 
 
 def _model_and_optimizer(cfg):
@@ -793,10 +792,10 @@ def run_finetune(
         ],
     )
     clear_if_config_changed(cfg.run_dir, cfg)
-    AcceleratorState._reset_state(True)
+    fresh_accelerate_state()
     with open(log_path, "a") as log, redirect_stdout(log):
         ft = finetune(cfg)
-    AcceleratorState._reset_state(True)
+    fresh_accelerate_state()
     # the last epoch: no selection on the validation split
     return {"finetune_top1": ft.last_eval["top1"], "finetune_best_top1": ft.best["top1"]}
 
@@ -873,7 +872,7 @@ def evaluate_encoder(
         seconds["knn_sizes"] = sw.as_dict()
 
     with Stopwatch() as sw:
-        AcceleratorState._reset_state(True)
+        fresh_accelerate_state()
         history = fit_probe_on_features(
             train_x["cls"], train_y, val_x["cls"], val_y, len(classes), seed=seed, **probe_settings(ev["linprobe"])
         )

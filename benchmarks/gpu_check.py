@@ -65,7 +65,6 @@ from pathlib import Path
 T0 = time.perf_counter()  # the budget counts from here: the heavy imports (torch, transformers) included
 
 import torch  # noqa: E402
-from accelerate.state import AcceleratorState  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -94,6 +93,7 @@ from mae_et.models.mae import MODEL_SIZES  # noqa: E402
 from mae_et.train.config import curriculum_stages, load_pretrain_config  # noqa: E402
 from mae_et.train.optim import build_adamw  # noqa: E402
 from mae_et.train.pretrain import mask_noise, pretrain  # noqa: E402
+from mae_et.train.run import fresh_accelerate_state  # noqa: E402
 from mae_et.train.step import TrainStep  # noqa: E402
 
 TRAVEL_DATA = REPO / ".data" / "imagenette-travel"
@@ -869,9 +869,9 @@ def probe_run(plan: Plan, base_overrides: list[str], data_root: Path, tmp: Path,
     cfg = load_pretrain_config(plan.config, overrides)
     steps_per_epoch = len(scan_image_folder(data_dir(cfg.data)).samples) // cfg.train.batch_size
     cfg.train.log_every = max(1, round(plan.probe_epochs * steps_per_epoch / 10))  # about ten points per curve
-    AcceleratorState._reset_state(True)
+    fresh_accelerate_state()
     result = pretrain(cfg)
-    AcceleratorState._reset_state(True)
+    fresh_accelerate_state()
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     last = lines[-1]
     train_s = last["elapsed_s"] - last["overhead_s"]  # the loop, less the final checkpoint's bookkeeping
@@ -905,7 +905,7 @@ def probe(report: Report, plan: Plan, base_overrides: list[str], data_root: Path
                     f"{r['last_loss']:.4f}",
                     flush=True,
                 )
-            AcceleratorState._reset_state(True)
+            fresh_accelerate_state()
             free_memory()
     entry = {"runs": runs}
     if len(runs) == 2:

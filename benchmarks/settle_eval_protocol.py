@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate.state import AcceleratorState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curriculum_vs_baseline as study_lib  # noqa: E402
@@ -34,6 +33,7 @@ import curriculum_vs_baseline as study_lib  # noqa: E402
 from mae_et.data.folder import scan_image_folder  # noqa: E402
 from mae_et.evaluate.linprobe import fit_probe_on_features  # noqa: E402
 from mae_et.models.features import knn_accuracy  # noqa: E402
+from mae_et.train.run import fresh_accelerate_state  # noqa: E402
 
 
 def make_holdout(train_dir: Path, fraction: float, seed: int, out: Path) -> Path:
@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for blr, epochs, batch in itertools.product(args.probe_blr, args.probe_epochs, args.probe_batch):
-            AcceleratorState._reset_state(True)
+            fresh_accelerate_state()
             settings = {
                 **base_probe,
                 "blr": blr,

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -40,7 +39,7 @@ from mae_et.models.mae import MODEL_SIZES  # noqa: E402
 from mae_et.train.config import load_pretrain_config  # noqa: E402
 from mae_et.train.optim import build_adamw  # noqa: E402
 from mae_et.train.pretrain import build_model, mask_noise  # noqa: E402
-from mae_et.train.run import MIXED_PRECISION  # noqa: E402
+from mae_et.train.run import MIXED_PRECISION, fresh_accelerate_state  # noqa: E402
 from mae_et.train.step import TrainStep  # noqa: E402
 
 GPU_ROWS = "base:256:224,192,160,128,96 large:128:224"
@@ -86,7 +85,7 @@ def device_name() -> str:
 
 def fresh_accelerator(precision: str) -> Accelerator:
     """A new Accelerate state with this precision (bf16 autocast through Accelerate, as in training)."""
-    AcceleratorState._reset_state(True)
+    fresh_accelerate_state()
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=MIXED_PRECISION[precision])
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
 from mae_et.checkpoint import list_checkpoints
+from mae_et.train.run import fresh_accelerate_state
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO.parent / "shared" / "data" / "imagenette-mini"
@@ -68,7 +68,7 @@ def micro_run(tmp_path_factory, mini_root) -> Path:
 def reset_accelerate() -> None:
     """Forget this process's Accelerate state: each in-process run builds its own Accelerator (precision and
     tracker may differ), so a test that runs twice in one process resets between the runs."""
-    AcceleratorState._reset_state(True)
+    fresh_accelerate_state()
 
 
 @pytest.fixture

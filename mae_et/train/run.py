@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 
 from mae_et import checkpoint as ckpt_lib
@@ -190,6 +191,16 @@ class RunInterrupted(RunStopped):
 
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+def fresh_accelerate_state() -> None:
+    """Forget this process's Accelerate state, so that the next Accelerator is built from its own arguments.
+
+    Accelerate keeps one state per process, and a second Accelerator silently inherits the first one's (precision,
+    tracker); a process that runs several things one after another (a study's in-process pretrainings, fine-tunes
+    and probes, a benchmark's rows, a test) calls this before each, because each builds its own Accelerator. The
+    one place that touches Accelerate's private reset."""
+    AcceleratorState._reset_state(True)
 
 
 def build_accelerator(precision: str, accum_steps: int, use_wandb: bool) -> Accelerator:
