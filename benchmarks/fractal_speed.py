@@ -9,15 +9,14 @@ what each DataLoader worker does on the CPU. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python benchmarks/fractal_speed.py`: see benchmarks/_checkout.py
+    import _checkout  # noqa: F401
 
-from mae_et.data.fractal import FractalDataset, render_fractal, render_fractal_batch  # noqa: E402
+from mae_et.data.fractal import FractalDataset, render_fractal, render_fractal_batch
 
 
 def rate(fn, images_per_call: int, seconds: float, device: torch.device) -> float:

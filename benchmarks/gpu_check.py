@@ -66,13 +66,12 @@ T0 = time.perf_counter()  # the budget counts from here: the heavy imports (torc
 
 import torch  # noqa: E402
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(BENCH))
+if not __package__:  # run as `python benchmarks/gpu_check.py`: see benchmarks/_checkout.py
+    import _checkout  # noqa: F401
 
-from fractal_speed import rate  # noqa: E402
-from throughput import (  # noqa: E402
+from benchmarks import REPO  # noqa: E402
+from benchmarks.fractal_speed import rate  # noqa: E402
+from benchmarks.throughput import (  # noqa: E402
     COMPUTE_DTYPES,
     build_train_step,
     count_params,
@@ -84,7 +83,6 @@ from throughput import (  # noqa: E402
     step_flops,
     time_calls,
 )
-
 from mae_et.curriculum.schedules import plan_curriculum  # noqa: E402
 from mae_et.data.folder import scan_image_folder  # noqa: E402
 from mae_et.data.fractal import FractalDataset, render_fractal_batch  # noqa: E402

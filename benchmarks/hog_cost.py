@@ -16,19 +16,14 @@ other work). Writes <out>/hog_cost.json (every timed run, medians, ratios, load 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+if not __package__:  # run as `python benchmarks/hog_cost.py`: see benchmarks/_checkout.py
+    import _checkout  # noqa: F401
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(BENCH))
-
-from peer_cpu import ROWS, RowSpec, TimedSteps, alternate, random_images, run_cli  # noqa: E402,F401 (ROWS: the same rows)
-from throughput import build_train_step, fresh_accelerator  # noqa: E402
-
-from mae_et.data.folder import normalize_on_device  # noqa: E402
-from mae_et.train.config import load_pretrain_config  # noqa: E402
+from benchmarks import REPO
+from benchmarks.peer_cpu import ROWS, RowSpec, TimedSteps, alternate, random_images, run_cli  # noqa: F401 (ROWS: the same rows)
+from benchmarks.throughput import build_train_step, fresh_accelerator
+from mae_et.data.folder import normalize_on_device
+from mae_et.train.config import load_pretrain_config
 
 RECIPE = REPO / "configs" / "pretrain" / "mae_vit-base-p16_baseline_800e_imagenet.yaml"
 CLIP = 1.0

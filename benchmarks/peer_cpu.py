@@ -32,18 +32,16 @@ from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(BENCH))
+if not __package__:  # run as `python benchmarks/peer_cpu.py`: see benchmarks/_checkout.py
+    import _checkout  # noqa: F401
 
-from throughput import build_train_step, count_params, fresh_accelerator, hf_peer_config  # noqa: E402
-
-from mae_et.data.folder import normalize_on_device  # noqa: E402
-from mae_et.files import FileError, check_output_folder, write_text_atomic  # noqa: E402
-from mae_et.train.config import load_pretrain_config  # noqa: E402
-from mae_et.train.optim import build_adamw  # noqa: E402
-from mae_et.train.pretrain import mask_noise  # noqa: E402
+from benchmarks import REPO
+from benchmarks.throughput import build_train_step, count_params, fresh_accelerator, hf_peer_config
+from mae_et.data.folder import normalize_on_device
+from mae_et.files import FileError, check_output_folder, write_text_atomic
+from mae_et.train.config import load_pretrain_config
+from mae_et.train.optim import build_adamw
+from mae_et.train.pretrain import mask_noise
 
 RECIPE = REPO / "configs" / "pretrain" / "mae_vit-base-p16_baseline_800e_imagenet.yaml"
 CLIP = 1.0

@@ -22,18 +22,22 @@ import itertools
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import curriculum_vs_baseline as study_lib  # noqa: E402
+if not __package__:  # run as `python benchmarks/settle_eval_protocol.py`: see benchmarks/_checkout.py
+    import _checkout  # noqa: F401
 
-from mae_et.data.folder import scan_image_folder  # noqa: E402
-from mae_et.evaluate.linprobe import fit_probe_on_features  # noqa: E402
-from mae_et.models.features import knn_accuracy  # noqa: E402
-from mae_et.train.run import fresh_accelerate_state  # noqa: E402
+from benchmarks.study.clocks import Stopwatch, device_name
+from benchmarks.study.config import load_study
+from benchmarks.study.evaluation import encoder_features, knn_top1, probe_settings, run_finetune
+from benchmarks.study.paths import default_out
+from benchmarks.study.runs import pretrain_overrides, save_untrained_encoder
+from mae_et.data.folder import scan_image_folder
+from mae_et.evaluate.linprobe import fit_probe_on_features
+from mae_et.train.config import load_pretrain_config
+from mae_et.train.run import fresh_accelerate_state
 
 
 def make_holdout(train_dir: Path, fraction: float, seed: int, out: Path) -> Path:
@@ -81,21 +85,19 @@ def main(argv=None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    study = study_lib.load_study(args.study)
+    study = load_study(args.study)
     data_root = Path(args.data).resolve() if args.data else study.data_root.resolve()
-    out = Path(args.out).resolve() if args.out else study_lib.REPO / "runs" / "study" / study.name / "settle"
+    out = Path(args.out).resolve() if args.out else default_out(study.name) / "settle"
     out.mkdir(parents=True, exist_ok=True)
     holdout = make_holdout(data_root / "train", args.holdout, args.seed, out / "holdout")
-    cfg = study_lib.load_pretrain_config(
-        study.recipe, study_lib.pretrain_overrides(study, "baseline", args.seed, study.epochs, data_root, out)
+    cfg = load_pretrain_config(
+        study.recipe, pretrain_overrides(study, "baseline", args.seed, study.epochs, data_root, out)
     )
     img_size, ev = cfg.data.crop_size, study.eval
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoders = {
         name: (
-            study_lib.save_untrained_encoder(study, args.seed, data_root, out)
-            if name == "untrained"
-            else Path(name).resolve()
+            save_untrained_encoder(study, args.seed, data_root, out) if name == "untrained" else Path(name).resolve()
         )
         for name in args.encoders
     }
@@ -105,7 +107,7 @@ def main(argv=None) -> dict:
         "encoders": {k: str(v) for k, v in encoders.items()},
         "holdout": args.holdout,
         "seed": args.seed,
-        "device": study_lib.device_name(),
+        "device": device_name(),
         "knn": {},
         "probe": [],
         "finetune": [],
@@ -117,25 +119,14 @@ def main(argv=None) -> dict:
     ]
 
     # --- linear probe grid on cached features, kNN beside it
-    base_probe = study_lib.probe_settings(ev["linprobe"])
+    base_probe = probe_settings(ev["linprobe"])
     for which, encoder in encoders.items():
-        with study_lib.Stopwatch() as sw:
-            features, classes = study_lib.encoder_features(
+        with Stopwatch() as sw:
+            features, classes = encoder_features(
                 encoder, holdout, img_size, int(ev["knn"]["batch_size"]), int(ev["num_workers"]), device
             )
         (train_x, train_y), (val_x, val_y) = features["train"], features["val"]
-        knn = {
-            pool: knn_accuracy(
-                train_x[pool],
-                train_y,
-                val_x[pool],
-                val_y,
-                len(classes),
-                k=int(ev["knn"]["k"]),
-                temperature=float(ev["knn"]["temperature"]),
-            )
-            for pool in ("cls", "mean")
-        }
+        knn = knn_top1(features, len(classes), ev["knn"])
         report["knn"][which] = knn
         md += [
             f"{which}: features of {train_x['cls'].shape[0]} train / {val_x['cls'].shape[0]} hold-out images in "
@@ -181,10 +172,8 @@ def main(argv=None) -> dict:
         for which, path in encoders.items():
             extra = [f"optim.blr={blr!r}"] + ([f"train.epochs={epochs!r}"] if epochs else [])
             tag = f"{which}_blr{blr:g}_ep{epochs:g}" if epochs else f"{which}_blr{blr:g}"
-            with study_lib.Stopwatch() as sw:
-                ft = study_lib.run_finetune(
-                    study, path, holdout, img_size, args.seed, out / tag, out / f"{tag}.log", extra
-                )
+            with Stopwatch() as sw:
+                ft = run_finetune(study, path, holdout, img_size, args.seed, out / tag, out / f"{tag}.log", extra)
             row = {"encoder": which, "blr": blr, "epochs": epochs, **ft, **sw.as_dict()}
             report["finetune"].append(row)
             md.append(

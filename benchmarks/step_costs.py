@@ -28,16 +28,15 @@ from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(BENCH))
+if not __package__:  # run as `python benchmarks/step_costs.py`: see benchmarks/_checkout.py
+    import _checkout  # noqa: F401
 
-from curriculum_vs_baseline import BASELINE, EQUAL_TIME, load_study, planned_stages, pretrain_overrides  # noqa: E402
-from peer_cpu import RowSpec, TimedSteps, alternate, checked_out, write_result  # noqa: E402
-from throughput import build_train_step, fresh_accelerator  # noqa: E402
-
-from mae_et.train.config import load_pretrain_config  # noqa: E402
+from benchmarks import REPO
+from benchmarks.peer_cpu import RowSpec, TimedSteps, alternate, checked_out, write_result
+from benchmarks.study.config import BASELINE, EQUAL_TIME, load_study
+from benchmarks.study.runs import planned_stages, pretrain_overrides
+from benchmarks.throughput import build_train_step, fresh_accelerator
+from mae_et.train.config import load_pretrain_config
 
 
 class StageStep(TimedSteps):

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,17 +29,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if not __package__:  # run as `python benchmarks/throughput.py`: see benchmarks/_checkout.py
+    import _checkout  # noqa: F401
 
-from mae_et.data.sources import open_source  # noqa: E402
-from mae_et.models.flops import mae_train_flops_per_image  # noqa: E402
-from mae_et.models.mae import MODEL_SIZES  # noqa: E402
-from mae_et.train.config import load_pretrain_config  # noqa: E402
-from mae_et.train.optim import build_adamw  # noqa: E402
-from mae_et.train.pretrain import build_model, mask_noise  # noqa: E402
-from mae_et.train.run import MIXED_PRECISION, fresh_accelerate_state  # noqa: E402
-from mae_et.train.step import TrainStep  # noqa: E402
+from benchmarks import REPO
+from mae_et.data.sources import open_source
+from mae_et.models.flops import mae_train_flops_per_image
+from mae_et.models.mae import MODEL_SIZES
+from mae_et.train.config import load_pretrain_config
+from mae_et.train.optim import build_adamw
+from mae_et.train.pretrain import build_model, mask_noise
+from mae_et.train.run import MIXED_PRECISION, fresh_accelerate_state
+from mae_et.train.step import TrainStep
 
 GPU_ROWS = "base:256:224,192,160,128,96 large:128:224"
 SMOKE_ROWS = "micro:8:48,40,32"

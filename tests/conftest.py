@@ -21,15 +21,11 @@ CPU_RECIPE = REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml"
 
 
 def load_benchmark(name: str):
-    """A fresh import of benchmarks/<name>.py (not a package), registered under its name: its dataclasses look
-    their module up."""
-    import importlib.util
+    """benchmarks/<name>.py, imported as the module benchmarks.<name> (the package the scripts import each other
+    through)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 @pytest.fixture(scope="session")

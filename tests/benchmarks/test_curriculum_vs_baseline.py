@@ -18,7 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import MINI, REPO, load_benchmark, reset_accelerate
+from conftest import MINI, REPO, reset_accelerate
+
+from benchmarks.study.cli import main
+from benchmarks.study.clocks import backfill_quiet_cpu, quiet_cpu_seconds, training_clock
+from benchmarks.study.config import EQUAL_TIME, RunSpec, StudyError, ablation_seed_plan, load_study, run_targets
+from benchmarks.study.evaluation import encoder_at_size
+from benchmarks.study.paths import in_repo, portable_command
+from benchmarks.study.runs import clear_if_config_changed, pretrain_command, pretrain_overrides
+from benchmarks.study.state import ROLE_LOCKS
+from benchmarks.study.summary import code_note, machines_note, spread
+from benchmarks.study.tables import stage_rate_table, stage_rates
+from benchmarks.study.verdicts import reference_check, verdict_lines, verdicts
 
 STUDY = REPO / "configs" / "study" / "mini_cpu-smoke.yaml"
 RUNS = ("baseline", "et", "etpp_half", "baseline_equal_time")
@@ -27,18 +38,14 @@ SEEDS = ("0", "1")
 ACCURACY_KEYS = ("knn_top1_cls", "knn_top1_mean", "linear_top1", "finetune_top1", "finetune_best_top1")
 
 
-def load_script():
-    return load_benchmark("curriculum_vs_baseline")
-
-
 def run_study(argv: list[str]) -> tuple[dict, str]:
-    """The study script's main() in this process, one thread (tiny ops on a shared 2-core machine), stdout captured."""
+    """The study's main() in this process, one thread (tiny ops on a shared 2-core machine), stdout captured."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):
-            returned = load_script().main(argv)
+            returned = main(argv)
     finally:
         torch.set_num_threads(threads)
         reset_accelerate()
@@ -178,9 +185,9 @@ def test_table_plot_and_verdicts(study):
     for run in ROWS:
         assert f"| {run} |" in table and f"| {run} |" in printed
     assert (out / "accuracy_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    verdicts = [line for line in printed.splitlines() if line.startswith("verdict ")]
-    assert len(verdicts) == 5 and "speed-ups (cpu time, baseline / run, within each seed)" in printed
-    assert all(any(w in line for w in ("PASS", "FAIL", "n/a")) for line in verdicts)
+    printed_verdicts = [line for line in printed.splitlines() if line.startswith("verdict ")]
+    assert len(printed_verdicts) == 5 and "speed-ups (cpu time, baseline / run, within each seed)" in printed
+    assert all(any(w in line for w in ("PASS", "FAIL", "n/a")) for line in printed_verdicts)
     v = result["verdicts"]
     assert v["reference"]["verdict"] == "n/a"  # a micro model on a CPU is not the reference's ViT-B on an H100
     assert set(v["floor"]["runs"]) == set(RUNS)
@@ -212,12 +219,9 @@ def test_a_killed_study_resumes_its_half_finished_run(tmp_path):
     from mae_et.train.config import load_pretrain_config
     from mae_et.train.pretrain import pretrain
 
-    script = load_script()
-    study = script.load_study(STUDY)
+    study = load_study(STUDY)
     out = tmp_path / "study"
-    overrides = script.pretrain_overrides(
-        study, "baseline", 0, study.epochs, MINI.resolve(), out
-    )  # the study resolves --data
+    overrides = pretrain_overrides(study, "baseline", 0, study.epochs, MINI.resolve(), out)  # the study resolves --data
     # the kill: the baseline stops at step 20 of 30 with a checkpoint (train.max_steps does what a time limit does)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -268,14 +272,13 @@ def test_changed_eval_settings_redo_only_the_evaluations(study, tmp_path):
 
 def test_subprocess_launch_runs_the_same_config(tmp_path):
     """The GPU launch (`python pretrain.py --config ... overrides`) parses to the config the in-process launch uses."""
-    script = load_script()
     from mae_et.cli import parse_args
     from mae_et.recipes import config_to_dict
     from mae_et.train.config import load_pretrain_config
 
-    study = script.load_study(STUDY)
-    overrides = script.pretrain_overrides(study, "etpp_half", 1, 1.0, MINI, tmp_path)
-    cmd = script.pretrain_command(study.recipe, overrides)
+    study = load_study(STUDY)
+    overrides = pretrain_overrides(study, "etpp_half", 1, 1.0, MINI, tmp_path)
+    cmd = pretrain_command(study.recipe, overrides)
     assert Path(cmd[1]) == REPO / "pretrain.py"
     args = parse_args(cmd[2:], "", None)
     cfg = load_pretrain_config(args.config, args.overrides)
@@ -294,8 +297,7 @@ def test_subprocess_launch_runs_the_same_config(tmp_path):
 
 def made_up(values: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
     """{run: {key: [per-seed values]}} -> the summary layout (mean / half_range / std / values)."""
-    script = load_script()
-    return {run: {key: script.spread(v) for key, v in keys.items()} for run, keys in values.items()}
+    return {run: {key: spread(v) for key, v in keys.items()} for run, keys in values.items()}
 
 
 def summary_with(
@@ -336,7 +338,7 @@ def summary_with(
     }
     summary = made_up(values)
     speedup = {
-        run: {clock: load_script().spread([100.0 / t for t in values[run][f"{clock}_s"]]) for clock in ("wall", "cpu")}
+        run: {clock: spread([100.0 / t for t in values[run][f"{clock}_s"]]) for clock in ("wall", "cpu")}
         for run in RUNS
     }
     return summary, speedup
@@ -353,9 +355,8 @@ LEGACY_TARGETS = {
 
 def targets(raw=None):
     """The first edition's target keys, read as the study reads them (`run_targets`)."""
-    script = load_script()
-    runs = {name: script.RunSpec(1.0, []) for name in RUNS}
-    return script.run_targets(raw or LEGACY_TARGETS, runs, Path("study.yaml"))
+    runs = {name: RunSpec(1.0, []) for name in RUNS}
+    return run_targets(raw or LEGACY_TARGETS, runs, Path("study.yaml"))
 
 
 REFERENCE = {
@@ -368,12 +369,11 @@ REFERENCE = {
 
 
 def test_verdicts_pass_when_every_target_holds():
-    script = load_script()
     # et: 1.5x, kNN 50 and 54 -> mean 52, at the baseline's worst seed (52 - 2 = 50); etpp: 2.5x, 1 point below
     summary, speedup = summary_with([50.0, 54.0], [66.7, 66.7], [51.0, 51.0], [40.0, 40.0], eq_linear=60.0)
-    v = script.verdicts(targets(), "cpu", summary, speedup, REFERENCE, "baseline_equal_time")
+    v = verdicts(targets(), "cpu", summary, speedup, REFERENCE, "baseline_equal_time")
     assert v["runs"]["et"]["pass"] and v["runs"]["etpp_half"]["pass"] and v["equal_time"]["pass"] and v["floor"]["pass"]
-    lines = script.verdict_lines(v)
+    lines = verdict_lines(v)
     assert sum("PASS" in line for line in lines) == 4
 
 
@@ -389,7 +389,6 @@ def test_verdicts_pass_when_every_target_holds():
     ],
 )
 def test_verdicts_fail_on_each_missed_target(case, failing):
-    script = load_script()
     args = dict(
         et_knn=[50.0, 54.0], et_time=[66.7, 66.7], etpp_knn=[51.0, 51.0], etpp_time=[40.0, 40.0], eq_linear=60.0
     )
@@ -406,7 +405,7 @@ def test_verdicts_fail_on_each_missed_target(case, failing):
     else:
         args["untrained_knn"] = 46.0  # the equal-time run's kNN 50 < 46 + 5 points
     summary, speedup = summary_with(**args)
-    v = script.verdicts(targets(), "cpu", summary, speedup, REFERENCE, "baseline_equal_time")
+    v = verdicts(targets(), "cpu", summary, speedup, REFERENCE, "baseline_equal_time")
     verdict = {
         "et": v["runs"]["et"],
         "etpp_half": v["runs"]["etpp_half"],
@@ -414,18 +413,15 @@ def test_verdicts_fail_on_each_missed_target(case, failing):
         "floor": v["floor"],
     }
     assert [name for name, x in verdict.items() if not x["pass"]] == [failing]
-    line = next(x for x in script.verdict_lines(v) if "FAIL" in x)
+    line = next(x for x in verdict_lines(v) if "FAIL" in x)
     assert "FAIL" in line
 
 
 def test_verdicts_use_the_configured_clock():
-    script = load_script()
     summary, speedup = summary_with([50.0, 54.0], [66.7, 66.7], [51.0, 51.0], [40.0, 40.0], eq_linear=60.0)
-    speedup["et"]["wall"] = script.spread([1.2, 1.2])  # a loaded machine: wall time says 1.2x, CPU time 1.5x
-    assert script.verdicts(targets(), "cpu", summary, speedup, REFERENCE, "baseline_equal_time")["runs"]["et"]["pass"]
-    assert not script.verdicts(targets(), "wall", summary, speedup, REFERENCE, "baseline_equal_time")["runs"]["et"][
-        "pass"
-    ]
+    speedup["et"]["wall"] = spread([1.2, 1.2])  # a loaded machine: wall time says 1.2x, CPU time 1.5x
+    assert verdicts(targets(), "cpu", summary, speedup, REFERENCE, "baseline_equal_time")["runs"]["et"]["pass"]
+    assert not verdicts(targets(), "wall", summary, speedup, REFERENCE, "baseline_equal_time")["runs"]["et"]["pass"]
 
 
 def test_kNN_across_test_sizes_is_tabled(study):
@@ -445,20 +441,18 @@ def test_encoder_at_another_size_takes_its_pos_embed_mode(study, mode):
     (spread over the training grid); at the training size the stored table."""
     from mae_et.models.mae import get_2d_sincos_pos_embed
 
-    script = load_script()
     result, _, _ = study
     run_dir = Path(result["runs"]["baseline"]["0"]["run_dir"])
-    small = script.encoder_at_size(run_dir, 32, mode)  # 4 x 4 patches of 8, trained at 6 x 6
+    small = encoder_at_size(run_dir, 32, mode)  # 4 x 4 patches of 8, trained at 6 x 6
     expected = get_2d_sincos_pos_embed(64, 4, extent=6 if mode == "extent" else None)
     assert torch.equal(small.pos_embed[0], expected)
-    assert torch.equal(script.encoder_at_size(run_dir, None, mode).pos_embed[0], get_2d_sincos_pos_embed(64, 6))
+    assert torch.equal(encoder_at_size(run_dir, None, mode).pos_embed[0], get_2d_sincos_pos_embed(64, 6))
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 64)
 
 
 def test_generic_targets_name_their_runs_and_bounds():
     """The second edition's form: any run, a speed-up, accuracies within the seed range and others within points."""
-    script = load_script()
-    runs = {name: script.RunSpec(1.0, []) for name in ("baseline", "baseline_partial", "et_partial")}
+    runs = {name: RunSpec(1.0, []) for name in ("baseline", "baseline_partial", "et_partial")}
     raw = {
         "runs": {
             "baseline_partial": {
@@ -470,7 +464,7 @@ def test_generic_targets_name_their_runs_and_bounds():
         },
         "min_gain_over_untrained": 5,
     }
-    t = script.run_targets(raw, runs, Path("s.yaml"))
+    t = run_targets(raw, runs, Path("s.yaml"))
     base = {
         "knn_top1_cls": [50.0, 54.0],
         "knn_top1_mean": [50.0, 54.0],
@@ -490,28 +484,27 @@ def test_generic_targets_name_their_runs_and_bounds():
         "et_partial": {**base, "knn_top1_cls": [49.0, 50.0], "cpu_s": [60.0, 60.0]},
     }
     summary = made_up(values)
-    speedup = {r: {c: script.spread([100.0 / x for x in values[r]["cpu_s"]]) for c in ("wall", "cpu")} for r in values}
-    v = script.verdicts(t, "cpu", summary, speedup, REFERENCE)
+    speedup = {r: {c: spread([100.0 / x for x in values[r]["cpu_s"]]) for c in ("wall", "cpu")} for r in values}
+    v = verdicts(t, "cpu", summary, speedup, REFERENCE)
     # baseline_partial: 1.125x, kNN 50 = the baseline's worst seed, linear equal, fine-tune 0.8 below (1 allowed)
     assert v["runs"]["baseline_partial"]["pass"]
     assert set(v["runs"]["baseline_partial"]["accuracy"]) == {"knn_top1_cls", "linear_top1", "finetune_top1"}
     # et_partial: 1.67x but kNN mean 49.5 < 50
     assert not v["runs"]["et_partial"]["pass"] and not v["runs"]["et_partial"]["accuracy"]["knn_top1_cls"]["ok"]
     assert "equal_time" not in v
-    lines = script.verdict_lines(v)
+    lines = verdict_lines(v)
     assert lines[0].startswith(
         "verdict baseline_partial (>= 1.1x less cpu time; knn_top1_cls, linear_top1 within the "
         "baseline's seed range or above; finetune_top1 within 1 point): PASS"
     )
     assert "verdict et_partial" in lines[1] and "FAIL" in lines[1]
-    with pytest.raises(script.StudyError, match="targets.runs.et is not a run of this study"):
-        script.run_targets({"runs": {"et": {"speedup": 1.4}}}, runs, Path("s.yaml"))
-    with pytest.raises(script.StudyError, match="accuracies .'top5'. unknown"):
-        script.run_targets({"runs": {"et_partial": {"speedup": 1.4, "max_drop": {"top5": 1}}}}, runs, Path("s.yaml"))
+    with pytest.raises(StudyError, match="targets.runs.et is not a run of this study"):
+        run_targets({"runs": {"et": {"speedup": 1.4}}}, runs, Path("s.yaml"))
+    with pytest.raises(StudyError, match="accuracies .'top5'. unknown"):
+        run_targets({"runs": {"et_partial": {"speedup": 1.4, "max_drop": {"top5": 1}}}}, runs, Path("s.yaml"))
 
 
 def test_study_runs_come_from_the_config(tmp_path):
-    script = load_script()
     raw = yaml.safe_load((REPO / "configs" / "study" / "mini_cpu-smoke.yaml").read_text())
     raw["pretrain"]["recipe"] = str(REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml")
     raw["eval"]["finetune"]["recipe"] = str(REPO / "configs" / "finetune" / "vit-micro-p8_mae_cpu-test.yaml")
@@ -523,20 +516,19 @@ def test_study_runs_come_from_the_config(tmp_path):
     raw.pop("ablations")
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert script.load_study(path).run_names == ["baseline", "baseline_partial"]
+    assert load_study(path).run_names == ["baseline", "baseline_partial"]
     for runs, message in [
         ({"plain": {"budget": 1.0}}, "needs one named 'baseline'"),
         ({"baseline": {"budget": 1.0}, "late": {"budget": "equal_time"}}, "there is no run 'et'"),
         ({"baseline": {"budget": 1.0}, "untrained": {"budget": 1.0}}, "study's own rows"),
     ]:
         path.write_text(yaml.safe_dump({**raw, "runs": runs, "targets": {}}))
-        with pytest.raises(script.StudyError, match=message):
-            script.load_study(path)
+        with pytest.raises(StudyError, match=message):
+            load_study(path)
 
 
 def test_reference_check_passes_and_fails_only_when_everything_matches():
-    script = load_script()
-    study = script.load_study(REPO / "configs" / "study" / "imagenette_vit-s16_200e.yaml")
+    study = load_study(REPO / "configs" / "study" / "imagenette_vit-s16_200e.yaml")
     ref = study.reference
 
     class Cfg:  # the reference's own settings
@@ -554,21 +546,20 @@ def test_reference_check_passes_and_fails_only_when_everything_matches():
         class data:
             crop_size = ref["crop_size"]
 
-    assert script.reference_check(study, Cfg, "NVIDIA H100 80GB HBM3", 6.0)["verdict"] == "PASS"
-    assert script.reference_check(study, Cfg, "NVIDIA H100 80GB HBM3", 7.0)["verdict"] == "FAIL"
-    other = script.reference_check(study, Cfg, "NVIDIA H200", 6.0)
+    assert reference_check(study, Cfg, "NVIDIA H100 80GB HBM3", 6.0)["verdict"] == "PASS"
+    assert reference_check(study, Cfg, "NVIDIA H100 80GB HBM3", 7.0)["verdict"] == "FAIL"
+    other = reference_check(study, Cfg, "NVIDIA H200", 6.0)
     assert other["verdict"] == "n/a" and any("device" in d for d in other["differs"])
 
 
 def test_machines_note_names_mixed_machines():
-    script = load_script()
     m1, m2 = {"device": "CPU (A, 2 cores)", "host": "h1"}, {"device": "CPU (B, 2 cores)", "host": "h2"}
     same = {"baseline": {"0": {"machine": m1}, "1": {"machine": m1}}}
-    assert script.machines_note(same)["notes"] == []
+    assert machines_note(same)["notes"] == []
     across = {"baseline": {"0": {"machine": m1}, "1": {"machine": m2}}}
-    assert "the seeds ran on different machines" in script.machines_note(across)["notes"][0]
+    assert "the seeds ran on different machines" in machines_note(across)["notes"][0]
     within = {"baseline": {"0": {"machine": m1}}, "et": {"0": {"machine": m2}}}
-    assert "seed 0's runs ran on 2 machines" in script.machines_note(within)["notes"][0]
+    assert "seed 0's runs ran on 2 machines" in machines_note(within)["notes"][0]
 
 
 def test_ablation_rows_run_after_the_main_rows_against_the_same_baseline(study, tmp_path):
@@ -636,11 +627,10 @@ def test_ablation_rows_run_after_the_main_rows_against_the_same_baseline(study, 
     for key in ("knn_top1_cls", "linear_top1", "finetune_top1"):
         assert 0.0 <= floor[key] <= 100.0
     assert "| etpp_half+floor32 |" in (out / "table.md").read_text()
-    script = load_script()
-    with pytest.raises(script.StudyError, match="ablations \\['nope'\\] are not in"):
-        script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--ablations", "nope"])
-    with pytest.raises(script.StudyError, match="--ablation-seeds \\[2\\] are not among --seeds"):
-        script.main(
+    with pytest.raises(StudyError, match="ablations \\['nope'\\] are not in"):
+        main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--ablations", "nope"])
+    with pytest.raises(StudyError, match="--ablation-seeds \\[2\\] are not among --seeds"):
+        main(
             [
                 "--study",
                 str(STUDY),
@@ -660,14 +650,13 @@ def test_ablation_rows_run_after_the_main_rows_against_the_same_baseline(study, 
 
 
 def test_ablation_seeds_for_all_or_per_ablation():
-    script = load_script()
-    plan = script.ablation_seed_plan
+    plan = ablation_seed_plan
     names, seeds = ["pos_extent", "warmup20", "floor32"], [0, 1]
     assert plan([], names, seeds) == {n: [0, 1] for n in names}
     assert plan(["0"], names, seeds) == {n: [0] for n in names}
     assert plan(["pos_extent=0,1", "0"], names, seeds) == {"pos_extent": [0, 1], "warmup20": [0], "floor32": [0]}
     assert plan(["warmup20=1"], names, seeds) == {"pos_extent": [0, 1], "warmup20": [1], "floor32": [0, 1]}
-    error = script.StudyError
+    error = StudyError
     with pytest.raises(error, match="'nope' is not among --ablations"):
         plan(["nope=0"], names, seeds)
     with pytest.raises(error, match="give seeds"):
@@ -677,7 +666,6 @@ def test_ablation_seeds_for_all_or_per_ablation():
 
 
 def test_code_note_names_mixed_commits():
-    script = load_script()
     results = {
         "baseline": {
             "0": {"code": {"commit": "a" * 40, "dirty": False}},
@@ -685,7 +673,7 @@ def test_code_note_names_mixed_commits():
         },
         "et": {"0": {"code": {"commit": "a" * 40, "dirty": False}}, "1": {}},
     }  # seed 1: before it was recorded
-    note = script.code_note(results)
+    note = code_note(results)
     assert note["by_commit"] == {
         "aaaaaaaaaa": ["baseline_seed0", "et_seed0"],
         "bbbbbbbbbb with changes": ["baseline_seed1"],
@@ -694,9 +682,7 @@ def test_code_note_names_mixed_commits():
         "the runs were trained by 2 code versions (aaaaaaaaaa: baseline_seed0, et_seed0; "
         "bbbbbbbbbb with changes: baseline_seed1)"
     ]
-    assert (
-        script.code_note({"baseline": {"0": results["baseline"]["0"]}, "et": {"0": results["et"]["0"]}})["notes"] == []
-    )
+    assert code_note({"baseline": {"0": results["baseline"]["0"]}, "et": {"0": results["et"]["0"]}})["notes"] == []
 
 
 def test_evaluation_beside_pretraining_in_two_processes(tmp_path):
@@ -792,12 +778,11 @@ def test_evaluated_runs_read_back_without_their_folders(study, tmp_path):
 def test_a_run_folder_of_other_settings_is_moved_aside_not_deleted(tmp_path, capsys):
     """The same data under another path (a symlink resolved, another checkout) changes a run's settings: the study
     starts that run over, but keeps the old folder (it may hold a finished run's only checkpoint) and says why."""
-    script = load_script()
     from mae_et.recipes import config_to_dict
     from mae_et.train.config import load_pretrain_config
 
     cfg = load_pretrain_config(
-        script.load_study(STUDY).recipe, [f"data.root={MINI}", f"output_dir={tmp_path}", "name=baseline_seed0"]
+        load_study(STUDY).recipe, [f"data.root={MINI}", f"output_dir={tmp_path}", "name=baseline_seed0"]
     )
     run_dir = cfg.run_dir
     (run_dir / "checkpoints" / "step_00000030").mkdir(parents=True)
@@ -805,7 +790,7 @@ def test_a_run_folder_of_other_settings_is_moved_aside_not_deleted(tmp_path, cap
     old = config_to_dict(cfg)
     old["data"]["root"] = "/elsewhere/imagenette"
     (run_dir / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
-    aside = script.clear_if_config_changed(run_dir, cfg)
+    aside = clear_if_config_changed(run_dir, cfg)
     assert aside == run_dir.with_name("baseline_seed0.old-1") and not run_dir.exists()
     assert (aside / "checkpoints" / "step_00000030" / "meta.json").is_file()  # nothing lost
     said = capsys.readouterr().out
@@ -813,7 +798,7 @@ def test_a_run_folder_of_other_settings_is_moved_aside_not_deleted(tmp_path, cap
     # the same settings: left where it is
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    assert script.clear_if_config_changed(run_dir, cfg) is None and run_dir.is_dir()
+    assert clear_if_config_changed(run_dir, cfg) is None and run_dir.is_dir()
 
 
 def test_report_only_rewrites_the_same_report_and_trains_nothing(study, tmp_path):
@@ -838,9 +823,8 @@ def test_report_only_rewrites_the_same_report_and_trains_nothing(study, tmp_path
     state = json.loads(before["state.json"])
     del state["runs"]["et"]["1"]["eval"]
     (out / "state.json").write_text(json.dumps(state))
-    script = load_script()
-    with pytest.raises(script.StudyError, match="--report-only: et seed 1 has no evaluation in"):
-        script.main(argv)
+    with pytest.raises(StudyError, match="--report-only: et seed 1 has no evaluation in"):
+        main(argv)
 
 
 def test_recheck_reproduces_a_stored_evaluation_and_changes_nothing(study, tmp_path):
@@ -860,42 +844,37 @@ def test_recheck_reproduces_a_stored_evaluation_and_changes_nothing(study, tmp_p
     assert (out / "recheck" / "eval" / "etpp_half_seed1_finetune").is_dir()  # not the stored fine-tune's folder
     assert json.loads((out / "recheck" / "recheck.json").read_text()) == json.loads(json.dumps(report))
     assert "recheck etpp_half_seed1: knn_top1_cls" in printed and (out / "state.json").read_text() == before
-    script = load_script()
-    with pytest.raises(script.StudyError, match="no evaluated run 'et' seed '7'"):
-        script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--recheck", "et:7"])
+    with pytest.raises(StudyError, match="no evaluated run 'et' seed '7'"):
+        main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--recheck", "et:7"])
 
 
 def test_a_study_role_is_one_process_at_a_time_and_out_is_checked_first(tmp_path):
     """Two study processes doing the same part on one --out (two --pretrain-only launches) would train each run
     twice into the same folders: the second stops in one line before any work. --out may not lie in the data."""
-    script = load_script()
     from mae_et.files import RunFolderLock
 
     out = tmp_path / "study"
     out.mkdir()
-    with RunFolderLock(out, lock_name=script.ROLE_LOCKS["pretrain"]):  # another process pretraining this study
+    with RunFolderLock(out, lock_name=ROLE_LOCKS["pretrain"]):  # another process pretraining this study
         with pytest.raises(
-            script.StudyError,
+            StudyError,
             match=r"study folder \(pretrain\) '.*' is in use by another run \(pid "
             rf"{os.getpid()} on host",
         ):
-            script.main(
-                ["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "--pretrain-only"]
-            )
+            main(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0", "--pretrain-only"])
     assert sorted(p.name for p in out.iterdir()) == [".pretrain.lock"]  # nothing was started
-    with pytest.raises(script.StudyError, match="--out '.*' overlaps '.*', which this command reads"):
-        script.main(["--study", str(STUDY), "--data", str(MINI), "--out", str(MINI / "val" / "study"), "--seeds", "0"])
+    with pytest.raises(StudyError, match="--out '.*' overlaps '.*', which this command reads"):
+        main(["--study", str(STUDY), "--data", str(MINI), "--out", str(MINI / "val" / "study"), "--seeds", "0"])
     assert not (MINI / "val" / "study").exists()
 
 
 def test_a_run_folder_in_use_is_never_moved_aside(tmp_path):
-    script = load_script()
     from mae_et.files import RunFolderBusy, RunFolderLock
     from mae_et.recipes import config_to_dict
     from mae_et.train.config import load_pretrain_config
 
     cfg = load_pretrain_config(
-        script.load_study(STUDY).recipe, [f"data.root={MINI}", f"output_dir={tmp_path}", "name=baseline_seed0"]
+        load_study(STUDY).recipe, [f"data.root={MINI}", f"output_dir={tmp_path}", "name=baseline_seed0"]
     )
     cfg.run_dir.mkdir(parents=True)
     old = config_to_dict(cfg)
@@ -903,13 +882,12 @@ def test_a_run_folder_in_use_is_never_moved_aside(tmp_path):
     (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     with RunFolderLock(cfg.run_dir):  # a live run is writing there
         with pytest.raises(RunFolderBusy, match="is in use by another run"):
-            script.clear_if_config_changed(cfg.run_dir, cfg)
+            clear_if_config_changed(cfg.run_dir, cfg)
     assert cfg.run_dir.is_dir() and not cfg.run_dir.with_name("baseline_seed0.old-1").exists()
 
 
 def test_recorded_commands_and_run_folders_are_relative_to_the_checkout():
-    script = load_script()
-    command = script.portable_command(
+    command = portable_command(
         [
             sys.executable,
             str(REPO / "pretrain.py"),
@@ -931,9 +909,7 @@ def test_recorded_commands_and_run_folders_are_relative_to_the_checkout():
         "train.seed=0",
         "data.root=/data/elsewhere",
     ]
-    assert script.in_repo("runs/study/x") == REPO / "runs" / "study" / "x" and script.in_repo("/abs/x") == Path(
-        "/abs/x"
-    )
+    assert in_repo("runs/study/x") == REPO / "runs" / "study" / "x" and in_repo("/abs/x") == Path("/abs/x")
 
 
 def test_published_results_name_no_machine_paths():
@@ -962,7 +938,6 @@ def test_published_results_name_no_machine_paths():
 def test_stage_rates_keep_each_share_and_target_apart():
     """Rows that decode a share of the patches, or predict HOG, are rated against their own full size, with their own
     FLOPs (decoder tokens, head width); the records of the first edition (neither key) count as every patch, pixels."""
-    script = load_script()
     from mae_et.models.flops import mae_train_flops_per_image
     from mae_et.train.config import load_pretrain_config
 
@@ -983,7 +958,7 @@ def test_stage_rates_keep_each_share_and_target_apart():
         "et_partial": {"0": record([(32, 10, 4.0), (48, 10, 10.0)], decode_fraction=0.25, target="pixel")},
         "et_hog": {"0": record([(32, 10, 2.0), (48, 10, 8.0)], decode_fraction=1.0, target="hog")},
     }
-    rates = {(r["decode_fraction"], r["target"], r["size"]): r for r in script.stage_rates(results, cfg, "cpu")}
+    rates = {(r["decode_fraction"], r["target"], r["size"]): r for r in stage_rates(results, cfg, "cpu")}
     assert set(rates) == {
         (1.0, "pixel", 32),
         (1.0, "pixel", 48),
@@ -1004,7 +979,7 @@ def test_stage_rates_keep_each_share_and_target_apart():
     assert rates[(1.0, "hog", 32)]["flop_ratio"] == pytest.approx(flops(48, target="hog") / flops(32, target="hog"))
     assert rates[(0.25, "pixel", 32)]["gflop_per_image"] == pytest.approx(flops(32, decode_fraction=0.25) / 1e9)
     assert flops(48, target="hog") < flops(48)
-    table = script.stage_rate_table(list(rates.values()), "cpu")
+    table = stage_rate_table(list(rates.values()), "cpu")
     assert "| 1 | hog | 32 |" in table and "| 0.25 | pixel | 48 |" in table
 
 
@@ -1012,15 +987,14 @@ def test_stage_rates_keep_each_share_and_target_apart():
 def test_every_study_config_loads_with_valid_runs(path, tmp_path):
     """Each study config, and every run's pretraining config in it, passes validation (a typo fails here, not
     hours in)."""
-    script = load_script()
     from mae_et.train.config import load_pretrain_config
 
-    study = script.load_study(path)
+    study = load_study(path)
     assert study.run_names[0] == "baseline" and study.seeds
     for run, spec in study.runs.items():
-        budget = 1.0 if spec.budget == script.EQUAL_TIME else spec.budget
+        budget = 1.0 if spec.budget == EQUAL_TIME else spec.budget
         cfg = load_pretrain_config(
-            study.recipe, script.pretrain_overrides(study, run, 0, study.epochs * budget, MINI, tmp_path)
+            study.recipe, pretrain_overrides(study, run, 0, study.epochs * budget, MINI, tmp_path)
         )
         assert cfg.name.startswith(run)
 
@@ -1029,7 +1003,6 @@ def test_quiet_cpu_clock_ignores_other_work(tmp_path):
     """Per stage, the fastest-decile window's CPU seconds per step times the stage's steps, its first window left
     out: windows slowed 2x by a neighbour (even most of them) move the total CPU time, not the quiet one. Older
     records get it from their run folder's metrics.jsonl."""
-    script = load_script()
     per_step = {32: 1.0, 48: 2.0}
     slowed = {(32, 0), (32, 3), (48, 2), (48, 3), (48, 4), (48, 5), (48, 6), (48, 7)}  # the start, and most of stage 48
     records, step, cpu = [], 0, 0.0
@@ -1038,11 +1011,11 @@ def test_quiet_cpu_clock_ignores_other_work(tmp_path):
             step += 10
             cpu += 10 * per_step[size] * (2.0 if (size, w) in slowed else 1.0)
             records.append({"step": step, "size": size, "cpu_s": cpu, "elapsed_s": cpu, "images_per_sec": 1.0})
-    assert script.quiet_cpu_seconds(records) == pytest.approx(110 * 1.0 + 110 * 2.0)
-    assert script.training_clock(records[-1])[1] == pytest.approx(130 + 340)  # the slowed windows counted in full
-    assert script.quiet_cpu_seconds(records, quantile=0.5) == pytest.approx(110 * 1.0 + 110 * 4.0)  # the median moved
+    assert quiet_cpu_seconds(records) == pytest.approx(110 * 1.0 + 110 * 2.0)
+    assert training_clock(records[-1])[1] == pytest.approx(130 + 340)  # the slowed windows counted in full
+    assert quiet_cpu_seconds(records, quantile=0.5) == pytest.approx(110 * 1.0 + 110 * 4.0)  # the median moved
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert script.backfill_quiet_cpu({"run_dir": str(run), "cpu_s": 999.0})["quiet_cpu_s"] == pytest.approx(330.0)
-    assert script.backfill_quiet_cpu({"run_dir": str(tmp_path / "gone")}) == {"run_dir": str(tmp_path / "gone")}
+    assert backfill_quiet_cpu({"run_dir": str(run), "cpu_s": 999.0})["quiet_cpu_s"] == pytest.approx(330.0)
+    assert backfill_quiet_cpu({"run_dir": str(tmp_path / "gone")}) == {"run_dir": str(tmp_path / "gone")}

@@ -48,8 +48,7 @@ def test_contenders_alternate_and_the_figures_are_medians_of_their_runs(peer):
 def test_the_peer_is_the_same_model(peer):
     script, _, _ = peer
     cfg = script.row_config(script.ROWS["micro"], 1.0)
-    from throughput import count_params
-
+    from benchmarks.throughput import count_params
     from mae_et.train.pretrain import build_model
 
     assert count_params(script.hf_model(cfg)) == count_params(build_model(cfg))

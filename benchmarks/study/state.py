@@ -1,0 +1,118 @@
+"""What a study has done, kept so that a relaunch redoes nothing that still holds: state.json (every finished
+pretraining and evaluation, keyed by the settings that produced it), the settings keys themselves, where a new
+checkout's state starts from, and the locks that make each part of a study (pretraining, evaluation) one process's."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from benchmarks.study.paths import repo_relative
+from mae_et.files import RunFolderLock, write_text_atomic
+
+STATE_FILE = "state.json"
+# Study roles: the pretraining (the default, and --pretrain-only) and the evaluation (the default, --eval-only and
+# --report-only) each belong to one process at a time; a --pretrain-only and an --eval-only process share a study.
+ROLE_LOCKS = {"pretrain": ".pretrain.lock", "eval": ".eval.lock"}
+
+
+def canonical(key: Any) -> Any:
+    """A settings key with every list of override strings sorted: the order they were written in is no setting."""
+    if isinstance(key, dict):
+        return {k: canonical(v) for k, v in key.items()}
+    if isinstance(key, list) and all(isinstance(x, str) for x in key):
+        return sorted(key)
+    return key
+
+
+class StudyState:
+    """state.json: every finished pretraining and evaluation, keyed by the settings that produced it, so a
+    relaunch redoes nothing that still holds and everything whose settings changed.
+
+    Several study processes may share one state (e.g. one per seed, each on its own core): every change is
+    a read-modify-write of the file under an exclusive lock, written atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock_path = path.with_suffix(".lock")
+        self.data = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        data.setdefault("runs", {})
+        data.setdefault("launches", {})
+        return data
+
+    @contextmanager
+    def _locked(self):
+        with open(self.lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.data = self._read()  # what the other processes wrote meanwhile
+            yield self.data
+            write_text_atomic(self.path, json.dumps(self.data, indent=2))  # a kill mid-write leaves the previous state
+
+    def get(self, run: str, seed: int, kind: str, key: Any) -> dict | None:
+        entry = self.data["runs"].get(run, {}).get(str(seed), {}).get(kind)
+        return entry["value"] if entry and canonical(entry["key"]) == canonical(key) else None
+
+    def reload(self) -> None:
+        self.data = self._read()
+
+    def key_of(self, run: str, seed: int, kind: str) -> Any:
+        return self.data["runs"][run][str(seed)][kind]["key"]
+
+    def put(self, run: str, seed: int, kind: str, key: Any, value: dict) -> None:
+        with self._locked() as data:
+            data["runs"].setdefault(run, {}).setdefault(str(seed), {})[kind] = {"key": key, "value": value}
+
+    def count_launch(self, name: str) -> int:
+        with self._locked() as data:
+            n = data["launches"][name] = data["launches"].get(name, 0) + 1
+        return n
+
+
+def open_state(out: Path, published: Path) -> StudyState:
+    """The study folder's state; a folder without one (a new checkout) starts from the published state, so that
+    finished (and evaluated) seeds are read back, not rerun."""
+    if not (out / STATE_FILE).is_file() and (published / STATE_FILE).is_file():
+        shutil.copy2(published / STATE_FILE, out / STATE_FILE)
+        print(f"starting from the published state {published / STATE_FILE}")
+    return StudyState(out / STATE_FILE)
+
+
+def settings_key(overrides: list[str]) -> list[str]:
+    """The overrides that decide a run's numbers: the output folder does not, and the data root is kept relative
+    to the repository, so a study resumed from another checkout path still finds its finished runs."""
+    key = []
+    for o in overrides:
+        if o.startswith("output_dir="):
+            continue
+        if o.startswith("data.root="):
+            o = f"data.root={repo_relative(json.loads(o.split('=', 1)[1]))}"
+        key.append(o)
+    return key
+
+
+@contextmanager
+def study_roles(out: Path, roles: list[str]):
+    """Hold the study folder's lock of each role this process plays, for its whole life."""
+    held = []
+    try:
+        for role in roles:
+            held.append(
+                RunFolderLock(
+                    out,
+                    what=f"study folder ({role})",
+                    lock_name=ROLE_LOCKS[role],
+                    ways_on=f"another study process is doing its {role} part; wait for it to end, "
+                    "or give this study another --out",
+                ).acquire()
+            )
+        yield
+    finally:
+        for lock in held:
+            lock.release()
