@@ -189,3 +189,24 @@ def test_the_evaluation_methods_give_the_engine_what_it_asks():
         source = inspect.getsource(cls)
         missing = sorted(n for n in asked if not hasattr(cls, n) and f"self.{n}" not in source)
         assert not missing, (cls.__name__, missing)
+
+
+def test_accelerate_is_reset_in_one_place_and_benchmarks_never_touch_sys_path():
+    """Accelerate's private state reset is called by mae_et.train.run.fresh_accelerate_state only (every
+    in-process run builds its own Accelerator; the benchmarks, the study and the tests call the helper); no
+    benchmark puts a folder on sys.path but benchmarks/_checkout.py, the one bootstrap of `python benchmarks/x.py`,
+    and none imports another by its bare name."""
+    import re
+
+    sources = {
+        p.relative_to(REPO).as_posix(): p.read_text()
+        for folder in ("mae_et", "benchmarks", "tests")
+        for p in (REPO / folder).rglob("*.py")
+    }
+    resets = sorted(f for f, s in sources.items() if "_reset_state(" in s and f != "tests/test_layout.py")
+    assert resets == ["mae_et/train/run.py"], resets
+    on_path = sorted(f for f, s in sources.items() if f.startswith("benchmarks/") and re.search(r"sys\.path\.", s))
+    assert on_path == ["benchmarks/_checkout.py"], on_path
+    scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")} - {"__init__", "_checkout"}
+    bare = re.compile(rf"^\s*(from|import) ({'|'.join(sorted(scripts))})\b", re.M)
+    assert not [f for f, s in sources.items() if bare.search(s)]
