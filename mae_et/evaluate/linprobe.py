@@ -37,7 +37,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from mae_et.curriculum.schedules import plan_curriculum
 from mae_et.data.folder import epoch_permutation_seed
 from mae_et.data.labelled import (
     SeededClassificationDataset,
@@ -62,7 +61,7 @@ from mae_et.files import save_safetensors, write_atomic
 from mae_et.models.features import extract_features
 from mae_et.models.vit import encoder_features, load_pretrained_vit
 from mae_et.recipes import ConfigError
-from mae_et.train.optim import scaled_lr
+from mae_et.train.config import CheckpointConfig
 from mae_et.train.plan import RunPlan, one_stage, plan_run
 from mae_et.train.run import Run
 
@@ -306,18 +305,13 @@ def fit_probe_on_features(
         accelerator.num_processes,
         seed,
     )
-    stages, budget = one_stage(1)  # features have no input size
-    plan = RunPlan(
-        plan=plan_curriculum(stages, budget, epochs, data.steps_per_epoch, 1),
-        global_batch=global_batch,
-        steps_per_epoch=data.steps_per_epoch,
-        end_step=epochs * data.steps_per_epoch,
-        base_lr=scaled_lr(blr, global_batch),
-        min_lr=min_lr,
-        warmup=warmup_epochs / epochs,
-        log_every=data.steps_per_epoch,
-        ckpt_every=None,
-    )
+    # the probe recipe's plan from these arguments (no run folder: no checkpoints, no log)
+    cfg = LinprobeConfig(checkpoint=CheckpointConfig(every_epochs=0.0))
+    cfg.train.epochs, cfg.train.batch_size = epochs, global_batch
+    cfg.optim.blr, cfg.optim.min_lr, cfg.optim.warmup_epochs = blr, min_lr, warmup_epochs
+    stages, budget = one_stage(cfg.data.img_size)  # features have no input size: one stage
+    world = accelerator.num_processes
+    plan = plan_run(cfg, train_x.shape[0], world, stages, budget, cfg.data.img_size, micro_batch=global_batch // world)
     method = ProbeMethod(data, train_x.shape[1], num_classes, plan, accelerator, weight_decay, momentum)
     recorder = Recorder(method)
     method.model.train()
