@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from mae_et import recipes
 from mae_et.recipes import ConfigError

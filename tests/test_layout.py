@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "mae_et"
 # lower numbers are imported by higher ones, never the other way; data and curriculum do not import each other
@@ -210,3 +210,29 @@ def test_accelerate_is_reset_in_one_place_and_benchmarks_never_touch_sys_path():
     scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")} - {"__init__", "_checkout"}
     bare = re.compile(rf"^\s*(from|import) ({'|'.join(sorted(scripts))})\b", re.M)
     assert not [f for f, s in sources.items() if bare.search(s)]
+
+
+STAGES = ("curriculum", "data", "evaluate", "models", "train")
+
+
+def test_tests_sit_in_the_stage_folder_of_what_they_test():
+    """tests/<stage>/ mirrors mae_et/<stage>/: a test file there imports that stage, and the test file named for a
+    module (test_<module>.py for mae_et[/<stage>]/<module>.py) sits in that module's folder of tests/."""
+    tests = REPO / "tests"
+    wrong = []
+    for stage in STAGES:
+        for path in sorted((tests / stage).glob("test_*.py")):
+            ours = {m for m in imports_of(path) if m != "mae_et"}
+            if ours and not any(part_of(m) == stage for m in ours):
+                wrong.append(f"{path.relative_to(REPO)} imports no mae_et.{stage} module: {sorted(ours)}")
+    homes: dict[str, set[Path]] = {}  # test_<name>.py -> the tests/ folders of the modules called <name>
+    for module in all_modules():
+        parts = module.split(".")
+        if len(parts) in (2, 3) and parts[-1] != "__init__":
+            homes.setdefault(f"test_{parts[-1]}.py", set()).add(tests.joinpath(*parts[1:-1]))
+    for name, folders in sorted(homes.items()):
+        for found in sorted(tests.rglob(name)):
+            if found.parent not in folders:
+                where = " or ".join(sorted(f"{f.relative_to(REPO)}/" for f in folders))
+                wrong.append(f"{found.relative_to(REPO)} is named for a module of {where}: it belongs there")
+    assert not wrong, "\n".join(wrong)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import CPU_RECIPE, ONE_THREAD_ENV, REPO, in_process_run
+from helpers import CPU_RECIPE, ONE_THREAD_ENV, REPO, in_process_run
 
 from mae_et import checkpoint as ck
 from mae_et.evaluate.finetune import layer_decay_param_groups

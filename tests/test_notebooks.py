@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import CPU_RECIPE, REPO, in_process_run
+from helpers import CPU_RECIPE, REPO, in_process_run
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import MINI, REPO, reset_accelerate
+from helpers import MINI, REPO, reset_accelerate
 
 from benchmarks.study.cli import main
 from benchmarks.study.clocks import backfill_quiet_cpu, quiet_cpu_seconds, training_clock
@@ -27,7 +27,7 @@ from benchmarks.study.evaluation import encoder_at_size
 from benchmarks.study.flow import study_options
 from benchmarks.study.paths import default_out, in_repo, portable_command
 from benchmarks.study.report import replaced_session, report_from_state
-from benchmarks.study.runs import clear_if_config_changed, pretrain_command, pretrain_overrides
+from benchmarks.study.runs import clear_if_config_changed, equal_time_budget, pretrain_command, pretrain_overrides
 from benchmarks.study.state import ROLE_LOCKS, StudyState
 from benchmarks.study.summary import code_note, machines_note, spread
 from benchmarks.study.tables import stage_rate_table, stage_rates
@@ -173,12 +173,29 @@ def test_equal_time_baseline_gets_et_time_of_its_seed(study):
         eq, run = result["equal_time"][seed], result["runs"]["baseline_equal_time"][seed]
         assert eq["clock"] == "wall" and eq["et_s"] == et["wall_s"] and eq["baseline_s"] == base["wall_s"]
         spe = base["steps_per_epoch"]
-        steps = max(1, math.floor(E * et["wall_s"] / base["wall_s"] * spe + 0.5))  # E' rounded to a whole step
-        assert eq["steps"] == steps == run["steps"]
-        assert eq["epochs"] == pytest.approx(steps / spe) and run["epochs"] == pytest.approx(steps / spe)
+        # E' = E x time(et) / time(baseline) in whole steps: within half a step of the exact share (the rounding
+        # itself: test_equal_time_budget_rounds_half_up_to_a_whole_step)
+        assert eq["steps"] == run["steps"] >= 1
+        assert abs(run["steps"] - E * et["wall_s"] / base["wall_s"] * spe) <= 0.5
+        assert eq["epochs"] == pytest.approx(run["steps"] / spe) and run["epochs"] == pytest.approx(run["steps"] / spe)
         # a full E'-epoch run: its warmup + cosine schedule ends at E', the last lr is near zero
         records = [json.loads(x) for x in (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert records[-1]["progress"] == 1.0 and records[-1]["lr"] < 0.05 * max(r["lr"] for r in records)
+
+
+@pytest.mark.parametrize(
+    "epochs, et_s, baseline_s, steps_per_epoch, expected",
+    [
+        (2.0, 70.0, 100.0, 10, (1.4, 14)),  # 14 steps exactly
+        (1.0, 75.0, 100.0, 10, (0.8, 8)),  # 7.5 steps: half up
+        (1.0, 74.0, 100.0, 10, (0.7, 7)),  # 7.4 steps: down
+        (2.0, 1.0, 1000.0, 10, (0.1, 1)),  # 0.02 steps: never fewer than one
+        (3.0, 120.0, 100.0, 5, (3.6, 18)),  # a slower et gives the baseline more than E
+    ],
+)
+def test_equal_time_budget_rounds_half_up_to_a_whole_step(epochs, et_s, baseline_s, steps_per_epoch, expected):
+    got_epochs, got_steps = equal_time_budget(epochs, et_s, baseline_s, steps_per_epoch)
+    assert (round(got_epochs, 12), got_steps) == expected
 
 
 def test_table_plot_and_verdicts(study):

@@ -7,7 +7,7 @@ import json
 import statistics
 
 import pytest
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import statistics
 
 import pytest
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None, reason="the peer needs the [bench] extra (transformers)"

@@ -7,7 +7,7 @@ import json
 import statistics
 
 import pytest
-from conftest import REPO, load_benchmark
+from helpers import REPO, load_benchmark
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,24 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, load_benchmark
+import torch
+from helpers import REPO, counted_forward_flops, load_benchmark
 
 from mae_et.models.flops import mae_train_flops_per_image
+from mae_et.models.mae import mae_vit
 from mae_et.train.config import load_pretrain_config
 from mae_et.train.pretrain import build_model
 
 
 def load_throughput():
     return load_benchmark("throughput")
+
+
+def micro_train_flops(size: int) -> float:
+    """The CPU test recipe's model (micro, patch 8, decoder 32 x 1) at input size `size`: 3x its forward FLOPs as
+    torch's counter counts them on the real model (the training convention: forward + backward = 3 forwards)."""
+    model = mae_vit("micro", patch_size=8, img_size=48, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    return 3 * counted_forward_flops(model, torch.zeros(2, 3, size, size))
 
 
 @pytest.mark.parametrize("size, gflop", [(224, 58.7), (192, 42.9), (160, 29.7), (128, 19.1), (96, 11.0)])
@@ -43,14 +52,9 @@ def test_throughput_smoke_run_writes_the_table(tmp_path, mini_root, pipeline):
     assert (
         {r["model"] for r in saved["rows"]} == {"micro"} and saved["precision"] == "fp32" and saved["compile"] == "none"
     )
-    assert saved["rows"][0]["flops_per_image"] == mae_train_flops_per_image("micro", 48, 8, 32, 1)
     for r in saved["rows"]:
-        assert r["step_img_s"] > 0 and r["e2e_img_s"] > 0 and 0 <= r["e2e_data_wait"] <= 1
-        assert r["flops_per_image"] > 0 and r["mfu"] > 0
-        # MFU is the FLOP/s the step's images need over the peak of the dtype it ran in
-        assert r["mfu"] == pytest.approx(
-            r["flops_per_image"] * r["step_img_s"] / (saved["peak_tflops"] * 1e12), rel=1e-9
-        )
+        assert r["flops_per_image"] == micro_train_flops(r["size"])  # the model measured, counted independently
+        assert r["step_img_s"] > 0 and r["e2e_img_s"] > 0 and 0 <= r["e2e_data_wait"] <= 1 and r["mfu"] > 0
     assert saved["peak_dtype"] == "float32"  # an fp32 run: measured against an fp32 matmul, not a bf16 peak
 
 
@@ -65,7 +69,12 @@ def test_mfu_denominator_is_measured_in_the_runs_compute_dtype(
         asked.append(dtype)
         return 2.0  # TFLOP/s
 
+    def fixed_clock(run, steps, warmup, device, base_bytes=0):
+        run()  # the real step, once; its time is set so the row's rates are known in advance
+        return throughput.Timing(seconds_per_step=0.01, first_call_s=0.0, peak_mem_gib=None)
+
     monkeypatch.setattr(throughput, "matmul_tflops", fake_matmul_tflops)
+    monkeypatch.setattr(throughput, "time_calls", fixed_clock)
     result = throughput.main(
         [
             "--rows",
@@ -87,8 +96,11 @@ def test_mfu_denominator_is_measured_in_the_runs_compute_dtype(
     assert (
         [str(d) for d in asked] == [f"torch.{dtype}"] and result["peak_dtype"] == dtype and result["peak_tflops"] == 2.0
     )
+    # 2 images in 10 ms: 200 img/s; MFU = the counted FLOPs per image x 200 / the 2 TFLOP/s peak
     [row] = result["rows"]
-    assert row["mfu"] == pytest.approx(row["flops_per_image"] * row["step_img_s"] / 2e12)
+    flops = micro_train_flops(32)
+    assert row["step_img_s"] == pytest.approx(200.0) and row["step_ms"] == pytest.approx(10.0)
+    assert row["mfu"] == pytest.approx(flops * 200 / 2e12, rel=1e-12)
     # and a peak given on the command line is used as given, with nothing measured
     asked.clear()
     given = throughput.main(
@@ -111,9 +123,7 @@ def test_mfu_denominator_is_measured_in_the_runs_compute_dtype(
             str(tmp_path / "b.json"),
         ]
     )
-    assert asked == [] and given["rows"][0]["mfu"] == pytest.approx(
-        given["rows"][0]["flops_per_image"] * given["rows"][0]["step_img_s"] / 4e12
-    )
+    assert asked == [] and given["rows"][0]["mfu"] == pytest.approx(flops * 200 / 4e12, rel=1e-12)
 
 
 def test_throughput_measures_the_requested_model_on_cpu(tmp_path, one_thread_fresh_accelerate):
@@ -140,7 +150,10 @@ def test_throughput_measures_the_requested_model_on_cpu(tmp_path, one_thread_fre
     recipe = REPO / "configs/pretrain/mae_vit-base-p16_baseline_800e_imagenet.yaml"
     tiny = build_model(load_pretrain_config(recipe, ["data.root=.", "model.size=tiny"]))
     assert row["params"] == sum(p.numel() for p in tiny.parameters() if p.requires_grad)
-    assert row["flops_per_image"] == mae_train_flops_per_image("tiny", 32)  # patch 16, decoder 512 x 8: not shrunk
+    # patch 16, decoder 512 x 8 (not shrunk): the recipe's model, its FLOPs counted on it by torch
+    assert row["flops_per_image"] == pytest.approx(
+        3 * counted_forward_flops(tiny, torch.zeros(2, 3, 32, 32)), rel=1e-12
+    )
     assert result["precision"] == "fp32" and result["compile"] == "none"
 
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import MINI
+from helpers import MINI
 from PIL import Image
 
 from mae_et.curriculum.frequency import FREQUENCY_MODES, low_frequency_crop

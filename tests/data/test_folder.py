@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import MINI, copy_mini_classes, write_broken
+from helpers import MINI, copy_mini_classes, write_broken
 from PIL import Image
 
 from mae_et.data.folder import (

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MINI, copy_mini_classes, write_broken
+from helpers import MINI, copy_mini_classes, write_broken
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 

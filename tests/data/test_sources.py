@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MINI, REPO, copy_mini_classes, make_bad_folder
+from helpers import MINI, REPO, copy_mini_classes, make_bad_folder
 
 from mae_et.data.folder import DataError
 from mae_et.data.sources import SOURCES, data_dir, open_source, source_name

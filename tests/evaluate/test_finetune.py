@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MINI, ONE_THREAD_ENV, REPO, reset_accelerate
+from helpers import MINI, ONE_THREAD_ENV, REPO, reset_accelerate
 from safetensors.torch import load_file
 
 from mae_et import checkpoint as ck

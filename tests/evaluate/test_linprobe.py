@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ONE_THREAD_ENV, reset_accelerate
+from helpers import ONE_THREAD_ENV, reset_accelerate
 from test_finetune import MINI, REPO, load_entry_point, metrics
 
 from mae_et import checkpoint as ck

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CPU_RECIPE, REPO, in_process_run
+from helpers import CPU_RECIPE, REPO, in_process_run
 from PIL import Image
 
 from mae_et import checkpoint as ck

@@ -188,7 +188,7 @@ def test_flops_count_the_hog_head():
 @pytest.fixture(scope="module")
 def hog_run(tmp_path_factory, mini_root):
     """A real HOG-target pretraining of the CPU recipe, 2 epochs with the monitor's grids (in-process, seconds)."""
-    from conftest import CPU_RECIPE, in_process_run
+    from helpers import CPU_RECIPE, in_process_run
 
     from mae_et.train.pretrain import pretrain
 

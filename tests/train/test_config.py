@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import CPU_RECIPE, REPO
+from helpers import CPU_RECIPE, REPO
 
 from mae_et.recipes import ConfigError, build_config, parse_overrides, save_config
 from mae_et.train.config import PretrainConfig, curriculum_stages, load_pretrain_config

@@ -30,7 +30,7 @@ import pytest
 import torch
 import yaml
 from accelerate.utils import set_seed
-from conftest import ONE_THREAD_ENV, REPO
+from helpers import ONE_THREAD_ENV, REPO
 
 from mae_et import checkpoint as ck
 from mae_et.models.features import knn_evaluate_loaders

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CPU_RECIPE, REPO
+from helpers import CPU_RECIPE, REPO
 
 MOUNT = "mount -t tmpfs -o size=2600k tmpfs {dir}"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_RECIPE, REPO, make_bad_folder, reset_accelerate
+from helpers import CPU_RECIPE, REPO, make_bad_folder, reset_accelerate
 from safetensors.torch import load_file
 
 from mae_et import checkpoint as ck

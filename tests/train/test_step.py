@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import reset_accelerate
+from helpers import reset_accelerate
 
 from mae_et.models.mae import mae_vit
 from mae_et.train.optim import build_adamw
@@ -81,27 +81,40 @@ def test_no_recompile_inside_a_stage():
     )  # nothing new after each size was seen once
 
 
-def test_nonfinite_grads_skip_the_update_on_the_device():
+@pytest.mark.parametrize("poison", ["weight", "gradient"])
+def test_nonfinite_grads_skip_the_update_on_the_device(poison):
+    """A NaN in one weight (the loss and every gradient turn NaN) or in one parameter's gradient only: the step
+    reports it, and neither the weights nor the optimizer's moments and step count move."""
     step, model = make_step("no", "none")
     images = batch()
     noise = torch.rand(8, 36)
     step(images, 48, noise)  # one normal update creates the optimizer state
     before = copy.deepcopy(model.state_dict())
     opt_before = copy.deepcopy(step.raw_optimizer.state_dict())
-    with torch.no_grad():
-        model.decoder_pred.weight[0, 0] = float("nan")  # poisons the loss and every gradient
-        model.decoder_pred.weight[0, 0] = before["decoder_pred.weight"][0, 0]
-    # poison only the gradients: a NaN hook on one parameter
-    handle = model.decoder_pred.weight.register_hook(lambda g: g * float("nan"))
+    handle = None
+    if poison == "weight":
+        with torch.no_grad():
+            model.decoder_pred.weight[0, 0] = float("nan")
+    else:
+        handle = model.decoder_pred.weight.register_hook(lambda g: g * float("nan"))
     result = step(images, 48, noise)
-    handle.remove()
+    if handle is not None:
+        handle.remove()
     assert bool(result.nonfinite)
+    if poison == "weight":
+        assert not torch.isfinite(result.loss)  # the poison was in effect for the step
+        with torch.no_grad():  # the planted NaN itself is all that differs; put it back for the comparison
+            model.decoder_pred.weight[0, 0] = before["decoder_pred.weight"][0, 0]
+    else:
+        assert torch.isfinite(result.loss)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    for (_, s_after), (_, s_before) in zip(
-        step.raw_optimizer.state_dict()["state"].items(), opt_before["state"].items()
-    ):
+    after_state = step.raw_optimizer.state_dict()["state"]
+    assert after_state.keys() == opt_before["state"].keys()
+    for key, s_before in opt_before["state"].items():
+        s_after = after_state[key]
         assert torch.equal(s_after["exp_avg"], s_before["exp_avg"]) and torch.equal(s_after["step"], s_before["step"])
+        assert torch.equal(s_after["exp_avg_sq"], s_before["exp_avg_sq"])
 
 
 def test_mask_noise_is_a_pure_function_distinct_for_every_rank_and_micro_step():

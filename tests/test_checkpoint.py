@@ -7,7 +7,7 @@ import stat
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from mae_et import checkpoint as ck
 from mae_et.files import try_lock

@@ -1,20 +1,19 @@
-"""Encoder loading into timm's ViT (every checkpoint kind) and export to a timm-loadable file."""
+"""mae_et.models.vit: encoder loading into timm's ViT from every checkpoint kind (our runs, official MAE .pth, timm
+state dicts), bad and missing files, position embeddings at another size."""
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import yaml
+from helpers import random_mae
 from safetensors.torch import load_file, save_file
 
-from mae_et.checkpoint import CONFIG_FILE, MODEL_FILE, list_checkpoints, save_checkpoint
-from mae_et.evaluate.export import export_encoder
-from mae_et.evaluate.export import main as export_main
+from mae_et.checkpoint import CONFIG_FILE, MODEL_FILE, list_checkpoints
 from mae_et.models.mae import MODEL_SIZES, get_2d_sincos_pos_embed, mae_vit
 from mae_et.models.vit import (
     EncoderSpec,
@@ -26,13 +25,13 @@ from mae_et.models.vit import (
     mae_to_timm_state_dict,
     timm_model_name,
 )
-from mae_et.recipes import save_config
-from mae_et.train.config import PretrainConfig
 
 MICRO = EncoderSpec(size="micro", patch_size=8, img_size=48)  # the CPU recipe's encoder
 
 
 # ----------------------------------------------------------------------------- fixtures
+
+
 def micro_mae_from_run(run: Path) -> torch.nn.Module:
     """Our MAE with the run's latest weights, built from the run's own config."""
     ckpt = list_checkpoints(run / "checkpoints")[-1]
@@ -50,33 +49,6 @@ def micro_mae_from_run(run: Path) -> torch.nn.Module:
     return mae.eval()
 
 
-def random_mae(size: str, patch: int, img: int, seed: int = 0) -> torch.nn.Module:
-    """A small-decoder MAE whose every parameter is random (so swapped or dropped weights show)."""
-    torch.manual_seed(seed)
-    mae = mae_vit(size, patch_size=patch, img_size=img, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
-    with torch.no_grad():
-        for p in mae.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return mae.eval()
-
-
-def save_as_our_checkpoint(mae: torch.nn.Module, run: Path, size: str, patch: int, img: int, tmp: Path) -> Path:
-    cfg = PretrainConfig()
-    cfg.model.size, cfg.model.patch_size = size, patch
-    cfg.model.decoder_embed_dim, cfg.model.decoder_depth, cfg.model.decoder_num_heads = 32, 1, 2
-    cfg.data.crop_size = img
-    save_config(cfg, tmp / "config.yaml")
-    return save_checkpoint(
-        run / "checkpoints",
-        7,
-        mae.state_dict(),
-        {"step": 7},
-        (tmp / "config.yaml").read_text(),
-        {"step": 7},
-        keep_last=1,
-    )
-
-
 def micro_encoder_state(embed_dim: int = 64, depth: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """A timm-named encoder state dict of a micro-like ViT (48 px, patch 8) with the given dims."""
     torch.manual_seed(seed)
@@ -87,32 +59,6 @@ def micro_encoder_state(embed_dim: int = 64, depth: int = 2, seed: int = 0) -> d
 
 
 # ----------------------------------------------------------------------------- (1) export -> timm
-def test_export_tiny_loads_in_timm_with_equal_features(tmp_path, capsys):
-    mae = random_mae("tiny", 16, 224)
-    save_as_our_checkpoint(mae, tmp_path / "run", "tiny", 16, 224, tmp_path)
-    out = tmp_path / "tiny.safetensors"
-    assert export_main([str(tmp_path / "run"), str(out)]) == 0
-    printed = capsys.readouterr().out
-    line = (
-        f'timm.create_model("vit_tiny_patch16_224", pretrained=True, '
-        f'pretrained_cfg_overlay=dict(file="{out.resolve()}", num_classes=0))'
-    )
-    assert line in printed
-
-    vit = eval(line, {"timm": timm}).eval()  # the printed line, as a user would paste it
-    assert vit.num_classes == 0
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        ours = mae.forward_features(x)  # (2, 197, 192)
-        theirs = vit.forward_features(x)  # (2, 197, 192)
-    assert theirs.shape == ours.shape == (2, 197, 192)
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
-
-    # The file is the encoder only, contiguous, with the spec in its metadata.
-    state, spec, kind = load_encoder_state(out)
-    assert (spec, kind) == (EncoderSpec("tiny", 16, 224), "timm")
-    assert set(state) == set(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict())
-    assert not any(k.startswith(("decoder", "mask_token", "head")) for k in state)
 
 
 def test_timm_names_have_our_architectures():
@@ -149,6 +95,8 @@ def test_build_vit_matches_mae_encoder_settings():
 
 
 # ----------------------------------------------------------------------------- (2) our real run
+
+
 def test_micro_run_loads_with_equal_features(micro_run):
     vit, spec = load_pretrained_vit(micro_run)
     assert spec == MICRO
@@ -171,21 +119,9 @@ def test_micro_run_loads_with_equal_features(micro_run):
         encoder_features(vit, x, "max")
 
 
-def test_micro_export_prints_the_vit_kwargs(micro_run, tmp_path, capsys):
-    out = tmp_path / "sub" / "micro.safetensors"
-    assert export_main([str(micro_run), str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "VisionTransformer(img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0)" in printed
-    vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0
-    )
-    vit.load_state_dict(load_file(str(out)), strict=True)
-    ours, _ = load_pretrained_vit(micro_run)
-    for k, v in ours.state_dict().items():
-        assert torch.equal(vit.state_dict()[k], v), k
-
-
 # ----------------------------------------------------------------------------- (3) official names
+
+
 def test_official_checkpoint_loads(tmp_path):
     mae = random_mae("micro", 8, 48, seed=1)
     sd = dict(mae.state_dict())
@@ -213,6 +149,8 @@ def test_mae_state_without_pos_embed_needs_a_spec():
 
 
 # ----------------------------------------------------------------------------- (4) timm names
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".bin", ".safetensors"])
 def test_timm_state_dict_loads(tmp_path, suffix):
     sd = micro_encoder_state()
@@ -230,6 +168,8 @@ def test_timm_state_dict_loads(tmp_path, suffix):
 
 
 # ----------------------------------------------------------------------------- (5) mismatches
+
+
 def test_wrong_width_and_depth_list_keys_and_shapes(tmp_path):
     narrow = tmp_path / "narrow.pth"
     torch.save(micro_encoder_state(embed_dim=32), narrow)
@@ -296,6 +236,8 @@ def test_unreadable_and_missing_files(tmp_path, micro_run):
 
 
 # ----------------------------------------------------------------------------- (6) pos-embed resampling
+
+
 def test_other_img_size_resamples_pos_embed(micro_run):
     vit, spec = load_pretrained_vit(micro_run, img_size=64, num_classes=5, global_pool="avg")
     assert spec == MICRO  # the checkpoint's own spec
@@ -306,55 +248,3 @@ def test_other_img_size_resamples_pos_embed(micro_run):
     with torch.no_grad():
         assert vit.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 5)
         assert encoder_features(vit, torch.randn(2, 3, 64, 64), "mean").shape == (2, 64)
-
-
-# ----------------------------------------------------------------------------- (7) export CLI errors
-def test_export_cli_bad_input_exits_2(tmp_path, micro_run, capsys):
-    with pytest.raises(SystemExit) as e:
-        export_main([str(tmp_path / "missing_run"), str(tmp_path / "out.safetensors")])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: checkpoint") and "does not exist" in err and err.count("\n") == 1
-    with pytest.raises(SystemExit) as e:
-        export_main([str(micro_run), str(tmp_path / "out.pth")])
-    assert e.value.code == 2 and ".safetensors" in capsys.readouterr().err
-    assert not (tmp_path / "out.safetensors").exists()
-    assert export_encoder(micro_run, tmp_path / "ok.safetensors").is_file()
-
-
-def test_export_never_overwrites_what_it_reads(tmp_path, micro_run, capsys):
-    """`export RUN RUN/checkpoints/step_N/model.safetensors` replaced the MAE weights with the encoder alone (the
-    run could no longer resume). Refused, as is the input file itself and an existing file unless --overwrite."""
-    import shutil
-    import stat
-
-    from mae_et.checkpoint import list_checkpoints
-
-    run = tmp_path / "run"
-    shutil.copytree(micro_run, run)
-    weights = list_checkpoints(run / "checkpoints")[-1] / "model.safetensors"
-    before = weights.read_bytes()
-    for dst, message in (
-        (weights, "lies inside the checkpoints"),
-        (run / "checkpoints" / "enc.safetensors", "lies inside the checkpoints"),
-    ):
-        with pytest.raises(SystemExit) as e:
-            export_main([str(run), str(dst)])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
-    assert weights.read_bytes() == before and not (run / "checkpoints" / "enc.safetensors").exists()
-    out = tmp_path / "enc.safetensors"
-    assert export_main([str(run), str(out)]) == 0
-    with pytest.raises(SystemExit):  # a file input as its own output
-        export_main([str(out), str(out), "--overwrite"])
-    assert "is also an input of this command" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        export_main([str(run), str(out)])
-    assert "exists; pass --overwrite to replace it" in capsys.readouterr().err
-    old = os.umask(0o022)
-    try:
-        assert export_main([str(run), str(out), "--overwrite"]) == 0
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # the umask's mode, not safetensors' 0600
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

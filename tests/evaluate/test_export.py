@@ -1,0 +1,128 @@
+"""python -m mae_et.evaluate.export: the encoder as a timm-loadable .safetensors file, equal features in timm, bad
+input in one line, never over what it reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from helpers import random_mae
+from safetensors.torch import load_file
+
+from mae_et.checkpoint import list_checkpoints, save_checkpoint
+from mae_et.evaluate.export import export_encoder
+from mae_et.evaluate.export import main as export_main
+from mae_et.models.vit import EncoderSpec, load_encoder_state, load_pretrained_vit
+from mae_et.recipes import save_config
+from mae_et.train.config import PretrainConfig
+
+
+def save_as_our_checkpoint(mae: torch.nn.Module, run: Path, size: str, patch: int, img: int, tmp: Path) -> Path:
+    cfg = PretrainConfig()
+    cfg.model.size, cfg.model.patch_size = size, patch
+    cfg.model.decoder_embed_dim, cfg.model.decoder_depth, cfg.model.decoder_num_heads = 32, 1, 2
+    cfg.data.crop_size = img
+    save_config(cfg, tmp / "config.yaml")
+    return save_checkpoint(
+        run / "checkpoints",
+        7,
+        mae.state_dict(),
+        {"step": 7},
+        (tmp / "config.yaml").read_text(),
+        {"step": 7},
+        keep_last=1,
+    )
+
+
+def test_export_tiny_loads_in_timm_with_equal_features(tmp_path, capsys):
+    mae = random_mae("tiny", 16, 224)
+    save_as_our_checkpoint(mae, tmp_path / "run", "tiny", 16, 224, tmp_path)
+    out = tmp_path / "tiny.safetensors"
+    assert export_main([str(tmp_path / "run"), str(out)]) == 0
+    printed = capsys.readouterr().out
+    line = (
+        f'timm.create_model("vit_tiny_patch16_224", pretrained=True, '
+        f'pretrained_cfg_overlay=dict(file="{out.resolve()}", num_classes=0))'
+    )
+    assert line in printed
+
+    vit = eval(line, {"timm": timm}).eval()  # the printed line, as a user would paste it
+    assert vit.num_classes == 0
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours = mae.forward_features(x)  # (2, 197, 192)
+        theirs = vit.forward_features(x)  # (2, 197, 192)
+    assert theirs.shape == ours.shape == (2, 197, 192)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+    # The file is the encoder only, contiguous, with the spec in its metadata.
+    state, spec, kind = load_encoder_state(out)
+    assert (spec, kind) == (EncoderSpec("tiny", 16, 224), "timm")
+    assert set(state) == set(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict())
+    assert not any(k.startswith(("decoder", "mask_token", "head")) for k in state)
+
+
+def test_micro_export_prints_the_vit_kwargs(micro_run, tmp_path, capsys):
+    out = tmp_path / "sub" / "micro.safetensors"
+    assert export_main([str(micro_run), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "VisionTransformer(img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0)" in printed
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0
+    )
+    vit.load_state_dict(load_file(str(out)), strict=True)
+    ours, _ = load_pretrained_vit(micro_run)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(vit.state_dict()[k], v), k
+
+
+def test_export_cli_bad_input_exits_2(tmp_path, micro_run, capsys):
+    with pytest.raises(SystemExit) as e:
+        export_main([str(tmp_path / "missing_run"), str(tmp_path / "out.safetensors")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint") and "does not exist" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:
+        export_main([str(micro_run), str(tmp_path / "out.pth")])
+    assert e.value.code == 2 and ".safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
+    assert export_encoder(micro_run, tmp_path / "ok.safetensors").is_file()
+
+
+def test_export_never_overwrites_what_it_reads(tmp_path, micro_run, capsys):
+    """`export RUN RUN/checkpoints/step_N/model.safetensors` replaced the MAE weights with the encoder alone (the
+    run could no longer resume). Refused, as is the input file itself and an existing file unless --overwrite."""
+    import shutil
+    import stat
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    weights = list_checkpoints(run / "checkpoints")[-1] / "model.safetensors"
+    before = weights.read_bytes()
+    for dst, message in (
+        (weights, "lies inside the checkpoints"),
+        (run / "checkpoints" / "enc.safetensors", "lies inside the checkpoints"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            export_main([str(run), str(dst)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert weights.read_bytes() == before and not (run / "checkpoints" / "enc.safetensors").exists()
+    out = tmp_path / "enc.safetensors"
+    assert export_main([str(run), str(out)]) == 0
+    with pytest.raises(SystemExit):  # a file input as its own output
+        export_main([str(out), str(out), "--overwrite"])
+    assert "is also an input of this command" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main([str(run), str(out)])
+    assert "exists; pass --overwrite to replace it" in capsys.readouterr().err
+    old = os.umask(0o022)
+    try:
+        assert export_main([str(run), str(out), "--overwrite"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # the umask's mode, not safetensors' 0600
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

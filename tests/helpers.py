@@ -1,0 +1,161 @@
+"""Helpers the tests share, imported as a module (`from helpers import ...`; pyproject's pytest pythonpath puts
+tests/ on sys.path): paths to the checkout, the mini data set and the CPU recipe, the one-thread environment, the
+Accelerate reset, the mini set with broken files planted, a benchmark module by name, an independent FLOP count.
+Fixtures built on them are in conftest.py."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from mae_et.models.mae import mae_vit
+from mae_et.train.run import fresh_accelerate_state
+
+REPO = Path(__file__).resolve().parents[1]
+MINI = REPO.parent / "shared" / "data" / "imagenette-mini"
+CPU_RECIPE = REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml"
+
+# One intra-op thread for subprocess runs: on a shared 2-core machine OpenMP threads spinning
+# against other jobs make the tiny ops of these runs 10-50x slower. Results do not depend on it.
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py, imported as the module benchmarks.<name> (the package the scripts import each other
+    through)."""
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def reset_accelerate() -> None:
+    """Forget this process's Accelerate state: each in-process run builds its own Accelerator (precision and
+    tracker may differ), so a test that runs twice in one process resets between the runs."""
+    fresh_accelerate_state()
+
+
+@contextmanager
+def in_process_run():
+    """One intra-op thread (see ONE_THREAD_ENV) and a fresh Accelerate state around an in-process run; also
+    for module- and session-scoped fixtures, which cannot take a function-scoped fixture."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reset_accelerate()
+    try:
+        yield
+    finally:
+        reset_accelerate()
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- the mini set plus broken files
+
+
+def copy_mini_classes(dst: Path, n_classes: int, n_images: int | None = None) -> list[Path]:
+    """The first `n_classes` class folders of imagenette-mini's train split (their first `n_images` JPEGs, or
+    all) copied under `dst`; returns the new class folders."""
+    out = []
+    for cls in sorted(p for p in (MINI / "train").iterdir() if p.is_dir())[:n_classes]:
+        (dst / cls.name).mkdir(parents=True)
+        for src in sorted(cls.glob("*.JPEG"))[:n_images]:
+            shutil.copy(src, dst / cls.name / src.name)
+        out.append(dst / cls.name)
+    return out
+
+
+def first_jpeg() -> bytes:
+    return sorted((MINI / "train").glob("*/*.JPEG"))[0].read_bytes()
+
+
+def jpeg_whose_scan_is_broken(real: bytes) -> bytes:
+    """A real JPEG's headers up to its frame header (8-bit, 3 components: a header check passes), then a scan
+    of garbage: every decoder fails on it."""
+    pos = 2
+    while real[pos + 1] not in (0xC0, 0xC1, 0xC2):  # walk the marker segments to the frame header
+        pos += 2 + ((real[pos + 2] << 8) | real[pos + 3])
+    frame_end = pos + 2 + ((real[pos + 2] << 8) | real[pos + 3])
+    return real[:frame_end] + b"\xff\xda\x00\x08" + b"\x07" * 300 + b"\xff\xd9"
+
+
+# Every kind of broken file the tests plant, by name: what it is, and where the pipeline must catch it.
+BROKEN_FILES = {
+    "zero.JPEG": (lambda real: b"", "empty: skipped at the scan"),
+    "notes.txt": (lambda real: b"not an image", "not an image name: skipped at the scan"),
+    "truncated.JPEG": (lambda real: real[: len(real) // 3], "a third of a real JPEG: fails to decode"),
+    "fake.jpg": (lambda real: b"this is text with an image extension", "text with an image name: fails to decode"),
+    "corrupt.JPEG": (
+        lambda real: b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4,
+        "a JPEG start marker, then noise: fails the header check and decoding",
+    ),
+    "headers_fine_scan_broken.JPEG": (jpeg_whose_scan_is_broken, "passes the header check, fails to decode"),
+}
+SKIPPED_AT_SCAN = ("zero.JPEG", "notes.txt")
+
+
+def write_broken(folder: Path, *names: str) -> list[Path]:
+    """Plant the named broken files (keys of BROKEN_FILES) in `folder`."""
+    real = first_jpeg()
+    paths = []
+    for name in names:
+        make, _ = BROKEN_FILES[name]
+        (folder / name).write_bytes(make(real))
+        paths.append(folder / name)
+    return paths
+
+
+def make_bad_folder(dst: Path, undecodable_copies: int = 0) -> int:
+    """Four classes of the mini set, with two files skipped at the scan and 2 + `undecodable_copies` that fail
+    to decode planted in the first; returns how many bad files it holds."""
+    first = copy_mini_classes(dst, 4)[0]
+    write_broken(first, "zero.JPEG", "notes.txt", "truncated.JPEG", "fake.jpg")
+    for k in range(undecodable_copies):
+        (first / f"fake_{k}.jpg").write_text(f"text number {k} with an image extension")
+    return 4 + undecodable_copies
+
+
+def make_split(root: Path, classes: dict[str, int], mini_root: Path) -> Path:
+    """An ImageFolder under `root` with `n` real imagenette images per named class."""
+    sources = sorted((mini_root / "train").glob("*/*.JPEG"))
+    i = 0
+    for name, n in classes.items():
+        (root / name).mkdir(parents=True)
+        for _ in range(n):
+            shutil.copy(sources[i], root / name / f"{i}.JPEG")
+            i += 1
+    return root
+
+
+def random_mae(size: str, patch: int, img: int, seed: int = 0) -> torch.nn.Module:
+    """A small-decoder MAE whose every parameter is random (so swapped or dropped weights show)."""
+    torch.manual_seed(seed)
+    mae = mae_vit(size, patch_size=patch, img_size=img, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    with torch.no_grad():
+        for p in mae.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return mae.eval()
+
+
+# ----------------------------------------------------------------------------- an independent FLOP count
+
+
+def counted_forward_flops(model: torch.nn.Module, imgs: torch.Tensor, **forward_kwargs) -> float:
+    """Matrix-multiply FLOPs per image of one forward pass, as torch's FlopCounterMode counts them on the real
+    model (convolutions and linear layers; attention as explicit q @ k^T and attn @ v matmuls: timm's fused
+    attention is switched off for the count, since the counter does not see the CPU's fused kernel). The
+    check of mae_et.models.flops, which derives the same figure from the architecture by hand."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    fused = [m.fused_attn for m in attention]
+    for m in attention:
+        m.fused_attn = False
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(imgs, **forward_kwargs)
+    finally:
+        for m, f in zip(attention, fused):
+            m.fused_attn = f
+    return counter.get_total_flops() / imgs.shape[0]
