@@ -16,6 +16,7 @@ import torch
 if not __package__:  # run as `python benchmarks/fractal_speed.py`: see benchmarks/_checkout.py
     import _checkout  # noqa: F401
 
+from mae_et.cli import OneLineParser, run_user_command
 from mae_et.data.fractal import FractalDataset, render_fractal, render_fractal_batch
 
 
@@ -31,7 +32,7 @@ def rate(fn, images_per_call: int, seconds: float, device: torch.device) -> floa
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--classes", type=int, default=10)
@@ -62,4 +63,4 @@ def main(argv=None) -> list[dict]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # a loader worker's view; the batched path on a GPU does not care
-    main()
+    run_user_command(main)

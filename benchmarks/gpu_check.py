@@ -83,6 +83,7 @@ from benchmarks.throughput import (  # noqa: E402
     step_flops,
     time_calls,
 )
+from mae_et.cli import OneLineParser, run_user_command  # noqa: E402
 from mae_et.curriculum.schedules import plan_curriculum  # noqa: E402
 from mae_et.data.folder import scan_image_folder  # noqa: E402
 from mae_et.data.fractal import FractalDataset, render_fractal_batch  # noqa: E402
@@ -1184,7 +1185,7 @@ def markdown(d: dict) -> str:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--out", required=True, help="folder for gpu_check.json and gpu_check.md (the device tool's $OUT)"
     )
@@ -1308,4 +1309,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_user_command(main)

@@ -22,6 +22,7 @@ if not __package__:  # run as `python benchmarks/hog_cost.py`: see benchmarks/_c
 from benchmarks import REPO
 from benchmarks.peer_cpu import ROWS, RowSpec, TimedSteps, alternate, random_images, run_cli  # noqa: F401 (ROWS: the same rows)
 from benchmarks.throughput import build_train_step, fresh_accelerator
+from mae_et.cli import run_user_command
 from mae_et.data.folder import normalize_on_device
 from mae_et.train.config import load_pretrain_config
 
@@ -119,4 +120,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_user_command(main)

@@ -37,8 +37,10 @@ if not __package__:  # run as `python benchmarks/peer_cpu.py`: see benchmarks/_c
 
 from benchmarks import REPO
 from benchmarks.throughput import build_train_step, count_params, fresh_accelerator, hf_peer_config
+from mae_et.cli import OneLineParser, run_user_command
 from mae_et.data.folder import normalize_on_device
 from mae_et.files import FileError, check_output_folder, write_text_atomic
+from mae_et.recipes import ConfigError
 from mae_et.train.config import load_pretrain_config
 from mae_et.train.optim import build_adamw
 from mae_et.train.pretrain import mask_noise
@@ -191,7 +193,7 @@ def bench_row(row: RowSpec, rounds: int, warmup: int) -> dict:
     ]
     counts = {c.name: c.params for c in contenders}
     if len(set(counts.values())) != 1:
-        raise SystemExit(f"row {row.name}: the models differ ({counts} trainable parameters); nothing to compare")
+        raise RuntimeError(f"row {row.name}: the models differ ({counts} trainable parameters); nothing to compare")
     runs, order_log, med = alternate(contenders, row, rounds, warmup)
     for m in med.values():
         m["img_s_cpu"], m["img_s_wall"] = row.batch / m["cpu_s"], row.batch / m["wall_s"]
@@ -255,12 +257,9 @@ def markdown(result: dict) -> str:
 def checked_out(folder: str, name: str, overwrite: bool) -> Path:
     """--out as a Path, refused in one line when it is unsafe or already holds <name>.json (unless overwrite)."""
     out = Path(folder)
-    try:
-        check_output_folder(out, flag="--out")
-        if (out / f"{name}.json").exists() and not overwrite:
-            raise FileError(f"--out {out} already holds {name}.json; pass --overwrite to replace it, or another --out")
-    except FileError as e:
-        raise SystemExit(str(e)) from None
+    check_output_folder(out, flag="--out")
+    if (out / f"{name}.json").exists() and not overwrite:
+        raise FileError(f"--out {out} already holds {name}.json; pass --overwrite to replace it, or another --out")
     return out
 
 
@@ -279,7 +278,7 @@ def run_cli(
 ) -> dict:
     """The command line of an alternating CPU benchmark: rows, rounds, warm-up, threads, --out <name>.json / .md
     (never over an earlier result unless --overwrite); `bench_row(row, rounds, warmup)` measures one row."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=["vit-t8_64px", "vit-s16_224px"], choices=sorted(ROWS))
     parser.add_argument(
         "--rounds", type=int, default=7, help="alternating timed runs per contender (at least 5 for a figure)"
@@ -290,7 +289,7 @@ def run_cli(
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.threads < 1 or args.warmup < 0:
-        raise SystemExit("--rounds and --threads must be >= 1 and --warmup >= 0")
+        raise ConfigError("--rounds and --threads must be >= 1 and --warmup >= 0")
     out = checked_out(args.out, name, args.overwrite)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -318,7 +317,7 @@ def main(argv=None) -> dict:
     try:
         import transformers
     except ImportError:
-        raise SystemExit("Hugging Face transformers is needed for the peer: pip install -e '.[bench]'") from None
+        raise ConfigError("Hugging Face transformers is needed for the peer: pip install -e '.[bench]'") from None
     return run_cli(
         argv,
         __doc__,
@@ -331,4 +330,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_user_command(main)

@@ -34,6 +34,7 @@ from benchmarks.study.config import load_study
 from benchmarks.study.evaluation import encoder_features, knn_top1, probe_settings, run_finetune
 from benchmarks.study.paths import default_out
 from benchmarks.study.runs import pretrain_overrides, save_untrained_encoder
+from mae_et.cli import OneLineParser, run_user_command
 from mae_et.data.folder import scan_image_folder
 from mae_et.evaluate.linprobe import fit_probe_on_features
 from mae_et.train.config import load_pretrain_config
@@ -65,7 +66,7 @@ def make_holdout(train_dir: Path, fraction: float, seed: int, out: Path) -> Path
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", required=True)
     parser.add_argument(
         "--encoders", nargs="+", required=True, help="pretraining run folders (the baseline's), and/or `untrained`"
@@ -190,4 +191,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_user_command(main)

@@ -36,6 +36,8 @@ from benchmarks.peer_cpu import RowSpec, TimedSteps, alternate, checked_out, wri
 from benchmarks.study.config import BASELINE, EQUAL_TIME, load_study
 from benchmarks.study.runs import planned_stages, pretrain_overrides
 from benchmarks.throughput import build_train_step, fresh_accelerator
+from mae_et.cli import OneLineParser, run_user_command
+from mae_et.recipes import ConfigError
 from mae_et.train.config import load_pretrain_config
 
 
@@ -109,7 +111,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", required=True, help="configs/study/<name>.yaml")
     parser.add_argument(
         "--images",
@@ -125,7 +127,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
     args = parser.parse_args(argv)
     if min(args.rounds, args.steps, args.threads, args.images) < 1 or args.warmup < 0:
-        raise SystemExit("--rounds, --steps, --threads and --images must be >= 1 and --warmup >= 0")
+        raise ConfigError("--rounds, --steps, --threads and --images must be >= 1 and --warmup >= 0")
     out = checked_out(args.out, "step_costs", args.overwrite)
     study = load_study(args.study)
     torch.set_num_threads(args.threads)
@@ -150,4 +152,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_user_command(main)

@@ -33,6 +33,7 @@ if not __package__:  # run as `python benchmarks/throughput.py`: see benchmarks/
     import _checkout  # noqa: F401
 
 from benchmarks import REPO
+from mae_et.cli import OneLineParser, run_user_command
 from mae_et.data.sources import open_source
 from mae_et.models.flops import mae_train_flops_per_image
 from mae_et.models.mae import MODEL_SIZES
@@ -286,7 +287,7 @@ TABLE_HEAD = (
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config",
         default=str(REPO / "configs/pretrain/mae_vit-base-p16_baseline_800e_imagenet.yaml"),
@@ -393,4 +394,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_user_command(main)

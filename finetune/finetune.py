@@ -8,20 +8,22 @@ is kept in RUN/best/. The logic lives in `mae_et.evaluate.finetune`; this file o
 """
 
 import sys
-from pathlib import Path
 
-# run from anywhere as `python /path/to/finetune/<script>.py`: the checkout's mae_et, as pretrain.py gets it
-# by sitting beside it
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mae_et.cli import parse_args, run_user_command  # noqa: E402
-from mae_et.evaluate.config import load_finetune_config  # noqa: E402
-from mae_et.evaluate.finetune import finetune  # noqa: E402
+try:  # the installed package (pip install -e .), as for any script outside it: no sys.path entry of its own
+    from mae_et.cli import check_checkout, parse_args, run_user_command
+    from mae_et.evaluate.config import load_finetune_config
+    from mae_et.evaluate.finetune import finetune
+except ModuleNotFoundError as e:
+    if e.name != "mae_et":
+        raise
+    print("error: mae_et is not installed; run `pip install -e .` in the checkout (README: Set up)", file=sys.stderr)
+    sys.exit(2)
 
 DEFAULT_RECIPE = "configs/finetune/vit-base-p16_mae_100e_imagenet.yaml"
 
 
 def main(argv=None) -> None:
+    check_checkout(__file__)
     args = parse_args(
         argv,
         "Fine-tune a pretrained MAE encoder (layer-wise lr decay AdamW, RandAugment, mixup/cutmix)",

@@ -9,20 +9,22 @@ The logic lives in `mae_et.evaluate.linprobe`; this file only parses the command
 """
 
 import sys
-from pathlib import Path
 
-# run from anywhere as `python /path/to/finetune/<script>.py`: the checkout's mae_et, as pretrain.py gets it
-# by sitting beside it
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mae_et.cli import parse_args, run_user_command  # noqa: E402
-from mae_et.evaluate.config import load_linprobe_config  # noqa: E402
-from mae_et.evaluate.linprobe import linprobe  # noqa: E402
+try:  # the installed package (pip install -e .), as for any script outside it: no sys.path entry of its own
+    from mae_et.cli import check_checkout, parse_args, run_user_command
+    from mae_et.evaluate.config import load_linprobe_config
+    from mae_et.evaluate.linprobe import linprobe
+except ModuleNotFoundError as e:
+    if e.name != "mae_et":
+        raise
+    print("error: mae_et is not installed; run `pip install -e .` in the checkout (README: Set up)", file=sys.stderr)
+    sys.exit(2)
 
 DEFAULT_RECIPE = "configs/linprobe/vit-base-p16_mae_90e_imagenet.yaml"
 
 
 def main(argv=None) -> None:
+    check_checkout(__file__)
     args = parse_args(
         argv, "Linear probe of a frozen pretrained MAE encoder (cls token, BatchNorm + Linear, LARS)", DEFAULT_RECIPE
     )

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from mae_et.errors import UserError
 from mae_et.files import is_disk_full, save_safetensors, try_lock
 from mae_et.notices import RunWarning
 
@@ -53,7 +54,7 @@ CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """An unreadable or unsuitable checkpoint, with a message naming the file and the fix."""
 
 

@@ -34,12 +34,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from mae_et.errors import UserError
+
 LOCK_FILE = ".run.lock"
 # A folder is a checkpoint when it holds these (mae_et.checkpoint's layout; the fine-tune's best/ too)
 _CHECKPOINT_MARKERS = ("meta.json", "model.safetensors")
 
 
-class FileError(ValueError):
+class FileError(UserError, ValueError):
     """A file or folder a command may not use as asked; one line naming it and the way on."""
 
 

@@ -31,10 +31,11 @@ from typing import Annotated, Any, Union
 
 import yaml
 
+from mae_et.errors import UserError
 from mae_et.files import write_text_atomic
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, with a message that names the key and the fix."""
 
 

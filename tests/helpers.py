@@ -138,6 +138,28 @@ def random_mae(size: str, patch: int, img: int, seed: int = 0) -> torch.nn.Modul
     return mae.eval()
 
 
+def save_as_our_checkpoint(mae: torch.nn.Module, run: Path, size: str, patch: int, img: int, tmp: Path) -> Path:
+    """`random_mae`'s model saved as a checkpoint of our run folder `run` (config.yaml written in `tmp`)."""
+    from mae_et.checkpoint import save_checkpoint
+    from mae_et.recipes import save_config
+    from mae_et.train.config import PretrainConfig
+
+    cfg = PretrainConfig()
+    cfg.model.size, cfg.model.patch_size = size, patch
+    cfg.model.decoder_embed_dim, cfg.model.decoder_depth, cfg.model.decoder_num_heads = 32, 1, 2
+    cfg.data.crop_size = img
+    save_config(cfg, tmp / "config.yaml")
+    return save_checkpoint(
+        run / "checkpoints",
+        7,
+        mae.state_dict(),
+        {"step": 7},
+        (tmp / "config.yaml").read_text(),
+        {"step": 7},
+        keep_last=1,
+    )
+
+
 # ----------------------------------------------------------------------------- an independent FLOP count
 
 

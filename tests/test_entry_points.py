@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import shutil
 import subprocess
 import sys
 
@@ -64,3 +67,93 @@ def test_an_installed_copy_without_recipes_says_where_they_are(tmp_path, monkeyp
     message = str(info.value)
     assert "no recipes beside it" in message and "configs/ folder of the source checkout" in message
     assert "pip install -e" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- one style for every entry point
+
+# Every entry point as a user runs it (the training scripts, the mae-et tools, the study, the benchmark scripts),
+# each with one argument that is wrong for argparse and one user error past the parser.
+ENTRY_POINTS = {
+    "pretrain": (["pretrain.py"], "data.root=/nonexistent/imagenet", "is not a folder"),
+    "finetune": (["finetune/finetune.py"], "data.root=x", "model.checkpoint is missing"),
+    "linprobe": (["finetune/linprobe.py"], "data.root=x", "model.checkpoint is missing"),
+    "mae-et knn": (["-m", "mae_et", "knn", "nowhere", "--data"], "nowhere", "does not exist"),
+    "mae-et export": (["-m", "mae_et", "export", "nowhere"], "out.safetensors", "does not exist"),
+    "mae-et visualize": (["-m", "mae_et", "visualize", "nowhere", "img.jpg", "--out"], "grid.png", "does not exist"),
+    "python -m knn": (["-m", "mae_et.evaluate.knn", "nowhere", "--data"], "nowhere", "does not exist"),
+    "study": (["benchmarks/curriculum_vs_baseline.py", "--study"], "configs/study/nope.yaml", "nope.yaml"),
+    "step_costs": (["benchmarks/step_costs.py", "--study", "x.yaml", "--images", "9", "--rounds"], "0", "must be >= 1"),
+    "peer_cpu": (["benchmarks/peer_cpu.py", "--rounds"], "0", "must be >= 1"),
+    "hog_cost": (["benchmarks/hog_cost.py", "--rounds"], "0", "must be >= 1"),
+}
+
+
+def run_entry(cwd, argv, timeout=300):
+    first = argv[0] if argv[0] == "-m" else str(REPO / argv[0])
+    return subprocess.run([sys.executable, first, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["pretrain", "finetune", "mae-et export", "study", "step_costs"])
+def test_a_bad_argument_is_one_line_and_exit_2(tmp_path, name):
+    """argparse's complaint, in the same one line as every other user error, with where the help is (one entry point
+    of each kind here: that every one parses with mae_et.cli.OneLineParser is tests/test_layout.py's)."""
+    argv, last, _ = ENTRY_POINTS[name]
+    line = one_error_line(run_entry(tmp_path, [*argv, last, "--no-such-flag"]))
+    assert "unrecognized arguments: --no-such-flag" in line and "--help)" in line, line
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_a_user_error_is_one_line_and_exit_2(tmp_path, name):
+    argv, last, says = ENTRY_POINTS[name]
+    line = one_error_line(run_entry(tmp_path, [*argv, last]))
+    assert says in line, line
+
+
+def test_mae_et_is_declared_as_a_console_script_that_runs_the_tools():
+    """[project.scripts] names mae_et.__main__:main, and that main dispatches to each tool's own main."""
+    import tomllib
+
+    from mae_et import __main__ as mae_et_main
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"mae-et": "mae_et.__main__:main"}
+    assert sorted(mae_et_main.TOOLS) == ["export", "knn", "visualize"]
+    for module, _ in mae_et_main.TOOLS.values():
+        assert callable(importlib.import_module(module).main)
+
+
+def test_mae_et_help_lists_the_tools_and_a_tool_help_names_the_subcommand(tmp_path):
+    top = run_entry(tmp_path, ["-m", "mae_et", "--help"])
+    assert top.returncode == 0 and all(t in top.stdout for t in ("knn", "export", "visualize")), top.stderr
+    tool = run_entry(tmp_path, ["-m", "mae_et", "export", "--help"])
+    assert tool.returncode == 0 and tool.stdout.startswith("usage: mae-et export "), tool.stdout + tool.stderr
+
+
+def test_a_training_script_without_the_package_installed_says_how_to_install_it(tmp_path):
+    """No sys.path entry of its own: with no site-packages (python -S), the script cannot find mae_et and says so."""
+    proc = subprocess.run(
+        [sys.executable, "-S", str(REPO / "finetune" / "finetune.py")], cwd=tmp_path, capture_output=True, text=True
+    )
+    line = one_error_line(proc)
+    assert "mae_et is not installed" in line and "pip install -e ." in line, line
+
+
+def test_a_training_script_of_another_checkout_refuses_this_checkouts_package(tmp_path):
+    """A second clone (or worktree) whose script would import the installed mae_et of this one: one line naming both."""
+    other = tmp_path / "other-checkout"
+    (other / "finetune").mkdir(parents=True)
+    (other / "mae_et").mkdir()
+    shutil.copy(REPO / "finetune" / "finetune.py", other / "finetune" / "finetune.py")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the package of this checkout, as an editable install gives it
+    proc = subprocess.run(
+        [sys.executable, str(other / "finetune" / "finetune.py")], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    line = one_error_line(proc)
+    assert f"is in the checkout {other}" in line and f"imports mae_et from {REPO}" in line, line

@@ -1,6 +1,8 @@
 """The package's shape: subpackages in pipeline order, imports one way (evaluate -> train -> models -> data /
 curriculum -> the shared leaves: recipes (config loading), checkpoint (the on-disk format and safe loading),
-notices (warnings), files (safe writes), seeding (the seed hash and its families)), no import circle."""
+notices (warnings), files (safe writes), seeding (the seed hash and its families) -> errors (the two kinds of stop)),
+the command front (cli) below every command that uses it, no import circle; every entry point parses and reports
+user errors through mae_et.cli."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from helpers import REPO
 PACKAGE = REPO / "mae_et"
 # lower numbers are imported by higher ones, never the other way; data and curriculum do not import each other
 LAYERS = {
+    "errors": -1,  # UserError / RunStopped: every layer raises them
     "notices": 0,
     "files": 0,
     "seeding": 0,
@@ -22,7 +25,8 @@ LAYERS = {
     "models": 3,
     "train": 4,
     "evaluate": 5,
-    "cli": 6,
+    "cli": 1,  # the command front every entry point shares (mae_et/cli.py imports only mae_et.errors)
+    "__main__": 6,  # `mae-et <tool>`: dispatches to the evaluate tools
 }
 
 
@@ -235,4 +239,47 @@ def test_tests_sit_in_the_stage_folder_of_what_they_test():
             if found.parent not in folders:
                 where = " or ".join(sorted(f"{f.relative_to(REPO)}/" for f in folders))
                 wrong.append(f"{found.relative_to(REPO)} is named for a module of {where}: it belongs there")
+    assert not wrong, "\n".join(wrong)
+
+
+ENTRY_POINTS = [
+    "pretrain.py",
+    "finetune/finetune.py",
+    "finetune/linprobe.py",
+    "mae_et/__main__.py",
+    "mae_et/evaluate/knn.py",
+    "mae_et/evaluate/export.py",
+    "mae_et/evaluate/visualize.py",
+    "benchmarks/study/cli.py",
+    *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "benchmarks").glob("[!_]*.py")),
+]
+
+
+def test_every_entry_point_parses_and_reports_errors_through_the_one_front():
+    """No parser of its own (argparse.ArgumentParser only inside mae_et/cli.py), no `error:` printed or exit 2 by
+    hand, no sys.path entry: each entry point uses mae_et.cli (OneLineParser, run_user_command), or is a thin script
+    that calls one that does (the study's script calls benchmarks.study.cli)."""
+    wrong = []
+    for rel in ENTRY_POINTS:
+        text = (REPO / rel).read_text()
+        tree = ast.parse(text)
+        for handler in [n for n in ast.walk(tree) if isinstance(n, ast.ExceptHandler)]:
+            if isinstance(handler.type, ast.Name) and handler.type.id == "ModuleNotFoundError":
+                # the one message mae_et.cli cannot print: mae_et itself is not installed
+                text = text.replace(ast.get_source_segment(text, handler), "")
+        if "argparse.ArgumentParser(" in text:
+            wrong.append(f"{rel}: builds argparse.ArgumentParser; use mae_et.cli.OneLineParser")
+        if "sys.exit(2)" in text or 'print(f"error:' in text:
+            wrong.append(f"{rel}: prints its own error or exit status; raise a UserError and use run_user_command")
+        if "sys.path.insert" in text or "sys.path.append" in text:
+            wrong.append(f"{rel}: touches sys.path; the installed package (pip install -e .) is the one imported")
+        names = {
+            a.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module == "mae_et.cli"
+            for a in n.names
+        }
+        thin = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} & {"benchmarks.study.cli"}
+        if "run_user_command" not in names and not thin:
+            wrong.append(f"{rel}: does not run its work through mae_et.cli.run_user_command")
     assert not wrong, "\n".join(wrong)

@@ -33,9 +33,9 @@ from benchmarks.study.report import (
 )
 from benchmarks.study.runs import planned_stages, train_flops, warm_compile
 from benchmarks.study.state import STATE_FILE, StudyState, open_state, study_roles
+from mae_et.cli import OneLineParser, run_user_command
 from mae_et.data.folder import scan_image_folder
 from mae_et.files import FileError, RunFolderBusy, check_output_folder
-from mae_et.recipes import ConfigError
 
 ENTRY_SCRIPT = REPO / "benchmarks" / "curriculum_vs_baseline.py"  # what the warm-up's own process runs
 EVAL_ONLY_POLL_S = 30  # --poll-seconds
@@ -125,9 +125,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=benchmarks.study.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(description=benchmarks.study.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for add in (add_study_arguments, add_part_arguments, add_row_arguments, add_report_arguments):
         add(parser)
     return parser
@@ -306,9 +304,6 @@ def run_study(args: argparse.Namespace, study: Study, data_root: Path, out: Path
 
 
 def run_command() -> None:
-    """`python benchmarks/curriculum_vs_baseline.py ...`: a study error or a config error is one line, exit 2."""
-    try:
-        main()
-    except (StudyError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """`python benchmarks/curriculum_vs_baseline.py ...`: a study error or a config error is one line, exit 2, as
+    for every entry point (`mae_et.cli.run_user_command`)."""
+    run_user_command(main)

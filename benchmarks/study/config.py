@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from benchmarks import REPO
+from mae_et.errors import UserError
 
 BASELINE = "baseline"  # the run every speed-up and accuracy is measured against (every study has one)
 UNTRAINED = "untrained"  # E = 0: the floor
@@ -35,7 +36,7 @@ SUMMARY_KEYS = (
 )
 
 
-class StudyError(RuntimeError):
+class StudyError(UserError, RuntimeError):
     """A study that cannot run as configured, or a run that failed; one line (plus a log tail)."""
 
 

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
+from mae_et.errors import UserError
 from mae_et.notices import DataWarning
 from mae_et.seeding import Family, mix64
 
@@ -41,7 +42,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem the user must fix; the message is one line naming the problem and the fix."""
 
 

@@ -1,7 +1,9 @@
-"""Export a pretrained encoder as a timm ViT state dict (safetensors).
+"""Export a pretrained encoder as a timm ViT state dict (safetensors), or a run's whole MAE as a Hugging Face folder.
 
-    python -m mae_et.evaluate.export RUN_OR_CHECKPOINT out.safetensors [--overwrite]
+    mae-et export RUN_OR_CHECKPOINT out.safetensors [--overwrite]
+    mae-et export RUN_OR_CHECKPOINT OUT_FOLDER --format hf [--overwrite]
 
+(`python -m mae_et.evaluate.export ...` is the same command.)
 The output is checked before anything is read: never the input file, never inside a run's checkpoints
 (`RUN/checkpoints/`, a `step_*` folder: replacing a checkpoint's weights with the encoder alone would
 break its resume), an existing file only with `--overwrite`; it is written atomically.
@@ -9,23 +11,40 @@ break its resume), an existing file only with `--overwrite`; it is written atomi
 The file holds the encoder only (timm names, no head, contiguous tensors) and the spec
 (size, patch size, training size) in its safetensors metadata; the command prints the line that
 loads it with timm.
+
+`--format hf` writes OUT_FOLDER as `transformers` reads it (`mae_et.models.hf`): the MAE with its decoder
+(`ViTMAEForPreTraining.from_pretrained(OUT)`) and, in OUT/encoder/, the encoder alone
+(`ViTModel.from_pretrained(OUT/encoder, add_pooling_layer=False)`: MAE trains no pooler), each with no missing or
+unexpected key; `push_to_hub` from there shares it. Only our run or checkpoint folders carry the decoder's config;
+official MAE weights are on the Hub already (facebook/vit-mae-*). The weights go in before each config.json, so a
+killed export leaves no folder that loads half.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mae_et.files import FileError, check_output_file, save_safetensors, write_atomic
+from mae_et.cli import OneLineParser, run_user_command
+from mae_et.evaluate.visualize import load_mae
+from mae_et.files import (
+    FileError,
+    check_output_file,
+    check_output_folder,
+    save_safetensors,
+    write_atomic,
+    write_text_atomic,
+)
+from mae_et.models.hf import HF_CONFIG, HF_MAE_TYPE, HF_VIT_TYPE, HF_WEIGHTS, hf_configs, mae_to_hf
 from mae_et.models.mae import MODEL_SIZES
 from mae_et.models.vit import (
     META_IMG,
     META_PATCH,
     META_SIZE,
     EncoderSpec,
-    LoadError,
     _check_against_model,
     build_vit,
     infer_spec,
@@ -33,7 +52,7 @@ from mae_et.models.vit import (
     timm_model_name,
 )
 
-__all__ = ["export_encoder", "timm_load_line", "main"]
+__all__ = ["export_encoder", "export_hf", "timm_load_line", "main"]
 
 
 def timm_load_line(spec: EncoderSpec, file: str | Path) -> str:
@@ -83,28 +102,83 @@ def export_encoder(src: str | Path, dst: str | Path, overwrite: bool = False) ->
     return dst
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mae_et.evaluate.export",
-        description="Export a pretrained encoder (run folder, checkpoint folder, MAE .pth) as a timm ViT .safetensors",
-    )
-    parser.add_argument(
-        "src", help="run folder (latest checkpoint), checkpoint folder, official MAE .pth or timm state dict"
-    )
-    parser.add_argument("dst", help="output .safetensors file (not inside a run's checkpoints/)")
-    parser.add_argument("--overwrite", action="store_true", help="replace dst when it exists")
-    args = parser.parse_args(argv)
-    try:
-        out = export_encoder(args.src, args.dst, overwrite=args.overwrite)
-        state_spec = load_encoder_state(out)[1]
-    except (LoadError, FileError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def export_hf(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
+    """Write run or checkpoint folder ``src`` as a transformers folder ``dst`` (MAE + encoder/); returns ``dst``."""
+    src, dst = Path(src), Path(dst)
+    check_output_folder(dst, reads=[src], flag="output")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FileError(f"output '{dst}' is not empty; pass --overwrite to replace its files, or another folder")
+    if not src.is_dir():
+        raise FileError(
+            f"--format hf exports one of our run or checkpoint folders (their config.yaml gives the decoder); '{src}' "
+            "is a file (official MAE weights are on the Hub already: facebook/vit-mae-*)"
+        )
+    model, cfg = load_mae(src)
+    if model.hog is not None:
+        raise FileError(
+            f"'{src}' was trained with model.target=hog, which transformers' ViTMAE cannot hold (it predicts pixels); "
+            "export its encoder with the default format (timm .safetensors)"
+        )
+    spec = EncoderSpec(cfg.model.size, cfg.model.patch_size, cfg.data.crop_size)
+    grid = spec.img_size // spec.patch_size
+    mae_state = mae_to_hf(model.state_dict(), grid)
+    decoder = {
+        "embed_dim": cfg.model.decoder_embed_dim,
+        "depth": cfg.model.decoder_depth,
+        "num_heads": cfg.model.decoder_num_heads,
+    }
+    configs = hf_configs(spec.size, spec.patch_size, spec.img_size, decoder, cfg.model.norm_pix_loss)
+    encoder_state = {k[len("vit.") :]: v for k, v in mae_state.items() if k.startswith("vit.")}
+    for folder, state, model_type, architecture in (
+        (dst / "encoder", encoder_state, HF_VIT_TYPE, "ViTModel"),
+        (dst, mae_state, HF_MAE_TYPE, "ViTMAEForPreTraining"),
+    ):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / HF_WEIGHTS, lambda tmp, s=state: save_safetensors(s, tmp, metadata={"format": "pt"}))
+        config = {"architectures": [architecture], "model_type": model_type, **configs[model_type]}
+        write_text_atomic(folder / HF_CONFIG, json.dumps(config, indent=2) + "\n")  # last: the folder is whole
+    return dst
+
+
+def run_export(args: argparse.Namespace) -> None:
+    if args.format == "hf":
+        out = export_hf(args.src, args.dst, overwrite=args.overwrite)
+        print(f"wrote {out} (ViTMAEForPreTraining) and {out / 'encoder'} (ViTModel)")
+        print("load them with transformers:")
+        print(f'    ViTMAEForPreTraining.from_pretrained("{out.resolve()}")')
+        print(f'    ViTModel.from_pretrained("{(out / "encoder").resolve()}", add_pooling_layer=False)')
+        return
+    out = export_encoder(args.src, args.dst, overwrite=args.overwrite)
+    state_spec = load_encoder_state(out)[1]
     assert state_spec is not None  # written by export_encoder just above
     print(f"wrote {out} ({state_spec.size} ViT, patch {state_spec.patch_size}, {state_spec.img_size} px)")
     print("load it with timm:")
     print("    import timm" + (", safetensors.torch" if timm_model_name(state_spec) is None else ""))
     print(f"    {timm_load_line(state_spec, out.resolve())}")
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m mae_et.evaluate.export") -> int:
+    parser = OneLineParser(
+        prog=prog,
+        description="Export a pretrained encoder (run folder, checkpoint folder, MAE .pth) as a timm ViT .safetensors, "
+        "or a run's MAE as a Hugging Face transformers folder",
+    )
+    parser.add_argument(
+        "src", help="run folder (latest checkpoint), checkpoint folder, official MAE .pth or timm state dict"
+    )
+    parser.add_argument(
+        "dst", help="output .safetensors file, or folder with --format hf (not inside a run's checkpoints/)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("timm", "hf"),
+        default="timm",
+        help="timm: the encoder as a timm ViT .safetensors (default); hf: a transformers folder (MAE + encoder/)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace dst when it exists")
+    args = parser.parse_args(argv)
+    # OSError: a dst folder that cannot be written is the user's to fix, not a bug
+    run_user_command(lambda: run_export(args), also=(OSError,))
     return 0
 
 

@@ -1,10 +1,11 @@
 """Weighted kNN top-1 of any checkpoint's encoder on a labelled ImageFolder (train/ is the bank, val/ is scored).
 
-    python -m mae_et.evaluate.knn RUN_OR_CHECKPOINT --data /path/to/imagenet [--k 20 --temperature 0.07]
+    mae-et knn RUN_OR_CHECKPOINT --data /path/to/imagenet [--k 20 --temperature 0.07]
 
-The classifier (each val image votes over its k most cosine-similar train images, weighted by exp(sim / T),
-Wu et al. 2018 as in DINO) is the pretraining loop's monitor, `mae_et.train.monitors.knn_evaluate`: the same
-numbers a run logs, for any run folder, checkpoint folder, official MAE .pth or timm state dict.
+(`python -m mae_et.evaluate.knn ...` is the same command.) The classifier (each val image votes over its k most
+cosine-similar train images, weighted by exp(sim / T), Wu et al. 2018 as in DINO) is the pretraining loop's monitor's,
+`mae_et.models.features.knn_evaluate`: the same numbers a run logs, for any run folder, checkpoint folder, official
+MAE .pth or timm state dict.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from mae_et.checkpoint import CheckpointError
+from mae_et.cli import OneLineParser, run_user_command
 from mae_et.data.folder import DataError
-from mae_et.files import FileError, check_output_file, write_json_atomic
+from mae_et.files import check_output_file, write_json_atomic
 from mae_et.models.features import knn_evaluate
-from mae_et.models.vit import LoadError, load_pretrained_vit
+from mae_et.models.vit import load_pretrained_vit
 from mae_et.recipes import ConfigError
 
 __all__ = ["main"]
@@ -57,9 +58,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--device {args.device} needs a GPU, and torch sees none here; use --device cpu")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mae_et.evaluate.knn",
+def build_parser(prog: str) -> OneLineParser:
+    parser = OneLineParser(
+        prog=prog,
         description="Weighted kNN top-1 (k=20, T=0.07) of a pretrained encoder's cls and mean-pooled features",
     )
     parser.add_argument("checkpoint", help="run folder, checkpoint folder, official MAE .pth or timm state dict")
@@ -74,33 +75,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the accuracies to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-        root = Path(args.data)
-        if args.json:  # checked before the work, not after it
-            check_output_file(
-                args.json, reads=[args.checkpoint, root], overwrite=args.overwrite, flag="--json", suffix=".json"
-            )
-        train_root = _split_dir(root, args.train_split, "--train-split")
-        val_root = _split_dir(root, args.val_split, "--val-split")
-        model, spec = load_pretrained_vit(args.checkpoint, img_size=args.img_size)
-        img_size = args.img_size or spec.img_size
-        model.to(args.device)
-        results = knn_evaluate(
-            model,
-            train_root,
-            val_root,
-            img_size,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            k=args.k,
-            temperature=args.temperature,
-            device=args.device,
+    return parser
+
+
+def run_knn(args: argparse.Namespace) -> None:
+    """The accuracies printed (and written to --json), every input checked before the work."""
+    check_args(args)
+    root = Path(args.data)
+    if args.json:  # checked before the work, not after it
+        check_output_file(
+            args.json, reads=[args.checkpoint, root], overwrite=args.overwrite, flag="--json", suffix=".json"
         )
-    except (LoadError, DataError, CheckpointError, ConfigError, FileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    train_root = _split_dir(root, args.train_split, "--train-split")
+    val_root = _split_dir(root, args.val_split, "--val-split")
+    model, spec = load_pretrained_vit(args.checkpoint, img_size=args.img_size)
+    img_size = args.img_size or spec.img_size
+    model.to(args.device)
+    results = knn_evaluate(
+        model,
+        train_root,
+        val_root,
+        img_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        k=args.k,
+        temperature=args.temperature,
+        device=args.device,
+    )
     for key, value in results.items():
         print(f"{key}: {value:.2f}")
     if args.json:
@@ -114,6 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "temperature": args.temperature,
             },
         )
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m mae_et.evaluate.knn") -> int:
+    args = build_parser(prog).parse_args(argv)
+    run_user_command(lambda: run_knn(args))
     return 0
 
 

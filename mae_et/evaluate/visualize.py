@@ -3,8 +3,9 @@ MAE reconstructs no pixels: original | masked | predicted HOG | target HOG, as o
 
 From the command line, for a run folder (its latest checkpoint) or one checkpoint folder:
 
-    python -m mae_et.evaluate.visualize runs/NAME img1.jpg folder/ --out grid.png [--size B] [--mask-ratio 0.75]
+    mae-et visualize runs/NAME img1.jpg folder/ --out grid.png [--size B] [--mask-ratio 0.75]
 
+(`python -m mae_et.evaluate.visualize ...` is the same command.)
 The grid itself is the one the pretraining loop logs (`mae_et.train.monitors.reconstruction_grid`).
 """
 
@@ -23,9 +24,10 @@ from safetensors.torch import load_file
 from torchvision.transforms import InterpolationMode
 
 from mae_et import checkpoint as ckpt_lib
+from mae_et.cli import OneLineParser, run_user_command
 from mae_et.curriculum.frequency import FREQUENCY_MODES, low_frequency_crop
 from mae_et.data.folder import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, load_rgb, normalize_on_device
-from mae_et.files import FileError, check_output_file, write_atomic
+from mae_et.files import check_output_file, write_atomic
 from mae_et.models.keys import compare_state
 from mae_et.models.mae import MaskedAutoencoderViT
 from mae_et.recipes import ConfigError, build_config
@@ -128,15 +130,9 @@ def load_image_batch(
 # ----------------------------------------------------------------------------- command line
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse prints the usage too; keep user errors to one line
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _OneLineParser(
-        prog="python -m mae_et.evaluate.visualize",
+def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
+    parser = OneLineParser(
+        prog=prog,
         description="Reconstruction grid of a pretrained MAE: original | masked | reconstruction | "
         "reconstruction + visible "
         "(HOG target: original | masked | predicted HOG | target HOG).",
@@ -162,45 +158,46 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = _parse_args(argv)
-    try:
-        if not 0.0 < args.mask_ratio < 1.0:
-            raise ConfigError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
-        if args.max_images < 1:
-            raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
-        # the output before any work: never an input, never in a checkpoint, an existing file only when asked
-        check_output_file(
-            args.out, reads=[args.checkpoint, *args.images], overwrite=args.overwrite, flag="--out", suffix=".png"
+def run_visualize(args: argparse.Namespace) -> None:
+    """The grid written to --out, every input checked before the work."""
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise ConfigError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    if args.max_images < 1:
+        raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
+    # the output before any work: never an input, never in a checkpoint, an existing file only when asked
+    check_output_file(
+        args.out, reads=[args.checkpoint, *args.images], overwrite=args.overwrite, flag="--out", suffix=".png"
+    )
+    model, cfg = load_mae(args.checkpoint)
+    full, patch = cfg.data.crop_size, model.patch_size
+    size = full if args.size is None else args.size
+    if not (patch <= size <= full and size % patch == 0):
+        raise ConfigError(
+            f"--size {size} must be a multiple of the patch size {patch} between {patch} and the crop size {full}"
         )
-        model, cfg = load_mae(args.checkpoint)
-        full, patch = cfg.data.crop_size, model.patch_size
-        size = full if args.size is None else args.size
-        if not (patch <= size <= full and size % patch == 0):
-            raise ConfigError(
-                f"--size {size} must be a multiple of the patch size {patch} between {patch} and the crop size {full}"
-            )
-        paths = find_images(args.images)
-        if len(paths) > args.max_images:
-            print(f"using the first {args.max_images} of {len(paths)} images (--max-images)", file=sys.stderr)
-            paths = paths[: args.max_images]
-        imgs = load_image_batch(paths, full)  # (N, 3, S, S)
-        imgs = low_frequency_crop(imgs, size, args.mode or cfg.curriculum.mode)  # (N, 3, B, B)
-        gen = torch.Generator().manual_seed(args.seed)
-        noise = torch.rand((len(paths), (size // patch) ** 2), generator=gen)  # (N, L): the same mask for the same seed
-        grid = reconstruction_grid(model, imgs, IMAGENET_MEAN, IMAGENET_STD, mask_ratio=args.mask_ratio, noise=noise)
-        try:
-            write_atomic(args.out, lambda tmp: save_png(grid, tmp))
-        except OSError as e:  # an unwritable --out is the user's to fix, not a bug
-            raise DataError(f"cannot write '{args.out}' ({type(e).__name__}: {e.strerror or e})") from e
-    except (ckpt_lib.CheckpointError, ConfigError, DataError, FileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    paths = find_images(args.images)
+    if len(paths) > args.max_images:
+        print(f"using the first {args.max_images} of {len(paths)} images (--max-images)", file=sys.stderr)
+        paths = paths[: args.max_images]
+    imgs = load_image_batch(paths, full)  # (N, 3, S, S)
+    imgs = low_frequency_crop(imgs, size, args.mode or cfg.curriculum.mode)  # (N, 3, B, B)
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.rand((len(paths), (size // patch) ** 2), generator=gen)  # (N, L): the same mask for the same seed
+    grid = reconstruction_grid(model, imgs, IMAGENET_MEAN, IMAGENET_STD, mask_ratio=args.mask_ratio, noise=noise)
+    try:
+        write_atomic(args.out, lambda tmp: save_png(grid, tmp))
+    except OSError as e:  # an unwritable --out is the user's to fix, not a bug
+        raise DataError(f"cannot write '{args.out}' ({type(e).__name__}: {e.strerror or e})") from e
     panels = "predicted HOG | target HOG" if model.hog is not None else "reconstruction | reconstruction + visible"
     print(
         f"wrote {args.out}: {len(paths)} images at B={size}, mask ratio {args.mask_ratio} (original | masked | "
         f"{panels})"
     )
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m mae_et.evaluate.visualize") -> None:
+    args = _parse_args(argv, prog)
+    run_user_command(lambda: run_visualize(args))
 
 
 if __name__ == "__main__":

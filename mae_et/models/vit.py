@@ -11,6 +11,8 @@ Supported checkpoints (``load_encoder_state``):
     * our run folder (latest checkpoint) or one checkpoint folder ``RUN/checkpoints/step_*``
     * an official facebookresearch/mae ``.pth`` (``{"model": sd}``, reference names, has ``pos_embed``)
     * a timm-named ViT state dict (``.safetensors`` / ``.pth`` / ``.bin``), e.g. from ``mae_et.evaluate.export``
+    * a Hugging Face transformers folder of a ViTMAE or ViT (``config.json`` + ``model.safetensors``: the Hub's
+      facebook/vit-mae-*, or ``mae-et export --format hf``; ``mae_et.models.hf``)
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ from mae_et.checkpoint import (
     RefusedFileError,
     resolve_checkpoint,
     torch_load_plain,
+)
+from mae_et.errors import UserError
+from mae_et.models.hf import (
+    HF_CONFIG,
+    HF_MAE_TYPE,
+    HF_VIT_TYPE,
+    HF_WEIGHTS,
+    hf_to_encoder,
+    is_hf_folder,
+    read_hf_config,
 )
 from mae_et.models.keys import compare_state, fmt_shape, is_decoder_key
 from mae_et.models.mae import MODEL_SIZES, get_2d_sincos_pos_embed
@@ -83,7 +95,7 @@ _TIMM_NAMES: dict[tuple[str, int], str] = {
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class LoadError(ValueError):
+class LoadError(UserError, ValueError):
     """A checkpoint that cannot be loaded into the requested ViT; the message names keys and shapes."""
 
 
@@ -288,20 +300,48 @@ def _read_weights_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return dict(obj), {}
 
 
+def _load_hf_folder(folder: Path) -> tuple[dict[str, Tensor], EncoderSpec]:
+    """A transformers ViTMAE or ViT folder (config.json + model.safetensors) -> timm-named encoder and its spec."""
+    try:
+        config = read_hf_config(folder)
+        model_type = config["model_type"]
+        dims = (int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["num_attention_heads"]))
+        patch, img = int(config["patch_size"]), int(config["image_size"])
+    except Exception as e:  # noqa: BLE001 - unreadable JSON, missing keys: one answer
+        raise LoadError(f"'{folder / HF_CONFIG}' is not a transformers ViT config ({type(e).__name__}: {e})") from None
+    if model_type not in (HF_MAE_TYPE, HF_VIT_TYPE):
+        raise LoadError(f"'{folder}' holds a transformers '{model_type}' model; pass a ViTMAE or ViT folder")
+    sizes = [n for n, d in MODEL_SIZES.items() if (d["embed_dim"], d["depth"], d["num_heads"]) == dims]
+    if not sizes or int(config.get("intermediate_size", 4 * dims[0])) != 4 * dims[0]:
+        raise LoadError(f"'{folder}': a ViT of width {dims[0]}, depth {dims[1]}, {dims[2]} heads is none of our sizes")
+    raw, _ = _read_weights_file(folder / HF_WEIGHTS)
+    try:
+        state = hf_to_encoder(raw)
+    except KeyError as e:
+        raise LoadError(
+            f"'{folder / HF_WEIGHTS}' lacks the ViT weight {e}; is it a whole ViTMAE / ViT folder?"
+        ) from None
+    return state, EncoderSpec(sizes[0], patch, img)
+
+
 def load_encoder_state(path: str | Path) -> tuple[dict[str, Tensor], EncoderSpec | None, str]:
     """Any supported checkpoint -> (timm-named encoder state dict, spec when known, source kind).
 
     The kind is "mae_et" (our run / checkpoint folder), "official" (facebookresearch/mae names,
-    ``{"model": sd}`` wrapper or decoder keys) or "timm" (a timm ViT state dict). Classifier heads
+    ``{"model": sd}`` wrapper or decoder keys), "hf" (a transformers ViTMAE or ViT folder) or "timm" (a timm ViT
+    state dict). Classifier heads
     are dropped: the encoder is what is transferred. Every failure is a one-message ``LoadError``.
     """
     path = Path(path)
     if not path.exists():
         raise LoadError(
             f"checkpoint '{path}' does not exist; pass a run folder, a checkpoint folder (step_*), "
-            "an official MAE .pth or a timm .safetensors/.pth"
+            "an official MAE .pth, a timm .safetensors/.pth or a transformers ViTMAE / ViT folder"
         )
-    if path.is_dir() or (path.name == MODEL_FILE and (path.parent / CONFIG_FILE).is_file()):
+    if is_hf_folder(path) and not (path / CONFIG_FILE).is_file():
+        state, spec = _load_hf_folder(path)
+        kind = "hf"
+    elif path.is_dir() or (path.name == MODEL_FILE and (path.parent / CONFIG_FILE).is_file()):
         try:
             ckpt_dir = resolve_checkpoint(path)
         except CheckpointError as e:

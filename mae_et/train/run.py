@@ -34,6 +34,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 
 from mae_et import checkpoint as ckpt_lib
+from mae_et.errors import RunStopped
 from mae_et.files import LOCK_FILE, RunFolderBusy, RunFolderLock, write_text_atomic
 from mae_et.models.keys import compare_state
 from mae_et.notices import RunWarning, progress
@@ -169,17 +170,6 @@ class Run:
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
-class RunStopped(Exception):
-    """A run that stopped before its end for a reason the user can act on: one line (printed by the main
-    rank only, `say`), and an exit status of its own."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, say: bool = True) -> None:
-        super().__init__(message)
-        self.say = say
-
-
 class NonFiniteLossError(RunStopped):
     """Too many non-finite losses in a row; the last good checkpoint is left as it was."""
 
@@ -188,9 +178,6 @@ class RunInterrupted(RunStopped):
     """Ctrl-C (SIGINT): the run stopped where it was; the last checkpoint resumes it."""
 
     exit_code = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
-
-
-MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
 def fresh_accelerate_state() -> None:

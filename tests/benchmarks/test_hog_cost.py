@@ -9,6 +9,8 @@ import statistics
 import pytest
 from helpers import load_benchmark
 
+from mae_et.files import FileError
+
 
 @pytest.fixture(scope="module")
 def cost(tmp_path_factory):
@@ -55,5 +57,5 @@ def test_the_contenders_differ_only_in_the_target(cost):
 
 def test_an_existing_result_is_not_overwritten_silently(cost):
     script, _, out = cost
-    with pytest.raises(SystemExit, match="already holds hog_cost.json; pass --overwrite"):
+    with pytest.raises(FileError, match="already holds hog_cost.json; pass --overwrite"):
         script.main(["--rows", "micro", "--rounds", "1", "--out", str(out)])

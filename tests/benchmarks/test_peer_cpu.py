@@ -10,6 +10,8 @@ import statistics
 import pytest
 from helpers import load_benchmark
 
+from mae_et.files import FileError
+
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None, reason="the peer needs the [bench] extra (transformers)"
 )
@@ -56,5 +58,5 @@ def test_the_peer_is_the_same_model(peer):
 
 def test_an_existing_result_is_not_overwritten_silently(peer):
     script, _, out = peer
-    with pytest.raises(SystemExit, match="already holds peer_cpu.json; pass --overwrite"):
+    with pytest.raises(FileError, match="already holds peer_cpu.json; pass --overwrite"):
         script.main(["--rows", "micro", "--rounds", "1", "--out", str(out)])

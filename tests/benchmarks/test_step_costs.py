@@ -9,6 +9,8 @@ import statistics
 import pytest
 from helpers import REPO, load_benchmark
 
+from mae_et.files import FileError
+
 
 @pytest.fixture(scope="module")
 def costs(tmp_path_factory):
@@ -51,7 +53,7 @@ def test_predictions_are_the_plans_times_the_median_step_costs(costs):
 
 def test_an_existing_result_is_not_overwritten_silently(costs):
     script, _, out = costs
-    with pytest.raises(SystemExit, match="already holds step_costs.json; pass --overwrite"):
+    with pytest.raises(FileError, match="already holds step_costs.json; pass --overwrite"):
         script.main(
             ["--study", str(REPO / "configs" / "study" / "mini_cpu-smoke.yaml"), "--images", "240", "--out", str(out)]
         )

@@ -4,37 +4,17 @@ input in one line, never over what it reads."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from helpers import random_mae
+from helpers import random_mae, save_as_our_checkpoint
 from safetensors.torch import load_file
 
-from mae_et.checkpoint import list_checkpoints, save_checkpoint
+from mae_et.checkpoint import list_checkpoints
 from mae_et.evaluate.export import export_encoder
 from mae_et.evaluate.export import main as export_main
 from mae_et.models.vit import EncoderSpec, load_encoder_state, load_pretrained_vit
-from mae_et.recipes import save_config
-from mae_et.train.config import PretrainConfig
-
-
-def save_as_our_checkpoint(mae: torch.nn.Module, run: Path, size: str, patch: int, img: int, tmp: Path) -> Path:
-    cfg = PretrainConfig()
-    cfg.model.size, cfg.model.patch_size = size, patch
-    cfg.model.decoder_embed_dim, cfg.model.decoder_depth, cfg.model.decoder_num_heads = 32, 1, 2
-    cfg.data.crop_size = img
-    save_config(cfg, tmp / "config.yaml")
-    return save_checkpoint(
-        run / "checkpoints",
-        7,
-        mae.state_dict(),
-        {"step": 7},
-        (tmp / "config.yaml").read_text(),
-        {"step": 7},
-        keep_last=1,
-    )
 
 
 def test_export_tiny_loads_in_timm_with_equal_features(tmp_path, capsys):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CPU_RECIPE, REPO, make_bad_folder, reset_accelerate
+from helpers import CPU_RECIPE, ONE_THREAD_ENV, REPO, make_bad_folder, reset_accelerate
 from safetensors.torch import load_file
 
 from mae_et import checkpoint as ck
@@ -657,3 +657,85 @@ def test_checkpoint_every_epochs_0_is_off_not_every_step(tmp_path, mini_root):
         )
     )
     assert [p.name for p in ck.list_checkpoints(result.run_dir / "checkpoints")] == ["step_00000020"]
+
+
+# ----------------------------------------------------------------------------- several machines
+
+# Stand-ins for Slurm's two commands, so examples/slurm/pretrain.sbatch runs here as on a cluster of
+# SLURM_NNODES machines: scontrol names this host, srun starts one task per "node" with its SLURM_NODEID.
+FAKE_SCONTROL = "#!/bin/bash\necho 127.0.0.1\n"
+FAKE_SRUN = """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done   # srun's own options
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+exit $status
+"""
+
+
+def fake_slurm(tmp_path, job_id: int, restart: int = 0) -> dict:
+    bin_dir = tmp_path / "fake-slurm-bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {
+        **ONE_THREAD_ENV,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "node[01-02]",
+        "SLURM_JOB_ID": str(job_id),
+        "SLURM_RESTART_COUNT": str(restart),
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "MAIN_PORT": str(free_port()),
+        "LAUNCHER": f"{sys.executable} -m accelerate.commands.launch",
+    }
+
+
+def test_two_machines_launched_by_the_slurm_script_train_as_one_two_process_launch(tmp_path, mini_root):
+    """examples/slurm/pretrain.sbatch, with Slurm's variables for 2 nodes and srun starting one launcher per node
+    (machine ranks 0 and 1, one process each, rendezvous on localhost): equal weight checksums on both ranks and
+    the same weights as one launch of two processes. A second job (a requeue: a new job id, the same command)
+    resumes the run folder instead of starting over, and ends where an uninterrupted run ends."""
+    args = [
+        "--config",
+        str(CPU_RECIPE),
+        f"data.root={mini_root}",
+        "train.batch_size=8",
+        "tracking.recon_every_epochs=0",
+        "tracking.knn_every_epochs=0",
+        "checkpoint.every_steps=3",
+    ]
+    one = subprocess.run(
+        [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(free_port()), str(REPO / "pretrain.py"), *args,
+            f"output_dir={tmp_path / 'one'}", "train.max_steps=6",
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=ONE_THREAD_ENV,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stdout + one.stderr
+    script = str(REPO / "examples" / "slurm" / "pretrain.sbatch")
+    two = tmp_path / "two"
+    jobs = []
+    for job_id, restart, steps in ((101, 0, 3), (102, 1, 6)):  # the first job stops early, as a preempted one
+        jobs.append(
+            subprocess.run(
+                ["bash", script, *args, f"output_dir={two}", f"train.max_steps={steps}"],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env=fake_slurm(tmp_path, job_id, restart),
+            )  # fmt: skip
+        )
+        assert jobs[-1].returncode == 0, jobs[-1].stdout + jobs[-1].stderr
+    assert "2 machines x 1 processes" in jobs[0].stdout and "2 process(es)" in jobs[0].stdout
+    ckpts = two / CPU_RECIPE.stem / "checkpoints"
+    assert f"resumed from {ckpts / 'step_00000003'}" in jobs[1].stdout, jobs[1].stdout
+    meta = json.loads((ck.list_checkpoints(ckpts)[-1] / "meta.json").read_text())
+    sums = meta["rank_weight_checksums"]
+    assert meta["step"] == 6 and meta["world_size"] == 2 and len(sums) == 2 and sums[0] == sums[1]
+    one_w, two_w = final_weights(tmp_path / "one" / CPU_RECIPE.stem), final_weights(two / CPU_RECIPE.stem)
+    assert one_w.keys() == two_w.keys() and all(torch.equal(one_w[k], two_w[k]) for k in one_w)  # bit for bit

@@ -1,0 +1,184 @@
+"""Hugging Face `transformers` names for our MAE, both ways: `ViTMAEForPreTraining` (encoder + decoder) and `ViTModel`
+(the encoder), written by `mae-et export --format hf` and read back as a `model.checkpoint`.
+
+Written by hand, as a key table, because transformers has no converter from timm or reference-MAE names (its own
+script converts the official .pth files once, offline) and a load must not need transformers installed. The names
+are those of the Hub's MAE folders (facebook/vit-mae-*, transformers 4: `vit.encoder.layer.N.attention.attention.
+query`): transformers 5 renames them on load (its conversion mapping), so one folder loads in both. A folder saved
+by transformers 5 (`vit.layers.N.attention.q_proj`) reads back too.
+
+Our MAE and HF's compute the same thing: pre-norm blocks, LayerNorm eps 1e-6, exact GELU, qkv with bias, the fixed
+2-D sin-cos positions (HF stores them as weights: the table of the training grid), the same random masking from
+the same noise and the same patch order (p, p, C) of the pixel target. The tests check features and predictions
+equal within float tolerance on the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mae_et.models.mae import MODEL_SIZES, get_2d_sincos_pos_embed
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_MAE_TYPE = "vit_mae"  # config.json model_type of ViTMAEForPreTraining / ViTMAEModel
+HF_VIT_TYPE = "vit"  # ... of ViTModel
+LAYER_NORM_EPS = 1e-6  # MAE's (HF's default is 1e-12)
+
+# One block, our (timm) names -> transformers 4 names; the attention's fused qkv is split in three (q, k, v).
+_BLOCK = {
+    "norm1": "layernorm_before",
+    "attn.proj": "attention.output.dense",
+    "norm2": "layernorm_after",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
+_QKV = ("query", "key", "value")
+# transformers 5 renames (its conversion mapping for ViT / ViTMAE), undone on read: new -> old
+_V5_TO_V4 = (
+    (r"\.layers\.(\d+)\.", r".encoder.layer.\1."),
+    (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
+    (r"attention\.q_proj", "attention.attention.query"),
+    (r"attention\.k_proj", "attention.attention.key"),
+    (r"attention\.v_proj", "attention.attention.value"),
+    (r"attention\.o_proj", "attention.output.dense"),
+    (r"mlp\.fc1", "intermediate.dense"),
+    (r"mlp\.fc2", "output.dense"),
+)
+
+
+def _v4_names(key: str) -> str:
+    """A transformers 5 key as transformers 4 (and the Hub's MAE folders) name it; a v4 key is left as is."""
+    for pattern, old in _V5_TO_V4:
+        key = re.sub(pattern, old, key)  # (the decoder's `decoder_layers.N` has no `.layers.`: it keeps its name)
+    return key
+
+
+def _blocks_to_hf(state: Mapping[str, Tensor], ours: str, theirs: str) -> dict[str, Tensor]:
+    """Every block `ours.N.*` -> `theirs.N.*` (transformers 4 names)."""
+    out = {}
+    depth = len({k.split(".")[1] for k in state if k.startswith(f"{ours}.")})
+    for i in range(depth):
+        src, dst = f"{ours}.{i}.", f"{theirs}.{i}."
+        for kind in ("weight", "bias"):
+            for q, part in zip(_QKV, state[f"{src}attn.qkv.{kind}"].chunk(3, dim=0), strict=True):
+                out[f"{dst}attention.attention.{q}.{kind}"] = part.contiguous()
+            for a, b in _BLOCK.items():
+                out[f"{dst}{b}.{kind}"] = state[f"{src}{a}.{kind}"]
+    return out
+
+
+def _blocks_from_hf(state: Mapping[str, Tensor], theirs: str, ours: str) -> dict[str, Tensor]:
+    out = {}
+    pattern = re.compile(rf"^{re.escape(theirs)}\.(\d+)\.")
+    depth = len({m.group(1) for k in state if (m := pattern.match(k))})
+    for i in range(depth):
+        src, dst = f"{theirs}.{i}.", f"{ours}.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.qkv.{kind}"] = torch.cat([state[f"{src}attention.attention.{q}.{kind}"] for q in _QKV])
+            for a, b in _BLOCK.items():
+                out[f"{dst}{a}.{kind}"] = state[f"{src}{b}.{kind}"]
+    return out
+
+
+def encoder_to_hf(encoder: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """A timm-named encoder (with its pos_embed table) -> HF names under `prefix` ("vit." in ViTMAEForPreTraining,
+    "" in ViTModel)."""
+    out = {
+        f"{prefix}embeddings.cls_token": encoder["cls_token"],
+        f"{prefix}embeddings.position_embeddings": encoder["pos_embed"],
+        f"{prefix}embeddings.patch_embeddings.projection.weight": encoder["patch_embed.proj.weight"],
+        f"{prefix}embeddings.patch_embeddings.projection.bias": encoder["patch_embed.proj.bias"],
+        f"{prefix}layernorm.weight": encoder["norm.weight"],
+        f"{prefix}layernorm.bias": encoder["norm.bias"],
+    }
+    out.update(_blocks_to_hf(encoder, "blocks", f"{prefix}encoder.layer"))
+    return out
+
+
+def mae_to_hf(mae: Mapping[str, Tensor], grid: int) -> dict[str, Tensor]:
+    """Our MAE state dict (no position tables: they are generated) -> `ViTMAEForPreTraining` names, with the sin-cos
+    tables of a `grid` x `grid` training grid."""
+    dim, ddim = mae["patch_embed.proj.weight"].shape[0], mae["decoder_embed.weight"].shape[0]
+    dtype = mae["patch_embed.proj.weight"].dtype
+    encoder = {k: v for k, v in mae.items() if not k.startswith(("decoder_", "mask_token"))}
+    encoder["pos_embed"] = get_2d_sincos_pos_embed(dim, grid, cls_token=True).unsqueeze(0).to(dtype)  # (1, 1+L, D)
+    out = encoder_to_hf(encoder, "vit.")
+    out.update(
+        {
+            "decoder.mask_token": mae["mask_token"],
+            # (1, 1+L, Dd)
+            "decoder.decoder_pos_embed": get_2d_sincos_pos_embed(ddim, grid, cls_token=True).unsqueeze(0).to(dtype),
+            "decoder.decoder_embed.weight": mae["decoder_embed.weight"],
+            "decoder.decoder_embed.bias": mae["decoder_embed.bias"],
+            "decoder.decoder_norm.weight": mae["decoder_norm.weight"],
+            "decoder.decoder_norm.bias": mae["decoder_norm.bias"],
+            "decoder.decoder_pred.weight": mae["decoder_pred.weight"],
+            "decoder.decoder_pred.bias": mae["decoder_pred.bias"],
+        }
+    )
+    out.update(_blocks_to_hf(mae, "decoder_blocks", "decoder.decoder_layers"))
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def hf_to_encoder(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An HF ViTMAE or ViT state dict (transformers 4 or 5 names, with or without the `vit.` prefix) -> the timm-named
+    encoder, its position table included; the decoder and a ViT pooler are left out (not part of the encoder)."""
+    state = {_v4_names(k): v for k, v in state.items()}
+    prefix = "vit." if "vit.embeddings.cls_token" in state else ""
+    enc = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith("decoder.")}
+    out = {
+        "cls_token": enc["embeddings.cls_token"],
+        "pos_embed": enc["embeddings.position_embeddings"],
+        "patch_embed.proj.weight": enc["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": enc["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": enc["layernorm.weight"],
+        "norm.bias": enc["layernorm.bias"],
+    }
+    out.update(_blocks_from_hf(enc, "encoder.layer", "blocks"))
+    return out
+
+
+def hf_configs(size: str, patch_size: int, img_size: int, decoder: Mapping[str, int], norm_pix_loss: bool) -> dict:
+    """config.json fields of the two folders: {"vit_mae": ..., "vit": ...}. `decoder`: embed_dim, depth, num_heads."""
+    dims = MODEL_SIZES[size]
+    common = {
+        "hidden_size": dims["embed_dim"],
+        "num_hidden_layers": dims["depth"],
+        "num_attention_heads": dims["num_heads"],
+        "intermediate_size": 4 * dims["embed_dim"],  # mlp_ratio 4
+        "hidden_act": "gelu",
+        "layer_norm_eps": LAYER_NORM_EPS,
+        "image_size": img_size,
+        "patch_size": patch_size,
+        "num_channels": 3,
+        "qkv_bias": True,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }
+    mae = {
+        **common,
+        "decoder_hidden_size": decoder["embed_dim"],
+        "decoder_num_hidden_layers": decoder["depth"],
+        "decoder_num_attention_heads": decoder["num_heads"],
+        "decoder_intermediate_size": 4 * decoder["embed_dim"],
+        "mask_ratio": 0.75,
+        "norm_pix_loss": bool(norm_pix_loss),
+    }
+    return {HF_MAE_TYPE: mae, HF_VIT_TYPE: common}
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A transformers model folder: config.json beside its weights (and no config.yaml of ours)."""
+    return path.is_dir() and (path / HF_CONFIG).is_file() and (path / HF_WEIGHTS).is_file()
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    return json.loads((path / HF_CONFIG).read_text())
