@@ -22,7 +22,7 @@ import functools
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,10 +329,13 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        if not isinstance(key, tuple) or len(key) != 2:
-            raise TypeError(f"PretrainDataset keys are (sample index, sample seed) tuples, got {key!r}")
+    def __getitem__(self, key: tuple[int, int] | tuple[int, int, int]) -> dict:
+        """key: (sample index, sample seed) -> a crop_size crop; (index, seed, B) -> a B crop decoded at reduced
+        scale (`crop_at_size`: the same box, for curriculum.mode=resize, where the model sees a downsample)."""
+        if not isinstance(key, tuple) or len(key) not in (2, 3):
+            raise TypeError(f"PretrainDataset keys are (sample index, sample seed[, size]) tuples, got {key!r}")
         index, sample_seed = int(key[0]), int(key[1])
+        size = int(key[2]) if len(key) == 3 else None
         n = len(self.index.samples)
         newly_bad: list[str] = []
         first_failed_path = ""
@@ -343,7 +346,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             path, label = self.index.samples[i]
             if path not in self._known_bad:
                 try:
-                    img = load_rgb(path)
+                    image = self._crop(load_rgb(path), seed) if size is None else self.crop_at_size(path, seed, size)
                 except Exception as e:  # noqa: BLE001 - PIL plugins raise many types (OSError, SyntaxError, struct.error, ...)
                     if self.strict:
                         raise DataError(
@@ -355,8 +358,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                     )
                     self._known_bad.add(path)
                     newly_bad.append(path)
-                else:
-                    image = self._crop(img, seed)  # (3, S, S) uint8
+                else:  # image: (3, S, S) uint8, or (3, B, B) with a size in the key
                     return {"image": image, "label": label, "bad_files": tuple(newly_bad)}
             first_failed_path = first_failed_path or path
         raise DataError(
@@ -384,6 +386,34 @@ class PretrainDataset(torch.utils.data.Dataset):
             image = image.flip(-1)
         return image.contiguous()
 
+    def crop_at_size(self, path: str, seed: int, size: int) -> Tensor:
+        """The crop `_crop` makes from the same seed (the same box, drawn on the full image, the same flip),
+        resized straight to `size` instead of crop_size, from a JPEG decoded at reduced scale.
+
+        libjpeg scales by 1/2, 1/4 or 1/8 inside the inverse DCT (PIL `draft`): the coarsest scale that still
+        leaves the box at least `size` pixels on each side is chosen, so the decode does 4-64x less work where the
+        box is large against `size`. The box is then resized (bicubic, antialiased as PIL's resize is) to `size`
+        in one pass. Against the full-size path (decode, crop to crop_size, the device's antialiased bicubic
+        downsample to `size`) the pixels differ by a small, tested amount: the DCT-domain downscale and one
+        resize instead of two. Other formats decode in full (draft is a JPEG feature) and are cropped the same way.
+        """
+        g = torch.Generator().manual_seed(seed)
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            width, height = img.size  # read from the header: nothing decoded yet
+            top, left, h, w = sample_crop_params(height, width, self.scale, self.ratio, g)
+            if img.format == "JPEG":
+                img.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
+            img.load()  # a truncated file raises here, as in load_rgb
+            img = _to_rgb(img)
+        sx, sy = img.width / width, img.height / height  # the decoded scale (1, 1/2, 1/4 or 1/8, rounded up)
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        image = TF.pil_to_tensor(img)  # (3, B, B) uint8
+        if self.hflip and torch.rand(1, generator=g).item() < 0.5:
+            image = image.flip(-1)
+        return image.contiguous()
+
 
 # ----------------------------------------------------------------------------------------------
 # Sampler
@@ -391,7 +421,8 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 
 class StepSampler(torch.utils.data.Sampler):
-    """Stream of ``(index, sample_seed)`` keys for one rank, in micro-batch order.
+    """Stream of ``(index, sample_seed)`` keys for one rank, in micro-batch order (``(index, sample_seed, B)`` with
+    ``size_at``: the size the micro-step's stage needs).
 
     Global micro-step ``g`` lies in epoch ``g // micro_steps_per_epoch``. Within an epoch (a seeded
     permutation, truncated so every rank gets the same number of micro-batches), global micro-step
@@ -408,6 +439,7 @@ class StepSampler(torch.utils.data.Sampler):
         seed: int,
         start_micro_step: int = 0,
         num_micro_steps: int | None = None,
+        size_at: Callable[[int], int] | None = None,
     ) -> None:
         if micro_batch < 1 or world_size < 1:
             raise ValueError(f"micro_batch and world_size must be >= 1, got {micro_batch}, {world_size}")
@@ -428,6 +460,7 @@ class StepSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.start_micro_step = start_micro_step
         self.num_micro_steps = num_micro_steps
+        self.size_at = size_at  # global micro-step -> the stage's B, put in every key (data.decode_size=stage)
 
     @property
     def micro_steps_per_epoch(self) -> int:
@@ -437,7 +470,7 @@ class StepSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(epoch_permutation_seed(self.seed, epoch))
         return torch.randperm(self.dataset_len, generator=g)  # (dataset_len,) int64
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
         steps_per_epoch = self.micro_steps_per_epoch
         global_batch = self.micro_batch * self.world_size
         step = self.start_micro_step
@@ -448,8 +481,9 @@ class StepSampler(torch.utils.data.Sampler):
             if e != epoch:
                 epoch, perm = e, self.epoch_permutation(e).tolist()
             start = m * global_batch + self.rank * self.micro_batch
+            size = () if self.size_at is None else (self.size_at(step),)
             for pos in range(start, start + self.micro_batch):
-                yield perm[pos], sample_seed_for(self.seed, epoch, pos)
+                yield perm[pos], sample_seed_for(self.seed, epoch, pos), *size
             step += 1
 
     def __len__(self) -> int:
@@ -491,6 +525,7 @@ def build_pretrain_loader(
     num_micro_steps: int | None = None,
     num_workers: int = 4,
     pin_memory: bool = False,
+    size_at: Callable[[int], int] | None = None,
 ) -> torch.utils.data.DataLoader:
     sampler = StepSampler(
         len(dataset),
@@ -500,6 +535,7 @@ def build_pretrain_loader(
         seed,
         start_micro_step=start_micro_step,
         num_micro_steps=num_micro_steps,
+        size_at=size_at,
     )
     return torch.utils.data.DataLoader(
         dataset,

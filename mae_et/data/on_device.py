@@ -7,8 +7,8 @@ yield the same ``PretrainBatch`` (uint8 crops), already on the device:
 * ``MemoryBatchSource`` over an ``InMemoryImages`` store: every image decoded ONCE, kept as a uint8
   (N, 3, s, s) tensor (on the GPU when it fits); a step is a gather + one ``grid_sample``.
 * ``DeviceDecodeBatchSource`` for data sets that do not fit: workers only read file bytes, the main
-  process decodes the batch with ``torchvision.io.decode_jpeg(list, device=...)`` (batched nvjpeg on
-  CUDA), then crops on the device the same way.
+  process decodes the batch with ``mae_et.data.jpeg.decode_jpegs(list, device)`` (TorchCodec where installed,
+  torchvision otherwise; batched nvjpeg on CUDA), then crops on the device the same way.
 
 Both follow the SAME global sample order as the loader path (``StepSampler``: epoch permutation,
 micro-step slice, rank shard). Their per-sample randomness (crop box, flip) comes from one generator
@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +29,6 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from mae_et.data.folder import (
@@ -41,6 +39,7 @@ from mae_et.data.folder import (
     StepSampler,
     load_rgb,
 )
+from mae_et.data.jpeg import decode_jpegs
 from mae_et.notices import DataWarning
 from mae_et.notices import progress as show_progress
 from mae_et.seeding import Family, mix64
@@ -208,15 +207,6 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-@contextmanager
-def _quiet_torchvision_io():
-    # torchvision >= 0.29 warns on every decode_jpeg call that its decoders move to TorchCodec; the
-    # API still works, and one warning per image would drown the real ones (bad files).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision.*")
-        yield
 
 
 def _pil_to_uint8(img) -> Tensor:
@@ -527,21 +517,8 @@ def _collate_bytes(items: list[tuple[int, int, bytes, str]]) -> _RawBatch:
 
 
 def _decode_on_device(datas: list[Tensor], device: torch.device) -> list[Tensor | None]:
-    """Batched decode (nvjpeg on CUDA); on failure retry one by one so one bad file costs one image."""
-    if not datas:
-        return []
-    with _quiet_torchvision_io():
-        try:
-            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))  # each (3, H, W) uint8
-        except RuntimeError:
-            pass  # all-or-nothing call: find the culprit(s) below
-        out: list[Tensor | None] = []
-        for d in datas:
-            try:
-                out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                out.append(None)
-        return out
+    """Batched decode (nvjpeg on CUDA; TorchCodec or torchvision, `mae_et.data.jpeg`); one bad file costs one image."""
+    return decode_jpegs(datas, device)
 
 
 def _as_rgb(image: Tensor) -> Tensor:
@@ -590,7 +567,7 @@ class DeviceDecodeBatchSource:
     """``PretrainBatch`` stream for data sets too big for memory: read bytes in workers, decode on the device.
 
     Per micro-step: DataLoader workers read the files of the ``StepSampler`` keys (no decoding); the
-    main process decodes the batch with ``decode_jpeg(list, device=device)`` (batched nvjpeg on CUDA,
+    main process decodes the batch with ``decode_jpegs(list, device)`` (batched nvjpeg on CUDA,
     libjpeg-turbo on CPU). Files the device decoder cannot take (CMYK, 12-bit, PNG, ... found from
     the header, or a decode error) are decoded on the CPU with ``load_rgb``. A file neither decodes
     is warned about once, reported once in ``bad_files`` and replaced by the next readable index (as

@@ -23,7 +23,7 @@ The config sections are read by attribute (`data.crop_size`, ...): this module i
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,8 +50,22 @@ class PretrainSource(Protocol):
     skipped: list
 
     def batches(
-        self, rank: int, world: int, micro_batch: int, start_micro_step: int, num_micro_steps: int
+        self,
+        rank: int,
+        world: int,
+        micro_batch: int,
+        start_micro_step: int,
+        num_micro_steps: int,
+        size_at: Callable[[int], int] | None = None,
     ) -> Iterator[PretrainBatch]: ...
+
+
+def _crops_at_crop_size(source, size_at) -> None:
+    """Only the loader crops to the stage's size (the config check keeps data.decode_size=stage to it)."""
+    if size_at is not None:
+        raise DataError(
+            f"{type(source).__name__} crops at data.crop_size only; data.decode_size=stage needs the loader"
+        )
 
 
 # Sub-folders that hold held-out images: a root with one of them is a root of splits, never a training folder
@@ -121,7 +135,11 @@ class FolderSource:
     def skipped(self) -> list:
         return list(self.index.skipped)
 
-    def batches(self, rank, world, micro_batch, start_micro_step, num_micro_steps) -> Iterator[PretrainBatch]:
+    def batches(
+        self, rank, world, micro_batch, start_micro_step, num_micro_steps, size_at=None
+    ) -> Iterator[PretrainBatch]:
+        """size_at (data.decode_size=stage): global micro-step -> B; the workers then decode at reduced scale and
+        crop straight to B (`PretrainDataset.crop_at_size`)."""
         return iter(
             build_pretrain_loader(
                 self.dataset,
@@ -133,6 +151,7 @@ class FolderSource:
                 pin_memory=self.d.pin_memory and self.device.type == "cuda",
                 start_micro_step=start_micro_step,
                 num_micro_steps=num_micro_steps,
+                size_at=size_at,
             )
         )
 
@@ -169,7 +188,10 @@ class MemorySource(FolderSource):
     def skipped(self) -> list:
         return list(self.index.skipped) + list(self.store.skipped)
 
-    def batches(self, rank, world, micro_batch, start_micro_step, num_micro_steps) -> Iterator[PretrainBatch]:
+    def batches(
+        self, rank, world, micro_batch, start_micro_step, num_micro_steps, size_at=None
+    ) -> Iterator[PretrainBatch]:
+        _crops_at_crop_size(self, size_at)
         return MemoryBatchSource(
             self.store,
             micro_batch,
@@ -200,7 +222,10 @@ class DeviceDecodeSource(FolderSource):
             )
         return super().open(d, seed, main, device)
 
-    def batches(self, rank, world, micro_batch, start_micro_step, num_micro_steps) -> Iterator[PretrainBatch]:
+    def batches(
+        self, rank, world, micro_batch, start_micro_step, num_micro_steps, size_at=None
+    ) -> Iterator[PretrainBatch]:
+        _crops_at_crop_size(self, size_at)
         return DeviceDecodeBatchSource(
             self.index,
             micro_batch,
@@ -241,7 +266,10 @@ class FractalSource:
     def num_images(self) -> int:
         return len(self.dataset)
 
-    def batches(self, rank, world, micro_batch, start_micro_step, num_micro_steps) -> Iterator[PretrainBatch]:
+    def batches(
+        self, rank, world, micro_batch, start_micro_step, num_micro_steps, size_at=None
+    ) -> Iterator[PretrainBatch]:
+        _crops_at_crop_size(self, size_at)
         stream = dict(start_micro_step=start_micro_step, num_micro_steps=num_micro_steps)
         if self.device.type == "cuda":
             return FractalBatchSource(self.dataset, micro_batch, rank, world, self.seed, self.device, **stream)

@@ -35,6 +35,7 @@ from mae_et.recipes import (
 Precision = Literal["bf16", "fp16", "fp32"]
 DataSource = Literal["imagefolder", "fractal", "auto"]  # auto: fractal unless data.root is given (resolved on load)
 Pipeline = Literal["loader", "memory", "device_decode"]
+DecodeSize = Literal["crop", "stage"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 # YAML 1.1 reads `off`/`no` as false and `on`/`yes` as true: read as the words they stand for
 WandbMode = Annotated[Literal["auto", "online", "offline", "off"], FromBool(true="auto", false="off")]
@@ -92,6 +93,10 @@ class DataConfig:
     pipeline: Pipeline = "loader"
     memory_size: PositiveInt | None = None  # memory pipeline: stored side (default crop_size * 256/224)
     memory_on_device: bool = True  # memory pipeline: keep the store on the GPU (false: pinned CPU memory)
+    # crop: decode in full, crop to crop_size (the step downsamples to the stage's B); stage (pipeline=loader with
+    # curriculum.mode=resize, where B is a downsample): decode JPEGs at reduced scale (libjpeg's DCT scaling) and
+    # crop the same box straight to B, so a small stage costs the loader less (BENCHMARKS.md: loader at reduced scale)
+    decode_size: DecodeSize = "crop"
     fractal_classes: Annotated[int, Check(ge=2)] = (
         10  # data.source=fractal: K classes, each one iterated function system
     )
@@ -256,6 +261,17 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
             raise ConfigError(f"data.root '{d.root}' is not a folder; pass data.root=/path/to/imagefolder")
         data_dir(d)  # a data.split that is not there: one line now, never a run on the root with val/ as a class
     check_scale("data.scale", d.scale)
+    if d.decode_size == "stage" and (d.source != "imagefolder" or d.pipeline != "loader"):
+        raise ConfigError(
+            "data.decode_size=stage decodes at reduced scale in the loader's workers: it needs data.pipeline=loader "
+            f"and data.source=imagefolder (got {d.pipeline} / {d.source}); or data.decode_size=crop"
+        )
+    if d.decode_size == "stage" and cfg.curriculum.mode != "resize":
+        raise ConfigError(
+            "data.decode_size=stage crops straight to the stage's B, which is only what the model sees with "
+            f"curriculum.mode=resize (got {cfg.curriculum.mode}: a low-frequency crop of the full-size image); "
+            "set curriculum.mode=resize or data.decode_size=crop"
+        )
     stages, _ = curriculum_stages(cfg)  # raises on a bad stage list
     check_masking(m.mask_ratio, [s.size for s in stages], m.patch_size)
     check_warmup(cfg)

@@ -166,6 +166,8 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
         cfg.train.batch_size,
         start_micro_step=step * accum,
         num_micro_steps=max(0, sched.end_step - step) * accum,
+        # data.decode_size=stage: the loader crops each micro-step straight to its stage's B
+        size_at=(lambda m: sched.plan.stage_at_step(m // accum).size) if cfg.data.decode_size == "stage" else None,
     )
     run.clock.start()
     bar = run.progress(sched.end_step, step, f"pretrain {cfg.name}")

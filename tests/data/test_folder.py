@@ -22,6 +22,7 @@ from mae_et.data.folder import (
     StepSampler,
     build_pretrain_loader,
     collate_pretrain,
+    load_rgb,
     normalize_on_device,
     sample_crop_params,
     scan_image_folder,
@@ -427,3 +428,59 @@ def test_normalize_on_device_matches_torchvision() -> None:
     half = normalize_on_device(images, IMAGENET_MEAN, IMAGENET_STD, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), ref, atol=2e-2, rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------- data.decode_size=stage
+
+
+@pytest.mark.parametrize("size", [96, 160])
+def test_a_stage_sized_crop_has_the_same_box_and_flip_and_near_pixels(train_index, monkeypatch, size):
+    """crop_at_size draws the box and the flip of the full-size path from the same seed; its pixels (reduced-scale
+    decode, one resize to B) stay within a small distance of the full-size path (decode, crop to S, the step's
+    antialiased bicubic downsample to B): mean |diff| <= 1.5 levels of 255 over the images, <= 6 on any one."""
+    from mae_et.curriculum.frequency import low_frequency_crop
+    from mae_et.data import folder
+
+    ds = PretrainDataset(train_index, crop_size=224)
+    drawn = []
+    real = folder.sample_crop_params
+    monkeypatch.setattr(folder, "sample_crop_params", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    means = []
+    for i, (path, _) in enumerate(train_index.samples[:40]):
+        full = ds._crop(load_rgb(path), 500 + i)  # (3, 224, 224)
+        small = ds.crop_at_size(path, 500 + i, size)  # (3, B, B)
+        assert drawn[-1] == drawn[-2] and small.shape == (3, size, size) and small.dtype == torch.uint8
+        expected = low_frequency_crop(full[None], size, "resize")[0].round().clamp(0, 255)  # (3, B, B)
+        means.append((expected - small.float()).abs().mean().item())
+    assert sum(means) / len(means) <= 1.5 and max(means) <= 6.0, means
+
+
+def test_a_stage_sized_crop_decodes_large_boxes_at_reduced_scale(train_index, monkeypatch):
+    """The JPEG decoder is asked for the coarsest scale that leaves the box >= B pixels: some of the mini set's
+    crops at B=96 decode at half size, none at B=224."""
+    from PIL import JpegImagePlugin
+
+    asked = []
+    real = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = real(self, mode, size)
+        asked.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    ds = PretrainDataset(train_index, crop_size=224)
+    for size in (224, 96):
+        asked.clear()
+        for i, (path, _) in enumerate(train_index.samples[:40]):
+            ds.crop_at_size(path, 900 + i, size)
+        reduced = sum(1 for w, h in asked if max(w, h) <= 112)
+        assert len(asked) == 40 and (reduced == 0 if size == 224 else reduced > 0), (size, asked)
+
+
+def test_the_sampler_puts_each_micro_steps_stage_size_in_its_keys(train_index):
+    sizes = {0: 96, 1: 96, 2: 160, 3: 224}
+    keys = list(StepSampler(len(train_index.samples), 4, 0, 1, 0, num_micro_steps=4, size_at=sizes.__getitem__))
+    plain = list(StepSampler(len(train_index.samples), 4, 0, 1, 0, num_micro_steps=4))
+    assert [k[:2] for k in keys] == plain  # the same images and seeds, only the size added
+    assert [k[2] for k in keys] == [96] * 8 + [160] * 4 + [224] * 4

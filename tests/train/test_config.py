@@ -309,3 +309,16 @@ def test_keys_the_configs_share_are_declared_alike():
                     f"{key}: {a} declares {configs[a][key]}, {b} {configs[b][key]}"
                 )
     assert shared > 40  # optim, train, checkpoint, tracking, data keys
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["curriculum.mode=fft"], "only what the model sees with curriculum.mode=resize"),
+        (["curriculum.mode=resize", "data.pipeline=memory"], "needs data.pipeline=loader"),
+    ],
+)
+def test_stage_sized_decoding_needs_the_loader_and_the_resize_mode(mini_root, overrides, says):
+    with pytest.raises(ConfigError, match=says):
+        load(mini_root, "data.decode_size=stage", *overrides)
+    assert load(mini_root, "data.decode_size=stage", "curriculum.mode=resize").data.decode_size == "stage"

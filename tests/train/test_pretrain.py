@@ -611,6 +611,32 @@ def test_fast_data_pipelines_train_and_resume_exactly(tmp_path, mini_root, pipel
     assert_same_weights(final_weights(straight.run_dir), final_weights(resumed.run_dir))
 
 
+def test_stage_sized_decoding_trains_and_resumes_exactly(tmp_path, mini_root):
+    """data.decode_size=stage (curriculum.mode=resize): the loader crops each micro-step straight to its stage's B
+    (32 / 40 / 48 here), the loop learns, a resumed run ends with the uninterrupted run's weights, and the images
+    were not those of the full-size path (the weights differ from data.decode_size=crop)."""
+    common = [
+        "train.epochs=2",
+        "train.deterministic=true",
+        "curriculum.mode=resize",
+        "tracking.recon_every_epochs=0",
+        "checkpoint.every_steps=100",
+    ]
+    straight = pretrain(cfg_for(tmp_path / "a", mini_root, *common, "data.decode_size=stage"))
+    records = metrics(straight.run_dir)
+    assert records[-1]["loss"] < records[0]["loss"] and {r["size"] for r in records} == {32, 40, 48}
+    reset_accelerate()
+    pretrain(cfg_for(tmp_path / "b", mini_root, *common, "data.decode_size=stage", "train.max_steps=11"))
+    reset_accelerate()
+    resumed = pretrain(cfg_for(tmp_path / "b", mini_root, *common, "data.decode_size=stage"))
+    assert resumed.step == straight.step == 30
+    stage_w, resumed_w = final_weights(straight.run_dir), final_weights(resumed.run_dir)
+    assert all(torch.equal(stage_w[k], resumed_w[k]) for k in stage_w)
+    reset_accelerate()
+    full_w = final_weights(pretrain(cfg_for(tmp_path / "c", mini_root, *common)).run_dir)
+    assert not torch.equal(full_w["patch_embed.proj.weight"], stage_w["patch_embed.proj.weight"])
+
+
 def test_memory_pipeline_skips_and_counts_bad_files(tmp_path, mini_root):
     data = tmp_path / "data"
     n_bad = make_bad_folder(data)
