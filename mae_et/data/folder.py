@@ -17,6 +17,7 @@ Stream layout (see ``StepSampler``)::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import math
@@ -25,6 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -58,6 +60,10 @@ class ImageFolderIndex:
     classes: list[str]  # sorted class-folder names; label = position in this list
     samples: list[tuple[str, int]]  # (path, class index), sorted by path
     skipped: list[SkippedFile]  # found at scan time (decode failures are found later, per worker)
+
+    def read(self, i: int) -> str:
+        """What PIL opens for sample i: its path (a shard set gives the bytes: mae_et.data.shards)."""
+        return self.samples[i][0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,9 +287,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image file as RGB; raises on corrupt or truncated files."""
-    with open(path, "rb") as f:
+def _opened(source: str | os.PathLike | BinaryIO):
+    """A path opened for reading, or a file object (a shard sample's bytes) as it is."""
+    return open(source, "rb") if isinstance(source, (str, os.PathLike)) else contextlib.nullcontext(source)
+
+
+def load_rgb(path: str | os.PathLike | BinaryIO) -> Image.Image:
+    """Open and fully decode an image file (a path or a file object) as RGB; raises on corrupt or truncated files."""
+    with _opened(path) as f:
         img = Image.open(f)
         # Full decode now (not lazily later): with PIL's default LOAD_TRUNCATED_IMAGES=False a
         # truncated file raises here, inside the failure handling of __getitem__.
@@ -346,7 +357,10 @@ class PretrainDataset(torch.utils.data.Dataset):
             path, label = self.index.samples[i]
             if path not in self._known_bad:
                 try:
-                    image = self._crop(load_rgb(path), seed) if size is None else self.crop_at_size(path, seed, size)
+                    source = self.index.read(i)  # a path, or a shard sample's bytes
+                    image = (
+                        self._crop(load_rgb(source), seed) if size is None else self.crop_at_size(source, seed, size)
+                    )
                 except Exception as e:  # noqa: BLE001 - PIL plugins raise many types (OSError, SyntaxError, struct.error, ...)
                     if self.strict:
                         raise DataError(
@@ -386,7 +400,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             image = image.flip(-1)
         return image.contiguous()
 
-    def crop_at_size(self, path: str, seed: int, size: int) -> Tensor:
+    def crop_at_size(self, path: str | os.PathLike | BinaryIO, seed: int, size: int) -> Tensor:
         """The crop `_crop` makes from the same seed (the same box, drawn on the full image, the same flip),
         resized straight to `size` instead of crop_size, from a JPEG decoded at reduced scale.
 
@@ -398,7 +412,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         resize instead of two. Other formats decode in full (draft is a JPEG feature) and are cropped the same way.
         """
         g = torch.Generator().manual_seed(seed)
-        with open(path, "rb") as f:
+        with _opened(path) as f:
             img = Image.open(f)
             width, height = img.size  # read from the header: nothing decoded yet
             top, left, h, w = sample_crop_params(height, width, self.scale, self.ratio, g)

@@ -10,12 +10,13 @@ run resumes from any micro-step and the ranks never share an image. What else a 
     num_images   how many images an epoch draws from
     skipped      files skipped while opening (named, with the reason)
 
-The four (`data.pipeline`, or `data.source: fractal`):
+The five (`data.pipeline`, or `data.source: fractal | shards`):
     loader         PIL decode + random-resized crop in DataLoader workers: portable, the default
     memory         every image decoded once into a store (uint8, short side `data.memory_size`), cropped
                    batched on the device
     device_decode  JPEG bytes read by workers, decoded on the device (nvjpeg), cropped batched there
     fractal        iterated-function-system renders, generated per (class, index, seed): no files at all
+    shards         tar shards (local or http(s)) read by random access, decoded in workers as the loader's files
 
 The config sections are read by attribute (`data.crop_size`, ...): this module imports no config class.
 """
@@ -41,6 +42,7 @@ from mae_et.data.folder import (
 )
 from mae_et.data.fractal import FractalBatchSource, FractalDataset
 from mae_et.data.on_device import DeviceDecodeBatchSource, InMemoryImages, MemoryBatchSource
+from mae_et.data.shards import open_shards
 from mae_et.notices import RunWarning
 
 
@@ -287,17 +289,30 @@ class FractalSource:
         )
 
 
+@dataclass
+class ShardSource(FolderSource):
+    """data.source=shards: tar shards (mae_et.data.shards) read by random access, decoded and cropped in the
+    loader's workers exactly as the folder's files are: the same keys, crops, resume and bad-sample counting."""
+
+    @classmethod
+    def open(cls, d, seed: int, main: bool, device: torch.device) -> ShardSource:
+        index = open_shards(d.root, d.shard_cache)
+        dataset = PretrainDataset(index, crop_size=d.crop_size, scale=d.scale, hflip=d.hflip, strict=d.strict)
+        return cls(d, seed, device, index, dataset)
+
+
 SOURCES: dict[str, type] = {
     "loader": FolderSource,
     "memory": MemorySource,
     "device_decode": DeviceDecodeSource,
     "fractal": FractalSource,
+    "shards": ShardSource,
 }
 
 
 def source_name(d) -> str:
-    """The source a data section asks for: `fractal` (data.source), else its `data.pipeline`."""
-    return "fractal" if d.source == "fractal" else d.pipeline
+    """The source a data section asks for: `fractal` or `shards` (data.source), else its `data.pipeline`."""
+    return d.source if d.source in ("fractal", "shards") else d.pipeline
 
 
 def open_source(d, seed: int, main: bool, device: torch.device) -> PretrainSource:

@@ -33,7 +33,9 @@ from mae_et.recipes import (
 
 # The choices of the recipe keys that take words, declared once: the coercer checks them (mae_et.recipes)
 Precision = Literal["bf16", "fp16", "fp32"]
-DataSource = Literal["imagefolder", "fractal", "auto"]  # auto: fractal unless data.root is given (resolved on load)
+DataSource = Literal[
+    "imagefolder", "shards", "fractal", "auto"
+]  # auto: fractal unless data.root is given (resolved on load)
 Pipeline = Literal["loader", "memory", "device_decode"]
 DecodeSize = Literal["crop", "stage"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -78,9 +80,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: DataSource = (
-        "imagefolder"  # imagefolder | fractal (generated, no files) | auto (fractal unless a root is given)
+        "imagefolder"  # imagefolder | shards (tar: mae_et.data.shards) | fractal (generated) | auto (fractal w/o root)
     )
-    root: str | None = None  # an ImageFolder: class sub-folders of images
+    root: str | None = None  # an ImageFolder (class sub-folders of images); shards: their folder, index.json or URL
+    shard_cache: str = "~/.cache/mae_et/shards"  # data.source=shards from a URL: where shards are kept once fetched
     split: str = "train"  # sub-folder of root to pretrain on when it exists; "" = root itself
     crop_size: PositiveInt = 224  # RandomResizedCrop output side: the full curriculum size
     scale: tuple[float, float] = (0.2, 1.0)
@@ -261,7 +264,23 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
             raise ConfigError(f"data.root '{d.root}' is not a folder; pass data.root=/path/to/imagefolder")
         data_dir(d)  # a data.split that is not there: one line now, never a run on the root with val/ as a class
     check_scale("data.scale", d.scale)
-    if d.decode_size == "stage" and (d.source != "imagefolder" or d.pipeline != "loader"):
+    if d.source == "shards":
+        if d.root is None or not str(d.root).strip():
+            raise ConfigError(
+                "data.root is missing: pass data.root=<folder, index.json or http(s) URL of shards written by "
+                "python -m mae_et.data.shards>"
+            )
+        if d.pipeline != "loader":
+            raise ConfigError(
+                f"data.source=shards is read by the loader's workers; data.pipeline={d.pipeline} reads folders "
+                "only: use data.pipeline=loader"
+            )
+        if cfg.tracking.knn_every_epochs > 0:
+            raise ConfigError(
+                "the kNN monitor reads a labelled ImageFolder split under data.root, which a shard set is not: "
+                "set tracking.knn_every_epochs=0 (evaluate with mae-et knn on the folder instead)"
+            )
+    if d.decode_size == "stage" and (d.source not in ("imagefolder", "shards") or d.pipeline != "loader"):
         raise ConfigError(
             "data.decode_size=stage decodes at reduced scale in the loader's workers: it needs data.pipeline=loader "
             f"and data.source=imagefolder (got {d.pipeline} / {d.source}); or data.decode_size=crop"

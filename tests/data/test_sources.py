@@ -41,9 +41,10 @@ CASES = [("loader", "imagefolder"), ("memory", "imagefolder"), ("device_decode",
 def test_every_name_the_config_allows_has_a_source():
     from mae_et.train.config import PIPELINES
 
-    assert set(SOURCES) == {*PIPELINES, "fractal"}
+    assert set(SOURCES) == {*PIPELINES, "fractal", "shards"}
     assert source_name(data_section(MINI, "memory")) == "memory"
     assert source_name(data_section(MINI, "memory", source="fractal")) == "fractal"
+    assert source_name(data_section(MINI, "loader", source="shards")) == "shards"
     assert data_dir(data_section(MINI, "loader")) == MINI / "train"
 
 

@@ -322,3 +322,17 @@ def test_stage_sized_decoding_needs_the_loader_and_the_resize_mode(mini_root, ov
     with pytest.raises(ConfigError, match=says):
         load(mini_root, "data.decode_size=stage", *overrides)
     assert load(mini_root, "data.decode_size=stage", "curriculum.mode=resize").data.decode_size == "stage"
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["data.pipeline=memory", "tracking.knn_every_epochs=0"], "read by the loader's workers"),
+        (["tracking.knn_every_epochs=1"], "set tracking.knn_every_epochs=0"),
+    ],
+)
+def test_a_shard_source_needs_the_loader_and_no_knn_monitor(mini_root, overrides, says):
+    with pytest.raises(ConfigError, match=says):
+        load(mini_root, "data.source=shards", *overrides)
+    cfg = load(mini_root, "data.source=shards", "tracking.knn_every_epochs=0")
+    assert cfg.data.source == "shards"

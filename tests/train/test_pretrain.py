@@ -392,6 +392,33 @@ def test_two_process_ddp_ranks_agree_and_only_rank0_writes(tmp_path, mini_root):
     assert sorted(torch.load(final / ck.STATE_FILE, weights_only=True)["bad_files"]) == sorted(warned)
 
 
+def test_two_process_ddp_on_shards_trains_as_on_the_folder(tmp_path, mini_root):
+    """Two real processes reading shards (each rank its part of every epoch): equal checksums on both ranks and
+    the same weights, bit for bit, as two processes reading the folder."""
+    from mae_et.data.shards import write_shards
+
+    write_shards(mini_root / "train", tmp_path / "shards", shard_size=40)
+    runs = {}
+    for name, root, extra in (
+        ("folder", mini_root, []),
+        ("shards", tmp_path / "shards", ["data.source=shards", f"data.shard_cache={tmp_path / 'cache'}"]),
+    ):
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE),
+            f"data.root={root}", f"output_dir={tmp_path / name}", "train.max_steps=8", "train.batch_size=8",
+            "tracking.recon_every_epochs=0", "tracking.knn_every_epochs=0", *extra,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_THREAD_ENV)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        run_dir = tmp_path / name / CPU_RECIPE.stem
+        meta = json.loads((ck.list_checkpoints(run_dir / "checkpoints")[-1] / "meta.json").read_text())
+        assert meta["world_size"] == 2 and meta["rank_weight_checksums"][0] == meta["rank_weight_checksums"][1]
+        runs[name] = final_weights(run_dir)
+    assert all(torch.equal(runs["folder"][k], runs["shards"][k]) for k in runs["folder"])
+
+
 def test_bad_files_are_skipped_named_and_counted(tmp_path, mini_root):
     data = tmp_path / "data"
     n_bad = make_bad_folder(data)
@@ -635,6 +662,25 @@ def test_stage_sized_decoding_trains_and_resumes_exactly(tmp_path, mini_root):
     reset_accelerate()
     full_w = final_weights(pretrain(cfg_for(tmp_path / "c", mini_root, *common)).run_dir)
     assert not torch.equal(full_w["patch_embed.proj.weight"], stage_w["patch_embed.proj.weight"])
+
+
+def test_a_run_on_shards_is_the_run_on_the_folder_and_resumes_exactly(tmp_path, mini_root):
+    """data.source=shards over the shards of the same folder: the same images in the same order and crops, so the
+    same weights bit for bit; stopped and relaunched, it ends there too."""
+    from mae_et.data.shards import write_shards
+
+    write_shards(mini_root / "train", tmp_path / "shards", shard_size=50)
+    common = ["train.epochs=2", "train.deterministic=true", "tracking.recon_every_epochs=0",
+              "tracking.knn_every_epochs=0", "checkpoint.every_steps=100"]  # fmt: skip
+    on_folder = pretrain(cfg_for(tmp_path / "folder", mini_root, *common))
+    reset_accelerate()
+    shards = ["data.source=shards", f"data.shard_cache={tmp_path / 'cache'}"]
+    pretrain(cfg_for(tmp_path / "shards_run", tmp_path / "shards", *common, *shards, "train.max_steps=7"))
+    reset_accelerate()
+    on_shards = pretrain(cfg_for(tmp_path / "shards_run", tmp_path / "shards", *common, *shards))
+    assert on_shards.step == on_folder.step == 30
+    a, b = final_weights(on_folder.run_dir), final_weights(on_shards.run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_memory_pipeline_skips_and_counts_bad_files(tmp_path, mini_root):
