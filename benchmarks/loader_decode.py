@@ -2,12 +2,15 @@
 downsamples to B on the device) beside data.decode_size=stage (decode at reduced scale, crop the same box straight
 to B), in images per CPU-second of one core, at each B.
 
-    python benchmarks/loader_decode.py --data .data/imagenette/train [--sizes 224 160 96] [--images 600] [--rounds 5]
+    python benchmarks/loader_decode.py --data .data/imagenette/train [--sizes 224 160 96] [--images 600] [--rounds 5] \
+        [--shards .data/imagenette-shards]
 
 One process, one thread, no workers: what one loader worker (one core) delivers. Each round times every contender
 over the same images (the same keys: index and seed) in a rotating order; the figure is the median over rounds of
 images per CPU-second (process user + system time), wall beside it. Each row also gives how far its pixels are from
 the full-size path's downsample to the same B (mean |difference| in levels of 255, over the first 64 images).
+With --shards (the same folder written by `python -m mae_et.data.shards`), today's path reading the shards instead
+of the files is timed beside it too (the same images and crops: one seek and read per sample instead of a file open).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from mae_et.cli import OneLineParser, run_user_command
 from mae_et.curriculum.frequency import low_frequency_crop
 from mae_et.data.folder import PretrainDataset, load_rgb, scan_image_folder
 from mae_et.data.jpeg import DECODER
+from mae_et.data.shards import open_shards
 from mae_et.recipes import ConfigError
 
 TARGET = {"size": 96, "speedup": 2.5}  # issue 22: at B = 96, at least 2.5x the rate at 224
@@ -72,6 +76,13 @@ def markdown(result: dict) -> str:
             f"{r['stage_over_today']:.2f}x | {r['today_img_per_wall_s']:.0f} / "
             f"{r['stage_img_per_wall_s']:.0f} | {r['pixel_distance']:.2f} |"
         )
+    if result.get("shards"):
+        sh = result["shards"]
+        lines += [
+            "",
+            f"Today's path from tar shards: {sh['img_per_cpu_s']:.0f} img/CPU-s "
+            f"({sh['img_per_wall_s']:.0f} img/s wall), {sh['over_files']:.2f}x the files' rate",
+        ]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in result["verdicts"]) + "\n"
 
 
@@ -82,6 +93,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--crop-size", type=int, default=224)
     parser.add_argument("--images", type=int, default=600, help="images per contender per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--shards", default=None, help="the same folder as tar shards: time the shard source too")
     parser.add_argument("--out", default=str(REPO / "runs" / "loader_decode"))
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -93,6 +105,11 @@ def main(argv=None) -> dict:
     step = max(1, len(ds) // args.images)
     keys = [(i, 1000 + i) for i in range(0, len(ds), step)][: args.images]  # spread over the classes
     contenders = {"today": lambda k: ds[k]}
+    if args.shards:
+        sharded = PretrainDataset(open_shards(args.shards, Path(args.out) / "cache"), crop_size=args.crop_size)
+        if len(sharded) != len(ds):
+            raise ConfigError(f"--shards holds {len(sharded)} samples, --data {len(ds)}: give the shards of --data")
+        contenders["today_from_shards"] = lambda k: sharded[k]
     for size in args.sizes:
         contenders[f"stage_{size}"] = lambda k, s=size: ds[(*k, s)]
     for fn in contenders.values():  # warm-up: file cache, first-call costs
@@ -122,6 +139,13 @@ def main(argv=None) -> dict:
                 "pixel_distance": pixel_distance(ds, keys[:64], size),
             }
         )
+    shard_rate = None
+    if args.shards:
+        shard_rate = {
+            "img_per_cpu_s": rate("today_from_shards", "cpu_s"),
+            "img_per_wall_s": rate("today_from_shards", "wall_s"),
+            "over_files": rate("today_from_shards", "cpu_s") / rate("today", "cpu_s"),
+        }
     target_row = next((r for r in rows if r["size"] == TARGET["size"]), None)
     verdicts = []
     if target_row is not None:
@@ -138,6 +162,7 @@ def main(argv=None) -> dict:
         "decoder": DECODER,
         "threads": 1,
         "rows": rows,
+        "shards": shard_rate,
         "times": times,
         "verdicts": verdicts,
         "target": TARGET,
