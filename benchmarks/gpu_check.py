@@ -26,7 +26,7 @@ when it would not fit, keeping a reserve for the sections after it):
         ours under `torch.compile` (the partial step at 224 second), sizes in order of value, compile seconds
         reported apart, within `--compile-cap-s`.
         Peak memory (the row's own: weights, optimizer state, activations) and MFU (`mae_et.models.flops`).
-  c     end to end: img/s and data-wait fraction through data.pipeline=memory and device_decode at
+  c     end to end: img/s and data-wait fraction through data.pipeline=memory, device_decode and tar shards at
         B = 224 and 96 (the fastest step measured at that B), beside that step's figure
   hog   the HOG target (model.target=hog, its own model: the head differs): ViT-B b256 eager step at B = 224 and
         96 beside the pixel step of section a, and the target alone on a batch at that B (target <= 5% of the step)
@@ -87,6 +87,7 @@ from mae_et.cli import OneLineParser, run_user_command  # noqa: E402
 from mae_et.curriculum.schedules import plan_curriculum  # noqa: E402
 from mae_et.data.folder import scan_image_folder  # noqa: E402
 from mae_et.data.fractal import FractalDataset, render_fractal_batch  # noqa: E402
+from mae_et.data.shards import write_shards  # noqa: E402
 from mae_et.data.sources import data_dir, open_source  # noqa: E402
 from mae_et.models.mae import MODEL_SIZES  # noqa: E402
 from mae_et.train.config import curriculum_stages, load_pretrain_config  # noqa: E402
@@ -696,26 +697,37 @@ def end_to_end_rows(report: Report, plan: Plan, bench: StepBench, data_root: Pat
         report.skip("e2e", "all", "the main model's step rows did not run")
         return
     reserve = plan.reserve_s["hog"] + plan.reserve_s["fractal"] + plan.reserve_s["probe"]
-    for pipeline in ("memory", "device_decode"):
+    # the shard source (issue 22): the same images written as tar shards here, read by the loader's workers
+    folder = data_root / "train" if (data_root / "train").is_dir() else data_root
+    shard_dir = Path(tempfile.mkdtemp(prefix="gpu_check_shards_"))
+    write_shards(folder, shard_dir / "set", shard_size=500)
+    sources = {
+        "memory": [f"data.root={data_root}", "data.pipeline=memory"],
+        "device_decode": [f"data.root={data_root}", "data.pipeline=device_decode"],
+        "shards": [f"data.root={shard_dir / 'set'}", "data.source=shards", "data.pipeline=loader",
+                   f"data.shard_cache={shard_dir / 'cache'}", "tracking.knn_every_epochs=0"],
+    }  # fmt: skip
+    for pipeline, data_overrides in sources.items():
         cfg = load_pretrain_config(
             plan.config,
             [
                 *bench.base_overrides,
                 f"model.size={ours.size}",
                 f"train.batch_size={ours.batch}",
-                f"data.root={data_root}",
-                f"data.pipeline={pipeline}",
+                *data_overrides,
                 f"data.num_workers={plan.num_workers}",
             ],
         )
-        if report.fits("e2e", pipeline, plan.reserve_s["e2e"] / 2, reserve):
+        if report.fits("e2e", pipeline, plan.reserve_s["e2e"] / 3, reserve):
             with report.guard("e2e", pipeline, report.left() - reserve):
                 e2e_pipeline(report, plan, cfg, ours, bench.device)
             free_memory()
 
 
 def e2e_pipeline(report: Report, plan: Plan, cfg, ours: OurModel, device: torch.device) -> None:
-    """Real JPEGs through cfg.data.pipeline into our fastest step at each B: img/s, data-wait share, x the step."""
+    """Real JPEGs through cfg.data.pipeline (or the shard source) into our fastest step at each B: img/s, data-wait
+    share, x the step."""
+    name = "shards" if cfg.data.source == "shards" else cfg.data.pipeline
     t0 = time.perf_counter()
     data = open_source(
         cfg.data, cfg.train.seed, main=True, device=device
@@ -728,7 +740,7 @@ def e2e_pipeline(report: Report, plan: Plan, cfg, ours: OurModel, device: torch.
         report.add(
             "e2e",
             {
-                "pipeline": cfg.data.pipeline,
+                "pipeline": name,
                 "model": ours.size,
                 "batch": ours.batch,
                 "size": size,
@@ -743,7 +755,7 @@ def e2e_pipeline(report: Report, plan: Plan, cfg, ours: OurModel, device: torch.
             },
         )
         print(
-            f"e2e {cfg.data.pipeline} B={size} ({step.compile_mode}): {img_s:,.0f} img/s, {100 * wait:.0f}% data wait"
+            f"e2e {name} B={size} ({step.compile_mode}): {img_s:,.0f} img/s, {100 * wait:.0f}% data wait"
             + (f", {100 * img_s / step_img_s:.0f}% of the step" if step_img_s else ""),
             flush=True,
         )

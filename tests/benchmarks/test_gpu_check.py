@@ -256,11 +256,11 @@ def test_without_transformers_the_peer_is_skipped_with_the_reason(tmp_path, mini
     assert {"compiled rows", "model micro b4", "all"} <= set(reasons) and len(step_rows(result, impl="ours")) == 2
 
 
-def test_end_to_end_rows_for_both_fast_pipelines(dry, gc):
+def test_end_to_end_rows_for_both_fast_pipelines_and_the_shard_source(dry, gc):
     result, _ = dry
     rows = result["e2e"]
     assert [(r["pipeline"], r["size"]) for r in rows] == [
-        (p, s) for p in ("memory", "device_decode") for s in gc.DRY_PLAN.e2e_sizes
+        (p, s) for p in ("memory", "device_decode", "shards") for s in gc.DRY_PLAN.e2e_sizes
     ]
     for r in rows:
         assert r["img_s"] > 0 and 0 <= r["data_wait"] <= 1 and r["num_images"] == 240
