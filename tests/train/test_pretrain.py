@@ -215,6 +215,30 @@ def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_
     assert_same_weights(final_weights(straight_run), final_weights(out / CPU_RECIPE.stem))
 
 
+def test_a_run_on_shards_killed_at_any_moment_relaunches_to_the_same_weights(tmp_path, mini_root):
+    """data.source=shards: SIGKILL the real CLI mid-run, relaunch the same command: the uninterrupted run's weights."""
+    from mae_et.data.shards import write_shards
+
+    write_shards(mini_root / "train", tmp_path / "shards", shard_size=50)
+    args = [f"data.root={tmp_path / 'shards'}", "data.source=shards", f"data.shard_cache={tmp_path / 'cache'}",
+            "tracking.knn_every_epochs=0", *STRAIGHT]  # fmt: skip
+    cli(*args, f"output_dir={tmp_path / 'straight'}")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args, f"output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_root = out / CPU_RECIPE.stem / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(ck.list_checkpoints(ckpt_root)) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ck.list_checkpoints(ckpt_root)[-1].name != "step_00000045", "the run finished before the kill"
+    assert "resumed from" in cli(*args, f"output_dir={out}").stdout
+    assert_same_weights(
+        final_weights(tmp_path / "straight" / CPU_RECIPE.stem), final_weights(out / CPU_RECIPE.stem), atol=0
+    )
+
+
 def test_ctrl_c_ends_in_one_line_with_the_step_and_the_checkpoint(tmp_path, mini_root):
     run_dir = tmp_path / CPU_RECIPE.stem
     cmd = [
