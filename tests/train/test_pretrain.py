@@ -194,11 +194,8 @@ def test_a_second_launch_on_a_busy_run_folder_stops_and_touches_nothing(tmp_path
     assert comparable(metrics(run_dir)) == comparable(metrics(straight_run))
 
 
-def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_root, straight_run):
-    """SIGKILL the real CLI mid-run (possibly mid-save), relaunch the same command, compare. The killed run's
-    lock file stays behind, and does not stop the relaunch: a SIGKILL releases the OS lock."""
-    args = [f"data.root={mini_root}", *STRAIGHT]
-    out = tmp_path / "killed"
+def sigkill_after_two_checkpoints(args: list[str], out: Path) -> None:
+    """Launch the real CLI with `args` into `out`, SIGKILL it once its second checkpoint exists (maybe mid-save)."""
     cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args, f"output_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_root = out / CPU_RECIPE.stem / "checkpoints"
@@ -209,6 +206,14 @@ def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_
     proc.wait()
     killed_at = ck.list_checkpoints(ckpt_root)[-1].name
     assert killed_at != "step_00000045", "the run finished before the kill; the test proves nothing"
+
+
+def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_root, straight_run):
+    """SIGKILL the real CLI mid-run (possibly mid-save), relaunch the same command, compare. The killed run's
+    lock file stays behind, and does not stop the relaunch: a SIGKILL releases the OS lock."""
+    args = [f"data.root={mini_root}", *STRAIGHT]
+    out = tmp_path / "killed"
+    sigkill_after_two_checkpoints(args, out)
     assert (out / CPU_RECIPE.stem / ".run.lock").is_file()
     relaunched = cli(*args, f"output_dir={out}")
     assert "resumed from" in relaunched.stdout
@@ -224,15 +229,7 @@ def test_a_run_on_shards_killed_at_any_moment_relaunches_to_the_same_weights(tmp
             "tracking.knn_every_epochs=0", *STRAIGHT]  # fmt: skip
     cli(*args, f"output_dir={tmp_path / 'straight'}")
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args, f"output_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt_root = out / CPU_RECIPE.stem / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(ck.list_checkpoints(ckpt_root)) < 2:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ck.list_checkpoints(ckpt_root)[-1].name != "step_00000045", "the run finished before the kill"
+    sigkill_after_two_checkpoints(args, out)
     assert "resumed from" in cli(*args, f"output_dir={out}").stdout
     assert_same_weights(
         final_weights(tmp_path / "straight" / CPU_RECIPE.stem), final_weights(out / CPU_RECIPE.stem), atol=0
