@@ -27,6 +27,7 @@ from benchmarks.study.paths import in_repo, portable_command, repo_relative
 from benchmarks.study.runs import (
     clear_if_config_changed,
     equal_time_budget,
+    holds_finished_encoder,
     launch_pretrain,
     pretrain_command,
     pretrain_overrides,
@@ -213,7 +214,7 @@ class StudyRun:
         r = self.state.get(row, seed, "pretrain", key)
         # a finished run is read back; its folder is needed only while its evaluation is still to do
         evaluated = self.state.get(row, seed, "eval", {"encoder": key, **self.eval_settings}) is not None
-        if r is not None and (evaluated or in_repo(r["run_dir"]).is_dir()):
+        if r is not None and (evaluated or holds_finished_encoder(in_repo(r["run_dir"]), r["steps"])):
             if str(seed) not in self.results[row]:  # (a waiting --eval-only pass keeps what it already evaluated)
                 print(
                     f"pretrained {row} seed {seed}: read back ({r['wall_s']:.1f}s wall, {r['cpu_s']:.1f}s CPU)",
@@ -252,7 +253,7 @@ class StudyRun:
         key = settings_key(overrides)
         r = self.state.get(UNTRAINED, seed, "pretrain", key)
         evaluated = self.state.get(UNTRAINED, seed, "eval", {"encoder": key, **self.eval_settings}) is not None
-        if r is None or not (evaluated or in_repo(r["run_dir"]).is_dir()):
+        if r is None or not (evaluated or holds_finished_encoder(in_repo(r["run_dir"]), r["steps"])):
             if self.options.part == "report":
                 raise self.not_in_state(UNTRAINED, seed, "encoder")
             r = {

@@ -27,7 +27,13 @@ from benchmarks.study.evaluation import encoder_at_size
 from benchmarks.study.flow import study_options
 from benchmarks.study.paths import default_out, in_repo, portable_command
 from benchmarks.study.report import replaced_session, report_from_state
-from benchmarks.study.runs import clear_if_config_changed, equal_time_budget, pretrain_command, pretrain_overrides
+from benchmarks.study.runs import (
+    clear_if_config_changed,
+    equal_time_budget,
+    holds_finished_encoder,
+    pretrain_command,
+    pretrain_overrides,
+)
 from benchmarks.study.state import ROLE_LOCKS, StudyState
 from benchmarks.study.summary import code_note, machines_note, spread
 from benchmarks.study.tables import stage_rate_table, stage_rates
@@ -792,6 +798,48 @@ def test_evaluated_runs_read_back_without_their_folders(study, tmp_path):
     for run in ROWS:
         for seed in SEEDS:
             assert again["runs"][run][seed]["linear_top1"] == result["runs"][run][seed]["linear_top1"]
+
+
+def test_eval_only_waits_for_a_run_whose_encoder_is_not_on_this_machine(study, tmp_path):
+    """A state carried to a new machine may hold a run pretrained but not evaluated there: its checkpoints are gone,
+    and the pretraining process trains it again into a folder that holds only config.yaml and metrics.jsonl, then
+    earlier checkpoints. --eval-only waits for that run (it once tried to load the half-made folder and crashed)."""
+    _, finished, _ = study
+    out = tmp_path / "study"
+    shutil.copytree(finished, out)
+    state = json.loads((out / "state.json").read_text())
+    record = state["runs"]["et"]["0"]
+    del record["eval"]  # pretrained, not evaluated
+    run_dir = out / "runs" / "et_seed0"
+    record["pretrain"]["value"]["run_dir"] = str(run_dir)
+    (out / "state.json").write_text(json.dumps(state))
+    steps = record["pretrain"]["value"]["steps"]
+    assert holds_finished_encoder(run_dir, steps)
+    shutil.rmtree(sorted((run_dir / "checkpoints").iterdir())[-1])  # as a relaunched retraining leaves it
+    assert not holds_finished_encoder(run_dir, steps) and not holds_finished_encoder(tmp_path / "gone", 0)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "curriculum_vs_baseline.py"), "--study", str(STUDY)]
+    cmd += ["--data", str(MINI), "--out", str(out), "--seeds", "0", "--eval-only", "--poll-seconds", "1"]
+    evaluator = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        seen = []
+        for line in evaluator.stdout:
+            seen.append(line)
+            if "waiting for" in line:
+                break
+        said = "".join(seen)
+        assert "seed 0: waiting for et, baseline_equal_time to be pretrained" in seen[-1], said[-3000:]
+        assert evaluator.poll() is None  # still waiting, not crashed
+        assert "evaluated et seed 0" not in said and "pretrained et seed 0" not in said
+    finally:
+        evaluator.kill()
+        evaluator.wait()
 
 
 def test_a_run_folder_of_other_settings_is_moved_aside_not_deleted(tmp_path, capsys):
