@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchmarks.study.config import run_name
 from benchmarks.study.paths import repo_relative
 from mae_et.files import RunFolderLock, write_text_atomic
 
@@ -82,6 +83,42 @@ def open_state(out: Path, published: Path) -> StudyState:
         shutil.copy2(published / STATE_FILE, out / STATE_FILE)
         print(f"starting from the published state {published / STATE_FILE}")
     return StudyState(out / STATE_FILE)
+
+
+def is_finished(entry: dict[str, Any]) -> bool:
+    """A (row, seed) entry whose pretraining and evaluation both finished: all its numbers are in the state."""
+    return "pretrain" in entry and "eval" in entry
+
+
+def carry_finished(src: dict[str, Any], dst: dict[str, Any], rows: list[str] | None = None) -> dict[str, list[str]]:
+    """Carry every finished (row, seed) of the state `src` into the state `dst` (both as state.json holds them), for
+    a fresh machine, where run folders are gone: what was only pretrained there names checkpoints that no longer
+    exist, so `dst` keeps finished entries only. `rows`: only these rows (e.g. those another study shares, trained
+    by the same commit with the same settings; the keys decide at read-back whether they still hold). A finished
+    entry of `dst` that differs from `src`'s is kept, not replaced. Returns the '<row> seed <seed>' carried,
+    dropped (unfinished in `dst`) and kept."""
+    said: dict[str, list[str]] = {"carried": [], "dropped": [], "kept": []}
+    for row, per_seed in dst["runs"].items():
+        for seed in [s for s, entry in per_seed.items() if not is_finished(entry)]:
+            del per_seed[seed]
+            said["dropped"].append(f"{row} seed {seed}")
+    dst["runs"] = {row: per_seed for row, per_seed in dst["runs"].items() if per_seed}
+    for row, per_seed in src["runs"].items():
+        if rows is not None and row not in rows:
+            continue
+        for seed, entry in per_seed.items():
+            if not is_finished(entry):
+                continue
+            mine = dst["runs"].get(row, {}).get(seed)
+            if mine is not None and mine != entry:
+                said["kept"].append(f"{row} seed {seed}")
+                continue
+            dst["runs"].setdefault(row, {})[seed] = entry
+            name = run_name(row, int(seed))
+            if name in src["launches"]:
+                dst["launches"][name] = max(src["launches"][name], dst["launches"].get(name, 0))
+            said["carried"].append(f"{row} seed {seed}")
+    return said
 
 
 def settings_key(overrides: list[str]) -> list[str]:

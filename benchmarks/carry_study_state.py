@@ -1,0 +1,67 @@
+"""Carry a study's finished rows into another state.json: for a study resumed on a fresh machine, or a study that
+shares rows with another one trained by the same commit.
+
+    python benchmarks/carry_study_state.py SRC DST [--rows baseline untrained ...]
+
+SRC and DST are state.json files (DST may not exist yet). Every (row, seed) of SRC whose pretraining and evaluation
+both finished is written into DST; DST keeps finished entries only (a row that was only pretrained names checkpoints
+that a fresh machine does not have, and would be read back as done: it is dropped and trained again). A finished
+entry of DST that differs from SRC's is kept. Whether a carried row still holds is decided by its settings key when
+the study reads it back (a different recipe, seed or data path retrains it), so carrying is always safe. Sessions
+run on fresh machines: at a session's end, carry the study folder's state into the repository; at the next start,
+copy that into the new study folder.
+"""
+
+from __future__ import annotations
+
+if not __package__:  # run as `python benchmarks/carry_study_state.py`: see benchmarks/_checkout.py
+    import _checkout  # noqa: F401
+
+import json
+from pathlib import Path
+
+from benchmarks.study.config import StudyError
+from benchmarks.study.state import carry_finished
+from mae_et.cli import OneLineParser, run_user_command
+from mae_et.files import write_text_atomic
+
+
+def read_state(path: Path, missing_ok: bool) -> dict:
+    if not path.is_file():
+        if missing_ok:
+            return {"runs": {}, "launches": {}}
+        raise StudyError(f"{path}: no such state.json; give a study folder's state.json (runs/study/<name>/)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StudyError(f"{path} is not a study state (not JSON: {e}); give a study folder's state.json") from None
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+        raise StudyError(f"{path} is not a study state (no 'runs'); give a study folder's state.json")
+    data.setdefault("launches", {})
+    return data
+
+
+def carry(src: Path, dst: Path, rows: list[str] | None) -> dict[str, list[str]]:
+    if src.resolve() == dst.resolve():
+        raise StudyError(f"SRC and DST are the same file ({src}); give the study folder's state and another path")
+    source, target = read_state(src, missing_ok=False), read_state(dst, missing_ok=True)
+    said = carry_finished(source, target, rows)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(dst, json.dumps(target, indent=2))
+    for what in ("carried", "dropped", "kept"):
+        why = {"dropped": " (only pretrained: trained again)", "kept": " (DST's own finished entry differs)"}
+        print(f"{what}{why.get(what, '')}: {', '.join(said[what]) or 'none'}")
+    return said
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[str]]:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", type=Path, help="the state.json to carry from")
+    parser.add_argument("dst", type=Path, help="the state.json to carry into (made if missing)")
+    parser.add_argument("--rows", nargs="+", default=None, help="only these rows (default: every row)")
+    args = parser.parse_args(argv)
+    return run_user_command(lambda: carry(args.src, args.dst, args.rows))
+
+
+if __name__ == "__main__":
+    main()
