@@ -190,22 +190,24 @@ def stage_times(records: list[dict[str, Any]], global_batch: int) -> list[dict[s
     return sorted(per_size.values(), key=lambda s: s["size"])
 
 
+def final_checkpoint_meta(run_dir: Path) -> dict[str, Any]:
+    """meta.json of a run folder's latest complete checkpoint ({} when it has none)."""
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    return json.loads((ckpts[-1] / META_FILE).read_text()) if ckpts else {}
+
+
 def holds_finished_encoder(run_dir: Path, steps: int) -> bool:
     """Whether a finished run's folder still holds its encoder: a complete checkpoint at the run's last step. A state
     carried to a new machine names folders that are gone, or that a relaunched retraining has just made again (only
     config.yaml and metrics.jsonl, then checkpoints of earlier steps): neither can be evaluated."""
-    ckpts = list_checkpoints(run_dir / "checkpoints")
-    if not ckpts:
-        return False
-    meta = json.loads((ckpts[-1] / META_FILE).read_text())
+    meta = final_checkpoint_meta(run_dir)
     return bool(meta.get("complete")) and meta.get("step") == steps
 
 
 def read_pretrain_run(run_dir: Path, cfg, process_s: float) -> dict[str, Any]:
     """The numbers of a finished run, from its metrics.jsonl and final checkpoint."""
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
-    ckpts = list_checkpoints(run_dir / "checkpoints")
-    meta = json.loads((ckpts[-1] / META_FILE).read_text()) if ckpts else {}
+    meta = final_checkpoint_meta(run_dir)
     if not meta.get("complete"):
         raise StudyError(f"run {run_dir} did not finish (no complete final checkpoint)")
     steps, global_batch = meta["step"], meta["global_batch"]

@@ -710,42 +710,33 @@ def test_code_note_names_mixed_commits():
     assert code_note({"baseline": {"0": results["baseline"]["0"]}, "et": {"0": results["et"]["0"]}})["notes"] == []
 
 
+def start_eval_only(out: Path, *more: str) -> subprocess.Popen:
+    """The smoke study's --eval-only part for seed 0 in its own process, polling every second."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "curriculum_vs_baseline.py"), "--study", str(STUDY)]
+    cmd += ["--data", str(MINI), "--out", str(out), "--seeds", "0", "--eval-only", "--poll-seconds", "1", *more]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def lines_until_waiting(evaluator: subprocess.Popen) -> list[str]:
+    """The evaluator's lines up to its first wait for the other process (or its end); at least one."""
+    seen = []
+    for line in evaluator.stdout:
+        seen.append(line)
+        if "waiting for" in line:
+            break
+    assert seen, "the --eval-only process printed nothing"
+    return seen
+
+
 def test_evaluation_beside_pretraining_in_two_processes(tmp_path):
     """--eval-only (its own process, started first) waits for the runs that --pretrain-only trains, evaluates each
     as it lands in the shared state.json, and writes the one results.json; nothing is trained twice."""
     out = tmp_path / "study"
-    cmd = [
-        sys.executable,
-        str(REPO / "benchmarks" / "curriculum_vs_baseline.py"),
-        "--study",
-        str(STUDY),
-        "--data",
-        str(MINI),
-        "--out",
-        str(out),
-        "--seeds",
-        "0",
-        "--eval-only",
-        "--poll-seconds",
-        "1",
-        "--ablations",
-        "warmup20",
-    ]
-    evaluator = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    evaluator = start_eval_only(out, "--ablations", "warmup20")
     try:
-        seen = []  # the evaluator's lines until it waits: it found nothing pretrained yet
-        for line in evaluator.stdout:
-            seen.append(line)
-            if "waiting for baseline, et, etpp_half, baseline_equal_time" in line:
-                break
-        assert seen and "waiting for" in seen[-1], "".join(seen)[-3000:]
+        seen = lines_until_waiting(evaluator)  # it found nothing pretrained yet
+        assert "waiting for baseline, et, etpp_half, baseline_equal_time" in seen[-1], "".join(seen)[-3000:]
         returned, printed = run_study(
             [
                 "--study",
@@ -817,22 +808,9 @@ def test_eval_only_waits_for_a_run_whose_encoder_is_not_on_this_machine(study, t
     assert holds_finished_encoder(run_dir, steps)
     shutil.rmtree(sorted((run_dir / "checkpoints").iterdir())[-1])  # as a relaunched retraining leaves it
     assert not holds_finished_encoder(run_dir, steps) and not holds_finished_encoder(tmp_path / "gone", 0)
-    cmd = [sys.executable, str(REPO / "benchmarks" / "curriculum_vs_baseline.py"), "--study", str(STUDY)]
-    cmd += ["--data", str(MINI), "--out", str(out), "--seeds", "0", "--eval-only", "--poll-seconds", "1"]
-    evaluator = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    evaluator = start_eval_only(out)
     try:
-        seen = []
-        for line in evaluator.stdout:
-            seen.append(line)
-            if "waiting for" in line:
-                break
+        seen = lines_until_waiting(evaluator)
         said = "".join(seen)
         assert "seed 0: waiting for et, baseline_equal_time to be pretrained" in seen[-1], said[-3000:]
         assert evaluator.poll() is None  # still waiting, not crashed
