@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -306,19 +307,25 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+SAVE_KILL = ["train.epochs=2", "train.deterministic=true", "checkpoint.every_steps=5", "checkpoint.keep_last=1",
+             "tracking.recon_every_epochs=0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def save_kill_straight_run(tmp_path_factory, mini_root) -> Path:
+    """The run folder of one uninterrupted CLI run of SAVE_KILL, the reference of the three kill points below."""
+    out = tmp_path_factory.mktemp("save_kill_straight")
+    cli(f"data.root={mini_root}", *SAVE_KILL, f"output_dir={out}")
+    return out / CPU_RECIPE.stem
+
+
 @pytest.mark.parametrize("where", ["model_written", "files_synced", "renamed"])
-def test_sigkill_inside_a_checkpoint_write_then_relaunch_gives_the_same_weights(tmp_path, mini_root, where):
+def test_sigkill_inside_a_checkpoint_write_then_relaunch_gives_the_same_weights(
+    tmp_path, mini_root, where, save_kill_straight_run
+):
     """Killed at a known point inside the second save: half a folder written, every file written but the folder
     not yet renamed, renamed but older ones not yet pruned. The relaunch resumes and ends as an unkilled run."""
-    args = [
-        f"data.root={mini_root}",
-        "train.epochs=2",
-        "train.deterministic=true",
-        "checkpoint.every_steps=5",
-        "checkpoint.keep_last=1",
-        "tracking.recon_every_epochs=0",
-    ]
-    cli(*args, f"output_dir={tmp_path / 'straight'}")
+    args = [f"data.root={mini_root}", *SAVE_KILL]
     out = tmp_path / "killed"
     cmd = [
         sys.executable,
@@ -343,7 +350,7 @@ def test_sigkill_inside_a_checkpoint_write_then_relaunch_gives_the_same_weights(
         assert listed == ["step_00000005"] and len(half_written) == 1  # the half-written one is invisible
     relaunched = cli(*args, f"output_dir={out}")
     assert f"resumed from {ckpt_root / listed[-1]}" in relaunched.stdout
-    assert_same_weights(final_weights(tmp_path / "straight" / CPU_RECIPE.stem), final_weights(out / CPU_RECIPE.stem))
+    assert_same_weights(final_weights(save_kill_straight_run), final_weights(out / CPU_RECIPE.stem))
     assert not [p for p in ckpt_root.iterdir() if p.name.startswith(ck.TMP_PREFIX)]  # cleaned up by the relaunch
 
 
@@ -714,16 +721,21 @@ def test_memory_pipeline_skips_and_counts_bad_files(tmp_path, mini_root):
     assert metrics(result.run_dir)[-1]["data_skipped_files"] == n_bad
 
 
+TWO_STEPS = ["train.max_steps=2", "tracking.recon_every_epochs=0", "checkpoint.every_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory, mini_root) -> Path:
+    """The output folder of a 2-step CLI run (its checkpoint step_00000002), copied by each test that resumes it."""
+    out = tmp_path_factory.mktemp("two_steps")
+    cli(f"data.root={mini_root}", f"output_dir={out}", *TWO_STEPS)
+    return out
+
+
 @pytest.mark.parametrize("change", ["model.size=tiny", "model.decoder_embed_dim=48"])
-def test_resume_with_a_changed_model_is_one_line_not_a_traceback(tmp_path, mini_root, change):
-    args = [
-        f"data.root={mini_root}",
-        f"output_dir={tmp_path}",
-        "train.max_steps=2",
-        "tracking.recon_every_epochs=0",
-        "checkpoint.every_steps=2",
-    ]
-    cli(*args)
+def test_resume_with_a_changed_model_is_one_line_not_a_traceback(tmp_path, mini_root, change, two_step_run):
+    shutil.copytree(two_step_run, tmp_path, dirs_exist_ok=True)  # the run folder's lock is free: no process holds it
+    args = [f"data.root={mini_root}", f"output_dir={tmp_path}", *TWO_STEPS]
     proc = cli(*args, change, "train.max_steps=4", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
