@@ -5,7 +5,9 @@ shares rows with another one trained by the same commit.
 
 SRC and DST are state.json files (DST may not exist yet). Every (row, seed) of SRC whose pretraining and evaluation
 both finished is written into DST; DST keeps finished entries only (a row that was only pretrained names checkpoints
-that a fresh machine does not have, and would be read back as done: it is dropped and trained again). A finished
+that a fresh machine does not have, and would be read back as done: it is dropped and trained again), unless a study
+process is running on DST's folder (its pretraining or evaluation lock is held): then its rows waiting for their
+evaluation are this machine's and are kept. DST is written under the lock the study processes take. A finished
 entry of DST that differs from SRC's is kept. Whether a carried row still holds is decided by its settings key when
 the study reads it back (a different recipe, seed or data path retrains it), so carrying is always safe. Sessions
 run on fresh machines: at a session's end, carry the study folder's state into the repository; at the next start,
@@ -21,9 +23,8 @@ import json
 from pathlib import Path
 
 from benchmarks.study.config import StudyError
-from benchmarks.study.state import carry_finished
+from benchmarks.study.state import StudyState, carry_finished, roles_running
 from mae_et.cli import OneLineParser, run_user_command
-from mae_et.files import write_text_atomic
 
 
 def read_state(path: Path, missing_ok: bool) -> dict:
@@ -44,10 +45,14 @@ def read_state(path: Path, missing_ok: bool) -> dict:
 def carry(src: Path, dst: Path, rows: list[str] | None) -> dict[str, list[str]]:
     if src.resolve() == dst.resolve():
         raise StudyError(f"SRC and DST are the same file ({src}); give the study folder's state and another path")
-    source, target = read_state(src, missing_ok=False), read_state(dst, missing_ok=True)
-    said = carry_finished(source, target, rows)
+    source = read_state(src, missing_ok=False)
+    read_state(dst, missing_ok=True)  # a DST that is no study state: one line, nothing written
     dst.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(dst, json.dumps(target, indent=2))
+    running = roles_running(dst.parent)
+    if running:
+        print(f"{dst.parent} is in use by a running study ({', '.join(running)}): its unfinished rows are kept")
+    with StudyState(dst).locked() as target:  # the study processes' own lock: none of their writes is lost
+        said = carry_finished(source, target, rows, keep_unfinished=bool(running))
     for what in ("carried", "dropped", "kept"):
         why = {"dropped": " (only pretrained: trained again)", "kept": " (DST's own finished entry differs)"}
         print(f"{what}{why.get(what, '')}: {', '.join(said[what]) or 'none'}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from benchmarks.study.config import run_name
 from benchmarks.study.paths import repo_relative
-from mae_et.files import RunFolderLock, write_text_atomic
+from mae_et.files import RunFolderLock, try_lock, write_text_atomic
 
 STATE_FILE = "state.json"
 # Study roles: the pretraining (the default, and --pretrain-only) and the evaluation (the default, --eval-only and
@@ -49,7 +50,9 @@ class StudyState:
         return data
 
     @contextmanager
-    def _locked(self):
+    def locked(self):
+        """The state as the file holds it now, under the lock every study process takes; written back atomically
+        when the block ends (what another process wrote meanwhile is read first, so nothing of it is lost)."""
         with open(self.lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.data = self._read()  # what the other processes wrote meanwhile
@@ -67,11 +70,11 @@ class StudyState:
         return self.data["runs"][run][str(seed)][kind]["key"]
 
     def put(self, run: str, seed: int, kind: str, key: Any, value: dict) -> None:
-        with self._locked() as data:
+        with self.locked() as data:
             data["runs"].setdefault(run, {}).setdefault(str(seed), {})[kind] = {"key": key, "value": value}
 
     def count_launch(self, name: str) -> int:
-        with self._locked() as data:
+        with self.locked() as data:
             n = data["launches"][name] = data["launches"].get(name, 0) + 1
         return n
 
@@ -90,16 +93,19 @@ def is_finished(entry: dict[str, Any]) -> bool:
     return "pretrain" in entry and "eval" in entry
 
 
-def carry_finished(src: dict[str, Any], dst: dict[str, Any], rows: list[str] | None = None) -> dict[str, list[str]]:
+def carry_finished(
+    src: dict[str, Any], dst: dict[str, Any], rows: list[str] | None = None, keep_unfinished: bool = False
+) -> dict[str, list[str]]:
     """Carry every finished (row, seed) of the state `src` into the state `dst` (both as state.json holds them), for
     a fresh machine, where run folders are gone: what was only pretrained there names checkpoints that no longer
-    exist, so `dst` keeps finished entries only. `rows`: only these rows (e.g. those another study shares, trained
-    by the same commit with the same settings; the keys decide at read-back whether they still hold). A finished
-    entry of `dst` that differs from `src`'s is kept, not replaced. Returns the '<row> seed <seed>' carried,
-    dropped (unfinished in `dst`) and kept."""
+    exist, so `dst` keeps finished entries only, unless `keep_unfinished` (a `dst` that a running study writes:
+    its only-pretrained rows are this machine's, waiting for their evaluation). `rows`: only these rows (e.g. those
+    another study shares, trained by the same commit with the same settings; the keys decide at read-back whether
+    they still hold). A finished entry of `dst` that differs from `src`'s is kept, not replaced. Returns the
+    '<row> seed <seed>' carried, dropped (unfinished in `dst`) and kept."""
     said: dict[str, list[str]] = {"carried": [], "dropped": [], "kept": []}
     for row, per_seed in dst["runs"].items():
-        for seed in [s for s, entry in per_seed.items() if not is_finished(entry)]:
+        for seed in [s for s, entry in per_seed.items() if not is_finished(entry) and not keep_unfinished]:
             del per_seed[seed]
             said["dropped"].append(f"{row} seed {seed}")
     dst["runs"] = {row: per_seed for row, per_seed in dst["runs"].items() if per_seed}
@@ -132,6 +138,20 @@ def settings_key(overrides: list[str]) -> list[str]:
             o = f"data.root={repo_relative(json.loads(o.split('=', 1)[1]))}"
         key.append(o)
     return key
+
+
+def roles_running(out: Path) -> list[str]:
+    """The roles (pretrain, eval) a live study process holds in the study folder `out` now."""
+    running = []
+    for role, name in ROLE_LOCKS.items():
+        if not (out / name).is_file():
+            continue
+        fd = try_lock(out / name)
+        if fd is None:
+            running.append(role)
+        else:
+            os.close(fd)  # free: no process plays this role
+    return running
 
 
 @contextmanager

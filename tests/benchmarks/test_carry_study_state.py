@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
+import threading
 
 import pytest
 
 from benchmarks.carry_study_state import main
-from benchmarks.study.state import StudyState, carry_finished, is_finished
+from benchmarks.study.state import ROLE_LOCKS, StudyState, carry_finished, is_finished
+from mae_et.files import RunFolderLock
 
 
 def entry(key: str, evaluated: bool = True) -> dict:
@@ -92,3 +95,49 @@ def test_the_same_file_is_refused(tmp_path, capsys):
         main([str(src), str(src)])
     assert "are the same file" in capsys.readouterr().err
     assert json.loads(src.read_text()) == source()
+
+
+def test_a_running_study_keeps_its_rows_waiting_for_evaluation_and_loses_no_write(tmp_path):
+    """DST whose folder a study process works in (its pretraining lock held): the row it pretrained and has not
+    evaluated yet stays, and the carry waits for the state lock that process writes under."""
+    src, dst = tmp_path / "a" / "state.json", tmp_path / "b" / "state.json"
+    src.parent.mkdir()
+    dst.parent.mkdir()
+    src.write_text(json.dumps(source()))
+    waiting = {"runs": {"etpp": {"0": entry("etpp_seed0", evaluated=False)}}, "launches": {"etpp_seed0": 1}}
+    dst.write_text(json.dumps(waiting))
+    pretraining = RunFolderLock(dst.parent, lock_name=ROLE_LOCKS["pretrain"]).acquire()  # as the study holds it
+    state_lock = open(dst.with_suffix(".lock"), "w")
+    fcntl.flock(state_lock, fcntl.LOCK_EX)  # a study process in the middle of a write
+    said: dict = {}
+    carrying = threading.Thread(target=lambda: said.update(main([str(src), str(dst)])))
+    try:
+        carrying.start()
+        carrying.join(timeout=1.0)
+        assert carrying.is_alive() and json.loads(dst.read_text()) == waiting  # it waits for the lock
+        # the study's write lands first; the carry then reads it and keeps it
+        waiting["runs"]["etpp"]["0"]["eval"] = None
+        waiting["launches"]["etpp_seed1"] = 1
+        dst.write_text(json.dumps(waiting))
+    finally:
+        state_lock.close()
+        carrying.join(timeout=30)
+        pretraining.release()
+    assert not carrying.is_alive()
+    after = json.loads(dst.read_text())
+    assert said["dropped"] == [] and said["carried"] == ["baseline seed 0", "et seed 0", "untrained seed 0"]
+    assert after["runs"]["etpp"]["0"]["pretrain"] == entry("etpp_seed0")["pretrain"]  # kept: it waits for its eval
+    assert after["launches"]["etpp_seed1"] == 1  # the write made while the carry waited is not lost
+
+
+def test_a_study_that_has_ended_drops_its_unfinished_rows(tmp_path):
+    """The role locks' files stay behind when a study ends; free, they do not make DST live."""
+    src, dst = tmp_path / "a" / "state.json", tmp_path / "b" / "state.json"
+    src.parent.mkdir()
+    dst.parent.mkdir()
+    src.write_text(json.dumps(source()))
+    dst.write_text(json.dumps({"runs": {"etpp": {"0": entry("etpp_seed0", evaluated=False)}}, "launches": {}}))
+    RunFolderLock(dst.parent, lock_name=ROLE_LOCKS["eval"]).acquire().release()  # the file is there, the lock free
+    assert (dst.parent / ROLE_LOCKS["eval"]).is_file()
+    assert main([str(src), str(dst)])["dropped"] == ["etpp seed 0"]
+    assert "etpp" not in json.loads(dst.read_text())["runs"]
