@@ -88,10 +88,18 @@ def train_flops(cfg, stages: list[tuple[int, int]]) -> float:
     return sum(steps * batch * image_flops(cfg, size) for size, steps in stages)
 
 
-def image_flops(cfg, size: int, decode_fraction: float | None = None, target: str | None = None) -> float:
+def image_flops(
+    cfg,
+    size: int,
+    decode_fraction: float | None = None,
+    target: str | None = None,
+    decode_fraction_of: str | None = None,
+) -> float:
     """Training FLOPs per image at input size B, with the decoder tokens the run really decodes
-    (model.decode_fraction) and its target; decode_fraction / target: another share or target on the same model."""
+    (model.decode_fraction of the patches model.decode_fraction_of names) and its target; decode_fraction / target /
+    decode_fraction_of: another share, target or rule on the same model."""
     m = cfg.model
+    of = m.decode_fraction_of if decode_fraction_of is None else decode_fraction_of
     return mae_train_flops_per_image(
         m.size,
         size,
@@ -103,6 +111,7 @@ def image_flops(cfg, size: int, decode_fraction: float | None = None, target: st
         target=m.target if target is None else target,
         hog_cell_size=m.hog_cell_size,
         hog_bins=m.hog_bins,
+        decode_of_size=cfg.data.crop_size if of == "full_size" else None,
     )
 
 
@@ -224,6 +233,7 @@ def read_pretrain_run(run_dir: Path, cfg, process_s: float) -> dict[str, Any]:
         "schedule": cfg.curriculum.schedule,
         "epochs": cfg.train.epochs,
         "decode_fraction": cfg.model.decode_fraction,
+        "decode_fraction_of": cfg.model.decode_fraction_of,
         "pos_embed": cfg.model.pos_embed,
         "target": cfg.model.target,
         "steps": steps,

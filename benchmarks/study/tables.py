@@ -85,14 +85,26 @@ def size_table(summary: dict[str, dict], sizes: list[int], train_size: int) -> s
     return "\n".join(lines) + "\n"
 
 
-def trained_images(results: dict[str, dict[str, dict]], clock: str) -> dict[tuple[float, str, int], list[float]]:
-    """{(decoded share, target, B): [images, seconds on the clock]} over every run and seed that trained so."""
+def share_kind(r: dict[str, Any]) -> tuple[float, str]:
+    """(decoded share, what it is a share of) of a run record; a share of 1 decodes every masked patch under
+    either rule. Records of the first edition: every masked patch; those before model.decode_fraction_of: stage."""
+    share = float(r.get("decode_fraction", 1.0))
+    return share, "stage" if share >= 1.0 else r.get("decode_fraction_of", "stage")
+
+
+def share_label(share: float, of: str) -> str:
+    return f"{share:g}" if of == "stage" else f"{share:g} of {of}"
+
+
+def trained_images(results: dict[str, dict[str, dict]], clock: str) -> dict[tuple[float, str, str, int], list[float]]:
+    """{(decoded share, share of, target, B): [images, seconds on the clock]} over every run and seed that trained
+    so."""
     key = "seconds" if clock == "wall" else "cpu_seconds"
-    totals: dict[tuple[float, str, int], list[float]] = {}
+    totals: dict[tuple[float, str, str, int], list[float]] = {}
     for seeds in results.values():
         for r in seeds.values():
             # records of the first edition: every masked patch, pixels
-            kind = (float(r.get("decode_fraction", 1.0)), r.get("target", "pixel"))
+            kind = (*share_kind(r), r.get("target", "pixel"))
             for st in r.get("stages", []):
                 t = totals.setdefault((*kind, st["size"]), [0.0, 0.0])
                 t[0] += st["steps"] * r["global_batch"]
@@ -108,25 +120,28 @@ def stage_rates(results: dict[str, dict[str, dict]], cfg, clock: str) -> list[di
     measured rather than assumed."""
     totals = trained_images(results, clock)
     out = []
-    for share, target, b in sorted(totals, key=lambda k: (-k[0], k[1], k[2])):
-        full = max(size for sh, tg, size in totals if (sh, tg) == (share, target))
-        n, t = totals[(share, target, b)]
-        rate, full_rate = n / t, totals[(share, target, full)][0] / totals[(share, target, full)][1]
-        flop_ratio = image_flops(cfg, full, share, target) / image_flops(cfg, b, share, target)
-        out.append(
+    for share, of, target, b in sorted(totals, key=lambda k: (-k[0], k[1] != "stage", k[1], k[2], k[3])):
+        full = max(size for sh, o, tg, size in totals if (sh, o, tg) == (share, of, target))
+        n, t = totals[(share, of, target, b)]
+        rate, full_rate = n / t, totals[(share, of, target, full)][0] / totals[(share, of, target, full)][1]
+        flops_b, flops_full = (image_flops(cfg, size, share, target, of) for size in (b, full))
+        row = {"decode_fraction": share}
+        if of != "stage":  # only then: the earlier editions' rows stay as they were published
+            row["decode_fraction_of"] = of
+        row.update(
             {
-                "decode_fraction": share,
                 "target": target,
                 "size": b,
                 "images": n,
                 "seconds": t,
                 "images_per_s": rate,
                 "gain": rate / full_rate,
-                "flop_ratio": flop_ratio,
-                "efficiency": rate / full_rate / flop_ratio,
-                "gflop_per_image": image_flops(cfg, b, share, target) / 1e9,
+                "flop_ratio": flops_full / flops_b,
+                "efficiency": rate / full_rate / (flops_full / flops_b),
+                "gflop_per_image": flops_b / 1e9,
             }
         )
+        out.append(row)
     return out
 
 
@@ -141,7 +156,8 @@ def stage_rate_table(rates: list[dict[str, Any]], clock: str) -> str:
     ]
     for r in rates:
         lines.append(
-            f"| {r.get('decode_fraction', 1.0):g} | {r.get('target', 'pixel')} | {r['size']} | "
+            f"| {share_label(r.get('decode_fraction', 1.0), r.get('decode_fraction_of', 'stage'))} | "
+            f"{r.get('target', 'pixel')} | {r['size']} | "
             f"{r['gflop_per_image']:.3f} | {r['images']:.0f} | "
             f"{r['images_per_s']:.1f} | {r['gain']:.2f}x | {r['flop_ratio']:.2f}x | {r['efficiency']:.2f} |"
         )

@@ -30,11 +30,15 @@ def mae_forward_flops(
     in_chans: int = 3,
     decode_fraction: float = 1.0,
     target_dim: int | None = None,
+    decode_of_size: int | None = None,
 ) -> float:
     """decode_fraction: the share of all patches the decoder reconstructs (the model's own `decoded_count`);
-    target_dim: values predicted per patch (the model's `target_dim`; default p*p*C pixels)."""
+    decode_of_size: the input size whose patches that share is of (model.decode_fraction_of=full_size: the crop
+    size; None: img_size's own); target_dim: values predicted per patch (the model's `target_dim`; default p*p*C
+    pixels)."""
     num_patches = (img_size // patch_size) ** 2
-    kept, decoded = decoded_count(num_patches, mask_ratio, decode_fraction)
+    of_patches = None if decode_of_size is None else (decode_of_size // patch_size) ** 2
+    kept, decoded = decoded_count(num_patches, mask_ratio, decode_fraction, of_patches)
     patch_dim = patch_size * patch_size * in_chans
     target_dim = patch_dim if target_dim is None else target_dim
     enc_tokens, dec_tokens = 1 + kept, 1 + kept + decoded  # the decoder runs on cls + visible + reconstructed
@@ -57,6 +61,7 @@ def mae_train_flops_per_image(
     target: str = "pixel",
     hog_cell_size: int = HOG_CELL_SIZE,
     hog_bins: int = HOG_BINS,
+    decode_of_size: int | None = None,
 ) -> float:
     """target: pixel | hog; the HOG filters themselves are not matrix multiplies and are left out (they are
     timed instead: benchmarks/hog_cost.py)."""
@@ -73,4 +78,5 @@ def mae_train_flops_per_image(
         mask_ratio,
         decode_fraction=decode_fraction,
         target_dim=target_dim,
+        decode_of_size=decode_of_size,
     )

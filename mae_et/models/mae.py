@@ -29,6 +29,7 @@ __all__ = [
     "ModelSize",
     "PosEmbed",
     "Target",
+    "DecodeFractionOf",
     "MAEOutput",
     "MaskedAutoencoderViT",
     "decoded_count",
@@ -52,23 +53,33 @@ ModelSize = Literal["micro", "tiny", "small", "base", "large", "huge"]  # the ke
 PosEmbed = Literal["grid", "extent"]
 # what the decoder predicts per patch: its pixels (MAE) or its histograms of oriented gradients (MaskFeat)
 Target = Literal["pixel", "hog"]
+# which patches the decoded share is a share of: each input size's own (stage) | the full crop's (full_size)
+DecodeFractionOf = Literal["stage", "full_size"]
 POS_EMBED_MODES: tuple[str, ...] = get_args(PosEmbed)
 TARGETS: tuple[str, ...] = get_args(Target)
 
 
-def decoded_count(num_patches: int, mask_ratio: float, decode_fraction: float = 1.0) -> tuple[int, int]:
+def decoded_count(
+    num_patches: int, mask_ratio: float, decode_fraction: float = 1.0, of_patches: int | None = None
+) -> tuple[int, int]:
     """(visible, reconstructed masked) patch counts of one image with L = num_patches.
 
-    visible = int(L * (1 - mask_ratio)), as the reference's len_keep. decode_fraction is the share of *all* L
-    patches the decoder reconstructs (CrossMAE's "kept mask ratio"): int(L * decode_fraction) of the masked
+    visible = int(L * (1 - mask_ratio)), as the reference's len_keep. decode_fraction is the share of *all*
+    patches the decoder reconstructs (CrossMAE's "kept mask ratio"): int(L' * decode_fraction) of the masked
     ones, at least one and at most all of them, so 1.0 (or any share >= mask_ratio) reconstructs every masked
-    patch, as MAE does. The model, the FLOP count and the study all take their token counts from here.
+    patch, as MAE does. L' = of_patches, the patch count the share is taken of: None is L itself (the share of
+    each input size's patches); the full crop's count (model.decode_fraction_of=full_size) keeps the decoded
+    count per image that of the full size at every curriculum stage, capped at the stage's masked patches.
+    The model, the FLOP count and the study all take their token counts from here.
     """
     if not (0.0 < decode_fraction <= 1.0):
         raise ValueError(f"decode_fraction must be in (0, 1], got {decode_fraction}")
+    if of_patches is not None and of_patches < 1:
+        raise ValueError(f"of_patches must be a positive patch count, got {of_patches}")
     len_keep = int(num_patches * (1 - mask_ratio))
     masked = num_patches - len_keep
-    return len_keep, min(masked, max(1, int(num_patches * decode_fraction)))
+    share_of = num_patches if of_patches is None else of_patches
+    return len_keep, min(masked, max(1, int(share_of * decode_fraction)))
 
 
 # Reference eps for the norm-pix target; visualize.py reuses it to invert the normalisation.
@@ -400,8 +411,10 @@ class MaskedAutoencoderViT(nn.Module):
         mask_ratio: float = 0.75,
         noise: torch.Tensor | None = None,
         decode_fraction: float = 1.0,
+        decode_of_patches: int | None = None,
     ) -> MAEOutput:
         """decode_fraction: the share of all patches reconstructed (`decoded_count`); 1.0 = every masked one.
+        decode_of_patches: the patch count that share is of (None: this input's own L; `decoded_count`).
 
         Training passes the run's share; reconstructions for people (monitor, visualize, notebooks) call
         with the default, so they show every masked patch whatever share the run trained with.
@@ -409,7 +422,7 @@ class MaskedAutoencoderViT(nn.Module):
         self._check_mask_ratio(mask_ratio)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)  # (N, 1+len_keep, D)
         num_patches = ids_restore.shape[1]
-        len_keep, len_decode = decoded_count(num_patches, mask_ratio, decode_fraction)
+        len_keep, len_decode = decoded_count(num_patches, mask_ratio, decode_fraction, decode_of_patches)
         if len_keep + len_decode == num_patches:  # every masked patch: the reference decoder, bit for bit
             pred = self.forward_decoder(latent, ids_restore)  # (N, L, T)
             loss = self.forward_loss(imgs, pred, mask)  # ()

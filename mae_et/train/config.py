@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, get_args
 from mae_et.curriculum import schedules as curriculum_lib
 from mae_et.curriculum.frequency import FrequencyMode
 from mae_et.data.sources import data_dir
-from mae_et.models.mae import MODEL_SIZES, ModelSize, PosEmbed, Target
+from mae_et.models.mae import MODEL_SIZES, DecodeFractionOf, ModelSize, PosEmbed, Target
 from mae_et.recipes import (
     Check,
     ConfigError,
@@ -68,6 +68,11 @@ class ModelConfig:
     # masked ones by the mask's own noise; 1.0 (or >= mask_ratio) = every masked patch, the reference. The weights
     # do not change, and reconstructions shown to people (monitor, visualize) always decode every masked patch.
     decode_fraction: Annotated[float, Check(gt=0, le=1)] = 1.0
+    # what that share is of at a curriculum stage of size B: stage (B's own patches, so a 24-px stage of 8-px
+    # patches decodes 2 per image) | full_size (data.crop_size's patches: every stage decodes the full size's count
+    # per image, capped at its masked ones, so the small stages decode all or most of theirs, where the decoder is
+    # cheap). Without a curriculum the two are the same run, bit for bit.
+    decode_fraction_of: DecodeFractionOf = "stage"
     # what the decoder predicts per masked patch: pixel (MAE) | hog (MaskFeat's histograms of oriented gradients,
     # EfficientTrain++'s published MAE recipe). hog needs norm_pix_loss: false (its cells are L2-normalised)
     target: Target = "pixel"
@@ -232,6 +237,13 @@ def resolve_curriculum(c: CurriculumConfig, full_size: int, patch_size: int) -> 
 
 def curriculum_stages(cfg: PretrainConfig) -> tuple[list[curriculum_lib.Stage], str]:
     return resolve_curriculum(cfg.curriculum, cfg.data.crop_size, cfg.model.patch_size)
+
+
+def decode_of_patches(cfg: PretrainConfig) -> int | None:
+    """The patch count model.decode_fraction is a share of (`decoded_count`'s of_patches): the full crop's with
+    model.decode_fraction_of=full_size, None (each input size's own) with stage."""
+    m = cfg.model
+    return (cfg.data.crop_size // m.patch_size) ** 2 if m.decode_fraction_of == "full_size" else None
 
 
 def validate_pretrain(cfg: PretrainConfig) -> None:

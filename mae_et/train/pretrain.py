@@ -30,7 +30,7 @@ from mae_et.data.folder import PretrainBatch
 from mae_et.data.sources import open_source
 from mae_et.models.mae import MaskedAutoencoderViT, mae_vit
 from mae_et.seeding import Family, mix64
-from mae_et.train.config import PretrainConfig, curriculum_stages
+from mae_et.train.config import PretrainConfig, curriculum_stages, decode_of_patches
 from mae_et.train.monitors import (
     knn_held_out_count,
     log_reconstructions,
@@ -242,6 +242,7 @@ def build_training(cfg: PretrainConfig, sched: Schedule, accelerator: Accelerato
         compile_mode=cfg.train.compile,
         sizes=tuple(sorted({s.size for s in sched.plan.stages})),
         decode_fraction=cfg.model.decode_fraction,
+        decode_of_patches=decode_of_patches(cfg),
     )
     return model, optimizer, train_step
 

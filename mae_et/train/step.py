@@ -44,6 +44,7 @@ class TrainStep:
         sizes: tuple[int, ...] = (),
         compile_backend: str = "inductor",
         decode_fraction: float = 1.0,
+        decode_of_patches: int | None = None,
     ):
         self.accelerator = accelerator
         self.model = model  # as prepared by Accelerate (DDP-wrapped when distributed)
@@ -51,6 +52,7 @@ class TrainStep:
         self.raw_optimizer = optimizer.optimizer
         self.mask_ratio = mask_ratio
         self.decode_fraction = decode_fraction  # share of all patches the decoder reconstructs (model.decode_fraction)
+        self.decode_of_patches = decode_of_patches  # the patch count it is a share of (None: each B's own)
         self.frequency_mode = frequency_mode
         self.max_norm = clip_grad or math.inf
         self.compile_mode = compile_mode
@@ -73,7 +75,13 @@ class TrainStep:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may overwrite the last one's outputs
         nonfinite = grad_norm = None
         with accelerator.accumulate(self.model):
-            out = self.forward(images, mask_ratio=self.mask_ratio, noise=noise, decode_fraction=self.decode_fraction)
+            out = self.forward(
+                images,
+                mask_ratio=self.mask_ratio,
+                noise=noise,
+                decode_fraction=self.decode_fraction,
+                decode_of_patches=self.decode_of_patches,
+            )
             loss = out.loss.detach().clone()  # clone: a CUDA-graph output is overwritten by the next replay
             accelerator.backward(out.loss)
             if accelerator.sync_gradients:

@@ -1032,8 +1032,15 @@ def test_stage_rates_keep_each_share_and_target_apart():
         "et": {"0": record([(32, 10, 5.0), (48, 10, 20.0)], decode_fraction=1.0, target="pixel")},
         "et_partial": {"0": record([(32, 10, 4.0), (48, 10, 10.0)], decode_fraction=0.25, target="pixel")},
         "et_hog": {"0": record([(32, 10, 2.0), (48, 10, 8.0)], decode_fraction=1.0, target="hog")},
+        "et_partial_full": {
+            "0": record(
+                [(32, 10, 3.0), (48, 10, 10.0)], decode_fraction=0.25, decode_fraction_of="full_size", target="pixel"
+            )
+        },
     }
-    rates = {(r["decode_fraction"], r["target"], r["size"]): r for r in stage_rates(results, cfg, "cpu")}
+    listed = stage_rates(results, cfg, "cpu")
+    of_full = {r["size"]: r for r in listed if r.get("decode_fraction_of") == "full_size"}
+    rates = {(r["decode_fraction"], r["target"], r["size"]): r for r in listed if r not in of_full.values()}
     assert set(rates) == {
         (1.0, "pixel", 32),
         (1.0, "pixel", 48),
@@ -1056,6 +1063,13 @@ def test_stage_rates_keep_each_share_and_target_apart():
     assert flops(48, target="hog") < flops(48)
     table = stage_rate_table(list(rates.values()), "cpu")
     assert "| 1 | hog | 32 |" in table and "| 0.25 | pixel | 48 |" in table
+    # a share of the full size's patches is its own kind: at 32 px it decodes more than the stage's share
+    assert set(of_full) == {32, 48} and rates[(0.25, "pixel", 32)]["images"] == of_full[32]["images"] == 100
+    full_flops = flops(32, decode_fraction=0.25, decode_of_size=cfg.data.crop_size)
+    assert of_full[32]["gflop_per_image"] == pytest.approx(full_flops / 1e9) and full_flops > flops(
+        32, decode_fraction=0.25
+    )
+    assert "| 0.25 of full_size | pixel | 32 |" in stage_rate_table(listed, "cpu")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "study").glob("*.yaml")), ids=lambda p: p.stem)

@@ -185,3 +185,50 @@ def test_flops_count_the_decoded_tokens():
         mae_train_flops_per_image("base", 224, decode_fraction=0.25),
     )
     assert 1.3 < b_full / b_quarter < 1.45
+
+
+def test_share_of_the_full_size_keeps_the_full_size_count_at_every_stage():
+    """model.decode_fraction_of=full_size: the share is of the full crop's patches (64 at 64 px, patch 8), so each
+    curriculum stage decodes that count per image, capped at its own masked patches."""
+    assert decoded_count(9, 0.75, 0.25, of_patches=64) == (2, 7)  # 24 px: every masked patch
+    assert decoded_count(36, 0.75, 0.25, of_patches=64) == (9, 16)  # 48 px: 16 of 27, not 9
+    assert decoded_count(49, 0.75, 0.25, of_patches=64) == (12, 16)  # 56 px
+    assert decoded_count(64, 0.75, 0.25, of_patches=64) == decoded_count(64, 0.75, 0.25)  # the full size: same
+    assert decoded_count(36, 0.75, 0.25, of_patches=None) == (9, 9)  # stage (the default): B's own patches
+    with pytest.raises(ValueError, match="of_patches must be a positive"):
+        decoded_count(36, 0.75, 0.25, of_patches=0)
+
+
+def test_model_decodes_the_full_size_count_at_a_reduced_size():
+    model = micro()  # img_size 64: the full crop
+    imgs, noise = torch.randn(2, 3, 48, 48), torch.rand(2, 36)
+    seen = []
+    hook = model.decoder_blocks[0].register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    out = model(imgs, 0.75, noise, decode_fraction=0.25, decode_of_patches=64)
+    stage = model(imgs, 0.75, noise, decode_fraction=0.25)
+    hook.remove()
+    assert seen == [(2, 1 + 9 + 16, 32), (2, 1 + 9 + 9, 32)]
+    torch.testing.assert_close(out.loss, manual_partial_loss(model, imgs, noise, 9, 16), rtol=1e-5, atol=1e-6)
+    assert out.scored.sum(1).tolist() == [16.0, 16.0] and stage.scored.sum(1).tolist() == [9.0, 9.0]
+    # at 24 px the full size's 16 exceed the 7 masked patches: the reference decoder, bit for bit
+    small, small_noise = torch.randn(2, 3, 24, 24), torch.rand(2, 9)
+    capped = model(small, 0.75, small_noise, decode_fraction=0.25, decode_of_patches=64)
+    reference = model(small, 0.75, small_noise)
+    assert capped.scored is None and torch.equal(capped.loss, reference.loss)
+
+
+def test_flops_count_the_full_size_share_at_a_reduced_size():
+    from mae_et.models.flops import transformer_block_flops
+
+    stage = mae_forward_flops(48, 8, 192, 12, 128, 2, decode_fraction=0.25)  # 1 + 9 + 9 decoder tokens
+    of_full = mae_forward_flops(48, 8, 192, 12, 128, 2, decode_fraction=0.25, decode_of_size=64)  # 1 + 9 + 16
+    assert of_full - stage == pytest.approx(
+        2 * (transformer_block_flops(26, 128) - transformer_block_flops(19, 128)) + 2 * 7 * 128 * 192
+    )
+    assert mae_forward_flops(64, 8, 192, 12, 128, 2, decode_fraction=0.25, decode_of_size=64) == mae_forward_flops(
+        64, 8, 192, 12, 128, 2, decode_fraction=0.25
+    )
+    assert mae_forward_flops(24, 8, 192, 12, 128, 2, decode_fraction=0.25, decode_of_size=64) == mae_forward_flops(
+        24, 8, 192, 12, 128, 2
+    )  # capped: every masked patch
+    assert mae_train_flops_per_image("tiny", 48, 8, 128, 2, decode_fraction=0.25, decode_of_size=64) == 3 * of_full

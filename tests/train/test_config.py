@@ -61,6 +61,7 @@ def test_scientific_notation_without_dot_is_a_number(mini_root):
         ("model.mask_ratio=0", r"model.mask_ratio must be in \(0, 1\)"),
         ("model.decode_fraction=0", r"model.decode_fraction must be in \(0, 1\], got 0.0"),
         ("model.decode_fraction=1.5", r"model.decode_fraction must be in \(0, 1\]"),
+        ("model.decode_fraction_of=full", "model.decode_fraction_of 'full' is unknown; choose one of stage, full_size"),
         ("data.crop_size=36", "data.crop_size 36 is not a multiple of model.patch_size 8"),
         ("curriculum.stages=[{size: 56, fraction: 1.0}]", "above the crop size"),
         ("curriculum.stages=[{size: 20, fraction: 1.0}]", "multiple of the patch size"),

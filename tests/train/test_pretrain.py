@@ -844,3 +844,23 @@ def test_two_machines_launched_by_the_slurm_script_train_as_one_two_process_laun
     assert meta["step"] == 6 and meta["world_size"] == 2 and len(sums) == 2 and sums[0] == sums[1]
     one_w, two_w = final_weights(tmp_path / "one" / CPU_RECIPE.stem), final_weights(two / CPU_RECIPE.stem)
     assert one_w.keys() == two_w.keys() and all(torch.equal(one_w[k], two_w[k]) for k in one_w)  # bit for bit
+
+
+@pytest.mark.parametrize("share_of, decoded_at_32", [("stage", 4), ("full_size", 9)])
+def test_the_step_decodes_the_share_of_the_patches_the_recipe_names(tmp_path, mini_root, share_of, decoded_at_32):
+    """model.decode_fraction_of reaches the training step: at the et curriculum's 32-px stage of the 48-px micro
+    recipe (16 patches of 8 px, 12 masked), a quarter of the stage's patches is 4, of the full crop's 36 is 9."""
+    from accelerate import Accelerator
+
+    from mae_et.train.pretrain import build_training, plan_pretraining
+
+    cfg = cfg_for(tmp_path, mini_root, "model.decode_fraction=0.25", f"model.decode_fraction_of={share_of}")
+    sched = plan_pretraining(cfg, num_images=64, world=1)
+    assert 32 in {s.size for s in sched.plan.stages}
+    model, _, step = build_training(cfg, sched, Accelerator(cpu=True))
+    seen = []
+    model.decoder_blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    images = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    for size in (32, 48):
+        step(images, size, torch.rand(2, (size // 8) ** 2))
+    assert seen == [1 + 4 + decoded_at_32, 1 + 9 + 9]  # cls + visible + decoded; the full size alike under both
