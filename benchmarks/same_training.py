@@ -35,8 +35,11 @@ from benchmarks.study.runs import pretrain_overrides
 from mae_et.cli import OneLineParser, run_user_command
 
 
-def train_first_steps(checkout: Path, recipe: Path, overrides: list[str], threads: int | None, log: Path) -> Path:
-    """The row's first steps by `checkout`'s pretrain.py and its own copy of the recipe; the final weights' path."""
+def train_first_steps(
+    checkout: Path, recipe: Path, overrides: list[str], out: Path, threads: int | None, log: Path
+) -> Path:
+    """The row's first steps by `checkout`'s pretrain.py and its own copy of the recipe (the overrides write under
+    `out`); the final weights' path."""
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -46,15 +49,10 @@ def train_first_steps(checkout: Path, recipe: Path, overrides: list[str], thread
     if done.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise StudyError(f"{checkout}: pretraining failed (exit {done.returncode}): {tail[0]} (log: {log})")
-    found = sorted(Path(overrides_value(overrides, "output_dir")).glob("*/checkpoints/step_*/model.safetensors"))
+    found = sorted(out.rglob("checkpoints/step_*/model.safetensors"))
     if len(found) != 1:
         raise StudyError(f"{checkout}: expected one final checkpoint, found {len(found)} (log: {log})")
     return found[0]
-
-
-def overrides_value(overrides: list[str], key: str) -> str:
-    value = [o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")][-1]
-    return value.strip('"')
 
 
 def difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str | None:
@@ -95,7 +93,8 @@ def compare(study_path: Path, other: Path, rows: list[str] | None, steps: int, s
                 overrides = pretrain_overrides(
                     study, row, seed, study.epochs * study.runs[row].budget, data_root, out
                 ) + [f"train.max_steps={steps}"]
-                path = train_first_steps(checkout, recipe, overrides, study.threads, Path(tmp) / f"{side}_{row}.log")
+                log = Path(tmp) / f"{side}_{row}.log"
+                path = train_first_steps(checkout, recipe, overrides, out, study.threads, log)
                 weights[side] = load_file(path)
             diff = difference(weights["this"], weights["other"])
             results[row] = diff
