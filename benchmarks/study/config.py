@@ -44,6 +44,10 @@ class StudyError(UserError, RuntimeError):
 class RunSpec:
     budget: float | str  # a multiple of E (epochs, or full-size-epoch compute for etpp), or "equal_time"
     overrides: list[str]
+    seeds: list[int] | None = None  # the seeds this run gets (None: every seed of the study)
+
+    def runs_on(self, seed: int) -> bool:
+        return self.seeds is None or seed in self.seeds
 
 
 @dataclass
@@ -133,7 +137,14 @@ def dotted(mapping: dict | None) -> list[str]:
 def read_runs(raw: dict[str, Any], path: Path) -> dict[str, RunSpec]:
     """The config's `runs:`, checked: a baseline, no name of the study's own rows, budgets a multiple of E or
     equal_time (which needs a run `et` with a budget)."""
-    runs = {name: RunSpec(spec["budget"], dotted(spec.get("overrides"))) for name, spec in raw["runs"].items()}
+    runs = {
+        name: RunSpec(
+            spec["budget"],
+            dotted(spec.get("overrides")),
+            [int(s) for s in spec["seeds"]] if spec.get("seeds") is not None else None,
+        )
+        for name, spec in raw["runs"].items()
+    }
     if BASELINE not in runs:
         raise StudyError(
             f"{path}: runs needs one named '{BASELINE}' (every speed-up and accuracy is measured against it)"
@@ -145,6 +156,10 @@ def read_runs(raw: dict[str, Any], path: Path) -> dict[str, RunSpec]:
             )
         if spec.budget != EQUAL_TIME and not (isinstance(spec.budget, (int, float)) and spec.budget > 0):
             raise StudyError(f"{path}: runs.{name}.budget must be a positive multiple of E or '{EQUAL_TIME}'")
+        if spec.seeds is not None and (name == BASELINE or not set(spec.seeds) <= set(raw["seeds"])):
+            raise StudyError(
+                f"{path}: runs.{name}.seeds must be some of the study's seeds {raw['seeds']} (the baseline runs on all)"
+            )
         if spec.budget == EQUAL_TIME and (EQUAL_TIME_OF not in runs or runs[EQUAL_TIME_OF].budget == EQUAL_TIME):
             raise StudyError(
                 f"{path}: runs.{name}: budget '{EQUAL_TIME}' is {EQUAL_TIME_OF}'s time, and there is no "

@@ -141,9 +141,9 @@ class StudyRun:
             self.untrained_row(seed)
             for row in (*ready, UNTRAINED):
                 self.evaluate_row(row, seed)
-            if len(ready) == len(self.study.runs):
+            waiting = [r for r, spec in self.study.runs.items() if spec.runs_on(seed) and r not in ready]
+            if not waiting:
                 return
-            waiting = [r for r in self.study.runs if r not in ready]
             if self.options.part == "report":
                 raise self.not_in_state(waiting[0], seed, "pretraining")
             self.wait(f"seed {seed}: waiting for {', '.join(waiting)} to be pretrained (another process)")
@@ -176,7 +176,8 @@ class StudyRun:
         """The pretraining runs of a seed (read only: those finished), in the config's order, an equal-time run last:
         its budget comes from et's and the baseline's time on the verdict clock."""
         done = []
-        for run in sorted(self.study.run_names, key=lambda r: self.study.runs[r].budget == EQUAL_TIME):
+        runs = [r for r in self.study.run_names if self.study.runs[r].runs_on(seed)]
+        for run in sorted(runs, key=lambda r: self.study.runs[r].budget == EQUAL_TIME):
             if self.study.runs[run].budget == EQUAL_TIME:
                 if not {EQUAL_TIME_OF, BASELINE} <= set(done):
                     continue

@@ -23,11 +23,13 @@ ROLE_LOCKS = {"pretrain": ".pretrain.lock", "eval": ".eval.lock"}
 
 
 def canonical(key: Any) -> Any:
-    """A settings key with every list of override strings sorted: the order they were written in is no setting."""
+    """A settings key with every list of override strings sorted (the order they were written in is no setting)
+    and without the run's name (a folder name, no setting either: a row carried into another study under another
+    name, `carry_study_state.py --rename`, is read back by its settings)."""
     if isinstance(key, dict):
         return {k: canonical(v) for k, v in key.items()}
     if isinstance(key, list) and all(isinstance(x, str) for x in key):
-        return sorted(key)
+        return sorted(x for x in key if not x.startswith("name="))
     return key
 
 
@@ -94,24 +96,31 @@ def is_finished(entry: dict[str, Any]) -> bool:
 
 
 def carry_finished(
-    src: dict[str, Any], dst: dict[str, Any], rows: list[str] | None = None, keep_unfinished: bool = False
+    src: dict[str, Any],
+    dst: dict[str, Any],
+    rows: list[str] | None = None,
+    keep_unfinished: bool = False,
+    rename: dict[str, str] | None = None,
 ) -> dict[str, list[str]]:
     """Carry every finished (row, seed) of the state `src` into the state `dst` (both as state.json holds them), for
     a fresh machine, where run folders are gone: what was only pretrained there names checkpoints that no longer
     exist, so `dst` keeps finished entries only, unless `keep_unfinished` (a `dst` that a running study writes:
     its only-pretrained rows are this machine's, waiting for their evaluation). `rows`: only these rows (e.g. those
     another study shares, trained by the same commit with the same settings; the keys decide at read-back whether
-    they still hold). A finished entry of `dst` that differs from `src`'s is kept, not replaced. Returns the
-    '<row> seed <seed>' carried, dropped (unfinished in `dst`) and kept."""
+    they still hold). `rename`: {row of src: its name in dst} (`rows` names src's rows). A finished entry of `dst`
+    that differs from `src`'s is kept, not replaced. Returns the '<row> seed <seed>' carried, dropped (unfinished
+    in `dst`) and kept."""
     said: dict[str, list[str]] = {"carried": [], "dropped": [], "kept": []}
     for row, per_seed in dst["runs"].items():
         for seed in [s for s, entry in per_seed.items() if not is_finished(entry) and not keep_unfinished]:
             del per_seed[seed]
             said["dropped"].append(f"{row} seed {seed}")
     dst["runs"] = {row: per_seed for row, per_seed in dst["runs"].items() if per_seed}
-    for row, per_seed in src["runs"].items():
-        if rows is not None and row not in rows:
+    rename = rename or {}
+    for src_row, per_seed in src["runs"].items():
+        if rows is not None and src_row not in rows:
             continue
+        row = rename.get(src_row, src_row)
         for seed, entry in per_seed.items():
             if not is_finished(entry):
                 continue
@@ -120,9 +129,9 @@ def carry_finished(
                 said["kept"].append(f"{row} seed {seed}")
                 continue
             dst["runs"].setdefault(row, {})[seed] = entry
-            name = run_name(row, int(seed))
-            if name in src["launches"]:
-                dst["launches"][name] = max(src["launches"][name], dst["launches"].get(name, 0))
+            name, src_name = run_name(row, int(seed)), run_name(src_row, int(seed))
+            if src_name in src["launches"]:
+                dst["launches"][name] = max(src["launches"][src_name], dst["launches"].get(name, 0))
             said["carried"].append(f"{row} seed {seed}")
     return said
 

@@ -68,9 +68,39 @@ def test_rows_limits_what_is_carried_and_the_study_reads_the_carried_entries(tmp
         "run_dir": "runs/baseline_seed0",
         "steps": 10,
     }
-    assert state.get("baseline", 0, "pretrain", ["name=other"]) is None  # other settings: trained again
+    assert state.get("baseline", 0, "pretrain", ["name=other", "train.seed=1"]) is None  # other settings: trained again
     assert state.get("et", 0, "pretrain", ["name=et_seed0"]) is None
     assert json.loads(src.read_text()) == source()  # the source is only read
+
+
+def test_a_renamed_row_is_read_back_by_its_settings_under_its_new_name(tmp_path):
+    """An ablation row of one study carried as a run of another: the settings key holds no row name, so the new
+    study reads the entry back under the new name; anything else in the key still decides."""
+    src, dst = tmp_path / "a" / "state.json", tmp_path / "b" / "state.json"
+    src.parent.mkdir()
+    data = source()
+    data["runs"]["et+full"] = {"0": entry("et+full_seed0")}
+    data["runs"]["et+full"]["0"]["pretrain"]["key"].append("train.seed=0")
+    data["launches"]["et+full_seed0"] = 3
+    src.write_text(json.dumps(data))
+    said = main([str(src), str(dst), "--rows", "et+full", "--rename", "et+full=et_full"])
+    assert said["carried"] == ["et_full seed 0"]
+    state = StudyState(dst)
+    assert set(state.data["runs"]) == {"et_full"} and state.data["launches"] == {"et_full_seed0": 3}
+    carried = state.get("et_full", 0, "pretrain", ["train.seed=0", "name=et_full_seed0"])
+    assert carried["run_dir"] == "runs/et+full_seed0"
+    assert state.get("et_full", 0, "eval", {"encoder": ["name=et_full_seed0"]}) == {"knn_top1_cls": 40.0}
+    assert state.get("et_full", 0, "pretrain", ["train.seed=1", "name=et_full_seed0"]) is None
+
+
+@pytest.mark.parametrize("bad", ["et", "=et_full", "et=", "et=a et=b"])
+def test_a_bad_rename_is_one_line(tmp_path, capsys, bad):
+    src = tmp_path / "state.json"
+    src.write_text(json.dumps(source()))
+    with pytest.raises(SystemExit) as e:
+        main([str(src), str(tmp_path / "b.json"), "--rename", *bad.split()])
+    assert e.value.code == 2 and "--rename" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
 
 
 @pytest.mark.parametrize(

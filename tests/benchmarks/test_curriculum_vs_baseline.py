@@ -549,10 +549,34 @@ def test_study_runs_come_from_the_config(tmp_path):
         ({"plain": {"budget": 1.0}}, "needs one named 'baseline'"),
         ({"baseline": {"budget": 1.0}, "late": {"budget": "equal_time"}}, "there is no run 'et'"),
         ({"baseline": {"budget": 1.0}, "untrained": {"budget": 1.0}}, "study's own rows"),
+        ({"baseline": {"budget": 1.0}, "short": {"budget": 0.5, "seeds": [2]}}, "some of the study's seeds"),
+        ({"baseline": {"budget": 1.0, "seeds": [0]}}, "the baseline runs on all"),
     ]:
         path.write_text(yaml.safe_dump({**raw, "runs": runs, "targets": {}}))
         with pytest.raises(StudyError, match=message):
             load_study(path)
+
+
+def test_a_run_with_seeds_of_its_own_is_pretrained_on_those_seeds_only(tmp_path, monkeypatch):
+    """A curve-shaping row runs on one seed: the other seed's pretraining neither trains it nor waits for it."""
+    from benchmarks.study.flow import StudyRun
+
+    raw = yaml.safe_load(STUDY.read_text())
+    raw["runs"]["etpp_half"]["seeds"] = [0]
+    raw["pretrain"]["recipe"] = str(REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml")
+    raw["eval"]["finetune"]["recipe"] = str(REPO / "configs" / "finetune" / "vit-micro-p8_mae_cpu-test.yaml")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    study = load_study(path)
+    assert study.runs["etpp_half"].seeds == [0] and study.runs["et"].seeds is None
+    trained = []
+    monkeypatch.setattr(StudyRun, "pretrain_row", lambda self, row, seed, epochs: trained.append((row, seed)) or True)
+    monkeypatch.setattr(StudyRun, "equal_time_epochs", lambda self, seed: 1.0)
+    options = study_options(study, [0, 1], [], [], part="pretrain")
+    run = StudyRun(study, MINI, tmp_path / "out", StudyState(tmp_path / "state.json"), options, 48)
+    run.run()
+    assert [r for r, s in trained if s == 0] == list(RUNS)
+    assert [r for r, s in trained if s == 1] == ["baseline", "et", "baseline_equal_time"]
 
 
 def test_reference_check_passes_and_fails_only_when_everything_matches():
