@@ -108,8 +108,8 @@ def carry_finished(
     its only-pretrained rows are this machine's, waiting for their evaluation). `rows`: only these rows (e.g. those
     another study shares, trained by the same commit with the same settings; the keys decide at read-back whether
     they still hold). `rename`: {row of src: its name in dst} (`rows` names src's rows). A finished entry of `dst`
-    that differs from `src`'s is kept, not replaced. Returns the '<row> seed <seed>' carried, dropped (unfinished
-    in `dst`) and kept."""
+    that differs from `src`'s is kept, not replaced; an unfinished one with src's pretraining takes src's entry.
+    Returns the '<row> seed <seed>' carried, dropped (unfinished in `dst`) and kept."""
     said: dict[str, list[str]] = {"carried": [], "dropped": [], "kept": []}
     for row, per_seed in dst["runs"].items():
         for seed in [s for s, entry in per_seed.items() if not is_finished(entry) and not keep_unfinished]:
@@ -125,7 +125,8 @@ def carry_finished(
             if not is_finished(entry):
                 continue
             mine = dst["runs"].get(row, {}).get(seed)
-            if mine is not None and mine != entry:
+            waiting = mine is not None and not is_finished(mine) and mine["pretrain"] == entry["pretrain"]
+            if mine is not None and mine != entry and not waiting:  # (one waiting for this evaluation takes it)
                 said["kept"].append(f"{row} seed {seed}")
                 continue
             dst["runs"].setdefault(row, {})[seed] = entry

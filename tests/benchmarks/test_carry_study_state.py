@@ -93,6 +93,18 @@ def test_a_renamed_row_is_read_back_by_its_settings_under_its_new_name(tmp_path)
     assert state.get("et_full", 0, "pretrain", ["train.seed=1", "name=et_full_seed0"]) is None
 
 
+def test_a_row_waiting_for_its_evaluation_takes_the_one_made_elsewhere():
+    """A running study's row pretrained elsewhere (its folder shared) and evaluated by the other study's process:
+    carried in, it is finished, not kept as it was; one of other settings is kept."""
+    src = source()
+    dst = {"runs": {"et": {"0": entry("et_seed0", evaluated=False)}}, "launches": {}}
+    said = carry_finished(src, dst, rows=["et"], keep_unfinished=True)
+    assert said["carried"] == ["et seed 0"] and dst["runs"]["et"]["0"] == entry("et_seed0")
+    dst = {"runs": {"et": {"0": entry("et_other", evaluated=False)}}, "launches": {}}
+    assert carry_finished(src, dst, rows=["et"], keep_unfinished=True)["kept"] == ["et seed 0"]
+    assert dst["runs"]["et"]["0"] == entry("et_other", evaluated=False)
+
+
 @pytest.mark.parametrize("bad", ["et", "=et_full", "et=", "et=a et=b"])
 def test_a_bad_rename_is_one_line(tmp_path, capsys, bad):
     src = tmp_path / "state.json"
