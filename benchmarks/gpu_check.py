@@ -73,7 +73,6 @@ from benchmarks import REPO  # noqa: E402
 from benchmarks.fractal_speed import rate  # noqa: E402
 from benchmarks.throughput import (  # noqa: E402
     COMPUTE_DTYPES,
-    build_train_step,
     count_params,
     device_name,
     end_to_end,
@@ -94,7 +93,7 @@ from mae_et.train.config import curriculum_stages, load_pretrain_config  # noqa:
 from mae_et.train.optim import build_adamw  # noqa: E402
 from mae_et.train.pretrain import mask_noise, pretrain  # noqa: E402
 from mae_et.train.run import fresh_accelerate_state  # noqa: E402
-from mae_et.train.step import TrainStep  # noqa: E402
+from mae_et.train.step import TrainStep, build_training, train_step_of  # noqa: E402
 
 TRAVEL_DATA = REPO / ".data" / "imagenette-travel"
 
@@ -348,35 +347,16 @@ class OurModel:
 
     def compiled_step(self, accelerator, mode: str, backend: str) -> TrainStep:
         if self.compiled is None:  # same weights and optimizer: only the forward is wrapped
-            c = self.cfg
-            self.compiled = TrainStep(
-                accelerator,
-                self.eager.model,
-                self.eager.optimizer,
-                c.model.mask_ratio,
-                c.curriculum.mode,
-                c.optim.clip_grad,
-                compile_mode=mode,
-                sizes=self.sizes,
-                compile_backend=backend,
-                decode_fraction=c.model.decode_fraction,
+            self.compiled = train_step_of(
+                self.cfg, accelerator, self.eager.model, self.eager.optimizer, self.sizes, mode, backend
             )
         return self.compiled
 
     def partial_step(self, accelerator, cfg, mode: str, backend: str) -> TrainStep:
         """The same weights and optimizer, the decoder on the visible + cfg.model.decode_fraction of the patches."""
         if mode not in self.partial:
-            self.partial[mode] = TrainStep(
-                accelerator,
-                self.eager.model,
-                self.eager.optimizer,
-                cfg.model.mask_ratio,
-                cfg.curriculum.mode,
-                cfg.optim.clip_grad,
-                compile_mode=mode,
-                sizes=self.sizes,
-                compile_backend=backend,
-                decode_fraction=cfg.model.decode_fraction,
+            self.partial[mode] = train_step_of(
+                cfg, accelerator, self.eager.model, self.eager.optimizer, self.sizes, mode, backend
             )
         return self.partial[mode]
 
@@ -463,7 +443,7 @@ class StepBench:
     def build_ours(self, index: int) -> OurModel:
         model_size, batch, sizes = self.plan.models[index]
         cfg = self.cfg_for(model_size, batch)
-        eager = build_train_step(cfg, self.accelerator, list(sizes), compile_mode="none")
+        _, _, eager = build_training(cfg, self.accelerator, 1e-4, tuple(sizes), compile_mode="none")
         self.ours[index] = OurModel(model_size, batch, tuple(sizes), cfg, eager)
         return self.ours[index]
 
@@ -782,7 +762,7 @@ def hog_rows(report: Report, plan: Plan, bench: StepBench) -> None:
             continue
         with report.guard("hog", item, report.left() - reserve):
             if step is None:
-                step = build_train_step(cfg, bench.accelerator, list(plan.hog_sizes), compile_mode="none")
+                _, _, step = build_training(cfg, bench.accelerator, 1e-4, tuple(plan.hog_sizes), compile_mode="none")
             crop = cfg.data.crop_size
             images = torch.randint(
                 0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=bench.device

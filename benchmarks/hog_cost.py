@@ -21,10 +21,11 @@ if not __package__:  # run as `python benchmarks/hog_cost.py`: see benchmarks/_c
 
 from benchmarks import REPO
 from benchmarks.peer_cpu import ROWS, RowSpec, TimedSteps, alternate, random_images, run_cli  # noqa: F401 (ROWS: the same rows)
-from benchmarks.throughput import build_train_step, fresh_accelerator
+from benchmarks.throughput import fresh_accelerator
 from mae_et.cli import run_user_command
 from mae_et.data.folder import normalize_on_device
 from mae_et.train.config import load_pretrain_config
+from mae_et.train.step import build_training
 
 RECIPE = REPO / "configs" / "pretrain" / "mae_vit-base-p16_baseline_800e_imagenet.yaml"
 CLIP = 1.0
@@ -61,8 +62,8 @@ class Contender(TimedSteps):
     def __init__(self, name: str, row: RowSpec):
         self.name, self.row = name, row
         images = random_images(row)  # (n, 3, S, S) uint8
-        step = build_train_step(
-            row_config(row, "pixel" if name == "pixel_step" else "hog"), fresh_accelerator("fp32"), [row.img]
+        _, _, step = build_training(
+            row_config(row, "pixel" if name == "pixel_step" else "hog"), fresh_accelerator("fp32"), 1e-4, (row.img,)
         )
         if name == "hog_target":
             hog = step.accelerator.unwrap_model(step.model).hog

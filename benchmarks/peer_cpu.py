@@ -36,7 +36,7 @@ if not __package__:  # run as `python benchmarks/peer_cpu.py`: see benchmarks/_c
     import _checkout  # noqa: F401
 
 from benchmarks import REPO
-from benchmarks.throughput import build_train_step, count_params, fresh_accelerator, hf_peer_config
+from benchmarks.throughput import count_params, fresh_accelerator, hf_peer_config
 from mae_et.cli import OneLineParser, run_user_command
 from mae_et.data.folder import normalize_on_device
 from mae_et.files import FileError, check_output_folder, write_text_atomic
@@ -44,6 +44,7 @@ from mae_et.recipes import ConfigError
 from mae_et.train.config import load_pretrain_config
 from mae_et.train.optim import build_adamw
 from mae_et.train.pretrain import mask_noise
+from mae_et.train.step import build_training
 
 RECIPE = REPO / "configs" / "pretrain" / "mae_vit-base-p16_baseline_800e_imagenet.yaml"
 CLIP = 1.0
@@ -164,7 +165,7 @@ class Contender(TimedSteps):
         self.accelerator = fresh_accelerator("fp32")
         images = random_images(row)  # (n, 3, S, S) uint8
         if decode_fraction is not None:  # ours: the training loop's step
-            self.train_step = build_train_step(cfg, self.accelerator, [row.img])
+            _, _, self.train_step = build_training(cfg, self.accelerator, 1e-4, (row.img,))
             self.params = count_params(self.accelerator.unwrap_model(self.train_step.model))
             self.images = images  # (n, 3, S, S) uint8, normalised inside the step
             self.run = lambda noise: self.train_step(self.images, row.img, noise)

@@ -35,10 +35,11 @@ from benchmarks import REPO
 from benchmarks.peer_cpu import RowSpec, TimedSteps, alternate, checked_out, write_result
 from benchmarks.study.config import BASELINE, EQUAL_TIME, load_study
 from benchmarks.study.runs import planned_stages, pretrain_overrides
-from benchmarks.throughput import build_train_step, fresh_accelerator
+from benchmarks.throughput import fresh_accelerator
 from mae_et.cli import OneLineParser, run_user_command
 from mae_et.recipes import ConfigError
 from mae_et.train.config import load_pretrain_config
+from mae_et.train.step import build_training
 
 
 class StageStep(TimedSteps):
@@ -70,7 +71,7 @@ def measure(study, steps_per_epoch: int, rounds: int, warmup: int, steps: int) -
     for run, p in run_plans.items():
         cfg = p["cfg"]
         sizes = sorted({b for b, _ in p["stages"]})
-        step = build_train_step(cfg, fresh_accelerator(cfg.train.precision), sizes)
+        _, _, step = build_training(cfg, fresh_accelerator(cfg.train.precision), 1e-4, sizes)
         crop, batch = cfg.data.crop_size, cfg.train.batch_size
         images = torch.randint(
             0, 256, (batch, 3, crop, crop), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)

@@ -13,7 +13,7 @@ Results go to stdout as a Markdown table and to a JSON file (`--out`).
 
 It measures the models, batches and sizes it is given, on whatever device is there: only `--smoke`
 shrinks them (a micro model, patch 8, 48-px crops, eager fp32). The timing pieces (`fresh_accelerator`,
-`build_train_step`, `time_calls`, `step_flops`, `end_to_end`) are shared with `benchmarks/gpu_check.py`.
+`time_calls`, `step_flops`, `end_to_end`) are shared with `benchmarks/gpu_check.py`.
 """
 
 from __future__ import annotations
@@ -38,10 +38,9 @@ from mae_et.data.sources import open_source
 from mae_et.models.flops import mae_train_flops_per_image
 from mae_et.models.mae import MODEL_SIZES
 from mae_et.train.config import load_pretrain_config
-from mae_et.train.optim import build_adamw
-from mae_et.train.pretrain import build_model, mask_noise
+from mae_et.train.pretrain import mask_noise
 from mae_et.train.run import MIXED_PRECISION, fresh_accelerate_state
-from mae_et.train.step import TrainStep
+from mae_et.train.step import build_training
 
 GPU_ROWS = "base:256:224,192,160,128,96 large:128:224"
 SMOKE_ROWS = "micro:8:48,40,32"
@@ -88,27 +87,6 @@ def fresh_accelerator(precision: str) -> Accelerator:
     """A new Accelerate state with this precision (bf16 autocast through Accelerate, as in training)."""
     fresh_accelerate_state()
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=MIXED_PRECISION[precision])
-
-
-def build_train_step(
-    cfg, accelerator: Accelerator, sizes: list[int], compile_mode: str | None = None, compile_backend: str = "inductor"
-) -> TrainStep:
-    """The training loop's own step (fused AdamW, grad norm, device-side skip) for cfg.model at cfg.train.batch_size."""
-    model = build_model(cfg)
-    optimizer = build_adamw(model, 1e-4, cfg.optim.weight_decay, cfg.optim.betas)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return TrainStep(
-        accelerator,
-        model,
-        optimizer,
-        cfg.model.mask_ratio,
-        cfg.curriculum.mode,
-        cfg.optim.clip_grad,
-        compile_mode=compile_mode or cfg.train.compile,
-        sizes=tuple(sizes),
-        compile_backend=compile_backend,
-        decode_fraction=cfg.model.decode_fraction,
-    )
 
 
 def hf_peer_config(cfg, model_size: str):
@@ -215,7 +193,7 @@ def bench_row(
     cfg.model.size, cfg.train.batch_size = model_size, batch
     accelerator = fresh_accelerator(cfg.train.precision)
     device = accelerator.device
-    step = build_train_step(cfg, accelerator, sizes)
+    _, _, step = build_training(cfg, accelerator, 1e-4, sizes)
     crop = cfg.data.crop_size
     images = torch.randint(
         0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=device

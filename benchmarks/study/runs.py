@@ -28,10 +28,9 @@ from mae_et.files import RunFolderLock, write_text_atomic
 from mae_et.models.flops import mae_train_flops_per_image
 from mae_et.recipes import config_to_dict, flatten_dict
 from mae_et.train.config import curriculum_stages, load_pretrain_config
-from mae_et.train.optim import build_adamw
-from mae_et.train.pretrain import build_model, mask_noise, pretrain
+from mae_et.train.pretrain import mask_noise, pretrain
 from mae_et.train.run import build_accelerator, fresh_accelerate_state
-from mae_et.train.step import TrainStep
+from mae_et.train.step import build_model, build_training
 from mae_et.train.tracking import METRICS_FILE
 
 NEVER = 10**9  # checkpoint.every_steps: no periodic checkpoint
@@ -304,22 +303,9 @@ def warm_run(run: str, cfg) -> None:
     each of its curriculum sizes."""
     accelerator = build_accelerator(cfg.train.precision, cfg.train.accum_steps, use_wandb=False)
     device = accelerator.device
-    model = build_model(cfg)
-    optimizer = build_adamw(model, 0.0, cfg.optim.weight_decay, cfg.optim.betas)  # lr 0: the step is throwaway
-    model, optimizer = accelerator.prepare(model, optimizer)
     stages, _ = curriculum_stages(cfg)
     sizes = tuple(sorted({s.size for s in stages}))  # the engine's TrainStep gets the same sizes
-    step = TrainStep(
-        accelerator,
-        model,
-        optimizer,
-        cfg.model.mask_ratio,
-        cfg.curriculum.mode,
-        cfg.optim.clip_grad,
-        compile_mode=cfg.train.compile,
-        sizes=sizes,
-        decode_fraction=cfg.model.decode_fraction,
-    )
+    _, _, step = build_training(cfg, accelerator, 0.0, sizes)  # lr 0: the step is throwaway
     n, crop = cfg.train.batch_size, cfg.data.crop_size
     images = torch.randint(0, 256, (n, 3, crop, crop), dtype=torch.uint8, device=device)  # (n, 3, S, S)
     for size in sizes:

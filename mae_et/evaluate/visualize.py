@@ -33,7 +33,7 @@ from mae_et.models.mae import MaskedAutoencoderViT
 from mae_et.recipes import ConfigError, build_config
 from mae_et.train.config import PretrainConfig
 from mae_et.train.monitors import reconstruction_grid, save_png
-from mae_et.train.pretrain import build_model
+from mae_et.train.step import build_model
 
 __all__ = ["find_images", "load_image_batch", "load_mae", "main"]
 

@@ -28,19 +28,19 @@ from accelerate.utils import gather_object, set_seed
 from mae_et.curriculum.schedules import relative_compute
 from mae_et.data.folder import PretrainBatch
 from mae_et.data.sources import open_source
-from mae_et.models.mae import MaskedAutoencoderViT, mae_vit
+from mae_et.models.mae import MaskedAutoencoderViT
 from mae_et.seeding import Family, mix64
-from mae_et.train.config import PretrainConfig, curriculum_stages, decode_of_patches
+from mae_et.train.config import PretrainConfig, curriculum_stages
 from mae_et.train.monitors import (
     knn_held_out_count,
     log_reconstructions,
     run_knn_monitor,
     standard_error,
 )
-from mae_et.train.optim import build_adamw, set_lr
+from mae_et.train.optim import set_lr
 from mae_et.train.plan import RunPlan, plan_run
 from mae_et.train.run import Run, checkpoint_due, format_log_line, steps_every
-from mae_et.train.step import MicroStepResult, TrainStep
+from mae_et.train.step import MicroStepResult, build_training
 from mae_et.train.tracking import RunTracker
 
 
@@ -147,7 +147,8 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
     data = open_source(cfg.data, cfg.train.seed, run.main, run.device)  # the source the config names
     sched = plan_pretraining(cfg, data.num_images, run.world)
-    model, optimizer, train_step = build_training(cfg, sched, run.accelerator)
+    sizes = tuple(sorted({s.size for s in sched.plan.stages}))  # one compiled graph per curriculum size
+    model, optimizer, train_step = build_training(cfg, run.accelerator, sched.base_lr, sizes)
     raw_model: MaskedAutoencoderViT = run.accelerator.unwrap_model(model)
     found = run.resume(raw_model, optimizer)
     step = int(found.training_state["step"]) if found is not None else 0
@@ -227,26 +228,6 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
 # ----------------------------------------------------------------------------- the loop's pieces
 
 
-def build_training(cfg: PretrainConfig, sched: Schedule, accelerator: Accelerator):
-    """The MAE, fused AdamW and the train step (one compiled graph per curriculum size when asked), prepared."""
-    model = build_model(cfg)
-    optimizer = build_adamw(model, sched.base_lr, cfg.optim.weight_decay, cfg.optim.betas)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    train_step = TrainStep(
-        accelerator,
-        model,
-        optimizer,
-        cfg.model.mask_ratio,
-        cfg.curriculum.mode,
-        cfg.optim.clip_grad,
-        compile_mode=cfg.train.compile,
-        sizes=tuple(sorted({s.size for s in sched.plan.stages})),
-        decode_fraction=cfg.model.decode_fraction,
-        decode_of_patches=decode_of_patches(cfg),
-    )
-    return model, optimizer, train_step
-
-
 def untrained_knn(
     found, raw_model: MaskedAutoencoderViT, cfg: PretrainConfig, sched: Schedule, run: Run
 ) -> dict[str, float]:
@@ -320,23 +301,6 @@ def checkpoint_contents(
     if step == sched.end_step:
         meta["rank_weight_checksums"] = rank_weight_checksums(raw_model, accelerator)
     return state, meta
-
-
-def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
-    m = cfg.model
-    return mae_vit(
-        m.size,
-        patch_size=m.patch_size,
-        img_size=cfg.data.crop_size,
-        decoder_embed_dim=m.decoder_embed_dim,
-        decoder_depth=m.decoder_depth,
-        decoder_num_heads=m.decoder_num_heads,
-        norm_pix_loss=m.norm_pix_loss,
-        pos_embed=m.pos_embed,
-        target=m.target,
-        hog_cell_size=m.hog_cell_size,
-        hog_bins=m.hog_bins,
-    )
 
 
 def mask_noise(

@@ -22,6 +22,9 @@ from accelerate import Accelerator
 
 from mae_et.curriculum.frequency import low_frequency_crop
 from mae_et.data.folder import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device
+from mae_et.models.mae import MaskedAutoencoderViT, mae_vit
+from mae_et.train.config import PretrainConfig, decode_of_patches
+from mae_et.train.optim import build_adamw
 
 
 @dataclass
@@ -97,3 +100,67 @@ class TrainStep:
             if self.skip_on_device:
                 self.raw_optimizer.found_inf = None
         return MicroStepResult(loss=loss, nonfinite=nonfinite, grad_norm=grad_norm)
+
+
+# ----------------------------------------------------------------------------- built from a config, in one place
+
+
+def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
+    m = cfg.model
+    return mae_vit(
+        m.size,
+        patch_size=m.patch_size,
+        img_size=cfg.data.crop_size,
+        decoder_embed_dim=m.decoder_embed_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_num_heads=m.decoder_num_heads,
+        norm_pix_loss=m.norm_pix_loss,
+        pos_embed=m.pos_embed,
+        target=m.target,
+        hog_cell_size=m.hog_cell_size,
+        hog_bins=m.hog_bins,
+    )
+
+
+def train_step_of(
+    cfg: PretrainConfig,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer,
+    sizes: tuple[int, ...],
+    compile_mode: str | None = None,
+    compile_backend: str = "inductor",
+) -> TrainStep:
+    """The step a run with `cfg` trains, over a prepared model and optimizer: every setting (mask ratio, frequency
+    mode, clipping, decoded share and what it is a share of, compile mode) read from cfg here and nowhere else, so
+    a benchmark times exactly the step a run trains. `compile_mode`: another mode than cfg.train.compile (a
+    benchmark comparing modes on one model)."""
+    return TrainStep(
+        accelerator,
+        model,
+        optimizer,
+        cfg.model.mask_ratio,
+        cfg.curriculum.mode,
+        cfg.optim.clip_grad,
+        compile_mode=compile_mode or cfg.train.compile,
+        sizes=tuple(sizes),
+        compile_backend=compile_backend,
+        decode_fraction=cfg.model.decode_fraction,
+        decode_of_patches=decode_of_patches(cfg),
+    )
+
+
+def build_training(
+    cfg: PretrainConfig,
+    accelerator: Accelerator,
+    lr: float,
+    sizes: tuple[int, ...],
+    compile_mode: str | None = None,
+    compile_backend: str = "inductor",
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, TrainStep]:
+    """The MAE, fused AdamW at `lr` and the train step (`train_step_of`; one compiled graph per size in `sizes`
+    when compiling), prepared by `accelerator`: the training loop, the study's warm-up and the benchmarks."""
+    model = build_model(cfg)
+    optimizer = build_adamw(model, lr, cfg.optim.weight_decay, cfg.optim.betas)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, train_step_of(cfg, accelerator, model, optimizer, sizes, compile_mode, compile_backend)

@@ -145,7 +145,7 @@ def test_untrained_row_is_the_baselines_initial_encoder(study):
     from accelerate.utils import set_seed
 
     from mae_et.train.config import load_pretrain_config
-    from mae_et.train.pretrain import build_model
+    from mae_et.train.step import build_model
 
     cfg = load_pretrain_config(Path(result["runs"]["baseline"]["0"]["run_dir"]) / "config.yaml", [])
     set_seed(0)

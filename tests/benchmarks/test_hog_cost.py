@@ -50,7 +50,7 @@ def test_the_contenders_differ_only_in_the_target(cost):
         "hog",
         False,
     )
-    from mae_et.train.pretrain import build_model
+    from mae_et.train.step import build_model
 
     assert build_model(hog).decoder_pred.out_features == 27 and build_model(pixel).decoder_pred.out_features == 192
 

@@ -51,7 +51,7 @@ def test_the_peer_is_the_same_model(peer):
     script, _, _ = peer
     cfg = script.row_config(script.ROWS["micro"], 1.0)
     from benchmarks.throughput import count_params
-    from mae_et.train.pretrain import build_model
+    from mae_et.train.step import build_model
 
     assert count_params(script.hf_model(cfg)) == count_params(build_model(cfg))
 

@@ -11,7 +11,7 @@ from helpers import REPO, counted_forward_flops, load_benchmark
 from mae_et.models.flops import mae_train_flops_per_image
 from mae_et.models.mae import mae_vit
 from mae_et.train.config import load_pretrain_config
-from mae_et.train.pretrain import build_model
+from mae_et.train.step import build_model
 
 
 def load_throughput():

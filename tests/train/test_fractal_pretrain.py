@@ -36,7 +36,7 @@ from mae_et import checkpoint as ck
 from mae_et.models.features import knn_evaluate_loaders
 from mae_et.train.config import load_pretrain_config
 from mae_et.train.monitors import fractal_knn_loaders
-from mae_et.train.pretrain import build_model
+from mae_et.train.step import build_model
 
 NUM_CLASSES = 10  # the recipe's data.fractal_classes
 SMALL = ["tracking.wandb=off", "model.size=micro"]  # the overrides of the test, beside output_dir

@@ -22,8 +22,9 @@ from mae_et import checkpoint as ck
 from mae_et.cli import run_user_command
 from mae_et.models.mae import MaskedAutoencoderViT
 from mae_et.train.config import load_pretrain_config
-from mae_et.train.pretrain import build_model, pretrain
+from mae_et.train.pretrain import pretrain
 from mae_et.train.run import NonFiniteLossError
+from mae_et.train.step import build_model
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # each in-process run builds its own Accelerator
 
