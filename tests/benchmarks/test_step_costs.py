@@ -57,3 +57,37 @@ def test_an_existing_result_is_not_overwritten_silently(costs):
         script.main(
             ["--study", str(REPO / "configs" / "study" / "mini_cpu-smoke.yaml"), "--images", "240", "--out", str(out)]
         )
+
+
+def test_a_step_shared_by_runs_is_timed_once_and_ablation_rows_are_predicted(tmp_path):
+    """Plain MAE at two budgets is one step: timed once, each run predicted from its own plan; an ablation's rows
+    (another decoded share) are contenders of their own."""
+    import yaml
+
+    from benchmarks.study.config import load_study
+
+    raw = yaml.safe_load((REPO / "configs" / "study" / "mini_cpu-smoke.yaml").read_text())
+    raw["runs"] = {
+        "baseline": {"budget": 1.0, "overrides": {"curriculum.schedule": "none"}},
+        "baseline_half": {"budget": 0.5, "overrides": {"curriculum.schedule": "none"}},
+    }
+    raw["targets"] = {"runs": {}}
+    raw["ablations"] = {"partial": {"runs": ["baseline_half"], "overrides": {"model.decode_fraction": 0.25}}}
+    for key in ("recipe",):
+        raw["pretrain"][key] = str((REPO / "configs" / "study" / raw["pretrain"][key]).resolve())
+    raw["eval"]["finetune"]["recipe"] = str((REPO / "configs" / "study" / raw["eval"]["finetune"]["recipe"]).resolve())
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    script = load_benchmark("step_costs")
+    result = script.measure(load_study(path), steps_per_epoch=15, rounds=1, warmup=0, steps=1, ablations=["partial"])
+    assert set(result["runs"]) == {"baseline@48", "baseline_half+partial@48"}  # two steps timed, not three
+    assert result["timed_as"] == {"baseline_half@48": "baseline@48"}
+    assert result["median"]["baseline_half@48"] == result["median"]["baseline@48"]
+    predicted = result["predicted"]
+    assert [tuple(s) for s in predicted["baseline_half"]["stages"]] == [(48, 15)]
+    assert predicted["baseline_half"]["cpu_s"] == pytest.approx(predicted["baseline"]["cpu_s"] / 2)
+    assert predicted["baseline_half+partial"]["cpu_s"] == pytest.approx(
+        15 * result["median"]["baseline_half+partial@48"]["cpu_s"]
+    )
+    with pytest.raises(Exception, match="--ablations"):
+        script.main(["--study", str(path), "--images", "240", "--ablations", "nope", "--out", str(tmp_path / "o")])
