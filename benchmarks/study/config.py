@@ -80,6 +80,7 @@ class Study:
     reference: dict[str, Any]
     targets: dict[str, Any]  # {"runs": {row: RunTarget-like dict}, "min_gain_over_untrained": points} (`run_targets`)
     ablations: dict[str, Ablation]
+    frontier: dict[str, Any] | None  # families of runs drawn as accuracy-vs-compute curves (`read_frontier`)
     peak_tflops: float
     assumed_mfu: float
     raw: dict[str, Any]
@@ -197,6 +198,21 @@ def read_clock_and_targets(raw: dict[str, Any], runs: dict[str, RunSpec], path: 
     return clock, run_targets(raw["targets"], runs, path)
 
 
+def read_frontier(raw: dict[str, Any], runs: list[str], path: Path) -> dict[str, Any] | None:
+    """The config's `frontier:` checked: families of the study's runs, a reference family among them."""
+    spec = raw.get("frontier")
+    if spec is None:
+        return None
+    families = {name: list(members) for name, members in (spec.get("families") or {}).items()}
+    unknown = [r for members in families.values() for r in members if r not in runs]
+    if len(families) < 2 or unknown or spec.get("reference") not in families:
+        raise StudyError(
+            f"{path}: frontier needs two or more families of the study's runs and a reference among them "
+            f"(unknown runs: {unknown or 'none'})"
+        )
+    return {"reference": spec["reference"], "families": families, "step_costs": spec.get("step_costs")}
+
+
 def load_study(path: str | Path) -> Study:
     path = Path(path)
     if not path.is_file():
@@ -229,6 +245,7 @@ def load_study(path: str | Path) -> Study:
             reference=raw["reference"],
             targets=targets,
             ablations=ablations,
+            frontier=read_frontier(raw, list(runs), path),
             peak_tflops=float(raw["flops"]["peak_tflops"]),
             assumed_mfu=float(raw["flops"]["assumed_mfu"]),
             raw=raw,

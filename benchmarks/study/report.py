@@ -23,6 +23,7 @@ from benchmarks import REPO
 from benchmarks.study.clocks import device_name
 from benchmarks.study.config import BASELINE, CLOCKS, EQUAL_TIME, Study
 from benchmarks.study.flow import StudyOptions, StudyRun
+from benchmarks.study.frontier import frontier_result, frontier_table, plot_frontier
 from benchmarks.study.paths import repo_relative
 from benchmarks.study.plot import plot
 from benchmarks.study.runs import pretrain_overrides
@@ -33,7 +34,7 @@ from benchmarks.study.verdicts import reference_check, verdict_lines, verdicts
 from mae_et.files import write_text_atomic
 from mae_et.train.config import load_pretrain_config
 
-REPORT_FILES = ("results.json", "table.md", "accuracy_vs_time.png")
+REPORT_FILES = ("results.json", "table.md", "accuracy_vs_time.png", "frontier.png")  # the last with a frontier
 
 
 @dataclass
@@ -149,6 +150,10 @@ def build_report(run: StudyRun, base_cfg, session: Session) -> Report:
         "commands": run.commands,
     }
     tables = report_tables(run, summary, speedup, effects, rates, base_cfg)
+    frontier = frontier_result(study, summary)
+    if frontier is not None:
+        result["frontier"] = frontier
+        tables += "\n" + frontier_table(frontier)
     return Report(study, result, tables, verdict_lines(v) + [f"note: {n}" for n in machines["notes"] + code["notes"]])
 
 
@@ -163,6 +168,8 @@ def write_report(report: Report, to: Path) -> None:
         compare = (other["study"], other["summary"])
     r = report.result
     plot(r["runs"], r["summary"], r["verdict_clock"], to / "accuracy_vs_time.png", report.study.name, compare)
+    if "frontier" in r:
+        plot_frontier(r["frontier"], r["summary"], to / "frontier.png", report.study.name)
 
 
 def print_report(report: Report, to: Path) -> None:
@@ -189,7 +196,8 @@ def publish(out: Path, published: Path) -> None:
     """The report and state.json copied to benchmarks/results/<study name>/ (committed)."""
     published.mkdir(parents=True, exist_ok=True)
     for name in (*REPORT_FILES, STATE_FILE):
-        shutil.copy2(out / name, published / name)
+        if (out / name).is_file() or name != "frontier.png":
+            shutil.copy2(out / name, published / name)
     print(f"published to {published}")
 
 

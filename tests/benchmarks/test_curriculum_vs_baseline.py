@@ -542,6 +542,7 @@ def test_study_runs_come_from_the_config(tmp_path):
     }
     raw["targets"] = {"runs": {"baseline_partial": {"speedup": 1.1}}}
     raw.pop("ablations")
+    raw.pop("frontier")
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert load_study(path).run_names == ["baseline", "baseline_partial"]
@@ -897,6 +898,23 @@ def test_report_only_rewrites_the_same_report_and_trains_nothing(study, tmp_path
     (out / "state.json").write_text(json.dumps(state))
     with pytest.raises(StudyError, match="--report-only: et seed 1 has no evaluation in"):
         main(argv)
+
+
+def test_the_report_of_a_study_with_a_frontier_has_its_table_and_plot(study):
+    """The smoke study's rows as two families (plain MAE at its two budgets, the curricula): the report has the
+    frontier's points (CPU time and accuracies from the summary), its comparisons, table and plot."""
+    result, out, _ = study
+    f = result["frontier"]
+    assert [p["run"] for p in f["points"] if p["family"] == "plain"] == sorted(
+        ["baseline", "baseline_equal_time"], key=lambda r: result["summary"][r]["cpu_s"]["mean"]
+    )
+    assert {p["run"] for p in f["points"]} == {"baseline", "baseline_equal_time", "etpp_half", "et"}
+    for p in f["points"]:
+        s = result["summary"][p["run"]]
+        assert p["cpu_s"] == s["cpu_s"]["mean"] and p["accuracy"]["linear_top1"] == s["linear_top1"]
+    assert f["clock"] == "recorded CPU" and all(c["against"] != c["family"] for c in f["comparisons"])
+    assert "frontier: accuracy against pretraining CPU time" in (out / "table.md").read_text()
+    assert (out / "frontier.png").stat().st_size > 10_000
 
 
 FIRST_EDITION = REPO / "benchmarks" / "results" / "imagenette_vit-t8_64px_20e_cpu"

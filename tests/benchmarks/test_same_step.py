@@ -109,6 +109,7 @@ def test_step_costs_times_each_runs_own_step(tmp_path, asked):
     }
     raw["targets"] = {"runs": {}}
     raw.pop("ablations", None)
+    raw.pop("frontier", None)
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(raw))
     from benchmarks.study.config import load_study

@@ -67,6 +67,7 @@ def test_a_step_shared_by_runs_is_timed_once_and_ablation_rows_are_predicted(tmp
     from benchmarks.study.config import load_study
 
     raw = yaml.safe_load((REPO / "configs" / "study" / "mini_cpu-smoke.yaml").read_text())
+    raw.pop("frontier")
     raw["runs"] = {
         "baseline": {"budget": 1.0, "overrides": {"curriculum.schedule": "none"}},
         "baseline_half": {"budget": 0.5, "overrides": {"curriculum.schedule": "none"}},
