@@ -1,6 +1,6 @@
 """Pretrain an MAE ViT, with or without the EfficientTrain frequency curriculum.
 
-    accelerate launch pretrain.py --config configs/pretrain/<recipe>.yaml data.root=/path/to/imagefolder [key=value ...]
+    mae-et launch pretrain.py --config configs/pretrain/<recipe>.yaml data.root=/path/to/imagefolder [key=value ...]
 
 Relaunching the same command resumes from the run's latest checkpoint. The logic lives in
 `mae_et.train.pretrain`; this file only parses the command line.

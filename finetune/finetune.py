@@ -1,6 +1,6 @@
 """Fine-tune a pretrained MAE encoder on an ImageFolder classification set (the MAE recipe).
 
-    accelerate launch finetune/finetune.py --config configs/finetune/<recipe>.yaml \
+    mae-et launch finetune/finetune.py --config configs/finetune/<recipe>.yaml \
         model.checkpoint=runs/<pretraining run> data.root=/path/to/dataset [key=value ...]
 
 Relaunching the same command resumes from the run's latest checkpoint; the best epoch (val top-1)

@@ -1,6 +1,6 @@
 """Linear probe of a frozen pretrained MAE encoder: BatchNorm + Linear on its cls token, LARS.
 
-    accelerate launch finetune/linprobe.py --config configs/linprobe/<recipe>.yaml \
+    mae-et launch finetune/linprobe.py --config configs/linprobe/<recipe>.yaml \
         model.checkpoint=runs/<pretraining run> data.root=/path/to/dataset [linprobe.mode=cached] [key=value ...]
 
 `linprobe.mode=cached` extracts the features once (centre crops) and trains the head on them: much

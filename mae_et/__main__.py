@@ -1,13 +1,15 @@
-"""`mae-et`: the tools that read a run, one subcommand each (also `python -m mae_et ...`).
+"""`mae-et`: the training launcher, and the tools that read a run, one subcommand each (also `python -m mae_et ...`).
 
+    mae-et launch [accelerate launch options] pretrain.py ...   a training script under accelerate launch (mae_et.cli)
     mae-et knn RUN --data /path/to/imagenet        weighted kNN top-1 of the encoder (mae_et.evaluate.knn)
     mae-et export RUN out.safetensors              the encoder as a timm ViT state dict (mae_et.evaluate.export)
     mae-et visualize RUN img.jpg --out grid.png    reconstruction grid (mae_et.evaluate.visualize)
 
-Training is not a subcommand: `accelerate launch pretrain.py` and `accelerate launch finetune/finetune.py|linprobe.py`
-are the commands, so that Accelerate's launcher sets up the processes. The study is not one either: it records the
-commit it trains, so it runs from its own checkout (`python benchmarks/curriculum_vs_baseline.py`), not from whichever
-copy of the package is installed. Each subcommand is also `python -m mae_et.evaluate.<name>`, with the same arguments.
+Training is the scripts `pretrain.py` and `finetune/finetune.py|linprobe.py`, started by `mae-et launch`: Accelerate's
+launcher sets up the processes, and a user error ends in its one line in one process or several
+(docs/operations.md). The study is not a subcommand: it records the commit it trains, so it runs from its own
+checkout (`python benchmarks/curriculum_vs_baseline.py`), not from whichever copy of the package is installed. Each
+tool is also `python -m mae_et.evaluate.<name>`, with the same arguments.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 
-from mae_et.cli import OneLineParser, run_user_command
+from mae_et.cli import OneLineParser, launch, run_user_command
 
 # subcommand -> (module whose main() runs it, one line of help)
 TOOLS = {
@@ -28,12 +30,15 @@ TOOLS = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(
         prog="mae-et",
-        description="Tools that read an MAE run: " + "; ".join(f"{name}: {h}" for name, (_, h) in TOOLS.items()),
+        description="launch: a training script under accelerate launch (mae-et launch --help); tools that read an "
+        "MAE run: " + "; ".join(f"{name}: {h}" for name, (_, h) in TOOLS.items()),
         epilog="mae-et <tool> --help shows a tool's arguments",
     )
-    parser.add_argument("tool", choices=list(TOOLS), help="the tool to run")
+    parser.add_argument("tool", choices=["launch", *TOOLS], help="the tool to run")
     parser.add_argument("args", nargs="...", help="its arguments")
     ns = parser.parse_args(argv)
+    if ns.tool == "launch":
+        launch(ns.args)
     module, _ = TOOLS[ns.tool]
     tool = run_user_command(lambda: importlib.import_module(module))  # imported only when asked: torch is slow
     tool.main(ns.args, prog=f"mae-et {ns.tool}")  # each tool reports its own errors through run_user_command

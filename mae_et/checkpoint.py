@@ -62,6 +62,23 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint that could not be written (a full disk); its temporary folder is gone, earlier ones are intact."""
 
 
+class UnreadableFileError(CheckpointError):
+    """A file or folder this user may not read: the fix is access, never deleting it or using an older one."""
+
+
+def check_readable(*paths: Path) -> None:
+    """`UnreadableFileError` for the first of `paths` this user may not open (safetensors calls such a file 'No such
+    file or directory'); missing files are left to each loader's own message."""
+    for path in paths:
+        try:
+            with open(path, "rb"):
+                pass
+        except PermissionError as e:
+            raise UnreadableFileError(f"'{path}' cannot be read ({e.strerror}); give this user read access") from None
+        except OSError:
+            continue
+
+
 class RefusedFileError(CheckpointError):
     """A torch file holding pickled Python objects beyond plain data; it was not loaded (nothing in it ran)."""
 
@@ -152,7 +169,7 @@ def save_checkpoint(
     meta: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically, then keep only the newest `keep_last`."""
+    """Write checkpoint `step` under `root` atomically, then keep only the newest `keep_last` up to `step`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
@@ -186,7 +203,9 @@ def save_checkpoint(
     finally:
         writer_lock.unlink(missing_ok=True)
         os.close(fd)
-    for old in list_checkpoints(root)[:-keep_last]:
+    # the newest keep_last up to this step stay: a later step in the folder (one the resume passed over as
+    # unreadable) is not this run's newest, and counting it would delete the checkpoint just written
+    for old in [p for p in list_checkpoints(root) if checkpoint_step(p) <= step][:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -282,26 +301,40 @@ _REFUSED_STATE_FIX = (
 )
 
 
+def is_run_folder(path: Path) -> bool:
+    """A run folder: it holds checkpoints/ (what it means is its latest checkpoint, never a file beside it)."""
+    return (path / "checkpoints").is_dir()
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder a user means: a checkpoint folder (step_*), its model.safetensors, a run folder (its
-    latest complete checkpoint) or that run's checkpoints/ folder; anything else is a one-line CheckpointError."""
-    path = Path(path)
-    if path.is_file() and path.name == MODEL_FILE:
+    """The checkpoint folder a user means: a run folder (its latest complete checkpoint, whatever else the folder
+    holds: an export written there never stands in for the run), that run's checkpoints/ folder, a checkpoint
+    folder (step_*) or its model.safetensors; anything else is a one-line CheckpointError."""
+    try:
+        return _resolve_checkpoint(Path(path))
+    except PermissionError as e:  # a folder this user may not look into
+        raise UnreadableFileError(f"'{e.filename}' cannot be read ({e.strerror}); give this user read access") from None
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    if path.is_file() and path.name == MODEL_FILE and not is_run_folder(path.parent):
         path = path.parent
     if not path.exists():
         raise CheckpointError(
             f"'{path}' does not exist; pass a run folder (runs/NAME) or one of its checkpoints/step_* folders"
         )
+    if is_run_folder(path):
+        found = list_checkpoints(path / "checkpoints")
+        if not found:
+            raise CheckpointError(
+                f"run folder '{path}' has no complete checkpoint under checkpoints/; train longer or pass another run"
+            )
+        return found[-1]
     if (path / META_FILE).is_file() or (path / MODEL_FILE).is_file():
         return path
-    for root in (path / "checkpoints", path):  # a run folder, or its checkpoints/ folder itself
-        found = list_checkpoints(root)
-        if found:
-            return found[-1]
-    if (path / "checkpoints").is_dir():
-        raise CheckpointError(
-            f"run folder '{path}' has no complete checkpoint under checkpoints/; train longer or pass another run"
-        )
+    found = list_checkpoints(path)  # a run's checkpoints/ folder itself
+    if found:
+        return found[-1]
     runs = sorted(p.name for p in path.iterdir() if (p / "checkpoints").is_dir()) if path.is_dir() else []
     if runs:
         raise CheckpointError(
@@ -313,9 +346,24 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
+def require_pretraining(folder: Path, config: Any) -> None:
+    """A checkpoint read as a pretrained MAE or encoder must be a pretraining run's: a fine-tuning or linear-probe
+    run's (its config names the encoder it started from, model.checkpoint) holds a classifier, whose config has no
+    model.size; one line naming the run to pass instead."""
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict) and "checkpoint" in model:
+        what = "a linear probe's classifier" if "linprobe" in config else "a fine-tuned classifier"
+        raise CheckpointError(
+            f"'{folder}' is {what}, not a pretrained encoder; pass the pretraining run it started from "
+            f"(its model.checkpoint: {model['checkpoint']})"
+        )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """One checkpoint folder. A training_state.pt holding Python objects raises `RefusedFileError`."""
+    """One checkpoint folder. A training_state.pt holding Python objects raises `RefusedFileError`, a file this user
+    may not read `UnreadableFileError`."""
     path = Path(path)
+    check_readable(path / META_FILE, path / MODEL_FILE, path / STATE_FILE)
     try:
         meta = json.loads((path / META_FILE).read_text())
         model_state = load_file(str(path / MODEL_FILE), device=str(map_location))
@@ -336,12 +384,13 @@ def load_latest_checkpoint(root: str | Path, map_location: str | torch.device = 
 
     A refused one (a training_state.pt holding Python objects, which this project never writes)
     stops the resume with `RefusedFileError` instead: the run folder was tampered with, and
-    silently training on from an older checkpoint of it would hide that.
+    silently training on from an older checkpoint of it would hide that. So does one this user may
+    not read (`UnreadableFileError`): it is not broken, and the run would redo its steps.
     """
     for path in reversed(list_checkpoints(root)):
         try:
             return load_checkpoint(path, map_location)
-        except RefusedFileError:
+        except (RefusedFileError, UnreadableFileError):
             raise
         except CheckpointError as e:
             warnings.warn(f"{e}; trying the previous checkpoint", RunWarning, stacklevel=2)

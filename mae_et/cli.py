@@ -9,13 +9,21 @@ same way:
   its own line and exit status;
 - anything else is a bug and keeps its traceback.
 
+`mae-et launch` (`launch`) starts a training script under `accelerate launch`, so that a user error ends in that
+same one line and exit status under the launcher too, in one process or several (docs/operations.md says why).
+
 A leaf (it imports only `mae_et.errors`), so that commands in every layer can use it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
+import signal
+import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -23,12 +31,26 @@ from typing import NoReturn
 from mae_et.errors import RunStopped, UserError
 
 USER_ERROR_EXIT = 2  # what argparse uses for a bad argument; every user error exits with it
+END_MARK = "MAE_ET_END_MARK"  # set by `mae-et launch` for the processes it starts: see end()
+# taken out of the environment: it is for this process (one the launcher started), not for those it starts itself
+_end_mark = os.environ.pop(END_MARK, None)
+
+
+def end(line: str, code: int, say: bool = True) -> NoReturn:
+    """End the command: `line` on stderr (when `say`: a run's stop line is said by its main rank) and exit status
+    `code`. Under `mae-et launch` (END_MARK set) the line goes to the front instead, after the mark, in one write: the
+    front prints the first one alone, with its exit status, in place of the launcher's report of failed processes."""
+    if say and _end_mark:
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"{_end_mark}{code} {line}\n".encode(errors="replace"))
+    elif say:
+        print(line, file=sys.stderr)
+    sys.exit(code)
 
 
 def say_error(message: str) -> NoReturn:
     """The one way a user error ends a command: `error: <message>` on stderr, one line, exit 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(USER_ERROR_EXIT)
+    end(f"error: {message}", USER_ERROR_EXIT)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -47,7 +69,24 @@ def parse_args(argv: Sequence[str] | None, description: str, default_config: str
     )
     parser.add_argument("--config", default=default_config, help=f"recipe YAML (default: {default_config})")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    warn_if_one_of_several_processes()
+    return args
+
+
+def warn_if_one_of_several_processes() -> None:
+    """`accelerate launch --num_processes 2 script` without `--multi_gpu` (nor a config that asks for it) starts one
+    process and says nothing. Its plain launcher sets MASTER_PORT only when asked for more than one process or
+    machine; a process started as one of several has a world size (torchrun's WORLD_SIZE, or MPI's). Say so."""
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ  # set by every accelerate launcher
+    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if launched and "MASTER_PORT" in os.environ and not any(v in os.environ for v in sizes):
+        print(
+            "warning: accelerate launch was asked for more than one process (--num_processes or --num_machines) "
+            "but without --multi_gpu starts only this one: the run goes on as one process; add --multi_gpu to start "
+            "them all",
+            file=sys.stderr,
+        )
 
 
 def run_user_command(fn: Callable[[], object], also: tuple[type[BaseException], ...] = ()) -> object:
@@ -58,12 +97,9 @@ def run_user_command(fn: Callable[[], object], also: tuple[type[BaseException], 
     except (UserError, *also) as e:
         say_error(str(e))
     except RunStopped as e:
-        if e.say:  # the main rank; the others stop quietly
-            print(str(e), file=sys.stderr)
-        sys.exit(e.exit_code)
+        end(str(e), e.exit_code, say=e.say)  # said by the main rank; the others stop quietly
     except KeyboardInterrupt:  # before a run started (a data scan, a config load): nothing to resume yet
-        print("interrupted before the run started; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        end("interrupted before the run started; nothing was written", 130)
 
 
 def check_checkout(script: str) -> None:
@@ -77,3 +113,67 @@ def check_checkout(script: str) -> None:
             f"{script} is in the checkout {here}, but Python imports mae_et from {package}; install this checkout "
             f"(pip install -e {here}) or run with PYTHONPATH={here}"
         )
+
+
+LAUNCH_USAGE = "mae-et launch [accelerate launch options] SCRIPT [script arguments]"
+
+
+def launch(argv: Sequence[str]) -> NoReturn:
+    """`mae-et launch ...`: `accelerate launch --quiet ...` with the same arguments, its stderr copied through as it
+    comes up to the first end line a process hands over (`end`, under END_MARK). That line is printed alone and is
+    the exit status; what follows it (the launcher's report of the processes that ended) is dropped. Without one,
+    the command ends as the launcher does."""
+    if not argv:
+        say_error(f"the training script is missing: {LAUNCH_USAGE}")
+    if argv[0] in ("-h", "--help"):
+        print(
+            f"usage: {LAUNCH_USAGE}\n\naccelerate launch, with a user error of the script (or a run's stop) ended "
+            "in its one line and exit status, in one process or several. The options are accelerate launch's "
+            "(accelerate launch --help); e.g. mae-et launch --multi_gpu --num_processes 8 pretrain.py --config "
+            "RECIPE data.root=/data/imagenet"
+        )
+        sys.exit(0)
+    mark = f"mae-et-end-{secrets.token_hex(8)}:"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *argv],
+        env={**os.environ, END_MARK: mark},
+        stderr=subprocess.PIPE,
+    )
+    signal.signal(signal.SIGINT, lambda *_: None)  # Ctrl-C reaches the launcher's process group too: wait for it
+    signal.signal(signal.SIGTERM, lambda signum, _: launcher.send_signal(signum))  # a scheduler's stop: passed on
+    ended: list[tuple[int, str]] = []
+    copier = threading.Thread(target=_copy_until_end, args=(launcher.stderr, mark.encode(), ended), daemon=True)
+    copier.start()
+    code = launcher.wait()
+    copier.join(timeout=10)  # a descendant that outlives the launcher may hold the pipe open
+    if ended:
+        code, line = ended[0]
+        print(line, file=sys.stderr)
+    sys.exit(code)
+
+
+def _copy_until_end(stream, mark: bytes, ended: list) -> None:
+    """Copy `stream` to stderr as it comes, up to the first `mark`; the line after it (`<status> <line>`) goes into
+    `ended` and the rest of the stream is dropped."""
+    out = sys.stderr.buffer
+    held = b""
+    while chunk := stream.read1(1 << 16):
+        held += chunk
+        at = held.find(mark)
+        if at >= 0:
+            out.write(held[:at])
+            out.flush()
+            rest = held[at + len(mark) :]
+            while b"\n" not in rest and (chunk := stream.read1(1 << 16)):
+                rest += chunk
+            code, _, line = rest.split(b"\n", 1)[0].decode(errors="replace").rstrip("\r").partition(" ")
+            ended.append((int(code), line))
+            while stream.read1(1 << 16):  # the launcher's report of the processes that ended
+                pass
+            return
+        keep = next((k for k in range(len(mark) - 1, 0, -1) if held.endswith(mark[:k])), 0)  # a mark cut in two
+        out.write(held[: len(held) - keep])
+        out.flush()
+        held = held[len(held) - keep :]
+    out.write(held)
+    out.flush()

@@ -7,7 +7,10 @@
     write_atomic(out, lambda tmp: save_png(grid, tmp))
 
 The lock is the OS's (`fcntl.flock`), held on an open file: a process that ends in any way, SIGKILL included,
-releases it, so nothing a killed run leaves behind can block the relaunch (a marker file would). The file keeps
+releases it, so nothing a killed run leaves behind can block the relaunch (a marker file would). A flock belongs
+to the open file, which a forked child (a DataLoader worker) shares: each child closes its copy as it starts,
+so a worker that outlives a killed run for a few seconds holds nothing (an exec'd one never had it: the file is
+opened close-on-exec). The file keeps
 the last holder's pid, host, start time and command, which is what a refused second launch prints. On NFS, Linux
 maps flock to POSIX locks, which the server arbitrates between machines.
 
@@ -23,6 +26,7 @@ This module imports nothing of mae_et: every other one may use it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -30,7 +34,8 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,18 +135,36 @@ class RunFolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._fd = fd
+        _held.add(self)
         return self
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the file drops the flock
             self._fd = None
+        _held.discard(self)
 
     def __enter__(self) -> RunFolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+_held: weakref.WeakSet[RunFolderLock] = weakref.WeakSet()  # the locks this process holds
+
+
+def _drop_locks_in_child() -> None:
+    """In a forked child: close its copies of the lock files. Closing a copy never unlocks the parent's (a flock
+    ends with the last descriptor of the open file); an explicit LOCK_UN would, so this only closes."""
+    for lock in list(_held):
+        if lock._fd is not None:
+            os.close(lock._fd)
+            lock._fd = None
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -297,3 +320,27 @@ def is_disk_full(error: BaseException, folder: str | os.PathLike, needed_bytes: 
     except OSError:
         return False
     return free < max(needed_bytes, 1 << 16)
+
+
+@contextlib.contextmanager
+def one_line_on_full_disk(target: str | os.PathLike, needed_bytes: int = 0) -> Iterator[None]:
+    """Around the writes of one output, whose writer removes what it leaves unfinished: a full disk ends in one
+    `FileError` line naming `target`, not in the traceback of whichever library was writing."""
+    try:
+        yield
+    except Exception as e:
+        folder = Path(target) if Path(target).is_dir() else Path(target).parent
+        if not is_disk_full(e, folder, needed_bytes):
+            raise
+        raise FileError(
+            f"no space left on device while writing '{target}'; nothing half-written was left: free some space "
+            "and run the same command again"
+        ) from None
+
+
+def move_into(folder: Path, names: Iterable[str], into: Path) -> None:
+    """Each of `names` found in `folder` moved as it is into the folder `into` (one rename each, nothing copied):
+    an earlier run set aside when a run starts over in its folder."""
+    for name in names:
+        if (folder / name).exists():
+            os.replace(folder / name, into / name)

@@ -12,9 +12,10 @@ names the file, line and column, a `_base_` chain that reaches itself names the 
 
 The rules on a single value are declared in the schema, once, beside the field, and checked as the config is
 built: choices as `Literal` types (`Literal["bf16", "fp16", "fp32"]`; an unknown one names the closest), bounds as
-`Annotated[float, Positive]`, and a declared reading of YAML's booleans where a key takes words (`FromBool`). A
+`Annotated[float, Positive]` (`Seed` for seeds), rules on a name as `Annotated[str, Text(...)]`, a list of typed
+entries as `list[SomeDataclass]`, and a declared reading of YAML's booleans where a key takes words (`FromBool`). A
 stage's validation holds only what no single field can say (a crop that is a multiple of the patch, warmup within
-the epochs), and never changes the config it checks.
+the epochs, a floor below the lr), and never changes the config it checks.
 
 Written by hand, not OmegaConf structured configs: see docs/libraries.md for the comparison.
 """
@@ -44,15 +45,20 @@ class ConfigError(UserError, ValueError):
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # mae_et/recipes.py -> the checkout
 
 
+# A recipe is a few KB of YAML; anything far bigger is another file given by mistake, and parsing it takes
+# minutes (a 100 MB one: over five), so it is refused unread.
+MAX_RECIPE_BYTES = 1_000_000
+
+
 def find_recipe(path: str | Path) -> Path:
     """A recipe path as given (absolute, or relative to the working directory), else relative to the
     checkout (so `python /path/to/pretrain.py` finds `configs/...` from any directory)."""
     path = Path(path)
-    if path.is_file():
-        return path
+    if path.exists():
+        return _recipe_file(path, f"config file '{path}'")
     in_checkout = SOURCE_ROOT / path
-    if not path.is_absolute() and in_checkout.is_file():
-        return in_checkout
+    if not path.is_absolute() and in_checkout.exists():
+        return _recipe_file(in_checkout, f"config file '{in_checkout}'")
     if (SOURCE_ROOT / "configs").is_dir():
         raise ConfigError(
             f"config file '{path}' does not exist (here or in {SOURCE_ROOT / 'configs'}); "
@@ -65,9 +71,24 @@ def find_recipe(path: str | Path) -> Path:
     )
 
 
+def _recipe_file(path: Path, what: str) -> Path:
+    """`path` if it is a readable file of recipe size; else one line that starts with `what` and says why not."""
+    if path.is_dir():
+        raise ConfigError(f"{what} is a folder, not a recipe file; pass one of its .yaml files")
+    if not path.is_file():
+        raise ConfigError(f"{what} " + ("is not a regular file" if path.exists() else "does not exist"))
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ConfigError(
+            f"{what} is {size / 1e6:.1f} MB; a recipe is at most {MAX_RECIPE_BYTES / 1e6:g} MB of YAML (a few KB): "
+            "is it the right file?"
+        )
+    return path
+
+
 def load_yaml_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe, following `_base_` links (child keys override the base, recursively)."""
-    path = find_recipe(path)
+    path = find_recipe(path) if not _chain else path
     real = path.resolve()
     if real in _chain:
         cycle = " -> ".join(p.name for p in (*_chain, real))
@@ -75,13 +96,17 @@ def load_yaml_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
             f"config file '{path}' inherits itself through _base_ ({cycle}); remove one of those _base_ lines"
         )
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"config file '{path}' is not valid YAML{where}: {what}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text; pass a .yaml recipe") from None
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
     base = data.pop("_base_", None)
@@ -89,7 +114,10 @@ def load_yaml_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
         return data
     if not isinstance(base, str):
         raise ConfigError(f"config file '{path}': _base_ must be one file name, got {base!r}")
-    return merge_dicts(load_yaml_recipe(path.parent / base, (*_chain, real)), data)
+    base_path = _recipe_file(  # relative to this recipe; a wrong one names this file, whose _base_ line to fix
+        path.parent / base, f"config file '{path}': its _base_ '{base}' ('{path.parent / base}')"
+    )
+    return merge_dicts(load_yaml_recipe(base_path, (*_chain, real)), data)
 
 
 def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -142,8 +170,9 @@ class Check:
     le: float | None = None
 
     def rule(self) -> str:
-        low = f"({self.gt:g}" if self.gt is not None else f"[{self.ge:g}" if self.ge is not None else None
-        high = f"{self.lt:g})" if self.lt is not None else f"{self.le:g}]" if self.le is not None else None
+        gt, ge, lt, le = (None if x is None else _number(x) for x in (self.gt, self.ge, self.lt, self.le))
+        low = f"({gt}" if gt is not None else f"[{ge}" if ge is not None else None
+        high = f"{lt})" if lt is not None else f"{le}]" if le is not None else None
         if low and high:
             return f"in {low}, {high}"
         if low:
@@ -163,6 +192,29 @@ class Check:
             raise ConfigError(f"{dotted} must be {self.rule()}, got {value}")
 
 
+def _number(x: float) -> str:
+    """A bound as written: whole numbers in full (a seed's 4294967296, not 4.29497e+09)."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """Rules on a string field, declared in the schema: `project: Annotated[str, Text(max_len=128, forbidden="/:",
+    what="a W&B project name")]`. Fails in one line naming the key, the value and the rule."""
+
+    what: str  # what the value must be, e.g. "a W&B project name"
+    max_len: int | None = None
+    forbidden: str = ""  # characters it may not contain
+
+    def __call__(self, value: str, dotted: str) -> None:
+        bad = sorted(set(value) & set(self.forbidden))
+        if bad or (self.max_len is not None and len(value) > self.max_len):
+            rules = [f"no {' '.join(self.forbidden)}"] if self.forbidden else []
+            rules += [f"at most {self.max_len} characters"] if self.max_len is not None else []
+            found = f"it has {' '.join(bad)}" if bad else f"it has {len(value)} characters"
+            raise ConfigError(f"{dotted} '{value}' is not {self.what} ({found}); use one with {' and '.join(rules)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class FromBool:
     """How a key that takes words reads YAML 1.1's booleans (`off`, `no` -> false; `on`, `yes` -> true), declared
@@ -176,6 +228,7 @@ class FromBool:
 Positive = Check(gt=0)  # counts, sizes, rates, epochs
 NonNegative = Check(ge=0)  # shares, decays, cadences where 0 means off
 UnitInterval = Check(ge=0, le=1)  # probabilities
+Seed = Check(ge=0, lt=2**32)  # what numpy's and every worker's seeding accept
 
 
 T = typing.TypeVar("T")
@@ -197,31 +250,37 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_error(cls: type, dotted: str, root_cls: type | None = None) -> ConfigError:
-    valid = _all_keys(root_cls or cls)
+def _unknown_key_error(dotted: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
     return ConfigError(f"unknown config key '{dotted}'{hint}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, root_cls: type | None = None) -> Any:
-    root_cls = root_cls or cls
+def _build(cls: type, data: dict[str, Any], prefix: str, root: tuple[type, str] | None = None) -> Any:
+    """`cls` from `data`; `root` (the outermost dataclass and its prefix) is where an unknown key's
+    suggestions come from."""
+    root = root or (cls, prefix)
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls, include_extras=True)  # with the Annotated rules
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
     for key, value in data.items():
         if key not in names:
             # name the whole dotted path ('trian.epochs', not 'trian') so the suggestion is precise
             while isinstance(value, dict) and len(value) == 1:
                 ((sub, value),) = value.items()
                 key = f"{key}.{sub}"
-            raise _unknown_key_error(cls, f"{prefix}{key}", root_cls)
+            raise _unknown_key_error(f"{prefix}{key}", _all_keys(*root))
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in data:
+            raise ConfigError(f"{prefix}{name} is missing: {prefix.rstrip('.')} needs {', '.join(required)}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{prefix}{key}.", root_cls)
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.", root)
         else:
             kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
     return cls(**kwargs)
@@ -237,9 +296,11 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
                 value = rule.true if value else rule.false
         value = _coerce(value, args[0], dotted)
         for rule in args[1:]:
-            if isinstance(rule, Check):
+            if isinstance(rule, (Check, Text)):
                 rule(value, dotted)
         return value
+    if dataclasses.is_dataclass(hint):  # an entry of a list of typed entries
+        return _build(hint, value, f"{dotted}.")
     if origin is typing.Literal:
         if value in args and not isinstance(value, bool):
             return value

@@ -1,13 +1,17 @@
 """Helpers the tests share, imported as a module (`from helpers import ...`; pyproject's pytest pythonpath puts
 tests/ on sys.path): paths to the checkout, the mini data set and the CPU recipe, the one-thread environment, the
-Accelerate reset, the mini set with broken files planted, a benchmark module by name, an independent FLOP count.
-Fixtures built on them are in conftest.py."""
+Accelerate reset, the mini set with broken files planted, a benchmark module by name, an independent FLOP count,
+faults (a small full disk, file permissions that hold, a safetensors header that lies). Fixtures built on them are in
+conftest.py."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
+import struct
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -155,9 +159,59 @@ def save_as_our_checkpoint(mae: torch.nn.Module, run: Path, size: str, patch: in
         mae.state_dict(),
         {"step": 7},
         (tmp / "config.yaml").read_text(),
-        {"step": 7},
+        {"step": 7, "total_steps": 7, "global_batch": 16, "complete": True},  # the fields a run's meta has
         keep_last=1,
     )
+
+
+# ---------------------------------------------------------------- faults: a full disk, unreadable files, lying headers
+
+MOUNT = "mount -t tmpfs -o size={size} tmpfs {dir}"
+
+
+def namespace_prefix() -> list[str] | None:
+    """An `unshare` command line under which this user may mount a small tmpfs (`MOUNT`, in a private mount
+    namespace: it goes with the command), or None."""
+    for prefix in (["unshare", "--user", "--map-root-user", "--mount"], ["unshare", "--mount"]):
+        try:
+            probe = subprocess.run(
+                [*prefix, "sh", "-c", MOUNT.format(size="100k", dir="/tmp")], capture_output=True, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+def plain_user_prefix(tmp: Path) -> list[str] | None:
+    """A command prefix under which file permissions hold, as for a user who is not root: none needed for one;
+    for root, `setpriv` dropping the capabilities that override them. None when neither works here."""
+    if os.geteuid() != 0:
+        return []
+    locked = tmp / "locked_probe"
+    locked.write_text("x")
+    locked.chmod(0)
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    try:
+        probe = subprocess.run([*prefix, "cat", str(locked)], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    finally:
+        locked.unlink()
+    return prefix if probe.returncode != 0 else None
+
+
+def lie_about_a_shape(file: Path, name: str, shape: list[int]) -> None:
+    """Rewrite a safetensors header so that tensor `name` claims `shape` (the same number of elements: the file
+    still opens), the header padded to its old length."""
+    data = file.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header[name]["shape"] = shape
+    new = json.dumps(header, separators=(",", ":")).encode()
+    assert len(new) <= length
+    file.write_bytes(data[:8] + new + b" " * (length - len(new)) + data[8 + length :])
 
 
 # ----------------------------------------------------------------------------- an independent FLOP count

@@ -28,6 +28,15 @@ def test_round_trip_and_keep_last(tmp_path):
     assert torch.equal(latest.model_state["w"], torch.full((2, 2), 4.0))
 
 
+def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
+    """A later step already in the folder (one a resume passed over as unreadable) is not counted against the
+    steps up to the one just written: keep_last keeps the newest of those, the new one first."""
+    save(tmp_path, 10)
+    for step in (1, 2, 3):
+        assert save(tmp_path, step, keep_last=2).is_dir()
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003", "step_00000010"]
+
+
 def test_an_interrupted_save_keeps_the_previous_latest_and_leaves_no_temporary_folder(tmp_path, monkeypatch):
     save(tmp_path, 1)
 
@@ -136,3 +145,59 @@ def test_a_resave_in_place_drops_the_replaced_copy(tmp_path):
     save(tmp_path, 5, value=2.0)  # as after a kill between the renames, then a relaunch saving step 5 again
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000005"]
     assert ck.load_latest_checkpoint(tmp_path).model_state["w"][0, 0] == 2.0
+
+
+def test_a_run_folder_means_its_latest_checkpoint_whatever_else_it_holds(tmp_path):
+    """A model.safetensors or meta.json beside checkpoints/ (an export written there) never stands in for the run:
+    `export RUN` gave such a file's weights instead of the latest checkpoint's."""
+    run = tmp_path / "run"
+    save(run / "checkpoints", 2)
+    latest = save(run / "checkpoints", 4)
+    (run / ck.MODEL_FILE).write_bytes(b"an encoder exported here")
+    (run / ck.META_FILE).write_text("{}")
+    assert ck.resolve_checkpoint(run) == latest
+    assert ck.resolve_checkpoint(run / "checkpoints") == latest
+    assert ck.resolve_checkpoint(latest / ck.MODEL_FILE) == latest  # a checkpoint's own weights: that checkpoint
+
+
+LOAD_AS_A_USER = """
+import sys, warnings
+from mae_et import checkpoint as ck
+warnings.simplefilter("error")  # no quiet fall-back to an older checkpoint
+try:
+    if sys.argv[2] == "latest":
+        ck.load_latest_checkpoint(sys.argv[1] + "/checkpoints")
+    print(ck.resolve_checkpoint(sys.argv[1]).name)
+except ck.CheckpointError as e:
+    print(e)
+"""
+
+
+def test_a_checkpoint_this_user_may_not_read_is_said_so_never_skipped_or_called_broken(tmp_path):
+    """As a user who is not root: the advice for a broken checkpoint (delete it) would lose a good one, and a
+    resume that passed over it would train from an older one; one line saying what cannot be read instead."""
+    from helpers import plain_user_prefix
+
+    prefix = plain_user_prefix(tmp_path)
+    if prefix is None:
+        pytest.skip("cannot run as a user whom file permissions bind (setpriv missing or not allowed)")
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    save(run / "checkpoints", 1)
+    latest = save(run / "checkpoints", 2)
+    locked = latest / ck.MODEL_FILE
+    locked.chmod(0)
+    command = [*prefix, sys.executable, "-c", LOAD_AS_A_USER, str(run)]
+    try:
+        out = subprocess.run([*command, "latest"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.stdout == f"'{locked}' cannot be read (Permission denied); give this user read access\n", out
+        locked.chmod(0o644)
+        run.chmod(0)
+        out = subprocess.run([*command, "resolve"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        denied = run / "checkpoints"  # what the OS refused to look at
+        assert out.stdout == f"'{denied}' cannot be read (Permission denied); give this user read access\n", out
+    finally:
+        run.chmod(0o755)
+        locked.chmod(0o644)

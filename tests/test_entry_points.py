@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-from helpers import REPO
+from helpers import CPU_RECIPE, MINI, ONE_THREAD_ENV, REPO
 
 from mae_et import recipes
 from mae_et.recipes import ConfigError
@@ -157,3 +158,57 @@ def test_a_training_script_of_another_checkout_refuses_this_checkouts_package(tm
     )
     line = one_error_line(proc)
     assert f"is in the checkout {other}" in line and f"imports mae_et from {REPO}" in line, line
+
+
+# ----------------------------------------------------------------------------- under the launcher (mae-et launch)
+
+
+@pytest.fixture
+def launch_env(tmp_path):
+    """The README's set-up on this CPU machine: `accelerate config` done once (its default config for a machine
+    without GPUs, with a free port at each launch so that launches beside each other do not meet), and one thread
+    per process (ONE_THREAD_ENV)."""
+    config = tmp_path / "hf" / "accelerate" / "default_config.yaml"
+    config.parent.mkdir(parents=True)
+    basic = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "mixed_precision": "no"}
+    config.write_text(
+        json.dumps({**basic, "num_machines": 1, "num_processes": 1, "use_cpu": True, "main_process_port": 0})
+    )
+    return {**ONE_THREAD_ENV, "HF_HOME": str(tmp_path / "hf")}
+
+
+def readme_pretrain(env, launcher_options, *overrides):
+    """`mae-et launch [options] pretrain.py --config RECIPE data.root=...`, run in the checkout as the README does."""
+    cmd = [sys.executable, "-m", "mae_et", "launch", *launcher_options, "pretrain.py"]
+    cmd += ["--config", str(CPU_RECIPE.relative_to(REPO)), f"data.root={MINI}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("launcher_options", [[], ["--multi_gpu", "--num_processes", "2"]], ids=["one", "multi_gpu"])
+def test_a_user_error_under_the_launcher_is_one_line_and_exit_2(tmp_path, launch_env, launcher_options):
+    """The README's command with a bad override, in one process and in two: the line and exit status of
+    `python pretrain.py`, and nothing else (no launcher traceback, no torchrun failure report, one line for both
+    ranks)."""
+    proc = readme_pretrain(launch_env, launcher_options, f"output_dir={tmp_path / 'runs'}", "train.epochs=-1")
+    assert proc.stdout == "", proc.stdout
+    assert "train.epochs" in one_error_line(proc), proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_several_processes_without_multi_gpu_say_that_one_runs(tmp_path, launch_env):
+    """`--num_processes 2` without `--multi_gpu` starts one process (accelerate's plain launcher): the run says so,
+    once, and runs; its own lines come through as they are."""
+    proc = readme_pretrain(
+        launch_env,
+        ["--num_processes", "2"],
+        f"output_dir={tmp_path / 'runs'}",
+        "train.max_steps=1",
+        "train.batch_size=8",
+        "tracking.wandb=off",
+        "tracking.recon_every_epochs=0",
+        "tracking.knn_every_epochs=0",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 process(es)" in proc.stdout and "stopped at step 1" in proc.stdout, proc.stdout
+    said = [line for line in proc.stderr.splitlines() if "--multi_gpu" in line]
+    assert len(said) == 1 and said[0].startswith("warning: accelerate launch was asked for more than one process")

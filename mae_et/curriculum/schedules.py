@@ -41,6 +41,9 @@ _BOUNDARY_EPS = 1e-9
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage of a schedule; also the type of a recipe's `curriculum.stages` entries, whose fields the config
+    loader checks against these types (a size of 40.9 is an error there, never 40)."""
+
     size: int  # input side B in pixels
     fraction: float  # share of the budget; fractions of a schedule sum to 1
 

@@ -115,8 +115,14 @@ def scan_image_folder(root: str | Path, strict: bool = False) -> ImageFolderInde
 
     skipped: list[SkippedFile] = []
     class_dirs: list[tuple[str, str]] = []  # (class name, path)
-    with os.scandir(root_str) as it:
-        entries = sorted(it, key=lambda e: e.name)
+    try:
+        with os.scandir(root_str) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:  # a root this user may not list
+        raise DataError(
+            f"data root '{root_str}' cannot be read ({e.strerror or e}); give this user read access or pass "
+            "another data.root"
+        ) from None
     for entry in entries:
         try:
             is_dir = entry.is_dir()
@@ -182,9 +188,13 @@ def _scan_class_dir(
     if real in visited:
         return
     visited.add(real)
-    with os.scandir(folder) as it:
-        # Sorted so that warnings and the strict-mode error are the same on every filesystem.
-        entries = sorted(it, key=lambda e: e.name)
+    try:
+        with os.scandir(folder) as it:
+            # Sorted so that warnings and the strict-mode error are the same on every filesystem.
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:  # a folder this user may not list: skipped like an unreadable file
+        _bad_scan_file(folder, _link_problem(e), strict, skipped)
+        return
     for entry in entries:
         try:
             is_dir = entry.is_dir()

@@ -51,7 +51,14 @@ _SEED_MASK = (1 << 32) - 1  # numpy seeds are 32-bit
 def split_dir(root: str | Path, split: str, key: str) -> Path:
     """`root/split`, or a DataError naming the config key to fix."""
     path = Path(root) / split
-    if not path.is_dir():
+    try:
+        found_split = path.is_dir()
+    except OSError as e:  # a root this user may not look into
+        raise DataError(
+            f"data.root '{root}' cannot be read ({e.strerror or e}); give this user read access or pass another "
+            "data.root"
+        ) from None
+    if not found_split:
         found = (
             sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
             if Path(root).is_dir()

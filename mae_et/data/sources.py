@@ -42,7 +42,7 @@ from mae_et.data.folder import (
 )
 from mae_et.data.fractal import FractalBatchSource, FractalDataset
 from mae_et.data.on_device import DeviceDecodeBatchSource, InMemoryImages, MemoryBatchSource
-from mae_et.data.shards import open_shards
+from mae_et.data.shard_index import open_shards
 from mae_et.notices import RunWarning
 
 
@@ -74,30 +74,61 @@ def _crops_at_crop_size(source, size_at) -> None:
 HELD_OUT_SPLITS = ("val", "validation", "valid", "test")
 
 
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def data_dir(d) -> Path:
     """The folder to pretrain on: `data.root/data.split`; the root itself when `data.split` is empty, or when
-    the default `train` is absent from a root that is itself a folder of classes.
+    the default `train` is absent from a root that is itself a folder of classes. Every source that reads a
+    folder opens it through here, and the config check calls it on load.
 
-    A split that is not there is a `DataError` naming the sub-folders that are: falling back to the root
-    would train on `train/` and `val/` as two classes, the evaluation images among them."""
+    A split that is not there, or a folder that holds a held-out split (`val/`, `test/`, ...: `data.split=''` on
+    a root of `train/` and `val/`), is a `DataError` naming the sub-folders that are: either would train on
+    `train/` and `val/` as two classes, the evaluation images among them."""
     root = Path(d.root)
-    if not d.split or not root.is_dir():
+    if not root.is_dir():
         return root  # (a missing root: the scan says so)
-    if (root / d.split).is_dir():
-        return root / d.split
-    subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    held_out = [name for name in subfolders if name.lower() in HELD_OUT_SPLITS]
-    if d.split == "train" and not held_out:
-        return root  # a plain ImageFolder of classes
-    shown = ", ".join(subfolders[:8]) + (f" and {len(subfolders) - 8} more" if len(subfolders) > 8 else "")
-    way_on = (
-        "pass data.split=<one of them>"
-        if held_out
-        else "pass data.split='' to pretrain on the root itself (a folder of classes), "
-        "or data.split=<the folder to use>"
-    )
+    folder = root / d.split if d.split else root
+    if not folder.is_dir():
+        subfolders = _subfolders(root)
+        held_out = [name for name in subfolders if name.lower() in HELD_OUT_SPLITS]
+        if d.split == "train" and not held_out:
+            return root  # a plain ImageFolder of classes
+        shown = ", ".join(subfolders[:8]) + (f" and {len(subfolders) - 8} more" if len(subfolders) > 8 else "")
+        way_on = (
+            "pass data.split=<one of them>"
+            if held_out
+            else "pass data.split='' to pretrain on the root itself (a folder of classes), "
+            "or data.split=<the folder to use>"
+        )
+        raise DataError(
+            f"data.split '{d.split}' is not a folder under '{root}' (its sub-folders: {shown or 'none'}); {way_on}"
+        )
+    held_out = [name for name in _subfolders(folder) if name.lower() in HELD_OUT_SPLITS]
+    if held_out:
+        way_on = "data.split=train" if (folder / "train").is_dir() else "data.split=<the folder of training classes>"
+        raise DataError(
+            f"data.split '{d.split}' would pretrain on all of '{folder}', which holds {held_out[0]}/ (held-out "
+            f"images, never trained on); pass {way_on}"
+        )
+    return folder
+
+
+def check_splits_apart(train: Path, train_key: str, held_out: Path, held_out_key: str) -> None:
+    """The images a model learns from (a training split, a kNN bank) and the ones it is scored on are two
+    separate folders, neither inside the other: else the score is measured on training images. The one check
+    of fine-tuning, the linear probe, the pretraining kNN monitor and `mae-et knn`."""
+    a, b = train.resolve(), held_out.resolve()
+    if a == b:
+        how = "are the same folder"
+    elif a in b.parents or b in a.parents:
+        how = f"overlap ('{b if a in b.parents else a}' is inside '{a if a in b.parents else b}')"
+    else:
+        return
     raise DataError(
-        f"data.split '{d.split}' is not a folder under '{root}' (its sub-folders: {shown or 'none'}); {way_on}"
+        f"{train_key} ('{train}') and {held_out_key} ('{held_out}') {how}: the held-out score would be measured "
+        "on training images; pass two separate sub-folders of the data root, e.g. train and val"
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import replace as replaced
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
+from mae_et.data.sources import check_splits_apart
 from mae_et.models.vit import FeaturePool, GlobalPool
 from mae_et.recipes import (
     Check,
@@ -25,6 +26,7 @@ from mae_et.recipes import (
     parse_overrides,
 )
 from mae_et.train.config import (
+    Beta,
     CheckpointConfig,
     CurriculumConfig,
     NonNegativeFloat,
@@ -32,7 +34,10 @@ from mae_et.train.config import (
     PositiveFloat,
     PositiveInt,
     Precision,
+    SeedInt,
     WandbMode,
+    WandbProject,
+    check_min_lr,
     check_name,
     check_scale,
     check_warmup,
@@ -40,6 +45,9 @@ from mae_et.train.config import (
 
 ProbeMode = Literal["online", "cached"]
 MixupMode = Literal["batch", "pair", "elem"]  # timm Mixup: one draw per batch | per pair | per element
+# timm's names (timm.data.transforms' string-to-mode tables, and its RandomResizedCropAndInterpolation's `random`)
+Interpolation = Literal["random", "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"]
+EraseMode = Literal["pixel", "rand", "const"]  # timm RandomErasing: per-pixel noise | per-channel noise | zeros
 PROBE_MODES = get_args(ProbeMode)
 
 
@@ -67,7 +75,7 @@ class ClassificationDataConfig:
 @dataclass
 class EvalTrackingConfig:
     wandb: WandbMode = "auto"  # auto | online | offline | off
-    project: str = "mae_et"
+    project: WandbProject = "mae_et"
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -84,9 +92,9 @@ class FinetuneAugmentConfig:
     )
     scale: tuple[float, float] = (0.08, 1.0)
     color_jitter: NonNegativeFloat | None = 0.4  # ignored by timm while auto_augment is set (as in the MAE recipe)
-    interpolation: str = "bicubic"
+    interpolation: Interpolation = "bicubic"
     reprob: Annotated[float, UnitInterval] = 0.25
-    remode: str = "pixel"
+    remode: EraseMode = "pixel"
     recount: PositiveInt = 1
     # timm Mixup / CutMix on the device batch, with SoftTargetCrossEntropy
     mixup: NonNegativeFloat = 0.8  # Beta(alpha, alpha); 0 = off
@@ -106,7 +114,7 @@ class FinetuneOptimConfig:
     layer_decay: Annotated[float, Check(gt=0, le=1)] = (
         0.65  # block i of depth L gets lr * layer_decay ** (L - i); the head the full lr
     )
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     warmup_epochs: NonNegativeFloat = 5.0
     clip_grad: PositiveFloat | None = None
 
@@ -117,7 +125,7 @@ class FinetuneTrainConfig:
     batch_size: PositiveInt = 32  # per device, per micro-step
     accum_steps: PositiveInt = 1
     precision: Precision = "bf16"  # bf16 | fp16 | fp32
-    seed: int = 0
+    seed: SeedInt = 0
     max_steps: PositiveInt | None = None  # stop (with a checkpoint) after this optimizer step; relaunch to resume
     log_every: PositiveInt = 50
     eval_batch_size: PositiveInt | None = None  # per device; default train.batch_size
@@ -174,7 +182,7 @@ class LinprobeTrainConfig:
     epochs: PositiveInt = 90
     batch_size: PositiveInt = 16384  # GLOBAL batch (all processes); clamped to the training-set size
     precision: Precision = "bf16"  # autocast of the frozen encoder; the head trains in fp32
-    seed: int = 0
+    seed: SeedInt = 0
     max_steps: PositiveInt | None = None
     log_every: PositiveInt = 20
 
@@ -242,11 +250,7 @@ def _check_common(cfg: FinetuneConfig | LinprobeConfig) -> None:
         )
     if not Path(d.root).is_dir():
         raise ConfigError(f"data.root '{d.root}' is not a folder; pass data.root=/path/to/dataset")
-    if not d.train_split or not d.val_split or d.train_split == d.val_split:
-        raise ConfigError(
-            f"data.train_split '{d.train_split}' and data.val_split '{d.val_split}' must be two different "
-            "sub-folders of data.root"
-        )
+    check_splits_apart(Path(d.root) / d.train_split, "data.train_split", Path(d.root) / d.val_split, "data.val_split")
     check_warmup(cfg)
     check_name(cfg.name)
 
@@ -255,6 +259,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     """Cross-field checks that need neither the data nor the encoder; one clear line each."""
     _check_common(cfg)
     a, t = cfg.augment, cfg.train
+    check_min_lr(cfg, t.batch_size * t.accum_steps)
     check_scale("augment.scale", a.scale)
     if (a.mixup > 0 or a.cutmix > 0) and a.mixup_prob > 0 and t.batch_size % 2 != 0:
         raise ConfigError(f"mixup/cutmix need an even per-device batch; got train.batch_size={t.batch_size}")
@@ -270,6 +275,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
 
 def validate_linprobe(cfg: LinprobeConfig) -> None:
     _check_common(cfg)
+    check_min_lr(cfg, cfg.train.batch_size)  # the global batch (smaller only when the training set is)
     check_scale("augment.scale", cfg.augment.scale)
 
 
@@ -281,7 +287,9 @@ _AA_POLICY = re.compile(r"rand(-[a-z]+[\d.]+)*|augmix(-[a-z]+[\d.]+)*|original|o
 
 
 def check_auto_augment(auto_augment: str | None) -> None:
-    """An `augment.auto_augment` timm knows, checked now (timm asserts only when the first transform is built)."""
+    """An `augment.auto_augment` timm knows, and whose every op runs at every magnitude it can draw, checked now
+    (timm asserts only when the first transform is built; an op Pillow refuses, such as RandAugment's
+    PosterizeIncreasing at magnitude 10 asking for 0 bits, fails a few images into a run)."""
     if auto_augment is None or auto_augment == "":
         return
     detail = None
@@ -296,15 +304,40 @@ def check_auto_augment(auto_augment: str | None) -> None:
             else auto_augment_transform
         )
         try:
-            build(auto_augment, {"translate_const": 100, "img_mean": (124, 116, 104)})
-            return
+            policy = build(auto_augment, {"translate_const": 100, "img_mean": (124, 116, 104)})
         except (AssertionError, ValueError, KeyError) as e:
             detail = str(e) or None
+        else:
+            _check_ops_run(auto_augment, policy)
+            return
     raise ConfigError(
         f"augment.auto_augment '{auto_augment}' is not a policy timm knows"
         + (f" ({detail})" if detail else "")
-        + "; use one such as rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original or v0, or null for none"
+        + "; use one such as rand-m9-mstd0.5-inc1-mmax9 (RandAugment), augmix-m5-w4-d2 or original, or null for none"
     )
+
+
+def _check_ops_run(auto_augment: str, policy: Any) -> None:
+    """Each op of a built timm policy, applied to a tiny image at the ends of the magnitudes it draws: timm draws
+    m, or uniform in [0, m] (mstd inf), or normal around m (mstd > 0; six deviations either side here), clipped to
+    [0, mmax or 10]."""
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 8), (120, 60, 200))
+    ops = policy.ops if hasattr(policy, "ops") else [op for sub_policy in policy.policy for op in sub_policy]
+    for op in ops:
+        m, std, upper = op.magnitude, op.magnitude_std, op.magnitude_max or 10.0
+        low, high = (0.0, m) if std == float("inf") else (m - 6 * std, m + 6 * std) if std > 0 else (m, m)
+        for magnitude in sorted({max(0.0, min(x, upper)) for x in (low, high)}):
+            op.prob, op.magnitude_std, op.magnitude = 1.0, 0.0, magnitude
+            try:
+                op(image)
+            except Exception as e:  # whatever the op raises, it would raise a few images into the run
+                raise ConfigError(
+                    f"augment.auto_augment '{auto_augment}': its {op.name} op fails at magnitude {magnitude:g}, "
+                    f"which it draws ({type(e).__name__}: {e}); choose magnitudes it runs at (e.g. "
+                    "rand-m9-mstd0.5-inc1-mmax9) or another policy"
+                ) from None
 
 
 def _ra_key(part: str) -> str:

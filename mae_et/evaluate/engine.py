@@ -36,10 +36,7 @@ from mae_et.files import write_json_atomic
 from mae_et.recipes import ConfigError
 from mae_et.train.optim import set_lr
 from mae_et.train.plan import RunPlan
-from mae_et.train.run import Run, checkpoint_due
-
-BEST_DIR = "best"
-RESULT_FILE = "result.json"
+from mae_et.train.run import BEST_DIR, RESULT_FILE, Run, checkpoint_due
 
 
 @dataclass
@@ -223,6 +220,7 @@ class RunRecorder(Recorder):
         self.bar = run.progress(method.plan.end_step, step, f"{method.task} {run.cfg.name}")
 
     def step_done(self, step: int, loss: Tensor, lr: float, log_now: bool) -> None:
+        self.run.check_interrupt()
         self.bar.update(1)
         self.window_loss += loss
         self.window_steps += 1

@@ -4,20 +4,23 @@
     mae-et export RUN_OR_CHECKPOINT OUT_FOLDER --format hf [--overwrite]
 
 (`python -m mae_et.evaluate.export ...` is the same command.)
-The output is checked before anything is read: never the input file, never inside a run's checkpoints
-(`RUN/checkpoints/`, a `step_*` folder: replacing a checkpoint's weights with the encoder alone would
-break its resume), an existing file only with `--overwrite`; it is written atomically.
+The output is checked before anything is read: never the input, never inside the folder it reads (a run folder:
+`export RUN RUN/x.safetensors`), never inside a run's checkpoints (`RUN/checkpoints/`, a `step_*` folder: replacing a
+checkpoint's weights with the encoder alone would break its resume), an existing file only with `--overwrite`; it
+is written atomically, and a full disk ends in one line with no file left.
 
 The file holds the encoder only (timm names, no head, contiguous tensors) and the spec
 (size, patch size, training size) in its safetensors metadata; the command prints the line that
 loads it with timm.
 
-`--format hf` writes OUT_FOLDER as `transformers` reads it (`mae_et.models.hf`): the MAE with its decoder
+`--format hf` writes OUT_FOLDER as `transformers` reads it (`mae_et.models.hf`), with a model card (README.md: how
+the run was trained and what its folder and `--results RESULT_JSON ...` say it scored): the MAE with its decoder
 (`ViTMAEForPreTraining.from_pretrained(OUT)`) and, in OUT/encoder/, the encoder alone
 (`ViTModel.from_pretrained(OUT/encoder, add_pooling_layer=False)`: MAE trains no pooler), each with no missing or
-unexpected key; `push_to_hub` from there shares it. Only our run or checkpoint folders carry the decoder's config;
-official MAE weights are on the Hub already (facebook/vit-mae-*). The weights go in before each config.json, so a
-killed export leaves no folder that loads half.
+unexpected key; `push_to_hub` from there shares it. Only our run or checkpoint folders carry the decoder's config
+(and the run's mask ratio); official MAE weights are on the Hub already (facebook/vit-mae-*). The weights go in before
+each config.json, so a killed export leaves no folder that loads half; a failed one (a full disk: one line) removes
+the files it wrote.
 """
 
 from __future__ import annotations
@@ -26,14 +29,18 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
+from mae_et import checkpoint as ckpt_lib
 from mae_et.cli import OneLineParser, run_user_command
+from mae_et.evaluate.model_card import last_knn, model_card
 from mae_et.evaluate.visualize import load_mae
 from mae_et.files import (
     FileError,
     check_output_file,
     check_output_folder,
+    one_line_on_full_disk,
     save_safetensors,
     write_atomic,
     write_text_atomic,
@@ -51,6 +58,9 @@ from mae_et.models.vit import (
     load_encoder_state,
     timm_model_name,
 )
+from mae_et.train.tracking import METRICS_FILE
+
+CARD_FILE = "README.md"  # the Hub shows a model through it
 
 __all__ = ["export_encoder", "export_hf", "timm_load_line", "main"]
 
@@ -81,9 +91,7 @@ def export_encoder(src: str | Path, dst: str | Path, overwrite: bool = False) ->
 
     Raises `FileError` (before reading ``src``) when ``dst`` may not be written: see the module docstring."""
     src = Path(src)
-    dst = check_output_file(
-        dst, reads=[src] if src.is_file() else [], overwrite=overwrite, flag="output", suffix=".safetensors"
-    )
+    dst = check_output_file(dst, reads=[src], overwrite=overwrite, flag="output", suffix=".safetensors")
     state, spec, kind = load_encoder_state(src)
     spec = spec or infer_spec(state)
     # Prove the file will load strictly into the timm model we advertise before writing it.
@@ -98,12 +106,14 @@ def export_encoder(src: str | Path, dst: str | Path, overwrite: bool = False) ->
         "mae_et.source": kind,
     }
     # a killed export never leaves a half-written file under the real name
-    write_atomic(dst, lambda tmp: save_safetensors(tensors, tmp, metadata=metadata))
+    with one_line_on_full_disk(dst, sum(t.numel() * t.element_size() for t in tensors.values())):
+        write_atomic(dst, lambda tmp: save_safetensors(tensors, tmp, metadata=metadata))
     return dst
 
 
-def export_hf(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
-    """Write run or checkpoint folder ``src`` as a transformers folder ``dst`` (MAE + encoder/); returns ``dst``."""
+def export_hf(src: str | Path, dst: str | Path, overwrite: bool = False, results: Sequence[str | Path] = ()) -> Path:
+    """Write run or checkpoint folder ``src`` as a transformers folder ``dst`` (MAE + encoder/, and the model card
+    README.md, which also reports the fine-tune / probe `results` named); returns ``dst``."""
     src, dst = Path(src), Path(dst)
     check_output_folder(dst, reads=[src], flag="output")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
@@ -127,23 +137,68 @@ def export_hf(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path
         "depth": cfg.model.decoder_depth,
         "num_heads": cfg.model.decoder_num_heads,
     }
-    configs = hf_configs(spec.size, spec.patch_size, spec.img_size, decoder, cfg.model.norm_pix_loss)
+    configs = hf_configs(
+        spec.size, spec.patch_size, spec.img_size, decoder, cfg.model.norm_pix_loss, cfg.model.mask_ratio
+    )
     encoder_state = {k[len("vit.") :]: v for k, v in mae_state.items() if k.startswith("vit.")}
-    for folder, state, model_type, architecture in (
-        (dst / "encoder", encoder_state, HF_VIT_TYPE, "ViTModel"),
-        (dst, mae_state, HF_MAE_TYPE, "ViTMAEForPreTraining"),
-    ):
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / HF_WEIGHTS, lambda tmp, s=state: save_safetensors(s, tmp, metadata={"format": "pt"}))
-        config = {"architectures": [architecture], "model_type": model_type, **configs[model_type]}
-        write_text_atomic(folder / HF_CONFIG, json.dumps(config, indent=2) + "\n")  # last: the folder is whole
+    folders = [
+        (dst / "encoder", encoder_state, {"architectures": ["ViTModel"], "model_type": HF_VIT_TYPE}),
+        (dst, mae_state, {"architectures": ["ViTMAEForPreTraining"], "model_type": HF_MAE_TYPE}),
+    ]
+    card = card_of(src, cfg, results)
+    with one_line_on_full_disk(dst, 2 * sum(t.numel() * t.element_size() for t in mae_state.values())):
+        _write_folders(
+            [(folder, state, {**head, **configs[head["model_type"]]}) for folder, state, head in folders], card
+        )
     return dst
+
+
+def card_of(src: Path, cfg, results: Sequence[str | Path]) -> str:
+    """The model card of the checkpoint `src` resolves to: its meta.json, its run's metrics.jsonl (the kNN monitor
+    up to that step), and the result.json files named."""
+    folder = ckpt_lib.resolve_checkpoint(src)
+    meta = json.loads((folder / ckpt_lib.META_FILE).read_text())
+    knn = last_knn(folder.parent.parent / METRICS_FILE, int(meta["step"]))
+    named = []
+    for path in map(Path, results):
+        try:
+            r = json.loads(path.read_text())
+            named.append((path, {k: r[k] for k in ("task", "top1", "top5", "epochs", "best")}))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FileError(
+                f"--results '{path}' is not a fine-tune or probe result.json ({type(e).__name__}: {e}); pass the "
+                "RUN/result.json a finished fine-tune or probe wrote"
+            ) from None
+    return model_card(cfg, meta, knn, named)
+
+
+def _write_folders(folders: list[tuple[Path, dict, dict]], card: str) -> None:
+    """Each (folder, weights, config): the weights, then config.json (last: the folder is whole); the first folder
+    (the MAE's) also gets the model card, README.md. A failure removes what this call wrote, so that no folder is
+    left half of this export and half of an earlier one."""
+    created = sorted((f for f, _, _ in folders if not f.exists()), key=lambda f: len(f.parts), reverse=True)
+    written: list[Path] = []
+    try:
+        for folder, state, config in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            written.append(
+                write_atomic(folder / HF_WEIGHTS, partial(save_safetensors, state, metadata={"format": "pt"}))
+            )
+            written.append(write_text_atomic(folder / HF_CONFIG, json.dumps(config, indent=2) + "\n"))
+        written.append(write_text_atomic(folders[-1][0] / CARD_FILE, card))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        for folder in created:  # the deepest first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
 
 
 def run_export(args: argparse.Namespace) -> None:
     if args.format == "hf":
-        out = export_hf(args.src, args.dst, overwrite=args.overwrite)
-        print(f"wrote {out} (ViTMAEForPreTraining) and {out / 'encoder'} (ViTModel)")
+        out = export_hf(args.src, args.dst, overwrite=args.overwrite, results=args.results)
+        print(f"wrote {out} (ViTMAEForPreTraining, its model card README.md) and {out / 'encoder'} (ViTModel)")
         print("load them with transformers:")
         print(f'    ViTMAEForPreTraining.from_pretrained("{out.resolve()}")')
         print(f'    ViTModel.from_pretrained("{(out / "encoder").resolve()}", add_pooling_layer=False)')
@@ -174,6 +229,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m mae_et.evalua
         choices=("timm", "hf"),
         default="timm",
         help="timm: the encoder as a timm ViT .safetensors (default); hf: a transformers folder (MAE + encoder/)",
+    )
+    parser.add_argument(
+        "--results",
+        nargs="+",
+        default=[],
+        metavar="RESULT_JSON",
+        help="with --format hf: fine-tune / probe RUN/result.json files whose figures the model card reports",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace dst when it exists")
     args = parser.parse_args(argv)

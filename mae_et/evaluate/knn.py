@@ -20,6 +20,7 @@ import torch
 
 from mae_et.cli import OneLineParser, run_user_command
 from mae_et.data.folder import DataError
+from mae_et.data.sources import check_splits_apart
 from mae_et.files import check_output_file, write_json_atomic
 from mae_et.models.features import knn_evaluate
 from mae_et.models.vit import load_pretrained_vit
@@ -88,6 +89,7 @@ def run_knn(args: argparse.Namespace) -> None:
         )
     train_root = _split_dir(root, args.train_split, "--train-split")
     val_root = _split_dir(root, args.val_split, "--val-split")
+    check_splits_apart(train_root, "--train-split", val_root, "--val-split")  # else it scores its own bank
     model, spec = load_pretrained_vit(args.checkpoint, img_size=args.img_size)
     img_size = args.img_size or spec.img_size
     model.to(args.device)

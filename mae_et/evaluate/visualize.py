@@ -53,8 +53,11 @@ def load_mae(checkpoint_or_run: str | os.PathLike) -> tuple[MaskedAutoencoderViT
     for name in (ckpt_lib.CONFIG_FILE, ckpt_lib.MODEL_FILE):
         if not (folder / name).is_file():
             raise ckpt_lib.CheckpointError(f"checkpoint '{folder}' has no {name}; it was not written by pretrain.py")
+    ckpt_lib.check_readable(folder / ckpt_lib.CONFIG_FILE, folder / ckpt_lib.MODEL_FILE)
     try:
-        cfg = build_config(PretrainConfig, yaml.safe_load((folder / ckpt_lib.CONFIG_FILE).read_text()) or {})
+        saved = yaml.safe_load((folder / ckpt_lib.CONFIG_FILE).read_text()) or {}
+        ckpt_lib.require_pretraining(folder, saved)
+        cfg = build_config(PretrainConfig, saved)
     except (ConfigError, yaml.YAMLError) as e:
         raise ckpt_lib.CheckpointError(
             f"checkpoint '{folder}': unusable {ckpt_lib.CONFIG_FILE} ({_one_line(e)})"
@@ -118,7 +121,7 @@ def load_image_batch(
     for path in paths:
         try:
             img = load_rgb(os.fspath(path))
-        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        except Exception as e:  # noqa: BLE001 - as the training loader: PIL raises many types (DecompressionBombError)
             raise DataError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from e
         # The evaluation view of the whole image (no random crop), at the size the model was trained at.
         img = TF.resize(img, crop_size, interpolation=InterpolationMode.BICUBIC, antialias=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ from mae_et.models.mae import MODEL_SIZES, get_2d_sincos_pos_embed
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
+# the Hub's older weights file (a torch pickle): read as every torch file is, weights only (mae_et.checkpoint)
+HF_PICKLED_WEIGHTS = "pytorch_model.bin"
 HF_MAE_TYPE = "vit_mae"  # config.json model_type of ViTMAEForPreTraining / ViTMAEModel
 HF_VIT_TYPE = "vit"  # ... of ViTModel
 LAYER_NORM_EPS = 1e-6  # MAE's (HF's default is 1e-12)
@@ -43,6 +45,7 @@ _BLOCK = {
 _QKV = ("query", "key", "value")
 # transformers 5 renames (its conversion mapping for ViT / ViTMAE), undone on read: new -> old
 _V5_TO_V4 = (
+    (r"decoder\.decoder_encoder\.layer\.(\d+)\.", r"decoder.decoder_layers.\1."),  # the decoder's blocks
     (r"\.layers\.(\d+)\.", r".encoder.layer.\1."),
     (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
     (r"attention\.q_proj", "attention.attention.query"),
@@ -61,11 +64,17 @@ def _v4_names(key: str) -> str:
     return key
 
 
+def _block_indices(state: Mapping[str, Tensor], prefix: str) -> list[int]:
+    """The N of every `prefix.N.*` present, in order: an extra or missing block keeps its own number (and is then
+    named as extra or missing by the key comparison), never renumbered into another."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in state if (m := pattern.match(k))})
+
+
 def _blocks_to_hf(state: Mapping[str, Tensor], ours: str, theirs: str) -> dict[str, Tensor]:
     """Every block `ours.N.*` -> `theirs.N.*` (transformers 4 names)."""
     out = {}
-    depth = len({k.split(".")[1] for k in state if k.startswith(f"{ours}.")})
-    for i in range(depth):
+    for i in _block_indices(state, ours):
         src, dst = f"{ours}.{i}.", f"{theirs}.{i}."
         for kind in ("weight", "bias"):
             for q, part in zip(_QKV, state[f"{src}attn.qkv.{kind}"].chunk(3, dim=0), strict=True):
@@ -77,12 +86,14 @@ def _blocks_to_hf(state: Mapping[str, Tensor], ours: str, theirs: str) -> dict[s
 
 def _blocks_from_hf(state: Mapping[str, Tensor], theirs: str, ours: str) -> dict[str, Tensor]:
     out = {}
-    pattern = re.compile(rf"^{re.escape(theirs)}\.(\d+)\.")
-    depth = len({m.group(1) for k in state if (m := pattern.match(k))})
-    for i in range(depth):
+    for i in _block_indices(state, theirs):
         src, dst = f"{theirs}.{i}.", f"{ours}.{i}."
         for kind in ("weight", "bias"):
-            out[f"{dst}attn.qkv.{kind}"] = torch.cat([state[f"{src}attention.attention.{q}.{kind}"] for q in _QKV])
+            names = [f"{src}attention.attention.{q}.{kind}" for q in _QKV]
+            if len({tuple(state[n].shape) for n in names}) > 1:  # (a header that says another shape for one)
+                shapes = ", ".join(f"{n} {tuple(state[n].shape)}" for n in names)
+                raise ValueError(f"query, key and value differ in shape ({shapes})")
+            out[f"{dst}attn.qkv.{kind}"] = torch.cat([state[n] for n in names])
             for a, b in _BLOCK.items():
                 out[f"{dst}{a}.{kind}"] = state[f"{src}{b}.{kind}"]
     return out
@@ -146,8 +157,31 @@ def hf_to_encoder(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def hf_configs(size: str, patch_size: int, img_size: int, decoder: Mapping[str, int], norm_pix_loss: bool) -> dict:
-    """config.json fields of the two folders: {"vit_mae": ..., "vit": ...}. `decoder`: embed_dim, depth, num_heads."""
+def hf_to_mae(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An HF ViTMAEForPreTraining state dict (transformers 4 or 5 names) -> our MAE's names, the encoder's and the
+    decoder's position tables included (the caller checks them: they are generated, not learned)."""
+    state = {_v4_names(k): v for k, v in state.items()}
+    out = hf_to_encoder(state)
+    dec = {k[len("decoder.") :]: v for k, v in state.items() if k.startswith("decoder.")}
+    out.update(
+        {
+            "mask_token": dec["mask_token"],
+            "decoder_pos_embed": dec["decoder_pos_embed"],
+            **{f"{name}.{kind}": dec[f"{name}.{kind}"] for name in _DECODER for kind in ("weight", "bias")},
+        }
+    )
+    out.update(_blocks_from_hf(dec, "decoder_layers", "decoder_blocks"))
+    return out
+
+
+_DECODER = ("decoder_embed", "decoder_norm", "decoder_pred")  # the same names on both sides, under `decoder.`
+
+
+def hf_configs(
+    size: str, patch_size: int, img_size: int, decoder: Mapping[str, int], norm_pix_loss: bool, mask_ratio: float
+) -> dict:
+    """config.json fields of the two folders: {"vit_mae": ..., "vit": ...}. `decoder`: embed_dim, depth, num_heads;
+    `norm_pix_loss` and `mask_ratio`: the run's (transformers masks and scores with them)."""
     dims = MODEL_SIZES[size]
     common = {
         "hidden_size": dims["embed_dim"],
@@ -169,15 +203,20 @@ def hf_configs(size: str, patch_size: int, img_size: int, decoder: Mapping[str, 
         "decoder_num_hidden_layers": decoder["depth"],
         "decoder_num_attention_heads": decoder["num_heads"],
         "decoder_intermediate_size": 4 * decoder["embed_dim"],
-        "mask_ratio": 0.75,
+        "mask_ratio": float(mask_ratio),
         "norm_pix_loss": bool(norm_pix_loss),
     }
     return {HF_MAE_TYPE: mae, HF_VIT_TYPE: common}
 
 
-def is_hf_folder(path: Path) -> bool:
-    """A transformers model folder: config.json beside its weights (and no config.yaml of ours)."""
-    return path.is_dir() and (path / HF_CONFIG).is_file() and (path / HF_WEIGHTS).is_file()
+def hf_weights_file(folder: Path) -> Path | None:
+    """A transformers folder's weights: model.safetensors, else pytorch_model.bin; None when it holds neither."""
+    return next((folder / n for n in (HF_WEIGHTS, HF_PICKLED_WEIGHTS) if (folder / n).is_file()), None)
+
+
+def has_hf_names(keys: Iterable[str]) -> bool:
+    """Weights named as transformers names a ViT (ViTMAE or ViT, any prefix), not as timm or the MAE reference."""
+    return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys)
 
 
 def read_hf_config(path: Path) -> dict[str, Any]:

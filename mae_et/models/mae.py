@@ -461,7 +461,7 @@ def mae_vit(size: str, patch_size: int | None = None, **kwargs: Any) -> MaskedAu
 # --------------------------------------------------------------------------------------
 # Official checkpoint loading
 # --------------------------------------------------------------------------------------
-_FIXED_POS_KEYS = ("pos_embed", "decoder_pos_embed")
+FIXED_POS_KEYS = ("pos_embed", "decoder_pos_embed")
 _NO_DECODER_MSG = (
     "this checkpoint has no decoder (encoder-only release); "
     "use the mae_visualize_* checkpoints or pass encoder_only=True"
@@ -496,7 +496,7 @@ def _as_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[st
     return dict(checkpoint)
 
 
-def _check_fixed_pos_embed(name: str, value: torch.Tensor) -> None:
+def check_fixed_pos_embed(name: str, value: torch.Tensor) -> None:
     """The stored table must be the reference sin-cos for its own grid; anything else is rejected."""
     if value.ndim != 3 or value.shape[0] != 1:
         raise ValueError(f"{name}: expected shape (1, 1+L, D), got {fmt_shape(value.shape)}")
@@ -526,9 +526,9 @@ def load_official_mae_checkpoint(
     data and an ``argparse.Namespace`` is refused with a one-line ValueError, and nothing in it runs.
     """
     sd = _as_state_dict(checkpoint)
-    for name in _FIXED_POS_KEYS:
+    for name in FIXED_POS_KEYS:
         if name in sd:
-            _check_fixed_pos_embed(name, sd.pop(name))
+            check_fixed_pos_embed(name, sd.pop(name))
 
     model_sd = model.state_dict()
     if encoder_only:

@@ -11,8 +11,9 @@ Supported checkpoints (``load_encoder_state``):
     * our run folder (latest checkpoint) or one checkpoint folder ``RUN/checkpoints/step_*``
     * an official facebookresearch/mae ``.pth`` (``{"model": sd}``, reference names, has ``pos_embed``)
     * a timm-named ViT state dict (``.safetensors`` / ``.pth`` / ``.bin``), e.g. from ``mae_et.evaluate.export``
-    * a Hugging Face transformers folder of a ViTMAE or ViT (``config.json`` + ``model.safetensors``: the Hub's
-      facebook/vit-mae-*, or ``mae-et export --format hf``; ``mae_et.models.hf``)
+    * a Hugging Face transformers folder of a ViTMAE or ViT (``config.json`` + ``model.safetensors``, or the Hub's
+      older ``pytorch_model.bin``, read weights-only as every torch file: the Hub's facebook/vit-mae-*, or
+      ``mae-et export --format hf``; ``mae_et.models.hf``)
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from mae_et.checkpoint import (
     MODEL_FILE,
     CheckpointError,
     RefusedFileError,
+    check_readable,
+    is_run_folder,
+    require_pretraining,
     resolve_checkpoint,
     torch_load_plain,
 )
@@ -45,10 +49,11 @@ from mae_et.errors import UserError
 from mae_et.models.hf import (
     HF_CONFIG,
     HF_MAE_TYPE,
+    HF_PICKLED_WEIGHTS,
     HF_VIT_TYPE,
-    HF_WEIGHTS,
+    has_hf_names,
     hf_to_encoder,
-    is_hf_folder,
+    hf_weights_file,
     read_hf_config,
 )
 from mae_et.models.keys import compare_state, fmt_shape, is_decoder_key
@@ -175,8 +180,9 @@ def mae_to_timm_state_dict(mae_state: Mapping[str, Tensor], spec: EncoderSpec | 
     """Our / official MAE names -> timm ViT encoder names.
 
     The decoder and ``mask_token`` are dropped. Our checkpoints store no ``pos_embed`` (it is the
-    fixed sin-cos table), so it is generated for ``spec.img_size``; an official checkpoint's own
-    ``pos_embed`` is kept (it is the same table for its grid). ``spec`` may be None only then.
+    fixed sin-cos table), so it is generated for ``spec`` (its width and grid: the weights' own shapes are
+    checked against the model later, so a file whose header says another shape is named there); an official
+    checkpoint's own ``pos_embed`` is kept (it is the same table for its grid). ``spec`` may be None only then.
     """
     out = {k: v for k, v in mae_state.items() if not is_decoder_key(k)}
     if "pos_embed" not in out:
@@ -188,7 +194,7 @@ def mae_to_timm_state_dict(mae_state: Mapping[str, Tensor], spec: EncoderSpec | 
         _check_spec(spec)
         if "patch_embed.proj.weight" not in out:
             raise LoadError("this state dict holds no ViT encoder (no patch_embed.proj.weight)")
-        dim = out["patch_embed.proj.weight"].shape[0]
+        dim = MODEL_SIZES[spec.size]["embed_dim"]
         grid = spec.img_size // spec.patch_size
         # Match dtype of the weights so a bf16 checkpoint stays homogeneous.
         table = get_2d_sincos_pos_embed(dim, grid, cls_token=True).unsqueeze(0)  # (1, 1+L, D)
@@ -197,7 +203,8 @@ def mae_to_timm_state_dict(mae_state: Mapping[str, Tensor], spec: EncoderSpec | 
 
 
 def infer_spec(state: Mapping[str, Tensor]) -> EncoderSpec:
-    """Spec from the shapes of a timm-named encoder state dict (embed dim + depth -> size)."""
+    """Spec from the shapes of a timm-named encoder state dict (the embed dim names the size: a block more or less
+    than that size has is then named, as extra or missing, by the key comparison)."""
     w = state.get("patch_embed.proj.weight")
     pos = state.get("pos_embed")
     if w is None or w.ndim != 4 or pos is None or pos.ndim != 3:
@@ -207,7 +214,7 @@ def infer_spec(state: Mapping[str, Tensor]) -> EncoderSpec:
         )
     dim, patch = int(w.shape[0]), int(w.shape[-1])
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    matches = [name for name, d in MODEL_SIZES.items() if d["embed_dim"] == dim and d["depth"] == depth]
+    matches = [name for name, d in MODEL_SIZES.items() if d["embed_dim"] == dim]
     if not matches:
         known = ", ".join(f"{n}: {d['embed_dim']}x{d['depth']}" for n, d in MODEL_SIZES.items())
         raise LoadError(
@@ -224,6 +231,14 @@ def infer_spec(state: Mapping[str, Tensor]) -> EncoderSpec:
 # --------------------------------------------------------------------------------------
 # Reading checkpoints
 # --------------------------------------------------------------------------------------
+def _check_readable(*paths: Path) -> None:
+    """A file this user may not read is said so (`check_readable`), not called broken and to be deleted."""
+    try:
+        check_readable(*paths)
+    except CheckpointError as e:
+        raise LoadError(str(e)) from None
+
+
 def _unreadable(path: Path, e: BaseException, fix: str) -> LoadError:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return LoadError(f"checkpoint '{path}' is unreadable ({type(e).__name__}: {first_line}); {fix}")
@@ -241,6 +256,7 @@ def _strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
 
 def _load_mae_et_checkpoint(ckpt_dir: Path) -> tuple[dict[str, Tensor], EncoderSpec]:
     model_file = ckpt_dir / MODEL_FILE
+    _check_readable(model_file, ckpt_dir / CONFIG_FILE)
     try:
         state = load_file(str(model_file), device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors/OS errors all mean "this file is broken"
@@ -250,11 +266,14 @@ def _load_mae_et_checkpoint(ckpt_dir: Path) -> tuple[dict[str, Tensor], EncoderS
     config_file = ckpt_dir / CONFIG_FILE
     try:
         cfg = yaml.safe_load(config_file.read_text())
+        require_pretraining(ckpt_dir, cfg)
         spec = EncoderSpec(
             size=str(cfg["model"]["size"]),
             patch_size=int(cfg["model"]["patch_size"]),
             img_size=int(cfg["data"]["crop_size"]),
         )
+    except CheckpointError as e:
+        raise LoadError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - missing file, bad YAML, missing keys: one answer
         raise LoadError(
             f"'{config_file}' does not give model.size, model.patch_size and data.crop_size "
@@ -276,6 +295,7 @@ _REFUSED_PICKLE_FIX = (
 
 def _read_weights_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """(state or wrapper dict, safetensors metadata) of a .safetensors or a torch pickle."""
+    _check_readable(path)
     fix = "re-download or re-export it"
     if path.suffix == ".safetensors":
         try:
@@ -300,8 +320,32 @@ def _read_weights_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return dict(obj), {}
 
 
+def _is_hf_folder(folder: Path) -> bool:
+    """A transformers folder, or one that lost its config.json: none of our config.yaml or checkpoints/, and
+    transformers' weights (with config.json, a pytorch_model.bin, which we never write, or transformers' names)."""
+    if not folder.is_dir() or (folder / CONFIG_FILE).is_file() or is_run_folder(folder):
+        return False
+    weights = hf_weights_file(folder)
+    if weights is None:
+        return False
+    if (folder / HF_CONFIG).is_file() or weights.name == HF_PICKLED_WEIGHTS:
+        return True
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            return has_hf_names(f.keys())
+    except Exception:  # noqa: BLE001 - an unreadable file: our loader names it
+        return False
+
+
 def _load_hf_folder(folder: Path) -> tuple[dict[str, Tensor], EncoderSpec]:
-    """A transformers ViTMAE or ViT folder (config.json + model.safetensors) -> timm-named encoder and its spec."""
+    """A transformers ViTMAE or ViT folder (config.json + model.safetensors or pytorch_model.bin) -> timm-named
+    encoder and its spec."""
+    weights = hf_weights_file(folder)
+    if not (folder / HF_CONFIG).is_file():
+        raise LoadError(
+            f"'{folder}' holds transformers weights ({weights.name}) but no config.json; copy the config.json saved "
+            "with them beside them (it gives the model's size, patch and image size)"
+        )
     try:
         config = read_hf_config(folder)
         model_type = config["model_type"]
@@ -314,12 +358,15 @@ def _load_hf_folder(folder: Path) -> tuple[dict[str, Tensor], EncoderSpec]:
     sizes = [n for n, d in MODEL_SIZES.items() if (d["embed_dim"], d["depth"], d["num_heads"]) == dims]
     if not sizes or int(config.get("intermediate_size", 4 * dims[0])) != 4 * dims[0]:
         raise LoadError(f"'{folder}': a ViT of width {dims[0]}, depth {dims[1]}, {dims[2]} heads is none of our sizes")
-    raw, _ = _read_weights_file(folder / HF_WEIGHTS)
+    raw, _ = _read_weights_file(weights)
     try:
         state = hf_to_encoder(raw)
     except KeyError as e:
+        raise LoadError(f"'{weights}' lacks the ViT weight {e}; is it a whole ViTMAE / ViT folder?") from None
+    except ValueError as e:
+        width = dims[0]
         raise LoadError(
-            f"'{folder / HF_WEIGHTS}' lacks the ViT weight {e}; is it a whole ViTMAE / ViT folder?"
+            f"'{weights}': {e}; a ViT of width {width} has ({width}, {width}) weights and ({width},) biases there"
         ) from None
     return state, EncoderSpec(sizes[0], patch, img)
 
@@ -338,10 +385,12 @@ def load_encoder_state(path: str | Path) -> tuple[dict[str, Tensor], EncoderSpec
             f"checkpoint '{path}' does not exist; pass a run folder, a checkpoint folder (step_*), "
             "an official MAE .pth, a timm .safetensors/.pth or a transformers ViTMAE / ViT folder"
         )
-    if is_hf_folder(path) and not (path / CONFIG_FILE).is_file():
+    if _is_hf_folder(path):
         state, spec = _load_hf_folder(path)
         kind = "hf"
-    elif path.is_dir() or (path.name == MODEL_FILE and (path.parent / CONFIG_FILE).is_file()):
+    elif path.is_dir() or (
+        path.name == MODEL_FILE and (path.parent / CONFIG_FILE).is_file() and not is_run_folder(path.parent)
+    ):
         try:
             ckpt_dir = resolve_checkpoint(path)
         except CheckpointError as e:
@@ -405,13 +454,8 @@ def _check_against_model(state: Mapping[str, Tensor], model: VisionTransformer, 
     mismatch = compare_state(state, model_state, may_be_missing, may_be_unexpected)
     if mismatch:
         raise LoadError(
-            "\n".join(
-                [
-                    f"checkpoint '{where}' does not match the ViT it is loaded into:",
-                    *mismatch.lines(),
-                    "pass the matching spec=EncoderSpec(size, patch_size, img_size) or the right checkpoint",
-                ]
-            )
+            f"checkpoint '{where}' does not match the ViT it is loaded into ({'; '.join(mismatch.lines())}); "
+            "pass the matching spec=EncoderSpec(size, patch_size, img_size) or the right checkpoint"
         )
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from dataclasses import replace as replaced
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Literal, get_args
 
 from mae_et.curriculum import schedules as curriculum_lib
 from mae_et.curriculum.frequency import FrequencyMode
-from mae_et.data.sources import data_dir
+from mae_et.data.sources import check_splits_apart, data_dir
 from mae_et.models.mae import MODEL_SIZES, DecodeFractionOf, ModelSize, PosEmbed, Target
 from mae_et.recipes import (
     Check,
@@ -23,6 +23,8 @@ from mae_et.recipes import (
     FromBool,
     NonNegative,
     Positive,
+    Seed,
+    Text,
     build_config,
     load_yaml_recipe,
     merge_dicts,
@@ -50,6 +52,10 @@ PositiveInt = Annotated[int, Positive]
 NonNegativeInt = Annotated[int, NonNegative]
 PositiveFloat = Annotated[float, Positive]
 NonNegativeFloat = Annotated[float, NonNegative]
+SeedInt = Annotated[int, Seed]
+Beta = Annotated[float, Check(ge=0, lt=1)]  # an Adam moment decay (at 1 its bias correction divides by zero)
+# wandb's own rule on a project name (wandb.sdk.wandb_settings.Settings.validate_project), checked on load
+WandbProject = Annotated[str, Text(what="a W&B project name", max_len=128, forbidden="/\\#?%:")]
 
 
 @dataclass
@@ -114,7 +120,7 @@ class DataConfig:
 @dataclass
 class CurriculumConfig:
     schedule: Literal[curriculum_lib.Preset, "custom"] = "none"  # custom: `stages` is required
-    stages: list[dict[str, Any]] | None = None  # [{size: 160, fraction: 0.6}, ...] replaces the preset
+    stages: list[curriculum_lib.Stage] | None = None  # [{size: 160, fraction: 0.6}, ...] replaces the preset
     budget: curriculum_lib.Budget | None = None  # epochs | compute; default: the preset's (et: epochs, etpp: compute)
     mode: FrequencyMode = "fft"  # fft (EfficientTrain) | resize (EfficientTrain++)
     # a floor on every stage's B (a multiple of the patch): e.g. 32 lifts etpp's 24-px stage at a 64 crop (a 3x3 grid
@@ -128,7 +134,7 @@ class OptimConfig:
     lr: PositiveFloat | None = None  # absolute lr; overrides blr when set
     min_lr: NonNegativeFloat = 0.0
     weight_decay: NonNegativeFloat = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     warmup_epochs: NonNegativeFloat = 40.0  # in budget units: epochs (epochs budget) or full-size-epoch compute
     clip_grad: PositiveFloat | None = None  # max global grad norm; null = no clipping
 
@@ -139,7 +145,7 @@ class TrainConfig:
     batch_size: PositiveInt = 64  # per device, per micro-step
     accum_steps: PositiveInt = 1  # micro-steps per optimizer step
     precision: Precision = "bf16"  # bf16 | fp16 | fp32
-    seed: int = 0
+    seed: SeedInt = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-reproducible CPU tests
     compile: CompileMode = (
         "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune: one graph per input size
@@ -160,7 +166,7 @@ class CheckpointConfig:
 @dataclass
 class TrackingConfig:
     wandb: WandbMode = "auto"  # auto (online when logged in, else offline) | online | offline | off
-    project: str = "mae_et"
+    project: WandbProject = "mae_et"
     recon_every_epochs: NonNegativeFloat = 20.0  # reconstruction grid cadence; 0 = off
     recon_images: PositiveInt = 8
     knn_every_epochs: NonNegativeFloat = 0.0  # online kNN monitor (k=20, T=0.07, cosine); 0 = off
@@ -208,11 +214,7 @@ def resolve_defaults(cfg: PretrainConfig, default_name: str) -> PretrainConfig:
 def resolve_curriculum(c: CurriculumConfig, full_size: int, patch_size: int) -> tuple[list[curriculum_lib.Stage], str]:
     """The checked stage list and budget of a curriculum section (a preset, or the explicit `stages`)."""
     if c.stages is not None:
-        stages = []
-        for i, s in enumerate(c.stages):
-            if not isinstance(s, dict) or set(s) != {"size", "fraction"}:
-                raise ConfigError(f"curriculum.stages[{i}] must be {{size: int, fraction: float}}, got {s!r}")
-            stages.append(curriculum_lib.Stage(size=int(s["size"]), fraction=float(s["fraction"])))
+        stages = list(c.stages)  # each entry's types checked on load (the schema's Stage)
     elif c.schedule == "custom":
         raise ConfigError("curriculum.schedule=custom needs curriculum.stages: [{size: 160, fraction: 0.6}, ...]")
     else:
@@ -306,16 +308,15 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     stages, _ = curriculum_stages(cfg)  # raises on a bad stage list
     check_masking(m.mask_ratio, [s.size for s in stages], m.patch_size)
     check_warmup(cfg)
-    if (
-        cfg.tracking.knn_every_epochs > 0
-        and d.source == "imagefolder"
-        and not (Path(d.root) / cfg.tracking.knn_split).is_dir()
-    ):
-        raise ConfigError(
-            f"the kNN monitor needs a labelled split '{Path(d.root) / cfg.tracking.knn_split}'; set "
-            "tracking.knn_split=<folder "
-            f"under data.root> or tracking.knn_every_epochs=0"
-        )
+    check_min_lr(cfg, cfg.train.batch_size * cfg.train.accum_steps)
+    if cfg.tracking.knn_every_epochs > 0 and d.source == "imagefolder":
+        held_out = Path(d.root) / cfg.tracking.knn_split
+        if not held_out.is_dir():
+            raise ConfigError(
+                f"the kNN monitor needs a labelled split '{held_out}'; set tracking.knn_split=<folder under "
+                "data.root> or tracking.knn_every_epochs=0"
+            )
+        check_splits_apart(data_dir(d), "data.split", held_out, "tracking.knn_split")  # the bank is what trains
     check_name(cfg.name)
 
 
@@ -385,6 +386,25 @@ def check_warmup(cfg) -> None:
         )
 
 
+def check_min_lr(cfg, batch: int) -> None:
+    """The cosine decays from the lr down to `optim.min_lr` (any run config with `optim.lr`, `optim.blr` and
+    `optim.min_lr`); a floor above the lr would make it climb. `batch`: the global batch of one process, whose
+    lr is the smallest the config can train with (more processes raise it)."""
+    o = cfg.optim
+    scaled = (o.blr * batch / 256, f"optim.blr {o.blr:g} x global batch {batch} / 256")
+    lr, how = (o.lr, "optim.lr") if o.lr is not None else scaled
+    if o.min_lr > lr:
+        raise ConfigError(
+            f"optim.min_lr {o.min_lr:g} is above the lr {lr:g} ({how}), so the schedule would climb to it instead of "
+            "decaying; lower optim.min_lr (0 decays all the way) or raise the lr"
+        )
+
+
 def check_name(name: str) -> None:
-    if not name or "/" in name:
-        raise ConfigError(f"name '{name}' must be a non-empty folder name without '/'")
+    """The run folder is output_dir/name: a name is one folder name in it, never a path out of it ('..', '/x',
+    'a/b') nor output_dir itself ('.', blank). The rule of the three run configs, checked on the name as resolved
+    (given, or the recipe's file name)."""
+    if not name.strip() or name in (".", "..") or "/" in name or "\0" in name:
+        raise ConfigError(
+            f"name {name!r} must be one folder name inside output_dir (not '.' or '..', no '/'); e.g. name=my_run"
+        )

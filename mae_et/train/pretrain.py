@@ -174,6 +174,7 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
     bar = run.progress(sched.end_step, step, f"pretrain {cfg.name}")
     model.train()
     while step < sched.end_step:
+        run.check_interrupt()
         stage = sched.plan.stage_at_step(step)
         set_lr(optimizer, sched.lr(step))
         for micro in range(accum):

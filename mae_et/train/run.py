@@ -11,8 +11,17 @@ One run per run folder: the main rank holds an exclusive `flock` on RUN/.run.loc
 (`mae_et.files.RunFolderLock`; any end of the process, SIGKILL included, releases it), so a second launch on
 the same folder (a requeued job while the old one still runs) stops in one line before touching anything.
 Leaving the `with` block releases it; a run folder this launch created and left empty (a start that failed
-its checks) is removed. Ctrl-C becomes `RunInterrupted` (one line: the step, the last checkpoint, how to
-resume; exit 130), a non-finite stop `NonFiniteLossError` (its own line, exit 1).
+its checks) is removed. Before that, the folder is checked as every command checks an output folder: never
+inside (nor around) the data or the checkpoint the run reads, and its outputs' names free for them.
+
+A run folder holds one run. Resuming refuses a checkpoint written from another `model.checkpoint` (an evaluation
+run would resume the old fine-tune and never load the encoder it names); `checkpoint.resume=false` starts over,
+and moves the earlier run's outputs (checkpoints, best/, config, metrics, result) to RUN/old-N first, saying so.
+
+Ctrl-C becomes `RunInterrupted` (one line: the step, the last checkpoint, how to resume; exit 130), a non-finite
+stop `NonFiniteLossError` (its own line, exit 1). For the run's life SIGINT is also remembered (`CtrlC`), and the
+loops check it at every step: a KeyboardInterrupt raised where Python discards it (inside a finaliser) still stops
+the run.
 
 A checkpoint is the resume point of every engine: weights (safetensors), optimizer and scaler state, the step and
 the loop's clocks (wall and process-CPU seconds, with the bookkeeping share apart), the resolved config and a
@@ -21,6 +30,8 @@ meta.json. Resuming checks the model first: a changed model stops with one line,
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -34,12 +45,20 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 
 from mae_et import checkpoint as ckpt_lib
-from mae_et.errors import RunStopped
-from mae_et.files import LOCK_FILE, RunFolderBusy, RunFolderLock, write_text_atomic
+from mae_et.errors import RunStopped, UserError
+from mae_et.files import LOCK_FILE, FileError, RunFolderLock, check_output_folder, move_into, write_text_atomic
 from mae_et.models.keys import compare_state
 from mae_et.notices import RunWarning, progress
 from mae_et.recipes import ConfigError, config_to_dict, flatten_dict
-from mae_et.train.tracking import RunTracker, resolve_wandb_mode
+from mae_et.train.tracking import METRICS_FILE, WANDB_ID_FILE, RunTracker, resolve_wandb_mode
+
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"  # fine-tuning's best epoch (mae_et.evaluate.engine)
+RESULT_FILE = "result.json"  # an evaluation's result (mae_et.evaluate.engine)
+RECONSTRUCTIONS_DIR = "reconstructions"  # pretraining's grids (mae_et.train.monitors)
+# What a run writes in its folder: the folders, and the files; moved together when a run starts over
+RUN_FOLDERS = (CHECKPOINTS_DIR, BEST_DIR, RECONSTRUCTIONS_DIR)
+RUN_FILES = (ckpt_lib.CONFIG_FILE, METRICS_FILE, RESULT_FILE, WANDB_ID_FILE)
 
 
 class Run:
@@ -64,10 +83,18 @@ class Run:
         self._tracker_closed = False
         self.config_yaml = ""
         self.last_checkpoint: Path | None = None
+        self.ctrl_c = CtrlC().install()  # last: __exit__ restores it
 
     def resume(self, raw_model: torch.nn.Module, optimizer) -> ckpt_lib.Checkpoint | None:
         """The latest checkpoint (when `checkpoint.resume`) into the model, optimizer, scaler and clocks; then
-        the config is saved in the run folder and the tracker opened (continuing the same W&B run)."""
+        the config is saved in the run folder and the tracker opened (continuing the same W&B run). Starting over
+        (`checkpoint.resume=false`) moves an earlier run in the folder aside first."""
+        if not self.cfg.checkpoint.resume:
+            if self.main:
+                moved = set_earlier_run_aside(self.run_dir)
+                if moved is not None:
+                    self.say(f"checkpoint.resume=false: starting over; the earlier run in this folder {moved}")
+            self.accelerator.wait_for_everyone()
         found = resume_latest(self.cfg, self.run_dir, raw_model, optimizer, self.accelerator)
         if found is not None:
             self.clock.restore(found.training_state)
@@ -91,6 +118,10 @@ class Run:
         """The loop's bar over its optimizer steps: main rank only; plain lines when stderr is not a terminal."""
         self.bar = progress(total=total, initial=initial, desc=desc, unit="step", enabled=self.main)
         return self.bar
+
+    def check_interrupt(self) -> None:
+        """At every step of a loop: a Ctrl-C whose KeyboardInterrupt was lost stops the run here."""
+        self.ctrl_c.check()
 
     def log(self, step: int, metrics: dict[str, Any], line: str | None = None) -> None:
         self.tracker.log(metrics, step)
@@ -135,6 +166,7 @@ class Run:
             self.close()
         finally:
             self._release_folder()
+            self.ctrl_c.restore()
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             raise RunInterrupted(self._interrupted_line(where), say=self.main) from None
 
@@ -142,7 +174,7 @@ class Run:
         at = f"interrupted at step {where[0]} of {where[1]}" if where else "interrupted before the first step"
         # what a relaunch resumes from: the newest complete checkpoint on disk (an interrupt during a save may
         # come after its rename, before this process heard it had finished)
-        on_disk = ckpt_lib.list_checkpoints(self.run_dir / "checkpoints")
+        on_disk = ckpt_lib.list_checkpoints(self.run_dir / CHECKPOINTS_DIR)
         last = on_disk[-1] if on_disk else None
         kept = (
             f"the last checkpoint is {last} (step {ckpt_lib.checkpoint_step(last)})"
@@ -168,6 +200,40 @@ class Run:
 
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+class CtrlC:
+    """SIGINT for a run's life: a KeyboardInterrupt, as Python's own handler raises, and a note of it. Python
+    discards an exception raised inside a finaliser (a __del__, a generator being closed: "Exception ignored
+    in ..."), so a Ctrl-C that lands there would be lost; `check()` at every step raises it again.
+
+    Installed only over Python's default handler, from the main thread: a process started with SIGINT ignored
+    (a background job) or with a handler of its own keeps it."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = None
+
+    def install(self) -> CtrlC:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 class NonFiniteLossError(RunStopped):
@@ -205,18 +271,22 @@ def build_accelerator(precision: str, accum_steps: int, use_wandb: bool) -> Acce
 
 
 def prepare_run_dir(cfg, accelerator: Accelerator) -> tuple[Path, RunFolderLock | None, list[Path]]:
-    """Create the run folder and take its lock (main rank); every rank gets the same error, none hangs.
+    """Check the run folder as every command checks an output folder (never inside, nor around, what the run
+    reads: the data, the encoder's checkpoint), and the names of its outputs; create it and take its lock (main
+    rank). Every rank gets the same error, none hangs.
 
     Returns the folder, the lock (None on other ranks) and the folders this call created, deepest first.
     `cfg`: any run config with `run_dir` (pretraining, fine-tuning, linear probe)."""
     run_dir = cfg.run_dir
     error, lock, created = [None], None, []
     if accelerator.is_main_process:
-        created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
         try:
+            check_output_folder(run_dir, reads=run_reads(cfg), flag="the run folder (output_dir=, name=)")
+            check_run_outputs(run_dir)
+            created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = RunFolderLock(run_dir).acquire()  # writes the holder's record: proves the folder writable now
-        except RunFolderBusy as e:
+        except UserError as e:
             error[0] = str(e)
         except OSError as e:
             error[0] = (
@@ -228,6 +298,47 @@ def prepare_run_dir(cfg, accelerator: Accelerator) -> tuple[Path, RunFolderLock 
     if error[0]:
         raise ConfigError(error[0])
     return run_dir, lock, created
+
+
+def run_reads(cfg) -> list[str]:
+    """The local paths a run reads: data.root (a folder, or a shard set's index), and an evaluation's encoder."""
+    paths = [cfg.data.root, getattr(cfg.model, "checkpoint", None)]
+    return [str(p) for p in paths if p and "://" not in str(p)]
+
+
+def check_run_outputs(run_dir: Path) -> None:
+    """Each name a run writes in its folder is free for it: RUN/checkpoints a folder (a file there would stop
+    the run at its first save, all the work before it lost), RUN/config.yaml a file, and so on."""
+    for name in RUN_FOLDERS:
+        if (run_dir / name).exists() and not (run_dir / name).is_dir():
+            raise FileError(
+                f"'{run_dir / name}' is a file, where this run keeps its {name}/ folder; move it away, or give this "
+                "run another output_dir= or name="
+            )
+    for name in RUN_FILES:
+        if (run_dir / name).is_dir():
+            raise FileError(
+                f"'{run_dir / name}' is a folder, where this run writes its {name}; move it away, or give this run "
+                "another output_dir= or name="
+            )
+
+
+def set_earlier_run_aside(run_dir: Path) -> str | None:
+    """Starting over in a folder that holds a run's checkpoints: that run's outputs move to RUN/old-N (the first
+    free N), a run folder of its own (`export`, fine-tuning and `resolve_checkpoint` read it as one), so the new
+    run's checkpoints never mix with its: keep_last would delete the new ones, a relaunch would resume the old.
+    Returns what was done, for the one line the run says; None when there was no earlier run."""
+    earlier = ckpt_lib.list_checkpoints(run_dir / CHECKPOINTS_DIR) + ckpt_lib.list_checkpoints(run_dir / BEST_DIR)
+    if not earlier:
+        return None
+    n = 1
+    while (run_dir / f"old-{n}").exists():
+        n += 1
+    aside = run_dir / f"old-{n}"
+    aside.mkdir()
+    move_into(run_dir, (*RUN_FOLDERS, *RUN_FILES), aside)
+    last = max(ckpt_lib.checkpoint_step(p) for p in earlier)
+    return f"(up to step {last}) was moved to {aside}"
 
 
 class LoopClock:
@@ -304,9 +415,10 @@ def resume_latest(
     """Load the run's latest checkpoint into the model, optimizer and grad scaler (when `checkpoint.resume`)."""
     if not cfg.checkpoint.resume:
         return None
-    found = ckpt_lib.load_latest_checkpoint(run_dir / "checkpoints")
+    found = ckpt_lib.load_latest_checkpoint(run_dir / CHECKPOINTS_DIR)
     if found is None:
         return None
+    require_same_start(found.path, cfg)
     require_same_model(found.path, found.model_state, raw_model, cfg)
     raw_model.load_state_dict(found.model_state, strict=True)
     optimizer.load_state_dict(found.training_state["optimizer"])
@@ -331,16 +443,51 @@ def require_same_model(ckpt_path: Path, saved_state: dict, raw_model: torch.nn.M
         f"cannot resume from {ckpt_path}: the model differs from the one that wrote it{because}; "
         + mismatch.summary()
         + f". Set a new output_dir (now {cfg.output_dir}) to start a new run, or checkpoint.resume=false to start "
-        "over in this folder (its checkpoints will be replaced)"
+        "over in this folder (the earlier run is moved aside)"
     )
+
+
+def require_same_start(ckpt_path: Path, cfg) -> None:
+    """An evaluation run resumes only from the encoder it started from: the same `model.checkpoint` (as written,
+    or the same path resolved). Else it would resume the old fine-tune and never load the encoder it names, while
+    its config and result name the new one."""
+    start = config_changes(ckpt_path, cfg).get("model.checkpoint")
+    if getattr(cfg.model, "checkpoint", None) is None or start is None:  # pretraining; or the same as written
+        return
+    saved, now = start
+    if saved is not None and Path(str(saved)).resolve() == Path(now).resolve():
+        return
+    earlier = f"model.checkpoint '{saved}'" if saved is not None else "no model.checkpoint (a pretraining run)"
+    raise ckpt_lib.CheckpointError(
+        f"run folder '{cfg.run_dir}' holds a run from {earlier} (up to {ckpt_path}), not from model.checkpoint "
+        f"'{now}'; give this run another name=, or pass checkpoint.resume=false to start over here (the earlier "
+        "run is moved aside)"
+    )
+
+
+def saved_config(ckpt_path: Path) -> dict[str, Any]:
+    """The config a checkpoint was written with ({} when it has none); one line naming the file when it is not
+    a YAML mapping."""
+    saved_file = ckpt_path / ckpt_lib.CONFIG_FILE
+    if not saved_file.is_file():
+        return {}
+    try:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+        problem = None if isinstance(saved, dict) else f"a {type(saved).__name__}, not a mapping of sections"
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        problem = f"not readable YAML: {str(getattr(e, 'problem', None) or e).splitlines()[0]}"
+    if problem is not None:
+        raise ckpt_lib.CheckpointError(
+            f"the config of checkpoint '{ckpt_path}' ('{saved_file}') is unusable ({problem}); delete that "
+            "checkpoint folder to resume from the one before, or pass checkpoint.resume=false to start over (the "
+            "earlier run is moved aside)"
+        )
+    return saved
 
 
 def config_changes(ckpt_path: Path, cfg) -> dict[str, tuple[Any, Any]]:
     """Flattened keys whose value differs between the checkpoint's saved config and `cfg`: (saved, now)."""
-    saved_file = ckpt_path / ckpt_lib.CONFIG_FILE
-    if not saved_file.is_file():
-        return {}
-    saved = flatten_dict(yaml.safe_load(saved_file.read_text()) or {})
+    saved = flatten_dict(saved_config(ckpt_path))
     now = flatten_dict(config_to_dict(cfg))
     return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
 
@@ -394,7 +541,7 @@ def save_checkpoint_on_main(
     if accelerator.is_main_process:
         try:
             path = ckpt_lib.save_checkpoint(
-                run_dir / "checkpoints", step, model_state, training_state, config_yaml, meta, keep_last
+                run_dir / CHECKPOINTS_DIR, step, model_state, training_state, config_yaml, meta, keep_last
             )
         except ckpt_lib.CheckpointWriteError as e:  # a full disk: every rank stops with it, none waits forever
             error = str(e)

@@ -15,29 +15,35 @@ import uuid
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 
 from mae_et.files import write_text_atomic
 from mae_et.notices import RunWarning
+from mae_et.recipes import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"
 
 
 def wandb_logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
+    """Whether W&B has credentials here, where wandb looks for them: its environment variables, or an entry for
+    its host in the netrc file ($NETRC, else ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
+    server = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        hosts = netrc.netrc().hosts
+        hosts = netrc.netrc(os.environ.get("NETRC")).hosts  # None: ~/.netrc
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
-    return any("wandb" in host for host in hosts)
+    return any("wandb" in host or host == server for host in hosts)
 
 
 def resolve_wandb_mode(setting: str) -> str | None:
-    """'auto' | 'online' | 'offline' | 'off' -> the W&B mode to use, or None for no W&B."""
+    """'auto' | 'online' | 'offline' | 'off' -> the W&B mode to use, or None for no W&B. Online without a login
+    is one line (a `ConfigError`) before the run starts, not wandb.init's traceback once the run folder is made."""
     if setting == "off":
         return None
     try:
@@ -47,12 +53,19 @@ def resolve_wandb_mode(setting: str) -> str | None:
             "wandb is not installed: tracking goes to metrics.jsonl only (pip install wandb)", RunWarning, stacklevel=2
         )
         return None
+    mode, asked = setting, f"tracking.wandb={setting}"
     if setting == "auto":
         env = os.environ.get("WANDB_MODE")
-        if env in ("online", "offline", "disabled"):
-            return None if env == "disabled" else env
-        return "online" if wandb_logged_in() else "offline"
-    return setting
+        if env == "disabled":
+            return None
+        mode, asked = (env, f"WANDB_MODE={env}") if env in ("online", "offline") else (None, "")
+        mode = mode or ("online" if wandb_logged_in() else "offline")
+    if mode == "online" and not wandb_logged_in():
+        raise ConfigError(
+            f"{asked} needs a W&B login, and there is none here (no WANDB_API_KEY, no W&B entry in ~/.netrc): run "
+            "`wandb login`, or set tracking.wandb=offline (upload later with wandb sync)"
+        )
+    return mode
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import threading
 
 import pytest
 import torch
-from helpers import MINI, REPO, copy_mini_classes, write_broken
+from helpers import MINI, MOUNT, REPO, copy_mini_classes, namespace_prefix, plain_user_prefix, write_broken
 
 from mae_et.data.folder import DataError, PretrainDataset, scan_image_folder
 from mae_et.data.shards import main as shards_main
@@ -133,8 +134,133 @@ def test_the_command_writes_once_and_says_so(tmp_path, capsys):
     assert "wrote 240 samples of 10 classes in 3 shards" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         shards_main([str(MINI / "train"), str(tmp_path / "s")])
-    assert e.value.code == 2 and "already holds index.json; pass --overwrite" in capsys.readouterr().err
+    assert e.value.code == 2 and "index.json' exists; pass --overwrite" in capsys.readouterr().err
     index = json.loads((tmp_path / "s" / "index.json").read_text())
     assert index["wids_version"] == 1 and [s["nsamples"] for s in index["shardlist"]] == [100, 100, 40]
     with pytest.raises(DataError, match="no shard index"):
         open_shards(tmp_path, tmp_path / "cache")
+
+
+def test_the_writer_never_replaces_a_file_without_overwrite(tmp_path, capsys):
+    """A folder that holds a shard's name but no index.json (a user's file, an earlier set cut short) keeps it."""
+    (c0,) = copy_mini_classes(tmp_path / "data", 1, 3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard-00000.tar").write_bytes(b"someone's file")
+    with pytest.raises(SystemExit) as e:
+        shards_main([str(tmp_path / "data"), str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "shard-00000.tar' exists; pass --overwrite" in err, err
+    assert (out / "shard-00000.tar").read_bytes() == b"someone's file" and not (out / "index.json").exists()
+    assert shards_main([str(tmp_path / "data"), str(out), "--overwrite"]) == 0
+    assert len(open_shards(out, tmp_path / "cache").samples) == 3
+
+
+def test_a_root_of_train_and_val_is_packed_from_train(tmp_path, capsys):
+    """As data.root does for pretraining: ROOT/train, never val as a class."""
+    copy_mini_classes(tmp_path / "root" / "train", 2, 3)
+    copy_mini_classes(tmp_path / "root" / "val", 2, 1)
+    write_shards(tmp_path / "root", tmp_path / "out")
+    packed = open_shards(tmp_path / "out", tmp_path / "cache")
+    assert packed.classes == scan_image_folder(tmp_path / "root" / "train").classes and len(packed.samples) == 6
+    with pytest.raises(SystemExit) as e:  # a root of splits without train/: one line naming the option
+        shards_main([str(tmp_path / "root"), str(tmp_path / "o2"), "--split", "test"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--split" in err and "data.split" not in err, err
+
+
+def write_index(folder, shardlist):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "index.json").write_text(json.dumps({"wids_version": 1, "shardlist": shardlist, "classes": ["a"]}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "entry, says",
+    [
+        ({"url": "../elsewhere/shard-00000.tar", "nsamples": 1}, "inside"),
+        ({"url": "sub/../../shard-00000.tar", "nsamples": 1}, "inside"),
+        ({"url": "/etc/passwd", "nsamples": 1}, "inside"),
+        ({"url": "file:///etc/passwd", "nsamples": 1}, "inside"),
+        ({"url": "http://elsewhere.example/shard-00000.tar", "nsamples": 1}, "inside"),
+        ({"nsamples": 1}, "url"),
+        ({"url": 7, "nsamples": 1}, "url"),
+        ({"url": "shard-00000.tar", "nsamples": -1}, "nsamples"),
+        ({"url": "shard-00000.tar", "nsamples": 2.5}, "nsamples"),
+        ({"url": "shard-00000.tar", "nsamples": "3"}, "nsamples"),
+        ({"url": "shard-00000.tar", "nsamples": True}, "nsamples"),
+        ({"url": "shard-00000.tar"}, "nsamples"),
+        ("shard-00000.tar", "entry"),
+    ],
+)
+def test_index_entries_stay_inside_their_folder_and_their_fields_are_checked(tmp_path, entry, says):
+    folder = write_index(tmp_path / "set", [{"url": "shard-00001.tar", "nsamples": 2}, entry])
+    with pytest.raises(DataError) as e:
+        open_shards(folder, tmp_path / "cache")
+    message = str(e.value)
+    assert "\n" not in message and str(folder / "index.json") in message and "entry 1" in message, message
+    assert says in message, message
+
+
+def test_an_index_served_over_http_may_not_point_at_local_files(tmp_path):
+    """urljoin(base, 'file:///...') is the local file: refused before anything is fetched."""
+    served = write_index(tmp_path / "served", [{"url": "file:///etc/hostname", "nsamples": 1}])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(DataError, match="entry 0"):
+            open_shards(f"http://127.0.0.1:{server.server_address[1]}/", tmp_path / "cache")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_full_disk_ends_in_one_line_and_leaves_no_shard(tmp_path):
+    """The mini train split (about 3 MB) into a 300 KB tmpfs: the shards already written go with the failure, so
+    the same command runs again once there is space (no file of this run blocks it)."""
+    prefix = namespace_prefix()
+    if prefix is None:
+        pytest.skip("cannot mount a small tmpfs here (needs root or unprivileged user namespaces)")
+    disk = tmp_path / "small"
+    disk.mkdir()
+    write = [sys.executable, "-m", "mae_et.data.shards", str(MINI / "train"), str(disk / "out"), "--shard-size", "5"]
+    script = (
+        f"{MOUNT.format(size='300k', dir=shlex.quote(str(disk)))} && {shlex.join(write)}; "
+        f"echo rc=$?; find {shlex.quote(str(disk))} -mindepth 1"
+    )
+    proc = subprocess.run([*prefix, "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert "rc=2" in proc.stdout.splitlines(), proc.stdout + proc.stderr
+    assert err[-1].startswith(f"error: no space left on device while writing '{disk / 'out'}'"), proc.stderr
+    assert not any(line.startswith("Traceback") for line in err), proc.stderr
+    assert [line for line in proc.stdout.splitlines() if line.startswith(str(disk))] == [str(disk / "out")]
+
+
+def test_unreadable_files_and_class_folders_are_skipped_and_counted_an_unreadable_root_is_one_line(tmp_path):
+    """As a user who is not root: a file and a class folder they may not read are skipped with a warning each and
+    counted in index.json; a root they may not read is one line."""
+    prefix = plain_user_prefix(tmp_path)
+    if prefix is None:
+        pytest.skip("cannot run as a user whom file permissions bind (setpriv missing or not allowed)")
+    a, b, _ = copy_mini_classes(tmp_path / "data", 3, 2)
+    locked_file = sorted(a.iterdir())[0]
+    locked_file.chmod(0)
+    b.chmod(0)
+    write = [sys.executable, "-m", "mae_et.data.shards", str(tmp_path / "data"), str(tmp_path / "out")]
+    try:
+        proc = subprocess.run([*prefix, *write], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert f"'{locked_file}'" in proc.stderr and f"'{b}'" in proc.stderr, proc.stderr
+        index = json.loads((tmp_path / "out" / "index.json").read_text())
+        assert sum(s["nsamples"] for s in index["shardlist"]) == 3 and index["skipped_unreadable"] == 1
+        assert index["skipped_at_scan"] == 1  # the class folder
+        (tmp_path / "data").chmod(0)
+        proc = subprocess.run([*prefix, *write[:-1], str(tmp_path / "out2")], cwd=REPO, capture_output=True, text=True)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and str(tmp_path / "data") in err[0], proc.stderr
+        assert "cannot be read" in err[0] and not (tmp_path / "out2").exists()
+    finally:
+        (tmp_path / "data").chmod(0o755)
+        b.chmod(0o755)

@@ -115,7 +115,7 @@ def test_a_split_that_is_not_there_is_an_error_naming_the_ones_that_are(tmp_path
         data_dir(SimpleNamespace(root=str(tmp_path), split="train"))
     # a plain folder of classes, with the default split: the root itself; an empty split: the root, always
     assert data_dir(SimpleNamespace(root=str(MINI / "train"), split="train")) == MINI / "train"
-    assert data_dir(SimpleNamespace(root=str(MINI), split="")) == MINI
+    assert data_dir(SimpleNamespace(root=str(MINI / "train"), split="")) == MINI / "train"
     assert data_dir(SimpleNamespace(root=str(MINI), split="val")) == MINI / "val"
     # and in a config: one line when it is loaded, before any work
     from mae_et.train.config import load_pretrain_config
@@ -125,6 +125,30 @@ def test_a_split_that_is_not_there_is_an_error_naming_the_ones_that_are(tmp_path
             REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml",
             [f"data.root={MINI}", "data.split=nope"],
         )
+
+
+@pytest.mark.parametrize("split", ["", ".", "./", "train/.."])
+def test_a_root_of_splits_is_never_pretrained_on_whole(split, tmp_path):
+    """data.split='' (or any name for the root itself) on a root of train/ and val/ trained on val/ as a class."""
+    with pytest.raises(DataError, match=r"holds val/ \(held-out images.*; pass data.split=train$"):
+        data_dir(SimpleNamespace(root=str(MINI), split=split))
+    # every source opens its folder through it, and a config says so when it is loaded
+    with pytest.raises(DataError, match="held-out images"):
+        d = SimpleNamespace(**{**vars(data_section(MINI, "loader")), "split": split})
+        open_source(d, seed=0, main=True, device=torch.device("cpu"))
+    from mae_et.train.config import load_pretrain_config
+
+    with pytest.raises(DataError, match="held-out images"):
+        load_pretrain_config(
+            REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml",
+            [f"data.root={MINI}", f"data.split={split}"],
+        )
+    if "train" in split:
+        return
+    # a root without held-out splits is a folder of classes, pretrained on whole
+    copy_mini_classes(tmp_path / "classes", n_classes=2, n_images=2)
+    classes = data_dir(SimpleNamespace(root=str(tmp_path / "classes"), split=split))
+    assert classes.resolve() == (tmp_path / "classes").resolve()
 
 
 def test_device_decode_without_a_gpu_says_so_once():

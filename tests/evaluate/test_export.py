@@ -4,11 +4,14 @@ input in one line, never over what it reads."""
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
-from helpers import random_mae, save_as_our_checkpoint
+from helpers import MOUNT, REPO, namespace_prefix, plain_user_prefix, random_mae, save_as_our_checkpoint
 from safetensors.torch import load_file
 
 from mae_et.checkpoint import list_checkpoints
@@ -82,12 +85,13 @@ def test_export_never_overwrites_what_it_reads(tmp_path, micro_run, capsys):
     shutil.copytree(micro_run, run)
     weights = list_checkpoints(run / "checkpoints")[-1] / "model.safetensors"
     before = weights.read_bytes()
-    for dst, message in (
-        (weights, "lies inside the checkpoints"),
-        (run / "checkpoints" / "enc.safetensors", "lies inside the checkpoints"),
+    for src, dst, message in (
+        (run, weights, "lies inside"),
+        (run, run / "checkpoints" / "enc.safetensors", "lies inside"),
+        (weights.parent, run / "checkpoints" / "enc.safetensors", "lies inside the checkpoints"),
     ):
         with pytest.raises(SystemExit) as e:
-            export_main([str(run), str(dst)])
+            export_main([str(src), str(dst)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     assert weights.read_bytes() == before and not (run / "checkpoints" / "enc.safetensors").exists()
@@ -106,3 +110,92 @@ def test_export_never_overwrites_what_it_reads(tmp_path, micro_run, capsys):
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644  # the umask's mode, not safetensors' 0600
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def run_with_two_checkpoints(tmp_path):
+    """A run folder of a micro MAE with checkpoints at steps 7 and 9 of different weights; (run, the step 9 MAE)."""
+    from mae_et.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    save_as_our_checkpoint(random_mae("micro", 8, 48, seed=0), run, "micro", 8, 48, tmp_path)
+    later = random_mae("micro", 8, 48, seed=1)
+    config = (tmp_path / "config.yaml").read_text()
+    meta = {"step": 9, "total_steps": 9, "global_batch": 16, "complete": True}  # as a run writes it
+    save_checkpoint(run / "checkpoints", 9, later.state_dict(), {"step": 9}, config, meta, keep_last=3)
+    return run, later
+
+
+def test_an_export_into_the_run_it_reads_is_refused_and_a_file_there_never_changes_which_weights_it_gives(
+    tmp_path, capsys
+):
+    """`export RUN RUN/model.safetensors` was accepted, and then `export RUN` gave those weights (step 7's) instead of
+    the latest checkpoint's (step 9's)."""
+    run, later = run_with_two_checkpoints(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        export_main([str(run), str(run / "model.safetensors")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "which this command reads" in err, err
+    assert not (run / "model.safetensors").exists()
+    # a file of that name put there another way (an export of an older step): the run still means its latest step
+    step7 = list_checkpoints(run / "checkpoints")[0]
+    assert export_main([str(step7), str(run / "model.safetensors")]) == 0
+    assert export_main([str(run), str(tmp_path / "latest.safetensors")]) == 0
+    exported = load_file(str(tmp_path / "latest.safetensors"))
+    assert torch.equal(exported["blocks.0.attn.qkv.weight"], later.state_dict()["blocks.0.attn.qkv.weight"])
+    state, _, _ = load_encoder_state(run / "model.safetensors")  # the file itself, when named, is that file
+    assert not torch.equal(state["blocks.0.attn.qkv.weight"], later.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def test_a_full_disk_ends_both_exports_in_one_line_and_leaves_no_file(tmp_path):
+    """A micro encoder (about 450 KB) into a 100 KB tmpfs, as timm weights and as a transformers folder."""
+    prefix = namespace_prefix()
+    if prefix is None:
+        pytest.skip("cannot mount a small tmpfs here (needs root or unprivileged user namespaces)")
+    run, _ = run_with_two_checkpoints(tmp_path)
+    disk = tmp_path / "small"
+    disk.mkdir()
+    export = [sys.executable, "-m", "mae_et.evaluate.export", str(run)]
+    script = " ; ".join(
+        [
+            MOUNT.format(size="100k", dir=shlex.quote(str(disk))),
+            shlex.join([*export, str(disk / "enc.safetensors")]) + " 2>>" + shlex.quote(str(tmp_path / "err")),
+            "echo rc=$?",
+            shlex.join([*export, str(disk / "hf"), "--format", "hf"]) + " 2>>" + shlex.quote(str(tmp_path / "err")),
+            "echo rc=$?",
+            f"find {shlex.quote(str(disk))} -mindepth 1",
+        ]
+    )
+    proc = subprocess.run([*prefix, "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    err = (tmp_path / "err").read_text().strip().splitlines()
+    assert [line for line in proc.stdout.splitlines() if line.startswith("rc=")] == ["rc=2", "rc=2"], err
+    assert err == [
+        f"error: no space left on device while writing '{disk / 'enc.safetensors'}'; nothing half-written was left: "
+        "free some space and run the same command again",
+        f"error: no space left on device while writing '{disk / 'hf'}'; nothing half-written was left: "
+        "free some space and run the same command again",
+    ], err
+    assert [line for line in proc.stdout.splitlines() if line.startswith(str(disk))] == []
+
+
+def test_weights_this_user_may_not_read_are_said_so_in_one_line(tmp_path):
+    """As a user who is not root: not 'unreadable (No such file or directory); delete that checkpoint folder'."""
+    prefix = plain_user_prefix(tmp_path)
+    if prefix is None:
+        pytest.skip("cannot run as a user whom file permissions bind (setpriv missing or not allowed)")
+    run, _ = run_with_two_checkpoints(tmp_path)
+    locked = list_checkpoints(run / "checkpoints")[-1] / "model.safetensors"
+    locked.chmod(0)
+    try:
+        for src in (run, locked):
+            proc = subprocess.run(
+                [*prefix, sys.executable, "-m", "mae_et.evaluate.export", str(src), str(tmp_path / "e.safetensors")],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert proc.returncode == 2 and proc.stderr == (
+                f"error: '{locked}' cannot be read (Permission denied); give this user read access\n"
+            ), proc.stderr
+    finally:
+        locked.chmod(0o644)

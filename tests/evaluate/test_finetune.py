@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import MINI, ONE_THREAD_ENV, REPO, reset_accelerate
 from safetensors.torch import load_file
 
@@ -201,6 +202,36 @@ def test_resume_after_max_steps_matches_uninterrupted(cli_run, pretrained, tmp_p
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
+def test_a_relaunch_with_another_encoder_is_refused_or_starts_over(pretrained, tmp_path):
+    """The run folder of a fine-tune holds one encoder's run: a relaunch naming another model.checkpoint stops in
+    one line (it would resume the old fine-tune and never load the new encoder), and checkpoint.resume=false
+    starts over, the earlier run moved aside; a run folder that is the encoder's own run is refused before any
+    work."""
+    from mae_et.errors import UserError
+
+    few = ["train.max_steps=2", "checkpoint.every_steps=2"]
+    first = finetune(cfg_for(tmp_path, pretrained, *few))
+    other = tmp_path / "another_encoder"  # the same weights under another path: another encoder, as far as a run knows
+    shutil.copytree(ck.resolve_checkpoint(pretrained), other)
+    reset_accelerate()
+    with pytest.raises(UserError, match=r"model.checkpoint") as refused:
+        finetune(cfg_for(tmp_path, other, *few))
+    assert str(other) in str(refused.value) and "name=" in str(refused.value)
+    assert "checkpoint.resume=false" in str(refused.value)
+    assert ck.list_checkpoints(first.run_dir / "checkpoints") == [first.checkpoint]  # untouched
+    reset_accelerate()
+    again = finetune(cfg_for(tmp_path, other, *few, "checkpoint.resume=false"))
+    assert ck.list_checkpoints(first.run_dir / "old-1" / "checkpoints")[-1].name == first.checkpoint.name
+    saved = {
+        d: yaml.safe_load((d / ck.CONFIG_FILE).read_text())["model"]["checkpoint"]
+        for d in (first.run_dir, first.run_dir / "old-1")
+    }
+    assert again.step == 2 and saved == {first.run_dir: str(other), first.run_dir / "old-1": str(pretrained)}
+    reset_accelerate()
+    with pytest.raises(UserError, match=r"overlaps"):
+        finetune(cfg_for(pretrained.parent, pretrained, *few, f"name={pretrained.name}"))
+
+
 def test_curriculum_and_randaug_ramp(pretrained, tmp_path):
     result = finetune(cfg_for(tmp_path, pretrained, "curriculum.schedule=et", "augment.randaug_ramp_start=1"))
     records = [r for r in metrics(result.run_dir) if "loss" in r]
@@ -292,3 +323,51 @@ def test_default_randaugment_never_asks_for_an_invalid_op():
         top = op.magnitude_max if op.magnitude_max is not None else 10.0  # timm clips jittered magnitudes to 10
         op.prob, op.magnitude_std, op.magnitude = 1.0, 0.0, top
         op(image)  # raises on an invalid op
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # each went through before: a seed numpy refuses mid-setup, timm's KeyError or bare AssertionError at the
+        # first transform, a "decay" that climbs, a run scored on its own training images
+        ("train.seed=-1", r"^train.seed must be in \[0, 4294967296\), got -1$"),
+        ("train.seed=4294967296", r"^train.seed must be in \[0, 4294967296\)"),
+        ("optim.betas=[0.9, 1.5]", r"^optim.betas\[1\] must be in \[0, 1\), got 1.5$"),
+        ("augment.interpolation=bicubik", r"^augment.interpolation 'bicubik' is unknown; .*did you mean 'bicubic'\?$"),
+        ("augment.remode=pixels", r"^augment.remode 'pixels' is unknown; choose one of pixel, rand, const"),
+        ("tracking.project=me/mae", r"^tracking.project 'me/mae' is not a W&B project name"),
+        ("optim.min_lr=5", r"^optim.min_lr 5 is above the lr"),
+        ("data.val_split=train", r"^data.train_split \(.*\) and data.val_split \(.*\) are the same folder"),
+        ("data.val_split=./train/", r"are the same folder"),
+        ("data.val_split=", r"^data.train_split .* overlap"),
+    ],
+)
+def test_evaluation_config_values_are_bounded_before_any_work(override, message):
+    from mae_et.errors import UserError
+    from mae_et.evaluate.config import load_linprobe_config
+
+    common = [f"model.checkpoint={REPO}", f"data.root={MINI}"]
+    with pytest.raises(UserError, match=message) as info:
+        load_finetune_config(FT_RECIPE, [*common, override])
+    assert "\n" not in str(info.value)
+    if not override.startswith(("augment.", "optim.betas")):  # the probe has no such keys
+        with pytest.raises(UserError, match=message):
+            load_linprobe_config(REPO / "configs" / "linprobe" / "vit-micro-p8_mae_cpu-test.yaml", [*common, override])
+
+
+def test_an_augment_policy_with_an_op_pillow_refuses_is_refused_on_load():
+    """MAE's own rand-m9-mstd0.5-inc1 draws magnitude 10 now and then, where PosterizeIncreasing asks for 0 bits:
+    a Pillow that refuses them crashed a few thousand images into the run. Now: one line on load."""
+    from PIL import Image, ImageOps
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (2, 2)), 0)
+        pytest.skip("this Pillow posterizes to 0 bits: the policy runs")
+    except ValueError:
+        pass
+    common = [f"model.checkpoint={REPO}", f"data.root={MINI}"]
+    for policy in ("rand-m9-mstd0.5-inc1", "rand-inc1"):
+        with pytest.raises(ConfigError, match=rf"^augment.auto_augment '{policy}': its PosterizeIncreasing op fails"):
+            load_finetune_config(FT_RECIPE, [*common, f"augment.auto_augment={policy}"])
+    capped = load_finetune_config(FT_RECIPE, [*common, "augment.auto_augment=rand-m9-mstd0.5-inc1-mmax9"])
+    assert capped.augment.auto_augment == "rand-m9-mstd0.5-inc1-mmax9"

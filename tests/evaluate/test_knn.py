@@ -66,3 +66,21 @@ def test_knn_json_is_checked_before_the_work_and_never_replaced_unasked(
     with pytest.raises(SystemExit):
         knn_main([str(micro_run), "--data", str(mini_root), "--json", str(existing)])
     assert "exists; pass --overwrite" in capsys.readouterr().err and existing.read_text() == "{}" and not called
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--val-split", "train"], "are the same folder"),  # scored its own bank: 74% where held-out images give 24%
+        (["--val-split", "./train/"], "are the same folder"),
+        (["--train-split", "", "--val-split", "val"], "overlap"),  # the bank holds val/ itself
+    ],
+)
+def test_knn_refuses_to_score_its_own_bank(mini_root, tmp_path, capsys, monkeypatch, flags, says):
+    called = []
+    monkeypatch.setattr("mae_et.evaluate.knn.load_pretrained_vit", lambda *a, **k: called.append(1))
+    with pytest.raises(SystemExit) as e:
+        knn_main([str(tmp_path), "--data", str(mini_root), *flags])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: --train-split (") and says in err and not called
+    assert "training images" in err and "\n" not in err

@@ -105,3 +105,40 @@ def test_out_is_checked_before_the_work_and_never_replaced_unasked(tmp_path, tin
     monkeypatch.undo()
     main([str(tiny_run), *two_images(mini_root), "--out", str(existing), "--overwrite"])
     assert Image.open(existing).format == "PNG" and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def decompression_bomb(path: Path) -> Path:
+    """A PNG whose header says 20000 x 20000 pixels (Pillow refuses to decode more than twice its limit)."""
+    import struct
+    import zlib
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = 8 + 8  # the signature, then IHDR's length and type; its width and height come first
+    data[ihdr : ihdr + 8] = struct.pack(">II", 20000, 20000)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_decompression_bomb_ends_in_one_line(tmp_path, tiny_run, mini_root, capsys):
+    bomb = decompression_bomb(tmp_path / "bomb.png")
+    with pytest.raises(SystemExit) as e:
+        main([str(tiny_run), two_images(mini_root)[0], str(bomb), "--out", str(tmp_path / "grid.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and str(bomb) in err and "DecompressionBomb" in err, err
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_a_fine_tuning_run_is_told_it_is_no_pretraining_run(tmp_path):
+    from mae_et.evaluate.config import FinetuneConfig
+    from mae_et.recipes import save_config
+
+    cfg = FinetuneConfig()
+    cfg.model.checkpoint = "runs/the_pretraining"
+    save_config(cfg, tmp_path / "config.yaml")
+    ck.save_checkpoint(
+        tmp_path / "run" / "checkpoints", 5, {}, {}, (tmp_path / "config.yaml").read_text(), {"step": 5}, 1
+    )
+    with pytest.raises(ck.CheckpointError, match="is a fine-tuned classifier, not a pretrained encoder"):
+        load_mae(tmp_path / "run")

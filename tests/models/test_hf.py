@@ -5,16 +5,20 @@ one transformers itself saved) is a model.checkpoint that gives the same encoder
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
-from helpers import random_mae, save_as_our_checkpoint
+from helpers import lie_about_a_shape, random_mae, save_as_our_checkpoint
+from safetensors.torch import load_file, save_file
 
+from mae_et.checkpoint import list_checkpoints
 from mae_et.evaluate.export import main as export_main
 from mae_et.evaluate.visualize import load_mae
 from mae_et.files import FileError
 from mae_et.models.hf import hf_to_encoder, mae_to_hf
-from mae_et.models.vit import encoder_features, load_encoder_state, load_pretrained_vit
+from mae_et.models.vit import LoadError, encoder_features, load_encoder_state, load_pretrained_vit
 
 transformers = pytest.importorskip("transformers", reason="the [bench] extra installs transformers")
 
@@ -126,3 +130,79 @@ def test_export_hf_refuses_a_non_empty_folder_a_file_source_and_a_hog_run(export
         from mae_et.evaluate.export import export_hf
 
         export_hf(run, run / "hf")
+
+
+def test_the_mae_config_holds_the_runs_own_mask_ratio(exported, tmp_path):
+    _, run, _ = exported
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    config = list_checkpoints(other / "checkpoints")[-1] / "config.yaml"
+    config.write_text(config.read_text().replace("mask_ratio: 0.75", "mask_ratio: 0.6"))
+    assert export_main([str(other), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert transformers.ViTMAEConfig.from_pretrained(tmp_path / "hf").mask_ratio == 0.6
+
+
+def test_a_folder_without_config_json_is_told_so_and_pytorch_model_bin_is_read_weights_only(exported, tmp_path):
+    """config.json is what such a folder lacks (not our config.yaml); the Hub's older pytorch_model.bin is read as
+    every torch file is, weights only: a pickled object in it is refused, never run."""
+    _, run, folder = exported
+    ours = load_encoder_state(run)[0]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(folder / "encoder" / "model.safetensors", bare)
+    with pytest.raises(LoadError) as e:
+        load_encoder_state(bare)
+    assert "no config.json" in str(e.value) and "config.yaml" not in str(e.value), str(e.value)
+
+    binned = tmp_path / "binned"
+    binned.mkdir()
+    torch.save(load_file(str(folder / "encoder" / "model.safetensors")), binned / "pytorch_model.bin")
+    with pytest.raises(LoadError) as e:  # only the .bin: what is missing is still config.json
+        load_encoder_state(binned)
+    assert "no config.json" in str(e.value) and "pytorch_model.bin" in str(e.value), str(e.value)
+    shutil.copy(folder / "encoder" / "config.json", binned)
+    state, _, kind = load_encoder_state(binned)
+    assert kind == "hf" and state.keys() == ours.keys() and all(torch.equal(state[k], ours[k]) for k in ours)
+
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.ones(1), "payload": MakesADir(marker)}, binned / "pytorch_model.bin")
+    with pytest.raises(LoadError, match="refused"):
+        load_encoder_state(binned)
+    assert not marker.exists()
+
+
+class MakesADir:
+    """Unpickled in full, it creates a folder: the sign that a load ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+@pytest.mark.parametrize("index", [12, 13])
+def test_an_extra_layer_is_reported_as_extra(exported, tmp_path, index):
+    """A 13th layer, next to the last one or after a gap, is named as unexpected; it was a missing 'layer.12'."""
+    _, _, folder = exported
+    shutil.copytree(folder / "encoder", tmp_path / "enc")
+    weights = tmp_path / "enc" / "model.safetensors"
+    state = load_file(str(weights))
+    last = "encoder.layer.11."
+    state.update({k.replace(last, f"encoder.layer.{index}."): v.clone() for k, v in state.items() if last in k})
+    save_file(state, str(weights))
+    with pytest.raises(LoadError) as e:
+        load_pretrained_vit(tmp_path / "enc")
+    message = str(e.value)
+    assert f"unexpected keys: blocks.{index}.attn.proj.bias" in message and "missing" not in message, message
+
+
+def test_a_header_that_lies_about_a_shape_names_the_tensor_and_the_shape_expected(exported, tmp_path):
+    _, _, folder = exported
+    shutil.copytree(folder / "encoder", tmp_path / "enc")
+    query = "encoder.layer.0.attention.attention.query.weight"
+    lie_about_a_shape(tmp_path / "enc" / "model.safetensors", query, [96, 384])  # (192, 192) in truth
+    with pytest.raises(LoadError) as e:
+        load_encoder_state(tmp_path / "enc")
+    message = str(e.value)
+    assert f"{query} (96, 384)" in message and "(192, 192) weights" in message and "\n" not in message, message

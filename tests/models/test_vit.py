@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import yaml
-from helpers import random_mae
+from helpers import lie_about_a_shape, random_mae
 from safetensors.torch import load_file, save_file
 
 from mae_et.checkpoint import CONFIG_FILE, MODEL_FILE, list_checkpoints
@@ -248,3 +248,52 @@ def test_other_img_size_resamples_pos_embed(micro_run):
     with torch.no_grad():
         assert vit.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 5)
         assert encoder_features(vit, torch.randn(2, 3, 64, 64), "mean").shape == (2, 64)
+
+
+# ----------------------------------------------------------------------------- errors that name the real problem
+
+
+def test_an_extra_block_is_named_as_extra_without_a_spec_too(tmp_path):
+    """The width names the size; a third block of a micro ViT is then an unexpected key, not 'no model size'."""
+    deep = tmp_path / "deep.safetensors"
+    save_file(micro_encoder_state(depth=3), str(deep))
+    with pytest.raises(LoadError) as e:
+        load_pretrained_vit(deep)
+    message = str(e.value)
+    assert "unexpected keys: blocks.2.attn.proj.bias" in message and "missing" not in message, message
+    assert "\n" not in message
+
+
+def test_a_fine_tuning_run_given_as_the_pretrained_encoder_is_told_so(tmp_path):
+    from mae_et.checkpoint import save_checkpoint
+    from mae_et.evaluate.config import FinetuneConfig
+    from mae_et.recipes import save_config
+
+    cfg = FinetuneConfig()
+    cfg.model.checkpoint = "runs/the_pretraining"
+    save_config(cfg, tmp_path / "config.yaml")
+    classifier = build_vit(MICRO, num_classes=3, global_pool="avg").state_dict()
+    run = tmp_path / "finetune_run"
+    save_checkpoint(
+        run / "checkpoints", 5, classifier, {"step": 5}, (tmp_path / "config.yaml").read_text(), {"step": 5}, 1
+    )
+    with pytest.raises(LoadError) as e:
+        load_pretrained_vit(run, num_classes=3)
+    message = str(e.value)
+    assert "is a fine-tuned classifier, not a pretrained encoder" in message and "runs/the_pretraining" in message
+    assert "size" not in message and "\n" not in message, message
+
+
+def test_a_header_that_lies_about_a_shape_names_the_tensor_and_the_shape_expected(tmp_path, micro_run):
+    """The sin-cos table was built from the lying width: a ValueError from the table, naming nothing."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    weights = list_checkpoints(run / "checkpoints")[-1] / MODEL_FILE
+    lie_about_a_shape(weights, "patch_embed.proj.weight", [3, 64, 8, 8])  # (64, 3, 8, 8) in truth
+    with pytest.raises(LoadError) as e:
+        load_pretrained_vit(run)
+    message = str(e.value)
+    assert "patch_embed.proj.weight: checkpoint (3, 64, 8, 8) vs model (64, 3, 8, 8)" in message, message
+    assert "\n" not in message

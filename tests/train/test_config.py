@@ -127,8 +127,26 @@ def test_missing_recipe_file():
         load_pretrain_config("configs/pretrain/nope.yaml", [])
 
 
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../up", "/tmp/elsewhere", "' '", '"a\\0b"'])
+def test_a_run_name_is_one_folder_inside_output_dir(micro_run, mini_root, name):
+    """name=.. put the run in output_dir's parent (over a config.yaml there): a run name is one folder name, not
+    '.', '..', a path, blank or with a NUL, by the same rule in the three run configs."""
+    from mae_et.evaluate.config import load_finetune_config, load_linprobe_config
+
+    common = [f"model.checkpoint={micro_run}", f"data.root={mini_root}", f"name={name}"]
+    for load_config, recipe in (
+        (load_pretrain_config, CPU_RECIPE),
+        (load_finetune_config, REPO / "configs" / "finetune" / "vit-micro-p8_mae_cpu-test.yaml"),
+        (load_linprobe_config, None),
+    ):
+        with pytest.raises(ConfigError, match=r"^name '.*' must be one folder name inside output_dir") as info:
+            load_config(recipe, common[1:] if load_config is load_pretrain_config else common)
+        assert "\n" not in str(info.value) and "name=" in str(info.value)
+    assert load(mini_root, "name=..my.run..").run_dir.name == "..my.run.."  # dots inside a name are fine
+
+
 def test_saved_config_round_trips(tmp_path, mini_root):
-    cfg = load(mini_root, "train.epochs=3")
+    cfg = load(mini_root, "train.epochs=3", "curriculum.stages=[{size: 40, fraction: 0.5}, {size: 48, fraction: 0.5}]")
     save_config(cfg, tmp_path / "c.yaml")
     again = build_config(PretrainConfig, yaml.safe_load((tmp_path / "c.yaml").read_text()))
     assert again == cfg
@@ -337,3 +355,102 @@ def test_a_shard_source_needs_the_loader_and_no_knn_monitor(mini_root, overrides
         load(mini_root, "data.source=shards", *overrides)
     cfg = load(mini_root, "data.source=shards", "tracking.knn_every_epochs=0")
     assert cfg.data.source == "shards"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # each ran before: a seed numpy or torch refuses mid-setup, a "decay" that climbs, a stage size cut silently
+        ("train.seed=-1", r"^train.seed must be in \[0, 4294967296\), got -1$"),
+        ("train.seed=4294967296", r"^train.seed must be in \[0, 4294967296\), got 4294967296$"),
+        ("optim.betas=[0.9, 1.0]", r"^optim.betas\[1\] must be in \[0, 1\), got 1.0$"),
+        ("optim.betas=[-0.1, 0.95]", r"^optim.betas\[0\] must be in \[0, 1\), got -0.1$"),
+        ("optim.betas=[.nan, 0.95]", r"^optim.betas\[0\] must be a finite number in \[0, 1\), got nan$"),
+        (
+            "curriculum.stages=[{size: 40.9, fraction: 1.0}]",
+            r"'curriculum.stages\[0\].size' must be an integer, got 40.9",
+        ),
+        ("curriculum.stages=[{size: big, fraction: 1.0}]", r"'curriculum.stages\[0\].size' must be an integer"),
+        ("curriculum.stages=[{size: 48, fraction: most}]", r"'curriculum.stages\[0\].fraction' must be a number"),
+        ("curriculum.stages=[{size: 48}]", r"curriculum.stages\[0\].fraction is missing"),
+        ("curriculum.stages=[{size: 48, fraction: 1.0, sise: 3}]", r"unknown config key 'curriculum.stages\[0\].sise'"),
+        ("curriculum.stages=[48]", r"curriculum.stages\[0\]' must be a mapping"),
+        ("curriculum.stages=[{size: 44, fraction: 1.0}]", "curriculum size 44 is not a multiple of the patch size 8"),
+        ("optim.min_lr=0.55", r"^optim.min_lr 0.55 is above the lr"),
+        (["optim.lr=0.1", "optim.min_lr=0.55"], r"^optim.min_lr 0.55 is above the lr 0.1 \(optim.lr\)"),
+        ("tracking.project=team/mae", r"^tracking.project 'team/mae' is not a W&B project name"),
+        ("tracking.project=a:b", r"^tracking.project 'a:b' is not a W&B project name"),
+        (f"tracking.project={'p' * 129}", r"is not a W&B project name.* at most 128 characters"),
+        (
+            ["tracking.knn_every_epochs=1", "tracking.knn_split=train"],
+            r"^data.split \(.*train'\) and tracking.knn_split \(.*train'\) are the same folder",
+        ),
+        (["tracking.knn_every_epochs=1", "tracking.knn_split=./train/"], r"are the same folder"),
+    ],
+)
+def test_every_value_is_bounded_before_any_work(mini_root, override, message):
+    from mae_et.errors import UserError
+
+    with pytest.raises(UserError, match=message) as info:
+        load(mini_root, *([override] if isinstance(override, str) else override))
+    assert "\n" not in str(info.value)
+
+
+def test_the_bounds_hold_at_their_edges(mini_root):
+    cfg = load(
+        mini_root,
+        "train.seed=4294967295",
+        "optim.betas=[0.0, 0.999]",
+        "curriculum.stages=[{size: 40.0, fraction: 0.5}, {size: 48, fraction: 0.5}]",
+        "optim.lr=0.1",
+        "optim.min_lr=0.1",
+        "tracking.project=my-project_2.0",
+        "tracking.knn_every_epochs=1",
+        "tracking.knn_split=val",
+    )
+    assert cfg.train.seed == 2**32 - 1 and cfg.optim.betas == (0.0, 0.999)
+    assert [(s.size, s.fraction) for s in curriculum_stages(cfg)[0]] == [(40, 0.5), (48, 0.5)]
+
+
+@pytest.mark.parametrize(
+    "name", ["mae", "a" * 128, "a" * 129, "team/mae", "a\\b", "a#b", "a?b", "a%b", "a:b", "x y", "ümlaut"]
+)
+def test_project_names_follow_wandbs_own_rule(mini_root, name):
+    """Our verdict on a project name is wandb's (its Settings validator), decided before any run starts."""
+    from wandb.sdk.wandb_settings import Settings
+
+    try:
+        Settings(project=name)
+        wandb_accepts = True
+    except Exception:
+        wandb_accepts = False
+    try:
+        load(mini_root, f"tracking.project={name}")
+        we_accept = True
+    except ConfigError:
+        we_accept = False
+    assert we_accept == wandb_accepts
+
+
+def test_a_recipe_file_that_is_too_big_is_refused_before_it_is_parsed(tmp_path, mini_root, monkeypatch):
+    big = tmp_path / "big.yaml"
+    big.write_text("train:\n  epochs: 3\n" + "# padding\n" * 300_000)  # 3 MB: parsing a 100 MB one took minutes
+    monkeypatch.setattr(yaml, "safe_load", lambda *a, **k: pytest.fail("parsed"))
+    with pytest.raises(ConfigError, match=rf"^config file '{big}' is 3.0 MB; a recipe is at most 1 MB"):
+        load_pretrain_config(big, [f"data.root={mini_root}"])
+
+
+def test_a_recipe_or_base_that_is_a_folder_or_missing_names_the_file_to_fix(tmp_path, mini_root):
+    with pytest.raises(ConfigError, match=rf"^config file '{tmp_path}' is a folder, not a recipe file"):
+        load_pretrain_config(tmp_path, [f"data.root={mini_root}"])
+    child = tmp_path / "child.yaml"
+    (tmp_path / "sub").mkdir()
+    child.write_text("_base_: sub\n")
+    with pytest.raises(ConfigError, match=rf"^config file '{child}': its _base_ 'sub' \('{tmp_path / 'sub'}'\) is a"):
+        load_pretrain_config(child, [f"data.root={mini_root}"])
+    (tmp_path / "middle.yaml").write_text("_base_: gone.yaml\n")
+    child.write_text("_base_: middle.yaml\n")
+    with pytest.raises(
+        ConfigError, match=rf"^config file '{tmp_path / 'middle.yaml'}': its _base_ 'gone.yaml' .* does"
+    ):
+        load_pretrain_config(child, [f"data.root={mini_root}"])

@@ -11,21 +11,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers import CPU_RECIPE, REPO
+from helpers import CPU_RECIPE, MOUNT, REPO, namespace_prefix
 
-MOUNT = "mount -t tmpfs -o size=2600k tmpfs {dir}"
-
-
-def namespace_prefix() -> list[str] | None:
-    """An `unshare` command line under which this user may mount a tmpfs, or None."""
-    for prefix in (["unshare", "--user", "--map-root-user", "--mount"], ["unshare", "--mount"]):
-        try:
-            probe = subprocess.run([*prefix, "sh", "-c", MOUNT.format(dir="/tmp")], capture_output=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if probe.returncode == 0:
-            return prefix
-    return None
+SIZE = "2600k"
 
 
 def test_a_full_disk_stops_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, mini_root):
@@ -50,7 +38,8 @@ def test_a_full_disk_stops_in_one_line_and_keeps_the_previous_checkpoint(tmp_pat
     ]
     # the listing must be taken inside the namespace: the tmpfs goes with it
     script = (
-        f"{MOUNT.format(dir=shlex.quote(str(out)))} && {shlex.join(train)} 2>{shlex.quote(str(tmp_path / 'err'))}; "
+        f"{MOUNT.format(size=SIZE, dir=shlex.quote(str(out)))} && "
+        f"{shlex.join(train)} 2>{shlex.quote(str(tmp_path / 'err'))}; "
         f"echo rc=$?; find {shlex.quote(str(run_dir))} -mindepth 1 | sort"
     )
     proc = subprocess.run([*prefix, "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -15,15 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CPU_RECIPE, ONE_THREAD_ENV, REPO, make_bad_folder, reset_accelerate
+from helpers import CPU_RECIPE, ONE_THREAD_ENV, REPO, copy_mini_classes, make_bad_folder, reset_accelerate
 from safetensors.torch import load_file
 
 from mae_et import checkpoint as ck
 from mae_et.cli import run_user_command
+from mae_et.errors import UserError
+from mae_et.files import RunFolderLock
 from mae_et.models.mae import MaskedAutoencoderViT
 from mae_et.train.config import load_pretrain_config
 from mae_et.train.pretrain import pretrain
-from mae_et.train.run import NonFiniteLossError
+from mae_et.train.run import NonFiniteLossError, RunInterrupted
 from mae_et.train.step import build_model
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # each in-process run builds its own Accelerator
@@ -239,6 +242,9 @@ def test_a_run_on_shards_killed_at_any_moment_relaunches_to_the_same_weights(tmp
 
 
 def test_ctrl_c_ends_in_one_line_with_the_step_and_the_checkpoint(tmp_path, mini_root):
+    """The run is planned far longer than it lives (300 steps, interrupted after its first checkpoint at step 5):
+    on a loaded machine 45 steps could all pass between seeing the checkpoint and the SIGINT, and a run that
+    ended first looked like a lost Ctrl-C."""
     run_dir = tmp_path / CPU_RECIPE.stem
     cmd = [
         sys.executable,
@@ -247,6 +253,7 @@ def test_ctrl_c_ends_in_one_line_with_the_step_and_the_checkpoint(tmp_path, mini
         str(CPU_RECIPE),
         f"data.root={mini_root}",
         *STRAIGHT,
+        "train.epochs=20",
         f"output_dir={tmp_path}",
     ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -257,11 +264,10 @@ def test_ctrl_c_ends_in_one_line_with_the_step_and_the_checkpoint(tmp_path, mini
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
     last = ck.list_checkpoints(run_dir / "checkpoints")[-1]
-    assert last.name != "step_00000045", "the run finished before Ctrl-C; the test proves nothing"
     lines = err.strip().splitlines()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     m = re.fullmatch(
-        r"interrupted at step (\d+) of 45; the last checkpoint is (.+) \(step (\d+)\); "
+        r"interrupted at step (\d+) of 300; the last checkpoint is (.+) \(step (\d+)\); "
         r"relaunch the same command to resume",
         lines[-1],
     )
@@ -436,12 +442,12 @@ def test_two_process_ddp_on_shards_trains_as_on_the_folder(tmp_path, mini_root):
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(free_port()), str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE),
-            f"data.root={root}", f"output_dir={tmp_path / name}", "train.max_steps=8", "train.batch_size=8",
+            f"data.root={root}", f"output_dir={tmp_path / 'runs' / name}", "train.max_steps=8", "train.batch_size=8",
             "tracking.recon_every_epochs=0", "tracking.knn_every_epochs=0", *extra,
         ]  # fmt: skip
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_THREAD_ENV)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        run_dir = tmp_path / name / CPU_RECIPE.stem
+        run_dir = tmp_path / "runs" / name / CPU_RECIPE.stem
         meta = json.loads((ck.list_checkpoints(run_dir / "checkpoints")[-1] / "meta.json").read_text())
         assert meta["world_size"] == 2 and meta["rank_weight_checksums"][0] == meta["rank_weight_checksums"][1]
         runs[name] = final_weights(run_dir)
@@ -765,6 +771,166 @@ def test_checkpoint_every_epochs_0_is_off_not_every_step(tmp_path, mini_root):
     assert [p.name for p in ck.list_checkpoints(result.run_dir / "checkpoints")] == ["step_00000020"]
 
 
+# ----------------------------------------------------------------------------- the run folder: start over, layout
+
+RUN_LINE = re.compile(
+    r"interrupted (at step \d+ of \d+|before the first step); (the last checkpoint is .+ \(step \d+\)|no "
+    r"checkpoint was written yet); relaunch the same command to resume"
+)
+
+
+def test_starting_over_moves_the_earlier_run_aside_and_the_two_never_mix(tmp_path, mini_root, two_step_run, capsys):
+    """checkpoint.resume=false in a folder whose run is ahead of the new one (step 2 against step 1): the earlier
+    run moves to RUN/old-1 whole, said in one line; keep_last never deletes the new run's checkpoints, the stop
+    line names one that exists, and a relaunch resumes the new run."""
+    shutil.copytree(two_step_run, tmp_path, dirs_exist_ok=True)
+    run_dir = tmp_path / CPU_RECIPE.stem
+    common = ["tracking.recon_every_epochs=0", "checkpoint.every_steps=1", "checkpoint.keep_last=1"]
+    capsys.readouterr()
+    fresh = pretrain(cfg_for(tmp_path, mini_root, *common, "train.max_steps=1", "checkpoint.resume=false"))
+    out = capsys.readouterr().out
+    [moved] = [line for line in out.splitlines() if str(run_dir / "old-1") in line]
+    assert "step 2" in moved and "checkpoint.resume=false" in moved
+    assert [p.name for p in ck.list_checkpoints(run_dir / "old-1" / "checkpoints")] == ["step_00000002"]
+    assert (run_dir / "old-1" / "metrics.jsonl").is_file() and (run_dir / "old-1" / "config.yaml").is_file()
+    assert ck.list_checkpoints(run_dir / "checkpoints") == [fresh.checkpoint] and fresh.checkpoint.name.endswith("1")
+    assert f"checkpoint: {fresh.checkpoint};" in out  # the stop line names a checkpoint that exists
+    reset_accelerate()
+    resumed = pretrain(cfg_for(tmp_path, mini_root, *common, "train.max_steps=2"))
+    assert f"resumed from {fresh.checkpoint} at step 1" in capsys.readouterr().out and resumed.step == 2
+    steps = [r["step"] for r in metrics(run_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == 2  # the new run's records only
+
+
+def test_a_checkpoints_path_that_is_a_file_is_refused_before_any_step(tmp_path, mini_root):
+    run_dir = tmp_path / CPU_RECIPE.stem
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("mine")
+    with pytest.raises(UserError, match=r"is a file") as stopped:
+        pretrain(cfg_for(tmp_path, mini_root, *TWO_STEPS))
+    assert str(run_dir / "checkpoints") in str(stopped.value) and "output_dir=" in str(stopped.value)
+    assert (run_dir / "checkpoints").read_text() == "mine" and not (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("saved", ["model: [unclosed\n", "- a list\n- not sections\n"])
+def test_a_resume_whose_saved_config_is_unusable_is_one_line(tmp_path, mini_root, two_step_run, saved):
+    shutil.copytree(two_step_run, tmp_path, dirs_exist_ok=True)
+    ckpt = tmp_path / CPU_RECIPE.stem / "checkpoints" / "step_00000002"
+    (ckpt / ck.CONFIG_FILE).write_text(saved)
+    with pytest.raises(UserError) as stopped:
+        pretrain(cfg_for(tmp_path, mini_root, *TWO_STEPS[1:], "train.max_steps=3"))
+    line = str(stopped.value)
+    assert "\n" not in line and str(ckpt / ck.CONFIG_FILE) in line and "checkpoint.resume=false" in line
+    assert ck.list_checkpoints(ckpt.parent) == [ckpt]  # nothing trained, nothing removed
+
+
+def test_an_output_dir_inside_the_data_is_refused_before_any_work(tmp_path):
+    data = tmp_path / "data"
+    copy_mini_classes(data / "train", 2)
+    for inside in (data / "train", data):
+        with pytest.raises(UserError, match=r"overlaps .*which this command reads"):
+            pretrain(cfg_for(inside, data, *TWO_STEPS))
+    assert sorted(p.name for p in data.iterdir()) == ["train"] and len(list((data / "train").iterdir())) == 2
+
+
+def test_wandb_online_without_a_login_is_one_line_before_the_run_folder(tmp_path, mini_root, monkeypatch):
+    pytest.importorskip("wandb")
+    for key in [k for k in os.environ if k.startswith("WANDB_")] + ["NETRC"]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no login
+    with pytest.raises(UserError, match=r"tracking.wandb=online needs a W&B login.*tracking.wandb=offline"):
+        pretrain(cfg_for(tmp_path / "runs", mini_root, *TWO_STEPS, "tracking.wandb=online"))
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- kills and Ctrl-C
+
+
+def test_a_killed_run_s_loader_workers_never_hold_its_run_folder(tmp_path, mini_root):
+    """kill -9 leaves the DataLoader workers alive for a few seconds (until they notice their parent is gone):
+    they must not hold the run folder's lock, so the relaunch at once takes it."""
+    run_dir = tmp_path / CPU_RECIPE.stem
+    cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), f"data.root={mini_root}",
+           *STRAIGHT, "data.num_workers=2", f"output_dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD_ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ck.list_checkpoints(run_dir / "checkpoints"):
+        time.sleep(0.02)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    try:
+        RunFolderLock(run_dir).acquire().release()  # what a relaunch does first
+    finally:
+        alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+        for w in alive:
+            os.kill(int(w), signal.SIGKILL)
+    assert alive, "the workers were gone before the relaunch; the test proves nothing"
+
+
+class _SigintOnFinalize:
+    """An object whose finaliser gets Ctrl-C: Python discards what a __del__ raises ('Exception ignored in')."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        len("the handler runs here, inside the finaliser")
+
+
+@pytest.mark.usefixtures("one_thread_fresh_accelerate")
+def test_a_ctrl_c_that_python_discards_still_stops_the_run(tmp_path, mini_root, monkeypatch):
+    """A SIGINT whose KeyboardInterrupt is raised inside a finaliser (a library's __del__, a generator being
+    closed) is discarded by Python; the run still stops at its next step, in its one line."""
+    from mae_et.train import pretrain as loop
+
+    noise = loop.mask_noise
+
+    def mask_noise(seed, step, *args):
+        if step == 2:
+            _SigintOnFinalize()  # made and dropped at once
+        return noise(seed, step, *args)
+
+    monkeypatch.setattr(loop, "mask_noise", mask_noise)
+    with pytest.raises(RunInterrupted) as stopped:
+        pretrain(cfg_for(tmp_path, mini_root, "train.max_steps=4", "tracking.recon_every_epochs=0"))
+    assert RUN_LINE.fullmatch(str(stopped.value)) and "at step 3 of 4" in str(stopped.value)
+
+
+@pytest.mark.usefixtures("one_thread_fresh_accelerate")
+def test_ctrl_c_at_random_moments_of_a_run_always_stops_it_in_one_line(tmp_path, mini_root):
+    """SIGINT after a random number of the Python calls of a run's steps (anywhere: the data, the step, a
+    checkpoint write, the log), a few times: every run stops with its one line, none goes on."""
+    calls = [0]
+
+    def cfg(i):
+        return cfg_for(tmp_path / str(i), mini_root, "train.max_steps=2", "checkpoint.every_steps=1",
+                       "tracking.recon_every_epochs=0")  # fmt: skip
+
+    def profiled(count_to: int | None) -> None:
+        calls[0] = 0
+
+        def on_event(frame, event, arg):
+            if event == "call" and (calls[0] or frame.f_code.co_name == "next_batch"):  # from the first step
+                calls[0] += 1
+                if calls[0] == count_to:
+                    sys.setprofile(None)
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        sys.setprofile(on_event)
+        try:
+            pretrain(cfg(count_to or 0))
+        finally:
+            sys.setprofile(None)
+
+    profiled(None)  # one whole run: how many calls it makes
+    total = calls[0]
+    moments = sorted(random.Random().sample(range(1, total * 9 // 10), 4))  # the run seeds `random` itself
+    for k in moments:
+        reset_accelerate()
+        with pytest.raises(RunInterrupted) as stopped:
+            profiled(k)
+        assert RUN_LINE.fullmatch(str(stopped.value)), (k, total, str(stopped.value))
+
+
 # ----------------------------------------------------------------------------- several machines
 
 # Stand-ins for Slurm's two commands, so examples/slurm/pretrain.sbatch runs here as on a cluster of
@@ -853,12 +1019,13 @@ def test_the_step_decodes_the_share_of_the_patches_the_recipe_names(tmp_path, mi
     recipe (16 patches of 8 px, 12 masked), a quarter of the stage's patches is 4, of the full crop's 36 is 9."""
     from accelerate import Accelerator
 
-    from mae_et.train.pretrain import build_training, plan_pretraining
+    from mae_et.train.pretrain import plan_pretraining
+    from mae_et.train.step import build_training
 
     cfg = cfg_for(tmp_path, mini_root, "model.decode_fraction=0.25", f"model.decode_fraction_of={share_of}")
     sched = plan_pretraining(cfg, num_images=64, world=1)
     assert 32 in {s.size for s in sched.plan.stages}
-    model, _, step = build_training(cfg, sched, Accelerator(cpu=True))
+    model, _, step = build_training(cfg, Accelerator(cpu=True), sched.base_lr, (32, 40, 48))
     seen = []
     model.decoder_blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
     images = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
