@@ -81,11 +81,21 @@ def _subfolders(folder: Path) -> list[str]:
 def data_dir(d) -> Path:
     """The folder to pretrain on: `data.root/data.split`; the root itself when `data.split` is empty, or when
     the default `train` is absent from a root that is itself a folder of classes. Every source that reads a
-    folder opens it through here, and the config check calls it on load.
+    folder opens it through here, and the config check calls it on load. A root this user may not read is one
+    line too.
 
     A split that is not there, or a folder that holds a held-out split (`val/`, `test/`, ...: `data.split=''` on
     a root of `train/` and `val/`), is a `DataError` naming the sub-folders that are: either would train on
     `train/` and `val/` as two classes, the evaluation images among them."""
+    try:
+        return _data_dir(d)
+    except PermissionError as e:
+        raise DataError(
+            f"data.root: '{e.filename}' cannot be read ({e.strerror}); give this user read access"
+        ) from None
+
+
+def _data_dir(d) -> Path:
     root = Path(d.root)
     if not root.is_dir():
         return root  # (a missing root: the scan says so)

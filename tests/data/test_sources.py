@@ -151,6 +151,22 @@ def test_a_root_of_splits_is_never_pretrained_on_whole(split, tmp_path):
     assert classes.resolve() == (tmp_path / "classes").resolve()
 
 
+def test_a_root_this_user_may_not_read_is_one_line(tmp_path, monkeypatch):
+    """As for a user without read access (we run as root: listing the folder is made to fail as it would)."""
+    root = tmp_path / "data"
+    copy_mini_classes(root / "train", n_classes=1, n_images=1)
+    real_is_dir = Path.is_dir
+
+    def is_dir(self):
+        if self.is_relative_to(root) and self != root:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    with pytest.raises(DataError, match=r"cannot be read \(Permission denied\); give this user read access"):
+        data_dir(SimpleNamespace(root=str(root), split="train"))
+
+
 def test_device_decode_without_a_gpu_says_so_once():
     with pytest.warns(UserWarning) as record:
         opened = open_source(data_section(MINI, "device_decode"), seed=0, main=True, device=torch.device("cpu"))
