@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mae_et.models.mae import mae_vit
+from mae_et.models.mae import get_2d_sincos_pos_embed, mae_vit
 from mae_et.train.run import fresh_accelerate_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,3 +235,47 @@ def counted_forward_flops(model: torch.nn.Module, imgs: torch.Tensor, **forward_
         for m, f in zip(attention, fused):
             m.fused_attn = f
     return counter.get_total_flops() / imgs.shape[0]
+
+
+# ----------------------------------------------------------------- start points (model.init) of the micro MAE's shape
+# the micro MAE of the CPU recipe: 64 wide, 2 blocks, 2 heads, patch 8 at 48 px; decoder 32 x 1, 2 heads
+
+
+def transformers_folder(tmp_path, layer_norm_eps: float = 1e-12):
+    """A ViTMAEForPreTraining of the micro shape, random, written by transformers itself (the Hub's eps)."""
+    import transformers
+
+    torch.manual_seed(1)
+    config = transformers.ViTMAEConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        image_size=48,
+        patch_size=8,
+        decoder_hidden_size=32,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=128,
+        layer_norm_eps=layer_norm_eps,
+    )
+    model = transformers.ViTMAEForPreTraining(config)
+    with torch.no_grad():  # as the Hub's folders hold them (transformers 5 leaves a new model's tables at zero)
+        model.vit.embeddings.position_embeddings.copy_(get_2d_sincos_pos_embed(64, 6, cls_token=True)[None])
+        model.decoder.decoder_pos_embed.copy_(get_2d_sincos_pos_embed(32, 6, cls_token=True)[None])
+    model.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf", model
+
+
+def official_pth(tmp_path, decoder: bool = True):
+    """An official-format training file: {"model": reference names + the sin-cos tables, "args": Namespace}."""
+    import argparse
+
+    mae = random_mae("micro", 8, 48, seed=3)
+    state = {k: v for k, v in mae.state_dict().items() if decoder or not k.startswith(("decoder_", "mask_token"))}
+    state["pos_embed"] = get_2d_sincos_pos_embed(64, 6, cls_token=True).unsqueeze(0)
+    if decoder:
+        state["decoder_pos_embed"] = get_2d_sincos_pos_embed(32, 6, cls_token=True).unsqueeze(0)
+    path = tmp_path / ("mae_full.pth" if decoder else "mae_encoder.pth")
+    torch.save({"model": state, "args": argparse.Namespace(model="mae_vit_micro"), "epoch": 799}, path)
+    return path, mae

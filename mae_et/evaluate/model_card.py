@@ -57,7 +57,13 @@ def training_lines(cfg: PretrainConfig, meta: dict[str, Any]) -> list[str]:
     steps, batch = int(meta["step"]), int(meta["global_batch"])
     of = "each stage's" if m.decode_fraction_of == "stage" else "the full crop's"
     share = f"{m.decode_fraction:g} of {of} patches"
+    start = (
+        [f"- Start: continued from `{Path(m.init).name}` (sha256 {m.init_sha256}), not a random initialisation."]
+        if m.init
+        else []
+    )
     return [
+        *start,
         f"- Model: MAE ViT-{m.size}/{m.patch_size} (width {dims['embed_dim']}, depth {dims['depth']}, "
         f"{dims['num_heads']} heads) at {cfg.data.crop_size} px; decoder {m.decoder_embed_dim} x {m.decoder_depth}.",
         f"- Objective: mask ratio {m.mask_ratio:g}, target {m.target}"

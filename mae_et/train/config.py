@@ -86,6 +86,12 @@ class ModelConfig:
         8  # hog: cell side in px (MaskFeat: 8, i.e. 2 x 2 cells per 16-px patch); divides patch_size
     )
     hog_bins: Annotated[int, Check(ge=2)] = 9  # hog: unsigned orientation bins over 180 degrees (MaskFeat: 9)
+    # start from these weights, not a random initialisation (continued pretraining): one of our run or checkpoint
+    # folders, an official MAE .pth (a _full file carries the decoder) or a transformers ViTMAE folder. Only weights
+    # come in (mae_et.models.start), at a fresh start only: a relaunch resumes the run's own checkpoints
+    init: str | None = None
+    # sha256 of the start point's weights file: recorded by the run; given, the file must match it
+    init_sha256: str | None = None
 
 
 @dataclass
@@ -254,6 +260,11 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     m, d = cfg.model, cfg.data
     check_heads(m.size, m.decoder_embed_dim, m.decoder_num_heads, MODEL_SIZES)
     check_target(m)
+    if m.init is not None and not Path(m.init).exists():
+        raise ConfigError(
+            f"model.init '{m.init}' does not exist; pass model.init=<a run or checkpoint folder, an official MAE "
+            ".pth such as mae_pretrain_vit_base_full.pth, or a transformers ViTMAE folder>, or model.init=null"
+        )
     if d.crop_size % m.patch_size != 0:
         raise ConfigError(
             f"data.crop_size {d.crop_size} is not a multiple of model.patch_size {m.patch_size}; "

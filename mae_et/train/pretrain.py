@@ -29,6 +29,7 @@ from mae_et.curriculum.schedules import relative_compute
 from mae_et.data.folder import PretrainBatch
 from mae_et.data.sources import open_source
 from mae_et.models.mae import MaskedAutoencoderViT
+from mae_et.models.start import StartPointError, load_start_point
 from mae_et.seeding import Family, mix64
 from mae_et.train.config import PretrainConfig, curriculum_stages
 from mae_et.train.monitors import (
@@ -150,7 +151,8 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
     sizes = tuple(sorted({s.size for s in sched.plan.stages}))  # one compiled graph per curriculum size
     model, optimizer, train_step = build_training(cfg, run.accelerator, sched.base_lr, sizes)
     raw_model: MaskedAutoencoderViT = run.accelerator.unwrap_model(model)
-    found = run.resume(raw_model, optimizer)
+    start = (lambda model: start_from(cfg, model, run)) if cfg.model.init else None  # continued pretraining
+    found = run.resume(raw_model, optimizer, start)
     step = int(found.training_state["step"]) if found is not None else 0
     if found is not None:
         torch.set_rng_state(found.training_state["rng"]["torch_cpu"])
@@ -227,6 +229,22 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
 
 
 # ----------------------------------------------------------------------------- the loop's pieces
+
+
+def start_from(cfg: PretrainConfig, raw_model: MaskedAutoencoderViT, run: Run) -> None:
+    """A fresh run's start point (model.init) into the model, its hash checked against model.init_sha256 when given
+    and recorded there (the run's config.yaml and every checkpoint's carry it), said in the run's first lines."""
+    start = load_start_point(raw_model, cfg.model.init)
+    if cfg.model.init_sha256 not in (None, start.sha256):
+        raise StartPointError(
+            f"model.init '{cfg.model.init}': {start.weights_file} has sha256 {start.sha256}, not the "
+            f"model.init_sha256 {cfg.model.init_sha256} given; pass the weights that hash names, or drop the key"
+        )
+    cfg.model.init_sha256 = start.sha256
+    run.say(
+        f"starting from {start.kind} weights {start.weights_file} (sha256 {start.sha256[:16]}...)"
+        + ("" if start.decoder else "; it holds the encoder only: the decoder starts fresh")
+    )
 
 
 def untrained_knn(

@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -85,10 +86,13 @@ class Run:
         self.last_checkpoint: Path | None = None
         self.ctrl_c = CtrlC().install()  # last: __exit__ restores it
 
-    def resume(self, raw_model: torch.nn.Module, optimizer) -> ckpt_lib.Checkpoint | None:
-        """The latest checkpoint (when `checkpoint.resume`) into the model, optimizer, scaler and clocks; then
-        the config is saved in the run folder and the tracker opened (continuing the same W&B run). Starting over
-        (`checkpoint.resume=false`) moves an earlier run in the folder aside first."""
+    def resume(
+        self, raw_model: torch.nn.Module, optimizer, start: Callable[[torch.nn.Module], None] | None = None
+    ) -> ckpt_lib.Checkpoint | None:
+        """The latest checkpoint (when `checkpoint.resume`) into the model, optimizer, scaler and clocks, or, at a
+        fresh start, `start` (pretraining's start point) into the model; then the config is saved in the run
+        folder (with what `start` recorded in it) and the tracker opened (continuing the same W&B run). Starting
+        over (`checkpoint.resume=false`) moves an earlier run in the folder aside first."""
         if not self.cfg.checkpoint.resume:
             if self.main:
                 moved = set_earlier_run_aside(self.run_dir)
@@ -99,6 +103,8 @@ class Run:
         if found is not None:
             self.clock.restore(found.training_state)
             self.last_checkpoint = found.path
+        elif start is not None:
+            start(raw_model)
         resume_step = int(found.training_state["step"]) if found is not None else None
         self.tracker, self.config_yaml = start_tracking(
             self.cfg, self.accelerator, self.run_dir, self.wandb_mode, resume_step
@@ -493,7 +499,8 @@ def config_changes(ckpt_path: Path, cfg) -> dict[str, tuple[Any, Any]]:
 
 
 def warn_config_changes(ckpt_path: Path, cfg) -> None:
-    ignored = {"train.max_steps", "checkpoint.resume"}  # stopping early and resuming are what resume is for
+    # stopping early and resuming are what resume is for; the start point's hash is the run's own record
+    ignored = {"train.max_steps", "checkpoint.resume", "model.init_sha256"}
     changed = {k: v for k, v in config_changes(ckpt_path, cfg).items() if k not in ignored}
     if changed:
         warnings.warn(

@@ -69,3 +69,17 @@ def test_a_result_that_is_no_result_json_is_one_line_and_nothing_is_written(micr
         export_main([str(micro_run), str(tmp_path / "hf"), "--format", "hf", "--results", str(bad)])
     assert e.value.code == 2 and "--results" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_continued_run_names_its_start_point_and_hash():
+    from mae_et.evaluate.model_card import training_lines
+    from mae_et.train.config import PretrainConfig
+
+    cfg = PretrainConfig()
+    cfg.model.init, cfg.model.init_sha256 = "/data/weights/mae_pretrain_vit_base_full.pth", "ab12"
+    lines = training_lines(cfg, {"step": 10, "total_steps": 20, "global_batch": 8})
+    assert (
+        lines[0]
+        == "- Start: continued from `mae_pretrain_vit_base_full.pth` (sha256 ab12), not a random initialisation."
+    )
+    assert "80 images seen" in lines[4]

@@ -17,8 +17,17 @@ def load(mini_root, *overrides):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_every_recipe_loads_and_validates(recipe, mini_root):
-    cfg = load_pretrain_config(recipe, [f"data.root={mini_root}"])
+def test_every_recipe_loads_and_validates(recipe, mini_root, tmp_path):
+    """Given the data (and, for a recipe that continues from weights, a start point where it says), each loads."""
+    from mae_et.recipes import load_yaml_recipe
+
+    init = load_yaml_recipe(recipe).get("model", {}).get("init")
+    start = [f"model.init={tmp_path / init}"] if init else []
+    if init:
+        (tmp_path / init).write_bytes(b"")  # only its place is checked on load; the run reads it
+        with pytest.raises(ConfigError, match=f"model.init '{init}' does not exist"):
+            load_pretrain_config(recipe, [f"data.root={mini_root}"])
+    cfg = load_pretrain_config(recipe, [f"data.root={mini_root}", *start])
     assert cfg.name == recipe.stem
     stages, budget = curriculum_stages(cfg)
     assert stages[-1].size == cfg.data.crop_size
@@ -26,7 +35,7 @@ def test_every_recipe_loads_and_validates(recipe, mini_root):
 
 def test_recipe_names_describe_their_curriculum(mini_root):
     for recipe in RECIPES:
-        cfg = load_pretrain_config(recipe, [f"data.root={mini_root}"])
+        cfg = load_pretrain_config(recipe, [f"data.root={mini_root}", "model.init=null"])
         expected = {"none": "_baseline_", "et": "_et_", "etpp": "_etpp_"}[cfg.curriculum.schedule]
         assert expected in recipe.name, recipe.name
         assert f"mae_vit-{cfg.model.size}-p{cfg.model.patch_size}_" in recipe.name

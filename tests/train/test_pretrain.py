@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -16,7 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CPU_RECIPE, ONE_THREAD_ENV, REPO, copy_mini_classes, make_bad_folder, reset_accelerate
+import yaml
+from helpers import (
+    CPU_RECIPE,
+    ONE_THREAD_ENV,
+    REPO,
+    copy_mini_classes,
+    make_bad_folder,
+    official_pth,
+    reset_accelerate,
+    transformers_folder,
+)
 from safetensors.torch import load_file
 
 from mae_et import checkpoint as ck
@@ -24,6 +35,7 @@ from mae_et.cli import run_user_command
 from mae_et.errors import UserError
 from mae_et.files import RunFolderLock
 from mae_et.models.mae import MaskedAutoencoderViT
+from mae_et.models.start import StartPointError
 from mae_et.train.config import load_pretrain_config
 from mae_et.train.pretrain import pretrain
 from mae_et.train.run import NonFiniteLossError, RunInterrupted
@@ -154,10 +166,17 @@ STRAIGHT = ["train.epochs=3", "train.deterministic=true", "checkpoint.every_step
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, mini_root) -> Path:
+def straight_args(mini_root, micro_run) -> list[str]:
+    """STRAIGHT on the mini set, continuing the pretraining of the session's micro run (model.init): the kill and
+    busy-folder tests then also show that a relaunch resumes its own checkpoints, never the start point again."""
+    return [f"data.root={mini_root}", f"model.init={micro_run}", *STRAIGHT]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, straight_args) -> Path:
     """The run folder of one uninterrupted CLI run of STRAIGHT, shared by the tests that compare with it."""
     out = tmp_path_factory.mktemp("straight")
-    cli(f"data.root={mini_root}", *STRAIGHT, f"output_dir={out}")
+    assert "starting from mae_et weights" in cli(*straight_args, f"output_dir={out}").stdout
     return out / CPU_RECIPE.stem
 
 
@@ -167,10 +186,10 @@ def comparable(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in clocks} for r in records]
 
 
-def test_a_second_launch_on_a_busy_run_folder_stops_and_touches_nothing(tmp_path, mini_root, straight_run):
+def test_a_second_launch_on_a_busy_run_folder_stops_and_touches_nothing(tmp_path, straight_args, straight_run):
     """Two launches of one command at once (a requeued job while the old one runs): the second exits 2 in one
     line naming the holder; the first ends with the weights and metrics of a lone run."""
-    args = [f"data.root={mini_root}", *STRAIGHT, f"output_dir={tmp_path}"]
+    args = [*straight_args, f"output_dir={tmp_path}"]
     run_dir = tmp_path / CPU_RECIPE.stem
     first = subprocess.Popen(
         [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args],
@@ -213,15 +232,15 @@ def sigkill_after_two_checkpoints(args: list[str], out: Path) -> None:
     assert killed_at != "step_00000045", "the run finished before the kill; the test proves nothing"
 
 
-def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, mini_root, straight_run):
+def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, straight_args, straight_run):
     """SIGKILL the real CLI mid-run (possibly mid-save), relaunch the same command, compare. The killed run's
-    lock file stays behind, and does not stop the relaunch: a SIGKILL releases the OS lock."""
-    args = [f"data.root={mini_root}", *STRAIGHT]
+    lock file stays behind, and does not stop the relaunch: a SIGKILL releases the OS lock. The run continues a
+    start point (model.init): the relaunch resumes its own checkpoint and never loads the start point again."""
     out = tmp_path / "killed"
-    sigkill_after_two_checkpoints(args, out)
+    sigkill_after_two_checkpoints(straight_args, out)
     assert (out / CPU_RECIPE.stem / ".run.lock").is_file()
-    relaunched = cli(*args, f"output_dir={out}")
-    assert "resumed from" in relaunched.stdout
+    relaunched = cli(*straight_args, f"output_dir={out}")
+    assert "resumed from" in relaunched.stdout and "starting from" not in relaunched.stdout
     assert_same_weights(final_weights(straight_run), final_weights(out / CPU_RECIPE.stem))
 
 
@@ -1032,3 +1051,57 @@ def test_the_step_decodes_the_share_of_the_patches_the_recipe_names(tmp_path, mi
     for size in (32, 48):
         step(images, size, torch.rand(2, (size // 8) ** 2))
     assert seen == [1 + 4 + decoded_at_32, 1 + 9 + 9]  # cls + visible + decoded; the full size alike under both
+
+
+# ----------------------------------------------------------------------------- continued pretraining (model.init)
+
+
+def start_weights(kind: str, tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A start point and the weights it holds, in our names."""
+    from mae_et.models.hf import hf_to_mae
+
+    if kind == "transformers":
+        folder, _ = transformers_folder(tmp_path)
+        state = hf_to_mae(load_file(str(folder / "model.safetensors")))
+        return folder, {k: v for k, v in state.items() if "pos_embed" not in k}
+    path, mae = official_pth(tmp_path)
+    return path, mae.state_dict()
+
+
+@pytest.mark.parametrize("kind", ["transformers", "official"])
+def test_a_run_starts_from_the_weights_it_is_given_and_records_them(tmp_path, mini_root, kind, capsys):
+    """One step at lr 0 (the warmup's first): the run holds exactly the start point's encoder and decoder; its
+    config and checkpoint name the source and the hash of its weights, and its first line says so."""
+    source, expected = start_weights(kind, tmp_path)
+    result = pretrain(
+        cfg_for(tmp_path / "runs", mini_root, f"model.init={source}", *TWO_STEPS[:1], "train.max_steps=1")
+    )
+    weights = final_weights(result.run_dir)
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in weights), "the run does not hold its start point"
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())["model"]
+    weights_file = source / "model.safetensors" if source.is_dir() else source
+    assert (
+        saved["init"] == str(source) and saved["init_sha256"] == hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    )
+    checkpoint_config = yaml.safe_load(
+        (ck.list_checkpoints(result.run_dir / "checkpoints")[-1] / "config.yaml").read_text()
+    )
+    assert checkpoint_config["model"]["init_sha256"] == saved["init_sha256"]
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"starting from {'hf' if kind == 'transformers' else 'official'} weights {weights_file}")
+
+
+def test_a_start_point_lowers_the_first_losses_and_a_wrong_hash_or_size_is_one_line(tmp_path, mini_root, micro_run):
+    """On the same data and steps, starting from the session's pretrained micro run gives a lower loss than a fresh
+    initialisation; a start point whose hash is not the one given, or of another model size, is refused."""
+    steps = ["train.max_steps=4", "tracking.recon_every_epochs=0"]
+    fresh = pretrain(cfg_for(tmp_path / "fresh", mini_root, *steps)).last_metrics["loss"]
+    started = pretrain(cfg_for(tmp_path / "started", mini_root, f"model.init={micro_run}", *steps)).last_metrics["loss"]
+    assert started < fresh - 0.05, (started, fresh)
+    with pytest.raises(StartPointError, match="not the model.init_sha256"):
+        pretrain(cfg_for(tmp_path / "pinned", mini_root, f"model.init={micro_run}", "model.init_sha256=abc", *steps))
+    with pytest.raises(StartPointError, match="does not fit this run's model") as e:
+        pretrain(cfg_for(tmp_path / "tiny", mini_root, f"model.init={micro_run}", "model.size=tiny", *steps))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "pinned").exists() and not (tmp_path / "tiny").exists()  # nothing left behind
