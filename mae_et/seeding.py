@@ -33,6 +33,7 @@ class Family(IntEnum):
     FRACTAL_DATASET_SAMPLE = 105  # mae_et.data.fractal: each rendered sample
     FRACTAL_FILTER = 106  # mae_et.data.fractal: the filter that rejects degenerate systems
     MASK = 201  # mae_et.train.pretrain: the mask noise of one micro-step on one rank
+    FINETUNE_STEP = 301  # mae_et.evaluate.finetune: the global RNGs of one micro-step (Mixup, drop path)
 
 
 def mix64(*values: int) -> int:

@@ -1,4 +1,4 @@
-"""Where pretraining images come from: one small protocol, four sources, chosen by name from the config.
+"""Where pretraining images come from: one small protocol, five sources, chosen by name from the config.
 
     source = open_source(cfg.data, seed, main, device)   # once per process: scan, decode-once store, ...
     batches = source.batches(rank, world, micro_batch, start_micro_step, num_micro_steps)

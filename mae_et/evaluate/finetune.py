@@ -60,6 +60,7 @@ from mae_et.evaluate.engine import (
     run_engine,
 )
 from mae_et.models.vit import load_pretrained_vit
+from mae_et.seeding import Family, mix64
 from mae_et.train.config import resolve_curriculum
 from mae_et.train.plan import optimizer_steps_per_epoch, plan_run
 from mae_et.train.run import Run
@@ -71,7 +72,7 @@ HEAD_INIT_STD = 2e-5  # MAE fine-tuning: a near-zero head, so the first steps do
 
 def seed_step_rngs(seed: int, step: int, micro: int, rank: int) -> None:
     """Reseed the global RNGs (Mixup draws from numpy, drop path from torch) from the step position."""
-    s = hash((seed, step, micro, rank)) & ((1 << 63) - 1)  # int-tuple hashes are not randomised per process
+    s = mix64(Family.FINETUNE_STEP, seed, step, micro, rank)
     random.seed(s)
     np.random.seed(s & 0xFFFFFFFF)
     torch.manual_seed(s)
