@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,6 +54,22 @@ def in_process_run():
     finally:
         reset_accelerate()
         torch.set_num_threads(threads)
+
+
+def call_main(main, argv: list[str], capsys) -> subprocess.CompletedProcess:
+    """An entry point's main(argv) in this process (one thread, a fresh Accelerate state), as its command would run
+    it: its exit status (a SystemExit's code, else 0), stdout and stderr (read through pytest's capsys), without the
+    seconds a new interpreter spends importing. For the behaviour past the command line; where what the shell sees
+    is the behaviour, the tests run the command itself."""
+    capsys.readouterr()
+    try:
+        with in_process_run():
+            main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 # ----------------------------------------------------------------------------- the mini set plus broken files
@@ -200,6 +217,42 @@ def plain_user_prefix(tmp: Path) -> list[str] | None:
     finally:
         locked.unlink()
     return prefix if probe.returncode != 0 else None
+
+
+# One interpreter for several runs of a command under one prefix (a mount namespace, a plain user): its main(argv)
+# for each argv in turn, each ended by a mark line on stdout and stderr with its exit status (the SystemExit code).
+MAINS = """
+import importlib, json, sys
+main = importlib.import_module(sys.argv[1]).main
+for argv in json.loads(sys.argv[2]):
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    for stream in (sys.stdout, sys.stderr):
+        print(f"{sys.argv[3]} {code}", file=stream, flush=True)
+"""
+MAINS_MARK = "--- main ended, exit status"
+
+
+def mains_command(module: str, argvs: list[list[str]]) -> list[str]:
+    """`python -c MAINS`: `module`.main(argv) for each argv, in one process (3-4 s of imports once, not per run)."""
+    return [sys.executable, "-c", MAINS, module, json.dumps(argvs), MAINS_MARK]
+
+
+def split_mains(stdout: str, stderr: str) -> list[subprocess.CompletedProcess]:
+    """The output of a `mains_command` as one CompletedProcess per main() call (its exit status, stdout, stderr);
+    output after the last call (a command the shell ran next) is left out."""
+    outs, errs = stdout.split(f"{MAINS_MARK} "), stderr.split(f"{MAINS_MARK} ")
+    runs, code = [], None
+    for i in range(len(outs) - 1):
+        out, err = outs[i], errs[i]
+        if i:  # each chunk after the first starts with the previous call's status line
+            out, err = out.split("\n", 1)[1], err.split("\n", 1)[1]
+        code = int(outs[i + 1].split("\n", 1)[0])
+        runs.append(subprocess.CompletedProcess([], code, out, err))
+    return runs
 
 
 def lie_about_a_shape(file: Path, name: str, shape: list[int]) -> None:

@@ -7,6 +7,7 @@ user errors through mae_et.cli."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 from helpers import REPO
@@ -60,6 +61,46 @@ def all_modules() -> dict[str, set[str]]:
     return {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+@functools.cache
+def package_trees() -> dict[str, ast.Module]:
+    """Every module of the package, parsed: {path relative to mae_et/: tree}."""
+    return {p.relative_to(PACKAGE).as_posix(): ast.parse(p.read_text()) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def dotted(node: ast.AST | None) -> str:
+    """`a.b.c` for a name or an attribute chain; '' for anything else."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute) and (base := dotted(node.value)):
+        return f"{base}.{node.attr}"
+    return ""
+
+
+def called(tree: ast.AST) -> set[str]:
+    """The dotted names every call in `tree` calls (`os.replace`, `plan_run`, `AcceleratorState._reset_state`)."""
+    return {dotted(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)} - {""}
+
+
+def top_level_functions(tree: ast.Module) -> set[str]:
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def where_defined(*names: str) -> list[str]:
+    """The package modules that define a module-level function of one of these names."""
+    return sorted(rel for rel, tree in package_trees().items() if set(names) & top_level_functions(tree))
+
+
+def absolute_imports(tree: ast.AST) -> set[str]:
+    """Every module an `import x` or `from x import y` (not a relative one) names."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
 def test_every_module_belongs_to_a_known_part():
     unknown = {m for m in all_modules() if part_of(m) and part_of(m) not in LAYERS}
     assert not unknown, f"modules outside the layout: {sorted(unknown)}"
@@ -107,15 +148,15 @@ def test_the_folder_list_is_the_pipeline():
 
 
 def test_one_seed_hash_and_one_table_of_seed_families():
-    """mix64 is defined once (mae_et.seeding) and no module keeps seed-family tags of its own."""
-    import re
-
-    defined = [p for p in PACKAGE.rglob("*.py") if re.search(r"^def mix64\(", p.read_text(), re.M)]
-    assert [p.relative_to(PACKAGE).as_posix() for p in defined] == ["seeding.py"]
+    """mix64 is defined once (mae_et.seeding) and no module keeps seed-family tags (_TAG_* constants) of its own."""
+    assert where_defined("mix64") == ["seeding.py"], where_defined("mix64")
     tags = [
-        f"{p.relative_to(PACKAGE)}: {m}"
-        for p in PACKAGE.rglob("*.py")
-        for m in re.findall(r"^_TAG_\w+ = .*$", p.read_text(), re.M)
+        f"{rel}: {target.id}"
+        for rel, tree in package_trees().items()
+        for node in tree.body
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Name) and target.id.startswith("_TAG_")
     ]
     assert not tags, tags
 
@@ -133,57 +174,102 @@ def test_seed_values_stay_those_of_earlier_runs():
 
 def test_files_are_replaced_in_one_place():
     """Whole files are written through mae_et.files.write_atomic (a temporary beside, fsync, one rename); the only
-    other rename is the checkpoint's, which swaps a whole folder written under a temporary name."""
-    renames = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if "os.replace(" in p.read_text())
+    other renames are the checkpoint's, which swaps a whole folder written under a temporary name, and the files
+    module's own (a run set aside whole)."""
+    renames = sorted(rel for rel, tree in package_trees().items() if {"os.replace", "os.rename"} & called(tree))
     assert renames == ["checkpoint.py", "files.py"], renames
 
 
 def test_one_key_comparison_for_every_loader():
     """The decoder-key rule and the key/shape comparison live in mae_et.models.keys, the resolution of a run or
     checkpoint folder in mae_et.checkpoint, not in each loader."""
-    import re
-
-    for pattern, home in (
-        (r"^def _?is_decoder_key\(", "models/keys.py"),
-        (r"^def _?fmt_shape\(", "models/keys.py"),
-        (r"^def compare_state\(", "models/keys.py"),
-        (r"^def _?resolve_checkpoint", "checkpoint.py"),
+    for names, home in (
+        (("is_decoder_key", "_is_decoder_key"), "models/keys.py"),
+        (("fmt_shape", "_fmt_shape"), "models/keys.py"),
+        (("compare_state",), "models/keys.py"),
     ):
-        where = [
-            p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if re.search(pattern, p.read_text(), re.M)
-        ]
-        assert where == [home], (pattern, where)
+        assert where_defined(*names) == [home], (names, where_defined(*names))
+    resolvers = sorted(
+        rel
+        for rel, tree in package_trees().items()
+        if any(name.lstrip("_").startswith("resolve_checkpoint") for name in top_level_functions(tree))
+    )
+    assert resolvers == ["checkpoint.py"], resolvers
+
+
+def floor_divides_by_micro_batch_times_world(tree: ast.Module) -> bool:
+    """`... // (micro_batch * world)`: the steps of a pass over the data."""
+    return any(
+        isinstance(n, ast.BinOp)
+        and isinstance(n.op, ast.FloorDiv)
+        and isinstance(n.right, ast.BinOp)
+        and isinstance(n.right.op, ast.Mult)
+        and [dotted(n.right.left), dotted(n.right.right)] == ["micro_batch", "world"]
+        for n in ast.walk(tree)
+    )
+
+
+def says(tree: ast.Module, words: str) -> bool:
+    return any(isinstance(n, ast.Constant) and isinstance(n.value, str) and words in n.value for n in ast.walk(tree))
+
+
+def writes_the_result_file(tree: ast.Module) -> bool:
+    return any(
+        isinstance(n, ast.Call)
+        and dotted(n.func) == "write_json_atomic"
+        and any(isinstance(a, ast.Name) and a.id == "RESULT_FILE" for arg in n.args for a in ast.walk(arg))
+        for n in ast.walk(tree)
+    )
+
+
+def loops_while_step_below(tree: ast.Module) -> bool:
+    return any(
+        isinstance(n, ast.While)
+        and isinstance(n.test, ast.Compare)
+        and dotted(n.test.left) == "step"
+        and isinstance(n.test.ops[0], ast.Lt)
+        for n in ast.walk(tree)
+    )
+
+
+def loops_for_step_in_range(tree: ast.Module) -> bool:
+    return any(
+        isinstance(n, ast.For)
+        and dotted(n.target) == "step"
+        and isinstance(n.iter, ast.Call)
+        and dotted(n.iter.func) == "range"
+        for n in ast.walk(tree)
+    )
 
 
 def test_one_run_plan_and_one_evaluation_loop():
     """The plan of a run in optimizer steps is mae_et.train.plan.plan_run for all three engines; the epoch loop,
     evaluation, best-epoch keeping and result writing of fine-tuning and the probe live in mae_et.evaluate.engine."""
-    import re
-
-    sources = {p.relative_to(PACKAGE).as_posix(): p.read_text() for p in PACKAGE.rglob("*.py")}
+    trees = package_trees()
     for engine in ("train/pretrain.py", "evaluate/finetune.py", "evaluate/linprobe.py"):
-        assert re.search(r"\bplan_run\(", sources[engine]), f"{engine} plans its run by itself"
+        assert "plan_run" in called(trees[engine]), f"{engine} plans its run by itself"
     # the steps of a pass over the data, counted in one place
-    counted = sorted(f for f, s in sources.items() if re.search(r"//\s*\(\s*micro_batch \* world\)", s))
+    counted = sorted(rel for rel, tree in trees.items() if floor_divides_by_micro_batch_times_world(tree))
     assert counted == ["train/plan.py"], counted
+    candidates = {rel: tree for rel, tree in trees.items() if rel.startswith(("evaluate/", "train/plan"))}
     for rule, home in (
-        (r"no full optimizer step", "train/plan.py"),
-        (r"^def evaluate_classifier\(", "evaluate/engine.py"),
-        (r"^def (save|read)_best\(", "evaluate/engine.py"),
-        (r"write_json_atomic\([^)]*RESULT_FILE", "evaluate/engine.py"),
-        (r"^\s*while step < ", "evaluate/engine.py"),
+        (lambda tree: says(tree, "no full optimizer step"), "train/plan.py"),
+        (lambda tree: "evaluate_classifier" in top_level_functions(tree), "evaluate/engine.py"),
+        (lambda tree: {"save_best", "read_best"} & top_level_functions(tree), "evaluate/engine.py"),
+        (writes_the_result_file, "evaluate/engine.py"),
+        (loops_while_step_below, "evaluate/engine.py"),
     ):
-        where = sorted(
-            f for f, s in sources.items() if re.search(rule, s, re.M) and f.startswith(("evaluate/", "train/plan"))
-        )
-        assert where == [home], (rule, where)
+        where = sorted(rel for rel, tree in candidates.items() if rule(tree))
+        assert where == [home], where
     for method in ("evaluate/finetune.py", "evaluate/linprobe.py"):
-        assert "run_engine(" in sources[method] and not re.search(r"^\s*for step in range\(", sources[method], re.M)
+        assert "run_engine" in called(trees[method]) and not loops_for_step_in_range(trees[method]), method
 
 
 def test_the_evaluation_methods_give_the_engine_what_it_asks():
-    """Both methods have every member of the engine's EvalMethod protocol."""
+    """Both methods have every member of the engine's EvalMethod protocol (a class attribute, or one their code
+    sets on self)."""
     import inspect
+    import textwrap
 
     from mae_et.evaluate.engine import EvalMethod
     from mae_et.evaluate.finetune import FinetuneMethod
@@ -191,8 +277,13 @@ def test_the_evaluation_methods_give_the_engine_what_it_asks():
 
     asked = {n for n in dir(EvalMethod) if not n.startswith("_")} | set(inspect.get_annotations(EvalMethod))
     for cls in (FinetuneMethod, ProbeMethod):
-        source = inspect.getsource(cls)
-        missing = sorted(n for n in asked if not hasattr(cls, n) and f"self.{n}" not in source)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        set_on_self = {
+            n.attr
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and dotted(n.value) == "self"
+        }
+        missing = sorted(n for n in asked if not hasattr(cls, n) and n not in set_on_self)
         assert not missing, (cls.__name__, missing)
 
 
@@ -201,20 +292,23 @@ def test_accelerate_is_reset_in_one_place_and_benchmarks_never_touch_sys_path():
     in-process run builds its own Accelerator; the benchmarks, the study and the tests call the helper); no
     benchmark puts a folder on sys.path but benchmarks/_checkout.py, the one bootstrap of `python benchmarks/x.py`,
     and none imports another by its bare name."""
-    import re
-
-    sources = {
-        p.relative_to(REPO).as_posix(): p.read_text()
+    trees = {
+        p.relative_to(REPO).as_posix(): ast.parse(p.read_text())
         for folder in ("mae_et", "benchmarks", "tests")
         for p in (REPO / folder).rglob("*.py")
     }
-    resets = sorted(f for f, s in sources.items() if "_reset_state(" in s and f != "tests/test_layout.py")
+    resets = sorted(f for f, tree in trees.items() if any(c.endswith("._reset_state") for c in called(tree)))
     assert resets == ["mae_et/train/run.py"], resets
-    on_path = sorted(f for f, s in sources.items() if f.startswith("benchmarks/") and re.search(r"sys\.path\.", s))
+    on_path = sorted(
+        f
+        for f, tree in trees.items()
+        if f.startswith("benchmarks/")
+        and any(isinstance(n, ast.Attribute) and dotted(n.value) == "sys.path" for n in ast.walk(tree))
+    )
     assert on_path == ["benchmarks/_checkout.py"], on_path
     scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")} - {"__init__", "_checkout"}
-    bare = re.compile(rf"^\s*(from|import) ({'|'.join(sorted(scripts))})\b", re.M)
-    assert not [f for f, s in sources.items() if bare.search(s)]
+    bare = sorted(f for f, tree in trees.items() if any(m.split(".")[0] in scripts for m in absolute_imports(tree)))
+    assert not bare, bare
 
 
 STAGES = ("curriculum", "data", "evaluate", "models", "train")
@@ -256,31 +350,52 @@ ENTRY_POINTS = [
 ]
 
 
+def nodes_outside_the_not_installed_handler(tree: ast.AST):
+    """Every node, except inside `except ModuleNotFoundError:` (the one message mae_et.cli cannot print: mae_et
+    itself is not installed)."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.ExceptHandler) and dotted(child.type) == "ModuleNotFoundError":
+            continue
+        yield child
+        yield from nodes_outside_the_not_installed_handler(child)
+
+
+def prints_an_error_line(call: ast.Call) -> bool:
+    """print("error: ...") or print(f"error: ...")."""
+    if dotted(call.func) != "print" or not call.args:
+        return False
+    first = call.args[0]
+    if isinstance(first, ast.JoinedStr) and first.values:
+        first = first.values[0]
+    return isinstance(first, ast.Constant) and isinstance(first.value, str) and first.value.startswith("error:")
+
+
 def test_every_entry_point_parses_and_reports_errors_through_the_one_front():
     """No parser of its own (argparse.ArgumentParser only inside mae_et/cli.py), no `error:` printed or exit 2 by
     hand, no sys.path entry: each entry point uses mae_et.cli (OneLineParser, run_user_command), or is a thin script
     that calls one that does (the study's script calls benchmarks.study.cli)."""
     wrong = []
     for rel in ENTRY_POINTS:
-        text = (REPO / rel).read_text()
-        tree = ast.parse(text)
-        for handler in [n for n in ast.walk(tree) if isinstance(n, ast.ExceptHandler)]:
-            if isinstance(handler.type, ast.Name) and handler.type.id == "ModuleNotFoundError":
-                # the one message mae_et.cli cannot print: mae_et itself is not installed
-                text = text.replace(ast.get_source_segment(text, handler), "")
-        if "argparse.ArgumentParser(" in text:
+        tree = ast.parse((REPO / rel).read_text())
+        calls = [n for n in nodes_outside_the_not_installed_handler(tree) if isinstance(n, ast.Call)]
+        names = {dotted(c.func) for c in calls}
+        if {"argparse.ArgumentParser", "ArgumentParser"} & names:
             wrong.append(f"{rel}: builds argparse.ArgumentParser; use mae_et.cli.OneLineParser")
-        if "sys.exit(2)" in text or 'print(f"error:' in text:
+        exits_2 = any(
+            dotted(c.func) == "sys.exit" and c.args and isinstance(c.args[0], ast.Constant) and c.args[0].value == 2
+            for c in calls
+        )
+        if exits_2 or any(prints_an_error_line(c) for c in calls):
             wrong.append(f"{rel}: prints its own error or exit status; raise a UserError and use run_user_command")
-        if "sys.path.insert" in text or "sys.path.append" in text:
+        if {"sys.path.insert", "sys.path.append"} & names:
             wrong.append(f"{rel}: touches sys.path; the installed package (pip install -e .) is the one imported")
-        names = {
+        imported = {
             a.name
             for n in ast.walk(tree)
             if isinstance(n, ast.ImportFrom) and n.module == "mae_et.cli"
             for a in n.names
         }
         thin = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} & {"benchmarks.study.cli"}
-        if "run_user_command" not in names and not thin:
+        if "run_user_command" not in imported and not thin:
             wrong.append(f"{rel}: does not run its work through mae_et.cli.run_user_command")
     assert not wrong, "\n".join(wrong)

@@ -15,15 +15,13 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from helpers import CPU_RECIPE, ONE_THREAD_ENV, REPO, in_process_run
+from helpers import CPU_RECIPE, call_main, in_process_run
 
 from mae_et import checkpoint as ck
 from mae_et.evaluate.finetune import layer_decay_param_groups
@@ -312,19 +310,13 @@ def two_images(mini_root: Path) -> list[str]:
     return [str(p) for p in sorted((mini_root / "val").rglob("*.JPEG"))[:2]]
 
 
-def test_visualize_cli_reads_no_pickle_from_a_poisoned_run(tiny_run, tmp_path, mini_root):
-    """`python -m mae_et.evaluate.visualize RUN`: the planted training_state.pt is never unpickled."""
+def test_visualize_cli_reads_no_pickle_from_a_poisoned_run(tiny_run, tmp_path, mini_root, capsys):
+    """`python -m mae_et.evaluate.visualize RUN` (its main, in this process: a payload that ran would make the
+    marker here as well): the planted training_state.pt is never unpickled."""
     marker = tmp_path / "PWNED"
     run, _ = poisoned_copy(tiny_run, tmp_path / "run", marker, "system")
     out = tmp_path / "grid.png"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mae_et.evaluate.visualize", str(run), *two_images(mini_root), "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ONE_THREAD_ENV,
-    )
+    proc = call_main(visualize_main, [str(run), *two_images(mini_root), "--out", str(out)], capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.is_file() and not marker.exists()
 

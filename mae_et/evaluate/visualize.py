@@ -6,7 +6,8 @@ From the command line, for a run folder (its latest checkpoint) or one checkpoin
     mae-et visualize runs/NAME img1.jpg folder/ --out grid.png [--size B] [--mask-ratio 0.75]
 
 (`python -m mae_et.evaluate.visualize ...` is the same command.)
-The grid itself is the one the pretraining loop logs (`mae_et.train.monitors.reconstruction_grid`).
+The figure is the one the pretraining loop writes (`mae_et.train.monitors`): the grid under column titles, small
+crops enlarged (nearest-neighbour) to a figure at least 800 pixels wide.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from mae_et.models.keys import compare_state
 from mae_et.models.mae import MaskedAutoencoderViT
 from mae_et.recipes import ConfigError, build_config
 from mae_et.train.config import PretrainConfig
-from mae_et.train.monitors import reconstruction_grid, save_png
+from mae_et.train.monitors import panel_titles, reconstruction_grid, save_png, titled_figure
 from mae_et.train.step import build_model
 
 __all__ = ["find_images", "load_image_batch", "load_mae", "main"]
@@ -187,15 +188,13 @@ def run_visualize(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.rand((len(paths), (size // patch) ** 2), generator=gen)  # (N, L): the same mask for the same seed
     grid = reconstruction_grid(model, imgs, IMAGENET_MEAN, IMAGENET_STD, mask_ratio=args.mask_ratio, noise=noise)
+    titles = panel_titles(model)
+    figure = titled_figure(grid, titles)
     try:
-        write_atomic(args.out, lambda tmp: save_png(grid, tmp))
+        write_atomic(args.out, lambda tmp: save_png(figure, tmp))
     except OSError as e:  # an unwritable --out is the user's to fix, not a bug
         raise DataError(f"cannot write '{args.out}' ({type(e).__name__}: {e.strerror or e})") from e
-    panels = "predicted HOG | target HOG" if model.hog is not None else "reconstruction | reconstruction + visible"
-    print(
-        f"wrote {args.out}: {len(paths)} images at B={size}, mask ratio {args.mask_ratio} (original | masked | "
-        f"{panels})"
-    )
+    print(f"wrote {args.out}: {len(paths)} images at B={size}, mask ratio {args.mask_ratio} ({' | '.join(titles)})")
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m mae_et.evaluate.visualize") -> None:

@@ -33,8 +33,10 @@ from mae_et.models.start import StartPointError, load_start_point
 from mae_et.seeding import Family, mix64
 from mae_et.train.config import PretrainConfig, curriculum_stages
 from mae_et.train.monitors import (
+    HEADLINE_KNN,
     knn_held_out_count,
     log_reconstructions,
+    reconstruction_figure_path,
     run_knn_monitor,
     standard_error,
 )
@@ -224,7 +226,12 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
             run.checkpoint(step, model, state, meta)
     run.close()
     if run.main:
-        say_where(run.run_dir, run.last_checkpoint, run.tracker, step, sched.plan.total_steps, run.say)
+        final_knn = {k: v for k, v in last_metrics.items() if k.startswith("knn_top1_")}  # the end step's monitor
+        if final_knn:
+            run.say(headline_line(final_knn, untrained, held_out))
+        figure = reconstruction_figure_path(run.run_dir, step)  # the loop's figure of the end step, when it drew one
+        figure = figure if sched.recon_every is not None and figure.is_file() else None
+        say_where(run.run_dir, run.last_checkpoint, run.tracker, step, sched.plan.total_steps, run.say, figure)
     return PretrainResult(run_dir=run.run_dir, step=step, checkpoint=run.last_checkpoint, last_metrics=last_metrics)
 
 
@@ -263,9 +270,11 @@ def untrained_knn(
 
 
 def knn_line(knn: dict[str, float], untrained: dict[str, float], held_out: int) -> str:
-    """'cls 53.5% (untrained 43.0%), mean 57.5% (untrained 38.0%); 1000 held-out images, standard error 1.6 points'."""
+    """'mean 57.5% (untrained 38.0%), cls 53.5% (untrained 43.0%); 1000 held-out images, standard error up to 1.6
+    points', the headline pooling (`HEADLINE_KNN`) first."""
     accuracies = ", ".join(
-        f"{k[9:]} {v:.1f}%" + (f" (untrained {untrained[k]:.1f}%)" if k in untrained else "") for k, v in knn.items()
+        f"{k[9:]} {knn[k]:.1f}%" + (f" (untrained {untrained[k]:.1f}%)" if k in untrained else "")
+        for k in sorted(knn, key=lambda k: k != HEADLINE_KNN)
     )
     worst = max((standard_error(v, held_out) for v in knn.values()), default=0.0)
     return f"{accuracies}; {held_out} held-out images, standard error up to {worst:.1f} points"
@@ -360,9 +369,31 @@ def describe_run(cfg: PretrainConfig, sched: Schedule, n_images: int, n_skipped:
         say("  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
 
 
-def say_where(run_dir: Path, ckpt: Path | None, tracker: RunTracker, step: int, total: int, say) -> None:
+def headline_line(knn: dict[str, float], untrained: dict[str, float], held_out: int) -> str:
+    """The run's result in one line: the headline kNN (`HEADLINE_KNN`), its gain over the untrained encoder and the
+    binomial standard error of the two accuracies (the larger), then the other poolings."""
+    top1 = knn[HEADLINE_KNN]
+    before = untrained.get(HEADLINE_KNN)  # absent when resumed from a checkpoint that did not keep it
+    se = max(standard_error(a, held_out) for a in (top1, top1 if before is None else before))
+    gain = "" if before is None else f", {top1 - before:+.1f} points over the untrained encoder's {before:.1f}%"
+    others = ", ".join(
+        f"{k[9:]} {v:.1f}%" + (f" (untrained {untrained[k]:.1f}%)" if k in untrained else "")
+        for k, v in knn.items()
+        if k != HEADLINE_KNN
+    )
+    return (
+        f"kNN top-1 of the {HEADLINE_KNN[9:]}-pooled features {top1:.1f}%{gain}; standard error {se:.1f} points "
+        f"({held_out} held-out images)" + (f"; {others}" if others else "")
+    )
+
+
+def say_where(
+    run_dir: Path, ckpt: Path | None, tracker: RunTracker, step: int, total: int, say, figure: Path | None = None
+) -> None:
     state = "finished" if step >= total else f"stopped at step {step} of {total} (relaunch the same command to resume)"
     say(f"{state}. checkpoint: {ckpt}; metrics: {run_dir / 'metrics.jsonl'}")
+    if figure is not None:
+        say(f"reconstructions: {figure}")
     if tracker.wandb_dir is not None:
         say(
             f"W&B ({tracker.wandb_mode}) files: {tracker.wandb_dir}"

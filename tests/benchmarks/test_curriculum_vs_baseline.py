@@ -60,6 +60,24 @@ def run_study(argv: list[str]) -> tuple[dict, str]:
     return returned, stdout.getvalue()
 
 
+def baseline_only(tmp_path: Path, ablations: dict | None = None, **eval_edits: dict) -> Path:
+    """The smoke study cut to its baseline (and the untrained row), with these ablations of the baseline and these
+    eval sections changed: for the tests of the study's flow (resume, two processes, redone evaluations), which
+    need one pretraining run, not four. Written into tmp_path; its recipe paths made absolute."""
+    raw = yaml.safe_load(STUDY.read_text())
+    raw["pretrain"]["recipe"] = str(STUDY.parent / raw["pretrain"]["recipe"])
+    raw["eval"]["finetune"]["recipe"] = str(STUDY.parent / raw["eval"]["finetune"]["recipe"])
+    raw["runs"] = {"baseline": raw["runs"]["baseline"]}
+    raw["targets"] = {"runs": {}}  # no run to hold to a target
+    raw.pop("frontier")
+    raw["ablations"] = ablations or {}
+    for section, changes in eval_edits.items():
+        raw["eval"][section].update(changes)
+    path = tmp_path / "baseline_only.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """One real run of the smoke study, in this process (importing torch again would cost more than the runs)."""
@@ -247,7 +265,8 @@ def test_a_killed_study_resumes_its_half_finished_run(tmp_path):
     from mae_et.train.config import load_pretrain_config
     from mae_et.train.pretrain import pretrain
 
-    study = load_study(STUDY)
+    path = baseline_only(tmp_path)
+    study = load_study(path)
     out = tmp_path / "study"
     overrides = pretrain_overrides(study, "baseline", 0, study.epochs, MINI.resolve(), out)  # the study resolves --data
     # the kill: the baseline stops at step 20 of 30 with a checkpoint (train.max_steps does what a time limit does)
@@ -271,30 +290,26 @@ def test_a_killed_study_resumes_its_half_finished_run(tmp_path):
     (out / "runs" / "baseline_seed0" / "config.yaml").write_text(
         yaml.safe_dump(config_to_dict(load_pretrain_config(study.recipe, overrides)), sort_keys=False)
     )
-    result, printed = run_study(["--study", str(STUDY), "--data", str(MINI), "--out", str(out), "--seeds", "0"])
+    result, printed = run_study(["--study", str(path), "--data", str(MINI), "--out", str(out), "--seeds", "0"])
     log = (out / "logs" / "baseline_seed0.pretrain.log").read_text()
     assert "resumed from" in log and "step_00000020" in log
     base = result["runs"]["baseline"]["0"]
     assert base["steps"] == 30
     records = [json.loads(x) for x in (Path(base["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 30 and records[-1]["elapsed_s"] > cut[-1]["elapsed_s"]  # the clock went on
-    assert (out / "results.json").is_file() and set(result["runs"]) == set(ROWS)
+    assert (out / "results.json").is_file() and set(result["runs"]) == {"baseline", "untrained"}
 
 
 def test_changed_eval_settings_redo_only_the_evaluations(study, tmp_path):
     result, finished, _ = study
     out = tmp_path / "study"
     shutil.copytree(finished, out)  # the module's study stays as it was for the other tests
-    edited = yaml.safe_load(STUDY.read_text())
-    edited["eval"]["linprobe"]["epochs"] = 3
-    edited["pretrain"]["recipe"] = str(STUDY.parent / edited["pretrain"]["recipe"])
-    edited["eval"]["finetune"]["recipe"] = str(STUDY.parent / edited["eval"]["finetune"]["recipe"])
-    path = tmp_path / "edited.yaml"
-    path.write_text(yaml.safe_dump(edited))
+    path = baseline_only(tmp_path, linprobe={"epochs": 3})  # the baseline's pretraining, settled: read back
     again, printed = run_study(["--study", str(path), "--data", str(MINI), "--out", str(out), "--seeds", "0"])
     read_back = [line for line in printed.splitlines() if line.startswith("pretrained ") and "read back" in line]
-    assert len(read_back) == len(RUNS)  # no pretraining redone
-    assert "evaluated baseline seed 0" in printed
+    assert read_back == [line for line in read_back if line.startswith("pretrained baseline ")] and read_back
+    assert "evaluated baseline seed 0" in printed and "evaluated untrained seed 0" in printed
+    assert again["runs"]["baseline"]["0"]["wall_s"] == result["runs"]["baseline"]["0"]["wall_s"]  # not retrained
     assert (Path(again["runs"]["baseline"]["0"]["run_dir"]) / "metrics.jsonl").is_file()
 
 
@@ -738,9 +753,9 @@ def test_code_note_names_mixed_commits():
     assert code_note({"baseline": {"0": results["baseline"]["0"]}, "et": {"0": results["et"]["0"]}})["notes"] == []
 
 
-def start_eval_only(out: Path, *more: str) -> subprocess.Popen:
-    """The smoke study's --eval-only part for seed 0 in its own process, polling every second."""
-    cmd = [sys.executable, str(REPO / "benchmarks" / "curriculum_vs_baseline.py"), "--study", str(STUDY)]
+def start_eval_only(out: Path, *more: str, study: Path = STUDY) -> subprocess.Popen:
+    """The study's --eval-only part for seed 0 in its own process, polling every second."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "curriculum_vs_baseline.py"), "--study", str(study)]
     cmd += ["--data", str(MINI), "--out", str(out), "--seeds", "0", "--eval-only", "--poll-seconds", "1", *more]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -759,42 +774,32 @@ def lines_until_waiting(evaluator: subprocess.Popen) -> list[str]:
 
 def test_evaluation_beside_pretraining_in_two_processes(tmp_path):
     """--eval-only (its own process, started first) waits for the runs that --pretrain-only trains, evaluates each
-    as it lands in the shared state.json, and writes the one results.json; nothing is trained twice."""
+    as it lands in the shared state.json, and writes the one results.json; nothing is trained twice. (The study cut
+    to its baseline and one ablation of it: two runs to wait for.)"""
+    path = baseline_only(tmp_path, ablations={"warmup20": {"runs": ["baseline"], "warmup_fraction": 0.2}})
     out = tmp_path / "study"
-    evaluator = start_eval_only(out, "--ablations", "warmup20")
+    evaluator = start_eval_only(out, "--ablations", "warmup20", study=path)
     try:
         seen = lines_until_waiting(evaluator)  # it found nothing pretrained yet
-        assert "waiting for baseline, et, etpp_half, baseline_equal_time" in seen[-1], "".join(seen)[-3000:]
+        assert "waiting for baseline" in seen[-1], "".join(seen)[-3000:]
         returned, printed = run_study(
-            [
-                "--study",
-                str(STUDY),
-                "--data",
-                str(MINI),
-                "--out",
-                str(out),
-                "--seeds",
-                "0",
-                "--pretrain-only",
-                "--ablations",
-                "warmup20",
-            ]
+            ["--study", str(path), "--data", str(MINI), "--out", str(out), "--seeds", "0", "--pretrain-only"]
+            + ["--ablations", "warmup20"]
         )
         log, _ = evaluator.communicate(timeout=600)
     finally:
         evaluator.kill()
     assert evaluator.returncode == 0, log[-3000:]
     assert "pretraining done for seeds [0]" in printed and "summary" not in returned
-    assert "evaluated untrained seed 0" in "".join(seen) and "evaluated baseline_equal_time seed 0" in log
+    assert "evaluated untrained seed 0" in "".join(seen) and "evaluated baseline seed 0" in log
     # the ablation rows are split the same way: trained by one process, evaluated by the other, none twice
-    assert "pretrained etpp_half+warmup20 seed 0" in printed and "evaluated" not in printed
-    assert "evaluated etpp_half+warmup20 seed 0" in log
+    assert "pretrained baseline+warmup20 seed 0" in printed and "evaluated" not in printed
+    assert "evaluated baseline+warmup20 seed 0" in log
     result = json.loads((out / "results.json").read_text())
-    assert set(result["runs"]) == {*ROWS, "etpp_half+warmup20"}
+    assert set(result["runs"]) == {"baseline", "untrained", "baseline+warmup20"}
     state = json.loads((out / "state.json").read_text())
-    assert all(state["launches"][f"{run}_seed0"] == 1 for run in (*RUNS, "etpp_half+warmup20"))  # each trained once
-    for run in RUNS:
-        assert result["runs"][run]["0"]["wall_s"] == state["runs"][run]["0"]["pretrain"]["value"]["wall_s"]
+    assert all(state["launches"][f"{run}_seed0"] == 1 for run in ("baseline", "baseline+warmup20"))  # trained once
+    assert result["runs"]["baseline"]["0"]["wall_s"] == state["runs"]["baseline"]["0"]["pretrain"]["value"]["wall_s"]
 
 
 def test_evaluated_runs_read_back_without_their_folders(study, tmp_path):

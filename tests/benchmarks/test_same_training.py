@@ -49,22 +49,12 @@ def test_a_change_in_training_is_found(other_checkout, tmp_path):
     assert "baseline_seed0: 2 steps, DIFFER:" in proc.stdout and "tensors differ" in proc.stdout
 
 
-def test_a_folder_that_is_no_checkout_is_refused_in_one_line(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "same_training.py"),
-            "--study",
-            str(STUDY),
-            "--other",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+def test_a_folder_that_is_no_checkout_is_refused_in_one_line(tmp_path, capsys):
+    """In this process, through the script's main() (the test above runs it as its own process)."""
+    script = load_benchmark("same_training")
+    with pytest.raises(SystemExit) as stopped:
+        script.main(["--study", str(STUDY), "--other", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --other {tmp_path.resolve()}: no pretrain.py there; give the root of another checkout (a git worktree)"
     ]

@@ -33,38 +33,40 @@ def test_eval_loader_uses_the_train_mapping(tmp_path, mini_root):
         build_eval_loader(val, 40, 2, 0, classes=["c"])
 
 
+# For each root given: its train split's images and skipped folders, then the val split's images; or the error line.
 SPLITS_AS_A_USER = """
 import sys
 from mae_et.data.labelled import build_eval_loader, scan_train_split
 from mae_et.errors import UserError
-try:
-    train = scan_train_split(sys.argv[1], "train")
-    print(len(train.samples), len(train.skipped))
-    print(len(build_eval_loader(sys.argv[1] + "/val", 32, 4, 0, classes=train.classes).dataset))
-except UserError as e:
-    print("error:", e)
+for root in sys.argv[1:]:
+    try:
+        train = scan_train_split(root, "train")
+        print(len(train.samples), len(train.skipped))
+        print(len(build_eval_loader(root + "/val", 32, 4, 0, classes=train.classes).dataset))
+    except UserError as e:
+        print("error:", e)
 """
 
 
 def test_unreadable_class_folders_are_skipped_with_a_warning_and_an_unreadable_root_is_one_line(tmp_path, mini_root):
     """As a user who is not root (file permissions bind): a class folder they may not list is named and counted
-    as skipped (the class keeps its label), a data.root they may not list is one line."""
+    as skipped (the class keeps its label), a data.root they may not list is one line (both in one process)."""
     prefix = plain_user_prefix(tmp_path)
     if prefix is None:
         pytest.skip("cannot run as a user whom file permissions bind (setpriv missing or not allowed)")
-    root = tmp_path / "data"
+    root, locked_root = tmp_path / "data", tmp_path / "locked"
     make_split(root / "train", {"a": 2, "b": 2}, mini_root)
     make_split(root / "val", {"a": 1, "b": 1}, mini_root)
+    make_split(locked_root / "train", {"a": 1}, mini_root)
     (root / "train" / "b").chmod(0)
-    run = [*prefix, sys.executable, "-c", SPLITS_AS_A_USER, str(root)]
+    locked_root.chmod(0)
     try:
-        proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert proc.stdout.split() == ["2", "1", "2"], proc.stdout + proc.stderr
-        assert f"skipping '{root / 'train' / 'b'}': cannot be read" in proc.stderr
-        root.chmod(0)
+        run = [*prefix, sys.executable, "-c", SPLITS_AS_A_USER, str(root), str(locked_root)]
         proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
         lines = proc.stdout.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"error: data.root '{root}' cannot be read"), proc.stderr
+        assert lines[:2] == ["2 1", "2"], proc.stdout + proc.stderr
+        assert f"skipping '{root / 'train' / 'b'}': cannot be read" in proc.stderr
+        assert len(lines) == 3 and lines[2].startswith(f"error: data.root '{locked_root}' cannot be read"), proc.stdout
     finally:
-        root.chmod(0o755)
+        locked_root.chmod(0o755)
         (root / "train" / "b").chmod(0o755)

@@ -15,7 +15,17 @@ import threading
 
 import pytest
 import torch
-from helpers import MINI, MOUNT, REPO, copy_mini_classes, namespace_prefix, plain_user_prefix, write_broken
+from helpers import (
+    MINI,
+    MOUNT,
+    REPO,
+    copy_mini_classes,
+    mains_command,
+    namespace_prefix,
+    plain_user_prefix,
+    split_mains,
+    write_broken,
+)
 
 from mae_et.data.folder import DataError, PretrainDataset, scan_image_folder
 from mae_et.data.shards import main as shards_main
@@ -240,27 +250,30 @@ def test_a_full_disk_ends_in_one_line_and_leaves_no_shard(tmp_path):
 
 def test_unreadable_files_and_class_folders_are_skipped_and_counted_an_unreadable_root_is_one_line(tmp_path):
     """As a user who is not root: a file and a class folder they may not read are skipped with a warning each and
-    counted in index.json; a root they may not read is one line."""
+    counted in index.json; a root they may not read is one line (both runs of the writer in one process)."""
     prefix = plain_user_prefix(tmp_path)
     if prefix is None:
         pytest.skip("cannot run as a user whom file permissions bind (setpriv missing or not allowed)")
     a, b, _ = copy_mini_classes(tmp_path / "data", 3, 2)
+    copy_mini_classes(tmp_path / "locked", 1, 1)
     locked_file = sorted(a.iterdir())[0]
     locked_file.chmod(0)
     b.chmod(0)
-    write = [sys.executable, "-m", "mae_et.data.shards", str(tmp_path / "data"), str(tmp_path / "out")]
+    (tmp_path / "locked").chmod(0)
+    runs = [[str(tmp_path / "data"), str(tmp_path / "out")], [str(tmp_path / "locked"), str(tmp_path / "out2")]]
     try:
-        proc = subprocess.run([*prefix, *write], cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        assert f"'{locked_file}'" in proc.stderr and f"'{b}'" in proc.stderr, proc.stderr
+        proc = subprocess.run(
+            [*prefix, *mains_command("mae_et.data.shards", runs)], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
+        written, refused = split_mains(proc.stdout, proc.stderr)
+        assert written.returncode == 0, written.stderr
+        assert f"'{locked_file}'" in written.stderr and f"'{b}'" in written.stderr, written.stderr
         index = json.loads((tmp_path / "out" / "index.json").read_text())
         assert sum(s["nsamples"] for s in index["shardlist"]) == 3 and index["skipped_unreadable"] == 1
         assert index["skipped_at_scan"] == 1  # the class folder
-        (tmp_path / "data").chmod(0)
-        proc = subprocess.run([*prefix, *write[:-1], str(tmp_path / "out2")], cwd=REPO, capture_output=True, text=True)
-        err = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(err) == 1 and str(tmp_path / "data") in err[0], proc.stderr
+        err = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(err) == 1 and str(tmp_path / "locked") in err[0], refused.stderr
         assert "cannot be read" in err[0] and not (tmp_path / "out2").exists()
     finally:
-        (tmp_path / "data").chmod(0o755)
+        (tmp_path / "locked").chmod(0o755)
         b.chmod(0o755)

@@ -6,12 +6,20 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import sys
 
 import pytest
 import timm
 import torch
-from helpers import MOUNT, REPO, namespace_prefix, plain_user_prefix, random_mae, save_as_our_checkpoint
+from helpers import (
+    MOUNT,
+    REPO,
+    mains_command,
+    namespace_prefix,
+    plain_user_prefix,
+    random_mae,
+    save_as_our_checkpoint,
+    split_mains,
+)
 from safetensors.torch import load_file
 
 from mae_et.checkpoint import list_checkpoints
@@ -147,33 +155,32 @@ def test_an_export_into_the_run_it_reads_is_refused_and_a_file_there_never_chang
 
 
 def test_a_full_disk_ends_both_exports_in_one_line_and_leaves_no_file(tmp_path):
-    """A micro encoder (about 450 KB) into a 100 KB tmpfs, as timm weights and as a transformers folder."""
+    """A micro encoder (about 450 KB) into a 100 KB tmpfs, as timm weights and as a transformers folder (both
+    exports in one process inside the mount namespace)."""
     prefix = namespace_prefix()
     if prefix is None:
         pytest.skip("cannot mount a small tmpfs here (needs root or unprivileged user namespaces)")
     run, _ = run_with_two_checkpoints(tmp_path)
     disk = tmp_path / "small"
     disk.mkdir()
-    export = [sys.executable, "-m", "mae_et.evaluate.export", str(run)]
+    exports = mains_command(
+        "mae_et.evaluate.export",
+        [[str(run), str(disk / "enc.safetensors")], [str(run), str(disk / "hf"), "--format", "hf"]],
+    )
     script = " ; ".join(
         [
             MOUNT.format(size="100k", dir=shlex.quote(str(disk))),
-            shlex.join([*export, str(disk / "enc.safetensors")]) + " 2>>" + shlex.quote(str(tmp_path / "err")),
-            "echo rc=$?",
-            shlex.join([*export, str(disk / "hf"), "--format", "hf"]) + " 2>>" + shlex.quote(str(tmp_path / "err")),
-            "echo rc=$?",
+            shlex.join(exports),
             f"find {shlex.quote(str(disk))} -mindepth 1",
         ]
     )
     proc = subprocess.run([*prefix, "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
-    err = (tmp_path / "err").read_text().strip().splitlines()
-    assert [line for line in proc.stdout.splitlines() if line.startswith("rc=")] == ["rc=2", "rc=2"], err
-    assert err == [
-        f"error: no space left on device while writing '{disk / 'enc.safetensors'}'; nothing half-written was left: "
-        "free some space and run the same command again",
-        f"error: no space left on device while writing '{disk / 'hf'}'; nothing half-written was left: "
-        "free some space and run the same command again",
-    ], err
+    timm_file, hf_folder = split_mains(proc.stdout, proc.stderr)
+    for export, target in ((timm_file, disk / "enc.safetensors"), (hf_folder, disk / "hf")):
+        assert export.returncode == 2 and export.stderr == (
+            f"error: no space left on device while writing '{target}'; nothing half-written was left: "
+            "free some space and run the same command again\n"
+        ), export.stderr
     assert [line for line in proc.stdout.splitlines() if line.startswith(str(disk))] == []
 
 
@@ -186,16 +193,15 @@ def test_weights_this_user_may_not_read_are_said_so_in_one_line(tmp_path):
     locked = list_checkpoints(run / "checkpoints")[-1] / "model.safetensors"
     locked.chmod(0)
     try:
-        for src in (run, locked):
-            proc = subprocess.run(
-                [*prefix, sys.executable, "-m", "mae_et.evaluate.export", str(src), str(tmp_path / "e.safetensors")],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert proc.returncode == 2 and proc.stderr == (
+        exports = mains_command(
+            "mae_et.evaluate.export", [[str(src), str(tmp_path / "e.safetensors")] for src in (run, locked)]
+        )
+        proc = subprocess.run([*prefix, *exports], cwd=REPO, capture_output=True, text=True, timeout=300)
+        exported = split_mains(proc.stdout, proc.stderr)
+        assert len(exported) == 2, proc.stdout + proc.stderr
+        for export in exported:  # the run folder, then the file itself
+            assert export.returncode == 2 and export.stderr == (
                 f"error: '{locked}' cannot be read (Permission denied); give this user read access\n"
-            ), proc.stderr
+            ), export.stderr
     finally:
         locked.chmod(0o644)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import CPU_RECIPE, REPO, in_process_run
 from PIL import Image
@@ -45,15 +46,36 @@ def two_images(mini_root: Path) -> list[str]:
     return [str(p) for p in sorted((mini_root / "val").rglob("*.JPEG"))[:2]]
 
 
+def titled_figure_parts(path: Path, side: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(title strip, grid) of a reconstruction figure of `rows` images at side `side`, checked on the way: at least 800
+    pixels wide, the 4-panel grid enlarged by a whole factor with nearest-neighbour (every block one colour)."""
+    grid_w, grid_h = 4 * (side + PADDING) + PADDING, rows * (side + PADDING) + PADDING  # make_grid's layout
+    image = np.asarray(Image.open(path).convert("RGB"))  # (H, W, 3)
+    height, width, _ = image.shape
+    scale = width // grid_w
+    assert width == scale * grid_w and width >= 800 and height > scale * grid_h, (image.shape, grid_w, grid_h)
+    strip, grid = image[: height - scale * grid_h], image[height - scale * grid_h :]
+    blocks = grid.reshape(grid_h, scale, grid_w, scale, 3)
+    assert (blocks == blocks[:, :1, :, :1]).all()
+    return strip, grid
+
+
+def titles_drawn(strip: np.ndarray) -> list[int]:
+    """Dark pixels over each of the 4 columns of a figure's white title strip (a blank strip has none)."""
+    ink = (strip < 128).any(axis=-1)  # (h, W)
+    return [int(column.sum()) for column in np.array_split(ink, 4, axis=1)]
+
+
 @pytest.mark.parametrize("size", [None, 32])
-def test_cli_writes_a_grid_of_the_expected_size(tmp_path, tiny_run, mini_root, size, capsys):
+def test_cli_writes_a_titled_figure_large_enough_to_see(tmp_path, tiny_run, mini_root, size, capsys):
     out = tmp_path / "grid.png"
     # main() in-process: the same code as `python -m mae_et.evaluate.visualize`, without a second torch import
     main([str(tiny_run), *two_images(mini_root), "--out", str(out), *([] if size is None else ["--size", str(size)])])
     assert f"wrote {out}: 2 images" in capsys.readouterr().out
-    side = CROP if size is None else size
-    # make_grid: 4 panels a row, 2 rows, `PADDING` pixels around and between the panels
-    assert Image.open(out).size == (4 * (side + PADDING) + PADDING, 2 * (side + PADDING) + PADDING)
+    # 2 rows of 4 panels of 48 or 32 px, 202 or 138 px wide: enlarged 4 or 6 times, under the column titles
+    strip, _ = titled_figure_parts(out, CROP if size is None else size, rows=2)
+    assert (strip == 255).all(axis=-1).mean() > 0.5  # a white strip ...
+    assert min(titles_drawn(strip)) > 50, titles_drawn(strip)  # ... with a title over every column
 
 
 def test_bad_checkpoint_path_exits_2_with_one_line(tmp_path, mini_root):

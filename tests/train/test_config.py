@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from helpers import CPU_RECIPE, REPO
+from helpers import CPU_RECIPE, REPO, call_main
 
 from mae_et.recipes import ConfigError, build_config, parse_overrides, save_config
 from mae_et.train.config import PretrainConfig, curriculum_stages, load_pretrain_config
@@ -223,24 +223,13 @@ def test_evaluation_configs_share_the_schema_rules(micro_run, mini_root, overrid
     assert ok.checkpoint.every_epochs == 0
 
 
-def test_an_invalid_value_on_the_command_line_is_one_line_and_exit_2(tmp_path, mini_root):
-    import subprocess
-    import sys
+def test_an_invalid_value_on_the_command_line_is_one_line_and_exit_2(tmp_path, mini_root, capsys):
+    """pretrain.py's main(), in this process (that an entry point's user error is one line as its own process too:
+    tests/test_entry_points.py)."""
+    from pretrain import main
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "pretrain.py"),
-            "--config",
-            str(CPU_RECIPE),
-            f"data.root={mini_root}",
-            f"output_dir={tmp_path}",
-            "model.patch_size=0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    argv = ["--config", str(CPU_RECIPE), f"data.root={mini_root}", f"output_dir={tmp_path}", "model.patch_size=0"]
+    proc = call_main(main, argv, capsys)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: model.patch_size must be > 0, got 0"
     assert not (tmp_path / CPU_RECIPE.stem).exists()
 

@@ -22,7 +22,9 @@ from helpers import (
     CPU_RECIPE,
     ONE_THREAD_ENV,
     REPO,
+    call_main,
     copy_mini_classes,
+    in_process_run,
     make_bad_folder,
     official_pth,
     reset_accelerate,
@@ -48,13 +50,21 @@ def cfg_for(tmp_path, data_root, *overrides):
     return load_pretrain_config(CPU_RECIPE, [f"data.root={data_root}", f"output_dir={tmp_path}", *overrides])
 
 
-def cli(*args, timeout=300, check=True, env=None):
-    """Run the real entry point, as a user would."""
+def cli(*args, timeout=300, check=True, env=ONE_THREAD_ENV):
+    """Run the real entry point, as a user would (one intra-op thread, as every run the tests compare it with)."""
     cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def main_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """pretrain.py's main() with the CPU recipe and `args`, in this process: its exit status, stdout and stderr, as
+    `cli` gives them (helpers.call_main)."""
+    from pretrain import main
+
+    return call_main(main, ["--config", str(CPU_RECIPE), *args], capsys)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -174,9 +184,10 @@ def straight_args(mini_root, micro_run) -> list[str]:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, straight_args) -> Path:
-    """The run folder of one uninterrupted CLI run of STRAIGHT, shared by the tests that compare with it."""
+    """The run folder of one uninterrupted CLI run of STRAIGHT (every checkpoint kept), the reference of the kill
+    tests (folder and shards) and of the busy-folder test."""
     out = tmp_path_factory.mktemp("straight")
-    assert "starting from mae_et weights" in cli(*straight_args, f"output_dir={out}").stdout
+    assert "starting from mae_et weights" in cli(*straight_args, "checkpoint.keep_last=9", f"output_dir={out}").stdout
     return out / CPU_RECIPE.stem
 
 
@@ -188,8 +199,8 @@ def comparable(records: list[dict]) -> list[dict]:
 
 def test_a_second_launch_on_a_busy_run_folder_stops_and_touches_nothing(tmp_path, straight_args, straight_run):
     """Two launches of one command at once (a requeued job while the old one runs): the second exits 2 in one
-    line naming the holder; the first ends with the weights and metrics of a lone run."""
-    args = [*straight_args, f"output_dir={tmp_path}"]
+    line naming the holder; the first ends with the weights and metrics of a lone run (its first 10 steps)."""
+    args = [*straight_args, "train.max_steps=10", f"output_dir={tmp_path}"]
     run_dir = tmp_path / CPU_RECIPE.stem
     first = subprocess.Popen(
         [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args],
@@ -197,6 +208,7 @@ def test_a_second_launch_on_a_busy_run_folder_stops_and_touches_nothing(tmp_path
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=ONE_THREAD_ENV,
     )
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "checkpoints").is_dir():  # training, lock held
@@ -214,50 +226,113 @@ def test_a_second_launch_on_a_busy_run_folder_stops_and_touches_nothing(tmp_path
     assert len(lines) == 1, second.stderr
     assert f"is in use by another run (pid {first.pid} on host" in lines[0] and "started " in lines[0]
     assert "wait for it to end, or give this run another output_dir= or name=" in lines[0]
-    assert_same_weights(final_weights(straight_run), final_weights(run_dir), atol=0)
-    assert comparable(metrics(run_dir)) == comparable(metrics(straight_run))
+    lone = load_file(str(straight_run / "checkpoints" / "step_00000010" / ck.MODEL_FILE))
+    assert_same_weights(lone, final_weights(run_dir), atol=0)
+    assert comparable(metrics(run_dir)) == [r for r in comparable(metrics(straight_run)) if r["step"] <= 10]
 
 
-def sigkill_after_two_checkpoints(args: list[str], out: Path) -> None:
-    """Launch the real CLI with `args` into `out`, SIGKILL it once its second checkpoint exists (maybe mid-save)."""
+def sigkill_at_step_10(args: list[str], out: Path) -> None:
+    """Launch the real CLI with `args` into `out`, SIGKILL it once its checkpoint of step 10 exists (a moment that
+    may fall inside the next save or step)."""
     cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE), *args, f"output_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD_ENV)
     ckpt_root = out / CPU_RECIPE.stem / "checkpoints"
     deadline = time.time() + 120
-    while time.time() < deadline and len(ck.list_checkpoints(ckpt_root)) < 2:
+    while time.time() < deadline and not [p for p in ck.list_checkpoints(ckpt_root) if p.name >= "step_00000010"]:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = ck.list_checkpoints(ckpt_root)[-1].name
-    assert killed_at != "step_00000045", "the run finished before the kill; the test proves nothing"
+    assert "step_00000010" <= killed_at < "step_00000020", f"killed at {killed_at}: too late for the test"
 
 
-def test_kill_at_any_moment_then_relaunch_gives_the_same_weights(tmp_path, straight_args, straight_run):
-    """SIGKILL the real CLI mid-run (possibly mid-save), relaunch the same command, compare. The killed run's
-    lock file stays behind, and does not stop the relaunch: a SIGKILL releases the OS lock. The run continues a
-    start point (model.init): the relaunch resumes its own checkpoint and never loads the start point again."""
+# Runs pretrain.py with its checkpoint writer patched to SIGKILL the process at one point inside the second save.
+KILL_INSIDE_A_SAVE = """
+import os, runpy, signal, sys
+from pathlib import Path
+from mae_et import checkpoint as ck
+where, saves = sys.argv[1], [0]
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+real_save, real_save_file = ck.save_checkpoint, ck.save_safetensors
+real_fsync, real_replace = ck._fsync_path, ck.os.replace
+def save_checkpoint(*a, **k):
+    saves[0] += 1
+    return real_save(*a, **k)
+def save_file(*a, **k):  # the first file of the folder
+    real_save_file(*a, **k)
+    if where == "model_written" and saves[0] == 2:
+        die()
+def fsync(path):  # the folder itself is fsynced last, once every file in it is
+    real_fsync(path)
+    if where == "files_synced" and saves[0] == 2 and Path(path).name.startswith(ck.TMP_PREFIX):
+        die()
+def replace(src, dst):
+    real_replace(src, dst)
+    if where == "renamed" and saves[0] == 2 and Path(dst).name.startswith(ck.CHECKPOINT_PREFIX):
+        die()
+ck.save_checkpoint, ck.save_safetensors, ck._fsync_path, ck.os.replace = save_checkpoint, save_file, fsync, replace
+sys.argv = [sys.argv[2], *sys.argv[3:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_run_killed_at_any_moment_and_inside_each_checkpoint_write_relaunches_to_the_same_weights(
+    tmp_path, straight_args, straight_run
+):
+    """One run folder, killed again and again with SIGKILL, each time relaunched with the same command: at a moment
+    no one chose (right after the checkpoint of step 10: maybe inside the next save), then at known points inside
+    a save (the relaunch's second): half a folder written, every file written but the folder not yet renamed,
+    renamed but the older one not yet pruned (keep_last=1). A half-written folder is invisible; each relaunch resumes
+    from the last whole checkpoint, never loads the start point (model.init) again, and takes the run folder that
+    the killed run's lock file still names (a SIGKILL releases the OS lock); the last one ends with the weights of
+    the uninterrupted run, nothing half-written left."""
+    args = [*straight_args, "checkpoint.keep_last=1"]
     out = tmp_path / "killed"
-    sigkill_after_two_checkpoints(straight_args, out)
+    ckpt_root = out / CPU_RECIPE.stem / "checkpoints"
+    sigkill_at_step_10(args, out)
     assert (out / CPU_RECIPE.stem / ".run.lock").is_file()
-    relaunched = cli(*straight_args, f"output_dir={out}")
-    assert "resumed from" in relaunched.stdout and "starting from" not in relaunched.stdout
+
+    def steps(names: list[str]) -> list[int]:
+        return [int(name[len(ck.CHECKPOINT_PREFIX) :]) for name in names]
+
+    for where in ("model_written", "files_synced", "renamed"):
+        resume_from = ck.list_checkpoints(ckpt_root)[-1]
+        cmd = [sys.executable, "-c", KILL_INSIDE_A_SAVE, where, str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE)]
+        env = {**ONE_THREAD_ENV, "PYTHONUNBUFFERED": "1"}  # its lines reach the pipe before the kill
+        killed = subprocess.run([*cmd, *args, f"output_dir={out}"], cwd=REPO, capture_output=True, text=True,
+                                timeout=300, env=env)  # fmt: skip
+        assert killed.returncode == -9, (where, killed.stdout + killed.stderr)  # it died inside its second save
+        assert f"resumed from {resume_from}" in killed.stdout and "starting from" not in killed.stdout, killed.stdout
+        # (a SIGKILL may also leave the writer's free lock file beside: not a folder, and the next save removes it)
+        half_written = [p.name for p in ckpt_root.iterdir() if p.name.startswith(ck.TMP_PREFIX) and p.is_dir()]
+        first_save = steps([resume_from.name])[0] + 5
+        listed = steps([p.name for p in ck.list_checkpoints(ckpt_root)])
+        if where == "renamed":  # keep_last=1 had not pruned yet
+            assert listed == [first_save, first_save + 5] and not half_written, (listed, half_written)
+        else:  # the half-written one is invisible; the one of the earlier kill was cleaned up
+            assert listed == [first_save] and len(half_written) == 1, (where, listed, half_written)
+    resume_from = ck.list_checkpoints(ckpt_root)[-1]
+    relaunched = cli(*args, f"output_dir={out}")
+    assert f"resumed from {resume_from}" in relaunched.stdout and "starting from" not in relaunched.stdout
     assert_same_weights(final_weights(straight_run), final_weights(out / CPU_RECIPE.stem))
+    assert not [p for p in ckpt_root.iterdir() if p.name.startswith(ck.TMP_PREFIX)]  # cleaned up by the relaunch
 
 
-def test_a_run_on_shards_killed_at_any_moment_relaunches_to_the_same_weights(tmp_path, mini_root):
-    """data.source=shards: SIGKILL the real CLI mid-run, relaunch the same command: the uninterrupted run's weights."""
+def test_a_run_on_shards_killed_at_any_moment_relaunches_to_the_same_weights(
+    tmp_path, mini_root, micro_run, straight_run
+):
+    """data.source=shards (the shards of the mini set's train/, which read as the folder does): SIGKILL the real
+    CLI mid-run, relaunch the same command: the uninterrupted run's weights, bit for bit."""
     from mae_et.data.shards import write_shards
 
     write_shards(mini_root / "train", tmp_path / "shards", shard_size=50)
     args = [f"data.root={tmp_path / 'shards'}", "data.source=shards", f"data.shard_cache={tmp_path / 'cache'}",
-            "tracking.knn_every_epochs=0", *STRAIGHT]  # fmt: skip
-    cli(*args, f"output_dir={tmp_path / 'straight'}")
+            f"model.init={micro_run}", *STRAIGHT]  # fmt: skip
     out = tmp_path / "killed"
-    sigkill_after_two_checkpoints(args, out)
+    sigkill_at_step_10(args, out)
     assert "resumed from" in cli(*args, f"output_dir={out}").stdout
-    assert_same_weights(
-        final_weights(tmp_path / "straight" / CPU_RECIPE.stem), final_weights(out / CPU_RECIPE.stem), atol=0
-    )
+    assert_same_weights(final_weights(straight_run), final_weights(out / CPU_RECIPE.stem), atol=0)
 
 
 def test_ctrl_c_ends_in_one_line_with_the_step_and_the_checkpoint(tmp_path, mini_root):
@@ -294,90 +369,12 @@ def test_ctrl_c_ends_in_one_line_with_the_step_and_the_checkpoint(tmp_path, mini
     assert int(m.group(3)) <= int(m.group(1)) and m.group(2) == str(last) and int(m.group(3)) == int(last.name[5:])
 
 
-def test_a_start_that_fails_its_checks_leaves_no_run_folder(tmp_path):
+def test_a_start_that_fails_its_checks_leaves_no_run_folder(tmp_path, capsys):
     empty = tmp_path / "empty_data"
     empty.mkdir()
-    proc = cli(f"data.root={empty}", f"output_dir={tmp_path / 'runs'}", check=False)
+    proc = main_in_process(capsys, f"data.root={empty}", f"output_dir={tmp_path / 'runs'}")
     assert proc.returncode == 2 and "error:" in proc.stderr
     assert not (tmp_path / "runs").exists()  # made for this run, left empty: removed with its parent
-
-
-# Runs pretrain.py with its checkpoint writer patched to SIGKILL the process at one point inside the second save.
-KILL_INSIDE_A_SAVE = """
-import os, runpy, signal, sys
-from pathlib import Path
-from mae_et import checkpoint as ck
-where, saves = sys.argv[1], [0]
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-real_save, real_save_file = ck.save_checkpoint, ck.save_safetensors
-real_fsync, real_replace = ck._fsync_path, ck.os.replace
-def save_checkpoint(*a, **k):
-    saves[0] += 1
-    return real_save(*a, **k)
-def save_file(*a, **k):  # the first file of the folder
-    real_save_file(*a, **k)
-    if where == "model_written" and saves[0] == 2:
-        die()
-def fsync(path):  # the folder itself is fsynced last, once every file in it is
-    real_fsync(path)
-    if where == "files_synced" and saves[0] == 2 and Path(path).name.startswith(ck.TMP_PREFIX):
-        die()
-def replace(src, dst):
-    real_replace(src, dst)
-    if where == "renamed" and saves[0] == 2 and Path(dst).name.startswith(ck.CHECKPOINT_PREFIX):
-        die()
-ck.save_checkpoint, ck.save_safetensors, ck._fsync_path, ck.os.replace = save_checkpoint, save_file, fsync, replace
-sys.argv = [sys.argv[2], *sys.argv[3:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-SAVE_KILL = ["train.epochs=2", "train.deterministic=true", "checkpoint.every_steps=5", "checkpoint.keep_last=1",
-             "tracking.recon_every_epochs=0"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def save_kill_straight_run(tmp_path_factory, mini_root) -> Path:
-    """The run folder of one uninterrupted CLI run of SAVE_KILL, the reference of the three kill points below."""
-    out = tmp_path_factory.mktemp("save_kill_straight")
-    cli(f"data.root={mini_root}", *SAVE_KILL, f"output_dir={out}")
-    return out / CPU_RECIPE.stem
-
-
-@pytest.mark.parametrize("where", ["model_written", "files_synced", "renamed"])
-def test_sigkill_inside_a_checkpoint_write_then_relaunch_gives_the_same_weights(
-    tmp_path, mini_root, where, save_kill_straight_run
-):
-    """Killed at a known point inside the second save: half a folder written, every file written but the folder
-    not yet renamed, renamed but older ones not yet pruned. The relaunch resumes and ends as an unkilled run."""
-    args = [f"data.root={mini_root}", *SAVE_KILL]
-    out = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-c",
-        KILL_INSIDE_A_SAVE,
-        where,
-        str(REPO / "pretrain.py"),
-        "--config",
-        str(CPU_RECIPE),
-        *args,
-        f"output_dir={out}",
-    ]
-    killed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9, killed.stdout + killed.stderr  # it died inside the save
-    ckpt_root = out / CPU_RECIPE.stem / "checkpoints"
-    # (a SIGKILL may also leave the writer's free lock file beside: not a folder, and the next save removes it)
-    half_written = [p.name for p in ckpt_root.iterdir() if p.name.startswith(ck.TMP_PREFIX) and p.is_dir()]
-    listed = [p.name for p in ck.list_checkpoints(ckpt_root)]
-    if where == "renamed":
-        assert listed == ["step_00000005", "step_00000010"] and not half_written  # keep_last=1 had not pruned yet
-    else:
-        assert listed == ["step_00000005"] and len(half_written) == 1  # the half-written one is invisible
-    relaunched = cli(*args, f"output_dir={out}")
-    assert f"resumed from {ckpt_root / listed[-1]}" in relaunched.stdout
-    assert_same_weights(final_weights(save_kill_straight_run), final_weights(out / CPU_RECIPE.stem))
-    assert not [p for p in ckpt_root.iterdir() if p.name.startswith(ck.TMP_PREFIX)]  # cleaned up by the relaunch
 
 
 def free_port() -> int:
@@ -389,7 +386,8 @@ def free_port() -> int:
 
 def test_two_process_ddp_ranks_agree_and_only_rank0_writes(tmp_path, mini_root):
     """Two real processes. The data holds files that fail to decode, met by both ranks over the epochs:
-    each counts once."""
+    each counts once. What a user sees on stderr of a skipped file: one line (which, why), not the source line of
+    a warnings.warn call."""
     data = tmp_path / "data"
     n_bad = make_bad_folder(data, undecodable_copies=6)
     cmd = [
@@ -444,33 +442,61 @@ def test_two_process_ddp_ranks_agree_and_only_rank0_writes(tmp_path, mini_root):
     assert len(warned) == n_bad - 2 and len(met) > len(warned)  # some file was met by both ranks: the test can fail
     assert records[-1]["data_skipped_files"] == n_bad
     assert sorted(torch.load(final / ck.STATE_FILE, weights_only=True)["bad_files"]) == sorted(warned)
+    # each skipped file is one readable line
+    lines = [
+        line
+        for line in proc.stderr.splitlines()
+        if "zero.JPEG" in line or "notes.txt" in line or ".jpg" in line or "truncated" in line or "warn" in line.lower()
+    ]
+    assert lines and all(line.startswith("warning: ") for line in lines), proc.stderr
+    assert "warning: skipping '" in proc.stderr and "zero-byte file" in proc.stderr
+    assert "warnings.warn" not in proc.stderr and "UserWarning" not in proc.stderr
 
 
-def test_two_process_ddp_on_shards_trains_as_on_the_folder(tmp_path, mini_root):
+# What the two-process runs below share: batch 8 per process, a checkpoint every 3 steps (a requeued job resumes)
+TWO_PROCESSES = ["train.batch_size=8", "tracking.recon_every_epochs=0", "tracking.knn_every_epochs=0",
+                 "checkpoint.every_steps=3"]  # fmt: skip
+
+
+def launch_two_processes(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 pretrain.py`: 6 steps of TWO_PROCESSES and `args` into `out`."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE),
+        *TWO_PROCESSES, "train.max_steps=6", *args, f"output_dir={out}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_THREAD_ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, mini_root) -> Path:
+    """The run folder of one launch of two processes on the mini set's folder: the reference of the shards and
+    Slurm launches."""
+    out = tmp_path_factory.mktemp("two_processes")
+    launch_two_processes(out, f"data.root={mini_root}")
+    return out / CPU_RECIPE.stem
+
+
+def test_two_process_ddp_on_shards_trains_as_on_the_folder(tmp_path, mini_root, two_process_run):
     """Two real processes reading shards (each rank its part of every epoch): equal checksums on both ranks and
     the same weights, bit for bit, as two processes reading the folder."""
     from mae_et.data.shards import write_shards
 
     write_shards(mini_root / "train", tmp_path / "shards", shard_size=40)
-    runs = {}
-    for name, root, extra in (
-        ("folder", mini_root, []),
-        ("shards", tmp_path / "shards", ["data.source=shards", f"data.shard_cache={tmp_path / 'cache'}"]),
-    ):
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), str(REPO / "pretrain.py"), "--config", str(CPU_RECIPE),
-            f"data.root={root}", f"output_dir={tmp_path / 'runs' / name}", "train.max_steps=8", "train.batch_size=8",
-            "tracking.recon_every_epochs=0", "tracking.knn_every_epochs=0", *extra,
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_THREAD_ENV)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        run_dir = tmp_path / "runs" / name / CPU_RECIPE.stem
+    launch_two_processes(
+        tmp_path / "runs",
+        f"data.root={tmp_path / 'shards'}",
+        "data.source=shards",
+        f"data.shard_cache={tmp_path / 'cache'}",
+    )
+    for run_dir in (two_process_run, tmp_path / "runs" / CPU_RECIPE.stem):
         meta = json.loads((ck.list_checkpoints(run_dir / "checkpoints")[-1] / "meta.json").read_text())
         assert meta["world_size"] == 2 and meta["rank_weight_checksums"][0] == meta["rank_weight_checksums"][1]
-        runs[name] = final_weights(run_dir)
-    assert all(torch.equal(runs["folder"][k], runs["shards"][k]) for k in runs["folder"])
+    on_folder, on_shards = final_weights(two_process_run), final_weights(tmp_path / "runs" / CPU_RECIPE.stem)
+    assert all(torch.equal(on_folder[k], on_shards[k]) for k in on_folder)
 
 
 def test_bad_files_are_skipped_named_and_counted(tmp_path, mini_root):
@@ -498,25 +524,10 @@ def test_bad_files_met_again_after_a_resume_count_once(tmp_path, mini_root):
     assert resumed.step > 8 and metrics(resumed.run_dir)[-1]["data_skipped_files"] == n_bad
 
 
-def test_a_skipped_file_is_one_readable_line(tmp_path, mini_root):
-    """What a user sees on stderr: one line per file (which, why), not the source line of a warnings.warn call."""
+def test_strict_data_turns_the_first_bad_file_into_an_error(tmp_path, mini_root, capsys):
     data = tmp_path / "data"
     make_bad_folder(data)
-    proc = cli(f"data.root={data}", f"output_dir={tmp_path}", "train.max_steps=4", "tracking.recon_every_epochs=0")
-    lines = [
-        line
-        for line in proc.stderr.splitlines()
-        if "zero.JPEG" in line or "notes.txt" in line or ".jpg" in line or "truncated" in line or "warn" in line.lower()
-    ]
-    assert lines and all(line.startswith("warning: ") for line in lines), proc.stderr
-    assert "warning: skipping '" in proc.stderr and "zero-byte file" in proc.stderr
-    assert "warnings.warn" not in proc.stderr and "UserWarning" not in proc.stderr
-
-
-def test_strict_data_turns_the_first_bad_file_into_an_error(tmp_path, mini_root):
-    data = tmp_path / "data"
-    make_bad_folder(data)
-    proc = cli(f"data.root={data}", "data.strict=true", f"output_dir={tmp_path}", check=False)
+    proc = main_in_process(capsys, f"data.root={data}", "data.strict=true", f"output_dir={tmp_path}")
     assert proc.returncode == 2
     assert "error:" in proc.stderr and ("zero.JPEG" in proc.stderr or "notes.txt" in proc.stderr)
     assert "Traceback" not in proc.stderr
@@ -642,17 +653,17 @@ def test_nonfinite_update_leaves_weights_and_optimizer_untouched(tmp_path, mini_
     assert after.training_state["counters"]["nonfinite_skipped"] == 1
 
 
-def test_unwritable_output_folder_fails_at_start(tmp_path, mini_root):
+def test_unwritable_output_folder_fails_at_start(tmp_path, mini_root, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    proc = cli(f"data.root={mini_root}", f"output_dir={blocker}/runs", check=False)
+    proc = main_in_process(capsys, f"data.root={mini_root}", f"output_dir={blocker}/runs")
     assert proc.returncode == 2
     assert "not writable" in proc.stderr and "output_dir=" in proc.stderr
     assert "step " not in proc.stdout  # nothing trained
 
 
-def test_missing_data_root_is_one_clear_line(tmp_path):
-    proc = cli(f"output_dir={tmp_path}", check=False)
+def test_missing_data_root_is_one_clear_line(tmp_path, capsys):
+    proc = main_in_process(capsys, f"output_dir={tmp_path}")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.root is missing" in lines[0]
@@ -662,7 +673,7 @@ def test_wandb_offline_run_and_reconstructions(tmp_path, mini_root):
     pytest.importorskip("wandb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), WANDB_DISABLE_CODE="true")  # no login, no netrc: auto must pick offline
-    proc = cli(f"data.root={mini_root}", f"output_dir={tmp_path}", "tracking.wandb=auto", "train.epochs=2", env=env)
+    proc = cli(f"data.root={mini_root}", f"output_dir={tmp_path}", "tracking.wandb=auto", "train.epochs=1", env=env)
     run_dir = tmp_path / CPU_RECIPE.stem
     assert "W&B (offline)" in proc.stdout
     offline = list((run_dir / "wandb").glob("offline-run-*"))
@@ -752,17 +763,18 @@ TWO_STEPS = ["train.max_steps=2", "tracking.recon_every_epochs=0", "checkpoint.e
 
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory, mini_root) -> Path:
-    """The output folder of a 2-step CLI run (its checkpoint step_00000002), copied by each test that resumes it."""
+    """The output folder of a 2-step run (its checkpoint step_00000002), copied by each test that resumes it."""
     out = tmp_path_factory.mktemp("two_steps")
-    cli(f"data.root={mini_root}", f"output_dir={out}", *TWO_STEPS)
+    with in_process_run():
+        pretrain(cfg_for(out, mini_root, *TWO_STEPS))
     return out
 
 
 @pytest.mark.parametrize("change", ["model.size=tiny", "model.decoder_embed_dim=48"])
-def test_resume_with_a_changed_model_is_one_line_not_a_traceback(tmp_path, mini_root, change, two_step_run):
+def test_resume_with_a_changed_model_is_one_line_not_a_traceback(tmp_path, mini_root, change, two_step_run, capsys):
     shutil.copytree(two_step_run, tmp_path, dirs_exist_ok=True)  # the run folder's lock is free: no process holds it
     args = [f"data.root={mini_root}", f"output_dir={tmp_path}", *TWO_STEPS]
-    proc = cli(*args, change, "train.max_steps=4", check=False)
+    proc = main_in_process(capsys, *args, change, "train.max_steps=4")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     key = change.split("=")[0]
@@ -771,7 +783,8 @@ def test_resume_with_a_changed_model_is_one_line_not_a_traceback(tmp_path, mini_
     assert "new output_dir" in line and "checkpoint.resume=false" in line
     # nothing was lost: the checkpoint is still there, and the same command without the change resumes from it
     assert [p.name for p in ck.list_checkpoints(tmp_path / CPU_RECIPE.stem / "checkpoints")] == ["step_00000002"]
-    assert "resumed from" in cli(*args[:-2], "checkpoint.every_steps=2", "train.max_steps=4").stdout
+    resumed = main_in_process(capsys, *args[:-2], "checkpoint.every_steps=2", "train.max_steps=4")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
 
 
 def test_checkpoint_every_epochs_0_is_off_not_every_step(tmp_path, mini_root):
@@ -984,29 +997,14 @@ def fake_slurm(tmp_path, job_id: int, restart: int = 0) -> dict:
     }
 
 
-def test_two_machines_launched_by_the_slurm_script_train_as_one_two_process_launch(tmp_path, mini_root):
+def test_two_machines_launched_by_the_slurm_script_train_as_one_two_process_launch(
+    tmp_path, mini_root, two_process_run
+):
     """examples/slurm/pretrain.sbatch, with Slurm's variables for 2 nodes and srun starting one launcher per node
     (machine ranks 0 and 1, one process each, rendezvous on localhost): equal weight checksums on both ranks and
     the same weights as one launch of two processes. A second job (a requeue: a new job id, the same command)
     resumes the run folder instead of starting over, and ends where an uninterrupted run ends."""
-    args = [
-        "--config",
-        str(CPU_RECIPE),
-        f"data.root={mini_root}",
-        "train.batch_size=8",
-        "tracking.recon_every_epochs=0",
-        "tracking.knn_every_epochs=0",
-        "checkpoint.every_steps=3",
-    ]
-    one = subprocess.run(
-        [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--main_process_port", str(free_port()), str(REPO / "pretrain.py"), *args,
-            f"output_dir={tmp_path / 'one'}", "train.max_steps=6",
-        ],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=ONE_THREAD_ENV,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stdout + one.stderr
+    args = ["--config", str(CPU_RECIPE), f"data.root={mini_root}", *TWO_PROCESSES]
     script = str(REPO / "examples" / "slurm" / "pretrain.sbatch")
     two = tmp_path / "two"
     jobs = []
@@ -1028,7 +1026,7 @@ def test_two_machines_launched_by_the_slurm_script_train_as_one_two_process_laun
     meta = json.loads((ck.list_checkpoints(ckpts)[-1] / "meta.json").read_text())
     sums = meta["rank_weight_checksums"]
     assert meta["step"] == 6 and meta["world_size"] == 2 and len(sums) == 2 and sums[0] == sums[1]
-    one_w, two_w = final_weights(tmp_path / "one" / CPU_RECIPE.stem), final_weights(two / CPU_RECIPE.stem)
+    one_w, two_w = final_weights(two_process_run), final_weights(two / CPU_RECIPE.stem)
     assert one_w.keys() == two_w.keys() and all(torch.equal(one_w[k], two_w[k]) for k in one_w)  # bit for bit
 
 
