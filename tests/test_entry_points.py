@@ -29,21 +29,23 @@ def run_as_python(monkeypatch, capsys):
 
     def run(cwd: Path, argv: list[str], script: Path | None = None) -> subprocess.CompletedProcess:
         monkeypatch.chdir(cwd)
-        capsys.readouterr()
-        if argv[0] == "-m":
-            package = hasattr(sys.modules.get(argv[1]), "__path__")
+        module = argv[1] if argv[0] == "-m" else None
+        if module:
+            package = hasattr(sys.modules.get(module), "__path__")
             # the module run as __main__, when imported already: runpy runs a fresh copy (the package stays)
-            monkeypatch.delitem(sys.modules, f"{argv[1]}.__main__" if package else argv[1], raising=False)
-            monkeypatch.setattr(sys, "argv", [argv[1], *argv[2:]])
-            start = lambda: runpy.run_module(argv[1], run_name="__main__", alter_sys=True)  # noqa: E731
+            monkeypatch.delitem(sys.modules, f"{module}.__main__" if package else module, raising=False)
+            monkeypatch.setattr(sys, "argv", [module, *argv[2:]])
         else:
             path = str(script or REPO / argv[0])
             monkeypatch.setattr(sys, "argv", [path, *argv[1:]])
             monkeypatch.syspath_prepend(str(Path(path).parent))  # sys.path is restored after the test
-            start = lambda: runpy.run_path(path, run_name="__main__")  # noqa: E731
+        capsys.readouterr()
         try:
             with in_process_run():
-                start()
+                if module:
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(path, run_name="__main__")
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else int(e.code is not None)

@@ -293,8 +293,8 @@ def test_a_run_killed_at_any_moment_and_inside_each_checkpoint_write_relaunches_
     sigkill_at_step_10(args, out)
     assert (out / CPU_RECIPE.stem / ".run.lock").is_file()
 
-    def steps(names: list[str]) -> list[int]:
-        return [int(name[len(ck.CHECKPOINT_PREFIX) :]) for name in names]
+    def step_of(checkpoint: Path) -> int:
+        return int(checkpoint.name[len(ck.CHECKPOINT_PREFIX) :])
 
     for where in ("model_written", "files_synced", "renamed"):
         resume_from = ck.list_checkpoints(ckpt_root)[-1]
@@ -306,8 +306,8 @@ def test_a_run_killed_at_any_moment_and_inside_each_checkpoint_write_relaunches_
         assert f"resumed from {resume_from}" in killed.stdout and "starting from" not in killed.stdout, killed.stdout
         # (a SIGKILL may also leave the writer's free lock file beside: not a folder, and the next save removes it)
         half_written = [p.name for p in ckpt_root.iterdir() if p.name.startswith(ck.TMP_PREFIX) and p.is_dir()]
-        first_save = steps([resume_from.name])[0] + 5
-        listed = steps([p.name for p in ck.list_checkpoints(ckpt_root)])
+        first_save = step_of(resume_from) + 5  # a checkpoint every 5 steps
+        listed = [step_of(p) for p in ck.list_checkpoints(ckpt_root)]
         if where == "renamed":  # keep_last=1 had not pruned yet
             assert listed == [first_save, first_save + 5] and not half_written, (listed, half_written)
         else:  # the half-written one is invisible; the one of the earlier kill was cleaned up
