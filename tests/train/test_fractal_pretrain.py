@@ -1,21 +1,19 @@
 """The real no-argument command, `python pretrain.py`, made small: fractals in, an encoder that learned out.
 
-The only overrides make the run small (a 2-block micro encoder instead of ViT-Tiny) and keep it
-off W&B and in a temporary folder; everything else is the default fractal recipe (64 px, patch 8,
-`et` curriculum, 20 epochs of 100 fresh renders per class, 300 steps of batch 64).
+The only overrides make the run small (a 2-block micro encoder instead of ViT-Tiny, at the larger learning rate
+such a small model takes) and keep it off W&B and in a temporary folder; everything else is the default fractal
+recipe (64 px, patch 8, `et` curriculum, 20 epochs of 100 fresh renders per class, 300 steps of batch 64).
 
-Chance is 10 %, but a random-init encoder already tells these renders apart far better than that, so
-the kNN check compares the run's final kNN accuracy with the same encoder *untrained*: the weights the
-run started from (same seed, same `build_model`), scored on the same bank and held-out renders by the
-same `knn_evaluate_loaders`. Both poolings the run reports must be above their untrained score.
+Chance is 10 %, but a random-init encoder already tells these renders apart far better than that, so the run's
+headline, the mean-pooled kNN top-1 on 1,000 held-out renders, stands beside the same encoder *untrained*: the
+weights the run started from (same seed, same `build_model`), which the test scores again on its own with the
+same `knn_evaluate_loaders`. The headline must gain well beyond the standard error the run prints.
 
-Measured with exactly this command on 1,000 held-out renders (train.seed 0, 99 s with one intra-op thread on
-a 2-core machine): final kNN top-1 cls 50.6 %, mean-token 30.4 %; the untrained
-encoder of the same seed: cls 36.5 %, mean 28.0 % (binomial standard error about 1.5 points each, so the
-mean-token margin is the thin one; seeds 1 and 2 were measured only on the earlier 200 renders). The
-loss check is a second proof of learning (3.47 -> 1.33 at seed 0; on held-out renders the final
-models' masked-patch MSE is 1.32 / 1.10 / 1.36 against 1.77 / 1.52 / 1.78 for predicting the mean
-of the visible patches).
+Measured with exactly this command (train.seed 0, one intra-op thread, on a 2-core machine with a two-process study
+beside it, 2026-12-07: 120 s wall, 75 s CPU): mean 42.7 % (untrained 28.0 %), cls 46.8 % (untrained 36.5 %),
+standard error 1.6 points; loss 3.19 -> 1.30. At the recipe's own blr (1.5e-3) the micro model's mean-pooled
+features gain 2.4 points at seed 0 (30.4 vs 28.0; cls 50.6 vs 36.5) and 14.4 at seed 1 (37.9 vs 23.5): too thin a
+margin for a test, hence blr 5e-3 here (it is worse for ViT-Tiny: the recipe says why).
 """
 
 from __future__ import annotations
@@ -41,8 +39,7 @@ from mae_et.train.monitors import fractal_knn_loaders
 from mae_et.train.step import build_model
 
 NUM_CLASSES = 10  # the recipe's data.fractal_classes
-SMALL = ["tracking.wandb=off", "model.size=micro"]  # the overrides of the test, beside output_dir
-KNN_KEYS = ("knn_top1_cls", "knn_top1_mean")  # what the run prints and logs
+SMALL = ["tracking.wandb=off", "model.size=micro", "optim.blr=5e-3"]  # the overrides of the test, beside output_dir
 
 
 def untrained_knn(config_file: Path) -> dict[str, float]:
