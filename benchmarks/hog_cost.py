@@ -2,16 +2,10 @@
 
     python benchmarks/hog_cost.py --out benchmarks/results/hog_cost
 
-One process alternates, round after round (the order rotates each round), three timed runs of a few steps each:
-the training loop's own step (`mae_et.train.step.TrainStep`) with the pixel target (norm-pix), the same step with
-the HOG target, and the HOG target alone (`HOGTarget` on the step's normalised batch, what the HOG step adds in its
-loss). Medians over rounds of process CPU time (user + system) and wall time per step; the figures: HOG target /
-HOG step (target <= 5%, issue 20) and HOG step / pixel step (the head shrinks from p*p*3 to (p/8)^2 * 27 values,
-so the step may even get cheaper). Same model, batch, fp32, fused AdamW, grad clip 1.0, mask noise.
-
-Rows: the CPU study's ViT-Tiny/8 at 64 px (decoder 128 x 2, batch 128) and ViT-S/16 at 224 with MAE's 512 x 8
-decoder (batch 16). One intra-op thread by default, as peer_cpu.py and the study (CPU time stays honest beside
-other work). Writes <out>/hog_cost.json (every timed run, medians, ratios, load average) and hog_cost.md.
+The training loop's step with the pixel target, the same step with the HOG target, and the HOG target alone on the
+step's normalised batch alternate in rotating rounds (peer_cpu.py's harness, rows and settings); medians of CPU and
+wall time per step. The figures: HOG target / HOG step (at most 5%) and HOG step / pixel step. Writes
+<out>/hog_cost.json and hog_cost.md.
 """
 
 from __future__ import annotations
@@ -19,41 +13,21 @@ from __future__ import annotations
 if not __package__:  # run as `python benchmarks/hog_cost.py`: see benchmarks/_checkout.py
     import _checkout  # noqa: F401
 
-from benchmarks import REPO
+from benchmarks import peer_cpu
 from benchmarks.peer_cpu import ROWS, RowSpec, TimedSteps, alternate, random_images, run_cli  # noqa: F401 (ROWS: the same rows)
 from benchmarks.throughput import fresh_accelerator
 from mae_et.cli import run_user_command
 from mae_et.data.folder import normalize_on_device
-from mae_et.train.config import load_pretrain_config
 from mae_et.train.step import build_training
 
-RECIPE = REPO / "configs" / "pretrain" / "mae_vit-base-p16_baseline_800e_imagenet.yaml"
-CLIP = 1.0
-MAX_TARGET_SHARE = 0.05  # issue 20: the HOG target at most 5% of the step
+MAX_TARGET_SHARE = 0.05  # the HOG target at most 5% of the step
 CONTENDERS = ("pixel_step", "hog_step", "hog_target")
 
 
 def row_config(row: RowSpec, target: str):
-    width, depth, heads = row.decoder
-    return load_pretrain_config(
-        RECIPE,
-        [
-            f"model.size={row.size}",
-            f"model.patch_size={row.patch}",
-            f"model.decoder_embed_dim={width}",
-            f"model.decoder_depth={depth}",
-            f"model.decoder_num_heads={heads}",
-            f"model.target={target}",
-            f"model.norm_pix_loss={'true' if target == 'pixel' else 'false'}",
-            f"data.crop_size={row.img}",
-            f"train.batch_size={row.batch}",
-            "train.accum_steps=1",
-            "train.precision=fp32",
-            "train.compile=none",
-            f"optim.clip_grad={CLIP}",
-            "data.source=fractal",  # no files are read: the recipe's folder need not exist
-        ],
-    )
+    """peer_cpu.py's row, every patch decoded, with this target (norm-pix for pixels)."""
+    norm_pix = "true" if target == "pixel" else "false"
+    return peer_cpu.row_config(row, 1.0, f"model.target={target}", f"model.norm_pix_loss={norm_pix}")
 
 
 class Contender(TimedSteps):

@@ -2,18 +2,10 @@
 
     python benchmarks/peer_cpu.py --out benchmarks/results/peer_cpu
 
-One process alternates the contenders round after round (ours full, ours partial, HF full; the order rotates
-each round), each timed for a few training steps, so every contender meets the same machine state; the figures
-are the medians over rounds of process CPU time (user + system) and wall time per step, and the ratio ours / HF
-per row. Same model shape (the parameter counts are checked equal), batch, precision (fp32), optimizer (fused
-AdamW with the same weight-decay groups) and mask noise. Both steps clip the global gradient norm at 1.0 (HF's
-Trainer does by default, and our training loop computes the norm every step). Our step is the training loop's
-own (`mae_et.train.step.TrainStep`, uint8 input normalised in the step); HF's gets normalised float pixels.
-
-Rows: the study's ViT-Tiny/8 at 64 px (decoder 128 x 2, batch 128) and ViT-S/16 at 224 with MAE's 512 x 8 decoder
-(batch 16). One intra-op thread by default (--threads): this machine is shared and has 2 cores, and with one
-thread a process's CPU time stays honest beside other work (the study found spin-waits with 2 threads under load).
-Writes <out>/peer_cpu.json (every timed run, the medians, the ratios, the targets, the load average) and peer_cpu.md.
+The contenders (ours full, ours partial, HF full: the same model, batch, fp32, fused AdamW, grad clip 1.0 and mask
+noise) alternate in rotating rounds in one process; medians of CPU and wall time per step, and ours / HF per row.
+Rows: the study's ViT-Tiny/8 at 64 px and ViT-S/16 at 224 with MAE's decoder; one intra-op thread by default. Also
+the alternating harness hog_cost.py and step_costs.py share. Writes <out>/peer_cpu.json and peer_cpu.md.
 """
 
 from __future__ import annotations
@@ -36,13 +28,12 @@ if not __package__:  # run as `python benchmarks/peer_cpu.py`: see benchmarks/_c
     import _checkout  # noqa: F401
 
 from benchmarks import REPO
-from benchmarks.throughput import count_params, fresh_accelerator, hf_peer_config
+from benchmarks.study import config as study
+from benchmarks.throughput import count_params, fresh_accelerator, hf_training
 from mae_et.cli import OneLineParser, run_user_command
 from mae_et.data.folder import normalize_on_device
 from mae_et.files import FileError, check_output_folder, write_text_atomic
 from mae_et.recipes import ConfigError
-from mae_et.train.config import load_pretrain_config
-from mae_et.train.optim import build_adamw
 from mae_et.train.pretrain import mask_noise
 from mae_et.train.step import build_training
 
@@ -73,33 +64,28 @@ ROWS = {
 }
 
 
-def row_config(row: RowSpec, decode_fraction: float):
+def row_config(row: RowSpec, decode_fraction: float, *more: str):
+    """A row on the base recipe: its shape, fp32, eager, grad clip CLIP, `decode_fraction` of the patches decoded,
+    then `more` (hog_cost.py's target); no image is read."""
     width, depth, heads = row.decoder
-    return load_pretrain_config(
+    return study.row_config(
         RECIPE,
-        [
-            f"model.size={row.size}",
-            f"model.patch_size={row.patch}",
-            f"model.decoder_embed_dim={width}",
-            f"model.decoder_depth={depth}",
-            f"model.decoder_num_heads={heads}",
-            "model.norm_pix_loss=true",
-            f"model.decode_fraction={decode_fraction}",
-            f"data.crop_size={row.img}",
-            f"train.batch_size={row.batch}",
-            "train.accum_steps=1",
-            "train.precision=fp32",
-            "train.compile=none",
-            f"optim.clip_grad={CLIP}",
-            "data.source=fractal",  # no files are read: the recipe's folder need not exist
-        ],
+        f"model.patch_size={row.patch}",
+        f"model.decoder_embed_dim={width}",
+        f"model.decoder_depth={depth}",
+        f"model.decoder_num_heads={heads}",
+        "model.norm_pix_loss=true",
+        f"model.decode_fraction={decode_fraction}",
+        f"data.crop_size={row.img}",
+        "train.accum_steps=1",
+        "train.precision=fp32",
+        "train.compile=none",
+        f"optim.clip_grad={CLIP}",
+        *more,
+        model=row.size,
+        batch=row.batch,
+        reads_data=False,
     )
-
-
-def hf_model(cfg):
-    import transformers
-
-    return transformers.ViTMAEForPreTraining(hf_peer_config(cfg, cfg.model.size))  # the gpu_check's peer, same shape
 
 
 class TimedSteps:
@@ -170,11 +156,8 @@ class Contender(TimedSteps):
             self.images = images  # (n, 3, S, S) uint8, normalised inside the step
             self.run = lambda noise: self.train_step(self.images, row.img, noise)
         else:  # HF: forward, backward, clip, fused AdamW step
-            model = hf_model(cfg)
-            optimizer = build_adamw(model, 1e-4, cfg.optim.weight_decay, cfg.optim.betas)
-            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-            self.model.train()
-            self.params = count_params(model)
+            self.model, self.optimizer = hf_training(cfg, self.accelerator)
+            self.params = count_params(self.model)
             self.pixels = normalize_on_device(images)  # (n, 3, S, S) float, as our step normalises its input
             self.run = self._hf_step
 
@@ -274,6 +257,20 @@ def write_result(out: Path, name: str, result: dict, markdown: Callable) -> dict
     return result
 
 
+def cpu_header(threads: int) -> dict:
+    """When, on what and with which torch a CPU benchmark ran."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "threads": threads,
+        "torch": torch.__version__,
+    }
+
+
+def command_line(name: str, argv) -> str:
+    return f"python benchmarks/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
 def run_cli(
     argv, doc: str, name: str, bench_row: Callable, verdicts: Callable, markdown: Callable, header: dict | None = None
 ) -> dict:
@@ -300,12 +297,9 @@ def run_cli(
         print(f"row {row}: {ROWS[row]}", flush=True)
         rows[row] = bench_row(ROWS[row], args.rounds, args.warmup)
     result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "threads": args.threads,
-        "torch": torch.__version__,
+        **cpu_header(args.threads),
         **(header or {}),
-        "command": f"python benchmarks/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line(name, argv),
         "load_average_before_after": [load_before, os.getloadavg()],
         "rounds": args.rounds,
         "rows": rows,

@@ -37,8 +37,8 @@ from benchmarks.study.runs import pretrain_overrides, save_untrained_encoder
 from mae_et.cli import OneLineParser, run_user_command
 from mae_et.data.folder import scan_image_folder
 from mae_et.evaluate.linprobe import fit_probe_on_features
+from mae_et.run.run import fresh_accelerate_state
 from mae_et.train.config import load_pretrain_config
-from mae_et.train.run import fresh_accelerate_state
 
 
 def make_holdout(train_dir: Path, fraction: float, seed: int, out: Path) -> Path:

@@ -3,30 +3,17 @@
     python benchmarks/step_costs.py --study configs/study/imagenette_vit-t8_64px_20e_partial_cpu.yaml \
         --images 9469 --out benchmarks/results/step_costs
 
-The study's long runs measure their own CPU time, hours apart; anything else on the machine meanwhile inflates
-some runs more than others (on this 2-vCPU host a test run doubled a run's CPU seconds per step). But a run's
-weights do not depend on its clock, and its cost is the sum over its curriculum stages of steps x the cost of
-one step at that stage's input size B. So this measures that cost for every (run, B) the study's plans use, as
-peer_cpu.py does: the training loop's own step (`TrainStep`, the run's model config: decoded share, target,
-positions) on the same uint8 batch, a few steps per contender, in rounds whose order rotates, in one process, so
-every contender meets the same machine; medians of process CPU time (and wall) per step. Then per run:
-predicted CPU seconds = sum over stages of planned steps x median cost at B; speed-up = baseline's / run's.
-Runs whose steps are the same (the same model and train settings at another budget) are timed once (`timed_as`).
-`--ablations` adds the rows of those ablations of the study.
-
-Runs with an equal_time budget are left out (their budget comes from the measured runs). One intra-op thread by
-default, as the study. Writes <out>/step_costs.json (every timed run, medians, per-run predictions and speed-ups)
-and step_costs.md.
+Every (run, B) of the study's plans: the run's own training step timed side by side in rotating rounds (peer_cpu.py's
+harness, one process, one thread by default); per run, predicted seconds = sum over its stages of planned steps x the
+median step cost at B, and the speed-up over the baseline. Runs with the same step are timed once; --ablations adds
+those ablations' rows; equal_time runs are left out. Writes <out>/step_costs.json and step_costs.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -35,13 +22,12 @@ if not __package__:  # run as `python benchmarks/step_costs.py`: see benchmarks/
     import _checkout  # noqa: F401
 
 from benchmarks import REPO
-from benchmarks.peer_cpu import RowSpec, TimedSteps, alternate, checked_out, write_result
-from benchmarks.study.config import BASELINE, EQUAL_TIME, StudyError, load_study, split_row
-from benchmarks.study.runs import planned_stages, pretrain_overrides
+from benchmarks.peer_cpu import RowSpec, TimedSteps, alternate, checked_out, command_line, cpu_header, write_result
+from benchmarks.study.config import BASELINE, EQUAL_TIME, StudyError, load_study, row_config, split_row
+from benchmarks.study.runs import planned_stages, pretrain_config
 from benchmarks.throughput import fresh_accelerator
 from mae_et.cli import OneLineParser, run_user_command
 from mae_et.recipes import ConfigError, config_to_dict
-from mae_et.train.config import load_pretrain_config
 from mae_et.train.step import build_training
 
 
@@ -62,9 +48,7 @@ def plans(study, steps_per_epoch: int, data_root: Path, out: Path, ablations: li
     out_plans = {}
     for row in rows:
         epochs = study.epochs * study.runs[split_row(row)[0]].budget
-        overrides = pretrain_overrides(study, row, 0, epochs, data_root, out)
-        # nothing is read: the configs only shape the models and the plans
-        cfg = load_pretrain_config(study.recipe, [*overrides, "data.source=fractal"])
+        cfg = pretrain_config(study, row, 0, epochs, data_root, out, reads_data=False)  # shapes a model and a plan
         out_plans[row] = {"cfg": cfg, "stages": planned_stages(cfg, steps_per_epoch)}
     return out_plans
 
@@ -166,20 +150,17 @@ def main(argv=None) -> dict:
         has = ", ".join(study.ablations) or "none"
         raise StudyError(f"--ablations {unknown} are not in {args.study}; it has: {has}")
     torch.set_num_threads(args.threads)
-    batch = load_pretrain_config(study.recipe, [*study.overrides, "data.source=fractal"]).train
+    batch = row_config(study.recipe, *study.overrides, reads_data=False).train
     steps_per_epoch = args.images // (batch.batch_size * batch.accum_steps)
     load_before = os.getloadavg()
     result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "threads": args.threads,
-        "torch": torch.__version__,
+        **cpu_header(args.threads),
         "study": study.name,
         "images": args.images,
         "steps_per_epoch": steps_per_epoch,
         "rounds": args.rounds,
         "steps": args.steps,
-        "command": "python benchmarks/step_costs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("step_costs", argv),
         **measure(study, steps_per_epoch, args.rounds, args.warmup, args.steps, ablations),
     }
     result["load_average_before_after"] = [load_before, os.getloadavg()]

@@ -5,15 +5,9 @@
     python benchmarks/throughput.py --smoke     # a micro model, seconds, on any device (run by the test suite)
     python benchmarks/throughput.py --rows "tiny:8:64" --compile none --precision fp32  # CPU: this model and size
 
-For each row (model, batch, B) it reports: step img/s with the input already on the device (the
-same `TrainStep` the training loop runs: normalise, low-frequency crop, masked forward/backward,
-fused AdamW), step time, peak device memory, FLOPs per image and MFU against `--peak-tflops`; with
-`--data`, also end-to-end img/s through the configured data pipeline and its data-wait fraction.
-Results go to stdout as a Markdown table and to a JSON file (`--out`).
-
-It measures the models, batches and sizes it is given, on whatever device is there: only `--smoke`
-shrinks them (a micro model, patch 8, 48-px crops, eager fp32). The timing pieces (`fresh_accelerator`,
-`time_calls`, `step_flops`, `end_to_end`) are shared with `benchmarks/gpu_check.py`.
+Per row (model, batch, B): the training loop's own step timed with the input on the device (img/s, ms, peak
+memory, FLOPs per image, MFU), and with --data end-to-end img/s and data wait; a Markdown table and JSON (--out).
+Only --smoke shrinks what is measured. Its timing pieces serve benchmarks/gpu_check.py and the CPU benchmarks too.
 """
 
 from __future__ import annotations
@@ -33,13 +27,14 @@ if not __package__:  # run as `python benchmarks/throughput.py`: see benchmarks/
     import _checkout  # noqa: F401
 
 from benchmarks import REPO
+from benchmarks.study.config import NO_MONITORS, row_config
+from benchmarks.study.runs import image_flops
 from mae_et.cli import OneLineParser, run_user_command
 from mae_et.data.sources import open_source
-from mae_et.models.flops import mae_train_flops_per_image
 from mae_et.models.mae import MODEL_SIZES
-from mae_et.train.config import load_pretrain_config
+from mae_et.run.run import MIXED_PRECISION, fresh_accelerate_state
+from mae_et.train.optim import build_adamw
 from mae_et.train.pretrain import mask_noise
-from mae_et.train.run import MIXED_PRECISION, fresh_accelerate_state
 from mae_et.train.step import build_training
 
 GPU_ROWS = "base:256:224,192,160,128,96 large:128:224"
@@ -89,12 +84,13 @@ def fresh_accelerator(precision: str) -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=MIXED_PRECISION[precision])
 
 
-def hf_peer_config(cfg, model_size: str):
-    """Hugging Face ViTMAE of the same shape as ours (ViT-B/16: 768/12/12/3072, decoder 512/8/16/2048)."""
+def hf_model(cfg):
+    """Hugging Face's ViTMAEForPreTraining of the same shape as ours (ViT-B/16: 768/12/12/3072, decoder
+    512/8/16/2048): the peer of gpu_check.py and peer_cpu.py."""
     import transformers
 
-    spec, m = MODEL_SIZES[model_size], cfg.model
-    return transformers.ViTMAEConfig(
+    spec, m = MODEL_SIZES[cfg.model.size], cfg.model
+    config = transformers.ViTMAEConfig(
         hidden_size=spec["embed_dim"],
         num_hidden_layers=spec["depth"],
         num_attention_heads=spec["num_heads"],
@@ -109,6 +105,16 @@ def hf_peer_config(cfg, model_size: str):
         norm_pix_loss=m.norm_pix_loss,
         attn_implementation="sdpa",
     )
+    return transformers.ViTMAEForPreTraining(config)
+
+
+def hf_training(cfg, accelerator: Accelerator):
+    """The peer and fused AdamW with our weight-decay groups, prepared by `accelerator` (our autocast), training."""
+    model = hf_model(cfg)
+    optimizer = build_adamw(model, 1e-4, cfg.optim.weight_decay, cfg.optim.betas)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    return model, optimizer
 
 
 @dataclass
@@ -139,26 +145,29 @@ def time_calls(run, steps: int, warmup: int, device: torch.device, base_bytes: i
     return Timing(seconds, first, peak)
 
 
+def time_step(step, cfg, size: int, steps: int, warmup: int, device: torch.device, own_peak: bool = False) -> Timing:
+    """`step` (a TrainStep of cfg) timed at input size B on a random uint8 batch already on the device. own_peak:
+    the peak memory of its own weights, optimizer state and activations (the rest, the batch too, left out)."""
+    n, crop = cfg.train.batch_size, cfg.data.crop_size
+    images = torch.randint(0, 256, (n, 3, crop, crop), dtype=torch.uint8, device=device)  # (n, 3, S, S)
+    noise = mask_noise(0, 0, 0, 0, (n, (size // cfg.model.patch_size) ** 2), device)  # (n, L)
+    others = allocated() - owned_bytes(step.model, step.optimizer) if own_peak else 0
+    return time_calls(lambda: step(images, size, noise), steps, warmup, device, others)
+
+
+def allocated() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+def owned_bytes(model: torch.nn.Module, optimizer) -> int:
+    """Bytes of the weights and optimizer state of one model: subtracted from what else is on the device."""
+    tensors = list(model.parameters()) + [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
+
+
 def count_params(model: torch.nn.Module) -> int:
     """Trainable parameters (fixed sin-cos tables left out, which some implementations keep as parameters)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def step_flops(cfg, model_size: str, size: int) -> float:
-    """Training FLOPs per image at input size B (matrix multiplies only)."""
-    m = cfg.model
-    return mae_train_flops_per_image(
-        model_size,
-        size,
-        m.patch_size,
-        m.decoder_embed_dim,
-        m.decoder_depth,
-        m.mask_ratio,
-        decode_fraction=m.decode_fraction,
-        target=m.target,
-        hog_cell_size=m.hog_cell_size,
-        hog_bins=m.hog_bins,
-    )
 
 
 def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype) -> float:
@@ -194,17 +203,12 @@ def bench_row(
     accelerator = fresh_accelerator(cfg.train.precision)
     device = accelerator.device
     _, _, step = build_training(cfg, accelerator, 1e-4, sizes)
-    crop = cfg.data.crop_size
-    images = torch.randint(
-        0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=device
-    )  # (n, 3, S, S) on the device
     data = open_source(cfg.data, cfg.train.seed, main=True, device=device) if data_root is not None else None
     rows = []
     for size in sizes:
-        noise = mask_noise(0, 0, 0, 0, (batch, (size // cfg.model.patch_size) ** 2), device)  # (n, L)
-        timing = time_calls(lambda: step(images, size, noise), steps, max(warmup, 1), device)
+        timing = time_step(step, cfg, size, steps, max(warmup, 1), device)
         img_s = batch / timing.seconds_per_step
-        flops = step_flops(cfg, model_size, size)
+        flops = image_flops(cfg, size)
         row = Row(
             model_size,
             batch,
@@ -324,10 +328,8 @@ def main(argv=None) -> dict:
         overrides.append(f"data.pipeline={args.pipeline}")
     data_root = args.data  # its train/ split when present (mae_et.data.sources.data_dir)
     # the recipe's model and step, never its monitors (this script runs none); data only when --data is given
-    data = [f"data.root={args.data}", "data.source=imagefolder"] if args.data else ["data.source=fractal"]
-    cfg = load_pretrain_config(
-        args.config, [*data, "tracking.knn_every_epochs=0", "tracking.recon_every_epochs=0", *overrides]
-    )
+    data = [f"data.root={args.data}", "data.source=imagefolder"] if args.data else []
+    cfg = row_config(args.config, *data, *NO_MONITORS, *overrides, reads_data=bool(args.data))
     rows_spec = parse_rows(args.rows or (SMOKE_ROWS if args.smoke else GPU_ROWS))
     if not cuda and not args.smoke and args.rows is None:
         print("no CUDA: measuring the GPU rows on the CPU as asked (slow); --rows or --smoke for less")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mae_et.models.mae import get_2d_sincos_pos_embed, mae_vit
-from mae_et.train.run import fresh_accelerate_state
+from mae_et.run.run import fresh_accelerate_state
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO.parent / "shared" / "data" / "imagenette-mini"

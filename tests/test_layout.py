@@ -1,8 +1,8 @@
-"""The package's shape: subpackages in pipeline order, imports one way (evaluate -> train -> models -> data /
-curriculum -> the shared leaves: recipes (config loading), checkpoint (the on-disk format and safe loading),
-notices (warnings), files (safe writes), seeding (the seed hash and its families) -> errors (the two kinds of stop)),
-the command front (cli) below every command that uses it, no import circle; every entry point parses and reports
-user errors through mae_et.cli."""
+"""The package's shape: subpackages in pipeline order, imports one way (evaluate -> train -> run (what every run
+shares: the run skeleton, its plan, tracking) -> models -> data / curriculum -> the shared leaves: recipes (config
+loading), checkpoint (the on-disk format and safe loading), notices (warnings), files (safe writes), seeding (the seed
+hash and its families) -> errors (the two kinds of stop)), the command front (cli) below every command that uses it,
+no import circle; every entry point parses and reports user errors through mae_et.cli."""
 
 from __future__ import annotations
 
@@ -24,15 +24,16 @@ LAYERS = {
     "data": 2,
     "curriculum": 2,
     "models": 3,
-    "train": 4,
-    "evaluate": 5,
+    "run": 4,  # what the three engines share: the run skeleton, its plan in optimizer steps, tracking
+    "train": 5,
+    "evaluate": 6,
     "cli": 1,  # the command front every entry point shares (mae_et/cli.py imports only mae_et.errors)
-    "__main__": 6,  # `mae-et <tool>`: dispatches to the evaluate tools
+    "__main__": 7,  # `mae-et <tool>`: dispatches to the evaluate tools
 }
 
 
 def part_of(module: str) -> str:
-    """'mae_et.train.run' -> 'train'; 'mae_et' (the package itself) -> ''."""
+    """'mae_et.train.pretrain' -> 'train'; 'mae_et' (the package itself) -> ''."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 
@@ -144,7 +145,7 @@ def test_no_import_circle_between_modules():
 
 def test_the_folder_list_is_the_pipeline():
     subpackages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
-    assert subpackages == ["curriculum", "data", "evaluate", "models", "train"]
+    assert subpackages == ["curriculum", "data", "evaluate", "models", "run", "train"]
 
 
 def test_one_seed_hash_and_one_table_of_seed_families():
@@ -243,17 +244,17 @@ def loops_for_step_in_range(tree: ast.Module) -> bool:
 
 
 def test_one_run_plan_and_one_evaluation_loop():
-    """The plan of a run in optimizer steps is mae_et.train.plan.plan_run for all three engines; the epoch loop,
+    """The plan of a run in optimizer steps is mae_et.run.plan.plan_run for all three engines; the epoch loop,
     evaluation, best-epoch keeping and result writing of fine-tuning and the probe live in mae_et.evaluate.engine."""
     trees = package_trees()
     for engine in ("train/pretrain.py", "evaluate/finetune.py", "evaluate/linprobe.py"):
         assert "plan_run" in called(trees[engine]), f"{engine} plans its run by itself"
     # the steps of a pass over the data, counted in one place
     counted = sorted(rel for rel, tree in trees.items() if floor_divides_by_micro_batch_times_world(tree))
-    assert counted == ["train/plan.py"], counted
-    candidates = {rel: tree for rel, tree in trees.items() if rel.startswith(("evaluate/", "train/plan"))}
+    assert counted == ["run/plan.py"], counted
+    candidates = {rel: tree for rel, tree in trees.items() if rel.startswith(("evaluate/", "run/plan"))}
     for rule, home in (
-        (lambda tree: says(tree, "no full optimizer step"), "train/plan.py"),
+        (lambda tree: says(tree, "no full optimizer step"), "run/plan.py"),
         (lambda tree: "evaluate_classifier" in top_level_functions(tree), "evaluate/engine.py"),
         (lambda tree: {"save_best", "read_best"} & top_level_functions(tree), "evaluate/engine.py"),
         (writes_the_result_file, "evaluate/engine.py"),
@@ -288,7 +289,7 @@ def test_the_evaluation_methods_give_the_engine_what_it_asks():
 
 
 def test_accelerate_is_reset_in_one_place_and_benchmarks_never_touch_sys_path():
-    """Accelerate's private state reset is called by mae_et.train.run.fresh_accelerate_state only (every
+    """Accelerate's private state reset is called by mae_et.run.run.fresh_accelerate_state only (every
     in-process run builds its own Accelerator; the benchmarks, the study and the tests call the helper); no
     benchmark puts a folder on sys.path but benchmarks/_checkout.py, the one bootstrap of `python benchmarks/x.py`,
     and none imports another by its bare name."""
@@ -298,7 +299,7 @@ def test_accelerate_is_reset_in_one_place_and_benchmarks_never_touch_sys_path():
         for p in (REPO / folder).rglob("*.py")
     }
     resets = sorted(f for f, tree in trees.items() if any(c.endswith("._reset_state") for c in called(tree)))
-    assert resets == ["mae_et/train/run.py"], resets
+    assert resets == ["mae_et/run/run.py"], resets
     on_path = sorted(
         f
         for f, tree in trees.items()
@@ -311,7 +312,7 @@ def test_accelerate_is_reset_in_one_place_and_benchmarks_never_touch_sys_path():
     assert not bare, bare
 
 
-STAGES = ("curriculum", "data", "evaluate", "models", "train")
+STAGES = ("curriculum", "data", "evaluate", "models", "run", "train")
 
 
 def test_tests_sit_in_the_stage_folder_of_what_they_test():

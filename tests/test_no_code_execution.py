@@ -27,7 +27,8 @@ from mae_et import checkpoint as ck
 from mae_et.evaluate.finetune import layer_decay_param_groups
 from mae_et.evaluate.lars import LARS
 from mae_et.evaluate.visualize import main as visualize_main
-from mae_et.models.mae import get_2d_sincos_pos_embed, load_official_mae_checkpoint, mae_vit
+from mae_et.models.mae import get_2d_sincos_pos_embed, mae_vit
+from mae_et.models.start import load_official_mae_checkpoint
 from mae_et.models.vit import EncoderSpec, LoadError, build_vit, load_encoder_state, load_pretrained_vit
 from mae_et.train.config import load_pretrain_config
 from mae_et.train.pretrain import pretrain

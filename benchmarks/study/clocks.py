@@ -17,7 +17,7 @@ import torch
 
 from benchmarks import REPO
 from benchmarks.study.paths import in_repo
-from mae_et.train.tracking import METRICS_FILE
+from mae_et.run.tracking import METRICS_FILE
 
 QUIET_QUANTILE = 0.1  # quiet_cpu_seconds: the window of each stage that 90% of its windows are slower than
 

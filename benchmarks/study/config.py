@@ -1,5 +1,6 @@
 """The study config (`configs/study/*.yaml`) read into a `Study`: its runs, ablations, targets and evaluation; the
-names of the study's own rows (baseline, untrained, '<run>+<ablation>'), and the seeds an ablation gets."""
+names of the study's own rows (baseline, untrained, '<run>+<ablation>'), and the seeds an ablation gets. Also
+`row_config`: the pretraining config of any benchmark row, the study's and the benchmark scripts' alike."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ BASELINE = "baseline"  # the run every speed-up and accuracy is measured against
 UNTRAINED = "untrained"  # E = 0: the floor
 EQUAL_TIME = "equal_time"  # the budget of the run that gets et's time (needs runs named et and baseline)
 EQUAL_TIME_OF = "et"
+NO_MONITORS = ("tracking.recon_every_epochs=0", "tracking.knn_every_epochs=0")  # a row that trains watches nothing
 CLOCKS = ("wall", "cpu")
 ACCURACY_KEYS = ("knn_top1_cls", "knn_top1_mean", "linear_top1", "finetune_top1")
 TIME_KEYS = ("wall_s", "cpu_s")
@@ -292,3 +294,16 @@ def ablation_seed_plan(tokens: list[str], ablations: list[str], seeds: list[int]
             "seed's baseline and run; add them to --seeds"
         )
     return plan
+
+
+def row_config(
+    recipe: str | Path, *overrides: str, model: str | None = None, batch: int | None = None, reads_data: bool = True
+):
+    """The pretraining config of one row: the recipe, then `overrides`, then the row's model size and batch (when
+    given). A row that reads no image (`reads_data=False`: its config only shapes a model, a step or a plan) gets
+    the fractal source, so the recipe's data folder need not exist."""
+    from mae_et.train.config import load_pretrain_config  # here: reading a study config needs no torch
+
+    shape = [f"model.size={model}"] if model is not None else []
+    shape += [f"train.batch_size={batch}"] if batch is not None else []
+    return load_pretrain_config(recipe, [*overrides, *shape, *([] if reads_data else ["data.source=fractal"])])

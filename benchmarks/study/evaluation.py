@@ -23,7 +23,7 @@ from mae_et.evaluate.linprobe import fit_probe_on_features
 from mae_et.models.features import extract_pools, knn_accuracy
 from mae_et.models.mae import get_2d_sincos_pos_embed
 from mae_et.models.vit import load_pretrained_vit
-from mae_et.train.run import fresh_accelerate_state
+from mae_et.run.run import fresh_accelerate_state
 
 POOLS = ("cls", "mean")
 

@@ -20,18 +20,29 @@ from accelerate.utils import set_seed
 
 from benchmarks import REPO
 from benchmarks.study.clocks import quiet_cpu_seconds, training_clock
-from benchmarks.study.config import BASELINE, EQUAL_TIME, UNTRAINED, Study, StudyError, run_name, split_row
+from benchmarks.study.config import (
+    BASELINE,
+    EQUAL_TIME,
+    NO_MONITORS,
+    UNTRAINED,
+    Study,
+    StudyError,
+    row_config,
+    run_name,
+    split_row,
+)
 from benchmarks.study.paths import repo_relative
 from mae_et.checkpoint import META_FILE, list_checkpoints, save_checkpoint
 from mae_et.curriculum.schedules import plan_curriculum
 from mae_et.files import RunFolderLock, write_text_atomic
 from mae_et.models.flops import mae_train_flops_per_image
+from mae_et.models.mae import build_mae
 from mae_et.recipes import config_to_dict, flatten_dict
-from mae_et.train.config import curriculum_stages, load_pretrain_config
+from mae_et.run.run import build_accelerator, fresh_accelerate_state
+from mae_et.run.tracking import METRICS_FILE
+from mae_et.train.config import curriculum_stages, load_pretrain_config, mae_spec
 from mae_et.train.pretrain import mask_noise, pretrain
-from mae_et.train.run import build_accelerator, fresh_accelerate_state
-from mae_et.train.step import build_model, build_training
-from mae_et.train.tracking import METRICS_FILE
+from mae_et.train.step import build_training
 
 NEVER = 10**9  # checkpoint.every_steps: no periodic checkpoint
 
@@ -62,10 +73,18 @@ def pretrain_overrides(study: Study, row: str, seed: int, epochs: float, data_ro
         every,
         "checkpoint.resume=true",
         "checkpoint.keep_last=1",
-        "tracking.recon_every_epochs=0",
-        "tracking.knn_every_epochs=0",
+        *NO_MONITORS,
         'tracking.wandb="off"',
     ]
+
+
+def pretrain_config(
+    study: Study, row: str, seed: int, epochs: float, data_root: Path, out: Path, reads_data: bool = True
+):
+    """The config of one pretraining of the study (`pretrain_overrides` on its recipe); reads_data=False: only the
+    model and the plan are wanted (`row_config`)."""
+    overrides = pretrain_overrides(study, row, seed, epochs, data_root, out)
+    return row_config(study.recipe, *overrides, reads_data=reads_data)
 
 
 def pretrain_command(recipe: Path, overrides: list[str]) -> list[str]:
@@ -262,9 +281,9 @@ def equal_time_budget(epochs: float, et_time: float, baseline_time: float, steps
 def save_untrained_encoder(study: Study, seed: int, data_root: Path, out: Path) -> Path:
     """The E = 0 row: the baseline's initial weights (the engine seeds the same way before building the model),
     saved as a finished run folder, so every evaluation reads it like any pretrained encoder."""
-    cfg = load_pretrain_config(study.recipe, pretrain_overrides(study, UNTRAINED, seed, study.epochs, data_root, out))
+    cfg = pretrain_config(study, UNTRAINED, seed, study.epochs, data_root, out)
     set_seed(seed, deterministic=cfg.train.deterministic)
-    model = build_model(cfg)
+    model = build_mae(mae_spec(cfg))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     with run_folder_lock(cfg.run_dir):  # a run folder like any other: one writer
@@ -291,9 +310,7 @@ def warm_compile(study: Study, data_root: Path, out: Path) -> None:
         if spec.budget == EQUAL_TIME:
             continue  # the baseline's graph
         fresh_accelerate_state()
-        cfg = load_pretrain_config(
-            study.recipe, pretrain_overrides(study, run, 0, study.epochs * spec.budget, data_root, out)
-        )
+        cfg = pretrain_config(study, run, 0, study.epochs * spec.budget, data_root, out)
         warm_run(run, cfg)
     fresh_accelerate_state()
 

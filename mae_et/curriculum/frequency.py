@@ -1,10 +1,6 @@
-"""Low-frequency cropping of image batches (the EfficientTrain input transform).
-
-`fft` is ET's exact operation: keep the centred `size x size` block of the 2-D
-spectrum and invert it, which yields a `size x size` image holding only the lowest
-frequencies. `resize` is ET++'s cheaper stand-in: anti-aliased bicubic downsampling,
-done here on the whole batch instead of per image in the loader.
-"""
+"""Low-frequency cropping of image batches, the EfficientTrain input transform: `fft` keeps the centred B x B block
+of the spectrum (ET's exact operation), `resize` is anti-aliased bicubic downsampling (ET++'s cheaper stand-in),
+both on the whole batch on its device."""
 
 from __future__ import annotations
 

@@ -1,21 +1,15 @@
-"""The EfficientTrain input-size curriculum: stages as data plus pure functions.
-
-A schedule is a list of `Stage(size, fraction)`. The budget decides what a fraction
-is a share of:
-- "epochs" (ET): of the epochs; stage k sees `fraction_k * epochs` epochs of images.
-- "compute" (ET++): of the compute, with `epochs` counted in full-size epochs; stage k
-  sees `fraction_k * epochs * (full / B_k)**2` epochs of images.
-Compute per image is taken as proportional to B**2 (tokens per image).
-This module is only about the input size B; the learning rate lives elsewhere.
-"""
+"""The EfficientTrain input-size curriculum as data: stages, presets, their resolution from a recipe's curriculum
+section, and their layout in optimizer steps (what a stage's fraction is a share of: docs/design.md)."""
 
 from __future__ import annotations
 
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
+
+from mae_et.recipes import ConfigError
 
 Preset = Literal["none", "et", "etpp"]
 Budget = Literal["epochs", "compute"]
@@ -111,6 +105,39 @@ def validate_stages(stages: Sequence[Stage], full_size: int, patch_size: int) ->
             raise ValueError(f"curriculum size {st.size} is not a multiple of the patch size {patch_size}")
 
 
+def resolve_curriculum(
+    schedule: str,
+    stages: Sequence[Stage] | None,
+    budget: str | None,
+    min_size: int | None,
+    full_size: int,
+    patch_size: int,
+) -> tuple[list[Stage], str]:
+    """The checked stage list and budget of a recipe's curriculum section (`curriculum.schedule`, `.stages`,
+    `.budget`, `.min_size`): the explicit stages or the preset's, each lifted to min_size; ConfigError in one line."""
+    if stages is not None:
+        resolved = list(stages)  # each entry's types checked on load (the schema's Stage)
+    elif schedule == "custom":
+        raise ConfigError("curriculum.schedule=custom needs curriculum.stages: [{size: 160, fraction: 0.6}, ...]")
+    else:
+        try:
+            resolved = preset_stages(schedule, full_size, patch_size)
+        except ValueError as e:
+            raise ConfigError(f"curriculum: {e}") from None
+    if min_size is not None:
+        if min_size % patch_size != 0 or not patch_size <= min_size <= full_size:
+            raise ConfigError(
+                f"curriculum.min_size {min_size} must be a multiple of the patch size {patch_size} "
+                f"between {patch_size} and the crop size {full_size}"
+            )
+        resolved = [Stage(size=max(s.size, min_size), fraction=s.fraction) for s in resolved]
+    try:
+        validate_stages(resolved, full_size, patch_size)
+    except ValueError as e:
+        raise ConfigError(f"curriculum: {e}") from None
+    return resolved, budget or default_budget(schedule if schedule != "custom" else "none")
+
+
 def _stage_ends(stages: Sequence[Stage]) -> list[float]:
     """Cumulative budget progress at the end of each stage, normalised so the last is 1."""
     total = math.fsum(st.fraction for st in stages)
@@ -156,6 +183,7 @@ class CurriculumPlan:
     """A schedule laid out in optimizer steps."""
 
     stages: tuple[PlannedStage, ...]
+    schedule: tuple[Stage, ...]  # the stages it was laid out from (`relative_compute` reads their fractions)
     budget: str
     full_size: int
     steps_per_epoch: int  # optimizer steps per pass over the data
@@ -261,6 +289,7 @@ def plan_curriculum(
             )
             for k in range(len(stages))
         ),
+        schedule=tuple(stages),
         budget=budget,
         full_size=full_size,
         steps_per_epoch=steps_per_epoch,
@@ -276,4 +305,4 @@ def plan_curriculum(
         )
         for st in draft.stages
     )
-    return CurriculumPlan(stages=planned, budget=budget, full_size=full_size, steps_per_epoch=steps_per_epoch)
+    return replace(draft, stages=planned)

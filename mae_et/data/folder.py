@@ -1,18 +1,9 @@
-"""Data path for MAE pretraining: ImageFolder scanning, reproducible random crops, step sampling.
+"""The portable data path: ImageFolder scan, seeded PIL crops, the step sampler and the loader around it.
 
-The loader yields uint8 crops only; normalisation (and the frequency curriculum) run later on the
-device, batched, where they are cheap. Every random choice is a pure function of
-(seed, position in the stream): a run killed at micro-step s and restarted with
-``start_micro_step=s`` sees exactly the same batches, with any number of DataLoader workers, and no
-RNG state has to be checkpointed.
-
-Stream layout (see ``StepSampler``)::
-
-    epoch e      = permutation of range(N) seeded by (seed, e), truncated to a multiple of B*W
-    micro-step m = slice [m*B*W, (m+1)*B*W) of epoch e;  rank r takes [r*B, (r+1)*B) of that slice
-    key          = (image index, sample seed);  sample seed = hash(seed, e, position in epoch)
-
-``PretrainDataset[key]`` turns a key into a crop: the sample seed drives the crop box and the flip.
+`StepSampler` gives each rank its keys `(image index, sample seed)` as a pure function of (seed, micro-step, rank),
+so a run resumes at any micro-step with any number of workers; `step_loader` is the one DataLoader around it, which
+every worker-fed source uses. `PretrainDataset[key]` is a uint8 crop; normalisation runs later on the device
+(`normalize_on_device`). The stream's layout: docs/design.md, "The data stream".
 """
 
 from __future__ import annotations
@@ -67,11 +58,6 @@ class ImageFolderIndex:
         return self.samples[i][0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Seeding helpers
-# ----------------------------------------------------------------------------------------------
-
-
 def epoch_permutation_seed(seed: int, epoch: int) -> int:
     return mix64(Family.EPOCH_ORDER, seed, epoch)
 
@@ -80,37 +66,20 @@ def sample_seed_for(seed: int, epoch: int, position: int) -> int:
     return mix64(Family.SAMPLE, seed, epoch, position)
 
 
-# ----------------------------------------------------------------------------------------------
-# Scanning
-# ----------------------------------------------------------------------------------------------
-
-
 _QUIET_REASONS = ("hidden file", "hidden folder", "not inside a class folder")
-
-
-def _has_image_extension(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def scan_image_folder(root: str | Path, strict: bool = False) -> ImageFolderIndex:
     """Index an ImageFolder tree (``root/<class>/**/<image>``) without decoding anything.
 
-    Sub-folders of ``root`` are classes (hidden ones ignored). Inside a class folder, files are found
-    recursively; hidden files and folders, non-image extensions and zero-byte files are skipped and
-    recorded in ``skipped``. With ``strict=True`` a non-image or zero-byte file inside a class folder
-    raises ``DataError`` (hidden files and files directly in ``root`` are never errors: they are OS or
-    bookkeeping clutter, not broken samples).
-    """
+    Hidden files and folders, non-image extensions and zero-byte files are skipped and listed in ``skipped``;
+    ``strict=True`` makes a bad file inside a class folder a ``DataError`` (hidden files and files directly in
+    ``root`` never are: they are OS or bookkeeping clutter, not broken samples)."""
     root_str = os.fspath(root)
-    if not os.path.exists(root_str):
-        raise DataError(
-            f"data root '{root_str}' does not exist; "
-            "pass data.root=/path/to/imagefolder (a folder of class sub-folders)"
-        )
     if not os.path.isdir(root_str):
+        what = "is a file, not a folder" if os.path.exists(root_str) else "does not exist"
         raise DataError(
-            f"data root '{root_str}' is a file, not a folder; "
-            "pass data.root=/path/to/imagefolder (a folder of class sub-folders)"
+            f"data root '{root_str}' {what}; pass data.root=/path/to/imagefolder (a folder of class sub-folders)"
         )
 
     skipped: list[SkippedFile] = []
@@ -209,7 +178,7 @@ def _scan_class_dir(
         if is_dir:
             _scan_class_dir(entry.path, label, strict, samples, skipped, visited)
             continue
-        if not _has_image_extension(entry.name):
+        if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
             _bad_scan_file(entry.path, "not an image extension", strict, skipped)
             continue
         # stat() only for image-named files: one syscall each, no decoding.
@@ -240,11 +209,6 @@ def _bad_scan_file(path: str, reason: str, strict: bool, skipped: list[SkippedFi
     skipped.append(SkippedFile(path, reason))
 
 
-# ----------------------------------------------------------------------------------------------
-# Crops
-# ----------------------------------------------------------------------------------------------
-
-
 def sample_crop_params(
     height: int,
     width: int,
@@ -252,12 +216,7 @@ def sample_crop_params(
     ratio: tuple[float, float],
     generator: torch.Generator,
 ) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box sampling, drawn from ``generator``. Returns (top, left, h, w).
-
-    Same algorithm as torchvision: up to 10 tries of an area in ``scale * area`` and a log-uniform
-    aspect ratio in ``ratio``; if no try fits, the largest centred box whose aspect ratio is clamped
-    to ``ratio``.
-    """
+    """torchvision's RandomResizedCrop box sampling, drawn from ``generator``. Returns (top, left, h, w)."""
     area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
@@ -283,11 +242,6 @@ def sample_crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-# ----------------------------------------------------------------------------------------------
-# Dataset
-# ----------------------------------------------------------------------------------------------
-
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB. 16-bit greyscale is rescaled, because PIL's convert clips it at 255."""
     if img.mode.startswith("I;16") or img.mode == "I":
@@ -299,10 +253,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _opened(source: str | os.PathLike | BinaryIO):
-    """A path's bytes, read in one call, as a file object; or a file object (a shard sample's bytes) as it is.
-
-    One read: PIL's decoder pulls a file in small chunks (about 40 reads of a 100 KB JPEG), which cost as much
-    as the decode itself at the curriculum's small sizes (cProfile, data.decode_size=stage at B = 96)."""
+    """A path's bytes, read in one call, as a file object (PIL reads a file in many small chunks, which cost as
+    much as a small decode); or a file object (a shard sample's bytes) as it is."""
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
             return contextlib.nullcontext(io.BytesIO(f.read()))
@@ -313,21 +265,15 @@ def load_rgb(path: str | os.PathLike | BinaryIO) -> Image.Image:
     """Open and fully decode an image file (a path or a file object) as RGB; raises on corrupt or truncated files."""
     with _opened(path) as f:
         img = Image.open(f)
-        # Full decode now (not lazily later): with PIL's default LOAD_TRUNCATED_IMAGES=False a
-        # truncated file raises here, inside the failure handling of __getitem__.
-        img.load()
+        img.load()  # the full decode now: a truncated file raises here, inside the caller's failure handling
         return _to_rgb(img)
 
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """Map-style dataset keyed by ``(sample index, sample seed)`` -> uint8 random-resized crop.
+    """Keys ``(sample index, sample seed)`` -> uint8 random-resized crop, as a dict with its label.
 
-    Unreadable files: the sample is replaced by the next index (with a seed derived from the
-    original one) and the failed path is reported in ``"bad_files"``. Each bad file is decoded,
-    warned about and reported only ONCE PER WORKER PROCESS (``_known_bad`` lives in the dataset copy
-    each worker holds), so a training loop summing ``bad_files`` counts distinct files per worker:
-    with W workers a bad file is counted at most W times, and never again after that.
-    """
+    An unreadable file is replaced by the next index (seeded from the original seed) and reported in
+    ``"bad_files"`` once per worker process (``_known_bad`` lives in each worker's copy of the dataset)."""
 
     def __init__(
         self,
@@ -339,12 +285,6 @@ class PretrainDataset(torch.utils.data.Dataset):
         strict: bool = False,
         max_consecutive_failures: int = 50,
     ) -> None:
-        if not index.samples:
-            raise DataError(f"data root '{index.root}' has no images; check data.root")
-        if crop_size <= 0:
-            raise ValueError(f"crop_size must be positive, got {crop_size}")
-        if max_consecutive_failures < 1:
-            raise ValueError(f"max_consecutive_failures must be >= 1, got {max_consecutive_failures}")
         self.index = index
         self.crop_size = crop_size
         self.scale = (float(scale[0]), float(scale[1]))
@@ -360,8 +300,6 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int] | tuple[int, int, int]) -> dict:
         """key: (sample index, sample seed) -> a crop_size crop; (index, seed, B) -> a B crop decoded at reduced
         scale (`crop_at_size`: the same box, for curriculum.mode=resize, where the model sees a downsample)."""
-        if not isinstance(key, tuple) or len(key) not in (2, 3):
-            raise TypeError(f"PretrainDataset keys are (sample index, sample seed[, size]) tuples, got {key!r}")
         index, sample_seed = int(key[0]), int(key[1])
         size = int(key[2]) if len(key) == 3 else None
         n = len(self.index.samples)
@@ -412,22 +350,17 @@ class PretrainDataset(torch.utils.data.Dataset):
             interpolation=InterpolationMode.BICUBIC,
             antialias=True,
         )
-        image = TF.pil_to_tensor(img)  # (3, S, S) uint8
+        return self._flipped(TF.pil_to_tensor(img), g)  # (3, S, S) uint8
+
+    def _flipped(self, image: Tensor, g: torch.Generator) -> Tensor:
         if self.hflip and torch.rand(1, generator=g).item() < 0.5:
             image = image.flip(-1)
         return image.contiguous()
 
     def crop_at_size(self, path: str | os.PathLike | BinaryIO, seed: int, size: int) -> Tensor:
-        """The crop `_crop` makes from the same seed (the same box, drawn on the full image, the same flip),
-        resized straight to `size` instead of crop_size, from a JPEG decoded at reduced scale.
-
-        libjpeg scales by 1/2, 1/4 or 1/8 inside the inverse DCT (PIL `draft`): the coarsest scale that still
-        leaves the box at least `size` pixels on each side is chosen, so the decode does 4-64x less work where the
-        box is large against `size`. The box is then resized (bicubic, antialiased as PIL's resize is) to `size`
-        in one pass. Against the full-size path (decode, crop to crop_size, the device's antialiased bicubic
-        downsample to `size`) the pixels differ by a small, tested amount: the DCT-domain downscale and one
-        resize instead of two. Other formats decode in full (draft is a JPEG feature) and are cropped the same way.
-        """
+        """`_crop`'s box and flip from the same seed, resized straight to `size` from a JPEG decoded at the
+        coarsest of libjpeg's DCT scales (1/2, 1/4, 1/8) that leaves the box >= `size` (data.decode_size=stage).
+        Other formats decode in full. How near the full-size path's pixels: docs/design.md, "The data stream"."""
         g = torch.Generator().manual_seed(seed)
         with _opened(path) as f:
             img = Image.open(f)
@@ -440,26 +373,15 @@ class PretrainDataset(torch.utils.data.Dataset):
         sx, sy = img.width / width, img.height / height  # the decoded scale (1, 1/2, 1/4 or 1/8, rounded up)
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
-        image = TF.pil_to_tensor(img)  # (3, B, B) uint8
-        if self.hflip and torch.rand(1, generator=g).item() < 0.5:
-            image = image.flip(-1)
-        return image.contiguous()
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampler
-# ----------------------------------------------------------------------------------------------
+        return self._flipped(TF.pil_to_tensor(img), g)  # (3, B, B) uint8
 
 
 class StepSampler(torch.utils.data.Sampler):
-    """Stream of ``(index, sample_seed)`` keys for one rank, in micro-batch order (``(index, sample_seed, B)`` with
-    ``size_at``: the size the micro-step's stage needs).
+    """One rank's keys ``(index, sample_seed)``, micro-batch after micro-batch, from ``start_micro_step`` on
+    (endless unless ``num_micro_steps``); with ``size_at`` (global micro-step -> B) each key also holds its B.
 
-    Global micro-step ``g`` lies in epoch ``g // micro_steps_per_epoch``. Within an epoch (a seeded
-    permutation, truncated so every rank gets the same number of micro-batches), global micro-step
-    ``m`` is the slice ``[m*B*W, (m+1)*B*W)`` and rank ``r`` takes ``[r*B, (r+1)*B)`` of it. The
-    stream is endless unless ``num_micro_steps`` is given; ``start_micro_step`` jumps straight there.
-    """
+    Epoch e is a permutation seeded by (seed, e), cut to whole global batches; micro-step m of it is the slice
+    ``[m*B*W, (m+1)*B*W)``, of which rank r takes ``[r*B, (r+1)*B)``."""
 
     def __init__(
         self,
@@ -472,12 +394,8 @@ class StepSampler(torch.utils.data.Sampler):
         num_micro_steps: int | None = None,
         size_at: Callable[[int], int] | None = None,
     ) -> None:
-        if micro_batch < 1 or world_size < 1:
-            raise ValueError(f"micro_batch and world_size must be >= 1, got {micro_batch}, {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, {world_size})")
-        if start_micro_step < 0 or (num_micro_steps is not None and num_micro_steps < 0):
-            raise ValueError("start_micro_step and num_micro_steps must be >= 0")
         global_batch = micro_batch * world_size
         if dataset_len // global_batch == 0:
             raise DataError(
@@ -491,7 +409,7 @@ class StepSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.start_micro_step = start_micro_step
         self.num_micro_steps = num_micro_steps
-        self.size_at = size_at  # global micro-step -> the stage's B, put in every key (data.decode_size=stage)
+        self.size_at = size_at
 
     @property
     def micro_steps_per_epoch(self) -> int:
@@ -523,11 +441,6 @@ class StepSampler(torch.utils.data.Sampler):
         return self.num_micro_steps * self.micro_batch
 
 
-# ----------------------------------------------------------------------------------------------
-# Batching and loader
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass
 class PretrainBatch:
     images: Tensor  # (N, 3, S, S) uint8
@@ -546,44 +459,27 @@ def collate_pretrain(items: list[dict]) -> PretrainBatch:
     return PretrainBatch(images=images, labels=labels, bad_files=bad_files)
 
 
-def build_pretrain_loader(
-    dataset: PretrainDataset,
-    micro_batch: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    start_micro_step: int = 0,
-    num_micro_steps: int | None = None,
-    num_workers: int = 4,
+def step_loader(
+    dataset: torch.utils.data.Dataset,
+    sampler: StepSampler,
+    num_workers: int,
     pin_memory: bool = False,
-    size_at: Callable[[int], int] | None = None,
+    collate_fn: Callable | None = collate_pretrain,
+    persistent_workers: bool = True,
 ) -> torch.utils.data.DataLoader:
-    sampler = StepSampler(
-        len(dataset),
-        micro_batch,
-        rank,
-        world_size,
-        seed,
-        start_micro_step=start_micro_step,
-        num_micro_steps=num_micro_steps,
-        size_at=size_at,
-    )
+    """The DataLoader of `sampler`'s micro-batches over `dataset`, read in `num_workers` workers: the one loader of
+    every source whose workers read or decode (`collate_fn=None`: torch's default collate)."""
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=micro_batch,
+        batch_size=sampler.micro_batch,
         sampler=sampler,
-        collate_fn=collate_pretrain,
+        collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=persistent_workers and num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         drop_last=True,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Device-side normalisation
-# ----------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=32)

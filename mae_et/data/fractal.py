@@ -1,76 +1,10 @@
 """Formula-driven pretraining data: fractal images rendered on the fly from random IFS (no download).
 
-After "Improving Fractal Pre-training" (Anderson & Farrell, WACV 2022), itself after Kataoka et al.'s
-FractalDB. A class is one iterated function system (IFS) of M in {2, 3, 4} affine maps
-``f_i(x) = A_i x + b_i``; an image is that system's attractor drawn by the chaos game, with its own
-colours and a small pose jitter. Nothing is stored: every pixel is a pure function of
-(system seed, sample seed), so runs resume exactly, like ``data.PretrainDataset``.
-
-Sampling a system (``sample_system``)
-    Each linear part is ``A = R(theta) diag(s1, s2) R(phi) D`` with ``1 > S_MAX >= s1 >= s2 >= 0``
-    and D a random diagonal of +-1, so the singular values of A are exactly (s1, s2): every map is
-    a contraction and the chaos game always converges. The shape is steered by the "sigma factor"
-    ``alpha = sum_i (s1_i + 2 s2_i)``, drawn uniformly in ``[(5 + M) / 2, (6 + M) / 2]``, the band
-    the paper recommends; a lower band ``[M/2 + 0.5, M/2 + 1.5]`` was measured and gave mostly
-    dust (numbers at ``SIGMA_BAND``). Too small an alpha shrinks every map and the attractor is a
-    few scattered dots; too large and the maps overlap into a filled blob. alpha is
-    split over the maps at random (``_split_budget``), then each map's share ``t = s1 + 2 s2`` over
-    its two singular values with ``s2 <= s1 <= S_MAX``. Offsets are uniform in [-1, 1]^2. Map
-    probabilities are proportional to ``|det A_i| = s1 s2`` (the area each map covers, so the
-    density is roughly even), floored at ``PROB_FLOOR`` so a thin map still gets drawn.
-
-Degenerate systems (the filter in ``sample_system``)
-    A draw is kept only if its reference render, 64x64 without jitter and with ``FILTER_POINTS``
-    points, covers at least ``FILTER_COVERAGE`` of the pixels and the point cloud's bounding box
-    has a short/long side ratio of at least ``MIN_ASPECT`` (rules out lines and isolated points).
-    Otherwise the next seed of the sequence ``mix64(tag, system_seed, attempt)`` is drawn, so the
-    result is still a pure function of the seed. ``FILTER_COVERAGE`` (7%) is above ``MIN_COVERAGE``
-    (3%, the floor aimed at for every jittered 64x64 render; measured, not proved) to leave room
-    for the jitter's down-scaling and for the different point stream of each render.
-
-Rendering (``render_fractal_batch``; ``render_fractal`` is the batch of one)
-    The chaos game runs many short chains in lock-step, batched over samples: ``P`` chains per
-    sample, each started on a map's fixed point (a point of the attractor, so no point is ever off
-    the attractor), ``BURN_IN`` steps discarded (they let the point density mix towards the
-    invariant measure), then ``ceil(K / P)`` recorded steps; K = ``points_for_size(size)``, one
-    point per pixel within [2048, 65536]. The random map choices, poses and colours come from a
-    counter-based integer hash of (sample seed, counter) computed with int64 tensor ops on the
-    device: no per-sample host work, and sample i's pixels do not depend on the rest of its batch
-    or on the device (up to float rounding on accelerators). The points are posed (mirror
-    flip/rotation, small rotation, scale, translation), fitted into the canvas with a margin,
-    scattered into per-sample histograms, and coloured: a random background, then foreground
-    pixels coloured either by which map produced their points or by a two-colour gradient over
-    log density. The background is dark (channels in [0, ``BACKGROUND_MAX``]) and the foreground
-    bright (channels in [``BACKGROUND_MAX + COLOR_GAP``, 1]), of any tint, so every covered pixel
-    differs from the background by >= ``COLOR_GAP`` in every channel.
-
-Why these colours and poses (measured)
-    An MAE's features must carry whatever it has to reconstruct, so every per-sample random choice
-    competes with the class (the attractor's shape) for the features the kNN monitor reads. Wide colour
-    ranges, a per-sample light/dark polarity or a per-patch normalised target on flat backgrounds make
-    the features encode colour: a micro MAE (300 steps, batch 64, 64 px, patch 8, one seed each) then
-    scores a weighted kNN top-1 at chance (cls / mean-token, %, 10 classes; a random-init encoder
-    8-16%, raw pixel thumbnails 55-70%):
-
-        channels [0, 0.3] vs [0.5, 1], either polarity, norm-pix loss     12 / 10
-        the same, plain pixel loss                                         12 / 11
-        light on dark always, the same ranges, plain loss                  19 / 11
-        dark background <= 0.2, foreground >= 0.6, plain loss              25 / 12
-        dark background <= 0.1, foreground >= 0.7, plain loss              41 / 21
-        ... the same with the norm-pix loss                                11 / 12
-        white on black (no colour at all), norm-pix loss                   51 / 33
-        white on black, no pose jitter at all                            99.5 / 99
-
-    The norm-pix target is the worst with flat backgrounds: a flat patch normalises to its colour's
-    z-scored channel triplet at unit scale whatever its contrast, so a background's faint tint becomes
-    as large a target as a shape's edge. Of the pose jitter the shift costs the most (white on black:
-    51 / 33 sliding the box anywhere in the free space, 69 / 60 centred, 58 / 45 without rotation or
-    mirror). Hence the defaults: dark backgrounds (<= ``BACKGROUND_MAX``), bright foregrounds, no
-    polarity flip, and a shift over the central ``JITTER_SHIFT`` of the free space. With them (and the
-    fractal recipe's plain pixel loss) the same micro run reaches 48-54 / 32-41 over 3 seeds (random
-    init: 33-50 / 19-28) and the default ViT-Tiny recipe 41-58 / 48-55; raw pixel thumbnails 87-99.
-    Point density: half as many points (sparser, thinner attractors) gave 34.5 / 21, three times as
-    many 56 / 35 (against 52 / 31 at seed 0) for three times the cost.
+After "Improving Fractal Pre-training" (Anderson & Farrell, WACV 2022). A class is one iterated function system of
+2-4 contractive affine maps (``sample_system``); an image is its attractor drawn by the chaos game
+(``render_fractal_batch``, batched over samples on any device), posed with a small jitter and coloured light on dark.
+Every pixel is a pure function of (system seed, sample seed), so runs resume exactly. How a system is drawn, why
+these colours and poses, and the measurements behind the constants: docs/design.md, "Fractal renders".
 """
 
 from __future__ import annotations
@@ -82,17 +16,14 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from mae_et.data.folder import PretrainBatch, StepSampler
 from mae_et.seeding import Family, mix64
 
 # --- system sampling ------------------------------------------------------------------------------
 MIN_MAPS, MAX_MAPS = 2, 4
 S_MAX = 0.95  # largest singular value: < 1 keeps every map a contraction with some room
 T_MIN = 0.2  # smallest per-map share s1 + 2 s2: a map that small only adds a dot
-# alpha = sum_i (s1_i + 2 s2_i) is drawn in [(lo + M) / 2, (hi + M) / 2].
-# Measured over 400 seeds (share rejected by the filter below / median coverage of the reference render):
-#   (5, 6), the paper's band [(5 + M)/2, (6 + M)/2]: 5% rejected, median coverage 16%;
-#   (1, 3), i.e. [M/2 + 0.5, M/2 + 1.5]: 97.5% rejected, median 2.5% (scattered dust and strokes).
-SIGMA_BAND = (5.0, 6.0)
+SIGMA_BAND = (5.0, 6.0)  # alpha = sum_i (s1_i + 2 s2_i) is drawn in [(lo + M) / 2, (hi + M) / 2]: the paper's band
 PROB_FLOOR = 0.05  # every map is chosen with probability >= about this (before renormalising)
 
 # --- degenerate-system filter ----------------------------------------------------------------------
@@ -113,12 +44,8 @@ BACKGROUND_MAX = 0.1  # background channels in [0, BACKGROUND_MAX]: a dark, tint
 COLOR_GAP = 0.6  # foreground channels in [BACKGROUND_MAX + COLOR_GAP, 1] = [0.7, 1]: bright, any hue
 CPU_CHUNK_POINTS = 1 << 15  # points per chunk of a batch rendered on a CPU (cache-sized)
 
-# The filter's un-jittered reference render must cover MIN_COVERAGE divided by the largest area
-# shrink the jitter can apply: the scale (down to JITTER_SCALE[0]) times the growth of the bounding
-# box under a rotation of up to JITTER_ROTATION (at most cos r + sin r per side); 0.8 / 1.22 gives
-# about 0.43, so 7.0%. Measured over 300 systems x 8 jittered 64x64 renders, the lowest coverage
-# was 5.5%. Not a proof (pixel counts of a thin set need not shrink like its area, and each render
-# draws other points), hence the headroom; at 224x224 the lowest of 100 renders was 3.0%.
+# The reference render must cover MIN_COVERAGE over the largest area shrink the jitter can apply (scale times the
+# bounding box's growth under rotation): 7.0%
 FILTER_COVERAGE = MIN_COVERAGE / (JITTER_SCALE[0] / (math.cos(JITTER_ROTATION) + math.sin(JITTER_ROTATION))) ** 2
 
 _MASK32 = 0xFFFFFFFF
@@ -138,9 +65,7 @@ class IFSSystem:
         return torch.linalg.svdvals(self.linear)  # (M, 2), descending
 
 
-# ----------------------------------------------------------------------------------------------
-# System sampling
-# ----------------------------------------------------------------------------------------------
+# --- system sampling -----------------------------------------------------------------------------
 
 
 def _uniform(g: torch.Generator, lo: float | Tensor, hi: float | Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -216,9 +141,7 @@ def sample_system(system_seed: int) -> IFSSystem:
     raise RuntimeError(f"no non-degenerate IFS in {MAX_ATTEMPTS} draws from seed {system_seed}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Counter-based random numbers on the device
-# ----------------------------------------------------------------------------------------------
+# --- counter-based random numbers on the device --------------------------------------------------
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:
@@ -265,9 +188,7 @@ def _uniforms(keys: Tensor, count: int) -> Tensor:
     return (_hash_stream(keys, count) >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-# ----------------------------------------------------------------------------------------------
-# Chaos game
-# ----------------------------------------------------------------------------------------------
+# --- chaos game ----------------------------------------------------------------------------------
 
 
 def _stack_systems(systems: list[IFSSystem], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -358,9 +279,7 @@ def points_for_size(size: int) -> int:
     return max(MIN_POINTS, min(MAX_POINTS, size * size))
 
 
-# ----------------------------------------------------------------------------------------------
-# Pose, rasterisation, colour
-# ----------------------------------------------------------------------------------------------
+# --- pose, rasterisation, colour -----------------------------------------------------------------
 
 
 def _identity_poses(n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -388,8 +307,7 @@ def _draw_styles(sample_seeds: list[int], jitter: bool, device: torch.device) ->
     """Styles from the counter hash on the device: no per-sample host work, batch-independent."""
     n = len(sample_seeds)
     u = _uniforms(_stream_keys(Family.FRACTAL_STYLE, sample_seeds, device), _STYLE_DRAWS)  # (N, D)
-    # Small jitter only: an optional mirror times a small rotation; quarter turns cost a few kNN points
-    # (micro MAE, 300 steps: 47.5 / 26.5 against 52 / 31).
+    # Small jitter only: an optional mirror times a small rotation (quarter turns cost kNN points: docs/design.md).
     angle = (2 * u[:, 1] - 1) * JITTER_ROTATION  # (N,)
     cos, sin = torch.cos(angle), torch.sin(angle)
     mirror = torch.where(u[:, 2] < 0.5, -1.0, 1.0)  # (N,) -1 negates the new x: a horizontal flip
@@ -398,10 +316,9 @@ def _draw_styles(sample_seeds: list[int], jitter: bool, device: torch.device) ->
     shift = 0.5 + JITTER_SHIFT * (u[:, 4:6] - 0.5)  # (N, 2)
     if not jitter:
         rotation, scale, shift = _identity_poses(n, device)
-    # Colours: a dark background of any tint, a bright foreground of any hue, a wide gap between.
-    # Colour is nuisance to the class, and wide colour ranges (or a per-sample light/dark polarity)
-    # keep a short MAE run's kNN at chance (module docstring). u[:, 6] is left unused so that the other
-    # draws keep the slots every earlier render used (a render is a pure function of its seed).
+    # Colours: a dark background of any tint, a bright foreground of any hue, a wide gap between (colour is nuisance
+    # to the class: docs/design.md). u[:, 6] is left unused so that the other draws keep the slots every earlier
+    # render used (a render is a pure function of its seed).
     by_map = (u[:, 7] < 0.5).float()  # (N,)
     background = BACKGROUND_MAX * u[:, 8:11]  # (N, 3) in [0, BACKGROUND_MAX]
     low = BACKGROUND_MAX + COLOR_GAP
@@ -512,9 +429,7 @@ def render_fractal_batch(
     return _render(list(systems), list(sample_seeds), size, torch.device(device), jitter)
 
 
-# ----------------------------------------------------------------------------------------------
-# Dataset
-# ----------------------------------------------------------------------------------------------
+# --- dataset and the GPU batch source -------------------------------------------------------------
 
 _SPLITS = {"train": 0, "val": 1}
 
@@ -522,19 +437,13 @@ _SPLITS = {"train": 0, "val": 1}
 class FractalDataset(torch.utils.data.Dataset):
     """K classes, each one IFS system; sample i is class i % K, a fresh render with its own style.
 
-    System seeds depend on (dataset seed, class) only, so "train" and "val" share their classes;
-    render seeds also depend on the split, so the splits' images are disjoint. Keys are either
-    ``(index, sample_seed)`` from ``data.StepSampler`` (a new render every epoch) or a plain int
-    (a fixed image, for evaluation loaders).
-    """
+    "train" and "val" share their classes (system seeds depend on (seed, class) only) and never an image (render
+    seeds also depend on the split). A key is ``(index, sample_seed)`` from the ``StepSampler`` (a new render every
+    epoch) or a plain int (a fixed image, for evaluation)."""
 
     def __init__(
         self, num_classes: int, samples_per_class: int, size: int, seed: int = 0, split: str = "train"
     ) -> None:
-        if num_classes < 1 or samples_per_class < 1 or size < 1:
-            raise ValueError(
-                f"num_classes, samples_per_class and size must be >= 1, got {num_classes}, {samples_per_class}, {size}"
-            )
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
         self.num_classes = num_classes
@@ -577,36 +486,17 @@ class FractalDataset(torch.utils.data.Dataset):
 
 
 class FractalBatchSource:
-    """Micro-batches of fractals rendered batched on `device` (the GPU fast path of the loader).
+    """Micro-batches of ``sampler``'s keys rendered together on ``device`` (the GPU path of data.source=fractal): the
+    classes and render seeds of the loader path, batch for batch."""
 
-    The same keys as the loader path (`data.StepSampler`: global order, rank shard, resumable), so
-    a batch holds the same classes and render seeds whichever path made it.
-    """
-
-    def __init__(
-        self,
-        dataset: FractalDataset,
-        micro_batch: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        device: torch.device,
-        start_micro_step: int = 0,
-        num_micro_steps: int | None = None,
-    ) -> None:
-        from mae_et.data.folder import StepSampler  # local: data imports this module's neighbours only
-
-        self.dataset, self.micro_batch, self.device = dataset, micro_batch, torch.device(device)
-        self.keys = iter(
-            StepSampler(len(dataset), micro_batch, rank, world_size, seed, start_micro_step, num_micro_steps)
-        )
+    def __init__(self, dataset: FractalDataset, sampler: StepSampler, device: torch.device) -> None:
+        self.dataset, self.micro_batch, self.device = dataset, sampler.micro_batch, torch.device(device)
+        self.keys = iter(sampler)
 
     def __iter__(self) -> FractalBatchSource:
         return self
 
-    def __next__(self):
-        from mae_et.data.folder import PretrainBatch
-
+    def __next__(self) -> PretrainBatch:
         keys = [next(self.keys) for _ in range(self.micro_batch)]  # StopIteration ends the stream
         labels, seeds = zip(*(self.dataset.render_seed(k) for k in keys))
         systems = [self.dataset.system(label) for label in labels]

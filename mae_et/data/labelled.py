@@ -1,16 +1,9 @@
 """Labelled data for the evaluation stage: split folders, class checks, seeded training augmentation.
 
-Layout: ``data.root/<train_split>/<class>/<image>`` and ``data.root/<val_split>/<class>/<image>``.
-Labels come from the TRAINING split's sorted class folders; the validation split must hold
-exactly the same classes (`build_eval_loader(classes=...)` below checks that by name, before
-any model is built).
-
-Training batches reuse the pretraining stream (`mae_et.data.folder.StepSampler`): a key is
-``(image index, sample seed)`` and the augmentation of a key is a pure function of its seed
-(python, numpy and torch RNGs are seeded around the transform and then restored). So a resumed
-run sees the same images with the same augmentations as an uninterrupted one, for any number of
-DataLoader workers. Evaluation uses `build_eval_loader` (resize + centre crop; also the kNN's loader),
-sharded here across processes without padding, so counts summed over ranks are exact.
+``data.root/<split>/<class>/<image>``; labels come from the training split's sorted class folders, and the
+validation split must hold the same classes (checked by name before any model is built). Training batches are the
+pretraining stream's (`StepSampler` keys, each augmentation a pure function of its sample seed), so resume is
+exact; `build_eval_loader` (resize + centre crop; also the kNN's) is sharded across processes without padding.
 """
 
 from __future__ import annotations
@@ -39,6 +32,7 @@ from mae_et.data.folder import (
     StepSampler,
     load_rgb,
     scan_image_folder,
+    step_loader,
 )
 from mae_et.notices import DataWarning
 
@@ -109,8 +103,6 @@ class SeededClassificationDataset(torch.utils.data.Dataset):
     def __init__(
         self, index: ImageFolderIndex, transform: Callable[[Image.Image], Tensor], max_consecutive_failures: int = 50
     ) -> None:
-        if not index.samples:
-            raise DataError(f"split '{index.root}' has no images; check data.root and data.train_split")
         self.index = index
         self.transform = transform
         self.max_consecutive_failures = max_consecutive_failures
@@ -188,27 +180,10 @@ def build_train_loader(
     num_workers: int,
     pin_memory: bool,
 ) -> torch.utils.data.DataLoader:
-    """A finite slice of the seeded stream: micro-steps [start, start + num) of this rank."""
-    sampler = StepSampler(
-        len(dataset),
-        micro_batch,
-        rank,
-        world_size,
-        seed,
-        start_micro_step=start_micro_step,
-        num_micro_steps=num_micro_steps,
-    )
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=micro_batch,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        drop_last=True,
-        # a new loader per epoch (the transform may change): workers live for one epoch
-        persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
+    """A finite slice of the seeded stream: micro-steps [start, start + num) of this rank. A new loader per epoch
+    (the transform may change), so its workers live for one epoch."""
+    sampler = StepSampler(len(dataset), micro_batch, rank, world_size, seed, start_micro_step, num_micro_steps)
+    return step_loader(dataset, sampler, num_workers, pin_memory, collate_fn=None, persistent_workers=False)
 
 
 # ----------------------------------------------------------------------------- evaluation sharding
@@ -300,10 +275,6 @@ def build_eval_loader(
     train and val agree; every listed class must exist here and no other.
     ``loader.dataset.classes`` is the class list the labels index.
     """
-    if img_size < 1 or batch_size < 1 or num_workers < 0:
-        raise ValueError(
-            f"img_size and batch_size must be >= 1 and num_workers >= 0, got {img_size}, {batch_size}, {num_workers}"
-        )
     index = scan_image_folder(root)
     if classes is None:
         label_of = list(range(len(index.classes)))

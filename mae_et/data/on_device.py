@@ -1,62 +1,34 @@
-"""Fast data paths for MAE pretraining: random-resized crops computed in one batched op on the device.
+"""Random-resized crops of a whole micro-batch in one batched op on the device, and the memory pipeline.
 
-The portable loader (``mae_et.data.folder``) decodes and crops with PIL in DataLoader workers, which tops out
-far below the ~20,000 img/s an H100 consumes at the small curriculum sizes. Two faster sources
-yield the same ``PretrainBatch`` (uint8 crops), already on the device:
-
-* ``MemoryBatchSource`` over an ``InMemoryImages`` store: every image decoded ONCE, kept as a uint8
-  (N, 3, s, s) tensor (on the GPU when it fits); a step is a gather + one ``grid_sample``.
-* ``DeviceDecodeBatchSource`` for data sets that do not fit: workers only read file bytes, the main
-  process decodes the batch with ``mae_et.data.jpeg.decode_jpegs(list, device)`` (TorchCodec where installed,
-  torchvision otherwise; batched nvjpeg on CUDA), then crops on the device the same way.
-
-Both follow the SAME global sample order as the loader path (``StepSampler``: epoch permutation,
-micro-step slice, rank shard). Their per-sample randomness (crop box, flip) comes from one generator
-per micro-step, seeded by (seed, global micro-step, rank), instead of per-sample seeds: pixels differ
-from the loader path but the crop statistics are the same, and a run resumed at micro-step s sees
-exactly the batches of an uninterrupted run from s on.
+``MemoryBatchSource`` crops from ``InMemoryImages``, every image decoded once and kept as uint8 (on the GPU when it
+fits); ``mae_et.data.device_decode`` crops the same way. Both take the loader path's keys (``StepSampler``: same
+images, same order, same resume); their boxes and flips come from one generator per (seed, micro-step, rank)
+instead of per-sample seeds, so pixels differ from the loader's while the crop statistics match. Design notes:
+docs/design.md, "The device data paths".
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
-from mae_et.data.folder import (
-    DataError,
-    ImageFolderIndex,
-    PretrainBatch,
-    SkippedFile,
-    StepSampler,
-    load_rgb,
-)
-from mae_et.data.jpeg import decode_jpegs
+from mae_et.data.folder import DataError, ImageFolderIndex, PretrainBatch, SkippedFile, StepSampler, load_rgb
 from mae_et.notices import DataWarning
 from mae_et.notices import progress as show_progress
 from mae_et.seeding import Family, mix64
 
 _TRIES = 10  # RandomResizedCrop's number of box proposals per sample
-_MAX_GRID_DOWNSCALE = 2.0  # boxes shrinking more than this get an antialiased resize first (decode path)
-_MAX_CONSECUTIVE_FAILURES = 50  # as PretrainDataset: this many unreadable files in a row = wrong folder
 
 
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
     """Seed of the crop/flip generator of one (global micro-step, rank): a pure function of position."""
     return mix64(Family.STEP_AUGMENT, seed, micro_step, rank)
-
-
-# ----------------------------------------------------------------------------------------------
-# Batched RandomResizedCrop
-# ----------------------------------------------------------------------------------------------
 
 
 def random_resized_crop_boxes(
@@ -66,14 +38,10 @@ def random_resized_crop_boxes(
     ratio: tuple[float, float],
     generator: torch.Generator,
 ) -> Tensor:
-    """Vectorised RandomResizedCrop box sampling: (N,) source sizes -> (N, 4) int64 [top, left, h, w].
+    """torchvision's RandomResizedCrop box sampling, vectorised: (N,) source sizes -> (N, 4) int64 [top, left, h, w].
 
-    Same algorithm as torchvision (and ``mae_et.data.folder.sample_crop_params``): 10 proposals of area
-    ~ U(scale) * H * W and log-aspect ~ U(log ratio); the first that fits wins; top/left uniform over
-    the valid positions; no fit -> the centred box with the aspect ratio clamped to ``ratio``. All 10
-    proposals of every sample are drawn at once (the loop stops at the first fit, which only wastes
-    draws), so there is no host sync and no Python loop over the batch.
-    """
+    All 10 proposals of every sample are drawn at once (the first that fits wins), so there is no host sync and no
+    Python loop over the batch."""
     device = heights.device
     n = heights.shape[0]
     # float64 box arithmetic, as torchvision's Python floats: in float32, e.g. 375 * 0.3 rounds to
@@ -137,11 +105,6 @@ def random_crops_and_flips(
     return boxes, flip
 
 
-# ----------------------------------------------------------------------------------------------
-# Batched crop + resize + flip
-# ----------------------------------------------------------------------------------------------
-
-
 def crop_resize_flip(
     images: Tensor,
     sizes: Tensor | None,
@@ -151,17 +114,9 @@ def crop_resize_flip(
 ) -> Tensor:
     """uint8 (N, 3, Hc, Wc) canvas + boxes (N, 4) [top, left, h, w] + flips (N,) -> uint8 (N, 3, S, S).
 
-    One batched ``affine_grid`` + ``grid_sample`` (bilinear, align_corners=False) in float32: each
-    output pixel centre maps to the matching point of its box, as in crop-then-resize; the flip is a
-    negative x scale. Sampling points are clamped to the centres of the box's edge pixels (and of the
-    true image, ``sizes`` (N, 2) = (H, W) of each sample on a padded canvas; None = the whole canvas),
-    which is exactly the edge replication a resize of the cropped image does: bilinear taps beyond
-    the box get weight 0, so padding never leaks in.
-
-    grid_sample does NOT antialias: shrinking a box by a factor f > 1 reads only 2x2 taps per output
-    pixel and aliases more as f grows. Keep f small: store images at ~ crop_size * 256/224 (memory
-    path: f <= 1.14), or shrink large boxes first (the device-decode path does, above 2x).
-    """
+    One batched ``affine_grid`` + bilinear ``grid_sample``, its taps clamped to the box (and to each sample's true
+    size on a padded canvas, ``sizes`` (N, 2); None: the whole canvas), as crop-then-resize would. It does not
+    antialias, so boxes must not shrink much (docs/design.md, "The device data paths")."""
     n, c, canvas_h, canvas_w = images.shape
     device = images.device
     box = boxes.to(device=device, dtype=torch.float32)  # (N, 4)
@@ -197,37 +152,36 @@ def crop_resize_flip(
     return out.round_().clamp_(0, 255).to(torch.uint8)  # (N, 3, S, S) uint8
 
 
-# ----------------------------------------------------------------------------------------------
-# Small helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
+def to_device(t: Tensor, device: torch.device) -> Tensor:
     """Host tensor -> device without stalling the CPU on queued GPU work (pinned, non-blocking)."""
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 
-def _pil_to_uint8(img) -> Tensor:
-    return TF.pil_to_tensor(img)  # (3, H, W) uint8
+class StepCrops:
+    """What both device sources share: the stream of keys (a ``StepSampler``), the crop, and the boxes and flips of
+    each micro-step, drawn from ``generator`` seeded by ``step_seed(seed, micro-step, rank)``."""
 
+    def __init__(self, sampler: StepSampler, crop_size, scale, ratio, hflip, generator: torch.Generator) -> None:
+        self.sampler = sampler
+        self.crop_size = crop_size
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.hflip = hflip
+        self.step = sampler.start_micro_step  # next global micro-step
+        self._generator = generator
 
-def _resize_short_center_crop(img, size: int) -> Tensor:
-    """PIL RGB -> shorter side to ``size`` (bicubic, antialias) -> centre ``size`` x ``size`` -> uint8 (3, s, s)."""
-    if min(img.size) != size:
-        img = TF.resize(img, [size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    img = TF.center_crop(img, [size, size])
-    return _pil_to_uint8(img)  # (3, s, s) uint8
+    def _boxes_and_flips(self, heights: Tensor, widths: Tensor) -> tuple[Tensor, Tensor]:
+        self._generator.manual_seed(step_seed(self.sampler.seed, self.step, self.sampler.rank))
+        return random_crops_and_flips(heights, widths, self.scale, self.ratio, self.hflip, self._generator)
 
-
-# ----------------------------------------------------------------------------------------------
-# In-memory store
-# ----------------------------------------------------------------------------------------------
+    def __iter__(self):  # its own iterator: iter() does not rewind
+        return self
 
 
 class _DecodeResizeDataset(torch.utils.data.Dataset):
-    """Index i -> (i, uint8 (3, s, s) or None, error message). Runs in DataLoader workers."""
+    """Index i -> (i, uint8 (3, s, s) or None, error message): short side to s (bicubic, antialiased), centre crop."""
 
     def __init__(self, paths: list[str], store_size: int) -> None:
         self.paths = paths
@@ -241,26 +195,18 @@ class _DecodeResizeDataset(torch.utils.data.Dataset):
             img = load_rgb(self.paths[i])
         except Exception as e:  # noqa: BLE001 - PIL plugins raise many types
             return i, None, f"cannot decode: {type(e).__name__}: {e}"
-        return i, _resize_short_center_crop(img, self.store_size), ""
-
-
-def _collate_list(items: list) -> list:
-    return items
+        s = self.store_size
+        if min(img.size) != s:
+            img = TF.resize(img, [s], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return i, TF.pil_to_tensor(TF.center_crop(img, [s, s])), ""
 
 
 class InMemoryImages:
-    """Every image of ``index`` decoded once, resized, centre-cropped and kept as uint8 on ``device``.
+    """Every image of ``index`` decoded once in ``num_workers`` workers (short side -> ``store_size``, bicubic,
+    antialiased; centre crop) and kept as uint8 (N, 3, s, s) on ``device`` (pinned on the CPU with ``pin_memory``).
 
-    Decoding runs once, in parallel (a DataLoader with ``num_workers`` over the files, ``load_rgb``):
-    shorter side -> ``store_size`` (bicubic, antialias), centre ``store_size`` x ``store_size``. Pick
-    store_size ~ crop_size * 256/224 so that the later bilinear (non-antialiased) crop-resize shrinks
-    by at most ~1.14. Put it on the GPU when it fits (ImageNet-1k at 256 px is ~250 GB: it does not),
-    else on the CPU with ``pin_memory=True`` for fast non-blocking uploads.
-
-    Unreadable files are skipped with a warning naming each and listed in ``skipped``; positions in
-    the store are then those of the readable files (so the sample order equals the loader path's only
-    when nothing was skipped). ``strict=True`` raises ``DataError`` naming the first unreadable file.
-    """
+    Unreadable files are skipped, named in a warning and listed in ``skipped`` (``strict=True``: a ``DataError``);
+    the store then holds the readable ones in order."""
 
     def __init__(
         self,
@@ -272,13 +218,8 @@ class InMemoryImages:
         pin_memory: bool = False,
         progress: bool = False,
     ) -> None:
-        if store_size <= 0:
-            raise ValueError(f"store_size must be positive, got {store_size}")
-        if not index.samples:
-            raise DataError(f"data root '{index.root}' has no images; check data.root")
         self.device = torch.device(device)
         self.store_size = store_size
-        self.root = index.root
         paths = [p for p, _ in index.samples]
         n = len(paths)
         s = store_size
@@ -292,7 +233,7 @@ class InMemoryImages:
             _DecodeResizeDataset(paths, s),
             batch_size=32,
             num_workers=num_workers,
-            collate_fn=_collate_list,
+            collate_fn=list,
             shuffle=False,  # in order: the store keeps the index's order
         )
         bar = show_progress(total=n, desc=f"decode once ({s} px)", unit="img", enabled=progress)
@@ -330,72 +271,38 @@ class InMemoryImages:
         return self.images.numel() * self.images.element_size() + self.labels.numel() * self.labels.element_size()
 
 
-# ----------------------------------------------------------------------------------------------
-# Memory batch source
-# ----------------------------------------------------------------------------------------------
-
-
-class MemoryBatchSource:
-    """Endless (or ``num_micro_steps``-long) stream of ``PretrainBatch`` from an ``InMemoryImages``.
-
-    Micro-step g: indices = the loader path's ``StepSampler`` slice for (g, rank) (taken straight
-    from the epoch permutation, kept on the store's device, so a step moves nothing host -> device),
-    gather, boxes and flips from a generator seeded by ``step_seed(seed, g, rank)``, one
-    ``crop_resize_flip`` to ``crop_size``. The object is its own iterator: ``iter()`` does not rewind.
-
-    ``device`` (default: the store's) is where the crops are computed and returned; with a pinned
-    CPU store and a CUDA device, the gathered uint8 source images are uploaded non-blocking.
-    """
+class MemoryBatchSource(StepCrops):
+    """``PretrainBatch`` stream from an ``InMemoryImages`` store: per micro-step, the sampler's indices (taken from
+    its epoch permutation, kept on the store's device), a gather and one ``crop_resize_flip``, on ``device``
+    (default: the store's; a pinned CPU store is uploaded non-blocking)."""
 
     def __init__(
         self,
         store: InMemoryImages,
-        micro_batch: int,
-        rank: int,
-        world_size: int,
-        seed: int,
+        sampler: StepSampler,
         crop_size: int,
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: bool = True,
-        start_micro_step: int = 0,
-        num_micro_steps: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if crop_size <= 0:
-            raise ValueError(f"crop_size must be positive, got {crop_size}")
-        # The StepSampler validates the arguments and owns the epoch permutations.
-        self.sampler = StepSampler(len(store), micro_batch, rank, world_size, seed, start_micro_step, num_micro_steps)
         self.store = store
         self.device = torch.device(device) if device is not None else store.device
-        self.micro_batch = micro_batch
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.crop_size = crop_size
-        self.scale = (float(scale[0]), float(scale[1]))
-        self.ratio = (float(ratio[0]), float(ratio[1]))
-        self.hflip = hflip
-        self.step = start_micro_step  # next global micro-step
-        self.end = None if num_micro_steps is None else start_micro_step + num_micro_steps
+        super().__init__(sampler, crop_size, scale, ratio, hflip, torch.Generator(device=self.device))
+        self.end = None if sampler.num_micro_steps is None else sampler.start_micro_step + sampler.num_micro_steps
         self._epoch = -1
         self._perm: Tensor | None = None  # (len(store),) int64 on the store's device
-        s = store.store_size
-        self._heights = torch.full((micro_batch,), s, dtype=torch.int64, device=self.device)  # (B,)
-        self._generator = torch.Generator(device=self.device)
+        self._heights = torch.full((sampler.micro_batch,), store.store_size, dtype=torch.int64, device=self.device)
 
     def micro_step_indices(self, micro_step: int) -> Tensor:
         """Store indices of global micro-step ``micro_step`` for this rank: (B,) int64 on the store's device."""
-        e, m = divmod(micro_step, self.sampler.micro_steps_per_epoch)
-        if e != self._epoch:
-            # Once per epoch: the same permutation StepSampler uses, uploaded once.
-            self._perm = self.sampler.epoch_permutation(e).to(self.store.device)  # (len(store),)
+        sampler = self.sampler
+        e, m = divmod(micro_step, sampler.micro_steps_per_epoch)
+        if e != self._epoch:  # once per epoch: the sampler's permutation, uploaded once
+            self._perm = sampler.epoch_permutation(e).to(self.store.device)  # (len(store),)
             self._epoch = e
-        start = m * self.micro_batch * self.world_size + self.rank * self.micro_batch
-        return self._perm[start : start + self.micro_batch]  # (B,) int64
-
-    def __iter__(self) -> MemoryBatchSource:
-        return self
+        start = m * sampler.micro_batch * sampler.world_size + sampler.rank * sampler.micro_batch
+        return self._perm[start : start + sampler.micro_batch]  # (B,) int64
 
     def __next__(self) -> PretrainBatch:
         if self.end is not None and self.step >= self.end:
@@ -404,11 +311,8 @@ class MemoryBatchSource:
         images = self._gather(idx)  # (B, 3, s, s) uint8 on self.device
         labels = self.store.labels.index_select(0, idx)  # (B,) int64 on the store's device
         if labels.device != self.device:
-            labels = _to_device(labels, self.device)
-        self._generator.manual_seed(step_seed(self.seed, self.step, self.rank))
-        boxes, flip = random_crops_and_flips(
-            self._heights, self._heights, self.scale, self.ratio, self.hflip, self._generator
-        )  # (B, 4), (B,)
+            labels = to_device(labels, self.device)
+        boxes, flip = self._boxes_and_flips(self._heights, self._heights)  # (B, 4), (B,)
         crops = crop_resize_flip(images, None, boxes, flip, self.crop_size)  # (B, 3, crop, crop) uint8
         self.step += 1
         return PretrainBatch(images=crops, labels=labels, bad_files=())
@@ -424,310 +328,3 @@ class MemoryBatchSource:
             torch.index_select(src, 0, idx, out=buf)
             return buf.to(self.device, non_blocking=True)
         return src.index_select(0, idx).to(self.device)
-
-
-# ----------------------------------------------------------------------------------------------
-# Device-decode batch source
-# ----------------------------------------------------------------------------------------------
-
-
-_SOF_DEVICE_OK = (0xC0, 0xC1, 0xC2)  # baseline, extended, progressive Huffman frames
-_SOF_OTHER = (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # lossless / hierarchical / arithmetic
-
-
-def jpeg_device_decodable(data: bytes) -> bool:
-    """Whether ``data`` looks like a JPEG the batched device decoder handles: 8-bit, 1 or 3 components.
-
-    Reads only the marker headers up to the frame header. CMYK/YCCK (4 components), 12-bit, lossless
-    and arithmetic-coded files and non-JPEGs (PNG, ...) go straight to the CPU decoder instead of
-    failing the whole batched call.
-    """
-    size = len(data)
-    if size < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return False
-    pos = 2
-    while pos + 4 <= size:
-        if data[pos] != 0xFF:
-            return False
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            pos += 2
-            continue
-        if marker in _SOF_DEVICE_OK:
-            if pos + 10 > size:
-                return False
-            precision, components = data[pos + 4], data[pos + 9]
-            return precision == 8 and components in (1, 3)
-        if marker in _SOF_OTHER or marker in (0xDA, 0xD9):  # other frame types, or a scan before any frame
-            return False
-        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
-    return False
-
-
-@dataclass
-class _RawBatch:
-    """File bytes of one micro-batch, packed in one tensor (one shared-memory transfer per batch)."""
-
-    indices: list[int]
-    labels: list[int]
-    data: Tensor  # (total_bytes,) uint8, files back to back
-    lengths: list[int]
-    device_ok: list[bool]
-    read_errors: list[str]  # "" when the file was read
-
-
-class _FileBytesDataset(torch.utils.data.Dataset):
-    """Key (index, sample_seed) -> raw file bytes. Workers only read; decoding happens on the device."""
-
-    def __init__(self, samples: list[tuple[str, int]]) -> None:
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int, bytes, str]:
-        index = int(key[0])
-        path, label = self.samples[index]
-        try:
-            with open(path, "rb") as f:
-                return index, label, f.read(), ""
-        except OSError as e:
-            return index, label, b"", f"cannot read: {type(e).__name__}: {e}"
-
-
-def _collate_bytes(items: list[tuple[int, int, bytes, str]]) -> _RawBatch:
-    lengths = [len(b) for _, _, b, _ in items]
-    data = torch.empty(sum(lengths), dtype=torch.uint8)  # (total,)
-    view = data.numpy()
-    pos = 0
-    for (_, _, b, _), n in zip(items, lengths):
-        view[pos : pos + n] = np.frombuffer(b, dtype=np.uint8)
-        pos += n
-    return _RawBatch(
-        indices=[i for i, _, _, _ in items],
-        labels=[lab for _, lab, _, _ in items],
-        data=data,
-        lengths=lengths,
-        device_ok=[jpeg_device_decodable(b) for _, _, b, _ in items],
-        read_errors=[err for _, _, _, err in items],
-    )
-
-
-def _decode_on_device(datas: list[Tensor], device: torch.device) -> list[Tensor | None]:
-    """Batched decode (nvjpeg on CUDA; TorchCodec or torchvision, `mae_et.data.jpeg`); one bad file costs one image."""
-    return decode_jpegs(datas, device)
-
-
-def _as_rgb(image: Tensor) -> Tensor:
-    """(C, H, W) uint8 -> (3, H, W): grey is repeated (decoders asked for RGB normally return 3 already)."""
-    if image.shape[0] == 1:
-        return image.expand(3, -1, -1)
-    return image[:3]
-
-
-def _shrink_if_large(crop: Tensor, out_size: int) -> Tensor:
-    """Boxes shrinking by more than _MAX_GRID_DOWNSCALE are resized to (S, S) with antialias here.
-
-    grid_sample would alias there (2x2 taps per output pixel); a per-sample antialiased resize is
-    costlier but only hits big boxes of big images. It is the same RRC output size, so the later
-    grid_sample of this slot is an identity (plus flip).
-    """
-    _, h, w = crop.shape
-    if max(h, w) <= _MAX_GRID_DOWNSCALE * out_size:
-        return crop
-    small = F.interpolate(
-        crop[None].to(torch.float32), size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True
-    )  # (1, 3, S, S) float32
-    return small[0].round_().clamp_(0, 255).to(torch.uint8)  # (3, S, S)
-
-
-def crops_on_canvas(images: Sequence[Tensor], boxes: list[list[int]], out_size: int) -> tuple[Tensor, Tensor]:
-    """Cut each box out of its image (shrinking big ones) onto one zero-padded uint8 canvas.
-
-    images: N tensors (3, H_i, W_i) uint8 on one device; boxes: N host [top, left, h, w].
-    Returns canvas (N, 3, Hmax, Wmax) uint8 and sizes (N, 2) int64 (host) of each crop on it, with
-    every crop at the top-left. Cutting first bounds the canvas by the largest box (<= 2 S per side
-    after shrinking), not by the largest image of the batch.
-    """
-    crops = []
-    for image, (top, left, h, w) in zip(images, boxes):
-        crops.append(_shrink_if_large(image[:, top : top + h, left : left + w], out_size))  # (3, h', w')
-    sizes = torch.tensor([[c.shape[1], c.shape[2]] for c in crops], dtype=torch.int64)  # (N, 2) host
-    max_h, max_w = max(c.shape[1] for c in crops), max(c.shape[2] for c in crops)
-    canvas = torch.zeros((len(crops), 3, max_h, max_w), dtype=torch.uint8, device=images[0].device)  # (N, 3, Hm, Wm)
-    for i, c in enumerate(crops):
-        canvas[i, :, : c.shape[1], : c.shape[2]] = c
-    return canvas, sizes
-
-
-class DeviceDecodeBatchSource:
-    """``PretrainBatch`` stream for data sets too big for memory: read bytes in workers, decode on the device.
-
-    Per micro-step: DataLoader workers read the files of the ``StepSampler`` keys (no decoding); the
-    main process decodes the batch with ``decode_jpegs(list, device)`` (batched nvjpeg on CUDA,
-    libjpeg-turbo on CPU). Files the device decoder cannot take (CMYK, 12-bit, PNG, ... found from
-    the header, or a decode error) are decoded on the CPU with ``load_rgb``. A file neither decodes
-    is warned about once, reported once in ``bad_files`` and replaced by the next readable index (as
-    ``PretrainDataset``), so the batch size stays constant; ``strict=True`` raises instead.
-
-    Boxes and flips come from a CPU generator seeded by ``step_seed(seed, g, rank)`` (the image
-    sizes are host metadata, so the boxes are known on the host without a device sync and the crops
-    can be cut before padding), then one ``crop_resize_flip`` on the device. Same keys => same crops.
-    The object is its own iterator: ``iter()`` does not rewind.
-    """
-
-    def __init__(
-        self,
-        index: ImageFolderIndex,
-        micro_batch: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        crop_size: int,
-        device: torch.device | str,
-        scale: tuple[float, float] = (0.2, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        hflip: bool = True,
-        strict: bool = False,
-        start_micro_step: int = 0,
-        num_micro_steps: int | None = None,
-        num_workers: int = 4,
-    ) -> None:
-        if not index.samples:
-            raise DataError(f"data root '{index.root}' has no images; check data.root")
-        if crop_size <= 0:
-            raise ValueError(f"crop_size must be positive, got {crop_size}")
-        self.index = index
-        self.device = torch.device(device)
-        self.micro_batch = micro_batch
-        self.rank = rank
-        self.seed = seed
-        self.crop_size = crop_size
-        self.scale = (float(scale[0]), float(scale[1]))
-        self.ratio = (float(ratio[0]), float(ratio[1]))
-        self.hflip = hflip
-        self.strict = strict
-        self.step = start_micro_step  # next global micro-step
-        self._known_bad: set[str] = set()  # one process decodes, so each bad file is reported once
-        sampler = StepSampler(
-            len(index.samples), micro_batch, rank, world_size, seed, start_micro_step, num_micro_steps
-        )
-        self.loader = torch.utils.data.DataLoader(
-            _FileBytesDataset(index.samples),
-            batch_size=micro_batch,
-            sampler=sampler,
-            collate_fn=_collate_bytes,
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None,
-            drop_last=True,
-        )
-        self._batches: Iterator[_RawBatch] | None = None
-        self._generator = torch.Generator()  # CPU: boxes are needed on the host to cut the crops
-
-    def __iter__(self) -> DeviceDecodeBatchSource:
-        return self
-
-    def __next__(self) -> PretrainBatch:
-        if self._batches is None:
-            self._batches = iter(self.loader)
-        raw = next(self._batches)  # StopIteration ends the stream
-        images, labels, bad = self._decode_batch(raw)  # B tensors (3, H_i, W_i) uint8 on the device
-
-        heights = torch.tensor([im.shape[1] for im in images], dtype=torch.int64)  # (B,) host
-        widths = torch.tensor([im.shape[2] for im in images], dtype=torch.int64)  # (B,) host
-        self._generator.manual_seed(step_seed(self.seed, self.step, self.rank))
-        boxes, flip = random_crops_and_flips(heights, widths, self.scale, self.ratio, self.hflip, self._generator)
-        canvas, sizes = crops_on_canvas(images, boxes.tolist(), self.crop_size)  # (B, 3, Hm, Wm), (B, 2)
-        local_boxes = torch.cat([torch.zeros_like(sizes), sizes], dim=1)  # (B, 4): each crop at the top-left
-        crops = crop_resize_flip(
-            canvas,
-            _to_device(sizes, self.device),
-            _to_device(local_boxes, self.device),
-            _to_device(flip, self.device),
-            self.crop_size,
-        )  # (B, 3, crop, crop) uint8
-        self.step += 1
-        label_t = _to_device(torch.tensor(labels, dtype=torch.int64), self.device)  # (B,)
-        return PretrainBatch(images=crops, labels=label_t, bad_files=tuple(bad))
-
-    # -- decoding ------------------------------------------------------------------------------
-
-    def _decode_batch(self, raw: _RawBatch) -> tuple[list[Tensor], list[int], list[str]]:
-        datas = list(torch.split(raw.data, raw.lengths))  # B views (n_i,) uint8
-        paths = [self.index.samples[i][0] for i in raw.indices]
-        on_device = [
-            i
-            for i in range(len(datas))
-            if raw.device_ok[i] and not raw.read_errors[i] and paths[i] not in self._known_bad
-        ]
-        decoded: list[Tensor | None] = [None] * len(datas)
-        for i, image in zip(on_device, _decode_on_device([datas[i] for i in on_device], self.device)):
-            decoded[i] = None if image is None else _as_rgb(image)
-
-        labels = list(raw.labels)
-        bad: list[str] = []
-        for i in range(len(datas)):
-            if decoded[i] is not None:
-                continue
-            # Not taken (or rejected) by the device decoder: CPU decoder, then replacement.
-            image, error = self._decode_cpu(paths[i], raw.read_errors[i])
-            if image is None:
-                image, labels[i] = self._replace(raw.indices[i], paths[i], error, bad)
-            decoded[i] = image
-        return decoded, labels, bad  # type: ignore[return-value]
-
-    def _decode_cpu(self, path: str, read_error: str) -> tuple[Tensor | None, str]:
-        if path in self._known_bad:
-            return None, "known bad"
-        if read_error:
-            return None, read_error
-        try:
-            img = load_rgb(path)
-        except Exception as e:  # noqa: BLE001 - PIL plugins raise many types
-            return None, f"{type(e).__name__}: {e}"
-        return _pil_to_uint8(img).to(self.device), ""  # (3, H, W)
-
-    def _decode_one(self, path: str) -> tuple[Tensor | None, str]:
-        """Read + decode one file in the main process (replacements only: rare)."""
-        if path in self._known_bad:
-            return None, "known bad"
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            return None, f"cannot read: {type(e).__name__}: {e}"
-        if jpeg_device_decodable(data):
-            image = _decode_on_device([torch.frombuffer(bytearray(data), dtype=torch.uint8)], self.device)[0]
-            if image is not None:
-                return _as_rgb(image), ""
-        return self._decode_cpu(path, "")
-
-    def _replace(self, index: int, path: str, error: str, bad: list[str]) -> tuple[Tensor, int]:
-        """PretrainDataset's rule: the next indices in turn until one decodes."""
-        self._report_bad(path, error, bad)
-        n = len(self.index.samples)
-        for attempt in range(1, _MAX_CONSECUTIVE_FAILURES):
-            j = (index + attempt) % n
-            path_j, label_j = self.index.samples[j]
-            image, error_j = self._decode_one(path_j)
-            if image is not None:
-                return image, label_j
-            if path_j not in self._known_bad:
-                self._report_bad(path_j, error_j, bad)
-        raise DataError(
-            f"{_MAX_CONSECUTIVE_FAILURES} consecutive unreadable files starting at '{path}'; is data.root the right "
-            "folder?"
-        )
-
-    def _report_bad(self, path: str, error: str, bad: list[str]) -> None:
-        if path in self._known_bad:
-            return
-        if self.strict:
-            raise DataError(f"cannot decode '{path}' ({error}); set data.strict=false to skip bad files instead")
-        warnings.warn(f"cannot decode '{path}' ({error}); using the next image instead", DataWarning, stacklevel=3)
-        self._known_bad.add(path)
-        bad.append(path)

@@ -1,14 +1,10 @@
 """Reading a shard set written by `python -m mae_et.data.shards` (`data.source=shards`): its index.json, checked,
 and its samples by random access.
 
-`data.root=` the folder, its index.json, or an http(s) URL of it. Each shard's member offsets are read from its
-tar headers once per process, then a sample is one seek and one read. A shard behind a URL is downloaded once into
-`data.shard_cache` (atomically: a killed download leaves nothing) and read from there.
-
-index.json is checked before any shard is opened: every entry names a shard file inside the index's own folder (a
-relative name: no `..`, no leading `/`, no scheme such as `file://`, which `urljoin` would follow off the server)
-and its non-negative integer sample count; anything else is one line naming index.json and the entry. Its own
-module so that the writer (`mae_et.data.shards`) may use the data sources' folder rule, which reads shards here.
+`data.root=` the folder, its index.json, or an http(s) URL of it; a shard behind a URL is downloaded once into
+`data.shard_cache` (atomically). Each shard's member offsets are read from its tar headers once per process, then a
+sample is one seek and one read. index.json is checked before any shard is opened: every entry a shard file beside
+it (no `..`, `/` or scheme, which `urljoin` would follow off the server) and a sample count, else one line.
 """
 
 from __future__ import annotations

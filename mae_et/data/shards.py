@@ -2,20 +2,10 @@
 
     python -m mae_et.data.shards ROOT OUT [--shard-size 1000]     # writes OUT/shard-00000.tar ... + index.json
 
-ROOT is read as `data.root` is for pretraining (`mae_et.data.sources.data_dir`): its `train/` when it has one (a
-root of `train/` and `val/` is never packed whole, val as a class), else the root itself; `--split` is
-`data.split`. The layout is webdataset's: each sample is `<key>.jpg` (the file's bytes as they are: no re-encoding)
-and `<key>.cls` (its class index as text) next to each other in a tar; samples keep the folder scan's order and
-class indices, so a run on the shards sees the images a run on the folder sees, in the same order. `index.json`
-lists the shards with their sample counts (the descriptor format of webdataset's indexed reader, wids), the class
-names and how many files were skipped (the scan's, and files that could not be read: each named in a warning).
-
-Nothing is replaced without `--overwrite` (neither index.json nor a shard's name); each shard is written whole and
-index.json last, so the set counts only when complete; a failure (a full disk: one line) removes the shards this
-run wrote. Reading is `mae_et.data.shard_index` (`open_shards`). Written by hand (stdlib tarfile and urllib):
-webdataset 1.0 streams shards in order and has no random access (its indexed reader, wids, was left out of the 1.0
-package), and without random access a resumed run cannot start at a micro-step; docs/libraries.md has the
-comparison.
+ROOT is read as `data.root` is (`data_dir`: its `train/` when it has one); webdataset's layout (`<key>.jpg`, the
+file's bytes, and `<key>.cls`) in the scan's order and class indices, so a run on the shards sees what a run on the
+folder sees; `index.json` (wids' descriptor) last. Reading: `mae_et.data.shard_index`. Why by hand, and the write
+rules: docs/design.md, "Tar shards".
 """
 
 from __future__ import annotations

@@ -1,74 +1,38 @@
-"""Where pretraining images come from: one small protocol, five sources, chosen by name from the config.
+"""Where pretraining images come from: five sources behind one call, chosen by name from the config.
 
     source = open_source(cfg.data, seed, main, device)   # once per process: scan, decode-once store, ...
-    batches = source.batches(rank, world, micro_batch, start_micro_step, num_micro_steps)
-    next(batches)  # PretrainBatch: uint8 crops (n, 3, S, S), labels (n,), names of files that failed to decode
+    batches = source.batches(rank, world, micro_batch, start_micro_step, num_micro_steps)  # PretrainBatch, ...
 
-Every source gives a rank the same deterministic stream, a pure function of (seed, micro-step, rank), so a
-run resumes from any micro-step and the ranks never share an image. What else a source holds:
-    dataset      a map-style view of the same images (the fixed reconstruction images come from it)
-    num_images   how many images an epoch draws from
-    skipped      files skipped while opening (named, with the reason)
-
-The five (`data.pipeline`, or `data.source: fractal | shards`):
-    loader         PIL decode + random-resized crop in DataLoader workers: portable, the default
-    memory         every image decoded once into a store (uint8, short side `data.memory_size`), cropped
-                   batched on the device
-    device_decode  JPEG bytes read by workers, decoded on the device (nvjpeg), cropped batched there
-    fractal        iterated-function-system renders, generated per (class, index, seed): no files at all
-    shards         tar shards (local or http(s)) read by random access, decoded in workers as the loader's files
-
-The config sections are read by attribute (`data.crop_size`, ...): this module imports no config class.
+`data.pipeline` picks loader (PIL in workers), memory (decoded once, cropped on the device) or device_decode
+(decoded on the device); `data.source` fractal or shards replaces the folder. Every stream is the `StepSampler`'s,
+a pure function of (seed, micro-step, rank): a run resumes at any micro-step.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from mae_et.data.device_decode import DeviceDecodeBatchSource
 from mae_et.data.folder import (
     DataError,
     ImageFolderIndex,
     PretrainBatch,
     PretrainDataset,
-    build_pretrain_loader,
+    StepSampler,
     scan_image_folder,
+    step_loader,
 )
 from mae_et.data.fractal import FractalBatchSource, FractalDataset
-from mae_et.data.on_device import DeviceDecodeBatchSource, InMemoryImages, MemoryBatchSource
+from mae_et.data.on_device import InMemoryImages, MemoryBatchSource
 from mae_et.data.shard_index import open_shards
 from mae_et.notices import RunWarning
-
-
-class PretrainSource(Protocol):
-    dataset: Dataset
-    num_images: int
-    skipped: list
-
-    def batches(
-        self,
-        rank: int,
-        world: int,
-        micro_batch: int,
-        start_micro_step: int,
-        num_micro_steps: int,
-        size_at: Callable[[int], int] | None = None,
-    ) -> Iterator[PretrainBatch]: ...
-
-
-def _crops_at_crop_size(source, size_at) -> None:
-    """Only the loader crops to the stage's size (the config check keeps data.decode_size=stage to it)."""
-    if size_at is not None:
-        raise DataError(
-            f"{type(source).__name__} crops at data.crop_size only; data.decode_size=stage needs the loader"
-        )
-
 
 # Sub-folders that hold held-out images: a root with one of them is a root of splits, never a training folder
 HELD_OUT_SPLITS = ("val", "validation", "valid", "test")
@@ -79,14 +43,10 @@ def _subfolders(folder: Path) -> list[str]:
 
 
 def data_dir(d) -> Path:
-    """The folder to pretrain on: `data.root/data.split`; the root itself when `data.split` is empty, or when
-    the default `train` is absent from a root that is itself a folder of classes. Every source that reads a
-    folder opens it through here, and the config check calls it on load. A root this user may not read is one
-    line too.
-
-    A split that is not there, or a folder that holds a held-out split (`val/`, `test/`, ...: `data.split=''` on
-    a root of `train/` and `val/`), is a `DataError` naming the sub-folders that are: either would train on
-    `train/` and `val/` as two classes, the evaluation images among them."""
+    """The folder to pretrain on: `data.root/data.split`; the root itself when `data.split` is empty, or when the
+    default `train` is absent from a root of classes. A split that is not there, or a folder holding a held-out
+    split (`val/`, `test/`, ...), is a one-line `DataError` naming the sub-folders: either would train on `val/` as a
+    class. The config check calls it on load, and every source that reads a folder opens it through here."""
     try:
         return _data_dir(d)
     except PermissionError as e:
@@ -150,25 +110,14 @@ def _scan(d, main: bool) -> ImageFolderIndex:
 
 
 @dataclass
-class FolderSource:
-    """data.pipeline=loader: PIL decode and crop in DataLoader workers (pinned CPU batches)."""
+class PretrainSource:
+    """What every source holds: `dataset` (a map-style view of its images: the fixed reconstruction images come
+    from it), `num_images` an epoch draws from, the files `skipped` while opening, and `batches`."""
 
-    d: Any
+    d: Any  # the config's data section
     seed: int
     device: torch.device
-    index: ImageFolderIndex
-    dataset: PretrainDataset
-
-    @classmethod
-    def open(cls, d, seed: int, main: bool, device: torch.device) -> FolderSource:
-        index = _scan(d, main)
-        return cls(
-            d,
-            seed,
-            device,
-            index,
-            PretrainDataset(index, crop_size=d.crop_size, scale=d.scale, hflip=d.hflip, strict=d.strict),
-        )
+    dataset: Dataset
 
     @property
     def num_images(self) -> int:
@@ -176,27 +125,48 @@ class FolderSource:
 
     @property
     def skipped(self) -> list:
-        return list(self.index.skipped)
+        return []
 
     def batches(
-        self, rank, world, micro_batch, start_micro_step, num_micro_steps, size_at=None
+        self,
+        rank: int,
+        world: int,
+        micro_batch: int,
+        start_micro_step: int,
+        num_micro_steps: int | None,
+        size_at: Callable[[int], int] | None = None,
     ) -> Iterator[PretrainBatch]:
-        """size_at (data.decode_size=stage): global micro-step -> B; the workers then decode at reduced scale and
-        crop straight to B (`PretrainDataset.crop_at_size`)."""
-        return iter(
-            build_pretrain_loader(
-                self.dataset,
-                micro_batch=micro_batch,
-                rank=rank,
-                world_size=world,
-                seed=self.seed,
-                num_workers=self.d.num_workers,
-                pin_memory=self.d.pin_memory and self.device.type == "cuda",
-                start_micro_step=start_micro_step,
-                num_micro_steps=num_micro_steps,
-                size_at=size_at,
-            )
+        """This rank's micro-batches from `start_micro_step` on. size_at (global micro-step -> B, data.decode_size=
+        stage, which the schema allows with the loader only) has the workers crop straight to B."""
+        sampler = StepSampler(
+            self.num_images, micro_batch, rank, world, self.seed, start_micro_step, num_micro_steps, size_at
         )
+        return self.stream(sampler)
+
+    def stream(self, sampler: StepSampler) -> Iterator[PretrainBatch]:
+        """The keys decoded and cropped in DataLoader workers (pinned batches for a GPU)."""
+        pin_memory = self.d.pin_memory and self.device.type == "cuda"
+        return iter(step_loader(self.dataset, sampler, self.d.num_workers, pin_memory))
+
+
+@dataclass
+class FolderSource(PretrainSource):
+    """data.pipeline=loader: PIL decode and crop in DataLoader workers."""
+
+    index: ImageFolderIndex  # or a ShardIndex: the same samples and read(i)
+
+    @classmethod
+    def open(cls, d, seed: int, main: bool, device: torch.device) -> FolderSource:
+        return cls._of(d, seed, device, _scan(d, main))
+
+    @classmethod
+    def _of(cls, d, seed: int, device: torch.device, index, **more) -> FolderSource:
+        dataset = PretrainDataset(index, crop_size=d.crop_size, scale=d.scale, hflip=d.hflip, strict=d.strict)
+        return cls(d=d, seed=seed, device=device, dataset=dataset, index=index, **more)
+
+    @property
+    def skipped(self) -> list:
+        return list(self.index.skipped)
 
 
 @dataclass
@@ -207,13 +177,13 @@ class MemorySource(FolderSource):
 
     @classmethod
     def open(cls, d, seed: int, main: bool, device: torch.device) -> MemorySource:
-        folder = FolderSource.open(d, seed, main, device)
+        index = _scan(d, main)
         on_device = d.memory_on_device and device.type == "cuda"
         with warnings.catch_warnings():
             if not main:
                 warnings.simplefilter("ignore")
             store = InMemoryImages(
-                folder.index,
+                index,
                 d.memory_size or round(d.crop_size * 256 / 224),
                 device if on_device else "cpu",
                 strict=d.strict,
@@ -221,7 +191,7 @@ class MemorySource(FolderSource):
                 pin_memory=device.type == "cuda" and not on_device,
                 progress=main,
             )
-        return cls(d, seed, device, folder.index, folder.dataset, store)
+        return cls._of(d, seed, device, index, store=store)
 
     @property
     def num_images(self) -> int:
@@ -231,23 +201,9 @@ class MemorySource(FolderSource):
     def skipped(self) -> list:
         return list(self.index.skipped) + list(self.store.skipped)
 
-    def batches(
-        self, rank, world, micro_batch, start_micro_step, num_micro_steps, size_at=None
-    ) -> Iterator[PretrainBatch]:
-        _crops_at_crop_size(self, size_at)
-        return MemoryBatchSource(
-            self.store,
-            micro_batch,
-            rank,
-            world,
-            self.seed,
-            self.d.crop_size,
-            scale=self.d.scale,
-            hflip=self.d.hflip,
-            device=self.device,
-            start_micro_step=start_micro_step,
-            num_micro_steps=num_micro_steps,
-        )
+    def stream(self, sampler: StepSampler) -> Iterator[PretrainBatch]:
+        d = self.d
+        return MemoryBatchSource(self.store, sampler, d.crop_size, scale=d.scale, hflip=d.hflip, device=self.device)
 
 
 @dataclass
@@ -265,68 +221,17 @@ class DeviceDecodeSource(FolderSource):
             )
         return super().open(d, seed, main, device)
 
-    def batches(
-        self, rank, world, micro_batch, start_micro_step, num_micro_steps, size_at=None
-    ) -> Iterator[PretrainBatch]:
-        _crops_at_crop_size(self, size_at)
+    def stream(self, sampler: StepSampler) -> Iterator[PretrainBatch]:
+        d = self.d
         return DeviceDecodeBatchSource(
             self.index,
-            micro_batch,
-            rank,
-            world,
-            self.seed,
-            self.d.crop_size,
+            sampler,
+            d.crop_size,
             self.device,
-            scale=self.d.scale,
-            hflip=self.d.hflip,
-            strict=self.d.strict,
-            num_workers=self.d.num_workers,
-            start_micro_step=start_micro_step,
-            num_micro_steps=num_micro_steps,
-        )
-
-
-@dataclass
-class FractalSource:
-    """data.source=fractal: renders, batched on the GPU when there is one, else in DataLoader workers."""
-
-    d: Any
-    seed: int
-    device: torch.device
-    dataset: FractalDataset
-    skipped: list = field(default_factory=list)  # nothing to skip: no files
-
-    @classmethod
-    def open(cls, d, seed: int, main: bool, device: torch.device) -> FractalSource:
-        return cls(
-            d,
-            seed,
-            device,
-            FractalDataset(d.fractal_classes, d.fractal_images_per_class, d.crop_size, seed=seed, split="train"),
-        )
-
-    @property
-    def num_images(self) -> int:
-        return len(self.dataset)
-
-    def batches(
-        self, rank, world, micro_batch, start_micro_step, num_micro_steps, size_at=None
-    ) -> Iterator[PretrainBatch]:
-        _crops_at_crop_size(self, size_at)
-        stream = dict(start_micro_step=start_micro_step, num_micro_steps=num_micro_steps)
-        if self.device.type == "cuda":
-            return FractalBatchSource(self.dataset, micro_batch, rank, world, self.seed, self.device, **stream)
-        return iter(
-            build_pretrain_loader(
-                self.dataset,
-                micro_batch=micro_batch,
-                rank=rank,
-                world_size=world,
-                seed=self.seed,
-                num_workers=self.d.num_workers,
-                pin_memory=False,
-                **stream,
-            )
+            scale=d.scale,
+            hflip=d.hflip,
+            strict=d.strict,
+            num_workers=d.num_workers,
         )
 
 
@@ -337,9 +242,22 @@ class ShardSource(FolderSource):
 
     @classmethod
     def open(cls, d, seed: int, main: bool, device: torch.device) -> ShardSource:
-        index = open_shards(d.root, d.shard_cache)
-        dataset = PretrainDataset(index, crop_size=d.crop_size, scale=d.scale, hflip=d.hflip, strict=d.strict)
-        return cls(d, seed, device, index, dataset)
+        return cls._of(d, seed, device, open_shards(d.root, d.shard_cache))
+
+
+@dataclass
+class FractalSource(PretrainSource):
+    """data.source=fractal: renders, batched on the GPU when there is one, else in DataLoader workers."""
+
+    @classmethod
+    def open(cls, d, seed: int, main: bool, device: torch.device) -> FractalSource:
+        dataset = FractalDataset(d.fractal_classes, d.fractal_images_per_class, d.crop_size, seed=seed, split="train")
+        return cls(d=d, seed=seed, device=device, dataset=dataset)
+
+    def stream(self, sampler: StepSampler) -> Iterator[PretrainBatch]:
+        if self.device.type == "cuda":
+            return FractalBatchSource(self.dataset, sampler, self.device)
+        return super().stream(sampler)
 
 
 SOURCES: dict[str, type] = {

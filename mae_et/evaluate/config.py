@@ -1,6 +1,6 @@
 """Typed configs for the evaluation stage: fine-tuning and linear probing of a pretrained encoder.
 
-Same machinery as pretraining (`mae_et.train.config`): a YAML recipe (with `_base_`), dotted overrides,
+Same machinery as pretraining (`mae_et.recipes`): a YAML recipe (with `_base_`), dotted overrides,
 `build_config` (an unknown key names the closest valid one), then cross-field checks that fail in
 one line before any data is read. Checks that need the encoder (patch size for the curriculum)
 or the data (class lists, dataset size) run in the engines, still before the first step.
@@ -25,23 +25,25 @@ from mae_et.recipes import (
     merge_dicts,
     parse_overrides,
 )
-from mae_et.train.config import (
+from mae_et.run.config import (
     Beta,
     CheckpointConfig,
-    CurriculumConfig,
     NonNegativeFloat,
     NonNegativeInt,
+    PlanSpec,
     PositiveFloat,
     PositiveInt,
     Precision,
+    RunConfig,
+    RunSpec,
     SeedInt,
-    WandbMode,
-    WandbProject,
+    TrackingConfig,
     check_min_lr,
     check_name,
     check_scale,
     check_warmup,
 )
+from mae_et.train.config import CurriculumConfig
 
 ProbeMode = Literal["online", "cached"]
 MixupMode = Literal["batch", "pair", "elem"]  # timm Mixup: one draw per batch | per pair | per element
@@ -70,12 +72,6 @@ class ClassificationDataConfig:
     img_size: PositiveInt = 224  # train and eval side; may differ from pretraining (position embeddings are resampled)
     num_workers: NonNegativeInt = 8
     pin_memory: bool = True
-
-
-@dataclass
-class EvalTrackingConfig:
-    wandb: WandbMode = "auto"  # auto | online | offline | off
-    project: WandbProject = "mae_et"
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -132,9 +128,7 @@ class FinetuneTrainConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    name: str = ""  # run name; default: the recipe file name
-    output_dir: str = "runs"
+class FinetuneConfig(RunConfig):  # name, output_dir
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     data: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
     augment: FinetuneAugmentConfig = field(default_factory=FinetuneAugmentConfig)
@@ -142,11 +136,27 @@ class FinetuneConfig:
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_epochs=1.0, keep_last=2))
-    tracking: EvalTrackingConfig = field(default_factory=EvalTrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+    def run_spec(self) -> RunSpec:
+        t, encoder = self.train, self.model.checkpoint
+        reads = (self.data.root, encoder)
+        return RunSpec.of(self, self.tracking, self.checkpoint, t.precision, t.accum_steps, reads, encoder)
+
+    def plan_spec(self) -> PlanSpec:
+        t, o = self.train, self.optim
+        return PlanSpec(
+            epochs=t.epochs,
+            micro_batch=t.batch_size,
+            accum_steps=t.accum_steps,
+            max_steps=t.max_steps,
+            blr=o.blr,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            warmup_epochs=o.warmup_epochs,
+            log_every=t.log_every,
+            checkpoint=self.checkpoint,
+        )
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -188,9 +198,7 @@ class LinprobeTrainConfig:
 
 
 @dataclass
-class LinprobeConfig:
-    name: str = ""
-    output_dir: str = "runs"
+class LinprobeConfig(RunConfig):  # name, output_dir
     model: EvalModelConfig = field(default_factory=lambda: EvalModelConfig(global_pool="token", drop_path=0.0))
     data: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
     linprobe: LinprobeSettings = field(default_factory=LinprobeSettings)
@@ -198,11 +206,28 @@ class LinprobeConfig:
     optim: LinprobeOptimConfig = field(default_factory=LinprobeOptimConfig)
     train: LinprobeTrainConfig = field(default_factory=LinprobeTrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_epochs=10.0, keep_last=2))
-    tracking: EvalTrackingConfig = field(default_factory=EvalTrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+    def run_spec(self) -> RunSpec:
+        """The head trains in fp32 with no accumulation: train.precision is the frozen encoder's autocast only."""
+        encoder = self.model.checkpoint
+        return RunSpec.of(self, self.tracking, self.checkpoint, "fp32", 1, (self.data.root, encoder), encoder)
+
+    def plan_spec(self, micro_batch: int) -> PlanSpec:
+        """`micro_batch`: this process's share of the global batch (train.batch_size, clamped to the data)."""
+        t, o = self.train, self.optim
+        return PlanSpec(
+            epochs=t.epochs,
+            micro_batch=micro_batch,
+            accum_steps=1,
+            max_steps=t.max_steps,
+            blr=o.blr,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            warmup_epochs=o.warmup_epochs,
+            log_every=t.log_every,
+            checkpoint=self.checkpoint,
+        )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -231,7 +256,7 @@ def load_linprobe_config(path: str | Path | None, overrides: list[str] | None = 
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_common(cfg: FinetuneConfig | LinprobeConfig) -> None:
+def _check_common(cfg: FinetuneConfig | LinprobeConfig, plan: PlanSpec) -> None:
     """What the two evaluation configs share that no single field can say (each field's rule is in the schema)."""
     m, d = cfg.model, cfg.data
     if m.checkpoint is None or not str(m.checkpoint).strip():
@@ -251,15 +276,16 @@ def _check_common(cfg: FinetuneConfig | LinprobeConfig) -> None:
     if not Path(d.root).is_dir():
         raise ConfigError(f"data.root '{d.root}' is not a folder; pass data.root=/path/to/dataset")
     check_splits_apart(Path(d.root) / d.train_split, "data.train_split", Path(d.root) / d.val_split, "data.val_split")
-    check_warmup(cfg)
+    check_warmup(plan)
     check_name(cfg.name)
 
 
 def validate_finetune(cfg: FinetuneConfig) -> None:
     """Cross-field checks that need neither the data nor the encoder; one clear line each."""
-    _check_common(cfg)
+    plan = cfg.plan_spec()
+    _check_common(cfg, plan)
     a, t = cfg.augment, cfg.train
-    check_min_lr(cfg, t.batch_size * t.accum_steps)
+    check_min_lr(plan)
     check_scale("augment.scale", a.scale)
     if (a.mixup > 0 or a.cutmix > 0) and a.mixup_prob > 0 and t.batch_size % 2 != 0:
         raise ConfigError(f"mixup/cutmix need an even per-device batch; got train.batch_size={t.batch_size}")
@@ -274,8 +300,9 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
 
 
 def validate_linprobe(cfg: LinprobeConfig) -> None:
-    _check_common(cfg)
-    check_min_lr(cfg, cfg.train.batch_size)  # the global batch (smaller only when the training set is)
+    plan = cfg.plan_spec(micro_batch=cfg.train.batch_size)  # the global batch (smaller only when the data is)
+    _check_common(cfg, plan)
+    check_min_lr(plan)
     check_scale("augment.scale", cfg.augment.scale)
 
 

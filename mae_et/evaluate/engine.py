@@ -6,7 +6,7 @@ decay, Mixup/CutMix, the curriculum crop, a DataLoader per epoch for the RandAug
 RUN/best/) and the probe (`mae_et.evaluate.linprobe`: BatchNorm + LARS on cached or online features).
 
     method = FinetuneMethod(cfg, run)                # builds data, model and optimizer (prepared)
-    plan = method.plan                               # mae_et.train.plan.RunPlan: the run in optimizer steps
+    plan = method.plan                               # mae_et.run.plan.RunPlan: the run in optimizer steps
     result = run_engine(run, method)                 # resume, the loop, RUN/result.json
 
 `train_epochs` is the loop alone (no run folder): `fit_probe_on_features` uses it with a `Recorder` that only
@@ -34,9 +34,8 @@ from mae_et import checkpoint as ckpt_lib
 from mae_et.data.labelled import build_eval_loader, shard_loader, split_dir
 from mae_et.files import write_json_atomic
 from mae_et.recipes import ConfigError
-from mae_et.train.optim import set_lr
-from mae_et.train.plan import RunPlan
-from mae_et.train.run import BEST_DIR, RESULT_FILE, Run, checkpoint_due
+from mae_et.run.plan import RunPlan, checkpoint_due, set_lr
+from mae_et.run.run import BEST_DIR, RESULT_FILE, Run
 
 
 @dataclass
@@ -217,7 +216,7 @@ class RunRecorder(Recorder):
         self.run, self.best, self.last_eval = run, best, last_eval
         self.window_loss = torch.zeros((), device=run.device)
         self.window_steps, self.window_start = 0, time.perf_counter()
-        self.bar = run.progress(method.plan.end_step, step, f"{method.task} {run.cfg.name}")
+        self.bar = run.progress(method.plan.end_step, step, f"{method.task} {run.spec.name}")
 
     def step_done(self, step: int, loss: Tensor, lr: float, log_now: bool) -> None:
         self.run.check_interrupt()

@@ -58,7 +58,7 @@ from mae_et.models.vit import (
     load_encoder_state,
     timm_model_name,
 )
-from mae_et.train.tracking import METRICS_FILE
+from mae_et.run.tracking import METRICS_FILE
 
 CARD_FILE = "README.md"  # the Hub shows a model through it
 

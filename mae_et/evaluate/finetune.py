@@ -15,7 +15,7 @@ masks (the global RNGs are reseeded at each micro-step). So a resumed run needs 
 the optimizer, the scaler and the step.
 
 The curriculum option (EfficientTrain on fine-tuning): stages come from `curriculum` exactly as
-in pretraining and are laid out in optimizer steps by `mae_et.train.plan.plan_run`; the batch is
+in pretraining and are laid out in optimizer steps by `mae_et.run.plan.plan_run`; the batch is
 low-pass cropped on the device before the forward (the ViT resamples its position embeddings
 to the smaller grid on the fly). `augment.randaug_ramp_start` adds ET's RandAugment ramp: the
 magnitude of epoch e is round(start + (m - start) * e / (E - 1)) over the E epochs of the plan,
@@ -39,7 +39,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 
 from mae_et.curriculum.frequency import low_frequency_crop
-from mae_et.curriculum.schedules import relative_compute
+from mae_et.curriculum.schedules import relative_compute, resolve_curriculum
 from mae_et.data.labelled import (
     SeededClassificationDataset,
     build_train_loader,
@@ -60,10 +60,9 @@ from mae_et.evaluate.engine import (
     run_engine,
 )
 from mae_et.models.vit import load_pretrained_vit
+from mae_et.run.plan import optimizer_steps_per_epoch, plan_run
+from mae_et.run.run import Run
 from mae_et.seeding import Family, mix64
-from mae_et.train.config import resolve_curriculum
-from mae_et.train.plan import optimizer_steps_per_epoch, plan_run
-from mae_et.train.run import Run
 
 __all__ = ["BEST_DIR", "RESULT_FILE", "FinetuneMethod", "finetune"]
 
@@ -170,8 +169,13 @@ class FinetuneMethod:
         )  # raises if none
         # --- model, plan, optimizer
         model, self.spec = load_finetune_model(cfg, self.num_classes)
-        self.stages, self.budget = resolve_curriculum(cfg.curriculum, cfg.data.img_size, self.spec.patch_size)
-        self.plan = plan_run(cfg, len(self.index.samples), run.world, self.stages, self.budget, cfg.data.img_size)
+        c = cfg.curriculum
+        self.stages, self.budget = resolve_curriculum(
+            c.schedule, c.stages, c.budget, c.min_size, cfg.data.img_size, self.spec.patch_size
+        )
+        self.plan = plan_run(
+            cfg.plan_spec(), len(self.index.samples), run.world, self.stages, self.budget, cfg.data.img_size
+        )
         optimizer = torch.optim.AdamW(
             layer_decay_param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay),
             lr=self.plan.base_lr,
@@ -271,7 +275,5 @@ class FinetuneMethod:
 
 
 def finetune(cfg: FinetuneConfig) -> EvalResult:
-    with Run(
-        cfg
-    ) as run:  # accelerator, the run folder (locked), resume, tracking, checkpoints, clocks (mae_et.train.run)
+    with Run(cfg.run_spec()) as run:  # accelerator, the run folder (locked), resume, tracking, checkpoints, clocks
         return run_engine(run, FinetuneMethod(cfg, run))

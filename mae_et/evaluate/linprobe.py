@@ -1,22 +1,10 @@
 """Linear probing of a frozen pretrained encoder (the MAE protocol), online or on cached features.
 
-The head is BatchNorm1d(D, affine=False, eps=1e-6) + Linear(D, C) on the encoder's cls token (after
-the final norm), trained with LARS at lr = blr * global_batch / 256, per-step warmup + cosine.
-The global batch is the reference's 16384 clamped to the training-set size (a smaller data set
-would otherwise have no full step).
-
-Two ways to feed it, behind one `ProbeData` interface; `ProbeMethod` is the probe for the evaluation engine
-(`mae_et.evaluate.engine`: the epoch loop, evaluation, the best epoch and RUN/result.json, shared with fine-tuning):
-- online (reference): every step encodes freshly augmented images (RandomResizedCrop + flip);
-  the stream is `mae_et.data.folder.StepSampler`'s, augmentations seeded per sample, so resume is exact.
-- cached (fast; the benchmarks' mode): train and val features of centre crops are extracted once
-  (each process encodes a contiguous shard, then all-gather), kept on the device, and saved to
-  RUN/features/ so a relaunch skips the extraction. The cache carries a fingerprint of the encoder
-  weights and the data; a mismatch re-extracts. ImageNet-1k ViT-B features take ~4 GB per process.
-
-DDP: the head is wrapped by Accelerate (gradients averaged); every process takes its own slice of
-each global batch; evaluation runs on disjoint shards with counts summed over processes; only
-the main process writes.
+The head is BatchNorm1d(D, affine=False, eps=1e-6) + Linear(D, C) on the encoder's features, trained with LARS at
+lr = blr * global_batch / 256 (the global batch clamped to the training-set size), warmup + cosine per step. Its
+batches come from a `ProbeData`: `OnlineImages` (the reference: augmented images encoded at every step) or
+`CachedFeatures` (centre-crop features extracted once, kept in RUN/features/); `ProbeMethod` is the probe for the
+evaluation engine (`mae_et.evaluate.engine`). The two modes and DDP: docs/design.md, "The linear probe".
 """
 
 from __future__ import annotations
@@ -48,7 +36,7 @@ from mae_et.data.labelled import (
     shard_range,
     split_dir,
 )
-from mae_et.evaluate.config import LinprobeConfig
+from mae_et.evaluate.config import ClassificationDataConfig, LinprobeConfig, LinprobeTrainConfig
 from mae_et.evaluate.engine import (
     EvalResult,
     Recorder,
@@ -61,9 +49,9 @@ from mae_et.files import save_safetensors, write_atomic
 from mae_et.models.features import extract_features
 from mae_et.models.vit import encoder_features, load_pretrained_vit
 from mae_et.recipes import ConfigError
-from mae_et.train.config import CheckpointConfig
-from mae_et.train.plan import RunPlan, one_stage, plan_run
-from mae_et.train.run import Run
+from mae_et.run.config import CheckpointConfig, PlanSpec
+from mae_et.run.plan import RunPlan, one_stage, plan_run
+from mae_et.run.run import Run
 
 HEAD_INIT_STD = 0.01  # MAE linear probe
 FEATURES_DIR = "features"
@@ -305,13 +293,21 @@ def fit_probe_on_features(
         accelerator.num_processes,
         seed,
     )
-    # the probe recipe's plan from these arguments (no run folder: no checkpoints, no log)
-    cfg = LinprobeConfig(checkpoint=CheckpointConfig(every_epochs=0.0))
-    cfg.train.epochs, cfg.train.batch_size = epochs, global_batch
-    cfg.optim.blr, cfg.optim.min_lr, cfg.optim.warmup_epochs = blr, min_lr, warmup_epochs
-    stages, budget = one_stage(cfg.data.img_size)  # features have no input size: one stage
     world = accelerator.num_processes
-    plan = plan_run(cfg, train_x.shape[0], world, stages, budget, cfg.data.img_size, micro_batch=global_batch // world)
+    spec = PlanSpec(
+        epochs=epochs,
+        micro_batch=global_batch // world,
+        accum_steps=1,
+        max_steps=None,
+        blr=blr,
+        lr=None,
+        min_lr=min_lr,
+        warmup_epochs=warmup_epochs,
+        log_every=LinprobeTrainConfig.log_every,  # the loop has no log here: only its cadence
+        checkpoint=CheckpointConfig(every_epochs=0.0),  # no run folder: no checkpoints
+    )
+    full_size = ClassificationDataConfig.img_size  # features have no input size: one stage, at any size
+    plan = plan_run(spec, train_x.shape[0], world, *one_stage(full_size), full_size)
     method = ProbeMethod(data, train_x.shape[1], num_classes, plan, accelerator, weight_decay, momentum)
     recorder = Recorder(method)
     method.model.train()
@@ -413,9 +409,7 @@ def linprobe(cfg: LinprobeConfig) -> EvalResult:
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
     # the head trains in fp32; train.precision is the frozen encoder's autocast only
-    with Run(
-        cfg, precision="fp32", accum_steps=1
-    ) as run:  # accelerator, the run folder (locked), resume, tracking, checkpoints
+    with Run(cfg.run_spec()) as run:  # accelerator, the run folder (locked), resume, tracking, checkpoints
         return run_engine(run, build_probe(cfg, run))
 
 
@@ -488,7 +482,7 @@ def build_probe(cfg: LinprobeConfig, run: Run) -> ProbeMethod:
         )
         num_train = len(dataset)
     stages, budget = one_stage(cfg.data.img_size)
-    plan = plan_run(cfg, num_train, world, stages, budget, cfg.data.img_size, micro_batch=global_batch // world)
+    plan = plan_run(cfg.plan_spec(global_batch // world), num_train, world, stages, budget, cfg.data.img_size)
     lines = [
         f"linear probe {cfg.name} ({cfg.linprobe.mode}): {cfg.model.checkpoint} ({spec.size}/{spec.patch_size}) at "
         f"{cfg.data.img_size} px, {cfg.linprobe.pool} features (D={dim}), {num_classes} classes, {len(index.samples)} "

@@ -1,8 +1,5 @@
-"""The model card `mae-et export --format hf` writes beside the weights: a README.md in the Hub's form (YAML front
-matter: library, pipeline tag, tags, datasets, a license left for the user), then how the model was trained (model,
-curriculum, budget in steps and images seen, decoded share, target) and evaluated (what the run folder holds: the
-kNN monitor beside the untrained encoder's; the probe's and fine-tune's result.json files named on the command line),
-and the lines that load it. Every figure is read from the run's own files, never typed in."""
+"""The model card (README.md, the Hub's form) `mae-et export --format hf` writes beside the weights: how the model
+was trained and evaluated, every figure read from the run's own files, and the lines that load it."""
 
 from __future__ import annotations
 

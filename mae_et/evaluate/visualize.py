@@ -1,14 +1,5 @@
-"""Reconstruction figures for a MAE: original | masked | reconstruction | reconstruction + visible (a HOG-target
-MAE reconstructs no pixels: original | masked | predicted HOG | target HOG, as orientation glyphs per cell).
-
-From the command line, for a run folder (its latest checkpoint) or one checkpoint folder:
-
-    mae-et visualize runs/NAME img1.jpg folder/ --out grid.png [--size B] [--mask-ratio 0.75]
-
-(`python -m mae_et.evaluate.visualize ...` is the same command.)
-The figure is the one the pretraining loop writes (`mae_et.train.monitors`): the grid under column titles, small
-crops enlarged (nearest-neighbour) to a figure at least 800 pixels wide.
-"""
+"""`mae-et visualize RUN_OR_CHECKPOINT IMAGES... --out grid.png [--size B] [--mask-ratio 0.75]`: the reconstruction
+figure the pretraining loop writes (`mae_et.models.figures`), for any checkpoint and any images."""
 
 from __future__ import annotations
 
@@ -29,12 +20,11 @@ from mae_et.cli import OneLineParser, run_user_command
 from mae_et.curriculum.frequency import FREQUENCY_MODES, low_frequency_crop
 from mae_et.data.folder import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, load_rgb, normalize_on_device
 from mae_et.files import check_output_file, write_atomic
+from mae_et.models.figures import panel_titles, reconstruction_grid, save_png, titled_figure
 from mae_et.models.keys import compare_state
-from mae_et.models.mae import MaskedAutoencoderViT
+from mae_et.models.mae import MaskedAutoencoderViT, build_mae
 from mae_et.recipes import ConfigError, build_config
-from mae_et.train.config import PretrainConfig
-from mae_et.train.monitors import panel_titles, reconstruction_grid, save_png, titled_figure
-from mae_et.train.step import build_model
+from mae_et.train.config import PretrainConfig, mae_spec
 
 __all__ = ["find_images", "load_image_batch", "load_mae", "main"]
 
@@ -48,8 +38,6 @@ def load_mae(checkpoint_or_run: str | os.PathLike) -> tuple[MaskedAutoencoderViT
     A run folder gives its latest checkpoint. Only the weights and config.yaml are read (not the
     optimizer state), and the weights must match the config's model exactly (strict load).
     """
-    # Imported here: engine imports this module for the training-time grids.
-
     folder = ckpt_lib.resolve_checkpoint(checkpoint_or_run)
     for name in (ckpt_lib.CONFIG_FILE, ckpt_lib.MODEL_FILE):
         if not (folder / name).is_file():
@@ -69,7 +57,7 @@ def load_mae(checkpoint_or_run: str | os.PathLike) -> tuple[MaskedAutoencoderViT
         raise ckpt_lib.CheckpointError(
             f"checkpoint '{folder}': unreadable {ckpt_lib.MODEL_FILE} ({type(e).__name__}: {e})"
         ) from e
-    model = build_model(cfg)
+    model = build_mae(mae_spec(cfg))
     mismatch = compare_state(state, model.state_dict())
     if mismatch:  # our own one-line message rather than torch's multi-line strict error
         raise ckpt_lib.CheckpointError(

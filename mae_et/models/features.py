@@ -1,12 +1,6 @@
 """What an encoder's features say: one pass of the unmasked encoder over a loader (cls and mean pooling), and the
-weighted kNN on those features (Wu et al. 2018, as in DINO).
-
-Shared by the pretraining loop's kNN monitor (mae_et.train.monitors), the evaluation commands (mae_et.evaluate.knn,
-the cached linear probe) and the study, so a kNN figure means the same everywhere. kNN: each test sample votes over
-its k most cosine-similar training samples, each neighbour weighted by ``exp(similarity / T)``; the class with the
-largest summed weight wins. Hand-written (about 60 lines) because the libraries that do kNN (scikit-learn, faiss)
-weight by distance, not by this temperature kernel; see docs/libraries.md.
-"""
+weighted kNN on them (Wu et al. 2018, as in DINO), shared by the kNN monitor, `mae-et knn`, the cached probe and the
+study, so a kNN figure means the same everywhere (docs/design.md)."""
 
 from __future__ import annotations
 

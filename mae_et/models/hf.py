@@ -1,17 +1,6 @@
 """Hugging Face `transformers` names for our MAE, both ways: `ViTMAEForPreTraining` (encoder + decoder) and `ViTModel`
-(the encoder), written by `mae-et export --format hf` and read back as a `model.checkpoint`.
-
-Written by hand, as a key table, because transformers has no converter from timm or reference-MAE names (its own
-script converts the official .pth files once, offline) and a load must not need transformers installed. The names
-are those of the Hub's MAE folders (facebook/vit-mae-*, transformers 4: `vit.encoder.layer.N.attention.attention.
-query`): transformers 5 renames them on load (its conversion mapping), so one folder loads in both. A folder saved
-by transformers 5 (`vit.layers.N.attention.q_proj`) reads back too.
-
-Our MAE and HF's compute the same thing: pre-norm blocks, LayerNorm eps 1e-6, exact GELU, qkv with bias, the fixed
-2-D sin-cos positions (HF stores them as weights: the table of the training grid), the same random masking from
-the same noise and the same patch order (p, p, C) of the pixel target. The tests check features and predictions
-equal within float tolerance on the same images.
-"""
+(the encoder), written by `mae-et export --format hf` and read back as a start point or checkpoint. A key table by
+hand, so a load needs no transformers installed (docs/design.md)."""
 
 from __future__ import annotations
 

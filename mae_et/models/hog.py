@@ -1,21 +1,5 @@
-"""Histogram-of-oriented-gradients targets per patch, as MaskFeat (Wei et al., arXiv 2112.09133) defines them.
-
-MaskFeat's HOG (its pySlowFast ``HOGLayerC``, also mmpretrain's ``HOGGenerator``), computed on the image the model
-sees (N, C, B, B), i.e. after the curriculum's low-frequency crop or downsample:
-
-1. gradients per colour channel with MaskFeat's fixed 3 x 3 Sobel filters ([1, 0, -1] x [1, 2, 1]), reflect padding
-   of 1, applied separably (a difference, then a smoothing: exact zeros where neighbours are equal);
-2. magnitude sqrt(gx^2 + gy^2), weighted by a Gaussian over each patch (MaskFeat's 16-px window with sigma 8 at
-   p = 16; here the window is the patch, sigma p / 2, so any patch size works);
-3. unsigned orientation: bin = floor(atan2(gx, gy) / pi * bins) mod bins (MaskFeat's argument order), so a
-   gradient and its opposite share a bin; 9 bins of 20 degrees;
-4. per cell (MaskFeat: 8 px, 2 x 2 cells per 16-px patch) the sum of the weighted magnitudes in each bin;
-5. each cell's histogram of each channel L2-normalised over its bins (MaskFeat's normalisation).
-
-Target per patch: (p / cell)^2 cells x C channels x bins values, cells row-major, then channel, then bin.
-Everything is batched tensor algebra on the images' device: no per-image Python, deterministic on every device
-(no scatter with atomics), so a resumed run still ends bit-identical.
-"""
+"""Histogram-of-oriented-gradients targets per patch, as MaskFeat (Wei et al., arXiv 2112.09133) defines them, on
+the image the model sees; batched tensor algebra, deterministic on every device (the recipe: docs/design.md)."""
 
 from __future__ import annotations
 
@@ -33,9 +17,7 @@ HOG_CELL_SIZE = 8  # MaskFeat: 8-px cells
 
 
 def hog_dim(patch_size: int, cell_size: int = HOG_CELL_SIZE, bins: int = HOG_BINS, in_chans: int = 3) -> int:
-    """Length of one patch's HOG target: (p / cell)^2 cells x channels x bins."""
-    if cell_size <= 0 or patch_size % cell_size != 0:
-        raise ValueError(f"HOG cell size {cell_size} does not divide the patch size {patch_size}; use a divisor of it")
+    """Length of one patch's HOG target: (p / cell)^2 cells x channels x bins (cell divides p: the schema's rule)."""
     return (patch_size // cell_size) ** 2 * in_chans * bins
 
 
@@ -60,8 +42,6 @@ class HOGTarget(nn.Module):
         self, patch_size: int, cell_size: int = HOG_CELL_SIZE, bins: int = HOG_BINS, in_chans: int = 3
     ) -> None:
         super().__init__()
-        if bins < 2:
-            raise ValueError(f"HOG needs at least 2 orientation bins, got {bins}")
         self.dim = hog_dim(patch_size, cell_size, bins, in_chans)
         self.patch_size, self.cell_size, self.bins, self.in_chans = patch_size, cell_size, bins, in_chans
         self.register_buffer("window", _gaussian_window(patch_size, patch_size / 2), persistent=False)  # (p, p)

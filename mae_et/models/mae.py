@@ -1,19 +1,13 @@
-"""Masked-autoencoder ViT (He et al. 2021) built from timm blocks.
-
-Parameter names match facebookresearch/mae ``models_mae.py`` exactly, so the official
-checkpoints load with strict key matching. Unlike the reference, the fixed 2-D sin-cos
-position embeddings are not stored as parameters: they are generated for whatever grid the
-input has (EfficientTrain feeds several resolutions) and cached per (grid, device, dtype).
-"""
+"""Masked-autoencoder ViT (He et al. 2021) built from timm blocks, with the reference's parameter names (official
+checkpoints load strictly) and sin-cos positions generated per input grid, so one model trains at every curriculum
+size (docs/design.md)."""
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -22,7 +16,6 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from mae_et.models.hog import HOG_BINS, HOG_CELL_SIZE, HOGTarget
-from mae_et.models.keys import compare_state, fmt_shape, is_decoder_key
 
 __all__ = [
     "MODEL_SIZES",
@@ -31,10 +24,11 @@ __all__ = [
     "Target",
     "DecodeFractionOf",
     "MAEOutput",
+    "MAESpec",
     "MaskedAutoencoderViT",
+    "build_mae",
     "decoded_count",
     "get_2d_sincos_pos_embed",
-    "load_official_mae_checkpoint",
     "mae_vit",
 ]
 
@@ -55,8 +49,6 @@ PosEmbed = Literal["grid", "extent"]
 Target = Literal["pixel", "hog"]
 # which patches the decoded share is a share of: each input size's own (stage) | the full crop's (full_size)
 DecodeFractionOf = Literal["stage", "full_size"]
-POS_EMBED_MODES: tuple[str, ...] = get_args(PosEmbed)
-TARGETS: tuple[str, ...] = get_args(Target)
 
 
 def decoded_count(
@@ -72,10 +64,6 @@ def decoded_count(
     count per image that of the full size at every curriculum stage, capped at the stage's masked patches.
     The model, the FLOP count and the study all take their token counts from here.
     """
-    if not (0.0 < decode_fraction <= 1.0):
-        raise ValueError(f"decode_fraction must be in (0, 1], got {decode_fraction}")
-    if of_patches is not None and of_patches < 1:
-        raise ValueError(f"of_patches must be a positive patch count, got {of_patches}")
     len_keep = int(num_patches * (1 - mask_ratio))
     masked = num_patches - len_keep
     share_of = num_patches if of_patches is None else of_patches
@@ -167,20 +155,10 @@ class MaskedAutoencoderViT(nn.Module):
         hog_bins: int = HOG_BINS,
     ) -> None:
         super().__init__()
-        if img_size % patch_size != 0:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        if pos_embed not in POS_EMBED_MODES:
-            raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBED_MODES)}, got {pos_embed!r}")
+        # the schema's rules hold (mae_et.train.config): img_size a multiple of patch_size, no norm_pix_loss with hog
         # grid: positions 0..g-1 at every input size (the reference); extent: positions spread over the
         # img_size grid, so a smaller input B (g < G patches) keeps each location's code (fractional positions)
         self.pos_embed_mode = pos_embed
-        if target not in TARGETS:
-            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-        if target == "hog" and norm_pix_loss:
-            raise ValueError(
-                "norm_pix_loss normalises pixel patches and a HOG target has none (its cells are "
-                "L2-normalised already): pass norm_pix_loss=False with target='hog'"
-            )
         self.target = target
         # the fixed HOG filters (no parameters, nothing in the state dict); None for the pixel target
         self.hog = HOGTarget(patch_size, hog_cell_size, hog_bins, in_chans) if target == "hog" else None
@@ -279,11 +257,6 @@ class MaskedAutoencoderViT(nn.Module):
         if h != w or h % p != 0:
             raise ValueError(f"input size {h}x{w} is not square with a side that is a multiple of patch_size {p}")
         return h // p
-
-    @staticmethod
-    def _check_mask_ratio(mask_ratio: float) -> None:
-        if not (0.0 < mask_ratio < 1.0):
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
 
     # ---------------------------------------------------------------- patchify
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -419,7 +392,6 @@ class MaskedAutoencoderViT(nn.Module):
         Training passes the run's share; reconstructions for people (monitor, visualize, notebooks) call
         with the default, so they show every masked patch whatever share the run trained with.
         """
-        self._check_mask_ratio(mask_ratio)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)  # (N, 1+len_keep, D)
         num_patches = ids_restore.shape[1]
         len_keep, len_decode = decoded_count(num_patches, mask_ratio, decode_fraction, decode_of_patches)
@@ -449,8 +421,6 @@ class MaskedAutoencoderViT(nn.Module):
 
 def mae_vit(size: str, patch_size: int | None = None, **kwargs: Any) -> MaskedAutoencoderViT:
     """Build a MAE from ``MODEL_SIZES[size]``; ``patch_size`` and kwargs override the preset."""
-    if size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}; valid sizes: {sorted(MODEL_SIZES)}")
     cfg = dict(MODEL_SIZES[size])
     if patch_size is not None:
         cfg["patch_size"] = patch_size
@@ -458,96 +428,35 @@ def mae_vit(size: str, patch_size: int | None = None, **kwargs: Any) -> MaskedAu
     return MaskedAutoencoderViT(**cfg)
 
 
-# --------------------------------------------------------------------------------------
-# Official checkpoint loading
-# --------------------------------------------------------------------------------------
-FIXED_POS_KEYS = ("pos_embed", "decoder_pos_embed")
-_NO_DECODER_MSG = (
-    "this checkpoint has no decoder (encoder-only release); "
-    "use the mae_visualize_* checkpoints or pass encoder_only=True"
-)
+@dataclass(frozen=True)
+class MAESpec:
+    """What a recipe says about the MAE it trains (`mae_et.train.config.mae_spec`), checked by its schema."""
+
+    size: ModelSize
+    patch_size: int
+    img_size: int  # the full crop size
+    decoder_embed_dim: int
+    decoder_depth: int
+    decoder_num_heads: int
+    norm_pix_loss: bool
+    pos_embed: PosEmbed
+    target: Target
+    hog_cell_size: int
+    hog_bins: int
 
 
-_REFUSED_OFFICIAL_FIX = (
-    "the official release files hold only tensors, numbers and an argparse.Namespace; "
-    "re-download it, or re-save its state_dict as .safetensors or a plain tensor dict"
-)
-
-
-def _as_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    if isinstance(checkpoint, (str, os.PathLike)):
-        # Imported here to keep this loader's changes local. weights_only: nothing in a downloaded
-        # file may run; official training checkpoints also pickle their argparse.Namespace.
-        import argparse
-
-        from mae_et.checkpoint import RefusedFileError, torch_load_plain
-
-        try:
-            checkpoint = torch_load_plain(
-                checkpoint, "cpu", fix=_REFUSED_OFFICIAL_FIX, allowed_globals=(argparse.Namespace,)
-            )
-        except RefusedFileError as e:
-            raise ValueError(str(e)) from None
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"checkpoint must be a path or a state dict, got {type(checkpoint).__name__}")
-    # Official .pth files wrap the weights as {"model": sd, ...}; accept a bare sd too.
-    if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
-        checkpoint = checkpoint["model"]
-    return dict(checkpoint)
-
-
-def check_fixed_pos_embed(name: str, value: torch.Tensor) -> None:
-    """The stored table must be the reference sin-cos for its own grid; anything else is rejected."""
-    if value.ndim != 3 or value.shape[0] != 1:
-        raise ValueError(f"{name}: expected shape (1, 1+L, D), got {fmt_shape(value.shape)}")
-    num_patches, dim = value.shape[1] - 1, value.shape[2]
-    g = math.isqrt(num_patches)
-    if g * g != num_patches:
-        raise ValueError(f"{name}: {num_patches} patches do not form a square grid")
-    expected = get_2d_sincos_pos_embed(dim, g, cls_token=True).unsqueeze(0)  # (1, 1+L, D)
-    if not torch.allclose(value.detach().float().cpu(), expected, atol=1e-5, rtol=0.0):
-        raise ValueError(
-            f"{name} in the checkpoint is not the fixed 2-D sin-cos table for a {g}x{g} grid; "
-            "this model only supports fixed sin-cos position embeddings"
-        )
-
-
-def load_official_mae_checkpoint(
-    model: MaskedAutoencoderViT,
-    checkpoint: str | os.PathLike | Mapping[str, Any],
-    encoder_only: bool = False,
-) -> None:
-    """Load a facebookresearch/mae checkpoint (path, {"model": sd} or bare sd) with strict checks.
-
-    ``pos_embed``/``decoder_pos_embed`` are verified against our sin-cos and dropped. Any key or
-    shape mismatch raises a ValueError listing all of them, so a partial load never goes unnoticed.
-    With ``encoder_only=True`` only the encoder is loaded (strictly) and the decoder is left as is.
-    A file is read with ``weights_only=True``: one holding Python objects other than tensors, plain
-    data and an ``argparse.Namespace`` is refused with a one-line ValueError, and nothing in it runs.
-    """
-    sd = _as_state_dict(checkpoint)
-    for name in FIXED_POS_KEYS:
-        if name in sd:
-            check_fixed_pos_embed(name, sd.pop(name))
-
-    model_sd = model.state_dict()
-    if encoder_only:
-        sd = {k: v for k, v in sd.items() if not is_decoder_key(k)}
-        model_sd = {k: v for k, v in model_sd.items() if not is_decoder_key(k)}
-
-    mismatch = compare_state(sd, model_sd)
-    if mismatch:
-        lines = ["checkpoint does not match the model:"]
-        if not encoder_only and not any(is_decoder_key(k) for k in sd):
-            lines.insert(0, _NO_DECODER_MSG)
-            # The decoder keys are missing by construction; summarise them, list the rest.
-            lines.append(f"missing decoder keys: all {sum(is_decoder_key(k) for k in mismatch.missing)} of them")
-            mismatch.missing = [k for k in mismatch.missing if not is_decoder_key(k)]
-        raise ValueError("\n".join(lines + mismatch.lines()))
-
-    result = model.load_state_dict(sd, strict=not encoder_only)
-    if encoder_only:
-        # Belt and braces: with strict=False only decoder keys may have been skipped.
-        leftover = [k for k in result.missing_keys if not is_decoder_key(k)] + list(result.unexpected_keys)
-        if leftover:
-            raise ValueError(f"encoder-only load left keys unmatched: {leftover}")
+def build_mae(spec: MAESpec) -> MaskedAutoencoderViT:
+    """The MAE of a spec: the training loop, the reconstruction figures, the study and the benchmarks build it here."""
+    return mae_vit(
+        spec.size,
+        patch_size=spec.patch_size,
+        img_size=spec.img_size,
+        decoder_embed_dim=spec.decoder_embed_dim,
+        decoder_depth=spec.decoder_depth,
+        decoder_num_heads=spec.decoder_num_heads,
+        norm_pix_loss=spec.norm_pix_loss,
+        pos_embed=spec.pos_embed,
+        target=spec.target,
+        hog_cell_size=spec.hog_cell_size,
+        hog_bins=spec.hog_bins,
+    )

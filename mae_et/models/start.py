@@ -1,19 +1,19 @@
-"""Where a pretraining run's weights start (`model.init`): one of our run or checkpoint folders, an official MAE
-`.pth` (the `_full` files carry the decoder), or a transformers ViTMAE folder (ours or the Hub's layout).
-
-Only weights come in, strictly: every key and shape must be the model's (another size is refused in one line,
-naming what differs), the fixed sin-cos position tables are checked and dropped (the run generates its own grid's),
-and a start point without a decoder (an encoder-only `.pth`, a ViT folder) leaves the model's fresh decoder, which
-the run says. Files are read as every weights file is, tensors only (`mae_et.checkpoint.torch_load_plain`)."""
+"""Where a MAE's weights start: `model.init` (one of our run or checkpoint folders, an official MAE `.pth`, or a
+transformers ViTMAE folder) and the official `.pth` files themselves. Only weights come in, strictly, and the fixed
+sin-cos position tables are checked and dropped (docs/design.md)."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 import yaml
 from safetensors.torch import load_file
 from torch import Tensor
@@ -38,8 +38,95 @@ from mae_et.models.hf import (
     hf_to_mae,
     read_hf_config,
 )
-from mae_et.models.keys import compare_state, is_decoder_key
-from mae_et.models.mae import FIXED_POS_KEYS, MaskedAutoencoderViT, check_fixed_pos_embed
+from mae_et.models.keys import compare_state, fmt_shape, is_decoder_key
+from mae_et.models.mae import MaskedAutoencoderViT, get_2d_sincos_pos_embed
+
+# ----------------------------------------------------------------------------- the official .pth files
+
+
+FIXED_POS_KEYS = ("pos_embed", "decoder_pos_embed")
+_NO_DECODER_MSG = (
+    "this checkpoint has no decoder (encoder-only release); "
+    "use the mae_visualize_* checkpoints or pass encoder_only=True"
+)
+
+
+_REFUSED_OFFICIAL_FIX = (
+    "the official release files hold only tensors, numbers and an argparse.Namespace; "
+    "re-download it, or re-save its state_dict as .safetensors or a plain tensor dict"
+)
+
+
+def _as_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    if isinstance(checkpoint, (str, os.PathLike)):
+        # weights_only: nothing in a downloaded file may run; official training files also pickle their Namespace
+        try:
+            checkpoint = torch_load_plain(
+                checkpoint, "cpu", fix=_REFUSED_OFFICIAL_FIX, allowed_globals=(argparse.Namespace,)
+            )
+        except RefusedFileError as e:
+            raise ValueError(str(e)) from None
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"checkpoint must be a path or a state dict, got {type(checkpoint).__name__}")
+    # Official .pth files wrap the weights as {"model": sd, ...}; accept a bare sd too.
+    if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
+        checkpoint = checkpoint["model"]
+    return dict(checkpoint)
+
+
+def check_fixed_pos_embed(name: str, value: torch.Tensor) -> None:
+    """The stored table must be the reference sin-cos for its own grid; anything else is rejected."""
+    if value.ndim != 3 or value.shape[0] != 1:
+        raise ValueError(f"{name}: expected shape (1, 1+L, D), got {fmt_shape(value.shape)}")
+    num_patches, dim = value.shape[1] - 1, value.shape[2]
+    g = math.isqrt(num_patches)
+    if g * g != num_patches:
+        raise ValueError(f"{name}: {num_patches} patches do not form a square grid")
+    expected = get_2d_sincos_pos_embed(dim, g, cls_token=True).unsqueeze(0)  # (1, 1+L, D)
+    if not torch.allclose(value.detach().float().cpu(), expected, atol=1e-5, rtol=0.0):
+        raise ValueError(
+            f"{name} in the checkpoint is not the fixed 2-D sin-cos table for a {g}x{g} grid; "
+            "this model only supports fixed sin-cos position embeddings"
+        )
+
+
+def load_official_mae_checkpoint(
+    model: MaskedAutoencoderViT,
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    encoder_only: bool = False,
+) -> None:
+    """Load a facebookresearch/mae checkpoint (path, {"model": sd} or bare sd) with strict checks.
+
+    ``pos_embed``/``decoder_pos_embed`` are verified against our sin-cos and dropped. Any key or
+    shape mismatch raises a ValueError listing all of them, so a partial load never goes unnoticed.
+    With ``encoder_only=True`` only the encoder is loaded (strictly) and the decoder is left as is.
+    A file is read with ``weights_only=True``: one holding Python objects other than tensors, plain
+    data and an ``argparse.Namespace`` is refused with a one-line ValueError, and nothing in it runs.
+    """
+    sd = _as_state_dict(checkpoint)
+    for name in FIXED_POS_KEYS:
+        if name in sd:
+            check_fixed_pos_embed(name, sd.pop(name))
+
+    model_sd = model.state_dict()
+    if encoder_only:
+        sd = {k: v for k, v in sd.items() if not is_decoder_key(k)}
+        model_sd = {k: v for k, v in model_sd.items() if not is_decoder_key(k)}
+
+    mismatch = compare_state(sd, model_sd)
+    if mismatch:
+        lines = ["checkpoint does not match the model:"]
+        if not encoder_only and not any(is_decoder_key(k) for k in sd):
+            lines.insert(0, _NO_DECODER_MSG)
+            # The decoder keys are missing by construction; summarise them, list the rest.
+            lines.append(f"missing decoder keys: all {sum(is_decoder_key(k) for k in mismatch.missing)} of them")
+            mismatch.missing = [k for k in mismatch.missing if not is_decoder_key(k)]
+        raise ValueError("\n".join(lines + mismatch.lines()))
+
+    model.load_state_dict(sd, strict=not encoder_only)  # the comparison above left only decoder keys to skip
+
+
+# ----------------------------------------------------------------------------- model.init
 
 
 class StartPointError(UserError, ValueError):
@@ -98,12 +185,7 @@ def _torch_file(path: Path) -> dict[str, Tensor]:
 
 def load_start_point(model: MaskedAutoencoderViT, source: str | Path) -> StartPoint:
     """Load the start point `source` into `model` (strict; a fresh decoder kept when it has none)."""
-    path = Path(source)
-    if not path.exists():
-        raise StartPointError(
-            f"model.init '{path}' does not exist; pass a run or checkpoint folder, an official MAE .pth or a "
-            "transformers ViTMAE folder"
-        )
+    path = Path(source)  # its existence is checked on load (mae_et.train.config)
     try:
         state, kind, weights = _read(path)
     except (CheckpointError, StartPointError):

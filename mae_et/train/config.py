@@ -16,46 +16,38 @@ from typing import Annotated, Literal, get_args
 from mae_et.curriculum import schedules as curriculum_lib
 from mae_et.curriculum.frequency import FrequencyMode
 from mae_et.data.sources import check_splits_apart, data_dir
-from mae_et.models.mae import MODEL_SIZES, DecodeFractionOf, ModelSize, PosEmbed, Target
-from mae_et.recipes import (
-    Check,
-    ConfigError,
-    FromBool,
-    NonNegative,
-    Positive,
-    Seed,
-    Text,
-    build_config,
-    load_yaml_recipe,
-    merge_dicts,
-    parse_overrides,
+from mae_et.models.mae import DecodeFractionOf, MAESpec, ModelSize, PosEmbed, Target
+from mae_et.recipes import Check, ConfigError, build_config, load_yaml_recipe, merge_dicts, parse_overrides
+from mae_et.run.config import (
+    Beta,
+    CheckpointConfig,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PlanSpec,
+    PositiveFloat,
+    PositiveInt,
+    Precision,
+    RunConfig,
+    RunSpec,
+    SeedInt,
+    TrackingConfig,
+    check_min_lr,
+    check_name,
+    check_scale,
+    check_warmup,
 )
 
 # ----------------------------------------------------------------------------- schema
 
 # The choices of the recipe keys that take words, declared once: the coercer checks them (mae_et.recipes)
-Precision = Literal["bf16", "fp16", "fp32"]
 DataSource = Literal[
     "imagefolder", "shards", "fractal", "auto"
 ]  # auto: fractal unless data.root is given (resolved on load)
 Pipeline = Literal["loader", "memory", "device_decode"]
 DecodeSize = Literal["crop", "stage"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-# YAML 1.1 reads `off`/`no` as false and `on`/`yes` as true: read as the words they stand for
-WandbMode = Annotated[Literal["auto", "online", "offline", "off"], FromBool(true="auto", false="off")]
 PRECISIONS, DATA_SOURCES, PIPELINES = get_args(Precision), get_args(DataSource), get_args(Pipeline)
 COMPILE_MODES = get_args(CompileMode)
-
-# The ranges the pretraining and evaluation schemas share (mae_et.evaluate.config uses them too; a test checks
-# that every key the configs have in common is declared alike)
-PositiveInt = Annotated[int, Positive]
-NonNegativeInt = Annotated[int, NonNegative]
-PositiveFloat = Annotated[float, Positive]
-NonNegativeFloat = Annotated[float, NonNegative]
-SeedInt = Annotated[int, Seed]
-Beta = Annotated[float, Check(ge=0, lt=1)]  # an Adam moment decay (at 1 its bias correction divides by zero)
-# wandb's own rule on a project name (wandb.sdk.wandb_settings.Settings.validate_project), checked on load
-WandbProject = Annotated[str, Text(what="a W&B project name", max_len=128, forbidden="/\\#?%:")]
 
 
 @dataclass
@@ -162,17 +154,7 @@ class TrainConfig:
 
 
 @dataclass
-class CheckpointConfig:
-    every_epochs: NonNegativeFloat = 10.0  # 0 = off: only the launch's last step (the end, or train.max_steps)
-    every_steps: PositiveInt | None = None  # overrides every_epochs when set
-    keep_last: PositiveInt = 3
-    resume: bool = True  # relaunching the same command resumes from the latest checkpoint
-
-
-@dataclass
-class TrackingConfig:
-    wandb: WandbMode = "auto"  # auto (online when logged in, else offline) | online | offline | off
-    project: WandbProject = "mae_et"
+class PretrainTrackingConfig(TrackingConfig):  # W&B, and what the pretraining loop watches
     recon_every_epochs: NonNegativeFloat = 20.0  # reconstruction grid cadence; 0 = off
     recon_images: PositiveInt = 8
     knn_every_epochs: NonNegativeFloat = 0.0  # online kNN monitor (k=20, T=0.07, cosine); 0 = off
@@ -181,20 +163,33 @@ class TrackingConfig:
 
 
 @dataclass
-class PretrainConfig:
-    name: str = ""  # run name; default: the recipe file name
-    output_dir: str = "runs"  # the run folder is output_dir/name
+class PretrainConfig(RunConfig):  # name, output_dir
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: PretrainTrackingConfig = field(default_factory=PretrainTrackingConfig)
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+    def run_spec(self) -> RunSpec:
+        t = self.train
+        return RunSpec.of(self, self.tracking, self.checkpoint, t.precision, t.accum_steps, reads=(self.data.root,))
+
+    def plan_spec(self) -> PlanSpec:
+        t, o = self.train, self.optim
+        return PlanSpec(
+            epochs=t.epochs,
+            micro_batch=t.batch_size,
+            accum_steps=t.accum_steps,
+            max_steps=t.max_steps,
+            blr=o.blr,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            warmup_epochs=o.warmup_epochs,
+            log_every=t.log_every,
+            checkpoint=self.checkpoint,
+        )
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
@@ -217,48 +212,37 @@ def resolve_defaults(cfg: PretrainConfig, default_name: str) -> PretrainConfig:
 # ----------------------------------------------------------------------------- validation
 
 
-def resolve_curriculum(c: CurriculumConfig, full_size: int, patch_size: int) -> tuple[list[curriculum_lib.Stage], str]:
-    """The checked stage list and budget of a curriculum section (a preset, or the explicit `stages`)."""
-    if c.stages is not None:
-        stages = list(c.stages)  # each entry's types checked on load (the schema's Stage)
-    elif c.schedule == "custom":
-        raise ConfigError("curriculum.schedule=custom needs curriculum.stages: [{size: 160, fraction: 0.6}, ...]")
-    else:
-        try:
-            stages = curriculum_lib.preset_stages(c.schedule, full_size, patch_size)
-        except ValueError as e:
-            raise ConfigError(f"curriculum: {e}") from None
-    if c.min_size is not None:
-        if c.min_size % patch_size != 0 or not patch_size <= c.min_size <= full_size:
-            raise ConfigError(
-                f"curriculum.min_size {c.min_size} must be a multiple of the patch size {patch_size} "
-                f"between {patch_size} and the crop size {full_size}"
-            )
-        stages = [curriculum_lib.Stage(size=max(s.size, c.min_size), fraction=s.fraction) for s in stages]
-    try:
-        curriculum_lib.validate_stages(stages, full_size, patch_size)
-    except ValueError as e:
-        raise ConfigError(f"curriculum: {e}") from None
-    budget = c.budget or curriculum_lib.default_budget(c.schedule if c.schedule != "custom" else "none")
-    return stages, budget
-
-
 def curriculum_stages(cfg: PretrainConfig) -> tuple[list[curriculum_lib.Stage], str]:
-    return resolve_curriculum(cfg.curriculum, cfg.data.crop_size, cfg.model.patch_size)
+    """The checked stage list and budget of a pretraining config (`mae_et.curriculum.schedules.resolve_curriculum`)."""
+    c = cfg.curriculum
+    return curriculum_lib.resolve_curriculum(
+        c.schedule, c.stages, c.budget, c.min_size, cfg.data.crop_size, cfg.model.patch_size
+    )
 
 
-def decode_of_patches(cfg: PretrainConfig) -> int | None:
-    """The patch count model.decode_fraction is a share of (`decoded_count`'s of_patches): the full crop's with
-    model.decode_fraction_of=full_size, None (each input size's own) with stage."""
+def mae_spec(cfg: PretrainConfig) -> MAESpec:
+    """The MAE a pretraining config builds (`mae_et.models.mae.build_mae`)."""
     m = cfg.model
-    return (cfg.data.crop_size // m.patch_size) ** 2 if m.decode_fraction_of == "full_size" else None
+    return MAESpec(
+        size=m.size,
+        patch_size=m.patch_size,
+        img_size=cfg.data.crop_size,
+        decoder_embed_dim=m.decoder_embed_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_num_heads=m.decoder_num_heads,
+        norm_pix_loss=m.norm_pix_loss,
+        pos_embed=m.pos_embed,
+        target=m.target,
+        hog_cell_size=m.hog_cell_size,
+        hog_bins=m.hog_bins,
+    )
 
 
 def validate_pretrain(cfg: PretrainConfig) -> None:
     """What no single field can say (each field's own rule is in the schema); raises ConfigError in one line and
     changes nothing."""
     m, d = cfg.model, cfg.data
-    check_heads(m.size, m.decoder_embed_dim, m.decoder_num_heads, MODEL_SIZES)
+    check_heads(m.decoder_embed_dim, m.decoder_num_heads)
     check_target(m)
     if m.init is not None and not Path(m.init).exists():
         raise ConfigError(
@@ -318,8 +302,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         )
     stages, _ = curriculum_stages(cfg)  # raises on a bad stage list
     check_masking(m.mask_ratio, [s.size for s in stages], m.patch_size)
-    check_warmup(cfg)
-    check_min_lr(cfg, cfg.train.batch_size * cfg.train.accum_steps)
+    check_warmup(cfg.plan_spec())
+    check_min_lr(cfg.plan_spec())
     if cfg.tracking.knn_every_epochs > 0 and d.source == "imagefolder":
         held_out = Path(d.root) / cfg.tracking.knn_split
         if not held_out.is_dir():
@@ -331,15 +315,16 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     check_name(cfg.name)
 
 
-# ----------------------------------------------------------------------------- cross-field rules (shared)
+# ----------------------------------------------------------------------------- cross-field rules
 
 
-def check_heads(size: str, decoder_dim: int, decoder_heads: int, sizes: dict[str, dict]) -> None:
-    """Attention heads split the width evenly (else timm's Attention asserts mid-build)."""
-    encoder = sizes[size]
-    if encoder["embed_dim"] % encoder["num_heads"] != 0:  # a preset edited by hand
+def check_heads(decoder_dim: int, decoder_heads: int) -> None:
+    """The decoder's attention heads split its width evenly (else timm's Attention asserts mid-build), and its
+    sin-cos positions take four equal parts of it (sin and cos of each axis). The encoder presets hold both (tested)."""
+    if decoder_dim % 4 != 0:
         raise ConfigError(
-            f"model.size '{size}': its width {encoder['embed_dim']} does not divide into {encoder['num_heads']} heads"
+            f"model.decoder_embed_dim {decoder_dim} is not a multiple of 4 (its 2-D sin-cos positions split it in "
+            f"four); use e.g. {max(4, round(decoder_dim / 4) * 4)}"
         )
     if decoder_dim % decoder_heads != 0:
         divisors = [h for h in range(1, min(decoder_dim, 32) + 1) if decoder_dim % h == 0]
@@ -381,41 +366,3 @@ def check_masking(mask_ratio: float, sizes: list[int], patch_size: int) -> None:
                 "masked patch: raise data.crop_size (or curriculum.min_size), or lower model.patch_size or "
                 "model.mask_ratio"
             )
-
-
-def check_scale(key: str, scale: tuple[float, float]) -> None:
-    lo, hi = scale
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ConfigError(f"{key} must satisfy 0 < min <= max <= 1, got {list(scale)}")
-
-
-def check_warmup(cfg) -> None:
-    """Warmup within the budget (any run config with `optim.warmup_epochs` and `train.epochs`)."""
-    if cfg.optim.warmup_epochs > cfg.train.epochs:
-        raise ConfigError(
-            f"optim.warmup_epochs must be in [0, train.epochs={cfg.train.epochs}], got {cfg.optim.warmup_epochs}"
-        )
-
-
-def check_min_lr(cfg, batch: int) -> None:
-    """The cosine decays from the lr down to `optim.min_lr` (any run config with `optim.lr`, `optim.blr` and
-    `optim.min_lr`); a floor above the lr would make it climb. `batch`: the global batch of one process, whose
-    lr is the smallest the config can train with (more processes raise it)."""
-    o = cfg.optim
-    scaled = (o.blr * batch / 256, f"optim.blr {o.blr:g} x global batch {batch} / 256")
-    lr, how = (o.lr, "optim.lr") if o.lr is not None else scaled
-    if o.min_lr > lr:
-        raise ConfigError(
-            f"optim.min_lr {o.min_lr:g} is above the lr {lr:g} ({how}), so the schedule would climb to it instead of "
-            "decaying; lower optim.min_lr (0 decays all the way) or raise the lr"
-        )
-
-
-def check_name(name: str) -> None:
-    """The run folder is output_dir/name: a name is one folder name in it, never a path out of it ('..', '/x',
-    'a/b') nor output_dir itself ('.', blank). The rule of the three run configs, checked on the name as resolved
-    (given, or the recipe's file name)."""
-    if not name.strip() or name in (".", "..") or "/" in name or "\0" in name:
-        raise ConfigError(
-            f"name {name!r} must be one folder name inside output_dir (not '.' or '..', no '/'); e.g. name=my_run"
-        )

@@ -2,7 +2,7 @@
 
 Data flows one way: config -> image source (uint8 crops, `mae_et.data.sources`) -> curriculum (input size B
 for this step, low-frequency crop on the device) -> model (patchify, mask, encode, decode, loss) -> optimizer
-step under Accelerate -> tracker / checkpoint (`mae_et.train.run`).
+step under Accelerate -> tracker / checkpoint (`mae_et.run.run`).
 
 Every random choice is a pure function of (seed, step, micro-step, rank): the data stream, the crops
 (per-sample seeds) and the mask noise. So resuming needs only the weights, the optimizer, the scaler and the
@@ -30,6 +30,9 @@ from mae_et.data.folder import PretrainBatch
 from mae_et.data.sources import open_source
 from mae_et.models.mae import MaskedAutoencoderViT
 from mae_et.models.start import StartPointError, load_start_point
+from mae_et.run.plan import RunPlan, checkpoint_due, plan_run, set_lr, steps_every
+from mae_et.run.run import Run
+from mae_et.run.tracking import RunTracker
 from mae_et.seeding import Family, mix64
 from mae_et.train.config import PretrainConfig, curriculum_stages
 from mae_et.train.monitors import (
@@ -40,11 +43,7 @@ from mae_et.train.monitors import (
     run_knn_monitor,
     standard_error,
 )
-from mae_et.train.optim import set_lr
-from mae_et.train.plan import RunPlan, plan_run
-from mae_et.train.run import Run, checkpoint_due, format_log_line, steps_every
 from mae_et.train.step import MicroStepResult, build_training
-from mae_et.train.tracking import RunTracker
 
 
 @dataclass
@@ -57,7 +56,7 @@ class PretrainResult:
 
 @dataclass(frozen=True)
 class Schedule(RunPlan):
-    """The run's plan in optimizer steps (`mae_et.train.plan`) and when the monitors are due."""
+    """The run's plan in optimizer steps (`mae_et.run.plan`) and when the monitors are due."""
 
     recon_every: int | None = None
     knn_every: int | None = None
@@ -65,7 +64,7 @@ class Schedule(RunPlan):
 
 def plan_pretraining(cfg: PretrainConfig, num_images: int, world: int) -> Schedule:
     stages, budget = curriculum_stages(cfg)
-    base = plan_run(cfg, num_images, world, stages, budget, cfg.data.crop_size)
+    base = plan_run(cfg.plan_spec(), num_images, world, stages, budget, cfg.data.crop_size)
     t = cfg.tracking
 
     def every(epochs: float) -> int | None:
@@ -142,7 +141,7 @@ class LoopCounters:
 
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
-    with Run(cfg) as run:  # the run folder is this process's until the block ends (mae_et.train.run)
+    with Run(cfg.run_spec()) as run:  # the run folder is this process's until the block ends (mae_et.run.run)
         return train_loop(cfg, run)
 
 
@@ -238,20 +237,21 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
 # ----------------------------------------------------------------------------- the loop's pieces
 
 
-def start_from(cfg: PretrainConfig, raw_model: MaskedAutoencoderViT, run: Run) -> None:
-    """A fresh run's start point (model.init) into the model, its hash checked against model.init_sha256 when given
-    and recorded there (the run's config.yaml and every checkpoint's carry it), said in the run's first lines."""
+def start_from(cfg: PretrainConfig, raw_model: MaskedAutoencoderViT, run: Run) -> dict[str, Any]:
+    """A fresh run's start point (model.init) into the model, its hash checked against model.init_sha256 when given,
+    said in the run's first lines and returned for the run to record as model.init_sha256 (the run's config.yaml and
+    every checkpoint's carry it)."""
     start = load_start_point(raw_model, cfg.model.init)
     if cfg.model.init_sha256 not in (None, start.sha256):
         raise StartPointError(
             f"model.init '{cfg.model.init}': {start.weights_file} has sha256 {start.sha256}, not the "
             f"model.init_sha256 {cfg.model.init_sha256} given; pass the weights that hash names, or drop the key"
         )
-    cfg.model.init_sha256 = start.sha256
     run.say(
         f"starting from {start.kind} weights {start.weights_file} (sha256 {start.sha256[:16]}...)"
         + ("" if start.decoder else "; it holds the encoder only: the decoder starts fresh")
     )
+    return {"model": {"init_sha256": start.sha256}}
 
 
 def untrained_knn(
@@ -281,6 +281,13 @@ def knn_line(knn: dict[str, float], untrained: dict[str, float], held_out: int) 
 def _beside_untrained(key: str, top1: float, untrained: dict[str, float]) -> str:
     """'mean 57.5% (untrained 38.0%)' for the key 'knn_top1_mean'."""
     return f"{key[9:]} {top1:.1f}%" + (f" (untrained {untrained[key]:.1f}%)" if key in untrained else "")
+
+
+def format_log_line(step: int, end_step: int, m: dict[str, Any]) -> str:
+    return (
+        f"step {step}/{end_step}  epoch {m['epoch']:.2f}  B {m['size']}  loss {m['loss']:.4f}  lr {m['lr']:.3g}  "
+        f"{m['images_per_sec']:.0f} img/s  data-wait {100 * m['data_wait_frac']:.0f}%"
+    )
 
 
 def step_metrics(sched: Schedule, step: int, stage) -> dict[str, Any]:
@@ -357,18 +364,18 @@ def rank_weight_checksums(model: torch.nn.Module, accelerator: Accelerator) -> l
 
 
 def describe_run(cfg: PretrainConfig, sched: Schedule, n_images: int, n_skipped: int, world: int, say) -> None:
-    stages, budget = curriculum_stages(cfg)
+    plan = sched.plan  # the curriculum as plan_pretraining resolved it
     say(
         f"run {cfg.name}: {n_images} images ({n_skipped} skipped at scan), {world} process(es), global batch "
         f"{sched.global_batch}, lr {sched.base_lr:.3g}"
     )
     say(
-        f"curriculum '{cfg.curriculum.schedule}' ({cfg.curriculum.mode}), budget in {budget}: "
-        f"{sched.plan.total_steps} steps, "
-        f"relative compute {relative_compute(stages, budget, cfg.data.crop_size):.3f} of {cfg.train.epochs:g} "
+        f"curriculum '{cfg.curriculum.schedule}' ({cfg.curriculum.mode}), budget in {plan.budget}: "
+        f"{plan.total_steps} steps, "
+        f"relative compute {relative_compute(plan.schedule, plan.budget, plan.full_size):.3f} of {cfg.train.epochs:g} "
         "full-size epochs"
     )
-    for s in sched.plan.summary():
+    for s in plan.summary():
         say("  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
 
 

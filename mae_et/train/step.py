@@ -1,16 +1,6 @@
-"""One MAE training micro-step under Accelerate, shared by the training loop and the benchmarks.
-
-uint8 crops (n, 3, S, S) -> normalise -> low-frequency crop to B -> model (mask, encode, decode,
-loss) -> backward -> on the last micro-step of an optimizer step: global grad norm (clipping when
-asked), a device-side non-finite check, fused AdamW update.
-
-Nothing here waits on the host. A non-finite update is skipped *on the device*: fused AdamW reads
-`found_inf` and leaves the weights, moments and step count untouched when it is non-zero. Under
-fp16, Accelerate's GradScaler does the same job itself.
-
-`compile` wraps the model with `torch.compile(dynamic=False)`: one graph per input size B, so a
-curriculum of k sizes compiles k graphs, at the first step of each stage, and never inside one.
-"""
+"""One MAE training micro-step under Accelerate, shared by the training loop, the study and the benchmarks: uint8
+crops -> normalise -> low-frequency crop to B -> MAE -> backward -> (on an optimizer step) grad norm, a device-side
+non-finite skip, fused AdamW. Nothing here waits on the host (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -22,8 +12,8 @@ from accelerate import Accelerator
 
 from mae_et.curriculum.frequency import low_frequency_crop
 from mae_et.data.folder import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device
-from mae_et.models.mae import MaskedAutoencoderViT, mae_vit
-from mae_et.train.config import PretrainConfig, decode_of_patches
+from mae_et.models.mae import build_mae
+from mae_et.train.config import PretrainConfig, mae_spec
 from mae_et.train.optim import build_adamw
 
 
@@ -105,23 +95,6 @@ class TrainStep:
 # ----------------------------------------------------------------------------- built from a config, in one place
 
 
-def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
-    m = cfg.model
-    return mae_vit(
-        m.size,
-        patch_size=m.patch_size,
-        img_size=cfg.data.crop_size,
-        decoder_embed_dim=m.decoder_embed_dim,
-        decoder_depth=m.decoder_depth,
-        decoder_num_heads=m.decoder_num_heads,
-        norm_pix_loss=m.norm_pix_loss,
-        pos_embed=m.pos_embed,
-        target=m.target,
-        hog_cell_size=m.hog_cell_size,
-        hog_bins=m.hog_bins,
-    )
-
-
 def train_step_of(
     cfg: PretrainConfig,
     accelerator: Accelerator,
@@ -135,18 +108,21 @@ def train_step_of(
     mode, clipping, decoded share and what it is a share of, compile mode) read from cfg here and nowhere else, so
     a benchmark times exactly the step a run trains. `compile_mode`: another mode than cfg.train.compile (a
     benchmark comparing modes on one model)."""
+    m = cfg.model
+    # the patch count the decoded share is of: the full crop's (decode_fraction_of=full_size), or each B's own (None)
+    of_patches = (cfg.data.crop_size // m.patch_size) ** 2 if m.decode_fraction_of == "full_size" else None
     return TrainStep(
         accelerator,
         model,
         optimizer,
-        cfg.model.mask_ratio,
+        m.mask_ratio,
         cfg.curriculum.mode,
         cfg.optim.clip_grad,
         compile_mode=compile_mode or cfg.train.compile,
         sizes=tuple(sizes),
         compile_backend=compile_backend,
-        decode_fraction=cfg.model.decode_fraction,
-        decode_of_patches=decode_of_patches(cfg),
+        decode_fraction=m.decode_fraction,
+        decode_of_patches=of_patches,
     )
 
 
@@ -160,7 +136,7 @@ def build_training(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, TrainStep]:
     """The MAE, fused AdamW at `lr` and the train step (`train_step_of`; one compiled graph per size in `sizes`
     when compiling), prepared by `accelerator`: the training loop, the study's warm-up and the benchmarks."""
-    model = build_model(cfg)
+    model = build_mae(mae_spec(cfg))
     optimizer = build_adamw(model, lr, cfg.optim.weight_decay, cfg.optim.betas)
     model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, train_step_of(cfg, accelerator, model, optimizer, sizes, compile_mode, compile_backend)

@@ -162,12 +162,12 @@ def test_untrained_row_is_the_baselines_initial_encoder(study):
     torch.manual_seed(0)
     from accelerate.utils import set_seed
 
-    from mae_et.train.config import load_pretrain_config
-    from mae_et.train.step import build_model
+    from mae_et.models.mae import build_mae
+    from mae_et.train.config import load_pretrain_config, mae_spec
 
     cfg = load_pretrain_config(Path(result["runs"]["baseline"]["0"]["run_dir"]) / "config.yaml", [])
     set_seed(0)
-    expected = build_model(cfg).state_dict()
+    expected = build_mae(mae_spec(cfg)).state_dict()
     assert all(torch.equal(weights["0"][k], expected[k]) for k in expected)
     assert not torch.equal(weights["0"]["blocks.0.attn.qkv.weight"], weights["1"]["blocks.0.attn.qkv.weight"])
 

@@ -16,13 +16,15 @@ import pytest
 import torch
 from helpers import counted_forward_flops, in_process_run, load_benchmark
 
+from benchmarks.gpu.plan import DRY_PLAN
+from benchmarks.gpu.report import Report
+from benchmarks.gpu.sections import make_jpeg_folder
+from benchmarks.gpu.steps import StepBench, step_ratios
+from benchmarks.gpu.tables import compiled_over_hf, targets
+from benchmarks.throughput import Timing
 from mae_et.data.folder import scan_image_folder
 from mae_et.models.mae import mae_vit
 from mae_et.train.config import load_pretrain_config
-
-
-def load_gpu_check():
-    return load_benchmark("gpu_check")
 
 
 def has_transformers() -> bool:
@@ -31,12 +33,7 @@ def has_transformers() -> bool:
 
 def run_check(argv: list[str]) -> dict:
     with in_process_run():
-        return load_gpu_check().main(argv)
-
-
-@pytest.fixture(scope="module")
-def gc():
-    return load_gpu_check()
+        return load_benchmark("gpu_check").main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +49,7 @@ def step_rows(result, **match):
     return [r for r in result["step"] if all(r[k] == v for k, v in match.items())]
 
 
-def test_dry_run_writes_the_json_and_the_markdown(dry, gc):
+def test_dry_run_writes_the_json_and_the_markdown(dry):
     result, out = dry
     saved = json.loads((out / "gpu_check.json").read_text())
     assert saved["dry_run"] is True and saved["failed"] == []
@@ -85,18 +82,16 @@ def test_dry_run_writes_the_json_and_the_markdown(dry, gc):
         assert others == []
 
 
-def test_our_step_rows_eager_and_compiled(dry, gc):
+def test_our_step_rows_eager_and_compiled(dry):
     result, _ = dry
-    for model, batch, sizes in gc.DRY_PLAN.models:
+    for model, batch, sizes in DRY_PLAN.models:
         for size in sizes:
             [row] = step_rows(result, impl="ours", model=model, batch=batch, size=size, compile="none")
             assert row["img_s"] > 0 and row["step_ms"] > 0 and row["gflop_per_image"] > 0 and row["mfu"] > 0
             assert row["peak_mem_gib"] is None and row["params"] > 0  # peak memory: CUDA only
     compiled = step_rows(result, impl="ours", compile="default")
     assert [(r["model"], r["batch"], r["size"]) for r in compiled] == [
-        (gc.DRY_PLAN.models[i][0], gc.DRY_PLAN.models[i][1], size)
-        for i, size, *kind in gc.DRY_PLAN.compile_order
-        if not kind
+        (DRY_PLAN.models[i][0], DRY_PLAN.models[i][1], size) for i, size, *kind in DRY_PLAN.compile_order if not kind
     ]
     for r in compiled:
         assert r["img_s"] > 0 and r["compile_s"] >= 0 and r["first_call_s"] >= r["compile_s"]
@@ -106,18 +101,18 @@ def test_our_step_rows_eager_and_compiled(dry, gc):
     assert ("ours", "none", 32) in speedups and speedups[("ours", "none", 32)] > 0
 
 
-def test_hugging_face_peer_rows_or_a_skip_reason(dry, gc):
+def test_hugging_face_peer_rows_or_a_skip_reason(dry):
     result, _ = dry
     hf = step_rows(result, impl="hf")
     if not has_transformers():
         assert hf == [] and result["transformers"] is None
         reasons = [s["reason"] for s in result["skipped"] if s["item"].startswith("hf ")]
-        assert len(reasons) == sum(len(sizes) for _, _, sizes in gc.DRY_PLAN.models)
+        assert len(reasons) == sum(len(sizes) for _, _, sizes in DRY_PLAN.models)
         assert all("transformers is not installed" in r for r in reasons)
         return
     assert result["transformers"]
     assert [(r["model"], r["batch"], r["size"]) for r in hf] == [
-        (m, b, s) for m, b, sizes in gc.DRY_PLAN.models for s in sizes
+        (m, b, s) for m, b, sizes in DRY_PLAN.models for s in sizes
     ]
     for r in hf:
         ours = step_rows(result, impl="ours", compile="none", model=r["model"], batch=r["batch"], size=r["size"])[0]
@@ -135,18 +130,18 @@ def test_hugging_face_peer_rows_or_a_skip_reason(dry, gc):
     assert next(t for t in result["targets"] if t["target"].endswith("ours / HF"))["measured"] > 0
 
 
-def test_partial_rows_beside_the_full_ones(dry, gc):
+def test_partial_rows_beside_the_full_ones(dry):
     """The main model decoding a share of the patches: eager at the plan's partial sizes and compiled where the compile
     order names it, with the FLOPs of the tokens it decodes, and its ratio to HF's full decoder."""
     result, _ = dry
-    model, batch, _ = gc.DRY_PLAN.models[0]
+    model, batch, _ = DRY_PLAN.models[0]
     eager = step_rows(result, impl="ours_partial", compile="none")
-    assert [r["size"] for r in eager] == list(gc.DRY_PLAN.partial_sizes)
+    assert [r["size"] for r in eager] == list(DRY_PLAN.partial_sizes)
     compiled = step_rows(result, impl="ours_partial", compile="default")
-    assert [r["size"] for r in compiled] == [b for i, b, *kind in gc.DRY_PLAN.compile_order if kind == ["partial"]]
+    assert [r["size"] for r in compiled] == [b for i, b, *kind in DRY_PLAN.compile_order if kind == ["partial"]]
     for r in eager + compiled:
         full = step_rows(result, impl="ours", compile="none", model=model, batch=batch, size=r["size"])[0]
-        assert r["decode_fraction"] == gc.DRY_PLAN.partial_fraction and r["params"] == full["params"]
+        assert r["decode_fraction"] == DRY_PLAN.partial_fraction and r["params"] == full["params"]
         assert r["gflop_per_image"] < full["gflop_per_image"] and r["img_s"] > 0
     if has_transformers():
         [ratio] = [x for x in result["ratios"] if (x["model"], x["batch"], x["size"]) == (model, batch, 48)]
@@ -175,14 +170,14 @@ MADE_UP_STEPS = [
 ]
 
 
-def test_a_step_row_from_a_known_timing(gc):
+def test_a_step_row_from_a_known_timing():
     """8 images in 20 ms: 400 img/s; MFU = FLOPs per image (counted by torch on the dry plan's model) x 400 over
     the 2 TFLOP/s peak."""
     rows = []
     bench = SimpleNamespace(peak_tflops=2.0, report=SimpleNamespace(add=lambda section, row: rows.append(row)))
-    cfg = load_pretrain_config(gc.DRY_PLAN.config, ["data.root=.", "model.size=micro", "train.batch_size=8"])
-    timing = load_benchmark("throughput").Timing(seconds_per_step=0.02, first_call_s=1.5, peak_mem_gib=None)
-    row = gc.StepBench.record(bench, "ours", "micro", 8, 48, "none", timing, cfg, params=123)
+    cfg = load_pretrain_config(DRY_PLAN.config, ["data.root=.", "model.size=micro", "train.batch_size=8"])
+    timing = Timing(seconds_per_step=0.02, first_call_s=1.5, peak_mem_gib=None)
+    row = StepBench.record(bench, "ours", "micro", 8, 48, "none", timing, cfg, params=123)
     model = mae_vit("micro", patch_size=8, img_size=48, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     flops = 3 * counted_forward_flops(model, torch.zeros(2, 3, 48, 48))
     assert rows == [row] and row["img_s"] == pytest.approx(400.0) and row["step_ms"] == pytest.approx(20.0)
@@ -191,9 +186,9 @@ def test_a_step_row_from_a_known_timing(gc):
     assert (row["first_call_s"], row["params"], row["peak_mem_gib"]) == (1.5, 123, None)
 
 
-def test_ratios_and_size_speedups_of_made_up_rows(gc):
+def test_ratios_and_size_speedups_of_made_up_rows():
     report = SimpleNamespace(data={"step": [dict(r) for r in MADE_UP_STEPS]}, save=lambda: None)
-    gc.step_ratios(report, crop=48)
+    step_ratios(report, crop=48)
     ratios = {(r["model"], r["batch"], r["size"]): r for r in report.data["ratios"]}
     assert set(ratios) == {("micro", 8, 48), ("micro", 8, 32)}  # one per HF row
     at_48, at_32 = ratios[("micro", 8, 48)], ratios[("micro", 8, 32)]
@@ -201,7 +196,7 @@ def test_ratios_and_size_speedups_of_made_up_rows(gc):
     assert at_48["ours_partial_none_over_hf"] == 3.0 and at_48["ours_partial_default_over_hf"] == 3.5
     assert at_32["ours_none_over_hf"] == 4.0 and at_32["ours_default_over_hf"] == 6.0
     assert "ours_partial_none_over_hf" not in at_32  # no partial row at B=32
-    assert gc.compiled_over_hf(at_48) == 2.5 and gc.compiled_over_hf(at_48, "ours_partial") == 3.5
+    assert compiled_over_hf(at_48) == 2.5 and compiled_over_hf(at_48, "ours_partial") == 3.5
     speedups = {
         (r["impl"], r["batch"], r["compile"], r["size"]): r["over_full_size"] for r in report.data["size_speedups"]
     }
@@ -209,13 +204,13 @@ def test_ratios_and_size_speedups_of_made_up_rows(gc):
     assert speedups == {("ours", 8, "none", 32): 2.5, ("ours", 8, "default", 32): 3.0, ("hf", 8, "none", 32): 1.25}
 
 
-def test_targets_of_made_up_rows(gc):
+def test_targets_of_made_up_rows():
     data = {
         "step": MADE_UP_STEPS,
         "hog": [{"model": "micro", "batch": 8, "size": 48, "target_share": 0.04}],
         "e2e": [{"pipeline": "memory", "size": 48, "fraction_of_step": 0.8}],
     }
-    found = {t["target"]: t for t in gc.targets(data, gc.DRY_PLAN, crop=48)}
+    found = {t["target"]: t for t in targets(data, DRY_PLAN, crop=48)}
     vs_hf = found["micro b8 B=48: ours / HF"]  # the fastest of ours (compiled, 500) over HF's 200
     assert (vs_hf["measured"], vs_hf["met"], vs_hf["note"]) == (2.5, True, "ours default")
     partial = found["micro b8 B=48: ours partial (0.25 decoded) / HF full"]
@@ -256,11 +251,11 @@ def test_without_transformers_the_peer_is_skipped_with_the_reason(tmp_path, mini
     assert {"compiled rows", "model micro b4", "all"} <= set(reasons) and len(step_rows(result, impl="ours")) == 2
 
 
-def test_end_to_end_rows_for_both_fast_pipelines_and_the_shard_source(dry, gc):
+def test_end_to_end_rows_for_both_fast_pipelines_and_the_shard_source(dry):
     result, _ = dry
     rows = result["e2e"]
     assert [(r["pipeline"], r["size"]) for r in rows] == [
-        (p, s) for p in ("memory", "device_decode", "shards") for s in gc.DRY_PLAN.e2e_sizes
+        (p, s) for p in ("memory", "device_decode", "shards") for s in DRY_PLAN.e2e_sizes
     ]
     for r in rows:
         assert r["img_s"] > 0 and 0 <= r["data_wait"] <= 1 and r["num_images"] == 240
@@ -269,13 +264,13 @@ def test_end_to_end_rows_for_both_fast_pipelines_and_the_shard_source(dry, gc):
         assert r["step_img_s"] == step["img_s"]  # beside the step that ran it
 
 
-def test_hog_rows_beside_the_pixel_step(dry, gc):
+def test_hog_rows_beside_the_pixel_step(dry):
     """The HOG-target step (its own model, head 27 wide at patch 8) at the plan's HOG sizes, the target alone, its
     share of the step and the ratio to section a's pixel step at the same B, with a target line each."""
     result, out = dry
-    model, batch, _ = gc.DRY_PLAN.models[0]
+    model, batch, _ = DRY_PLAN.models[0]
     rows = result["hog"]
-    assert [r["size"] for r in rows] == list(gc.DRY_PLAN.hog_sizes)
+    assert [r["size"] for r in rows] == list(DRY_PLAN.hog_sizes)
     for r in rows:
         step = step_rows(result, impl="ours_hog", size=r["size"])[0]
         pixel = step_rows(result, impl="ours", compile="none", model=model, batch=batch, size=r["size"])[0]
@@ -288,9 +283,9 @@ def test_hog_rows_beside_the_pixel_step(dry, gc):
     assert "## HOG target (model.target=hog), eager" in (out / "gpu_check.md").read_text()
 
 
-def test_fractal_rows(dry, gc):
+def test_fractal_rows(dry):
     result, _ = dry
-    assert [r["size"] for r in result["fractal"]] == list(gc.DRY_PLAN.fractal_sizes)
+    assert [r["size"] for r in result["fractal"]] == list(DRY_PLAN.fractal_sizes)
     assert all(r["img_s"] > 0 and r["device"] == "cpu" for r in result["fractal"])
 
 
@@ -333,8 +328,8 @@ def test_a_spent_budget_skips_every_section_with_its_reason(tmp_path, mini_root)
     assert json.loads((tmp_path / "gpu_check.json").read_text())["skipped"] == skipped
 
 
-def test_an_item_past_its_limit_is_stopped_and_recorded(tmp_path, gc):
-    report = gc.Report(
+def test_an_item_past_its_limit_is_stopped_and_recorded(tmp_path):
+    report = Report(
         tmp_path, budget_s=60, header={"device": "cpu", "torch": "x", "transformers": None, "date": "today"}
     )
     t0 = time.perf_counter()
@@ -350,7 +345,7 @@ def test_an_item_past_its_limit_is_stopped_and_recorded(tmp_path, gc):
     assert json.loads((tmp_path / "gpu_check.json").read_text())["failed"] == report.data["failed"]
 
 
-def test_jpegs_made_on_the_spot_form_an_image_folder(tmp_path, gc):
-    root = gc.make_jpeg_folder(tmp_path / "jpegs", per_class=2, side=32)
+def test_jpegs_made_on_the_spot_form_an_image_folder(tmp_path):
+    root = make_jpeg_folder(tmp_path / "jpegs", per_class=2, side=32)
     index = scan_image_folder(root / "train", strict=True)
     assert len(index.samples) == 4 and not index.skipped

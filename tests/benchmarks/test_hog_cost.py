@@ -50,9 +50,11 @@ def test_the_contenders_differ_only_in_the_target(cost):
         "hog",
         False,
     )
-    from mae_et.train.step import build_model
+    from mae_et.models.mae import build_mae
+    from mae_et.train.config import mae_spec
 
-    assert build_model(hog).decoder_pred.out_features == 27 and build_model(pixel).decoder_pred.out_features == 192
+    assert build_mae(mae_spec(hog)).decoder_pred.out_features == 27
+    assert build_mae(mae_spec(pixel)).decoder_pred.out_features == 192
 
 
 def test_an_existing_result_is_not_overwritten_silently(cost):

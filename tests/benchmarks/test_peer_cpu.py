@@ -50,10 +50,11 @@ def test_contenders_alternate_and_the_figures_are_medians_of_their_runs(peer):
 def test_the_peer_is_the_same_model(peer):
     script, _, _ = peer
     cfg = script.row_config(script.ROWS["micro"], 1.0)
-    from benchmarks.throughput import count_params
-    from mae_et.train.step import build_model
+    from benchmarks.throughput import count_params, hf_model
+    from mae_et.models.mae import build_mae
+    from mae_et.train.config import mae_spec
 
-    assert count_params(script.hf_model(cfg)) == count_params(build_model(cfg))
+    assert count_params(hf_model(cfg)) == count_params(build_mae(mae_spec(cfg)))
 
 
 def test_an_existing_result_is_not_overwritten_silently(peer):

@@ -80,13 +80,13 @@ def test_each_benchmark_step_is_the_training_loops(tmp_path, asked):
     assert asked == run, "the study's warm-up builds another step"
     asked.clear()
 
-    gpu_check = load_benchmark("gpu_check")
+    from benchmarks.gpu.steps import OurModel
     from mae_et.train.step import build_training
 
     with in_process_run():
         accelerator = load_benchmark("throughput").fresh_accelerator("fp32")
         _, _, eager = build_training(cfg, accelerator, 1e-4, tuple(sizes), compile_mode="none")
-        ours = gpu_check.OurModel(cfg.model.size, 4, tuple(sizes), cfg, eager)
+        ours = OurModel(cfg.model.size, 4, tuple(sizes), cfg, eager)
         images = torch.randint(0, 256, (4, 3, 48, 48), dtype=torch.uint8)  # (n, 3, S, S)
         for step in (
             ours.partial_step(accelerator, cfg, "none", "eager"),

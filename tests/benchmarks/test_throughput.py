@@ -9,9 +9,8 @@ import torch
 from helpers import REPO, counted_forward_flops, load_benchmark
 
 from mae_et.models.flops import mae_train_flops_per_image
-from mae_et.models.mae import mae_vit
-from mae_et.train.config import load_pretrain_config
-from mae_et.train.step import build_model
+from mae_et.models.mae import build_mae, mae_vit
+from mae_et.train.config import load_pretrain_config, mae_spec
 
 
 def load_throughput():
@@ -148,7 +147,7 @@ def test_throughput_measures_the_requested_model_on_cpu(tmp_path, one_thread_fre
     [row] = result["rows"]
     assert (row["model"], row["batch"], row["size"]) == ("tiny", 2, 32) and row["step_img_s"] > 0
     recipe = REPO / "configs/pretrain/mae_vit-base-p16_baseline_800e_imagenet.yaml"
-    tiny = build_model(load_pretrain_config(recipe, ["data.root=.", "model.size=tiny"]))
+    tiny = build_mae(mae_spec(load_pretrain_config(recipe, ["data.root=.", "model.size=tiny"])))
     assert row["params"] == sum(p.numel() for p in tiny.parameters() if p.requires_grad)
     # patch 16, decoder 512 x 8 (not shrunk): the recipe's model, its FLOPs counted on it by torch
     assert row["flops_per_image"] == pytest.approx(

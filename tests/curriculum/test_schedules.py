@@ -15,9 +15,11 @@ from mae_et.curriculum.schedules import (
     plan_curriculum,
     preset_stages,
     relative_compute,
+    resolve_curriculum,
     stage_at,
     validate_stages,
 )
+from mae_et.recipes import ConfigError
 
 
 def _sizes(stages) -> list[int]:
@@ -220,3 +222,16 @@ def test_summary_and_plan_errors() -> None:
         plan.stage_at_step(-1)
     with pytest.raises(ValueError, match="negative"):
         plan.progress_at_step(-1)
+
+
+def test_a_curriculum_section_resolves_to_checked_stages_and_its_budget() -> None:
+    """A preset (or the explicit stages), each lifted to min_size; the preset's budget unless one is given."""
+    assert resolve_curriculum("et", None, None, None, 224, 16) == (preset_stages("et", 224, 16), "epochs")
+    stages, budget = resolve_curriculum("etpp", None, "epochs", 128, 224, 16)
+    assert budget == "epochs" and min(_sizes(stages)) == 128
+    explicit = [Stage(160, 0.5), Stage(224, 0.5)]
+    assert resolve_curriculum("custom", explicit, None, None, 224, 16) == (explicit, "epochs")
+    with pytest.raises(ConfigError, match="curriculum.schedule=custom needs curriculum.stages"):
+        resolve_curriculum("custom", None, None, None, 224, 16)
+    with pytest.raises(ConfigError, match="curriculum: curriculum size 40 is not a multiple of the patch size 16"):
+        resolve_curriculum("custom", [Stage(40, 1.0)], None, None, 224, 16)

@@ -20,12 +20,12 @@ from mae_et.data.folder import (
     PretrainBatch,
     PretrainDataset,
     StepSampler,
-    build_pretrain_loader,
     collate_pretrain,
     load_rgb,
     normalize_on_device,
     sample_crop_params,
     scan_image_folder,
+    step_loader,
 )
 
 TRAIN = MINI / "train"
@@ -195,9 +195,7 @@ def test_loader_reports_each_bad_file(bad_root: Path, num_workers: int) -> None:
     index = _scan_quiet(bad_root)
     ds = PretrainDataset(index, crop_size=32)
     n = len(ds)  # 14: micro_batch 2 covers every index in one epoch
-    loader = build_pretrain_loader(
-        ds, micro_batch=2, rank=0, world_size=1, seed=0, num_micro_steps=n // 2, num_workers=num_workers
-    )
+    loader = step_loader(ds, StepSampler(n, 2, 0, 1, seed=0, num_micro_steps=n // 2), num_workers)
     bad: list[str] = []
     seen = 0
     with warnings.catch_warnings():
@@ -280,9 +278,9 @@ def _batches(loader, n: int) -> list[PretrainBatch]:
 
 def test_workers_do_not_change_batches(train_index: ImageFolderIndex) -> None:
     ds = PretrainDataset(train_index, crop_size=48)
-    kwargs = dict(micro_batch=8, rank=0, world_size=1, seed=3, num_micro_steps=4)
-    b0 = list(build_pretrain_loader(ds, num_workers=0, **kwargs))
-    b2 = list(build_pretrain_loader(ds, num_workers=2, **kwargs))
+    sampler = StepSampler(len(ds), 8, 0, 1, seed=3, num_micro_steps=4)
+    b0 = list(step_loader(ds, sampler, num_workers=0))
+    b2 = list(step_loader(ds, sampler, num_workers=2))
     assert len(b0) == len(b2) == 4
     for x, y in zip(b0, b2):
         assert torch.equal(x.images, y.images)
@@ -296,8 +294,8 @@ def test_resume_equals_tail(train_index: ImageFolderIndex) -> None:
     assert resumed == full[k * mb :]
 
     ds = PretrainDataset(train_index, crop_size=32)
-    from_zero = list(build_pretrain_loader(ds, mb, 0, 1, seed=9, num_micro_steps=k + 2, num_workers=0))
-    from_k = list(build_pretrain_loader(ds, mb, 0, 1, seed=9, start_micro_step=k, num_micro_steps=2, num_workers=0))
+    from_zero = list(step_loader(ds, StepSampler(n, mb, 0, 1, seed=9, num_micro_steps=k + 2), num_workers=0))
+    from_k = list(step_loader(ds, StepSampler(n, mb, 0, 1, 9, start_micro_step=k, num_micro_steps=2), num_workers=0))
     for x, y in zip(from_zero[k:], from_k, strict=True):
         assert torch.equal(x.images, y.images)
         assert torch.equal(x.labels, y.labels)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mae_et.data import fractal
-from mae_et.data.folder import build_pretrain_loader
+from mae_et.data.folder import StepSampler, step_loader
 from mae_et.data.fractal import (
     MIN_COVERAGE,
     FractalDataset,
@@ -227,23 +227,11 @@ def test_dataset_keys_splits_and_determinism() -> None:
 
 def test_dataset_works_with_the_pretrain_loader_and_resumes() -> None:
     ds = FractalDataset(num_classes=3, samples_per_class=4, size=16, seed=1)
-    loader = build_pretrain_loader(ds, micro_batch=4, rank=0, world_size=1, seed=5, num_micro_steps=3, num_workers=0)
-    batches = list(loader)
+    batches = list(step_loader(ds, StepSampler(len(ds), 4, 0, 1, seed=5, num_micro_steps=3), num_workers=0))
     assert len(batches) == 3
     assert batches[0].images.shape == (4, 3, 16, 16) and batches[0].images.dtype == torch.uint8
     assert batches[0].bad_files == ()
-    resumed = list(
-        build_pretrain_loader(
-            ds,
-            micro_batch=4,
-            rank=0,
-            world_size=1,
-            seed=5,
-            start_micro_step=2,
-            num_micro_steps=1,
-            num_workers=0,
-        )
-    )
+    resumed = list(step_loader(ds, StepSampler(len(ds), 4, 0, 1, 5, start_micro_step=2, num_micro_steps=1), 0))
     assert torch.equal(resumed[0].images, batches[2].images) and torch.equal(resumed[0].labels, batches[2].labels)
 
 

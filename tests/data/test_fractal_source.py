@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from mae_et.data.folder import build_pretrain_loader
+from mae_et.data.folder import StepSampler, step_loader
 from mae_et.data.fractal import FractalBatchSource, FractalDataset
 
 
 def test_batched_source_matches_the_loader_path_and_resumes():
     dataset = FractalDataset(num_classes=4, samples_per_class=6, size=32, seed=3)
-    loader = iter(
-        build_pretrain_loader(dataset, micro_batch=4, rank=1, world_size=2, seed=7, num_micro_steps=5, num_workers=0)
-    )
-    batched = FractalBatchSource(
-        dataset, micro_batch=4, rank=1, world_size=2, seed=7, device=torch.device("cpu"), num_micro_steps=5
-    )
+    loader = step_loader(dataset, StepSampler(len(dataset), 4, 1, 2, seed=7, num_micro_steps=5), num_workers=0)
+    batched = FractalBatchSource(dataset, StepSampler(len(dataset), 4, 1, 2, seed=7, num_micro_steps=5), "cpu")
     pairs = list(zip(loader, batched))
     assert len(pairs) == 5
     for a, b in pairs:
@@ -23,14 +19,7 @@ def test_batched_source_matches_the_loader_path_and_resumes():
         assert b.images.dtype == torch.uint8 and b.images.shape == (4, 3, 32, 32)
         assert torch.equal(a.images, b.images)  # on CPU the batched renderer equals the per-sample one
     resumed = FractalBatchSource(
-        dataset,
-        micro_batch=4,
-        rank=1,
-        world_size=2,
-        seed=7,
-        device=torch.device("cpu"),
-        start_micro_step=3,
-        num_micro_steps=2,
+        dataset, StepSampler(len(dataset), 4, 1, 2, 7, start_micro_step=3, num_micro_steps=2), "cpu"
     )
     for (_, b), c in zip(pairs[3:], resumed):
         assert torch.equal(b.images, c.images)

@@ -54,3 +54,17 @@ def test_torchcodec_and_torchvision_decode_the_same_pixels():
     a = jpeg.decode_jpegs(datas, torch.device("cpu"), decoder="torchcodec")
     b = jpeg.decode_jpegs(datas, torch.device("cpu"), decoder="torchvision")
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_jpeg_header_sniffing(tmp_path):
+    """The batched device decoder gets 8-bit JPEGs of 1 or 3 components; CMYK, PNG and nothing go to the CPU."""
+    files = sorted((MINI / "train").rglob("*.JPEG"))
+    rgb = Image.open(files[0]).convert("RGB")
+    rgb.convert("CMYK").save(tmp_path / "cmyk.JPEG", format="JPEG", quality=90)
+    rgb.resize((160, 120)).save(tmp_path / "picture.png")
+    assert jpeg.jpeg_device_decodable(files[0].read_bytes())
+    assert not jpeg.jpeg_device_decodable((tmp_path / "cmyk.JPEG").read_bytes())  # 4 components
+    assert not jpeg.jpeg_device_decodable((tmp_path / "picture.png").read_bytes())
+    assert not jpeg.jpeg_device_decodable(b"")
+    grey = next(p for p in files if Image.open(p).mode == "L")
+    assert jpeg.jpeg_device_decodable(grey.read_bytes())  # 1 component

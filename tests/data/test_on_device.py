@@ -1,4 +1,5 @@
-"""Tests for mae_et.data.on_device: batched RRC boxes, batched crop/resize/flip, in-memory and device-decode sources.
+"""Tests for mae_et.data.on_device: batched RRC boxes, batched crop/resize/flip, the in-memory source, and the
+memory, device-decode and loader paths against each other.
 
 Everything runs on CPU tensors here (the same code runs on CUDA). The fast paths draw their crops
 from a per-micro-step generator, so they are compared with the loader path by STATISTICS, and with
@@ -16,6 +17,7 @@ from helpers import MINI, copy_mini_classes, write_broken
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from mae_et.data.device_decode import DeviceDecodeBatchSource
 from mae_et.data.folder import (
     DataError,
     ImageFolderIndex,
@@ -26,12 +28,9 @@ from mae_et.data.folder import (
     scan_image_folder,
 )
 from mae_et.data.on_device import (
-    DeviceDecodeBatchSource,
     InMemoryImages,
     MemoryBatchSource,
     crop_resize_flip,
-    crops_on_canvas,
-    jpeg_device_decodable,
     random_crops_and_flips,
     random_resized_crop_boxes,
 )
@@ -214,19 +213,6 @@ def test_padded_canvas_never_read() -> None:
             assert got.max().item() == 0, (out, flip)
 
 
-def test_large_boxes_are_shrunk_with_antialias() -> None:
-    # A 1-px checkerboard shrunk 8x: a plain bilinear grid_sample would alias it to (near) 0 or 255;
-    # the antialiased pre-shrink of the decode path gives the local mean, 127.5.
-    yy, xx = torch.meshgrid(torch.arange(512), torch.arange(512), indexing="ij")
-    board = (((yy + xx) % 2) * 255).to(torch.uint8).expand(3, -1, -1)  # (3, 512, 512)
-    small = _smooth_image(1, 100, 100)[0]  # (3, 100, 100): not shrunk (box <= 2 * 64)
-    canvas, sizes = crops_on_canvas([board, small], [[0, 0, 512, 512], [10, 10, 80, 90]], out_size=64)
-    assert sizes.tolist() == [[64, 64], [80, 90]]
-    assert canvas.shape == (2, 3, 80, 90)
-    assert (canvas[0, :, :64, :64].float() - 127.5).abs().max() <= 2
-    assert torch.equal(canvas[1, :, :80, :90], small[:, 10:90, 10:100])
-
-
 # ----------------------------------------------------------------------------------------------
 # InMemoryImages
 # ----------------------------------------------------------------------------------------------
@@ -288,8 +274,13 @@ def _take(source, n: int) -> list:
     return [next(source) for _ in range(n)]
 
 
+def _memory(store, micro_batch, rank, world_size, seed, crop_size, start_micro_step=0, num_micro_steps=None):
+    sampler = StepSampler(len(store), micro_batch, rank, world_size, seed, start_micro_step, num_micro_steps)
+    return MemoryBatchSource(store, sampler, crop_size)
+
+
 def test_memory_source_batches(store: InMemoryImages) -> None:
-    src = MemoryBatchSource(store, micro_batch=16, rank=0, world_size=1, seed=0, crop_size=96, num_micro_steps=3)
+    src = _memory(store, micro_batch=16, rank=0, world_size=1, seed=0, crop_size=96, num_micro_steps=3)
     batches = list(src)
     assert len(batches) == 3
     for b in batches:
@@ -301,22 +292,22 @@ def test_memory_source_batches(store: InMemoryImages) -> None:
 def test_memory_source_deterministic_and_resumable(store: InMemoryImages) -> None:
     kw = dict(micro_batch=16, rank=0, world_size=1, seed=7, crop_size=64)
     # 240 / 16 = 15 micro-steps per epoch: steps 0..16 cross into epoch 1.
-    full = _take(MemoryBatchSource(store, **kw), 17)
-    again = _take(MemoryBatchSource(store, **kw), 17)
+    full = _take(_memory(store, **kw), 17)
+    again = _take(_memory(store, **kw), 17)
     for a, b in zip(full, again):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    tail = list(MemoryBatchSource(store, **kw, start_micro_step=13, num_micro_steps=4))
+    tail = list(_memory(store, **kw, start_micro_step=13, num_micro_steps=4))
     assert len(tail) == 4
     for a, b in zip(full[13:], tail):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    other_seed = next(MemoryBatchSource(store, **{**kw, "seed": 8}))
+    other_seed = next(_memory(store, **{**kw, "seed": 8}))
     assert not torch.equal(other_seed.images, full[0].images)
 
 
 def test_memory_source_follows_loader_order(train_index: ImageFolderIndex, store: InMemoryImages) -> None:
     b, world, steps = 8, 2, 20  # 240 / 16 = 15 steps per epoch: crosses an epoch boundary
     for rank in range(world):
-        src = MemoryBatchSource(store, micro_batch=b, rank=rank, world_size=world, seed=3, crop_size=32)
+        src = _memory(store, micro_batch=b, rank=rank, world_size=world, seed=3, crop_size=32)
         keys = list(StepSampler(len(train_index.samples), b, rank, world, seed=3, num_micro_steps=steps))
         for step in range(steps):
             want = [k[0] for k in keys[step * b : (step + 1) * b]]
@@ -325,99 +316,12 @@ def test_memory_source_follows_loader_order(train_index: ImageFolderIndex, store
             assert batch.labels.tolist() == [train_index.samples[i][1] for i in want]
 
 
-# ----------------------------------------------------------------------------------------------
-# DeviceDecodeBatchSource
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def odd_root(tmp_path: Path) -> Path:
-    """Two classes of 6 JPEGs plus a CMYK JPEG, a PNG and a corrupt .JPEG."""
-    root = tmp_path / "train"
-    c0, c1 = copy_mini_classes(root, 2, 6)
-    real = sorted(c0.glob("*.JPEG"))[0]
-    rgb = Image.open(real).convert("RGB")
-    rgb.convert("CMYK").save(c0 / "cmyk.JPEG", format="JPEG", quality=90)
-    rgb.resize((160, 120)).save(c1 / "picture.png")
-    write_broken(c1, "corrupt.JPEG")
-    return root
-
-
-def test_jpeg_header_sniffing(odd_root: Path) -> None:
-    c0, c1 = sorted(p for p in odd_root.iterdir())
-    assert jpeg_device_decodable(sorted(c0.glob("n*.JPEG"))[0].read_bytes())
-    assert not jpeg_device_decodable((c0 / "cmyk.JPEG").read_bytes())  # 4 components
-    assert not jpeg_device_decodable((c1 / "picture.png").read_bytes())
-    assert not jpeg_device_decodable(b"")
-    grey = next(p for p, _ in scan_image_folder(TRAIN).samples if Image.open(p).mode == "L")
-    assert jpeg_device_decodable(Path(grey).read_bytes())  # 1 component
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_device_decode_source_fallbacks_and_bad_files(odd_root: Path, num_workers: int) -> None:
-    index = scan_image_folder(odd_root)
-    assert len(index.samples) == 15
-    b = 5  # 3 micro-steps per epoch; 9 steps = 3 epochs, every file visited 3 times
-    src = DeviceDecodeBatchSource(
-        index,
-        micro_batch=b,
-        rank=0,
-        world_size=1,
-        seed=0,
-        crop_size=48,
-        device="cpu",
-        num_micro_steps=9,
-        num_workers=num_workers,
-    )
-    with pytest.warns(UserWarning) as record:
-        batches = list(src)
-    assert len(batches) == 9
-    for batch in batches:
-        assert batch.images.shape == (b, 3, 48, 48) and batch.images.dtype == torch.uint8
-        assert batch.labels.shape == (b,)
-    bad = [p for batch in batches for p in batch.bad_files]
-    assert [Path(p).name for p in bad] == ["corrupt.JPEG"]  # reported once over three epochs
-    messages = [str(w.message) for w in record]
-    assert sum("corrupt.JPEG" in m for m in messages) == 1
-    assert not any("cmyk" in m or "picture.png" in m for m in messages)
-    # The CPU fallback decodes them exactly like the loader path.
-    for name in ("cmyk.JPEG", "picture.png"):
-        path = next(p for p, _ in index.samples if p.endswith(name))
-        image, error = src._decode_one(path)
-        assert error == "" and torch.equal(image, pil_to_tensor(load_rgb(path)))
-
-
-def test_device_decode_strict_raises(odd_root: Path) -> None:
-    index = scan_image_folder(odd_root)
-    src = DeviceDecodeBatchSource(
-        index, micro_batch=15, rank=0, world_size=1, seed=0, crop_size=32, device="cpu", strict=True, num_workers=0
-    )
-    with pytest.raises(DataError, match=r"corrupt\.JPEG.*data\.strict=false"):
-        next(src)
-
-
-def test_device_decode_deterministic_resumable_and_sharded(train_index: ImageFolderIndex) -> None:
-    kw = dict(micro_batch=8, world_size=2, seed=5, crop_size=32, device="cpu", num_workers=0)
-    full = _take(DeviceDecodeBatchSource(train_index, rank=1, **kw), 4)
-    tail = list(DeviceDecodeBatchSource(train_index, rank=1, start_micro_step=2, num_micro_steps=2, **kw))
-    for a, b in zip(full[2:], tail):
-        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    keys = list(StepSampler(len(train_index.samples), 8, 1, 2, seed=5, num_micro_steps=4))
-    assert [lab for b in full for lab in b.labels.tolist()] == [train_index.samples[i][1] for i, _ in keys]
-
-
 def test_crop_statistics_agree_across_paths(train_index: ImageFolderIndex, store: InMemoryImages) -> None:
     # One epoch (240 images, each once) through each path at crop 112; only the crop boxes differ.
     b, crop = 48, 112
-    mem = torch.cat([x.images for x in MemoryBatchSource(store, b, 0, 1, seed=1, crop_size=crop, num_micro_steps=5)])
-    dec = torch.cat(
-        [
-            x.images
-            for x in DeviceDecodeBatchSource(
-                train_index, b, 0, 1, seed=2, crop_size=crop, device="cpu", num_micro_steps=5, num_workers=0
-            )
-        ]
-    )
+    mem = torch.cat([x.images for x in _memory(store, b, 0, 1, seed=1, crop_size=crop, num_micro_steps=5)])
+    sampler = StepSampler(len(train_index.samples), b, 0, 1, seed=2, num_micro_steps=5)
+    dec = torch.cat([x.images for x in DeviceDecodeBatchSource(train_index, sampler, crop, "cpu", num_workers=0)])
     ds = PretrainDataset(train_index, crop_size=crop)
     keys = list(StepSampler(240, b, 0, 1, seed=3, num_micro_steps=5))
     cpu = torch.stack([ds[k]["image"] for k in keys])  # (240, 3, crop, crop)
@@ -445,46 +349,10 @@ def test_memory_and_device_decode_paths_agree_exactly(train_index: ImageFolderIn
     # 224 px and stored at 224 unchanged, so the two paths must give the same crops, up to float
     # rounding (coordinates normalised by different canvas sizes). Crop 112: no box exceeds 2 x 112,
     # so the decode path's antialiased pre-shrink never kicks in.
-    kw = dict(micro_batch=16, rank=1, world_size=2, seed=11, crop_size=112, num_micro_steps=3)
-    mem = list(MemoryBatchSource(store, **kw))
-    dec = list(DeviceDecodeBatchSource(train_index, device="cpu", num_workers=0, **kw))
+    sampler = StepSampler(len(store), 16, 1, 2, seed=11, num_micro_steps=3)
+    mem = list(MemoryBatchSource(store, sampler, crop_size=112))
+    dec = list(DeviceDecodeBatchSource(train_index, sampler, 112, "cpu", num_workers=0))
     for a, b in zip(mem, dec, strict=True):
         assert torch.equal(a.labels, b.labels)
         diff = (a.images.int() - b.images.int()).abs()  # (16, 3, 112, 112)
         assert diff.max() <= 1 and diff.float().mean() < 0.01
-
-
-def test_device_decode_batched_failure_retries_file_by_file(tmp_path: Path, monkeypatch) -> None:
-    """One file that passes the header check and fails to decode makes the batched call fail; the retry one by
-    one decodes the others on the device and the bad one goes to the CPU decoder, fails there too, is reported."""
-    import mae_et.data.jpeg as jpeg
-
-    (c0,) = copy_mini_classes(tmp_path, 1, 5)
-    [bad] = write_broken(c0, "headers_fine_scan_broken.JPEG")
-    assert jpeg_device_decodable(bad.read_bytes())
-    calls = []
-    real_decode = jpeg._decode  # the one call into TorchCodec or torchvision
-
-    def spy(data, *args, **kwargs):
-        batched = isinstance(data, list)
-        try:
-            out = real_decode(data, *args, **kwargs)
-        except Exception:
-            calls.append(("batch" if batched else "one", "failed"))
-            raise
-        calls.append(("batch" if batched else "one", "ok"))
-        return out
-
-    monkeypatch.setattr(jpeg, "_decode", spy)
-    index = scan_image_folder(tmp_path)
-    src = DeviceDecodeBatchSource(
-        index, micro_batch=6, rank=0, world_size=1, seed=0, crop_size=32, device="cpu", num_micro_steps=1, num_workers=0
-    )
-    with pytest.warns(UserWarning, match="headers_fine_scan_broken.JPEG"):
-        [batch] = list(src)
-    assert calls[0] == ("batch", "failed")  # the all-or-nothing call met the bad file
-    assert (
-        sorted(calls[1:7]) == [("one", "failed")] + [("one", "ok")] * 5
-    )  # then one by one: five decoded on the device
-    assert [Path(p).name for p in batch.bad_files] == [bad.name]
-    assert batch.images.shape == (6, 3, 32, 32)  # its slot was filled by a replacement

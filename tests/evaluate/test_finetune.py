@@ -28,7 +28,7 @@ from mae_et.evaluate.finetune import (
 )
 from mae_et.models.vit import EncoderSpec, LoadError, build_vit
 from mae_et.recipes import ConfigError
-from mae_et.train.optim import set_lr
+from mae_et.run.plan import set_lr
 
 PRETRAIN_RECIPE = "configs/pretrain/mae_vit-micro-p8_et_cpu-test.yaml"
 FT_RECIPE = REPO / "configs" / "finetune" / "vit-micro-p8_mae_cpu-test.yaml"

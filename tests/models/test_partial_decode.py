@@ -8,9 +8,6 @@ import torch
 
 from mae_et.models.flops import mae_forward_flops, mae_train_flops_per_image
 from mae_et.models.mae import MaskedAutoencoderViT, decoded_count, mae_vit
-from mae_et.train.monitors import reconstruction_grid
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def micro(norm_pix_loss: bool = True, img_size: int = 64) -> MaskedAutoencoderViT:
@@ -37,9 +34,6 @@ def test_decoded_count():
     assert decoded_count(196, 0.75, 0.25) == (49, 49)
     assert decoded_count(9, 0.75, 0.25) == (2, 2)  # etpp's 24 px stage at patch 8
     assert decoded_count(9, 0.75, 0.01) == (2, 1)  # never none
-    for bad in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="decode_fraction must be in"):
-            decoded_count(64, 0.75, bad)
 
 
 def manual_partial_loss(model: MaskedAutoencoderViT, imgs: torch.Tensor, noise: torch.Tensor, keep: int, decode: int):
@@ -150,23 +144,6 @@ def test_same_weights_as_the_full_decoder():
     assert torch.isfinite(partial(imgs, 0.75, noise, decode_fraction=0.25).loss)
 
 
-def test_reconstruction_grid_shows_every_masked_patch(monkeypatch):
-    """The monitor's / visualize's reconstruction decodes every masked patch (the model's default share), so a run
-    trained with a quarter of them still shows whole pictures."""
-    model = micro(norm_pix_loss=False)
-    shares = []
-    real = MaskedAutoencoderViT.forward
-
-    def spy(self, imgs, mask_ratio=0.75, noise=None, decode_fraction=1.0):
-        out = real(self, imgs, mask_ratio, noise, decode_fraction)
-        shares.append((decode_fraction, out.scored, (out.pred.abs().sum(-1) > 0).all().item()))
-        return out
-
-    monkeypatch.setattr(MaskedAutoencoderViT, "forward", spy)
-    reconstruction_grid(model, torch.randn(2, 3, 64, 64), MEAN, STD, mask_ratio=0.75, noise=torch.rand(2, 64))
-    assert shares == [(1.0, None, True)]
-
-
 def test_flops_count_the_decoded_tokens():
     full = mae_forward_flops(64, 8, 192, 12, 128, 2)
     quarter = mae_forward_flops(64, 8, 192, 12, 128, 2, decode_fraction=0.25)
@@ -195,8 +172,6 @@ def test_share_of_the_full_size_keeps_the_full_size_count_at_every_stage():
     assert decoded_count(49, 0.75, 0.25, of_patches=64) == (12, 16)  # 56 px
     assert decoded_count(64, 0.75, 0.25, of_patches=64) == decoded_count(64, 0.75, 0.25)  # the full size: same
     assert decoded_count(36, 0.75, 0.25, of_patches=None) == (9, 9)  # stage (the default): B's own patches
-    with pytest.raises(ValueError, match="of_patches must be a positive"):
-        decoded_count(36, 0.75, 0.25, of_patches=0)
 
 
 def test_model_decodes_the_full_size_count_at_a_reduced_size():

@@ -1,6 +1,7 @@
 """A pretraining start point (`model.init`): a transformers-written ViTMAE folder, an official-format .pth (with and
 without the decoder) and one of our runs load strictly into the MAE, position tables checked and dropped; another
-model size, a fine-tuned classifier and files that are no weights are refused in one line."""
+model size, a fine-tuned classifier and files that are no weights are refused in one line. The official loader
+(`load_official_mae_checkpoint`) lists every mismatch and loads an encoder alone only when asked."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from helpers import official_pth, random_mae, transformers_folder
 from safetensors.torch import load_file
 
-from mae_et.models.start import StartPointError, load_start_point, sha256_of
+from mae_et.models.start import StartPointError, load_official_mae_checkpoint, load_start_point, sha256_of
 
 
 def fresh():
@@ -67,5 +68,53 @@ def test_a_moved_position_table_or_a_foreign_file_is_refused(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(StartPointError, match="not a state dict"):
         load_start_point(fresh(), tmp_path / "list.pth")
-    with pytest.raises(StartPointError, match="does not exist"):
-        load_start_point(fresh(), tmp_path / "nothing")
+
+
+def official_state(tmp_path) -> dict:
+    """An official-style state dict: reference names and the fixed sin-cos tables."""
+    path, _ = official_pth(tmp_path)
+    return dict(torch.load(path, weights_only=False)["model"])
+
+
+def test_checkpoint_mismatch_errors(tmp_path):
+    model = fresh()
+    sd = official_state(tmp_path)
+    del sd["blocks.0.norm1.weight"]
+    sd["head.weight"] = torch.zeros(3)
+    sd["decoder_pred.weight"] = torch.zeros(10, 32)
+    with pytest.raises(ValueError) as exc:
+        load_official_mae_checkpoint(model, sd)
+    msg = str(exc.value)
+    assert "blocks.0.norm1.weight" in msg
+    assert "head.weight" in msg
+    assert "decoder_pred.weight: checkpoint (10, 32) vs model (192, 32)" in msg
+
+    bad_pos = official_state(tmp_path)
+    bad_pos["decoder_pos_embed"] = bad_pos["decoder_pos_embed"] + 1e-3
+    with pytest.raises(ValueError, match="decoder_pos_embed"):
+        load_official_mae_checkpoint(model, bad_pos)
+
+
+def test_encoder_only_checkpoint(tmp_path):
+    model = fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    full = official_state(tmp_path)
+    enc = {k: v for k, v in full.items() if not k.startswith("decoder_") and k != "mask_token"}
+    with pytest.raises(ValueError, match="no decoder"):
+        load_official_mae_checkpoint(model, {"model": enc})
+    # the failed call must not have touched the weights
+    assert all(model.state_dict()[k].equal(v) for k, v in before.items())
+
+    load_official_mae_checkpoint(model, enc, encoder_only=True)
+    after = model.state_dict()
+    for k, v in after.items():
+        if k.startswith("decoder_") or k == "mask_token":
+            assert v.equal(before[k]), k
+        else:
+            assert v.equal(enc[k]), k
+
+    # encoder_only is still strict on the encoder keys
+    broken = dict(enc)
+    del broken["norm.bias"]
+    with pytest.raises(ValueError, match="norm.bias"):
+        load_official_mae_checkpoint(model, broken, encoder_only=True)

@@ -91,6 +91,7 @@ def test_scientific_notation_without_dot_is_a_number(mini_root):
             "model.decoder_num_heads=5",
             r"model.decoder_embed_dim 32 does not divide into model.decoder_num_heads 5 heads",
         ),
+        ("model.decoder_embed_dim=30", r"model.decoder_embed_dim 30 is not a multiple of 4 .*; use e.g. 32"),
         ("train.epochs=.inf", r"train.epochs must be a finite number > 0, got inf"),
         ("checkpoint.every_epochs=-1", r"checkpoint.every_epochs must be >= 0, got -1.0"),
         ("checkpoint.every_steps=0", r"checkpoint.every_steps must be > 0, got 0"),
@@ -284,7 +285,7 @@ def test_no_validator_assigns_to_the_config():
     """The config modules' check and validate functions read the config; none writes to it."""
     import ast
 
-    for path in (REPO / "mae_et/train/config.py", REPO / "mae_et/evaluate/config.py"):
+    for path in (REPO / "mae_et/run/config.py", REPO / "mae_et/train/config.py", REPO / "mae_et/evaluate/config.py"):
         for fn in ast.walk(ast.parse(path.read_text())):
             if isinstance(fn, ast.FunctionDef) and fn.name.startswith(("validate", "check", "_check")):
                 writes = [

@@ -6,7 +6,7 @@ recipe (64 px, patch 8, `et` curriculum, 20 epochs of 100 fresh renders per clas
 
 Chance is 10 %, but a random-init encoder already tells these renders apart far better than that, so the run's
 headline, the mean-pooled kNN top-1 on 1,000 held-out renders, stands beside the same encoder *untrained*: the
-weights the run started from (same seed, same `build_model`), which the test scores again on its own with the
+weights the run started from (same seed, same `build_mae`), which the test scores again on its own with the
 same `knn_evaluate_loaders`. The headline must gain well beyond the standard error the run prints.
 
 Measured with exactly this command (train.seed 0, one intra-op thread, on a 2-core machine with a two-process study
@@ -34,9 +34,9 @@ from PIL import Image
 
 from mae_et import checkpoint as ck
 from mae_et.models.features import knn_evaluate_loaders
-from mae_et.train.config import load_pretrain_config
+from mae_et.models.mae import build_mae
+from mae_et.train.config import load_pretrain_config, mae_spec
 from mae_et.train.monitors import fractal_knn_loaders
-from mae_et.train.step import build_model
 
 NUM_CLASSES = 10  # the recipe's data.fractal_classes
 SMALL = ["tracking.wandb=off", "model.size=micro", "optim.blr=5e-3"]  # the overrides of the test, beside output_dir
@@ -46,11 +46,11 @@ def untrained_knn(config_file: Path) -> dict[str, float]:
     """kNN top-1 of the encoder a run started from, on the renders its kNN monitor scores.
 
     `config_file` is the config the run saved. `pretrain` seeds with `set_seed(cfg.train.seed, ...)` and then
-    builds the model with `build_model(cfg)` (opening the fractal data in between draws no random numbers),
+    builds the model with `build_mae(mae_spec(cfg))` (opening the fractal data in between draws no random numbers),
     so this is the run's step-0 encoder, weight for weight."""
     cfg = load_pretrain_config(config_file)
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
-    model = build_model(cfg)
+    model = build_mae(mae_spec(cfg))
     bank, val = fractal_knn_loaders(cfg)
     return knn_evaluate_loaders(model, bank, val, cfg.data.fractal_classes, device=torch.device("cpu"))
 

@@ -36,12 +36,11 @@ from mae_et import checkpoint as ck
 from mae_et.cli import run_user_command
 from mae_et.errors import UserError
 from mae_et.files import RunFolderLock
-from mae_et.models.mae import MaskedAutoencoderViT
+from mae_et.models.mae import MaskedAutoencoderViT, build_mae
 from mae_et.models.start import StartPointError
-from mae_et.train.config import load_pretrain_config
+from mae_et.run.run import NonFiniteLossError, RunInterrupted
+from mae_et.train.config import load_pretrain_config, mae_spec
 from mae_et.train.pretrain import pretrain
-from mae_et.train.run import NonFiniteLossError, RunInterrupted
-from mae_et.train.step import build_model
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # each in-process run builds its own Accelerator
 
@@ -119,7 +118,7 @@ def test_tiny_run_end_to_end_with_the_et_curriculum(tmp_path, mini_root):
     assert sorted(p.name for p in (run_dir / "reconstructions").iterdir()) == ["step_00000030.png", "step_00000045.png"]
     # the checkpoint holds the full MAE (decoder included) under the reference names
     cfg = load_pretrain_config(CPU_RECIPE, [f"data.root={mini_root}"])
-    model = build_model(cfg)
+    model = build_mae(mae_spec(cfg))
     model.load_state_dict(final_weights(run_dir), strict=True)
     assert any(k.startswith("decoder_blocks.") for k in final_weights(run_dir))
     state = torch.load(ckpts[-1] / ck.STATE_FILE, weights_only=True)

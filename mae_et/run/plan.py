@@ -3,8 +3,7 @@
 The plan says how many images one optimizer step takes (the global batch), how many steps one pass over the data
 is, where the curriculum's stages fall (`mae_et.curriculum.schedules.plan_curriculum`; a run without a curriculum
 is one stage at full size), where this launch stops (`train.max_steps`), the learning rate of each step (warmup +
-cosine over budget progress) and when it logs and checkpoints. The probe has no curriculum and no accumulation:
-it passes its one stage and its per-process batch.
+cosine over budget progress, so stage changes never restart or bend it) and when it logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -13,10 +12,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from mae_et.curriculum.schedules import CurriculumPlan, Stage, plan_curriculum
 from mae_et.recipes import ConfigError
-from mae_et.train.optim import lr_at, scaled_lr
-from mae_et.train.run import checkpoint_every
+from mae_et.run.config import CheckpointConfig, PlanSpec
 
 
 @dataclass(frozen=True)
@@ -48,33 +48,22 @@ class RunPlan:
 
 
 def plan_run(
-    cfg,
-    num_images: int,
-    world: int,
-    stages: Sequence[Stage],
-    budget: str,
-    full_size: int,
-    micro_batch: int | None = None,
+    spec: PlanSpec, num_images: int, world: int, stages: Sequence[Stage], budget: str, full_size: int
 ) -> RunPlan:
-    """The plan of a run of `cfg` (any run config with `train`, `optim` and `checkpoint`) over `num_images`
-    images on `world` processes. `micro_batch` defaults to `train.batch_size` (per process); accumulation
-    steps to `train.accum_steps` (1 where the config has none)."""
-    micro_batch = micro_batch or cfg.train.batch_size
-    accum = getattr(cfg.train, "accum_steps", 1)
-    global_batch = micro_batch * world * accum
-    steps_per_epoch = optimizer_steps_per_epoch(num_images, micro_batch, world, accum)
-    plan = plan_curriculum(stages, budget, cfg.train.epochs, steps_per_epoch, full_size)
-    o = cfg.optim
+    """The plan of a run over `num_images` images on `world` processes."""
+    global_batch = spec.micro_batch * world * spec.accum_steps
+    steps_per_epoch = optimizer_steps_per_epoch(num_images, spec.micro_batch, world, spec.accum_steps)
+    plan = plan_curriculum(stages, budget, spec.epochs, steps_per_epoch, full_size)
     return RunPlan(
         plan=plan,
         global_batch=global_batch,
         steps_per_epoch=steps_per_epoch,
-        end_step=min(plan.total_steps, cfg.train.max_steps or plan.total_steps),
-        base_lr=o.lr if o.lr is not None else scaled_lr(o.blr, global_batch),
-        min_lr=o.min_lr,
-        warmup=o.warmup_epochs / cfg.train.epochs,
-        log_every=cfg.train.log_every,
-        ckpt_every=checkpoint_every(cfg, steps_per_epoch),
+        end_step=min(plan.total_steps, spec.max_steps or plan.total_steps),
+        base_lr=spec.lr if spec.lr is not None else scaled_lr(spec.blr, global_batch),
+        min_lr=spec.min_lr,
+        warmup=spec.warmup_epochs / spec.epochs,
+        log_every=spec.log_every,
+        ckpt_every=checkpoint_every(spec.checkpoint, steps_per_epoch),
     )
 
 
@@ -92,3 +81,46 @@ def optimizer_steps_per_epoch(num_images: int, micro_batch: int, world: int, acc
 def one_stage(full_size: int) -> tuple[list[Stage], str]:
     """The plan of a run without a curriculum: every step at full size."""
     return [Stage(size=full_size, fraction=1.0)], "epochs"
+
+
+# ----------------------------------------------------------------------------- cadence
+
+
+def steps_every(epochs: float, steps_per_epoch: int) -> int:
+    return max(1, round(epochs * steps_per_epoch))
+
+
+def checkpoint_every(c: CheckpointConfig, steps_per_epoch: int) -> int | None:
+    """Optimizer steps between checkpoints: `checkpoint.every_steps`, else `checkpoint.every_epochs`; None when
+    both are 0 (off: only the last step of the launch, the end or `train.max_steps`, is saved)."""
+    if c.every_steps:
+        return c.every_steps
+    return steps_every(c.every_epochs, steps_per_epoch) if c.every_epochs > 0 else None
+
+
+def checkpoint_due(step: int, every: int | None, end_step: int) -> bool:
+    return step == end_step or (every is not None and step % every == 0)
+
+
+# ----------------------------------------------------------------------------- learning rate
+
+
+def scaled_lr(blr: float, global_batch: int) -> float:
+    """The MAE linear scaling rule: lr = blr * global_batch / 256."""
+    return blr * global_batch / 256
+
+
+def lr_at(progress: float, base_lr: float, min_lr: float, warmup: float) -> float:
+    """Linear warmup over progress [0, warmup), then half-cosine from base_lr down to min_lr at 1."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return base_lr * progress / warmup
+    span = 1.0 - warmup
+    t = (progress - warmup) / span if span > 0 else 1.0
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Each group gets lr x its `lr_scale` (layer-wise decay in fine-tuning; 1 when absent)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,31 +1,11 @@
 """What every run needs around its loop, for the three engines (pretraining, fine-tuning, linear probe).
 
-    with Run(cfg) as run:                           # accelerator (devices, precision, DDP), the run folder, locked
-    found = run.resume(raw_model, optimizer)        # latest checkpoint (if any) -> weights, optimizer, scaler, clocks
-    run.clock.start(); bar = run.progress(total, done, desc)   # a tqdm bar (main rank), lines in a log file
-    ...the method's loop...
-        run.log(step, metrics, line)                # tracker (metrics.jsonl + W&B) and, on the main rank, one line
-        run.checkpoint(step, model, state, meta)    # atomic RUN/checkpoints/step_N, written by the main rank
+    with Run(cfg.run_spec()) as run:              # accelerator (devices, precision, DDP), the run folder, locked
+        found = run.resume(raw_model, optimizer)  # latest checkpoint (if any) -> weights, optimizer, scaler, clocks
+        run.clock.start(); run.progress(total, done, desc)
+        ...the loop: run.log(step, metrics, line); run.checkpoint(step, model, state, meta)
 
-One run per run folder: the main rank holds an exclusive `flock` on RUN/.run.lock for the run's whole life
-(`mae_et.files.RunFolderLock`; any end of the process, SIGKILL included, releases it), so a second launch on
-the same folder (a requeued job while the old one still runs) stops in one line before touching anything.
-Leaving the `with` block releases it; a run folder this launch created and left empty (a start that failed
-its checks) is removed. Before that, the folder is checked as every command checks an output folder: never
-inside (nor around) the data or the checkpoint the run reads, and its outputs' names free for them.
-
-A run folder holds one run. Resuming refuses a checkpoint written from another `model.checkpoint` (an evaluation
-run would resume the old fine-tune and never load the encoder it names); `checkpoint.resume=false` starts over,
-and moves the earlier run's outputs (checkpoints, best/, config, metrics, result) to RUN/old-N first, saying so.
-
-Ctrl-C becomes `RunInterrupted` (one line: the step, the last checkpoint, how to resume; exit 130), a non-finite
-stop `NonFiniteLossError` (its own line, exit 1). For the run's life SIGINT is also remembered (`CtrlC`), and the
-loops check it at every step: a KeyboardInterrupt raised where Python discards it (inside a finaliser) still stops
-the run.
-
-A checkpoint is the resume point of every engine: weights (safetensors), optimizer and scaler state, the step and
-the loop's clocks (wall and process-CPU seconds, with the bookkeeping share apart), the resolved config and a
-meta.json. Resuming checks the model first: a changed model stops with one line, not a traceback.
+The run folder, its lock, resuming and starting over, Ctrl-C and the clocks: docs/design.md, "The run layer".
 """
 
 from __future__ import annotations
@@ -33,7 +13,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,10 +27,11 @@ from accelerate.utils import broadcast_object_list
 from mae_et import checkpoint as ckpt_lib
 from mae_et.errors import RunStopped, UserError
 from mae_et.files import LOCK_FILE, FileError, RunFolderLock, check_output_folder, move_into, write_text_atomic
-from mae_et.models.keys import compare_state
-from mae_et.notices import RunWarning, progress
-from mae_et.recipes import ConfigError, config_to_dict, flatten_dict
-from mae_et.train.tracking import METRICS_FILE, WANDB_ID_FILE, RunTracker, resolve_wandb_mode
+from mae_et.notices import progress
+from mae_et.recipes import ConfigError, flatten_dict, merge_dicts
+from mae_et.run.config import RunSpec
+from mae_et.run.resume import resume_latest
+from mae_et.run.tracking import METRICS_FILE, WANDB_ID_FILE, RunTracker, resolve_wandb_mode
 
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"  # fine-tuning's best epoch (mae_et.evaluate.engine)
@@ -63,18 +43,13 @@ RUN_FILES = (ckpt_lib.CONFIG_FILE, METRICS_FILE, RESULT_FILE, WANDB_ID_FILE)
 
 
 class Run:
-    """One run of any stage: see the module docstring. `cfg` is any run config with `train`, `tracking`,
-    `checkpoint`, `name` and `run_dir` (pretraining, fine-tuning, linear probe)."""
+    """One run of any stage (see the module docstring), from what its config gives (`RunSpec`)."""
 
-    def __init__(self, cfg, precision: str | None = None, accum_steps: int | None = None) -> None:
-        self.cfg = cfg
-        self.wandb_mode = resolve_wandb_mode(cfg.tracking.wandb)
-        self.accelerator = build_accelerator(
-            precision or cfg.train.precision,
-            accum_steps or getattr(cfg.train, "accum_steps", 1),
-            use_wandb=self.wandb_mode is not None,
-        )
-        self.run_dir, self.lock, self._created = prepare_run_dir(cfg, self.accelerator)
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+        self.wandb_mode = resolve_wandb_mode(spec.wandb)
+        self.accelerator = build_accelerator(spec.precision, spec.accum_steps, use_wandb=self.wandb_mode is not None)
+        self.run_dir, self.lock, self._created = prepare_run_dir(spec, self.accelerator)
         self.main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -87,27 +62,28 @@ class Run:
         self.ctrl_c = CtrlC().install()  # last: __exit__ restores it
 
     def resume(
-        self, raw_model: torch.nn.Module, optimizer, start: Callable[[torch.nn.Module], None] | None = None
+        self, raw_model: torch.nn.Module, optimizer, start: Callable[[torch.nn.Module], dict] | None = None
     ) -> ckpt_lib.Checkpoint | None:
         """The latest checkpoint (when `checkpoint.resume`) into the model, optimizer, scaler and clocks, or, at a
         fresh start, `start` (pretraining's start point) into the model; then the config is saved in the run
-        folder (with what `start` recorded in it) and the tracker opened (continuing the same W&B run). Starting
-        over (`checkpoint.resume=false`) moves an earlier run in the folder aside first."""
-        if not self.cfg.checkpoint.resume:
+        folder (with the keys `start` returns recorded in it) and the tracker opened (continuing the same W&B
+        run). Starting over (`checkpoint.resume=false`) moves an earlier run in the folder aside first."""
+        if not self.spec.checkpoint.resume:
             if self.main:
                 moved = set_earlier_run_aside(self.run_dir)
                 if moved is not None:
                     self.say(f"checkpoint.resume=false: starting over; the earlier run in this folder {moved}")
             self.accelerator.wait_for_everyone()
-        found = resume_latest(self.cfg, self.run_dir, raw_model, optimizer, self.accelerator)
+        found = resume_latest(self.spec, self.run_dir / CHECKPOINTS_DIR, raw_model, optimizer, self.accelerator)
+        config = self.spec.config
         if found is not None:
             self.clock.restore(found.training_state)
             self.last_checkpoint = found.path
         elif start is not None:
-            start(raw_model)
+            config = merge_dicts(config, start(raw_model))
         resume_step = int(found.training_state["step"]) if found is not None else None
         self.tracker, self.config_yaml = start_tracking(
-            self.cfg, self.accelerator, self.run_dir, self.wandb_mode, resume_step
+            self.spec, config, self.accelerator, self.run_dir, self.wandb_mode, resume_step
         )
         return found
 
@@ -145,7 +121,7 @@ class Run:
                 {**training_state, **self.clock.state()},
                 self.config_yaml,
                 meta,
-                self.cfg.checkpoint.keep_last,
+                self.spec.checkpoint.keep_last,
             )
         return self.last_checkpoint
 
@@ -276,18 +252,17 @@ def build_accelerator(precision: str, accum_steps: int, use_wandb: bool) -> Acce
     )
 
 
-def prepare_run_dir(cfg, accelerator: Accelerator) -> tuple[Path, RunFolderLock | None, list[Path]]:
+def prepare_run_dir(spec: RunSpec, accelerator: Accelerator) -> tuple[Path, RunFolderLock | None, list[Path]]:
     """Check the run folder as every command checks an output folder (never inside, nor around, what the run
     reads: the data, the encoder's checkpoint), and the names of its outputs; create it and take its lock (main
     rank). Every rank gets the same error, none hangs.
 
-    Returns the folder, the lock (None on other ranks) and the folders this call created, deepest first.
-    `cfg`: any run config with `run_dir` (pretraining, fine-tuning, linear probe)."""
-    run_dir = cfg.run_dir
+    Returns the folder, the lock (None on other ranks) and the folders this call created, deepest first."""
+    run_dir = spec.run_dir
     error, lock, created = [None], None, []
     if accelerator.is_main_process:
         try:
-            check_output_folder(run_dir, reads=run_reads(cfg), flag="the run folder (output_dir=, name=)")
+            check_output_folder(run_dir, reads=local_paths(spec.reads), flag="the run folder (output_dir=, name=)")
             check_run_outputs(run_dir)
             created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -306,9 +281,8 @@ def prepare_run_dir(cfg, accelerator: Accelerator) -> tuple[Path, RunFolderLock 
     return run_dir, lock, created
 
 
-def run_reads(cfg) -> list[str]:
-    """The local paths a run reads: data.root (a folder, or a shard set's index), and an evaluation's encoder."""
-    paths = [cfg.data.root, getattr(cfg.model, "checkpoint", None)]
+def local_paths(paths: tuple[str | None, ...]) -> list[str]:
+    """The local ones of the paths a run reads (data.root: a folder, or a shard set's index; an encoder)."""
     return [str(p) for p in paths if p and "://" not in str(p)]
 
 
@@ -398,133 +372,23 @@ class LoopClock:
         }
 
 
-def steps_every(epochs: float, steps_per_epoch: int) -> int:
-    return max(1, round(epochs * steps_per_epoch))
-
-
-def checkpoint_every(cfg, steps_per_epoch: int) -> int | None:
-    """Optimizer steps between checkpoints: `checkpoint.every_steps`, else `checkpoint.every_epochs`; None when
-    both are 0 (off: only the last step of the launch, the end or `train.max_steps`, is saved)."""
-    c = cfg.checkpoint
-    if c.every_steps:
-        return c.every_steps
-    return steps_every(c.every_epochs, steps_per_epoch) if c.every_epochs > 0 else None
-
-
-def checkpoint_due(step: int, every: int | None, end_step: int) -> bool:
-    return step == end_step or (every is not None and step % every == 0)
-
-
-def resume_latest(
-    cfg, run_dir: Path, raw_model: torch.nn.Module, optimizer, accelerator: Accelerator
-) -> ckpt_lib.Checkpoint | None:
-    """Load the run's latest checkpoint into the model, optimizer and grad scaler (when `checkpoint.resume`)."""
-    if not cfg.checkpoint.resume:
-        return None
-    found = ckpt_lib.load_latest_checkpoint(run_dir / CHECKPOINTS_DIR)
-    if found is None:
-        return None
-    require_same_start(found.path, cfg)
-    require_same_model(found.path, found.model_state, raw_model, cfg)
-    raw_model.load_state_dict(found.model_state, strict=True)
-    optimizer.load_state_dict(found.training_state["optimizer"])
-    if accelerator.scaler is not None and found.training_state.get("scaler"):
-        accelerator.scaler.load_state_dict(found.training_state["scaler"])
-    warn_config_changes(found.path, cfg)
-    accelerator.print(f"resumed from {found.path} at step {found.training_state['step']}")
-    return found
-
-
-def require_same_model(ckpt_path: Path, saved_state: dict, raw_model: torch.nn.Module, cfg) -> None:
-    """Resume only into the model that wrote the checkpoint: otherwise one line naming the weights and config
-    keys that differ, and the two ways on (instead of load_state_dict's traceback)."""
-    mismatch = compare_state(saved_state, raw_model.state_dict())
-    if not mismatch:
-        return
-    changed = [
-        f"{k} ({a!r} -> {b!r})" for k, (a, b) in config_changes(ckpt_path, cfg).items() if k.startswith("model.")
-    ]
-    because = f" (config: {', '.join(changed)})" if changed else ""
-    raise ckpt_lib.CheckpointError(
-        f"cannot resume from {ckpt_path}: the model differs from the one that wrote it{because}; "
-        + mismatch.summary()
-        + f". Set a new output_dir (now {cfg.output_dir}) to start a new run, or checkpoint.resume=false to start "
-        "over in this folder (the earlier run is moved aside)"
-    )
-
-
-def require_same_start(ckpt_path: Path, cfg) -> None:
-    """An evaluation run resumes only from the encoder it started from: the same `model.checkpoint` (as written,
-    or the same path resolved). Else it would resume the old fine-tune and never load the encoder it names, while
-    its config and result name the new one."""
-    start = config_changes(ckpt_path, cfg).get("model.checkpoint")
-    if getattr(cfg.model, "checkpoint", None) is None or start is None:  # pretraining; or the same as written
-        return
-    saved, now = start
-    if saved is not None and Path(str(saved)).resolve() == Path(now).resolve():
-        return
-    earlier = f"model.checkpoint '{saved}'" if saved is not None else "no model.checkpoint (a pretraining run)"
-    raise ckpt_lib.CheckpointError(
-        f"run folder '{cfg.run_dir}' holds a run from {earlier} (up to {ckpt_path}), not from model.checkpoint "
-        f"'{now}'; give this run another name=, or pass checkpoint.resume=false to start over here (the earlier "
-        "run is moved aside)"
-    )
-
-
-def saved_config(ckpt_path: Path) -> dict[str, Any]:
-    """The config a checkpoint was written with ({} when it has none); one line naming the file when it is not
-    a YAML mapping."""
-    saved_file = ckpt_path / ckpt_lib.CONFIG_FILE
-    if not saved_file.is_file():
-        return {}
-    try:
-        saved = yaml.safe_load(saved_file.read_text()) or {}
-        problem = None if isinstance(saved, dict) else f"a {type(saved).__name__}, not a mapping of sections"
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        problem = f"not readable YAML: {str(getattr(e, 'problem', None) or e).splitlines()[0]}"
-    if problem is not None:
-        raise ckpt_lib.CheckpointError(
-            f"the config of checkpoint '{ckpt_path}' ('{saved_file}') is unusable ({problem}); delete that "
-            "checkpoint folder to resume from the one before, or pass checkpoint.resume=false to start over (the "
-            "earlier run is moved aside)"
-        )
-    return saved
-
-
-def config_changes(ckpt_path: Path, cfg) -> dict[str, tuple[Any, Any]]:
-    """Flattened keys whose value differs between the checkpoint's saved config and `cfg`: (saved, now)."""
-    saved = flatten_dict(saved_config(ckpt_path))
-    now = flatten_dict(config_to_dict(cfg))
-    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
-
-
-def warn_config_changes(ckpt_path: Path, cfg) -> None:
-    # stopping early and resuming are what resume is for; the start point's hash is the run's own record
-    ignored = {"train.max_steps", "checkpoint.resume", "model.init_sha256"}
-    changed = {k: v for k, v in config_changes(ckpt_path, cfg).items() if k not in ignored}
-    if changed:
-        warnings.warn(
-            "resuming with a config that differs from the checkpoint's in: "
-            + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in changed.items())
-            + "; the schedule is recomputed from the new values",
-            RunWarning,
-            stacklevel=2,
-        )
-
-
 def start_tracking(
-    cfg, accelerator: Accelerator, run_dir: Path, wandb_mode: str | None, resume_step: int | None
+    spec: RunSpec,
+    config_dict: dict[str, Any],
+    accelerator: Accelerator,
+    run_dir: Path,
+    wandb_mode: str | None,
+    resume_step: int | None,
 ) -> tuple[RunTracker, str]:
     """Save the resolved config in the run folder and open the tracker; returns it and the config as YAML."""
-    config_dict = config_to_dict(cfg)
     config_yaml = yaml.safe_dump(config_dict, sort_keys=False)
     if accelerator.is_main_process:
         write_text_atomic(run_dir / "config.yaml", config_yaml)  # a kill mid-write never leaves half a config
     tracker = RunTracker(
         accelerator,
         run_dir,
-        cfg.tracking.project,
-        cfg.name,
+        spec.project,
+        spec.name,
         flatten_dict(config_dict),
         wandb_mode,
         resume_step=resume_step,
@@ -560,10 +424,3 @@ def save_checkpoint_on_main(
     if error:
         raise ckpt_lib.CheckpointWriteError(error)
     return path
-
-
-def format_log_line(step: int, end_step: int, m: dict[str, Any]) -> str:
-    return (
-        f"step {step}/{end_step}  epoch {m['epoch']:.2f}  B {m['size']}  loss {m['loss']:.4f}  lr {m['lr']:.3g}  "
-        f"{m['images_per_sec']:.0f} img/s  data-wait {100 * m['data_wait_frac']:.0f}%"
-    )
