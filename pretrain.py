@@ -6,16 +6,19 @@ Relaunching the same command resumes from the run's latest checkpoint. The logic
 `mae_et.train.pretrain`; this file only parses the command line.
 """
 
-from mae_et.cli import parse_args, run_user_command
+from mae_et.cli import run_training_script
 from mae_et.train.config import load_pretrain_config
 from mae_et.train.pretrain import pretrain
 
-DEFAULT_RECIPE = "configs/pretrain/mae_vit-tiny-p8_et_20e_fractal.yaml"
-
 
 def main(argv=None) -> None:
-    args = parse_args(argv, "MAE pretraining with the EfficientTrain frequency curriculum", DEFAULT_RECIPE)
-    run_user_command(lambda: pretrain(load_pretrain_config(args.config, args.overrides)))
+    run_training_script(
+        "MAE pretraining with the EfficientTrain frequency curriculum",
+        "configs/pretrain/mae_vit-tiny-p8_et_20e_fractal.yaml",
+        load_pretrain_config,
+        pretrain,
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

@@ -33,12 +33,11 @@ from benchmarks.study.clocks import Stopwatch, device_name
 from benchmarks.study.config import load_study
 from benchmarks.study.evaluation import encoder_features, knn_top1, probe_settings, run_finetune
 from benchmarks.study.paths import default_out
-from benchmarks.study.runs import pretrain_overrides, save_untrained_encoder
+from benchmarks.study.runs import pretrain_config, save_untrained_encoder
 from mae_et.cli import OneLineParser, run_user_command
 from mae_et.data.folder import scan_image_folder
 from mae_et.evaluate.linprobe import fit_probe_on_features
 from mae_et.run.run import fresh_accelerate_state
-from mae_et.train.config import load_pretrain_config
 
 
 def make_holdout(train_dir: Path, fraction: float, seed: int, out: Path) -> Path:
@@ -91,9 +90,7 @@ def main(argv=None) -> dict:
     out = Path(args.out).resolve() if args.out else default_out(study.name) / "settle"
     out.mkdir(parents=True, exist_ok=True)
     holdout = make_holdout(data_root / "train", args.holdout, args.seed, out / "holdout")
-    cfg = load_pretrain_config(
-        study.recipe, pretrain_overrides(study, "baseline", args.seed, study.epochs, data_root, out)
-    )
+    cfg = pretrain_config(study, "baseline", args.seed, study.epochs, data_root, out)
     img_size, ev = cfg.data.crop_size, study.eval
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoders = {

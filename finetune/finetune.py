@@ -10,7 +10,7 @@ is kept in RUN/best/. The logic lives in `mae_et.evaluate.finetune`; this file o
 import sys
 
 try:  # the installed package (pip install -e .), as for any script outside it: no sys.path entry of its own
-    from mae_et.cli import check_checkout, parse_args, run_user_command
+    from mae_et.cli import run_training_script
     from mae_et.evaluate.config import load_finetune_config
     from mae_et.evaluate.finetune import finetune
 except ModuleNotFoundError as e:
@@ -19,17 +19,16 @@ except ModuleNotFoundError as e:
     print("error: mae_et is not installed; run `pip install -e .` in the checkout (README: Set up)", file=sys.stderr)
     sys.exit(2)
 
-DEFAULT_RECIPE = "configs/finetune/vit-base-p16_mae_100e_imagenet.yaml"
-
 
 def main(argv=None) -> None:
-    check_checkout(__file__)
-    args = parse_args(
-        argv,
+    run_training_script(
         "Fine-tune a pretrained MAE encoder (layer-wise lr decay AdamW, RandAugment, mixup/cutmix)",
-        DEFAULT_RECIPE,
+        "configs/finetune/vit-base-p16_mae_100e_imagenet.yaml",
+        load_finetune_config,
+        finetune,
+        script=__file__,
+        argv=argv,
     )
-    run_user_command(lambda: finetune(load_finetune_config(args.config, args.overrides)))
 
 
 if __name__ == "__main__":

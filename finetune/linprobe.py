@@ -11,7 +11,7 @@ The logic lives in `mae_et.evaluate.linprobe`; this file only parses the command
 import sys
 
 try:  # the installed package (pip install -e .), as for any script outside it: no sys.path entry of its own
-    from mae_et.cli import check_checkout, parse_args, run_user_command
+    from mae_et.cli import run_training_script
     from mae_et.evaluate.config import load_linprobe_config
     from mae_et.evaluate.linprobe import linprobe
 except ModuleNotFoundError as e:
@@ -20,15 +20,16 @@ except ModuleNotFoundError as e:
     print("error: mae_et is not installed; run `pip install -e .` in the checkout (README: Set up)", file=sys.stderr)
     sys.exit(2)
 
-DEFAULT_RECIPE = "configs/linprobe/vit-base-p16_mae_90e_imagenet.yaml"
-
 
 def main(argv=None) -> None:
-    check_checkout(__file__)
-    args = parse_args(
-        argv, "Linear probe of a frozen pretrained MAE encoder (cls token, BatchNorm + Linear, LARS)", DEFAULT_RECIPE
+    run_training_script(
+        "Linear probe of a frozen pretrained MAE encoder (cls token, BatchNorm + Linear, LARS)",
+        "configs/linprobe/vit-base-p16_mae_90e_imagenet.yaml",
+        load_linprobe_config,
+        linprobe,
+        script=__file__,
+        argv=argv,
     )
-    run_user_command(lambda: linprobe(load_linprobe_config(args.config, args.overrides)))
 
 
 if __name__ == "__main__":

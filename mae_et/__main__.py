@@ -5,11 +5,7 @@
     mae-et export RUN out.safetensors              the encoder as a timm ViT state dict (mae_et.evaluate.export)
     mae-et visualize RUN img.jpg --out grid.png    reconstruction grid (mae_et.evaluate.visualize)
 
-Training is the scripts `pretrain.py` and `finetune/finetune.py|linprobe.py`, started by `mae-et launch`: Accelerate's
-launcher sets up the processes, and a user error ends in its one line in one process or several
-(docs/operations.md). The study is not a subcommand: it records the commit it trains, so it runs from its own
-checkout (`python benchmarks/curriculum_vs_baseline.py`), not from whichever copy of the package is installed. Each
-tool is also `python -m mae_et.evaluate.<name>`, with the same arguments.
+The study is no subcommand: it records the commit it trains, so it runs from its own checkout (docs/design.md).
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
-"""Atomic checkpoints: write into a hidden temporary folder, fsync, then rename into place.
+"""Checkpoints on disk: atomic writes, which folder a path means, and loading without pickle's full power.
 
-Layout of one checkpoint, `RUN/checkpoints/step_00001234/`:
-    model.safetensors   the full MAE (encoder + decoder), reference parameter names
-    training_state.pt   optimizer, grad scaler, counters, RNG, elapsed time
-    config.yaml         the resolved config of the run
-    meta.json           step, epoch, curriculum stage and size, progress; written last
-
-A folder counts as a checkpoint only when it is named `step_*` and holds meta.json, and a
-folder gets that name only by an atomic rename after everything inside was fsynced; so a kill
-at any moment leaves the latest complete checkpoint readable. A writer holds a lock on
-`.tmp-step_N-HOST-PID.lock` beside its temporary folder while it writes; the next save removes
-only temporary folders whose writer is gone (lock free or missing), never a live writer's. A
-write that fails (a full disk, an interrupt) removes its own temporary folder; a full disk stops
-in one line (`CheckpointWriteError`) naming the step that is still intact.
-
-Saving a step that already exists (a run stopped by max_steps and relaunched with the same limit)
-cannot rename over a folder, so it goes in two renames: `step_N` -> `step_N.prev`, then the new
-folder -> `step_N`. `step_N.prev` is a complete checkpoint of step N too, listed while `step_N` is
-absent; so a kill between the two renames loses nothing, and the next save puts it back or drops it.
-
-No file is loaded with pickle's full power: training_state.pt is read with
-``torch.load(weights_only=True)`` (tensors, numbers, strings and plain containers only), so a
-Python object planted in a shared run folder is refused with a `RefusedFileError` instead of run.
+`RUN/checkpoints/step_00001234/` holds model.safetensors (the full MAE, reference names), training_state.pt
+(optimizer, scaler, counters, clocks), config.yaml (the resolved config) and meta.json (step, stage, progress),
+written last. A kill at any moment leaves the latest complete checkpoint readable, and a Python object planted in
+a run folder is refused, never run (docs/design.md, "Atomic checkpoints, weights-only loading").
 """
 
 from __future__ import annotations
@@ -47,6 +29,7 @@ from mae_et.notices import RunWarning
 CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 PREV_SUFFIX = ".prev"  # the replaced copy of a step saved again, kept until its successor is in place
+_LOCK_SUFFIX = ".lock"  # a writer's lock, beside its temporary folder
 _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)(?:{re.escape(PREV_SUFFIX)})?")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
@@ -67,8 +50,8 @@ class UnreadableFileError(CheckpointError):
 
 
 def check_readable(*paths: Path) -> None:
-    """`UnreadableFileError` for the first of `paths` this user may not open (safetensors calls such a file 'No such
-    file or directory'); missing files are left to each loader's own message."""
+    """`UnreadableFileError` for the first of `paths` this user may not open (safetensors would call it missing);
+    missing files are left to each loader's own message."""
     for path in paths:
         try:
             with open(path, "rb"):
@@ -120,14 +103,9 @@ def torch_load_plain(
     fix: str,
     allowed_globals: tuple[type, ...] = (),
 ) -> Any:
-    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and plain containers only.
-
-    ``allowed_globals`` adds harmless types a known file format holds (argparse.Namespace in
-    official MAE checkpoints) for this call only. A file that holds any other Python object raises
-    `RefusedFileError`, one line naming the file, the refused global and ``fix``; nothing in it
-    runs. Other failures (a truncated or foreign file) propagate as torch raised them, except a
-    malformed pickle, which becomes a short ``pickle.UnpicklingError``.
-    """
+    """`torch.load(path, weights_only=True)`, plus `allowed_globals` (harmless types of a known format, for this
+    call only). Any other Python object: `RefusedFileError` naming the global and `fix`; a malformed pickle: a short
+    `pickle.UnpicklingError`; other failures as torch raised them."""
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -210,9 +188,6 @@ def save_checkpoint(
     return final
 
 
-_LOCK_SUFFIX = ".lock"
-
-
 def checkpoint_step(path: Path) -> int:
     """The step of a checkpoint folder (`step_N` or `step_N.prev`)."""
     return int(_CHECKPOINT_NAME.fullmatch(path.name).group(1))
@@ -250,8 +225,7 @@ def _move_into_place(root: Path, tmp: Path, final: Path) -> None:
 
 
 def _remove_stale_tmp(root: Path) -> None:
-    """Temporary folders of writers that are gone: a free writer lock, or none (a writer takes its lock before
-    it creates its folder). A live writer's lock is held, so its folder stays."""
+    """Temporary folders of writers that are gone (a free writer lock, or none); a live writer's stay."""
     for lock in root.glob(f"{TMP_PREFIX}*{_LOCK_SUFFIX}"):
         fd = try_lock(lock)
         if fd is None:
@@ -307,9 +281,8 @@ def is_run_folder(path: Path) -> bool:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder a user means: a run folder (its latest complete checkpoint, whatever else the folder
-    holds: an export written there never stands in for the run), that run's checkpoints/ folder, a checkpoint
-    folder (step_*) or its model.safetensors; anything else is a one-line CheckpointError."""
+    """The checkpoint folder a user means: a run folder (its latest complete checkpoint, never an export beside
+    it), its checkpoints/, a step_* folder or its model.safetensors; anything else is a one-line CheckpointError."""
     try:
         return _resolve_checkpoint(Path(path))
     except PermissionError as e:  # a folder this user may not look into
@@ -347,9 +320,8 @@ def _resolve_checkpoint(path: Path) -> Path:
 
 
 def require_pretraining(folder: Path, config: Any) -> None:
-    """A checkpoint read as a pretrained MAE or encoder must be a pretraining run's: a fine-tuning or linear-probe
-    run's (its config names the encoder it started from, model.checkpoint) holds a classifier, whose config has no
-    model.size; one line naming the run to pass instead."""
+    """A checkpoint read as a pretrained MAE must be a pretraining run's, not an evaluation's classifier (whose
+    config names its encoder, model.checkpoint): else one line naming the run to pass instead."""
     model = config.get("model") if isinstance(config, dict) else None
     if isinstance(model, dict) and "checkpoint" in model:
         what = "a linear probe's classifier" if "linprobe" in config else "a fine-tuned classifier"
@@ -380,13 +352,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_latest_checkpoint(root: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint | None:
-    """The newest readable checkpoint; an unreadable one is reported and the previous one used.
-
-    A refused one (a training_state.pt holding Python objects, which this project never writes)
-    stops the resume with `RefusedFileError` instead: the run folder was tampered with, and
-    silently training on from an older checkpoint of it would hide that. So does one this user may
-    not read (`UnreadableFileError`): it is not broken, and the run would redo its steps.
-    """
+    """The newest readable checkpoint; an unreadable one is reported and the previous one used. A refused one
+    (tampering) or one this user may not read (not broken) stops the resume instead (docs/design.md)."""
     for path in reversed(list_checkpoints(root)):
         try:
             return load_checkpoint(path, map_location)

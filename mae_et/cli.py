@@ -1,18 +1,9 @@
-"""The one command-line front every entry point shares: how arguments are parsed, how a user error is printed.
+"""The one command front of every entry point: how arguments are parsed, how a user error ends a command.
 
-Every entry point (`pretrain.py`, `finetune/finetune.py`, `finetune/linprobe.py`, the `mae-et` tools, the study and
-the benchmark scripts) parses with `OneLineParser` and runs its work through `run_user_command`, so they all end the
-same way:
-- a user error (any `mae_et.errors.UserError`: bad config, bad data folder, unreadable checkpoint, a run folder
-  another run holds, an output that may not be written; or a bad argument): one line `error: ...`, exit 2;
-- a run that stopped for a reason the user can act on (`RunStopped`: non-finite losses exit 1, Ctrl-C exit 130):
-  its own line and exit status;
-- anything else is a bug and keeps its traceback.
-
-`mae-et launch` (`launch`) starts a training script under `accelerate launch`, so that a user error ends in that
-same one line and exit status under the launcher too, in one process or several (docs/operations.md says why).
-
-A leaf (it imports only `mae_et.errors`), so that commands in every layer can use it.
+A user error (`mae_et.errors.UserError`, or a bad argument) is one line `error: ...`, exit 2; a run that stopped
+for a reason the user can act on (`RunStopped`) says its own line and exit status; anything else keeps its
+traceback. `mae-et launch` keeps that one line under `accelerate launch`, in one process or several. A leaf (it
+imports only `mae_et.errors`), so commands in every layer can use it (docs/design.md, "One command front").
 """
 
 from __future__ import annotations
@@ -62,7 +53,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Sequence[str] | None, description: str, default_config: str | None) -> argparse.Namespace:
-    """`--config recipe.yaml key=value ...`: the command line of the three training entry points."""
+    """`--config recipe.yaml key=value ...`: the command line of the three training scripts."""
     parser = OneLineParser(
         description=description,
         epilog="Overrides are dotted keys, e.g. data.root=/data/imagenet train.epochs=5 curriculum.schedule=et",
@@ -75,9 +66,8 @@ def parse_args(argv: Sequence[str] | None, description: str, default_config: str
 
 
 def warn_if_one_of_several_processes() -> None:
-    """`accelerate launch --num_processes 2 script` without `--multi_gpu` (nor a config that asks for it) starts one
-    process and says nothing. Its plain launcher sets MASTER_PORT only when asked for more than one process or
-    machine; a process started as one of several has a world size (torchrun's WORLD_SIZE, or MPI's). Say so."""
+    """`accelerate launch --num_processes 2` without `--multi_gpu` starts one process and says nothing: say so.
+    (Its plain launcher sets MASTER_PORT only when asked for several; one of several has a world size.)"""
     launched = "ACCELERATE_MIXED_PRECISION" in os.environ  # set by every accelerate launcher
     sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
     if launched and "MASTER_PORT" in os.environ and not any(v in os.environ for v in sizes):
@@ -90,8 +80,8 @@ def warn_if_one_of_several_processes() -> None:
 
 
 def run_user_command(fn: Callable[[], object], also: tuple[type[BaseException], ...] = ()) -> object:
-    """Run a command's work; `also`: further exception types that are the user's to fix in this command (an
-    unwritable output path's OSError, say). Returns what `fn` returns."""
+    """Run a command's work and return what `fn` returns; `also`: further exception types that are the user's to
+    fix in this command (an unwritable output path's OSError, say)."""
     try:
         return fn()
     except (UserError, *also) as e:
@@ -103,9 +93,8 @@ def run_user_command(fn: Callable[[], object], also: tuple[type[BaseException], 
 
 
 def check_checkout(script: str) -> None:
-    """A script that sits in a checkout (`finetune/finetune.py`) imports the installed `mae_et`, not a sys.path
-    entry of its own: when the installed copy is another checkout's (an editable install of a second clone or
-    worktree), the script would run that checkout's code under this one's name. Say so in one line instead."""
+    """A script in a checkout's sub-folder (`finetune/finetune.py`) imports the installed `mae_et`: refuse, in one
+    line, one whose installed copy is another checkout's (it would run that code under this one's name)."""
     here = Path(script).resolve().parents[1]
     package = Path(__file__).resolve().parents[1]
     if (here / "mae_et").is_dir() and here != package:
@@ -115,14 +104,28 @@ def check_checkout(script: str) -> None:
         )
 
 
+def run_training_script(
+    description: str,
+    default_config: str,
+    load: Callable[[str, list[str]], object],
+    work: Callable[[object], object],
+    script: str | None = None,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """A training script's whole command: `--config RECIPE key=value ...`, the recipe read by `load` and run by
+    `work`, a user error in one line. `script`: a script below the checkout root, checked by `check_checkout`."""
+    if script is not None:
+        check_checkout(script)
+    args = parse_args(argv, description, default_config)
+    run_user_command(lambda: work(load(args.config, args.overrides)))
+
+
 LAUNCH_USAGE = "mae-et launch [accelerate launch options] SCRIPT [script arguments]"
 
 
 def launch(argv: Sequence[str]) -> NoReturn:
-    """`mae-et launch ...`: `accelerate launch --quiet ...` with the same arguments, its stderr copied through as it
-    comes up to the first end line a process hands over (`end`, under END_MARK). That line is printed alone and is
-    the exit status; what follows it (the launcher's report of the processes that ended) is dropped. Without one,
-    the command ends as the launcher does."""
+    """`mae-et launch ...`: `accelerate launch --quiet ...`, its stderr copied through up to the first end line a
+    process hands over (`end`); that line alone is printed and gives the exit status, else the launcher's does."""
     if not argv:
         say_error(f"the training script is missing: {LAUNCH_USAGE}")
     if argv[0] in ("-h", "--help"):

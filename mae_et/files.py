@@ -1,27 +1,11 @@
 """Files a command writes: one writer per run folder, outputs checked before the work, written whole.
 
     with RunFolderLock(run_dir):          # an exclusive flock on RUN/.run.lock for the run's whole life
-        ...
-    out = check_output_file(path, reads=[checkpoint, data_root], overwrite=args.overwrite, flag="--out")
-    ...the work...
-    write_atomic(out, lambda tmp: save_png(grid, tmp))
+        out = check_output_file(path, reads=[checkpoint, data_root], overwrite=args.overwrite, flag="--out")
+        write_atomic(out, lambda tmp: save_png(grid, tmp))   # a temporary file beside it, then one rename
 
-The lock is the OS's (`fcntl.flock`), held on an open file: a process that ends in any way, SIGKILL included,
-releases it, so nothing a killed run leaves behind can block the relaunch (a marker file would). A flock belongs
-to the open file, which a forked child (a DataLoader worker) shares: each child closes its copy as it starts,
-so a worker that outlives a killed run for a few seconds holds nothing (an exec'd one never had it: the file is
-opened close-on-exec). The file keeps
-the last holder's pid, host, start time and command, which is what a refused second launch prints. On NFS, Linux
-maps flock to POSIX locks, which the server arbitrates between machines.
-
-Output rules, for every command that writes a file: an output is never one of the files the command reads, never
-inside a folder it reads (data, image folders) or inside a run's checkpoints (`RUN/checkpoints/`, a `step_*`
-folder, `best/`); an existing file is replaced only with `overwrite`; a folder, or a parent that cannot be
-written, is refused before any work. Written atomically: a temporary file beside the target, then one rename, so
-a killed or failed write leaves the old file (or none), never half of one. Files get the mode the umask gives
-(safetensors alone writes 0600).
-
-This module imports nothing of mae_et: every other one may use it.
+Why a flock, what it holds, and the output rules: docs/design.md, "Files a command writes". A leaf below
+everything but `mae_et.errors`.
 """
 
 from __future__ import annotations
@@ -66,11 +50,9 @@ def _holder_line(text: str) -> str:
 
 
 def try_lock(path: str | os.PathLike) -> int | None:
-    """An exclusive, non-blocking `flock` on `path` (created if missing, never truncated): the open descriptor
-    that holds it, or None when another open file holds it. Close the descriptor to release the lock.
-
-    A lock file that another process unlinked between our open and our flock would lock nothing; so once
-    locked, the path must still name the file we hold, else we try again on the new file."""
+    """An exclusive, non-blocking `flock` on `path` (created if missing, never truncated): the descriptor that
+    holds it (close it to release), or None when another open file holds it. A file unlinked between our open and
+    our flock would lock nothing, so the path must still name the file we hold, else we try again."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, _default_mode())
         try:
@@ -90,12 +72,8 @@ def try_lock(path: str | os.PathLike) -> int | None:
 
 
 class RunFolderLock:
-    """An exclusive, non-blocking `flock` on `folder/.run.lock`, held until `release()` (or the process ends).
-
-    `acquire()` raises `RunFolderBusy` when another process holds it: one line naming the holder and the two
-    ways on. Locks are per open file: a second `RunFolderLock` on the same folder in the same process is
-    refused too, as another process would be.
-    """
+    """An exclusive, non-blocking `flock` on `folder/.run.lock`, held until `release()` (or the process ends);
+    `acquire()` raises `RunFolderBusy` naming the holder, for a second lock in this process too."""
 
     def __init__(
         self,
@@ -155,8 +133,7 @@ _held: weakref.WeakSet[RunFolderLock] = weakref.WeakSet()  # the locks this proc
 
 
 def _drop_locks_in_child() -> None:
-    """In a forked child: close its copies of the lock files. Closing a copy never unlocks the parent's (a flock
-    ends with the last descriptor of the open file); an explicit LOCK_UN would, so this only closes."""
+    """In a forked child: close its copies of the lock files (closing never unlocks the parent's; LOCK_UN would)."""
     for lock in list(_held):
         if lock._fd is not None:
             os.close(lock._fd)
@@ -196,10 +173,8 @@ def check_output_file(
     flag: str = "the output",
     suffix: str | None = None,
 ) -> Path:
-    """`path` if a command may write it, else `FileError` in one line; call it before the work.
-
-    `reads`: the files and folders the command reads (an output may not be one, nor lie inside one).
-    """
+    """`path` if a command may write it, else `FileError` in one line; call it before the work. `reads`: the files
+    and folders the command reads (an output may not be one, nor lie inside one)."""
     out = Path(path)
     if out.is_dir():
         raise FileError(f"{flag} '{out}' is a folder; give a file name, e.g. {out / ('out' + (suffix or ''))}")
@@ -250,8 +225,8 @@ def check_output_folder(
 
 
 def _default_mode() -> int:
-    """0o666 less the umask: the mode an ordinary `open(path, 'w')` gives. Read from /proc where it can be
-    (setting the umask to read it back is not thread-safe)."""
+    """0o666 less the umask, as `open(path, 'w')` gives; read from /proc where it can be (setting the umask to
+    read it back is not thread-safe)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
@@ -269,8 +244,8 @@ def follow_umask(path: str | os.PathLike) -> None:
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """`write(tmp)` writes the whole file to a temporary path beside `path`; then it replaces `path` in one
-    rename. On any failure (a full disk, an interrupt) the temporary file is removed and `path` is as it was."""
+    """`write(tmp)` writes the whole file beside `path`, which one rename then replaces; on any failure the
+    temporary file is removed and `path` is as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -308,8 +283,8 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
 
 
 def is_disk_full(error: BaseException, folder: str | os.PathLike, needed_bytes: int = 0) -> bool:
-    """Whether a failed write failed for want of space: ENOSPC / EDQUOT, or a library's own wording of it
-    (torch's zip writer says only 'unexpected pos'), or less free space left than the write needed."""
+    """Whether a write failed for want of space: ENOSPC / EDQUOT, a library's wording of it, or less free space
+    left than it needed (torch's zip writer says only 'unexpected pos')."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(error)
@@ -324,8 +299,8 @@ def is_disk_full(error: BaseException, folder: str | os.PathLike, needed_bytes: 
 
 @contextlib.contextmanager
 def one_line_on_full_disk(target: str | os.PathLike, needed_bytes: int = 0) -> Iterator[None]:
-    """Around the writes of one output, whose writer removes what it leaves unfinished: a full disk ends in one
-    `FileError` line naming `target`, not in the traceback of whichever library was writing."""
+    """Around the writes of one output (whose writer removes what it leaves unfinished): a full disk is one
+    `FileError` line naming `target`, not a library's traceback."""
     try:
         yield
     except Exception as e:
@@ -339,8 +314,7 @@ def one_line_on_full_disk(target: str | os.PathLike, needed_bytes: int = 0) -> I
 
 
 def move_into(folder: Path, names: Iterable[str], into: Path) -> None:
-    """Each of `names` found in `folder` moved as it is into the folder `into` (one rename each, nothing copied):
-    an earlier run set aside when a run starts over in its folder."""
+    """Each of `names` found in `folder` moved into `into`, one rename each (an earlier run set aside)."""
     for name in names:
         if (folder / name).exists():
             os.replace(folder / name, into / name)

@@ -1,16 +1,9 @@
-"""What a person sees besides the log lines: warnings they can read, and progress on long work.
+"""What a person sees besides the log lines: one-line warnings, and progress on long work.
 
-Progress (`progress`): a tqdm bar on a terminal (stderr), a plain line at every tenth of the work in a log
-file (on stdout, in order with the log lines), on the main process only; used by the decode-once store, feature
-extraction (kNN, cached probe), the fine-tune and probe epochs and the pretraining loop.
-
-Warnings: one line that says what and why, not the source line of the call.
-
-Python prints a warning as `file.py:347: UserWarning: <message>` followed by the source line of the
-`warnings.warn(...)` call, which tells a user nothing. Our warnings are of the categories below, and
-`one_line_warnings()` (run when `mae_et` is imported, so DataLoader workers get it too) prints just
-`warning: <message>` for them; every other library's warnings keep Python's format. They are still
-ordinary warnings: filters, `-W error` and `pytest.warns` see them as usual.
+`one_line_warnings()` (run when `mae_et` is imported) prints our warnings as `warning: <message>`, without the
+source line of the call; they stay ordinary warnings for filters and `pytest.warns`. `progress` is a tqdm bar on a
+terminal and a plain line at every tenth of the work in a log, on the main process only (docs/design.md, "Warnings
+and progress").
 """
 
 from __future__ import annotations
@@ -47,8 +40,8 @@ def one_line_warnings() -> None:
 
 
 class _PlainLines:
-    """Progress as a plain line at every tenth of the work (for logs, pipes and files, where a bar's carriage
-    returns would pile up), with the same `update` / `close` / iteration as a tqdm bar."""
+    """Progress as a plain line at every tenth of the work (a log, where a bar's carriage returns would pile up),
+    with a tqdm bar's `update` / `close` / iteration."""
 
     def __init__(self, iterable, total: int | None, initial: int, desc: str, unit: str) -> None:
         self.iterable, self.total, self.n, self.desc, self.unit = iterable, total, initial, desc, unit
@@ -65,9 +58,7 @@ class _PlainLines:
         if self.total and 10 * self.n >= self.next_tenth * self.total:
             self.next_tenth = 10 * self.n // self.total + 1
             seconds = time.perf_counter() - self.t0
-            # stdout, the stream the log lines go to: one stream keeps their order, and a log file that gets
-            # stdout and stderr through two descriptors (`> log 2> log`, a scheduler's --output and --error
-            # naming one file) would have one stream's lines written over the other's
+            # stdout, the log lines' stream: their order kept, none written over (docs/design.md)
             print(
                 f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%, {seconds:.0f}s)",
                 file=sys.stdout,

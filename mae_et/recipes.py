@@ -1,23 +1,9 @@
-"""Recipes: YAML files with `_base_` inheritance, dotted command-line overrides, and typed dataclasses built from them.
+"""Recipes: YAML files with `_base_` inheritance and dotted command-line overrides, built into typed dataclasses.
 
-The machinery every stage's configuration uses (pretraining in `mae_et.train.config`, fine-tuning and the
-linear probe in `mae_et.evaluate.config`); it knows no schema of its own.
-
-A recipe is a YAML file whose keys mirror a config dataclass. It may start with `_base_: other.yaml` (a path
-relative to the recipe) to inherit and override another recipe. Overrides come from the command line as
-`section.key=value`; values are parsed as YAML, so `train.epochs=5`, `optim.clip_grad=null` and
-`data.scale=[0.2,1.0]` all do what they look like. Every mistake fails in one line: an unknown key names the
-closest valid one ("did you mean"), a value of the wrong type names the expected type, a YAML syntax error
-names the file, line and column, a `_base_` chain that reaches itself names the cycle.
-
-The rules on a single value are declared in the schema, once, beside the field, and checked as the config is
-built: choices as `Literal` types (`Literal["bf16", "fp16", "fp32"]`; an unknown one names the closest), bounds as
-`Annotated[float, Positive]` (`Seed` for seeds), rules on a name as `Annotated[str, Text(...)]`, a list of typed
-entries as `list[SomeDataclass]`, and a declared reading of YAML's booleans where a key takes words (`FromBool`). A
-stage's validation holds only what no single field can say (a crop that is a multiple of the patch, warmup within
-the epochs, a floor below the lr), and never changes the config it checks.
-
-Written by hand, not OmegaConf structured configs: see docs/libraries.md for the comparison.
+The machinery every stage's configuration uses (`mae_et.train.config`, `mae_et.evaluate.config`); it knows no
+schema of its own. Values are parsed as YAML (`train.epochs=5`, `optim.clip_grad=null`), and every mistake fails in
+one line (an unknown key names the closest one). The rules on one value sit beside its field in the schema
+(`Check`, `Text`, `FromBool`, `Literal`): docs/design.md, "A rule is checked once, at the schema".
 """
 
 from __future__ import annotations
@@ -51,8 +37,8 @@ MAX_RECIPE_BYTES = 1_000_000
 
 
 def find_recipe(path: str | Path) -> Path:
-    """A recipe path as given (absolute, or relative to the working directory), else relative to the
-    checkout (so `python /path/to/pretrain.py` finds `configs/...` from any directory)."""
+    """A recipe path as given, else relative to the checkout (so `python /path/to/pretrain.py` finds
+    `configs/...` from any directory)."""
     path = Path(path)
     if path.exists():
         return _recipe_file(path, f"config file '{path}'")
@@ -159,10 +145,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """A bound on one field's value, declared in the schema: `epochs: Annotated[float, Check(gt=0)]`.
-
-    Bounds (`gt`, `ge`, `lt`, `le`) also require a finite number (inf and nan pass no bound). Fails in one line
-    naming the key, the rule and the value."""
+    """A bound on one field's value, declared in the schema: `epochs: Annotated[float, Check(gt=0)]`; inf and nan
+    pass no bound. Fails in one line naming the key, the rule and the value."""
 
     gt: float | None = None
     ge: float | None = None
@@ -217,9 +201,8 @@ class Text:
 
 @dataclasses.dataclass(frozen=True)
 class FromBool:
-    """How a key that takes words reads YAML 1.1's booleans (`off`, `no` -> false; `on`, `yes` -> true), declared
-    in the schema: `wandb: Annotated[WandbMode, FromBool(true="auto", false="off")]`. Applied as the config is
-    built, before the type is checked."""
+    """How a key that takes words reads YAML 1.1's booleans (`off` -> false, `yes` -> true), declared in the
+    schema: `wandb: Annotated[WandbMode, FromBool(true="auto", false="off")]`; applied before the type check."""
 
     true: str
     false: str
@@ -257,8 +240,7 @@ def _unknown_key_error(dotted: str, valid: list[str]) -> ConfigError:
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, root: tuple[type, str] | None = None) -> Any:
-    """`cls` from `data`; `root` (the outermost dataclass and its prefix) is where an unknown key's
-    suggestions come from."""
+    """`cls` from `data`; `root` (the outermost dataclass, its prefix) gives an unknown key's suggestions."""
     root = root or (cls, prefix)
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
@@ -370,9 +352,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) for YAML, JSON and trackers."""
 
     def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, list):
+        if isinstance(v, (tuple, list)):
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}

@@ -1,10 +1,9 @@
-"""Seeds as pure functions of where they are used: one hash, and the one table of seed families.
+"""Seeds as pure functions of where they are used: one hash (`mix64`), and the one table of seed families.
 
-Every random stream of a run seeds its own `torch.Generator` with `mix64(family, seed, position...)` (the epoch's
-order, each sample's crop, a retry after an unreadable file, the per-micro-step augmentation on the device, the mask,
-the fractal renderer's systems and samples), so any step can be recomputed on its own: a resumed run, another rank
-or another worker draws exactly what an uninterrupted run draws. Each family has its own tag, listed here once, so
-no two streams can share one by accident.
+Every random stream seeds its own `torch.Generator` with `mix64(family, seed, position...)`, so any step can be
+recomputed on its own (a resumed run, another rank or worker draws what an uninterrupted run draws); each family
+has its own tag, listed here once, so no two streams share one by accident (docs/design.md, "Seeds are pure
+functions of position").
 """
 
 from __future__ import annotations
@@ -26,6 +25,9 @@ class Family(IntEnum):
     SAMPLE = 2  # mae_et.data.folder: one sample's crop and flip
     RETRY = 3  # mae_et.data.folder: the replacement of an unreadable file
     STEP_AUGMENT = 4  # mae_et.data.on_device: the crops and flips of one micro-step on the device
+    # mae_et.data.labelled: the augmentation of an image that replaces an unreadable file (it was seed + attempt
+    # before; only such a replacement draws differently, and no published run met one)
+    LABELLED_RETRY = 5
     FRACTAL_SYSTEM = 101  # mae_et.data.fractal: drawing an iterated function system
     FRACTAL_STREAM = 102  # mae_et.data.fractal: the chaos game's points
     FRACTAL_STYLE = 103  # mae_et.data.fractal: colours and background
@@ -37,12 +39,8 @@ class Family(IntEnum):
 
 
 def mix64(*values: int) -> int:
-    """Deterministic 63-bit hash of a tuple of ints (splitmix64 finaliser, chained).
-
-    Used instead of a linear formula such as ``seed * K + epoch * M + pos`` because linear formulas
-    collide once a dataset has more than M images (ImageNet has 1.28M), and the result must fit
-    ``torch.Generator.manual_seed``.
-    """
+    """Deterministic 63-bit hash of a tuple of ints (splitmix64 finaliser, chained): a linear formula such as
+    `seed * K + epoch * M + pos` collides once a data set has more than M images; 63 bits fit `manual_seed`."""
     h = 0x9E3779B97F4A7C15
     for v in values:
         h = (h ^ (v & _MASK64)) & _MASK64

@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from benchmarks.study.clocks import backfill_quiet_cpu, code_version, machine
 from benchmarks.study.config import (
@@ -30,14 +30,12 @@ from benchmarks.study.runs import (
     holds_finished_encoder,
     launch_pretrain,
     pretrain_command,
+    pretrain_config,
     pretrain_overrides,
     read_pretrain_run,
     save_untrained_encoder,
 )
 from benchmarks.study.state import StudyState, settings_key
-from mae_et.train.config import load_pretrain_config
-
-PARTS = ("all", "pretrain", "eval", "report")  # the default, --pretrain-only, --eval-only, --report-only
 
 
 @dataclass
@@ -47,7 +45,8 @@ class StudyOptions:
     seeds: list[int]
     ablations: list[str]  # names of the study's ablations, in the order asked for
     ablation_seeds: dict[str, list[int]]  # the seeds each ablation gets (`ablation_seed_plan`)
-    part: str = "all"  # one of PARTS: pretrain trains only; eval and report train nothing; report evaluates nothing
+    # the default, --pretrain-only (trains only), --eval-only (trains nothing), --report-only (evaluates nothing)
+    part: Literal["all", "pretrain", "eval", "report"] = "all"
     launch: str = "inprocess"  # subprocess | inprocess
     poll_seconds: float = 30.0  # --eval-only: how often to look for what the other process pretrained
 
@@ -225,12 +224,12 @@ class StudyRun:
             return True
         if self.options.read_only:
             return False
-        self.train_row(row, seed, overrides, key)
+        self.train_row(row, seed, epochs, overrides, key)
         return True
 
-    def train_row(self, row: str, seed: int, overrides: list[str], key: list[str]) -> None:
+    def train_row(self, row: str, seed: int, epochs: float, overrides: list[str], key: list[str]) -> None:
         name = run_name(row, seed)
-        cfg = load_pretrain_config(self.study.recipe, overrides)
+        cfg = pretrain_config(self.study, row, seed, epochs, self.data_root, self.out)
         clear_if_config_changed(cfg.run_dir, cfg)
         launches = self.state.count_launch(name)
         log = self.out / "logs" / f"{name}.pretrain.log"
@@ -277,8 +276,7 @@ class StudyRun:
         baseline's)."""
         if r.get("pos_embed"):
             return r["pos_embed"]
-        overrides = pretrain_overrides(self.study, row, seed, self.study.epochs, self.data_root, self.out)
-        return load_pretrain_config(self.study.recipe, overrides).model.pos_embed
+        return pretrain_config(self.study, row, seed, self.study.epochs, self.data_root, self.out).model.pos_embed
 
     def evaluate_row(self, row: str, seed: int) -> None:
         """Evaluate one row's encoder (or read it back), into results."""

@@ -26,13 +26,12 @@ from benchmarks.study.flow import StudyOptions, StudyRun
 from benchmarks.study.frontier import frontier_result, frontier_table, plot_frontier
 from benchmarks.study.paths import repo_relative
 from benchmarks.study.plot import plot
-from benchmarks.study.runs import pretrain_overrides
+from benchmarks.study.runs import pretrain_config
 from benchmarks.study.state import STATE_FILE, StudyState
 from benchmarks.study.summary import ablation_effects, code_note, machines_note, speedups, summarise
 from benchmarks.study.tables import ablation_table, markdown_table, size_table, stage_rate_table, stage_rates
 from benchmarks.study.verdicts import reference_check, verdict_lines, verdicts
 from mae_et.files import write_text_atomic
-from mae_et.train.config import load_pretrain_config
 
 REPORT_FILES = ("results.json", "table.md", "accuracy_vs_time.png", "frontier.png")  # the last with a frontier
 
@@ -69,16 +68,15 @@ def checked_configs(study: Study, data_root: Path, out: Path, reads_data: bool =
     """Every run's pretraining config, checked before anything runs (the equal-time run's epochs are known only
     later: E here). reads_data=False: a report reads no data, its configs only shape the report (model, batch, crop),
     so a checkout without the data still writes it."""
-    reads_nothing = [] if reads_data else ["data.source=fractal"]
     return {
-        run: load_pretrain_config(
-            study.recipe,
-            [
-                *pretrain_overrides(
-                    study, run, 0, study.epochs * (1.0 if spec.budget == EQUAL_TIME else spec.budget), data_root, out
-                ),
-                *reads_nothing,
-            ],
+        run: pretrain_config(
+            study,
+            run,
+            0,
+            study.epochs * (1.0 if spec.budget == EQUAL_TIME else spec.budget),
+            data_root,
+            out,
+            reads_data,
         )
         for run, spec in study.runs.items()
     }

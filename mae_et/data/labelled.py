@@ -35,6 +35,7 @@ from mae_et.data.folder import (
     step_loader,
 )
 from mae_et.notices import DataWarning
+from mae_et.seeding import Family, mix64
 
 _SEED_MASK = (1 << 32) - 1  # numpy seeds are 32-bit
 
@@ -126,7 +127,8 @@ class SeededClassificationDataset(torch.utils.data.Dataset):
                 )
                 self._known_bad.add(path)
                 continue
-            with seeded_rng(seed + attempt):
+            # a replacement gets a fresh seed, so that it is not a copy of another key's augmentation
+            with seeded_rng(seed if attempt == 0 else mix64(Family.LABELLED_RETRY, seed, attempt)):
                 return self.transform(img), label  # (3, S, S) float32
         raise DataError(
             f"{self.max_consecutive_failures} consecutive unreadable files near '{self.index.samples[index][0]}'; "

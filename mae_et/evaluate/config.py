@@ -1,9 +1,6 @@
-"""Typed configs for the evaluation stage: fine-tuning and linear probing of a pretrained encoder.
-
-Same machinery as pretraining (`mae_et.recipes`): a YAML recipe (with `_base_`), dotted overrides,
-`build_config` (an unknown key names the closest valid one), then cross-field checks that fail in
-one line before any data is read. Checks that need the encoder (patch size for the curriculum)
-or the data (class lists, dataset size) run in the engines, still before the first step.
+"""Typed configs for the evaluation stage (fine-tuning, linear probing): the schema, each field's rule beside it,
+and the cross-field checks, each failing in one line before any data is read. Checks that need the encoder (the
+patch size) or the data (class lists, dataset size) run in the engines, still before the first step.
 """
 
 from __future__ import annotations
@@ -83,9 +80,7 @@ class FinetuneAugmentConfig:
     # mmax9: with Pillow >= 13 a jittered magnitude of 10 makes PosterizeIncreasing ask for 0 bits, which
     # Pillow rejects (a crash a few times in 10,000 images); capping at 9 keeps every op valid
     auto_augment: str | None = "rand-m9-mstd0.5-inc1-mmax9"
-    randaug_ramp_start: NonNegativeFloat | None = (
-        None  # EfficientTrain: RandAugment magnitude grows linearly from this to the recipe's m
-    )
+    randaug_ramp_start: NonNegativeFloat | None = None  # EfficientTrain: magnitude grows from this to the recipe's m
     scale: tuple[float, float] = (0.08, 1.0)
     color_jitter: NonNegativeFloat | None = 0.4  # ignored by timm while auto_augment is set (as in the MAE recipe)
     interpolation: Interpolation = "bicubic"
@@ -107,9 +102,8 @@ class FinetuneOptimConfig:
     lr: PositiveFloat | None = None  # absolute lr; overrides blr when set
     min_lr: NonNegativeFloat = 1e-6
     weight_decay: NonNegativeFloat = 0.05
-    layer_decay: Annotated[float, Check(gt=0, le=1)] = (
-        0.65  # block i of depth L gets lr * layer_decay ** (L - i); the head the full lr
-    )
+    # block i of depth L gets lr * layer_decay ** (L - i); the head the full lr
+    layer_decay: Annotated[float, Check(gt=0, le=1)] = 0.65
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     warmup_epochs: NonNegativeFloat = 5.0
     clip_grad: PositiveFloat | None = None
@@ -164,9 +158,8 @@ class FinetuneConfig(RunConfig):  # name, output_dir
 
 @dataclass
 class LinprobeSettings:
-    mode: ProbeMode = (
-        "online"  # online: augmented images through the frozen encoder each step (reference) | cached: features once
-    )
+    # online: augmented images through the frozen encoder each step (the reference) | cached: features once
+    mode: ProbeMode = "online"
     pool: FeaturePool = "cls"  # cls token after the final norm (the MAE protocol) | mean of the patch tokens
     encoder_batch: PositiveInt = 256  # images per frozen-encoder forward; a head batch is encoded in chunks of this
 
@@ -314,9 +307,8 @@ _AA_POLICY = re.compile(r"rand(-[a-z]+[\d.]+)*|augmix(-[a-z]+[\d.]+)*|original|o
 
 
 def check_auto_augment(auto_augment: str | None) -> None:
-    """An `augment.auto_augment` timm knows, and whose every op runs at every magnitude it can draw, checked now
-    (timm asserts only when the first transform is built; an op Pillow refuses, such as RandAugment's
-    PosterizeIncreasing at magnitude 10 asking for 0 bits, fails a few images into a run)."""
+    """An `augment.auto_augment` timm knows, whose every op runs at every magnitude it can draw, checked now: timm
+    and Pillow would fail only at the first transform, or a few images into a run."""
     if auto_augment is None or auto_augment == "":
         return
     detail = None
@@ -345,9 +337,8 @@ def check_auto_augment(auto_augment: str | None) -> None:
 
 
 def _check_ops_run(auto_augment: str, policy: Any) -> None:
-    """Each op of a built timm policy, applied to a tiny image at the ends of the magnitudes it draws: timm draws
-    m, or uniform in [0, m] (mstd inf), or normal around m (mstd > 0; six deviations either side here), clipped to
-    [0, mmax or 10]."""
+    """Each op of a built timm policy, applied to a tiny image at both ends of the magnitudes it draws (m, [0, m]
+    for mstd inf, m +- 6 mstd otherwise, clipped to [0, mmax or 10])."""
     from PIL import Image
 
     image = Image.new("RGB", (8, 8), (120, 60, 200))

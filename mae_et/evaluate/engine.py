@@ -1,18 +1,10 @@
 """The evaluation engine: the epoch loop, evaluation, best-epoch keeping and result writing of fine-tuning and the
-linear probe, written once (as MAE's `engine_finetune.py` and DINOv2's `eval/utils.py` split theirs).
+linear probe, written once; what differs is each method's, behind `EvalMethod`.
 
-What differs lives in each method's module, behind `EvalMethod`: fine-tuning (`mae_et.evaluate.finetune`: layer
-decay, Mixup/CutMix, the curriculum crop, a DataLoader per epoch for the RandAugment ramp, the best weights kept in
-RUN/best/) and the probe (`mae_et.evaluate.linprobe`: BatchNorm + LARS on cached or online features).
+    result = run_engine(run, FinetuneMethod(cfg, run))   # resume, the loop, RUN/result.json
 
-    method = FinetuneMethod(cfg, run)                # builds data, model and optimizer (prepared)
-    plan = method.plan                               # mae_et.run.plan.RunPlan: the run in optimizer steps
-    result = run_engine(run, method)                 # resume, the loop, RUN/result.json
-
-`train_epochs` is the loop alone (no run folder): `fit_probe_on_features` uses it with a `Recorder` that only
-keeps the evaluations. Every epoch ends with an evaluation on the validation split; the loop logs every
-`train.log_every` steps and at each epoch's end, checkpoints after the evaluation (so a checkpoint carries it).
-"""
+`train_epochs` is the loop alone (no run folder), as `fit_probe_on_features` uses it. docs/design.md, "The
+evaluation engine"."""
 
 from __future__ import annotations
 
@@ -32,6 +24,7 @@ from torch import Tensor
 
 from mae_et import checkpoint as ckpt_lib
 from mae_et.data.labelled import build_eval_loader, shard_loader, split_dir
+from mae_et.evaluate.config import ClassificationDataConfig
 from mae_et.files import write_json_atomic
 from mae_et.recipes import ConfigError
 from mae_et.run.plan import RunPlan, checkpoint_due, set_lr
@@ -45,9 +38,8 @@ class EvalResult:
     run_dir: Path | None
     step: int  # optimizer steps done
     checkpoint: Path | None  # the last checkpoint written or resumed from
-    best: (
-        dict[str, Any] | None
-    )  # the best epoch: top1, top5, val_loss, epoch, step (and path, when its weights are kept)
+    # the best epoch: top1, top5, val_loss, epoch, step (and path, when its weights are kept)
+    best: dict[str, Any] | None
     last_eval: dict[str, Any] = field(default_factory=dict)  # the latest epoch's evaluation
     history: list[dict] = field(default_factory=list)  # this launch's epoch evaluations
     result: dict[str, Any] | None = None  # RUN/result.json, once the plan is done
@@ -98,10 +90,8 @@ def topk_counts(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 def evaluate_classifier(
     model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tensor]], accelerator: Accelerator
 ) -> dict[str, float]:
-    """Top-1 / top-5 (%) and mean cross-entropy of `model` over this rank's batches, summed over all ranks.
-
-    `batches`: (inputs, labels) pairs (images of a loader, or cached features); a batch whose every file was
-    unreadable (`mae_et.data.labelled.collate_eval` drops them) is skipped."""
+    """Top-1 / top-5 (%) and mean cross-entropy of `model` over this rank's (inputs, labels) batches, summed over
+    all ranks; a batch whose every file was unreadable (empty) is skipped."""
     was_training = model.training
     model.eval()
     device = accelerator.device
@@ -126,7 +116,7 @@ def evaluate_classifier(
 
 
 def eval_split_loader(
-    cfg_data, classes: list[str], batch_size: int, accelerator: Accelerator
+    cfg_data: ClassificationDataConfig, classes: list[str], batch_size: int, accelerator: Accelerator
 ) -> torch.utils.data.DataLoader:
     """Resize + centre crop loader of the validation split with the training labels, sharded per rank."""
     root = split_dir(cfg_data.root, cfg_data.val_split, "data.val_split")
@@ -328,10 +318,8 @@ def run_engine(run: Run, method: EvalMethod) -> EvalResult:
     run.close()
     plan, result = method.plan, None
     if step >= plan.total_steps:
-        final = recorder.last_eval or {
-            **method.evaluate(),
-            "epoch": plan.num_epochs,
-        }  # a checkpoint from before its evaluation
+        # no evaluation yet: a checkpoint from before its evaluation
+        final = recorder.last_eval or {**method.evaluate(), "epoch": plan.num_epochs}
         result = {
             "task": method.task,
             **method.result_fields(),

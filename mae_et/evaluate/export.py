@@ -3,24 +3,9 @@
     mae-et export RUN_OR_CHECKPOINT out.safetensors [--overwrite]
     mae-et export RUN_OR_CHECKPOINT OUT_FOLDER --format hf [--overwrite]
 
-(`python -m mae_et.evaluate.export ...` is the same command.)
-The output is checked before anything is read: never the input, never inside the folder it reads (a run folder:
-`export RUN RUN/x.safetensors`), never inside a run's checkpoints (`RUN/checkpoints/`, a `step_*` folder: replacing a
-checkpoint's weights with the encoder alone would break its resume), an existing file only with `--overwrite`; it
-is written atomically, and a full disk ends in one line with no file left.
-
-The file holds the encoder only (timm names, no head, contiguous tensors) and the spec
-(size, patch size, training size) in its safetensors metadata; the command prints the line that
-loads it with timm.
-
-`--format hf` writes OUT_FOLDER as `transformers` reads it (`mae_et.models.hf`), with a model card (README.md: how
-the run was trained and what its folder and `--results RESULT_JSON ...` say it scored): the MAE with its decoder
-(`ViTMAEForPreTraining.from_pretrained(OUT)`) and, in OUT/encoder/, the encoder alone
-(`ViTModel.from_pretrained(OUT/encoder, add_pooling_layer=False)`: MAE trains no pooler), each with no missing or
-unexpected key; `push_to_hub` from there shares it. Only our run or checkpoint folders carry the decoder's config
-(and the run's mask ratio); official MAE weights are on the Hub already (facebook/vit-mae-*). The weights go in before
-each config.json, so a killed export leaves no folder that loads half; a failed one (a full disk: one line) removes
-the files it wrote.
+The timm file holds the encoder (no head) and its spec in the safetensors metadata; the hf folder holds the MAE, the
+encoder alone in OUT/encoder/ and a model card. The output is checked before anything is read and written
+atomically. docs/design.md, "Export".
 """
 
 from __future__ import annotations
@@ -52,8 +37,8 @@ from mae_et.models.vit import (
     META_PATCH,
     META_SIZE,
     EncoderSpec,
-    _check_against_model,
     build_vit,
+    check_against_model,
     infer_spec,
     load_encoder_state,
     timm_model_name,
@@ -87,16 +72,15 @@ def timm_load_line(spec: EncoderSpec, file: str | Path) -> str:
 
 
 def export_encoder(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
-    """Write the encoder of checkpoint ``src`` to ``dst`` (.safetensors); returns ``dst``.
-
-    Raises `FileError` (before reading ``src``) when ``dst`` may not be written: see the module docstring."""
+    """Write the encoder of checkpoint ``src`` to ``dst`` (.safetensors); returns ``dst``. A ``dst`` that may not
+    be written is a `FileError` before ``src`` is read."""
     src = Path(src)
     dst = check_output_file(dst, reads=[src], overwrite=overwrite, flag="output", suffix=".safetensors")
     state, spec, kind = load_encoder_state(src)
     spec = spec or infer_spec(state)
     # Prove the file will load strictly into the timm model we advertise before writing it.
     # (num_classes=0, token pool: no head, no fc_norm, so the check is an exact key/shape match.)
-    _check_against_model(state, build_vit(spec, num_classes=0), str(src))
+    check_against_model(state, build_vit(spec, num_classes=0), str(src))
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}  # safetensors needs contiguous
     metadata = {
         "format": "pt",
@@ -204,8 +188,7 @@ def run_export(args: argparse.Namespace) -> None:
         print(f'    ViTModel.from_pretrained("{(out / "encoder").resolve()}", add_pooling_layer=False)')
         return
     out = export_encoder(args.src, args.dst, overwrite=args.overwrite)
-    state_spec = load_encoder_state(out)[1]
-    assert state_spec is not None  # written by export_encoder just above
+    state_spec = load_encoder_state(out)[1]  # the spec export_encoder wrote into the file
     print(f"wrote {out} ({state_spec.size} ViT, patch {state_spec.patch_size}, {state_spec.img_size} px)")
     print("load it with timm:")
     print("    import timm" + (", safetensors.torch" if timm_model_name(state_spec) is None else ""))

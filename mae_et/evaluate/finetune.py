@@ -1,26 +1,9 @@
 """End-to-end fine-tuning of a pretrained encoder: the MAE recipe, optionally with the ET curriculum.
 
-This module holds what fine-tuning has of its own (`FinetuneMethod`: layer-wise lr decay, Mixup/CutMix, the
-curriculum crop, the RandAugment ramp); the epoch loop, evaluation, the best epoch and RUN/result.json are the
-evaluation engine's (`mae_et.evaluate.engine`), shared with the linear probe.
-
-Data flows one way: training split (seeded timm augmentation: RandomResizedCrop, flip,
-RandAugment, RandomErasing) -> device -> Mixup/CutMix -> [curriculum: low-frequency crop to the
-stage's size B] -> timm ViT (layer-wise lr decay AdamW) -> per-epoch top-1/top-5 on the
-validation split -> tracker, atomic checkpoints, and the best epoch kept in RUN/best/.
-
-Reproducibility and resume: every random choice is a function of (seed, step, micro-step, rank):
-the data stream and augmentations (`classification_data`), and Mixup's draws and drop-path
-masks (the global RNGs are reseeded at each micro-step). So a resumed run needs only the weights,
-the optimizer, the scaler and the step.
-
-The curriculum option (EfficientTrain on fine-tuning): stages come from `curriculum` exactly as
-in pretraining and are laid out in optimizer steps by `mae_et.run.plan.plan_run`; the batch is
-low-pass cropped on the device before the forward (the ViT resamples its position embeddings
-to the smaller grid on the fly). `augment.randaug_ramp_start` adds ET's RandAugment ramp: the
-magnitude of epoch e is round(start + (m - start) * e / (E - 1)) over the E epochs of the plan,
-applied by rebuilding the training transform at the start of each epoch (a new DataLoader per
-epoch, so workers pick up the new transform). timm reads the magnitude as an integer.
+What fine-tuning has of its own (`FinetuneMethod`: layer-wise lr decay, Mixup/CutMix, the curriculum's
+low-frequency crop, the RandAugment ramp); the loop, evaluation, the best epoch and RUN/result.json are the
+evaluation engine's (`mae_et.evaluate.engine`). Every random choice is a function of (seed, step, micro-step, rank),
+so a resumed run needs only the weights, the optimizer, the scaler and the step. docs/design.md, "Fine-tuning".
 """
 
 from __future__ import annotations

@@ -2,10 +2,8 @@
 
     mae-et knn RUN_OR_CHECKPOINT --data /path/to/imagenet [--k 20 --temperature 0.07]
 
-(`python -m mae_et.evaluate.knn ...` is the same command.) The classifier (each val image votes over its k most
-cosine-similar train images, weighted by exp(sim / T), Wu et al. 2018 as in DINO) is the pretraining loop's monitor's,
-`mae_et.models.features.knn_evaluate`: the same numbers a run logs, for any run folder, checkpoint folder, official
-MAE .pth or timm state dict.
+The classifier is the pretraining loop's monitor's (`mae_et.models.features.knn_evaluate`), so it gives the numbers
+a run logs, for any checkpoint `load_pretrained_vit` reads.
 """
 
 from __future__ import annotations
@@ -29,9 +27,6 @@ from mae_et.recipes import ConfigError
 __all__ = ["main"]
 
 
-# --------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------
 def _split_dir(root: Path, split: str, flag: str) -> Path:
     path = root / split if split else root
     if not path.is_dir():

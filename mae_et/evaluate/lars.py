@@ -1,16 +1,7 @@
-"""LARS (You et al. 2017), the optimizer of the MAE / MoCo-v3 linear probe.
-
-For every parameter with ndim > 1 (weights), per step:
-    g     = grad + weight_decay * p
-    ratio = trust_coefficient * ||p|| / ||g||   if ||p|| > 0 and ||g|| > 0, else 1
-    g     = ratio * g
-For 1-D parameters (biases, norm scales) g = grad: no weight decay, no trust ratio. Then for all:
-    mu    = momentum * mu + g            (mu starts at 0)
-    p     = p - lr * mu
-
-The trust ratio makes each weight matrix's step size relative to its own norm, which is what lets
-the linear probe train with the very large batches (16k) of the reference recipe.
-"""
+"""LARS (You et al. 2017), the optimizer of the MAE / MoCo-v3 linear probe: momentum SGD whose weight matrices
+(ndim > 1) get weight decay and a trust ratio, trust_coefficient * ||p|| / ||g||, so that each one's step is
+relative to its own norm, which lets the probe train with the reference's 16k batches; 1-D parameters get neither.
+The update, step by step: docs/design.md, "LARS"."""
 
 from __future__ import annotations
 
@@ -55,8 +46,6 @@ class LARS(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients; use dense embeddings/gradients")
                 g = p.grad
                 if p.ndim > 1:
                     g = g.add(p, alpha=wd)  # new tensor: p.grad itself stays the raw gradient

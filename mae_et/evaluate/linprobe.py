@@ -1,10 +1,9 @@
 """Linear probing of a frozen pretrained encoder (the MAE protocol), online or on cached features.
 
-The head is BatchNorm1d(D, affine=False, eps=1e-6) + Linear(D, C) on the encoder's features, trained with LARS at
-lr = blr * global_batch / 256 (the global batch clamped to the training-set size), warmup + cosine per step. Its
-batches come from a `ProbeData`: `OnlineImages` (the reference: augmented images encoded at every step) or
-`CachedFeatures` (centre-crop features extracted once, kept in RUN/features/); `ProbeMethod` is the probe for the
-evaluation engine (`mae_et.evaluate.engine`). The two modes and DDP: docs/design.md, "The linear probe".
+A `ProbeHead` (BatchNorm without affine + Linear) trained with LARS, warmup + cosine per step, the global batch
+clamped to the training-set size; its batches come from a `ProbeData`: `OnlineImages` (the reference: augmented
+images encoded at every step) or `CachedFeatures` (centre-crop features extracted once, kept in RUN/features/).
+`ProbeMethod` is the probe for the evaluation engine. The two modes and DDP: docs/design.md, "The linear probe".
 """
 
 from __future__ import annotations
@@ -101,11 +100,7 @@ class CachedFeatures:
         seed: int,
         eval_chunk: int = 4096,
     ) -> None:
-        if global_batch % world_size or global_batch > train_x.shape[0]:
-            raise ValueError(
-                f"global batch {global_batch} must divide among {world_size} processes and fit {train_x.shape[0]} "
-                "samples"
-            )
+        """`global_batch`: a `clamp_global_batch` (a multiple of the process count, within the features)."""
         self.train_x, self.train_y, self.val_x, self.val_y = train_x, train_y, val_x, val_y
         self.global_batch, self.local_batch = global_batch, global_batch // world_size
         self.rank, self.world_size, self.seed, self.eval_chunk = rank, world_size, seed, eval_chunk
@@ -164,7 +159,7 @@ class OnlineImages:
             self.world_size,
             self.seed,
             start_micro_step=step,
-            num_micro_steps=max(0, end_step - step),
+            num_micro_steps=end_step - step,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
@@ -275,25 +270,15 @@ def fit_probe_on_features(
     seed: int = 0,
     accelerator: Accelerator | None = None,
 ) -> list[dict]:
-    """The cached probe on given features (no images, no run folder): per-epoch top-1/top-5 history.
-
-    For quick experiments, the study and tests; `linprobe()` runs the same loop with tracking and checkpoints.
-    """
+    """The cached probe on given features (no images, no run folder): per-epoch top-1/top-5 history, for the study
+    and tests; `linprobe()` runs the same loop with tracking and checkpoints."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     global_batch = clamp_global_batch(global_batch, train_x.shape[0], accelerator.num_processes)
     set_seed(seed)
-    data = CachedFeatures(
-        train_x.to(device),
-        train_y.to(device),
-        val_x.to(device),
-        val_y.to(device),
-        global_batch,
-        accelerator.process_index,
-        accelerator.num_processes,
-        seed,
-    )
     world = accelerator.num_processes
+    tensors = (t.to(device) for t in (train_x, train_y, val_x, val_y))
+    data = CachedFeatures(*tensors, global_batch, accelerator.process_index, world, seed)
     spec = PlanSpec(
         epochs=epochs,
         micro_batch=global_batch // world,
@@ -391,10 +376,7 @@ def cached_split_features(
             pool=cfg.linprobe.pool,
             desc=f"probe features: {name}" if accelerator.is_main_process else None,
         )  # (n, D), (n,) CPU
-    feats, labels = (
-        gather_in_order(feats.to(accelerator.device), accelerator),
-        gather_in_order(labels.to(accelerator.device), accelerator),
-    )
+    feats, labels = (gather_in_order(t.to(accelerator.device), accelerator) for t in (feats, labels))
     if accelerator.is_main_process:
         path.parent.mkdir(exist_ok=True)
         tensors = {"features": feats.contiguous().cpu(), "labels": labels.contiguous().cpu()}
@@ -407,8 +389,7 @@ def cached_split_features(
 
 def linprobe(cfg: LinprobeConfig) -> EvalResult:
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
-    # the head trains in fp32; train.precision is the frozen encoder's autocast only
+        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")  # the encoder's autocast
     with Run(cfg.run_spec()) as run:  # accelerator, the run folder (locked), resume, tracking, checkpoints
         return run_engine(run, build_probe(cfg, run))
 
@@ -438,11 +419,8 @@ def build_probe(cfg: LinprobeConfig, run: Run) -> ProbeMethod:
     )
 
     # --- frozen encoder
-    encoder, spec = load_pretrained_vit(
-        cfg.model.checkpoint, num_classes=0, img_size=cfg.data.img_size, global_pool="token"
-    )
-    encoder.requires_grad_(False)
-    encoder.eval().to(device)
+    encoder, spec = load_pretrained_vit(cfg.model.checkpoint, img_size=cfg.data.img_size)  # no head, token pool
+    encoder.requires_grad_(False).eval().to(device)
     dim = encoder.embed_dim
 
     if cfg.linprobe.mode == "cached":

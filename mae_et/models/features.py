@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from mae_et.data.folder import DataError
 from mae_et.data.labelled import build_eval_loader
-from mae_et.models.vit import FEATURE_POOLS, pool_tokens
+from mae_et.models.vit import FeaturePool, pool_tokens
 from mae_et.notices import progress
 
 __all__ = ["extract_features", "extract_pools", "knn_accuracy", "knn_classify", "knn_evaluate", "knn_evaluate_loaders"]
@@ -114,14 +114,11 @@ def extract_pools(
     model: nn.Module,
     loader: DataLoader,
     device: str | torch.device | None,
-    pools: Sequence[str],
+    pools: Sequence[FeaturePool],
     desc: str | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """One pass over ``loader``: {pool: (N, D) float32 CPU}, labels (N,). Model left in its mode. With `desc`,
     a progress bar (plain lines in a log) says how far it is."""
-    for pool in pools:
-        if pool not in FEATURE_POOLS:
-            raise ValueError(f"pool {pool!r} is unknown; choose among {', '.join(FEATURE_POOLS)}")
     device = model_device(model) if device is None else torch.device(device)
     was_training = model.training
     model.eval()  # no dropout / drop-path while measuring
@@ -150,16 +147,11 @@ def extract_features(
     model: nn.Module,
     loader: DataLoader,
     device: str | torch.device | None = None,
-    pool: str = "cls",
+    pool: FeaturePool = "cls",
     desc: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Unmasked encoder features of every sample: (N, D) float32 on CPU, labels (N,) int64.
-
-    A loader that yields nothing (an empty shard) gives (0, D) and (0,).
-
-    ``model`` is a timm ViT or our MAE, already on ``device`` (None = the model's device); it is
-    evaluated in eval mode and given back in the mode it had.
-    """
+    """`extract_pools` for one pool: (N, D) float32 on CPU, labels (N,) int64; an empty loader (an empty shard)
+    gives (0, D) and (0,). ``model``: a timm ViT or our MAE, on ``device`` (None = the model's)."""
     feats, labels = extract_pools(model, loader, device, [pool], desc)
     return feats[pool], labels
 
@@ -174,7 +166,7 @@ def knn_evaluate(
     num_workers: int = 2,
     k: int = 20,
     temperature: float = 0.07,
-    pools: Sequence[str] = ("cls", "mean"),
+    pools: Sequence[FeaturePool] = ("cls", "mean"),
     device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """kNN top-1 (percent) of the frozen encoder, per pooling: {"knn_top1_cls": .., "knn_top1_mean": ..}.
@@ -206,7 +198,7 @@ def knn_evaluate_loaders(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    pools: Sequence[str] = ("cls", "mean"),
+    pools: Sequence[FeaturePool] = ("cls", "mean"),
     device: str | torch.device | None = None,
     names: tuple[str, str] = ("train", "val"),
 ) -> dict[str, float]:

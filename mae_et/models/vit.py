@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch.nn as nn
 import yaml
@@ -49,6 +49,7 @@ __all__ = [
     "EncoderSpec",
     "LoadError",
     "build_vit",
+    "check_against_model",
     "encoder_features",
     "infer_spec",
     "load_encoder_state",
@@ -59,12 +60,8 @@ __all__ = [
 ]
 
 # the classifier's input: avg (mean of the patch tokens + fc_norm, MAE fine-tuning) | token (cls after the final norm)
-GlobalPool = Literal["avg", "token"]  # the fine-tuning head's input: mean of the patch tokens (fc_norm) | the cls token
-FeaturePool = Literal["cls", "mean"]
-GLOBAL_POOLS: tuple[str, ...] = get_args(GlobalPool)
-FEATURE_POOLS: tuple[str, ...] = get_args(
-    FeaturePool
-)  # encoder_features: the cls token | the mean of the patch tokens (probe, kNN)
+GlobalPool = Literal["avg", "token"]
+FeaturePool = Literal["cls", "mean"]  # encoder_features: the cls token | the mean of the patch tokens (probe, kNN)
 
 # safetensors metadata keys written by mae_et.evaluate.export (values are strings, as safetensors requires).
 META_SIZE = "mae_et.size"
@@ -99,9 +96,9 @@ class EncoderSpec:
     img_size: int  # the size it was trained at (pos-embed grid side = img_size // patch_size)
 
 
-# --------------------------------------------------------------------------------------
-# Building
-# --------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- building
+
+
 def _check_spec(spec: EncoderSpec) -> None:
     if spec.size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {spec.size!r}; choose one of {', '.join(MODEL_SIZES)}")
@@ -116,21 +113,13 @@ def build_vit(
     spec: EncoderSpec,
     num_classes: int = 0,
     img_size: int | None = None,
-    global_pool: str = "token",
+    global_pool: GlobalPool = "token",
     drop_path_rate: float = 0.0,
 ) -> VisionTransformer:
-    """A randomly initialised timm ViT with the encoder architecture of ``spec``.
-
-    ``global_pool="avg"`` is the MAE fine-tune recipe: mean of the patch tokens, then ``fc_norm``
-    (timm then replaces the final ``norm`` by an Identity). ``dynamic_img_size=True`` lets any input
-    side that is a multiple of the patch through (timm resamples ``pos_embed`` on the fly).
-    """
+    """A randomly initialised timm ViT with the encoder of ``spec`` (``num_classes=0``: no head). Any input side
+    that is a multiple of the patch goes through (``dynamic_img_size``: timm resamples ``pos_embed``)."""
     size = spec.img_size if img_size is None else int(img_size)
     _check_spec(EncoderSpec(spec.size, spec.patch_size, size))
-    if global_pool not in GLOBAL_POOLS:
-        raise ValueError(f"global_pool {global_pool!r} is unknown; choose one of {', '.join(GLOBAL_POOLS)}")
-    if num_classes < 0:
-        raise ValueError(f"num_classes must be >= 0 (0 = no head), got {num_classes}")
     dims = MODEL_SIZES[spec.size]
     return VisionTransformer(
         img_size=size,
@@ -151,25 +140,17 @@ def build_vit(
 
 
 def timm_model_name(spec: EncoderSpec) -> str | None:
-    """The timm registry name of this architecture ("vit_base_patch16_224"), or None when timm has none.
-
-    The name fixes the architecture only; a spec trained at another size loads with
-    ``timm.create_model(name, img_size=spec.img_size, ...)``.
-    """
+    """The timm registry name of this architecture ("vit_base_patch16_224"), or None when timm has none (the
+    name fixes the architecture only: another training size loads with ``img_size=spec.img_size``)."""
     return _TIMM_NAMES.get((spec.size, spec.patch_size))
 
 
-# --------------------------------------------------------------------------------------
-# State-dict conversion
-# --------------------------------------------------------------------------------------
-def mae_to_timm_state_dict(mae_state: Mapping[str, Tensor], spec: EncoderSpec | None) -> dict[str, Tensor]:
-    """Our / official MAE names -> timm ViT encoder names.
+# ----------------------------------------------------------------------------- state-dict conversion
 
-    The decoder and ``mask_token`` are dropped. Our checkpoints store no ``pos_embed`` (it is the
-    fixed sin-cos table), so it is generated for ``spec`` (its width and grid: the weights' own shapes are
-    checked against the model later, so a file whose header says another shape is named there); an official
-    checkpoint's own ``pos_embed`` is kept (it is the same table for its grid). ``spec`` may be None only then.
-    """
+
+def mae_to_timm_state_dict(mae_state: Mapping[str, Tensor], spec: EncoderSpec | None) -> dict[str, Tensor]:
+    """Our / official MAE names -> timm ViT encoder names: the decoder and ``mask_token`` dropped, the fixed sin-cos
+    ``pos_embed`` generated for ``spec`` when the file stores none (ours); ``spec`` may be None only otherwise."""
     out = {k: v for k, v in mae_state.items() if not is_decoder_key(k)}
     if "pos_embed" not in out:
         if spec is None:
@@ -214,9 +195,9 @@ def infer_spec(state: Mapping[str, Tensor]) -> EncoderSpec:
     return EncoderSpec(size=matches[0], patch_size=patch, img_size=grid * patch)
 
 
-# --------------------------------------------------------------------------------------
-# Reading checkpoints
-# --------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- reading checkpoints
+
+
 def _check_readable(*paths: Path) -> None:
     """A file this user may not read is said so (`check_readable`), not called broken and to be deleted."""
     try:
@@ -358,13 +339,8 @@ def _load_hf_folder(folder: Path) -> tuple[dict[str, Tensor], EncoderSpec]:
 
 
 def load_encoder_state(path: str | Path) -> tuple[dict[str, Tensor], EncoderSpec | None, str]:
-    """Any supported checkpoint -> (timm-named encoder state dict, spec when known, source kind).
-
-    The kind is "mae_et" (our run / checkpoint folder), "official" (facebookresearch/mae names,
-    ``{"model": sd}`` wrapper or decoder keys), "hf" (a transformers ViTMAE or ViT folder) or "timm" (a timm ViT
-    state dict). Classifier heads
-    are dropped: the encoder is what is transferred. Every failure is a one-message ``LoadError``.
-    """
+    """Any supported checkpoint -> (timm-named encoder state dict without head, spec when known, kind: "mae_et",
+    "official", "hf" or "timm"). Every failure is a one-line ``LoadError``."""
     path = Path(path)
     if not path.exists():
         raise LoadError(
@@ -419,9 +395,9 @@ def load_encoder_state(path: str | Path) -> tuple[dict[str, Tensor], EncoderSpec
     return state, spec, kind
 
 
-# --------------------------------------------------------------------------------------
-# Loading into a timm ViT
-# --------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- loading into a timm ViT
+
+
 def _grid_of(pos_embed: Tensor) -> int | None:
     """Grid side of a (1, 1+g*g, D) table, None when it is not one."""
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
@@ -430,7 +406,7 @@ def _grid_of(pos_embed: Tensor) -> int | None:
     return g if g * g == pos_embed.shape[1] - 1 else None
 
 
-def _check_against_model(state: Mapping[str, Tensor], model: VisionTransformer, where: str) -> None:
+def check_against_model(state: Mapping[str, Tensor], model: VisionTransformer, where: str) -> None:
     """Raise LoadError unless every encoder key matches; only new-head keys may be missing."""
     model_state = model.state_dict()
     may_be_missing = {k for k in model_state if k.startswith("head.") or k.startswith("fc_norm.")}
@@ -449,16 +425,12 @@ def load_pretrained_vit(
     path: str | Path,
     num_classes: int = 0,
     img_size: int | None = None,
-    global_pool: str = "token",
+    global_pool: GlobalPool = "token",
     drop_path_rate: float = 0.0,
     spec: EncoderSpec | None = None,
 ) -> tuple[VisionTransformer, EncoderSpec]:
-    """Build a timm ViT and load a pretrained encoder into it strictly.
-
-    Only the new head (and ``fc_norm`` for ``global_pool="avg"``) may be missing from the
-    checkpoint. ``img_size`` other than the checkpoint's resamples ``pos_embed`` (bicubic, cls
-    token kept). Returns the model and the CHECKPOINT's spec (the size it was pretrained at).
-    """
+    """A timm ViT with the checkpoint's encoder loaded strictly (only the new head and ``fc_norm`` may be missing;
+    another ``img_size`` resamples ``pos_embed``), and the CHECKPOINT's spec (the size it was pretrained at)."""
     state, found_spec, _ = load_encoder_state(path)
     spec = spec or found_spec or infer_spec(state)
     try:
@@ -479,21 +451,17 @@ def load_pretrained_vit(
                 pos.float(), new_size=[new_grid, new_grid], old_size=[old_grid, old_grid], num_prefix_tokens=1
             ).to(pos.dtype)  # (1, 1+G*G, D)
 
-    _check_against_model(state, model, str(path))
+    check_against_model(state, model, str(path))
     if isinstance(model.norm, nn.Identity):
         state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     model.load_state_dict(state, strict=False)  # the comparison above left only the new head to skip
     return model, spec
 
 
-def pool_tokens(model: nn.Module, tokens: Tensor, pool: str = "cls") -> Tensor:
-    """(N, 1+L, D) tokens of ``model.forward_features`` -> (N, D) features, as ``encoder_features``.
-
-    Separate so that one encoder pass can be pooled several ways (kNN reports cls and mean).
-    """
-    if pool not in FEATURE_POOLS:
-        raise ValueError(f"pool {pool!r} is unknown; choose one of {', '.join(FEATURE_POOLS)}")
-    num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+def pool_tokens(model: nn.Module, tokens: Tensor, pool: FeaturePool = "cls") -> Tensor:
+    """(N, 1+L, D) tokens of ``model.forward_features`` -> (N, D) features, as ``encoder_features`` (apart, so that
+    one encoder pass can be pooled several ways)."""
+    num_prefix = int(getattr(model, "num_prefix_tokens", 1))  # our MAE has the cls token only
     if pool == "cls":
         feats = tokens[:, 0]  # (N, D)
     else:
@@ -503,15 +471,8 @@ def pool_tokens(model: nn.Module, tokens: Tensor, pool: str = "cls") -> Tensor:
     return feats
 
 
-def encoder_features(model: nn.Module, images: Tensor, pool: str = "cls") -> Tensor:
-    """Unmasked encoder features (N, D): the cls token, or the mean of the patch tokens.
-
-    Works with a timm ViT and with our ``MaskedAutoencoderViT`` (both ``forward_features`` return
-    (N, 1+L, D) after the final norm), so the pretraining loop can monitor without converting.
-    For a timm ViT built with ``global_pool="avg"`` the final norm is its ``fc_norm`` (applied
-    after pooling, as in its own head), so the features are always normalised ones.
-    """
-    if pool not in FEATURE_POOLS:  # before the (costly) forward
-        raise ValueError(f"pool {pool!r} is unknown; choose one of {', '.join(FEATURE_POOLS)}")
+def encoder_features(model: nn.Module, images: Tensor, pool: FeaturePool = "cls") -> Tensor:
+    """Unmasked, normalised encoder features (N, D) of a timm ViT or our MAE: the cls token or the mean of the patch
+    tokens (a timm ViT with ``global_pool="avg"`` normalises with its ``fc_norm`` after pooling)."""
     tokens = model.forward_features(images)  # (N, 1+L, D)
     return pool_tokens(model, tokens, pool)  # (N, D)

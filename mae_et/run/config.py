@@ -118,9 +118,8 @@ class PlanSpec:
 
 
 def check_name(name: str) -> None:
-    """The run folder is output_dir/name: a name is one folder name in it, never a path out of it ('..', '/x',
-    'a/b') nor output_dir itself ('.', blank). The rule of the three run configs, checked on the name as resolved
-    (given, or the recipe's file name)."""
+    """The run folder is output_dir/name: a name (as resolved) is one folder name in it, never a path out of it
+    ('..', '/x', 'a/b') nor output_dir itself ('.', blank)."""
     if not name.strip() or name in (".", "..") or "/" in name or "\0" in name:
         raise ConfigError(
             f"name {name!r} must be one folder name inside output_dir (not '.' or '..', no '/'); e.g. name=my_run"
@@ -134,9 +133,8 @@ def check_warmup(plan: PlanSpec) -> None:
 
 
 def check_min_lr(plan: PlanSpec) -> None:
-    """The cosine decays from the lr down to `optim.min_lr`; a floor above the lr would make it climb. Checked at
-    the global batch of one process (micro-batch x accumulation steps), whose lr is the smallest the config can
-    train with (more processes raise it)."""
+    """A floor `optim.min_lr` above the lr would make the cosine climb; checked at one process's global batch,
+    whose lr is the smallest the config can train with (more processes raise it)."""
     batch = plan.micro_batch * plan.accum_steps
     scaled = (plan.blr * batch / 256, f"optim.blr {plan.blr:g} x global batch {batch} / 256")
     lr, how = (plan.lr, "optim.lr") if plan.lr is not None else scaled

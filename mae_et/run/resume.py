@@ -59,9 +59,8 @@ def require_same_model(ckpt_path: Path, saved_state: dict, raw_model: torch.nn.M
 
 
 def require_same_start(ckpt_path: Path, spec: RunSpec) -> None:
-    """An evaluation run resumes only from the encoder it started from: the same `model.checkpoint` (as written,
-    or the same path resolved). Else it would resume the old fine-tune and never load the encoder it names, while
-    its config and result name the new one."""
+    """An evaluation run resumes only from the encoder it started from (the same `model.checkpoint`, as written or
+    resolved): else it would resume the old fine-tune under the new encoder's name."""
     start = config_changes(ckpt_path, spec).get("model.checkpoint")
     if spec.encoder is None or start is None:  # pretraining; or the same as written
         return

@@ -64,10 +64,9 @@ class Run:
     def resume(
         self, raw_model: torch.nn.Module, optimizer, start: Callable[[torch.nn.Module], dict] | None = None
     ) -> ckpt_lib.Checkpoint | None:
-        """The latest checkpoint (when `checkpoint.resume`) into the model, optimizer, scaler and clocks, or, at a
-        fresh start, `start` (pretraining's start point) into the model; then the config is saved in the run
-        folder (with the keys `start` returns recorded in it) and the tracker opened (continuing the same W&B
-        run). Starting over (`checkpoint.resume=false`) moves an earlier run in the folder aside first."""
+        """The latest checkpoint into the model, optimizer, scaler and clocks, or at a fresh start `start` (its keys
+        recorded in the config); then the config is saved and the tracker opened. `checkpoint.resume=false` sets an
+        earlier run in the folder aside first."""
         if not self.spec.checkpoint.resume:
             if self.main:
                 moved = set_earlier_run_aside(self.run_dir)
@@ -81,9 +80,13 @@ class Run:
             self.last_checkpoint = found.path
         elif start is not None:
             config = merge_dicts(config, start(raw_model))
+        self.config_yaml = yaml.safe_dump(config, sort_keys=False)
+        if self.main:
+            write_text_atomic(self.run_dir / ckpt_lib.CONFIG_FILE, self.config_yaml)  # never half a config
         resume_step = int(found.training_state["step"]) if found is not None else None
-        self.tracker, self.config_yaml = start_tracking(
-            self.spec, config, self.accelerator, self.run_dir, self.wandb_mode, resume_step
+        s = self.spec
+        self.tracker = RunTracker(
+            self.accelerator, self.run_dir, s.project, s.name, flatten_dict(config), self.wandb_mode, resume_step
         )
         return found
 
@@ -111,19 +114,34 @@ class Run:
             self.say(line)
 
     def checkpoint(self, step: int, model: torch.nn.Module, training_state: dict, meta: dict) -> Path:
-        """RUN/checkpoints/step_N with the loop's clocks added; its time counts as bookkeeping, not training."""
+        """RUN/checkpoints/step_N with the loop's clocks added, written by the main rank while every rank waits; its
+        time counts as bookkeeping, not training."""
+        accelerator = self.accelerator
         with self.clock.overhead():
-            self.last_checkpoint = save_checkpoint_on_main(
-                self.accelerator,
-                self.run_dir,
-                step,
-                model,
-                {**training_state, **self.clock.state()},
-                self.config_yaml,
-                meta,
-                self.spec.checkpoint.keep_last,
-            )
-        return self.last_checkpoint
+            model_state = accelerator.get_state_dict(model)  # a collective under some sharding: every rank calls it
+            path, error = None, None
+            if self.main:
+                try:
+                    path = ckpt_lib.save_checkpoint(
+                        self.run_dir / CHECKPOINTS_DIR,
+                        step,
+                        model_state,
+                        {**training_state, **self.clock.state()},
+                        self.config_yaml,
+                        meta,
+                        self.spec.checkpoint.keep_last,
+                    )
+                except ckpt_lib.CheckpointWriteError as e:  # a full disk: every rank stops with it, none waits forever
+                    error = str(e)
+            accelerator.wait_for_everyone()
+            if self.world > 1:
+                box = [str(path) if path else None, error]
+                broadcast_object_list(box)
+                path, error = (Path(box[0]) if box[0] else None), box[1]
+        if error:
+            raise ckpt_lib.CheckpointWriteError(error)
+        self.last_checkpoint = path
+        return path
 
     def stop_nonfinite(self, problem: str, fix: str) -> NoReturn:
         raise NonFiniteLossError(
@@ -142,7 +160,7 @@ class Run:
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, *_) -> None:
         where = (self.bar.n, self.bar.total) if self.bar is not None else None
         try:
             self.close()
@@ -154,8 +172,7 @@ class Run:
 
     def _interrupted_line(self, where: tuple[int, int] | None) -> str:
         at = f"interrupted at step {where[0]} of {where[1]}" if where else "interrupted before the first step"
-        # what a relaunch resumes from: the newest complete checkpoint on disk (an interrupt during a save may
-        # come after its rename, before this process heard it had finished)
+        # what a relaunch resumes from: the newest on disk (an interrupted save may have finished its rename)
         on_disk = ckpt_lib.list_checkpoints(self.run_dir / CHECKPOINTS_DIR)
         last = on_disk[-1] if on_disk else None
         kept = (
@@ -166,8 +183,7 @@ class Run:
         return f"{at}; {kept}; relaunch the same command to resume"
 
     def _release_folder(self) -> None:
-        """Drop the run lock; remove the run folder (and the parents made for it) when this launch created it
-        and left nothing in it but the lock."""
+        """Drop the run lock; remove the run folder (and parents) this launch created and left empty."""
         if self.lock is None:
             return
         self.lock.release()
@@ -185,12 +201,9 @@ MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
 class CtrlC:
-    """SIGINT for a run's life: a KeyboardInterrupt, as Python's own handler raises, and a note of it. Python
-    discards an exception raised inside a finaliser (a __del__, a generator being closed: "Exception ignored
-    in ..."), so a Ctrl-C that lands there would be lost; `check()` at every step raises it again.
-
-    Installed only over Python's default handler, from the main thread: a process started with SIGINT ignored
-    (a background job) or with a handler of its own keeps it."""
+    """SIGINT for a run's life: a KeyboardInterrupt and a note of it, which `check()` raises again at every step
+    (one raised inside a finaliser is discarded). Installed only over Python's default handler, from the main
+    thread."""
 
     def __init__(self) -> None:
         self.pressed = False
@@ -229,12 +242,9 @@ class RunInterrupted(RunStopped):
 
 
 def fresh_accelerate_state() -> None:
-    """Forget this process's Accelerate state, so that the next Accelerator is built from its own arguments.
-
-    Accelerate keeps one state per process, and a second Accelerator silently inherits the first one's (precision,
-    tracker); a process that runs several things one after another (a study's in-process pretrainings, fine-tunes
-    and probes, a benchmark's rows, a test) calls this before each, because each builds its own Accelerator. The
-    one place that touches Accelerate's private reset."""
+    """Forget this process's Accelerate state, so that the next Accelerator is built from its own arguments (a
+    second one silently inherits the first one's precision and tracker): called before each run of a process that
+    runs several. The one place that touches Accelerate's private reset."""
     AcceleratorState._reset_state(True)
 
 
@@ -242,8 +252,7 @@ def build_accelerator(precision: str, accum_steps: int, use_wandb: bool) -> Acce
     cpu = not torch.cuda.is_available()
     if cpu and precision == "fp16":
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
-    # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu` start a real gloo
-    # process group; without it each rank would silently train alone.
+    # cpu=True without CUDA: `--multi_gpu` starts a real gloo group (else each rank would silently train alone)
     return Accelerator(
         cpu=cpu,
         mixed_precision=MIXED_PRECISION[precision],
@@ -253,11 +262,8 @@ def build_accelerator(precision: str, accum_steps: int, use_wandb: bool) -> Acce
 
 
 def prepare_run_dir(spec: RunSpec, accelerator: Accelerator) -> tuple[Path, RunFolderLock | None, list[Path]]:
-    """Check the run folder as every command checks an output folder (never inside, nor around, what the run
-    reads: the data, the encoder's checkpoint), and the names of its outputs; create it and take its lock (main
-    rank). Every rank gets the same error, none hangs.
-
-    Returns the folder, the lock (None on other ranks) and the folders this call created, deepest first."""
+    """Check the run folder (as every output folder) and its outputs' names, create it and lock it (main rank);
+    every rank gets the same error. Returns the folder, the lock (None on other ranks) and the folders created."""
     run_dir = spec.run_dir
     error, lock, created = [None], None, []
     if accelerator.is_main_process:
@@ -287,8 +293,8 @@ def local_paths(paths: tuple[str | None, ...]) -> list[str]:
 
 
 def check_run_outputs(run_dir: Path) -> None:
-    """Each name a run writes in its folder is free for it: RUN/checkpoints a folder (a file there would stop
-    the run at its first save, all the work before it lost), RUN/config.yaml a file, and so on."""
+    """Each name a run writes in its folder is free for it (a file at RUN/checkpoints would stop the run at its
+    first save, the work before it lost)."""
     for name in RUN_FOLDERS:
         if (run_dir / name).exists() and not (run_dir / name).is_dir():
             raise FileError(
@@ -304,10 +310,8 @@ def check_run_outputs(run_dir: Path) -> None:
 
 
 def set_earlier_run_aside(run_dir: Path) -> str | None:
-    """Starting over in a folder that holds a run's checkpoints: that run's outputs move to RUN/old-N (the first
-    free N), a run folder of its own (`export`, fine-tuning and `resolve_checkpoint` read it as one), so the new
-    run's checkpoints never mix with its: keep_last would delete the new ones, a relaunch would resume the old.
-    Returns what was done, for the one line the run says; None when there was no earlier run."""
+    """Starting over: an earlier run's outputs move to RUN/old-N, a run folder of its own, so the two never mix.
+    Returns what was done, for the line the run says; None when there was no earlier run."""
     earlier = ckpt_lib.list_checkpoints(run_dir / CHECKPOINTS_DIR) + ckpt_lib.list_checkpoints(run_dir / BEST_DIR)
     if not earlier:
         return None
@@ -322,13 +326,8 @@ def set_earlier_run_aside(run_dir: Path) -> str | None:
 
 
 class LoopClock:
-    """Wall and process CPU seconds of the training loop, and the bookkeeping share of each.
-
-    CPU time is `time.process_time()`: user + system of every thread of this process (not of loader
-    worker processes). On a shared machine it moves far less than wall time when other work runs beside
-    the job. `overhead()` marks checkpoint writes, reconstruction grids and the kNN monitor; training time
-    is the total less that share. Totals carry across resumes through the checkpoint (`state`/`restore`).
-    """
+    """Wall and process CPU seconds of the loop (this process's threads, not its loader workers), and the share
+    of bookkeeping (`overhead()`: checkpoints, grids, the kNN monitor); carried across resumes (`state`, `restore`)."""
 
     KEYS = ("elapsed_seconds", "cpu_seconds", "overhead_seconds", "overhead_cpu_seconds")
 
@@ -370,57 +369,3 @@ class LoopClock:
             "overhead_s": s["overhead_seconds"],
             "overhead_cpu_s": s["overhead_cpu_seconds"],
         }
-
-
-def start_tracking(
-    spec: RunSpec,
-    config_dict: dict[str, Any],
-    accelerator: Accelerator,
-    run_dir: Path,
-    wandb_mode: str | None,
-    resume_step: int | None,
-) -> tuple[RunTracker, str]:
-    """Save the resolved config in the run folder and open the tracker; returns it and the config as YAML."""
-    config_yaml = yaml.safe_dump(config_dict, sort_keys=False)
-    if accelerator.is_main_process:
-        write_text_atomic(run_dir / "config.yaml", config_yaml)  # a kill mid-write never leaves half a config
-    tracker = RunTracker(
-        accelerator,
-        run_dir,
-        spec.project,
-        spec.name,
-        flatten_dict(config_dict),
-        wandb_mode,
-        resume_step=resume_step,
-    )
-    return tracker, config_yaml
-
-
-def save_checkpoint_on_main(
-    accelerator: Accelerator,
-    run_dir: Path,
-    step: int,
-    model: torch.nn.Module,
-    training_state: dict,
-    config_yaml: str,
-    meta: dict,
-    keep_last: int,
-) -> Path:
-    """The main rank writes RUN/checkpoints/step_N atomically; every rank waits and gets its path."""
-    model_state = accelerator.get_state_dict(model)  # a collective under some sharding schemes: every rank calls it
-    path, error = None, None
-    if accelerator.is_main_process:
-        try:
-            path = ckpt_lib.save_checkpoint(
-                run_dir / CHECKPOINTS_DIR, step, model_state, training_state, config_yaml, meta, keep_last
-            )
-        except ckpt_lib.CheckpointWriteError as e:  # a full disk: every rank stops with it, none waits forever
-            error = str(e)
-    accelerator.wait_for_everyone()
-    if accelerator.num_processes > 1:
-        box = [str(path) if path else None, error]
-        broadcast_object_list(box)
-        path, error = (Path(box[0]) if box[0] else None), box[1]
-    if error:
-        raise ckpt_lib.CheckpointWriteError(error)
-    return path

@@ -29,8 +29,7 @@ WANDB_ID_FILE = "wandb_id.txt"
 
 
 def wandb_logged_in() -> bool:
-    """Whether W&B has credentials here, where wandb looks for them: its environment variables, or an entry for
-    its host in the netrc file ($NETRC, else ~/.netrc)."""
+    """Whether W&B has credentials here: its environment variables, or its host in the netrc file."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     server = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
@@ -42,8 +41,8 @@ def wandb_logged_in() -> bool:
 
 
 def resolve_wandb_mode(setting: str) -> str | None:
-    """'auto' | 'online' | 'offline' | 'off' -> the W&B mode to use, or None for no W&B. Online without a login
-    is one line (a `ConfigError`) before the run starts, not wandb.init's traceback once the run folder is made."""
+    """'auto' | 'online' | 'offline' | 'off' -> the W&B mode, or None for no W&B; online without a login is one
+    line before the run starts, not wandb.init's traceback."""
     if setting == "off":
         return None
     try:

@@ -1,9 +1,6 @@
-"""Pretraining configuration: the recipe schema (model, data, curriculum, optim, train, checkpoint, tracking)
-and its cross-field rules.
-
-Loading (YAML + `_base_` + dotted overrides, typed building, one-line errors) is `mae_et.recipes`;
-`validate_pretrain` checks what no single field can (sizes vs patch size, curriculum vs crop size, ...),
-so every mistake fails in one line before any training starts.
+"""The pretraining recipe schema (model, data, curriculum, optim, train, checkpoint, tracking) and its cross-field
+rules. Loading is `mae_et.recipes`; `validate_pretrain` checks what no single field can (sizes vs the patch, the
+curriculum vs the crop, ...), so every mistake fails in one line before any training. The keys: docs/pretraining.md.
 """
 
 from __future__ import annotations
@@ -40,14 +37,11 @@ from mae_et.run.config import (
 # ----------------------------------------------------------------------------- schema
 
 # The choices of the recipe keys that take words, declared once: the coercer checks them (mae_et.recipes)
-DataSource = Literal[
-    "imagefolder", "shards", "fractal", "auto"
-]  # auto: fractal unless data.root is given (resolved on load)
+DataSource = Literal["imagefolder", "shards", "fractal", "auto"]  # auto: fractal unless data.root (resolved on load)
 Pipeline = Literal["loader", "memory", "device_decode"]
 DecodeSize = Literal["crop", "stage"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-PRECISIONS, DATA_SOURCES, PIPELINES = get_args(Precision), get_args(DataSource), get_args(Pipeline)
-COMPILE_MODES = get_args(CompileMode)
+PIPELINES = get_args(Pipeline)
 
 
 @dataclass
@@ -59,38 +53,22 @@ class ModelConfig:
     decoder_num_heads: PositiveInt = 16
     norm_pix_loss: bool = True
     mask_ratio: Annotated[float, Check(gt=0, lt=1)] = 0.75
-    # sin-cos positions at a reduced input size B: grid (0..g-1, the reference: a location's code changes from
-    # stage to stage) | extent (spread over the full crop's grid: fractional positions, as EfficientTrain's ViT)
-    pos_embed: PosEmbed = "grid"
-    # share of ALL patches the decoder reconstructs in training (CrossMAE's "kept mask ratio"), picked among the
-    # masked ones by the mask's own noise; 1.0 (or >= mask_ratio) = every masked patch, the reference. The weights
-    # do not change, and reconstructions shown to people (monitor, visualize) always decode every masked patch.
+    pos_embed: PosEmbed = "grid"  # positions at a reduced B: grid (0..g-1, the reference) | extent (over the full grid)
+    # share of ALL patches the decoder reconstructs in training (CrossMAE); 1.0 = every masked patch, the reference
     decode_fraction: Annotated[float, Check(gt=0, le=1)] = 1.0
-    # what that share is of at a curriculum stage of size B: stage (B's own patches, so a 24-px stage of 8-px
-    # patches decodes 2 per image) | full_size (data.crop_size's patches: every stage decodes the full size's count
-    # per image, capped at its masked ones, so the small stages decode all or most of theirs, where the decoder is
-    # cheap). Without a curriculum the two are the same run, bit for bit.
-    decode_fraction_of: DecodeFractionOf = "stage"
-    # what the decoder predicts per masked patch: pixel (MAE) | hog (MaskFeat's histograms of oriented gradients,
-    # EfficientTrain++'s published MAE recipe). hog needs norm_pix_loss: false (its cells are L2-normalised)
-    target: Target = "pixel"
-    hog_cell_size: PositiveInt = (
-        8  # hog: cell side in px (MaskFeat: 8, i.e. 2 x 2 cells per 16-px patch); divides patch_size
-    )
+    decode_fraction_of: DecodeFractionOf = "stage"  # that share of B's own patches | of the full crop's (full_size)
+    target: Target = "pixel"  # pixel (MAE) | hog (MaskFeat's histograms; needs norm_pix_loss: false)
+    hog_cell_size: PositiveInt = 8  # hog: cell side in px (MaskFeat: 8); divides patch_size
     hog_bins: Annotated[int, Check(ge=2)] = 9  # hog: unsigned orientation bins over 180 degrees (MaskFeat: 9)
-    # start from these weights, not a random initialisation (continued pretraining): one of our run or checkpoint
-    # folders, an official MAE .pth (a _full file carries the decoder) or a transformers ViTMAE folder. Only weights
-    # come in (mae_et.models.start), at a fresh start only: a relaunch resumes the run's own checkpoints
+    # continued pretraining from these weights (a run or checkpoint folder, an official MAE .pth, a transformers
+    # ViTMAE folder), at a fresh start only (mae_et.models.start)
     init: str | None = None
-    # sha256 of the start point's weights file: recorded by the run; given, the file must match it
-    init_sha256: str | None = None
+    init_sha256: str | None = None  # sha256 of the start point's weights file: recorded by the run; given, checked
 
 
 @dataclass
 class DataConfig:
-    source: DataSource = (
-        "imagefolder"  # imagefolder | shards (tar: mae_et.data.shards) | fractal (generated) | auto (fractal w/o root)
-    )
+    source: DataSource = "imagefolder"  # imagefolder | shards (mae_et.data.shards) | fractal | auto (fractal w/o root)
     root: str | None = None  # an ImageFolder (class sub-folders of images); shards: their folder, index.json or URL
     shard_cache: str = "~/.cache/mae_et/shards"  # data.source=shards from a URL: where shards are kept once fetched
     split: str = "train"  # sub-folder of root to pretrain on when it exists; "" = root itself
@@ -100,18 +78,11 @@ class DataConfig:
     strict: bool = False  # true: the first unreadable file is an error instead of a counted skip
     num_workers: NonNegativeInt = 8
     pin_memory: bool = True
-    # how images reach the model: loader (PIL decode + crop in workers: portable), memory (decode once,
-    # keep uint8 images on the device, crop on the device), device_decode (JPEG decode + crop on the device)
-    pipeline: Pipeline = "loader"
+    pipeline: Pipeline = "loader"  # loader (PIL in workers) | memory (decode once, crop on the device) | device_decode
     memory_size: PositiveInt | None = None  # memory pipeline: stored side (default crop_size * 256/224)
     memory_on_device: bool = True  # memory pipeline: keep the store on the GPU (false: pinned CPU memory)
-    # crop: decode in full, crop to crop_size (the step downsamples to the stage's B); stage (pipeline=loader with
-    # curriculum.mode=resize, where B is a downsample): decode JPEGs at reduced scale (libjpeg's DCT scaling) and
-    # crop the same box straight to B, so a small stage costs the loader less (BENCHMARKS.md: loader at reduced scale)
-    decode_size: DecodeSize = "crop"
-    fractal_classes: Annotated[int, Check(ge=2)] = (
-        10  # data.source=fractal: K classes, each one iterated function system
-    )
+    decode_size: DecodeSize = "crop"  # stage: the loader decodes JPEGs at reduced scale straight to B (mode=resize)
+    fractal_classes: Annotated[int, Check(ge=2)] = 10  # data.source=fractal: K classes, one function system each
     fractal_images_per_class: PositiveInt = 500  # one "epoch" of fresh renders
 
 
@@ -121,9 +92,7 @@ class CurriculumConfig:
     stages: list[curriculum_lib.Stage] | None = None  # [{size: 160, fraction: 0.6}, ...] replaces the preset
     budget: curriculum_lib.Budget | None = None  # epochs | compute; default: the preset's (et: epochs, etpp: compute)
     mode: FrequencyMode = "fft"  # fft (EfficientTrain) | resize (EfficientTrain++)
-    # a floor on every stage's B (a multiple of the patch): e.g. 32 lifts etpp's 24-px stage at a 64 crop (a 3x3 grid
-    # with 2 visible patches) to a 4x4 grid; the stage keeps its share of the budget. null: no floor
-    min_size: PositiveInt | None = None
+    min_size: PositiveInt | None = None  # a floor on every stage's B (a multiple of the patch); null: none
 
 
 @dataclass
@@ -145,9 +114,7 @@ class TrainConfig:
     precision: Precision = "bf16"  # bf16 | fp16 | fp32
     seed: SeedInt = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-reproducible CPU tests
-    compile: CompileMode = (
-        "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune: one graph per input size
-    )
+    compile: CompileMode = "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune: a graph per B
     max_steps: PositiveInt | None = None  # stop (with a checkpoint) after this optimizer step; resume later
     log_every: PositiveInt = 50  # optimizer steps between logged metrics (also when non-finite losses are checked)
     max_consecutive_nonfinite: PositiveInt = 5  # skipped updates in a row before the run stops
@@ -202,14 +169,14 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = 
 
 
 def resolve_defaults(cfg: PretrainConfig, default_name: str) -> PretrainConfig:
-    """The defaults that depend on other keys, made explicit once on load (a new config, so the saved one says what
-    really ran): the name (the recipe's file name) and data.source=auto (fractal unless data.root is given)."""
+    """The defaults that depend on other keys, made explicit on load so the saved config says what ran: the name
+    (the recipe's file name) and data.source=auto (fractal unless data.root is given)."""
     name = cfg.name or default_name
     source = ("imagefolder" if cfg.data.root else "fractal") if cfg.data.source == "auto" else cfg.data.source
     return replaced(cfg, name=name, data=replaced(cfg.data, source=source))
 
 
-# ----------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------- what the config builds
 
 
 def curriculum_stages(cfg: PretrainConfig) -> tuple[list[curriculum_lib.Stage], str]:
@@ -238,6 +205,9 @@ def mae_spec(cfg: PretrainConfig) -> MAESpec:
     )
 
 
+# ----------------------------------------------------------------------------- validation
+
+
 def validate_pretrain(cfg: PretrainConfig) -> None:
     """What no single field can say (each field's own rule is in the schema); raises ConfigError in one line and
     changes nothing."""
@@ -257,10 +227,6 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     if d.memory_size is not None and d.memory_size < d.crop_size:
         raise ConfigError(
             f"data.memory_size {d.memory_size} is below data.crop_size {d.crop_size}; use null for the default"
-        )
-    if d.source == "auto":
-        raise ConfigError(
-            "data.source=auto is resolved on load (mae_et.train.config.resolve_defaults); validate its result"
         )
     if d.source == "imagefolder":
         if d.root is None or not str(d.root).strip():
@@ -319,8 +285,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
 
 
 def check_heads(decoder_dim: int, decoder_heads: int) -> None:
-    """The decoder's attention heads split its width evenly (else timm's Attention asserts mid-build), and its
-    sin-cos positions take four equal parts of it (sin and cos of each axis). The encoder presets hold both (tested)."""
+    """The decoder's heads split its width evenly (else timm asserts mid-build), and its sin-cos positions take
+    four equal parts of it (the encoder presets hold both, tested)."""
     if decoder_dim % 4 != 0:
         raise ConfigError(
             f"model.decoder_embed_dim {decoder_dim} is not a multiple of 4 (its 2-D sin-cos positions split it in "
@@ -352,17 +318,14 @@ def check_target(m: ModelConfig) -> None:
 
 
 def check_masking(mask_ratio: float, sizes: list[int], patch_size: int) -> None:
-    """Every input size B keeps at least one visible and one masked patch (`int(L * (1 - ratio))` are kept):
-    a grid that keeps none trains the encoder on nothing; one that masks none has no loss."""
+    """Every input size B keeps at least one visible patch (the encoder's input) and one masked (the loss)."""
     for size in sorted(set(sizes)):
         patches = (size // patch_size) ** 2
         kept = int(patches * (1 - mask_ratio))
         if not 1 <= kept < patches:
             raise ConfigError(
                 f"at input size {size} ({size // patch_size}x{size // patch_size} patches of {patch_size}) "
-                "model.mask_ratio "
-                f"{mask_ratio} keeps {kept} of {patches} patches visible; every size needs at least one visible and "
-                "one "
-                "masked patch: raise data.crop_size (or curriculum.min_size), or lower model.patch_size or "
-                "model.mask_ratio"
+                f"model.mask_ratio {mask_ratio} keeps {kept} of {patches} patches visible; every size needs at least "
+                "one visible and one masked patch: raise data.crop_size (or curriculum.min_size), or lower "
+                "model.patch_size or model.mask_ratio"
             )

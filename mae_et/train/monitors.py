@@ -51,9 +51,8 @@ def run_knn_monitor(model: MaskedAutoencoderViT, cfg: PretrainConfig, accelerato
 FRACTAL_KNN_BANK_PER_CLASS = 50  # fixed renders of the training systems: the kNN bank
 
 
-# The held-out split: the same systems, renders never trained on. 100 a class (1,000 at 10 classes): the top-1 of
-# n images has a binomial standard error of sqrt(p (1 - p) / n), 1.6 points at 50%; 20 a class gave 3.5 points,
-# more than the run's gain over some untrained encoders.
+# The held-out split: the same systems, renders never trained on; 100 a class keeps the standard error near 1.6
+# points at 10 classes (docs/design.md, "The pretraining loop")
 FRACTAL_KNN_VAL_PER_CLASS = 100
 
 
@@ -66,9 +65,7 @@ def knn_held_out_count(cfg: PretrainConfig) -> int:
         return len(scan_image_folder(Path(cfg.data.root) / cfg.tracking.knn_split).samples)
 
 
-# The kNN a run leads with: the mean-pooled patch tokens. The MAE loss reaches every patch token directly (each must
-# carry what the decoder needs to fill in its masked neighbours); the cls token only through attention, and on the
-# default fractal recipe it gains little over the untrained encoder's (numbers in that recipe).
+# The kNN a run leads with: the mean-pooled patch tokens, which the MAE loss reaches directly (docs/design.md)
 HEADLINE_KNN = "knn_top1_mean"
 
 

@@ -1,16 +1,9 @@
 """The pretraining loop: MAE with (or without) the EfficientTrain frequency curriculum.
 
-Data flows one way: config -> image source (uint8 crops, `mae_et.data.sources`) -> curriculum (input size B
-for this step, low-frequency crop on the device) -> model (patchify, mask, encode, decode, loss) -> optimizer
-step under Accelerate -> tracker / checkpoint (`mae_et.run.run`).
-
-Every random choice is a pure function of (seed, step, micro-step, rank): the data stream, the crops
-(per-sample seeds) and the mask noise. So resuming needs only the weights, the optimizer, the scaler and the
-step, and a resumed run ends with the same weights as an uninterrupted one.
-
-Inside the step nothing waits on the host: masking is a gather, the optimizer is fused AdamW, and a non-finite
-update is skipped on the device (fused AdamW's `found_inf`). The host reads the device counters
-(`LoopCounters`) only at log and checkpoint steps.
+config -> image source (uint8 crops) -> the step (low-frequency crop to this step's B, MAE, fused AdamW) ->
+tracker / checkpoint (`mae_et.run.run`). Every random choice is a pure function of (seed, step, micro-step, rank),
+so a resumed run ends with the weights of an uninterrupted one; the host reads the device counters only at log and
+checkpoint steps (docs/design.md, "The pretraining loop").
 """
 
 from __future__ import annotations
@@ -74,10 +67,8 @@ def plan_pretraining(cfg: PretrainConfig, num_images: int, world: int) -> Schedu
 
 
 class LoopCounters:
-    """The loop's running numbers. Those of the step stay on the device (read at log and checkpoint steps only):
-    the loss of the log window, skipped (non-finite) updates, the streak of them in a row and the longest
-    streak since the last check, so a streak that ended between two checks still counts. Unreadable files are
-    kept by name, so a file met by two ranks, or again after a resume, counts once."""
+    """The loop's running numbers: the step's stay on the device until a log or checkpoint step (window loss,
+    skipped updates, their streak and its longest since the last check); unreadable files by name (counted once)."""
 
     def __init__(self, device: torch.device, found) -> None:
         zero = lambda: torch.zeros((), device=device)  # noqa: E731
@@ -112,7 +103,7 @@ class LoopCounters:
     def skipped_updates(self) -> int:
         return self.nonfinite_before + int(self.nonfinite.item())
 
-    def distinct_bad_files(self, accelerator: Accelerator) -> set[str]:
+    def distinct_bad_files(self) -> set[str]:
         """A collective: every rank calls it at the same step."""
         self.known_bad |= set(gather_object(sorted(self.bad_here)))
         return self.known_bad
@@ -198,7 +189,7 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
                 **counters.read_window(run.accelerator, sched.global_batch),
                 **step_metrics(sched, step, stage),
                 "nonfinite_skipped": counters.skipped_updates(),
-                "data_skipped_files": len(data.skipped) + len(counters.distinct_bad_files(run.accelerator)),
+                "data_skipped_files": len(data.skipped) + len(counters.distinct_bad_files()),
                 **run.clock.read(),
                 **knn,
                 **({f"untrained_{k}": v for k, v in untrained.items()} if knn else {}),
@@ -238,9 +229,8 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
 
 
 def start_from(cfg: PretrainConfig, raw_model: MaskedAutoencoderViT, run: Run) -> dict[str, Any]:
-    """A fresh run's start point (model.init) into the model, its hash checked against model.init_sha256 when given,
-    said in the run's first lines and returned for the run to record as model.init_sha256 (the run's config.yaml and
-    every checkpoint's carry it)."""
+    """A fresh run's start point (model.init) into the model, checked against model.init_sha256 when given; its
+    hash is returned for the run to record as model.init_sha256."""
     start = load_start_point(raw_model, cfg.model.init)
     if cfg.model.init_sha256 not in (None, start.sha256):
         raise StartPointError(
@@ -257,9 +247,8 @@ def start_from(cfg: PretrainConfig, raw_model: MaskedAutoencoderViT, run: Run) -
 def untrained_knn(
     found, raw_model: MaskedAutoencoderViT, cfg: PretrainConfig, sched: Schedule, run: Run
 ) -> dict[str, float]:
-    """With the kNN monitor on, the same kNN of the encoder before any update (a fresh run measures it at step 0;
-    a resumed one reads it from its checkpoint), so every kNN the run reports stands beside what MAE added:
-    a random-init ViT already scores far above chance."""
+    """With the kNN monitor on, the kNN of the encoder before any update (measured at step 0, or read from the
+    checkpoint): a random-init ViT scores far above chance, so every later kNN stands beside it."""
     if sched.knn_every is None:
         return {}
     if found is not None:
@@ -270,8 +259,7 @@ def untrained_knn(
 
 
 def knn_line(knn: dict[str, float], untrained: dict[str, float], held_out: int) -> str:
-    """'mean 57.5% (untrained 38.0%), cls 53.5% (untrained 43.0%); 1000 held-out images, standard error up to 1.6
-    points', the headline pooling (`HEADLINE_KNN`) first."""
+    """'mean 57.5% (untrained 38.0%), cls 53.5% (...); 1000 held-out images, standard error up to 1.6 points'."""
     headline_first = sorted(knn, key=lambda k: k != HEADLINE_KNN)
     accuracies = ", ".join(_beside_untrained(k, knn[k], untrained) for k in headline_first)
     worst = max((standard_error(v, held_out) for v in knn.values()), default=0.0)
@@ -319,7 +307,7 @@ def checkpoint_contents(
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
         "step": step,
         "counters": {"nonfinite_skipped": counters.skipped_updates()},
-        "bad_files": sorted(counters.distinct_bad_files(accelerator)),  # names: distinct over ranks and launches
+        "bad_files": sorted(counters.distinct_bad_files()),  # names: distinct over ranks and launches
         # all training randomness derives from (seed, step, micro-step, rank); the global state is kept for completeness
         "rng": {"seed": cfg.train.seed, "torch_cpu": torch.get_rng_state()},
         "knn_untrained": untrained,
@@ -380,8 +368,8 @@ def describe_run(cfg: PretrainConfig, sched: Schedule, n_images: int, n_skipped:
 
 
 def headline_line(knn: dict[str, float], untrained: dict[str, float], held_out: int) -> str:
-    """The run's result in one line: the headline kNN (`HEADLINE_KNN`), its gain over the untrained encoder and the
-    binomial standard error of the two accuracies (the larger), then the other poolings."""
+    """The run's result in one line: the headline kNN, its gain over the untrained encoder, the larger standard
+    error of the two, then the other poolings."""
     top1 = knn[HEADLINE_KNN]
     before = untrained.get(HEADLINE_KNN)  # absent when resumed from a checkpoint that did not keep it
     se = max(standard_error(a, held_out) for a in (top1, top1 if before is None else before))

@@ -104,10 +104,8 @@ def train_step_of(
     compile_mode: str | None = None,
     compile_backend: str = "inductor",
 ) -> TrainStep:
-    """The step a run with `cfg` trains, over a prepared model and optimizer: every setting (mask ratio, frequency
-    mode, clipping, decoded share and what it is a share of, compile mode) read from cfg here and nowhere else, so
-    a benchmark times exactly the step a run trains. `compile_mode`: another mode than cfg.train.compile (a
-    benchmark comparing modes on one model)."""
+    """The step a run with `cfg` trains, every setting read from cfg here and nowhere else, so a benchmark times
+    exactly that step; `compile_mode`: another mode than cfg.train.compile (a benchmark comparing modes)."""
     m = cfg.model
     # the patch count the decoded share is of: the full crop's (decode_fraction_of=full_size), or each B's own (None)
     of_patches = (cfg.data.crop_size // m.patch_size) ** 2 if m.decode_fraction_of == "full_size" else None
@@ -134,8 +132,8 @@ def build_training(
     compile_mode: str | None = None,
     compile_backend: str = "inductor",
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, TrainStep]:
-    """The MAE, fused AdamW at `lr` and the train step (`train_step_of`; one compiled graph per size in `sizes`
-    when compiling), prepared by `accelerator`: the training loop, the study's warm-up and the benchmarks."""
+    """The MAE, fused AdamW at `lr` and its train step (one compiled graph per size in `sizes`), prepared by
+    `accelerator`: for the training loop, the study's warm-up and the benchmarks."""
     model = build_mae(mae_spec(cfg))
     optimizer = build_adamw(model, lr, cfg.optim.weight_decay, cfg.optim.betas)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -9,8 +9,16 @@ import pytest
 import torch
 from helpers import REPO, make_split, plain_user_prefix
 
-from mae_et.data.folder import DataError
-from mae_et.data.labelled import build_eval_loader
+from mae_et.data.folder import DataError, load_rgb
+from mae_et.data.labelled import (
+    SeededClassificationDataset,
+    build_eval_loader,
+    linprobe_train_transform,
+    scan_train_split,
+    seeded_rng,
+)
+from mae_et.notices import DataWarning
+from mae_et.seeding import Family, mix64
 
 
 def test_val_split_missing_a_class_names_it(tmp_path, mini_root):
@@ -31,6 +39,21 @@ def test_eval_loader_uses_the_train_mapping(tmp_path, mini_root):
     assert abs(images.mean().item()) < 3  # normalised, not raw 0..255
     with pytest.raises(DataError, match="has classes the train split lacks: b"):
         build_eval_loader(val, 40, 2, 0, classes=["c"])
+
+
+def test_a_replacement_image_draws_its_own_augmentation(tmp_path, mini_root):
+    """An unreadable file is replaced by the next image, augmented from its own seed of the table (not a copy of the
+    next key's augmentation), the same on every draw."""
+    files = sorted((make_split(tmp_path / "train", {"a": 2}, mini_root) / "a").iterdir())
+    files[0].write_bytes(b"not a jpeg at all")
+    transform = linprobe_train_transform(32, (0.08, 1.0), True)
+    dataset = SeededClassificationDataset(scan_train_split(tmp_path, "train"), transform)
+    with pytest.warns(DataWarning, match="cannot decode"):
+        replaced, label = dataset[(0, 7)]
+    with seeded_rng(mix64(Family.LABELLED_RETRY, 7, 1)):
+        expected = transform(load_rgb(str(files[1])))
+    assert label == 0 and torch.equal(replaced, expected) and torch.equal(dataset[(0, 7)][0], replaced)
+    assert not torch.equal(replaced, dataset[(1, 7)][0])
 
 
 # For each root given: its train split's images and skipped folders, then the val split's images; or the error line.

@@ -335,6 +335,7 @@ def test_default_randaugment_never_asks_for_an_invalid_op():
         ("optim.betas=[0.9, 1.5]", r"^optim.betas\[1\] must be in \[0, 1\), got 1.5$"),
         ("augment.interpolation=bicubik", r"^augment.interpolation 'bicubik' is unknown; .*did you mean 'bicubic'\?$"),
         ("augment.remode=pixels", r"^augment.remode 'pixels' is unknown; choose one of pixel, rand, const"),
+        ("model.global_pool=max", r"^model.global_pool 'max' is unknown; choose one of avg, token$"),
         ("tracking.project=me/mae", r"^tracking.project 'me/mae' is not a W&B project name"),
         ("optim.min_lr=5", r"^optim.min_lr 5 is above the lr"),
         ("data.val_split=train", r"^data.train_split \(.*\) and data.val_split \(.*\) are the same folder"),

@@ -160,6 +160,8 @@ def test_bad_inputs_fail_before_training(pretrained, tmp_path, capsys):
         load_linprobe_config(LP_RECIPE, [f"data.root={MINI}"])
     with pytest.raises(ConfigError, match="linprobe.mode"):
         cfg_for(tmp_path, pretrained, "linprobe.mode=offline")
+    with pytest.raises(ConfigError, match=r"^linprobe.pool 'max' is unknown; choose one of cls, mean"):
+        cfg_for(tmp_path, pretrained, "linprobe.pool=max")
 
     classes = sorted(p.name for p in (MINI / "train").iterdir())
     root = tmp_path / "data"
