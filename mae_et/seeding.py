@@ -1,4 +1,5 @@
-"""Seeds as pure functions of where they are used: one hash (`mix64`), and the one table of seed families.
+"""Seeds as pure functions of where they are used: one hash (`mix64`), the one table of seed families, and the
+two uses every stage shares (a replacement image's seed, seeding the global RNGs).
 
 Every random stream seeds its own `torch.Generator` with `mix64(family, seed, position...)`, so any step can be
 recomputed on its own (a resumed run, another rank or worker draws what an uninterrupted run draws); each family
@@ -8,10 +9,15 @@ functions of position").
 
 from __future__ import annotations
 
+import random
 from enum import IntEnum, unique
 
-__all__ = ["Family", "mix64"]
+import numpy as np
+import torch
 
+__all__ = ["Family", "mix64", "replacement_seed", "seed_global_rngs"]
+
+_MASK32 = (1 << 32) - 1  # numpy seeds are 32-bit
 _MASK63 = (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
 
@@ -49,3 +55,16 @@ def mix64(*values: int) -> int:
         h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
         h = h ^ (h >> 31)
     return h & _MASK63
+
+
+def replacement_seed(family: Family, seed: int, attempt: int) -> int:
+    """The seed of the image read `attempt` files past an unreadable one: the key's own at attempt 0, else a fresh
+    one of `family`, so that a replacement is not a copy of another key's augmentation."""
+    return seed if attempt == 0 else mix64(family, seed, attempt)
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed python's, numpy's and torch's (CPU) global RNGs, which timm's transforms, Mixup and drop path draw from."""
+    random.seed(seed)
+    np.random.seed(seed & _MASK32)
+    torch.manual_seed(seed)

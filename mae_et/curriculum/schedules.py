@@ -1,5 +1,6 @@
-"""The EfficientTrain input-size curriculum as data: stages, presets, their resolution from a recipe's curriculum
-section, and their layout in optimizer steps (what a stage's fraction is a share of: docs/design.md)."""
+"""The EfficientTrain input-size curriculum as data: stages, presets, the recipe's `curriculum:` section (pretraining's
+and fine-tuning's) and its resolution, and the layout in optimizer steps (what a stage's fraction is a share of:
+docs/design.md)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
-from mae_et.recipes import ConfigError
+from mae_et.curriculum.frequency import FrequencyMode
+from mae_et.recipes import ConfigError, Positive
 
 Preset = Literal["none", "et", "etpp"]
 Budget = Literal["epochs", "compute"]
@@ -105,18 +107,23 @@ def validate_stages(stages: Sequence[Stage], full_size: int, patch_size: int) ->
             raise ValueError(f"curriculum size {st.size} is not a multiple of the patch size {patch_size}")
 
 
-def resolve_curriculum(
-    schedule: str,
-    stages: Sequence[Stage] | None,
-    budget: str | None,
-    min_size: int | None,
-    full_size: int,
-    patch_size: int,
-) -> tuple[list[Stage], str]:
-    """The checked stage list and budget of a recipe's curriculum section (`curriculum.schedule`, `.stages`,
-    `.budget`, `.min_size`): the explicit stages or the preset's, each lifted to min_size; ConfigError in one line."""
-    if stages is not None:
-        resolved = list(stages)  # each entry's types checked on load (the schema's Stage)
+@dataclass
+class CurriculumConfig:
+    """The recipe section `curriculum:`."""
+
+    schedule: Literal[Preset, "custom"] = "none"  # custom: `stages` is required
+    stages: list[Stage] | None = None  # [{size: 160, fraction: 0.6}, ...] replaces the preset
+    budget: Budget | None = None  # epochs | compute; default: the preset's (et: epochs, etpp: compute)
+    mode: FrequencyMode = "fft"  # fft (EfficientTrain) | resize (EfficientTrain++)
+    min_size: Annotated[int, Positive] | None = None  # a floor on every stage's B (a multiple of the patch); null: none
+
+
+def resolve_curriculum(c: CurriculumConfig, full_size: int, patch_size: int) -> tuple[list[Stage], str]:
+    """The checked stage list and budget of a recipe's curriculum section: the explicit stages or the preset's,
+    each lifted to min_size; ConfigError in one line."""
+    schedule, min_size = c.schedule, c.min_size
+    if c.stages is not None:
+        resolved = list(c.stages)  # each entry's types checked on load (the schema's Stage)
     elif schedule == "custom":
         raise ConfigError("curriculum.schedule=custom needs curriculum.stages: [{size: 160, fraction: 0.6}, ...]")
     else:
@@ -135,7 +142,7 @@ def resolve_curriculum(
         validate_stages(resolved, full_size, patch_size)
     except ValueError as e:
         raise ConfigError(f"curriculum: {e}") from None
-    return resolved, budget or default_budget(schedule if schedule != "custom" else "none")
+    return resolved, c.budget or default_budget(schedule if schedule != "custom" else "none")
 
 
 def _stage_ends(stages: Sequence[Stage]) -> list[float]:

@@ -29,7 +29,7 @@ from torchvision.transforms import InterpolationMode
 
 from mae_et.errors import UserError
 from mae_et.notices import DataWarning
-from mae_et.seeding import Family, mix64
+from mae_et.seeding import Family, mix64, replacement_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -307,8 +307,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         first_failed_path = ""
         for attempt in range(self.max_consecutive_failures):
             i = (index + attempt) % n
-            # Replacements get a fresh seed so that they are not a copy of another key's crop.
-            seed = sample_seed if attempt == 0 else mix64(Family.RETRY, sample_seed, attempt)
+            seed = replacement_seed(Family.RETRY, sample_seed, attempt)
             path, label = self.index.samples[i]
             if path not in self._known_bad:
                 try:

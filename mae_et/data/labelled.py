@@ -35,10 +35,7 @@ from mae_et.data.folder import (
     step_loader,
 )
 from mae_et.notices import DataWarning
-from mae_et.seeding import Family, mix64
-
-_SEED_MASK = (1 << 32) - 1  # numpy seeds are 32-bit
-
+from mae_et.seeding import Family, replacement_seed, seed_global_rngs
 
 # ----------------------------------------------------------------------------- splits and classes
 
@@ -83,9 +80,7 @@ def seeded_rng(seed: int) -> Iterator[None]:
     (with num_workers=0 the caller is the training process itself).
     """
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed & _SEED_MASK)
-    torch.manual_seed(seed)
+    seed_global_rngs(seed)
     try:
         yield
     finally:
@@ -127,8 +122,7 @@ class SeededClassificationDataset(torch.utils.data.Dataset):
                 )
                 self._known_bad.add(path)
                 continue
-            # a replacement gets a fresh seed, so that it is not a copy of another key's augmentation
-            with seeded_rng(seed if attempt == 0 else mix64(Family.LABELLED_RETRY, seed, attempt)):
+            with seeded_rng(replacement_seed(Family.LABELLED_RETRY, seed, attempt)):
                 return self.transform(img), label  # (3, S, S) float32
         raise DataError(
             f"{self.max_consecutive_failures} consecutive unreadable files near '{self.index.samples[index][0]}'; "

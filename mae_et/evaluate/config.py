@@ -11,6 +11,7 @@ from dataclasses import replace as replaced
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
+from mae_et.curriculum.schedules import CurriculumConfig
 from mae_et.data.sources import check_splits_apart
 from mae_et.models.vit import FeaturePool, GlobalPool
 from mae_et.recipes import (
@@ -40,7 +41,6 @@ from mae_et.run.config import (
     check_scale,
     check_warmup,
 )
-from mae_et.train.config import CurriculumConfig
 
 ProbeMode = Literal["online", "cached"]
 MixupMode = Literal["batch", "pair", "elem"]  # timm Mixup: one draw per batch | per pair | per element
@@ -126,7 +126,7 @@ class FinetuneConfig(RunConfig):  # name, output_dir
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     data: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
     augment: FinetuneAugmentConfig = field(default_factory=FinetuneAugmentConfig)
-    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # the pretraining section, reused
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # the same section as pretraining's
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_epochs=1.0, keep_last=2))
@@ -138,19 +138,7 @@ class FinetuneConfig(RunConfig):  # name, output_dir
         return RunSpec.of(self, self.tracking, self.checkpoint, t.precision, t.accum_steps, reads, encoder)
 
     def plan_spec(self) -> PlanSpec:
-        t, o = self.train, self.optim
-        return PlanSpec(
-            epochs=t.epochs,
-            micro_batch=t.batch_size,
-            accum_steps=t.accum_steps,
-            max_steps=t.max_steps,
-            blr=o.blr,
-            lr=o.lr,
-            min_lr=o.min_lr,
-            warmup_epochs=o.warmup_epochs,
-            log_every=t.log_every,
-            checkpoint=self.checkpoint,
-        )
+        return PlanSpec.of(self.train, self.optim, self.checkpoint, self.train.batch_size, self.train.accum_steps)
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -208,19 +196,7 @@ class LinprobeConfig(RunConfig):  # name, output_dir
 
     def plan_spec(self, micro_batch: int) -> PlanSpec:
         """`micro_batch`: this process's share of the global batch (train.batch_size, clamped to the data)."""
-        t, o = self.train, self.optim
-        return PlanSpec(
-            epochs=t.epochs,
-            micro_batch=micro_batch,
-            accum_steps=1,
-            max_steps=t.max_steps,
-            blr=o.blr,
-            lr=o.lr,
-            min_lr=o.min_lr,
-            warmup_epochs=o.warmup_epochs,
-            log_every=t.log_every,
-            checkpoint=self.checkpoint,
-        )
+        return PlanSpec.of(self.train, self.optim, self.checkpoint, micro_batch, 1)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -27,7 +27,7 @@ from mae_et.data.labelled import build_eval_loader, shard_loader, split_dir
 from mae_et.evaluate.config import ClassificationDataConfig
 from mae_et.files import write_json_atomic
 from mae_et.recipes import ConfigError
-from mae_et.run.plan import RunPlan, checkpoint_due, set_lr
+from mae_et.run.plan import RunPlan, set_lr
 from mae_et.run.run import BEST_DIR, RESULT_FILE, Run
 
 
@@ -265,7 +265,7 @@ class RunRecorder(Recorder):
 
     def after(self, step: int) -> None:
         plan, run = self.method.plan, self.run
-        if not checkpoint_due(step, plan.ckpt_every, plan.end_step):
+        if not plan.checkpoint_due(step):
             return
         scaler = run.accelerator.scaler
         training_state = {

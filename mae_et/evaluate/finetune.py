@@ -9,11 +9,9 @@ so a resumed run needs only the weights, the optimizer, the scaler and the step.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate.utils import set_seed
 from timm.data import Mixup
@@ -45,19 +43,11 @@ from mae_et.evaluate.engine import (
 from mae_et.models.vit import load_pretrained_vit
 from mae_et.run.plan import optimizer_steps_per_epoch, plan_run
 from mae_et.run.run import Run
-from mae_et.seeding import Family, mix64
+from mae_et.seeding import Family, mix64, seed_global_rngs
 
 __all__ = ["BEST_DIR", "RESULT_FILE", "FinetuneMethod", "finetune"]
 
 HEAD_INIT_STD = 2e-5  # MAE fine-tuning: a near-zero head, so the first steps do not wreck the encoder
-
-
-def seed_step_rngs(seed: int, step: int, micro: int, rank: int) -> None:
-    """Reseed the global RNGs (Mixup draws from numpy, drop path from torch) from the step position."""
-    s = mix64(Family.FINETUNE_STEP, seed, step, micro, rank)
-    random.seed(s)
-    np.random.seed(s & 0xFFFFFFFF)
-    torch.manual_seed(s)
 
 
 # ----------------------------------------------------------------------------- fine-tuning pieces
@@ -152,10 +142,7 @@ class FinetuneMethod:
         )  # raises if none
         # --- model, plan, optimizer
         model, self.spec = load_finetune_model(cfg, self.num_classes)
-        c = cfg.curriculum
-        self.stages, self.budget = resolve_curriculum(
-            c.schedule, c.stages, c.budget, c.min_size, cfg.data.img_size, self.spec.patch_size
-        )
+        self.stages, self.budget = resolve_curriculum(cfg.curriculum, cfg.data.img_size, self.spec.patch_size)
         self.plan = plan_run(
             cfg.plan_spec(), len(self.index.samples), run.world, self.stages, self.budget, cfg.data.img_size
         )
@@ -221,7 +208,8 @@ class FinetuneMethod:
             images, labels = next(self.batches)
             images = images.to(device, non_blocking=True)  # (n, 3, S, S) normalised
             labels = labels.to(device, non_blocking=True)  # (n,)
-            seed_step_rngs(cfg.train.seed, step, micro, self.run.rank)
+            # Mixup draws from numpy, drop path from torch: both from the step's position
+            seed_global_rngs(mix64(Family.FINETUNE_STEP, cfg.train.seed, step, micro, self.run.rank))
             targets = labels
             if self.mixup is not None:
                 images, targets = self.mixup(images, labels)  # targets (n, C) soft

@@ -113,6 +113,22 @@ class PlanSpec:
     log_every: int
     checkpoint: CheckpointConfig  # every_steps, else every_epochs
 
+    @classmethod
+    def of(cls, train: Any, optim: Any, checkpoint: CheckpointConfig, micro_batch: int, accum_steps: int) -> PlanSpec:
+        """From a run config's `train` and `optim` sections (each config's own classes, with these fields)."""
+        return cls(
+            epochs=train.epochs,
+            micro_batch=micro_batch,
+            accum_steps=accum_steps,
+            max_steps=train.max_steps,
+            blr=optim.blr,
+            lr=optim.lr,
+            min_lr=optim.min_lr,
+            warmup_epochs=optim.warmup_epochs,
+            log_every=train.log_every,
+            checkpoint=checkpoint,
+        )
+
 
 # ----------------------------------------------------------------------------- the rules every run config follows
 

@@ -44,7 +44,12 @@ class RunPlan:
         return lr_at(self.plan.progress_at_step(step), self.base_lr, self.min_lr, self.warmup)
 
     def due(self, step: int, every: int | None) -> bool:
+        """Every `every` steps and at the launch's last step; never when `every` is None (off)."""
         return every is not None and (step % every == 0 or step == self.end_step)
+
+    def checkpoint_due(self, step: int) -> bool:
+        """The checkpoint cadence, and the launch's last step even with checkpoints off."""
+        return step == self.end_step or self.due(step, self.ckpt_every)
 
 
 def plan_run(
@@ -96,10 +101,6 @@ def checkpoint_every(c: CheckpointConfig, steps_per_epoch: int) -> int | None:
     if c.every_steps:
         return c.every_steps
     return steps_every(c.every_epochs, steps_per_epoch) if c.every_epochs > 0 else None
-
-
-def checkpoint_due(step: int, every: int | None, end_step: int) -> bool:
-    return step == end_step or (every is not None and step % every == 0)
 
 
 # ----------------------------------------------------------------------------- learning rate

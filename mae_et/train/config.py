@@ -10,8 +10,7 @@ from dataclasses import replace as replaced
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-from mae_et.curriculum import schedules as curriculum_lib
-from mae_et.curriculum.frequency import FrequencyMode
+from mae_et.curriculum.schedules import CurriculumConfig, Stage, resolve_curriculum
 from mae_et.data.sources import check_splits_apart, data_dir
 from mae_et.models.mae import DecodeFractionOf, MAESpec, ModelSize, PosEmbed, Target
 from mae_et.recipes import Check, ConfigError, build_config, load_yaml_recipe, merge_dicts, parse_overrides
@@ -87,15 +86,6 @@ class DataConfig:
 
 
 @dataclass
-class CurriculumConfig:
-    schedule: Literal[curriculum_lib.Preset, "custom"] = "none"  # custom: `stages` is required
-    stages: list[curriculum_lib.Stage] | None = None  # [{size: 160, fraction: 0.6}, ...] replaces the preset
-    budget: curriculum_lib.Budget | None = None  # epochs | compute; default: the preset's (et: epochs, etpp: compute)
-    mode: FrequencyMode = "fft"  # fft (EfficientTrain) | resize (EfficientTrain++)
-    min_size: PositiveInt | None = None  # a floor on every stage's B (a multiple of the patch); null: none
-
-
-@dataclass
 class OptimConfig:
     blr: PositiveFloat = 1.5e-4  # lr = blr * global_batch / 256
     lr: PositiveFloat | None = None  # absolute lr; overrides blr when set
@@ -144,19 +134,7 @@ class PretrainConfig(RunConfig):  # name, output_dir
         return RunSpec.of(self, self.tracking, self.checkpoint, t.precision, t.accum_steps, reads=(self.data.root,))
 
     def plan_spec(self) -> PlanSpec:
-        t, o = self.train, self.optim
-        return PlanSpec(
-            epochs=t.epochs,
-            micro_batch=t.batch_size,
-            accum_steps=t.accum_steps,
-            max_steps=t.max_steps,
-            blr=o.blr,
-            lr=o.lr,
-            min_lr=o.min_lr,
-            warmup_epochs=o.warmup_epochs,
-            log_every=t.log_every,
-            checkpoint=self.checkpoint,
-        )
+        return PlanSpec.of(self.train, self.optim, self.checkpoint, self.train.batch_size, self.train.accum_steps)
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
@@ -179,12 +157,9 @@ def resolve_defaults(cfg: PretrainConfig, default_name: str) -> PretrainConfig:
 # ----------------------------------------------------------------------------- what the config builds
 
 
-def curriculum_stages(cfg: PretrainConfig) -> tuple[list[curriculum_lib.Stage], str]:
+def curriculum_stages(cfg: PretrainConfig) -> tuple[list[Stage], str]:
     """The checked stage list and budget of a pretraining config (`mae_et.curriculum.schedules.resolve_curriculum`)."""
-    c = cfg.curriculum
-    return curriculum_lib.resolve_curriculum(
-        c.schedule, c.stages, c.budget, c.min_size, cfg.data.crop_size, cfg.model.patch_size
-    )
+    return resolve_curriculum(cfg.curriculum, cfg.data.crop_size, cfg.model.patch_size)
 
 
 def mae_spec(cfg: PretrainConfig) -> MAESpec:

@@ -23,7 +23,7 @@ from mae_et.data.folder import PretrainBatch
 from mae_et.data.sources import open_source
 from mae_et.models.mae import MaskedAutoencoderViT
 from mae_et.models.start import StartPointError, load_start_point
-from mae_et.run.plan import RunPlan, checkpoint_due, plan_run, set_lr, steps_every
+from mae_et.run.plan import RunPlan, plan_run, set_lr, steps_every
 from mae_et.run.run import Run
 from mae_et.run.tracking import RunTracker
 from mae_et.seeding import Family, mix64
@@ -197,7 +197,7 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
             run.log(step, last_metrics, format_log_line(step, sched.end_step, last_metrics))
             if knn:
                 run.say(f"step {step}: kNN top-1 {knn_line(knn, untrained, held_out)}")
-        if sched.due(step, sched.log_every) or knn or checkpoint_due(step, sched.ckpt_every, sched.end_step):
+        if sched.due(step, sched.log_every) or knn or sched.checkpoint_due(step):
             streak = counters.streak_since_last_check()  # checked before any checkpoint of skipped updates
             if streak >= cfg.train.max_consecutive_nonfinite:
                 run.stop_nonfinite(
@@ -211,7 +211,7 @@ def train_loop(cfg: PretrainConfig, run: Run) -> PretrainResult:
                 log_reconstructions(
                     raw_model, data.dataset, cfg, stage.size, run.run_dir, run.tracker, step, run.device, run.main
                 )
-        if checkpoint_due(step, sched.ckpt_every, sched.end_step):
+        if sched.checkpoint_due(step):
             state, meta = checkpoint_contents(cfg, sched, step, stage, optimizer, counters, run, raw_model, untrained)
             run.checkpoint(step, model, state, meta)
     run.close()

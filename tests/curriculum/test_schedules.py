@@ -9,6 +9,7 @@ import pytest
 from mae_et.curriculum.schedules import (
     BUDGETS,
     PRESETS,
+    CurriculumConfig,
     CurriculumPlan,
     Stage,
     default_budget,
@@ -226,12 +227,12 @@ def test_summary_and_plan_errors() -> None:
 
 def test_a_curriculum_section_resolves_to_checked_stages_and_its_budget() -> None:
     """A preset (or the explicit stages), each lifted to min_size; the preset's budget unless one is given."""
-    assert resolve_curriculum("et", None, None, None, 224, 16) == (preset_stages("et", 224, 16), "epochs")
-    stages, budget = resolve_curriculum("etpp", None, "epochs", 128, 224, 16)
+    assert resolve_curriculum(CurriculumConfig("et"), 224, 16) == (preset_stages("et", 224, 16), "epochs")
+    stages, budget = resolve_curriculum(CurriculumConfig("etpp", budget="epochs", min_size=128), 224, 16)
     assert budget == "epochs" and min(_sizes(stages)) == 128
     explicit = [Stage(160, 0.5), Stage(224, 0.5)]
-    assert resolve_curriculum("custom", explicit, None, None, 224, 16) == (explicit, "epochs")
+    assert resolve_curriculum(CurriculumConfig("custom", explicit), 224, 16) == (explicit, "epochs")
     with pytest.raises(ConfigError, match="curriculum.schedule=custom needs curriculum.stages"):
-        resolve_curriculum("custom", None, None, None, 224, 16)
+        resolve_curriculum(CurriculumConfig("custom"), 224, 16)
     with pytest.raises(ConfigError, match="curriculum: curriculum size 40 is not a multiple of the patch size 16"):
-        resolve_curriculum("custom", [Stage(40, 1.0)], None, None, 224, 16)
+        resolve_curriculum(CurriculumConfig("custom", [Stage(40, 1.0)]), 224, 16)

@@ -1,11 +1,13 @@
-"""The run's plan: lr scaling and the continuous warmup + cosine schedule."""
+"""The run's plan: lr scaling, the continuous warmup + cosine schedule, and the log / checkpoint cadence."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from mae_et.curriculum.schedules import plan_curriculum, preset_stages
-from mae_et.run.plan import lr_at, scaled_lr
+from mae_et.curriculum.schedules import Stage, plan_curriculum, preset_stages
+from mae_et.run.plan import RunPlan, lr_at, scaled_lr
 
 
 def test_linear_scaling_rule():
@@ -31,3 +33,22 @@ def test_lr_is_continuous_across_curriculum_stages():
     assert max(jumps) <= largest_step_share / 0.05 + 1e-9
     boundary = plan.stages[2].start_step  # 96 -> 160
     assert abs(lrs[boundary] - lrs[boundary - 1]) < 0.01
+
+
+def test_cadence_takes_the_launchs_last_step():
+    plan = RunPlan(
+        plan=plan_curriculum([Stage(224, 1.0)], "epochs", 1, 10, 224),
+        global_batch=1,
+        steps_per_epoch=10,
+        end_step=7,  # train.max_steps
+        base_lr=1.0,
+        min_lr=0.0,
+        warmup=0.0,
+        log_every=3,
+        ckpt_every=None,
+    )
+    steps = range(1, 8)
+    assert [s for s in steps if plan.due(s, 3)] == [3, 6, 7]
+    assert not any(plan.due(s, None) for s in steps)  # a monitor that is off
+    assert [s for s in steps if plan.checkpoint_due(s)] == [7]  # checkpoints off: the last step only
+    assert [s for s in steps if replace(plan, ckpt_every=2).checkpoint_due(s)] == [2, 4, 6, 7]
