@@ -212,7 +212,24 @@ def read_frontier(raw: dict[str, Any], runs: list[str], path: Path) -> dict[str,
             f"{path}: frontier needs two or more families of the study's runs and a reference among them "
             f"(unknown runs: {unknown or 'none'})"
         )
-    return {"reference": spec["reference"], "families": families, "step_costs": spec.get("step_costs")}
+    parity = spec.get("parity")
+    if parity is not None:
+        parity = {
+            "within_seed_range": list(parity.get("within_seed_range") or []),
+            "max_drop": {k: float(v) for k, v in (parity.get("max_drop") or {}).items()},
+        }
+        unknown = [k for k in [*parity["within_seed_range"], *parity["max_drop"]] if k not in ACCURACY_KEYS]
+        if unknown or not (parity["within_seed_range"] or parity["max_drop"]):
+            raise StudyError(
+                f"{path}: frontier.parity needs within_seed_range and/or max_drop of the accuracies "
+                f"{', '.join(ACCURACY_KEYS)} (unknown: {unknown or 'none'})"
+            )
+    return {
+        "reference": spec["reference"],
+        "families": families,
+        "step_costs": spec.get("step_costs"),
+        "parity": parity,
+    }
 
 
 def load_study(path: str | Path) -> Study:

@@ -12,7 +12,10 @@ outside a curve's range), so the table says which recipe is better there and by 
 
 CPU time is a point's predicted time from step costs measured side by side (`benchmarks/step_costs.py`), when the
 config names a result of it for this study, since the rows' own clocks come from different sessions; else their
-recorded CPU time (mean over seeds)."""
+recorded CPU time (mean over seeds).
+
+With `parity: {within_seed_range: [keys], max_drop: {key: points}}` every point is also held against the baseline
+(the reference at its full budget) seed by seed, and the report names the cheapest point at parity on every seed."""
 
 from __future__ import annotations
 
@@ -113,6 +116,25 @@ def comparisons(frontier: dict[str, Any], pts: list[Point]) -> list[dict[str, An
     return out
 
 
+def parity(spec: dict[str, Any], pts: list[Point], summary: dict[str, dict]) -> dict[str, Any]:
+    """Each point against the baseline seed by seed: each key of within_seed_range at or above the baseline's worst
+    seed, each key of max_drop at most that many points below the baseline's mean. A point is at parity when every
+    one of its seeds holds and it has as many seeds as the baseline; `cheapest` is the least CPU time at parity."""
+    base = summary[BASELINE]
+    bounds = {
+        **{k: min(base[k]["values"]) for k in spec["within_seed_range"]},
+        **{k: base[k]["mean"] - drop for k, drop in spec["max_drop"].items()},
+    }
+    rows = []
+    for p in sorted((p for p in pts if p.run != BASELINE), key=lambda p: p.cpu_s):
+        below = {k: [v for v in p.accuracy[k]["values"] if v < bound] for k, bound in bounds.items()}
+        below = {k: v for k, v in below.items() if v}
+        all_seeds = p.seeds == len(base["cpu_s"]["values"])
+        rows.append({"run": p.run, "cpu_s": p.cpu_s, "speedup": p.speedup, "below": below, "all_seeds": all_seeds})
+    cheapest = next((r for r in rows if r["all_seeds"] and not r["below"]), None)
+    return {"bounds": bounds, "points": rows, "cheapest": cheapest and cheapest["run"]}
+
+
 def frontier_result(study, summary: dict[str, dict]) -> dict[str, Any] | None:
     """results.json's `frontier`: the points and the comparisons (None when the config has no frontier)."""
     frontier = study.frontier
@@ -125,6 +147,7 @@ def frontier_result(study, summary: dict[str, dict]) -> dict[str, Any] | None:
         "clock": "predicted from step costs" if predicted else "recorded CPU",
         "points": [p.__dict__ for p in pts],
         "comparisons": comparisons(frontier, pts),
+        "at_parity": parity(frontier["parity"], pts, summary) if frontier.get("parity") else None,
     }
 
 
@@ -153,7 +176,41 @@ def frontier_table(result: dict[str, Any]) -> str:
         wins = sum(v > 0 for v in d.values())
         better = c["family"] if wins == len(keys) else c["against"] if wins == 0 else f"mixed ({wins} of {len(keys)})"
         lines.append(f"| {c['run']} | {c['against']} | " + " | ".join(f"{d[k]:+.2f}" for k in keys) + f" | {better} |")
+    if result.get("at_parity"):
+        lines += ["", *parity_lines(result["at_parity"], result["points"])]
     return "\n".join(lines) + "\n"
+
+
+def parity_lines(at_parity: dict[str, Any], pts: list[dict]) -> list[str]:
+    """The bounds, each point's seeds against them (cheapest first), and the cheapest point at parity."""
+    bounds, by_run = at_parity["bounds"], {p["run"]: p for p in pts}
+    lines = [
+        "parity with the baseline on every seed (seed values in seed order): "
+        + "; ".join(f"{LABELS[k]} >= {b:.2f}" for k, b in bounds.items()),
+        "",
+        "| run | CPU s | speed-up | " + " | ".join(LABELS[k] for k in bounds) + " | at parity |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in bounds) + " | --- |",
+    ]
+    for r in at_parity["points"]:
+        values = [" / ".join(f"{v:.2f}" for v in by_run[r["run"]]["accuracy"][k]["values"]) for k in bounds]
+        if r["below"]:
+            verdict = "no, below: " + ", ".join(
+                f"{LABELS[k]} {' / '.join(f'{v:.2f}' for v in vs)}" for k, vs in r["below"].items()
+            )
+        else:
+            verdict = "yes" if r["all_seeds"] else "on its seed only (not judged)"
+        lines.append(
+            f"| {r['run']} | {r['cpu_s']:.0f} | {r['speedup']:.2f}x | " + " | ".join(values) + f" | {verdict} |"
+        )
+    cheapest = next((r for r in at_parity["points"] if r["run"] == at_parity["cheapest"]), None)
+    lines += [
+        "",
+        f"cheapest at parity on every seed: {cheapest['run']}, {cheapest['cpu_s']:.0f} CPU s, "
+        f"{cheapest['speedup']:.2f}x less than the baseline"
+        if cheapest
+        else "cheapest at parity on every seed: none of the points",
+    ]
+    return lines
 
 
 def plot_frontier(result: dict[str, Any], summary: dict[str, dict], path: Path, title: str) -> None:

@@ -919,6 +919,12 @@ def test_the_report_of_a_study_with_a_frontier_has_its_table_and_plot(study):
         assert p["cpu_s"] == s["cpu_s"]["mean"] and p["accuracy"]["linear_top1"] == s["linear_top1"]
     assert f["clock"] == "recorded CPU" and all(c["against"] != c["family"] for c in f["comparisons"])
     assert "frontier: accuracy against pretraining CPU time" in (out / "table.md").read_text()
+    at_parity = f["at_parity"]  # the config's parity: every point but the baseline, seed by seed
+    assert [r["run"] for r in at_parity["points"]] == sorted(
+        ["baseline_equal_time", "etpp_half", "et"], key=lambda r: result["summary"][r]["cpu_s"]["mean"]
+    )
+    assert at_parity["bounds"]["knn_top1_cls"] == min(result["summary"]["baseline"]["knn_top1_cls"]["values"])
+    assert "cheapest at parity on every seed: " in (out / "table.md").read_text()
     assert (out / "frontier.png").stat().st_size > 10_000
 
 

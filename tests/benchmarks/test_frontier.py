@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from benchmarks.study.config import ACCURACY_KEYS, StudyError, load_study
-from benchmarks.study.frontier import Point, comparisons, points, read_at
+from benchmarks.study.frontier import Point, comparisons, parity, parity_lines, points, read_at
 from benchmarks.study.summary import spread
 
 
@@ -69,6 +69,59 @@ def test_points_and_comparisons_from_a_summary():
         44.0 - (45.0 + math.log(500 / 300) / math.log(560 / 300) * 6.5)
     )
     assert ("baseline", "etpp") not in cmp and ("baseline_b025", "etpp") not in cmp  # outside etpp's curve
+
+
+def test_parity_holds_a_point_to_the_baseline_seed_by_seed_and_names_the_cheapest():
+    """Bounds: the baseline's worst seed for within_seed_range, its mean minus max_drop for the rest. A point whose
+    mean clears every bound but one seed of which falls below is not at parity; a point of one seed is not judged."""
+    base = {"cpu_s": spread([1000.0, 1000.0]), **acc(0, [50.0, 52.0])}
+    summary = {
+        "baseline": base,
+        "cheap_one_seed": {**acc(0, [60.0]), "cpu_s": spread([200.0])},  # holds, but one seed of two
+        "cheap_bad_seed": {**acc(0, [49.0, 60.0]), "cpu_s": spread([300.0, 300.0])},  # mean 54.5, seed 0 below 50
+        "half": {**acc(0, [50.0, 50.5]), "cpu_s": spread([500.0, 500.0])},  # at the worst seed: holds
+        "dearer": {**acc(0, [55.0, 55.0]), "cpu_s": spread([700.0, 700.0])},
+    }
+    summary["half"]["finetune_top1"] = spread([50.0, 50.2])  # 50.0 = 51 - 1: at the bound
+    frontier = {"reference": "plain", "families": {"plain": ["baseline"], "c": [r for r in summary if r != "baseline"]}}
+    spec = {"within_seed_range": ["knn_top1_cls", "knn_top1_mean", "linear_top1"], "max_drop": {"finetune_top1": 1.0}}
+    result = parity(spec, points(frontier, summary, None), summary)
+
+    assert result["bounds"] == {"knn_top1_cls": 50.0, "knn_top1_mean": 50.0, "linear_top1": 50.0, "finetune_top1": 50.0}
+    rows = {r["run"]: r for r in result["points"]}
+    assert [r["run"] for r in result["points"]] == ["cheap_one_seed", "cheap_bad_seed", "half", "dearer"]
+    assert rows["cheap_one_seed"]["below"] == {} and not rows["cheap_one_seed"]["all_seeds"]
+    assert rows["cheap_bad_seed"]["below"] == {k: [49.0] for k in ACCURACY_KEYS}
+    assert rows["half"]["below"] == {} and rows["half"]["all_seeds"] and rows["half"]["speedup"] == 2.0
+    assert result["cheapest"] == "half"
+
+    pts = [p.__dict__ for p in points(frontier, summary, None)]
+    text = "\n".join(parity_lines(result, pts))
+    assert (
+        "| cheap_bad_seed | 300 | 3.33x | 49.00 / 60.00 |" in text
+        and "| no, below: kNN cls 49.00, kNN mean 49.00," in text
+    )
+    assert "| cheap_one_seed | 200 | 5.00x | 60.00 |" in text and "on its seed only (not judged)" in text
+    assert text.endswith("cheapest at parity on every seed: half, 500 CPU s, 2.00x less than the baseline")
+
+    summary["half"]["finetune_top1"] = spread([49.9, 50.2])
+    summary["dearer"]["linear_top1"] = spread([55.0, 49.0])
+    none = parity(spec, points(frontier, summary, None), summary)
+    assert none["cheapest"] is None
+    assert parity_lines(none, pts)[-1] == "cheapest at parity on every seed: none of the points"
+
+
+def test_a_parity_of_unknown_accuracies_is_refused(tmp_path):
+    from helpers import REPO
+
+    raw = yaml.safe_load((REPO / "configs" / "study" / "mini_cpu-smoke.yaml").read_text())
+    raw["pretrain"]["recipe"] = str(REPO / "configs" / "pretrain" / "mae_vit-micro-p8_et_cpu-test.yaml")
+    raw["eval"]["finetune"]["recipe"] = str(REPO / "configs" / "finetune" / "vit-micro-p8_mae_cpu-test.yaml")
+    raw["frontier"]["parity"] = {"within_seed_range": ["knn_top5"]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(StudyError, match=r"frontier.parity needs .*unknown: \['knn_top5'\]"):
+        load_study(path)
 
 
 def test_a_frontier_of_unknown_runs_is_refused(tmp_path):
