@@ -28,6 +28,7 @@ from typing import Any
 from benchmarks import REPO
 from benchmarks.study.config import ACCURACY_KEYS, BASELINE, UNTRAINED, StudyError
 
+STEP_COSTS = "predicted from step costs"  # the frontier's clock when the config names step costs of this study
 LABELS = {
     "knn_top1_cls": "kNN cls",
     "knn_top1_mean": "kNN mean",
@@ -144,7 +145,7 @@ def frontier_result(study, summary: dict[str, dict]) -> dict[str, Any] | None:
     pts = points(frontier, summary, predicted)
     return {
         **frontier,
-        "clock": "predicted from step costs" if predicted else "recorded CPU",
+        "clock": STEP_COSTS if predicted else "recorded CPU",
         "points": [p.__dict__ for p in pts],
         "comparisons": comparisons(frontier, pts),
         "at_parity": parity(frontier["parity"], pts, summary) if frontier.get("parity") else None,

@@ -928,31 +928,51 @@ def test_the_report_of_a_study_with_a_frontier_has_its_table_and_plot(study):
     assert (out / "frontier.png").stat().st_size > 10_000
 
 
-FIRST_EDITION = REPO / "benchmarks" / "results" / "imagenette_vit-t8_64px_20e_cpu"
+RESULTS = REPO / "benchmarks" / "results"
+# (edition, the published command's --seeds / --ablations / --ablation-seeds)
+PUBLISHED = [
+    ("imagenette_vit-t8_64px_20e_cpu", [0, 1], ["all"], ["pos_extent=0,1", "0"]),
+    ("imagenette_vit-t8_64px_20e_frontier_cpu", None, [], []),
+]
 
 
-def test_the_published_report_regenerates_byte_identical_from_the_published_state(tmp_path):
-    """The first edition's published results.json and table.md, rebuilt into tmp_path from its published state.json
-    and its study config by the report-only path (nothing trained or evaluated, no data read), are byte for byte
-    the published files. What state.json does not hold (date, device, torch, launch, image count, warm-up) comes
-    from the published results.json, as --report-only takes it; the rows are those of the published command
-    (--seeds 0 1 --ablations all --ablation-seeds pos_extent=0,1 0); its runs' folder is the study's default one,
-    which the recorded commands name (nothing is read or written there)."""
-    study = load_study(REPO / "configs" / "study" / "imagenette_vit-t8_64px_20e_cpu.yaml")
-    state_bytes = (FIRST_EDITION / "state.json").read_bytes()
-    records = [e["pretrain"]["value"] for seeds in json.loads(state_bytes)["runs"].values() for e in seeds.values()]
+@pytest.mark.parametrize(("edition", "seeds", "ablations", "ablation_seeds"), PUBLISHED)
+def test_the_published_report_regenerates_byte_identical_from_the_published_state(
+    tmp_path, edition, seeds, ablations, ablation_seeds
+):
+    """A published edition's results.json and table.md, rebuilt into tmp_path from its published state.json and its
+    study config by the report-only path (nothing trained or evaluated, no data read), are byte for byte the
+    published files. What state.json does not hold (date, device, torch, launch, image count, warm-up) comes from
+    the published results.json, as --report-only takes it; the rows are those of the published command; its runs'
+    folder is the study's default one, which the recorded commands name (nothing is read or written there). The
+    frontier edition also reads its step costs (the x axis, the verdicts' speed-ups) and its parity."""
+    published = RESULTS / edition
+    study = load_study(REPO / "configs" / "study" / f"{edition}.yaml")
+    state_bytes = (published / "state.json").read_bytes()
+    records = [e["pretrain"]["value"] for seeds_ in json.loads(state_bytes)["runs"].values() for e in seeds_.values()]
     here = [
         r["run_dir"] for r in records if "quiet_cpu_s" not in r and (in_repo(r["run_dir"]) / "metrics.jsonl").exists()
     ]
     if here:  # the report rightly differs then: it backfills the quiet-CPU clock from them
-        pytest.skip(f"run folders of the first edition are in this checkout ({here[0]}, ...)")
-    options = study_options(study, [0, 1], ["all"], ["pos_extent=0,1", "0"])
-    session = replaced_session(tmp_path, FIRST_EDITION)  # tmp_path has no results.json: the published one's
-    state = StudyState(FIRST_EDITION / "state.json")
+        pytest.skip(f"run folders of {edition} are in this checkout ({here[0]}, ...)")
+    options = study_options(study, seeds, ablations, ablation_seeds)
+    session = replaced_session(tmp_path, published)  # tmp_path has no results.json: the published one's
+    state = StudyState(published / "state.json")
     report_from_state(study, state, options, session, study.data_root, default_out(study.name), tmp_path)
     for name in ("results.json", "table.md"):
-        assert (tmp_path / name).read_bytes() == (FIRST_EDITION / name).read_bytes(), name
-    assert (FIRST_EDITION / "state.json").read_bytes() == state_bytes and not (tmp_path / "state.json").exists()
+        assert (tmp_path / name).read_bytes() == (published / name).read_bytes(), name
+    assert (published / "state.json").read_bytes() == state_bytes and not (tmp_path / "state.json").exists()
+
+
+def test_the_frontier_editions_verdicts_take_the_step_costs_and_name_the_cheapest_at_parity():
+    """The published frontier edition: its verdicts' speed-ups are the step costs' (one idle session side by side),
+    not the rows' own clocks from several sessions, and its parity table names etpp + extent at half the budget."""
+    result = json.loads((RESULTS / "imagenette_vit-t8_64px_20e_frontier_cpu" / "results.json").read_text())
+    points = {p["run"]: p for p in result["frontier"]["points"]}
+    for row, verdict in result["verdicts"]["runs"].items():
+        assert verdict["speedup"] == points[row]["speedup"] != result["speedups"][row]["cpu"]["mean"]
+    assert result["frontier"]["at_parity"]["cheapest"] == "etpp_x_b050"
+    assert round(points["etpp_x_b050"]["speedup"], 2) == 1.94
 
 
 def test_recheck_reproduces_a_stored_evaluation_and_changes_nothing(study, tmp_path):
