@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from dataclasses import replace as replaced
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from mae_et.curriculum.schedules import CurriculumConfig
 from mae_et.data.sources import check_splits_apart
@@ -47,7 +47,6 @@ MixupMode = Literal["batch", "pair", "elem"]  # timm Mixup: one draw per batch |
 # timm's names (timm.data.transforms' string-to-mode tables, and its RandomResizedCropAndInterpolation's `random`)
 Interpolation = Literal["random", "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"]
 EraseMode = Literal["pixel", "rand", "const"]  # timm RandomErasing: per-pixel noise | per-channel noise | zeros
-PROBE_MODES = get_args(ProbeMode)
 
 
 # ----------------------------------------------------------------------------- shared sections
