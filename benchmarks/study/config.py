@@ -92,6 +92,16 @@ class Study:
         return list(self.runs)
 
 
+def accuracy_bounds(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """{within_seed_range: [keys], max_drop: {key: points}} as a target or frontier.parity gives them, and the keys
+    among them that are not accuracies (the caller says where, in its message)."""
+    bounds = {
+        "within_seed_range": list(raw.get("within_seed_range") or []),
+        "max_drop": {k: float(v) for k, v in (raw.get("max_drop") or {}).items()},
+    }
+    return bounds, [k for k in [*bounds["within_seed_range"], *bounds["max_drop"]] if k not in ACCURACY_KEYS]
+
+
 def run_targets(raw: dict[str, Any], runs: dict[str, RunSpec], path: Path) -> dict[str, Any]:
     """The study's targets as {"runs": {row: {speedup, within_seed_range: [keys], max_drop: {key: points}}},
     "min_gain_over_untrained": points}: each listed run must be `speedup`x faster than the baseline on the verdict
@@ -100,14 +110,7 @@ def run_targets(raw: dict[str, Any], runs: dict[str, RunSpec], path: Path) -> di
 
     The first edition's keys (et_speedup, etpp_speedup, etpp_max_drop, accuracy_keys) read as the same targets."""
     if "runs" in raw:
-        per_run = {
-            row: {
-                "speedup": float(t["speedup"]),
-                "within_seed_range": list(t.get("within_seed_range") or []),
-                "max_drop": {k: float(v) for k, v in (t.get("max_drop") or {}).items()},
-            }
-            for row, t in raw["runs"].items()
-        }
+        per_run = {row: {"speedup": float(t["speedup"]), **accuracy_bounds(t)[0]} for row, t in raw["runs"].items()}
     else:
         keys = list(raw.get("accuracy_keys", ACCURACY_KEYS))
         per_run = {
@@ -124,7 +127,7 @@ def run_targets(raw: dict[str, Any], runs: dict[str, RunSpec], path: Path) -> di
                 f"{path}: targets.runs.{row} is not a run of this study (other than the baseline); "
                 f"its runs: {', '.join(r for r in runs if r != BASELINE)}"
             )
-        unknown = [k for k in [*t["within_seed_range"], *t["max_drop"]] if k not in ACCURACY_KEYS]
+        unknown = accuracy_bounds(t)[1]
         if unknown:
             raise StudyError(
                 f"{path}: targets.runs.{row}: accuracies {unknown} unknown; choose from {', '.join(ACCURACY_KEYS)}"
@@ -214,11 +217,7 @@ def read_frontier(raw: dict[str, Any], runs: list[str], path: Path) -> dict[str,
         )
     parity = spec.get("parity")
     if parity is not None:
-        parity = {
-            "within_seed_range": list(parity.get("within_seed_range") or []),
-            "max_drop": {k: float(v) for k, v in (parity.get("max_drop") or {}).items()},
-        }
-        unknown = [k for k in [*parity["within_seed_range"], *parity["max_drop"]] if k not in ACCURACY_KEYS]
+        parity, unknown = accuracy_bounds(parity)
         if unknown or not (parity["within_seed_range"] or parity["max_drop"]):
             raise StudyError(
                 f"{path}: frontier.parity needs within_seed_range and/or max_drop of the accuracies "
